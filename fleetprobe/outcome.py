@@ -1,0 +1,86 @@
+"""HostOutcome: what happened on one host in one run, as a value (a failed host is data, not a crash)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Host statuses, in report order.
+STATUSES = ("ok", "failed", "unreachable", "skipped", "interrupted")
+
+
+@dataclass
+class LossCounters:
+    """Events the kernel or fleetprobe could not deliver, as deltas over the run.
+
+    ``overrun`` and ``dropped`` sum per_cpu/cpuN/stats of the run's instance;
+    ``lost_lines`` sums ``[LOST n EVENTS]`` lines seen in trace_pipe;
+    ``probe_misses`` is the kprobe_profile miss count delta per probe;
+    ``kmsg_gaps`` counts kernel-log records lost (sequence gaps);
+    ``capped`` counts events discarded after the playbook's event cap.
+    """
+
+    overrun: int = 0
+    dropped: int = 0
+    lost_lines: int = 0
+    probe_misses: dict[str, int] = field(default_factory=dict)
+    kmsg_gaps: int = 0
+    capped: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.overrun + self.dropped + self.lost_lines + sum(self.probe_misses.values())
+                + self.kmsg_gaps + self.capped)
+
+    def merge(self, other: LossCounters) -> LossCounters:
+        misses = dict(self.probe_misses)
+        for k, v in other.probe_misses.items():
+            misses[k] = misses.get(k, 0) + v
+        return LossCounters(self.overrun + other.overrun, self.dropped + other.dropped,
+                            self.lost_lines + other.lost_lines, misses,
+                            self.kmsg_gaps + other.kmsg_gaps, self.capped + other.capped)
+
+
+@dataclass
+class HostOutcome:
+    """One host's result in one run.
+
+    ``status`` is one of :data:`STATUSES`; ``stage`` is the last stage reached
+    (connect, facts, plan, build, probe, teardown, done) and, for a failed host,
+    where it failed; ``reason`` says why in one line and ``evidence`` holds what
+    the host said.  ``cleanup`` says how the host was left: ``clean`` (the runner
+    removed everything), ``swept`` (a later sweep did), ``timer`` (left to the
+    on-host timer because the link dropped), ``not-needed`` (nothing was placed),
+    or ``failed: ...``.  ``clock_offset`` is host realtime minus controller
+    realtime in seconds, ``clock_error`` its uncertainty (half the round trip).
+    """
+
+    host: str
+    status: str = "ok"
+    stage: str = "connect"
+    reason: str = ""
+    evidence: str = ""
+    arch: str = ""
+    kernel_release: str = ""
+    boot_id: str = ""
+    events: int = 0
+    hits: dict[str, int] = field(default_factory=dict)
+    loss: LossCounters = field(default_factory=LossCounters)
+    skipped_probes: dict[str, str] = field(default_factory=dict)
+    placed_probes: dict[str, str] = field(default_factory=dict)
+    clock_offset: float | None = None
+    clock_error: float | None = None
+    started: float = 0.0
+    ended: float = 0.0
+    cleanup: str = "not-needed"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostOutcome:
+        """Inverse of :meth:`to_json`."""
+        d = dict(data)
+        d["loss"] = LossCounters(**d.get("loss", {}))
+        return cls(**d)
