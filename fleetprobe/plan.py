@@ -5,7 +5,26 @@ Nothing here touches a host.  ``fleetprobe plan`` prints these plans.
 
 from __future__ import annotations
 
+import hashlib
+import re
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from fleetprobe.facts import Facts, SymbolFacts
+from fleetprobe.playbook import (
+    ArgRef,
+    ArgSpec,
+    Deref,
+    Fetch,
+    KernelTarget,
+    Playbook,
+    ProbeSpec,
+    RawFetch,
+    RetvalRef,
+    UserTarget,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,14 @@ class PlannedProbe:
     symbol: str | None = None
     fields: tuple[str, ...] = ()
     pair_with: str | None = None
+    #: ``any`` or ``none`` (the probe must never fire: an audit).
+    expect: str = "any"
+    #: Module probes: the module's source directory and its resolved parameters.
+    module: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+    #: Uprobes: the binary and the file offset probed.
+    path: str | None = None
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,3 +86,396 @@ class HostPlan:
     skipped: tuple[SkippedProbe, ...] = ()
     failed: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --- names -----------------------------------------------------------------
+
+_RUN_ID = re.compile(r"[a-z0-9]{1,16}")
+_INSTANCE = re.compile(r"(fp_[a-z0-9]{1,16}_[0-9a-f]{4})_(\d{1,12})")
+#: Every group and instance fleetprobe creates starts with this; sweeps touch nothing else.
+PREFIX = "fp_"
+
+
+def new_run_id() -> str:
+    """A fresh 6-character run id (lowercase letters and digits)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(6))
+
+
+def names_for(run_id: str, host: str, deadline: int) -> tuple[str, str]:
+    """(group, instance) for one run on one host: ``fp_<run>_<hosthash>`` and ``<group>_<deadline>``.
+
+    The host part keeps "hosts" that share one kernel (network namespaces,
+    containers) apart; the deadline (epoch seconds) in the instance name lets a
+    later sweep tell a dead run's leftovers from a live run.  Group names are
+    capped at MAX_EVENT_NAME_LEN (64) by the kernel; these stay under 25.
+    """
+    if not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r} must be 1-16 lowercase letters or digits")
+    if deadline < 0:
+        raise ValueError(f"deadline {deadline} must be epoch seconds")
+    host_part = hashlib.sha256(host.encode("utf-8")).hexdigest()[:4]
+    group = f"{PREFIX}{run_id}_{host_part}"
+    return group, f"{group}_{int(deadline)}"
+
+
+def group_of_instance(name: str) -> str | None:
+    """The group a fleetprobe instance name belongs to, or None if it is not one of ours."""
+    m = _INSTANCE.fullmatch(name)
+    return m.group(1) if m else None
+
+
+def is_stale_instance(name: str, now: float, grace: float) -> bool:
+    """True for a fleetprobe instance whose deadline + grace has passed (never for other names)."""
+    m = _INSTANCE.fullmatch(name)
+    return m is not None and int(m.group(2)) + grace < now
+
+
+# --- argument registers ----------------------------------------------------
+
+# Function-argument registers by calling convention, named as tracefs accepts
+# them (regs_query_register_offset() of each arch).  The kernel and user-space
+# conventions match except on i386: the kernel is built with -mregparm=3,
+# user space passes every argument on the stack (cdecl).
+_X86_64 = ("%di", "%si", "%dx", "%cx", "%r8", "%r9")
+_I386_KERNEL = ("%ax", "%dx", "%cx")
+_PPC = tuple(f"%r{i}" for i in range(3, 11))           # r3..r10; %a0/$argN rejected on 6.1 (LAB.md)
+_MIPS_N64 = tuple(f"%r{i}" for i in range(4, 12))      # a0..a7 = r4..r11; %a0 is rejected
+_MIPS_O32 = tuple(f"%r{i}" for i in range(4, 8))       # a0..a3 = r4..r7
+_ARM64 = tuple(f"%x{i}" for i in range(0, 8))
+_ARM = tuple(f"%r{i}" for i in range(0, 4))            # AAPCS r0..r3 (not lab-verified)
+_RISCV = tuple(f"%a{i}" for i in range(0, 8))          # riscv names its pt_regs a0..a7 (not lab-verified)
+_S390 = tuple(f"%r{i}" for i in range(2, 7))           # s390x r2..r6 (not lab-verified)
+_I386_MACHINES = ("i386", "i486", "i586", "i686")
+
+# x86_64 syscall entry points since 4.17 (commit fa697140f9a2, "syscalls/x86:
+# Use 'struct pt_regs' based syscall calling convention") take one
+# struct pt_regs * in %di; the real arguments live in it.  Offsets from
+# arch/x86/include/asm/ptrace.h struct pt_regs (64-bit): r10=56 r9=64 r8=72
+# dx=96 si=104 di=112.  The 4th syscall argument is r10, not cx.
+_X64_SYSCALL_PT_REGS = (112, 104, 96, 56, 72, 64)
+# arm64 does the same since 4.19 (__arm64_sys_*): struct pt_regs begins with
+# regs[31] (arch/arm64/include/asm/ptrace.h), so argument N is regs[N-1].
+_ARM64_SYSCALL_PT_REGS = (0, 8, 16, 24, 32, 40)
+
+
+def kernel_arg_registers(facts: Facts) -> tuple[str, ...] | None:
+    """The kernel's function-argument registers on this host, or None when unknown."""
+    machine = facts.arch
+    if machine == "x86_64":
+        return _X86_64
+    if machine in _I386_MACHINES:
+        return _I386_KERNEL
+    if machine.startswith("ppc"):
+        return _PPC
+    if machine.startswith("mips"):
+        # uname -m says mips64 for a 64-bit kernel (n64); mips is a 32-bit (o32) kernel.
+        return _MIPS_N64 if machine.startswith("mips64") else _MIPS_O32
+    if machine in ("aarch64", "arm64"):
+        return _ARM64
+    if machine.startswith("arm"):
+        return _ARM
+    if machine == "riscv64":
+        return _RISCV
+    if machine == "s390x":
+        return _S390
+    return None
+
+
+def user_arg_registers(facts: Facts) -> tuple[str, ...] | None:
+    """User-space function-argument registers on this host; None when arguments are on the stack or unknown."""
+    machine = facts.arch
+    if machine in _I386_MACHINES:
+        return None
+    if machine.startswith("mips"):
+        # The userland ABI follows the host's binaries: ELF32 => o32 (n32 is not told apart).
+        return _MIPS_O32 if facts.elf_class == 32 else _MIPS_N64
+    return kernel_arg_registers(facts)
+
+
+# --- lowering --------------------------------------------------------------
+
+class _Unplaceable(Exception):
+    """A probe cannot be placed on this host; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class _Lowering:
+    """How portable fetch args become tracefs syntax for one probe on one host."""
+
+    probe: str
+    facts: Facts
+    user: bool            # uprobe: user-space calling convention
+    entry: bool           # function entry (offset 0): $argN is valid
+    symbol: str | None
+
+    def fetch(self, fetch: Fetch, notes: list[str]) -> str:
+        """Lower one fetch expression."""
+        if isinstance(fetch, RawFetch):
+            return fetch.text
+        if isinstance(fetch, RetvalRef):
+            return "$retval"
+        if isinstance(fetch, Deref):
+            user = fetch.user
+            if user and "user_deref" not in self.facts.features:
+                # +u<off> arrived in 5.3; before it, + reads user memory too.
+                notes.append(f"{self.probe}: +u (user memory) unsupported on {self.facts.kernel_release} "
+                             "(before 5.3): using +")
+                user = False
+            sign = "-" if fetch.offset < 0 else "+"
+            return f"{sign}{'u' if user else ''}{abs(fetch.offset)}({self.fetch(fetch.inner, notes)})"
+        return self.arg(fetch.n, notes)
+
+    def arg(self, n: int, notes: list[str]) -> str:
+        """Lower ``argN``."""
+        f = self.facts
+        if self.user:
+            if f.arch in _I386_MACHINES:
+                # cdecl: at the first instruction the return address is $stack0.
+                return f"$stack{n}"
+            regs = user_arg_registers(f)
+        else:
+            sym = self.symbol or ""
+            if sym.startswith("__x64_sys_") and f.arch == "x86_64":
+                return self._syscall_arg(n, "%di", _X64_SYSCALL_PT_REGS)
+            if sym.startswith("__arm64_sys_") and f.arch in ("aarch64", "arm64"):
+                return self._syscall_arg(n, "%x0", _ARM64_SYSCALL_PT_REGS)
+            if self.entry and "arg_n" in f.features:
+                return f"$arg{n}"
+            regs = kernel_arg_registers(f)
+            if not self.entry:
+                notes.append(f"{self.probe}: arg{n} read from a register inside the function; "
+                             "it may no longer hold the argument")
+        if regs is None:
+            raise _Unplaceable(f"no argument-register table for {f.arch}; write tracefs registers "
+                               "(%reg) or $stackN instead of argN")
+        if n > len(regs):
+            raise _Unplaceable(f"arg{n} is not passed in a register on {f.arch} "
+                               f"(only {len(regs)}: {' '.join(regs)})")
+        return regs[n - 1]
+
+    def _syscall_arg(self, n: int, base: str, offsets: tuple[int, ...]) -> str:
+        """Argument N of a pt_regs-based syscall wrapper."""
+        if n > len(offsets):
+            raise _Unplaceable(f"syscalls take at most {len(offsets)} arguments (arg{n} asked)")
+        return f"+{offsets[n - 1]}({base})"
+
+    def type(self, type_text: str | None, notes: list[str]) -> str | None:
+        """Lower a type to what this kernel supports."""
+        if type_text is None:
+            return None
+        base, bracket, rest = type_text.partition("[")
+        feats = self.facts.features
+        if base == "ustring" and "ustring" not in feats:
+            notes.append(f"{self.probe}: ustring unsupported on {self.facts.kernel_release} (before 5.3): "
+                         "using string, which reads user memory on those kernels")
+            base = "string"
+        elif base == "symstr" and "symstr" not in feats:
+            notes.append(f"{self.probe}: symstr unsupported on {self.facts.kernel_release} (before 6.2): "
+                         "using symbol")
+            base = "symbol"
+        return base + bracket + rest
+
+    def args(self, args: tuple[ArgSpec, ...], notes: list[str]) -> str:
+        """The ``name=fetch:type`` list for a definition line."""
+        parts = []
+        for a in args:
+            text = f"{a.name}={self.fetch(a.fetch, notes)}"
+            t = self.type(a.type, notes)
+            parts.append(f"{text}:{t}" if t else text)
+        return " ".join(parts)
+
+
+# --- planning --------------------------------------------------------------
+
+def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
+              uprobe_offsets: Mapping[tuple[str, str], int | str]) -> HostPlan:
+    """Decide exactly what to place on one host: a pure function of (playbook, facts).
+
+    ``uprobe_offsets`` maps (path, symbol) to the symbol's file offset in this
+    host's binary, or to a reason it could not be resolved.
+    """
+    group, instance = names_for(run_id, facts.host, deadline)
+    probes: list[PlannedProbe] = []
+    skipped: list[SkippedProbe] = []
+    notes: list[str] = []
+    failed: str | None = None
+    host_block = _host_blocks_tracefs(facts)
+    for spec in playbook.probes:
+        probe_notes: list[str] = []
+        try:
+            if spec.kind != "module" and host_block:
+                raise _Unplaceable(host_block)
+            probes.append(_plan_probe(spec, facts, group, uprobe_offsets, probe_notes))
+            notes.extend(probe_notes)
+        except _Unplaceable as e:
+            reason = str(e)
+            skipped.append(SkippedProbe(spec.name, reason))
+            if spec.on_missing == "fail" and failed is None:
+                failed = f"probe {spec.name!r} (on_missing: fail) cannot be placed: {reason}"
+    placed = {p.name: p for p in probes}
+    for p in probes:
+        if p.pair_with is None:
+            continue
+        entry = placed.get(p.pair_with)
+        if entry is None:
+            notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
+        elif entry.symbol != p.symbol:
+            notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    if not probes and not failed:
+        notes.append("no probe can be placed on this host")
+    return HostPlan(host=facts.host, run_id=run_id, group=group, instance=instance,
+                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes))
+
+
+def _host_blocks_tracefs(facts: Facts) -> str:
+    """Why no tracefs event can be used on this host at all ('' when they can)."""
+    if facts.lockdown == "confidentiality":
+        return "kernel lockdown is 'confidentiality', which blocks tracefs and kprobes"
+    if facts.tracefs is None:
+        return "no tracefs found (mount it: mount -t tracefs nodev /sys/kernel/tracing)"
+    if not facts.instances:
+        return "tracefs has no instances/ directory, and fleetprobe only records into its own instance"
+    return ""
+
+
+def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
+                uprobe_offsets: Mapping[tuple[str, str], int | str], notes: list[str]) -> PlannedProbe:
+    """Plan one probe or raise _Unplaceable with the reason."""
+    event = f"{group}/{spec.name}"
+    if spec.kind in ("kprobe", "kretprobe"):
+        _require_kprobes(facts)
+        target, symbol = _choose_symbol(spec.kernel_targets(), facts, spec.name, notes)
+        low = _Lowering(spec.name, facts, user=False, entry=target.offset == 0, symbol=symbol)
+        place = (f"{target.module}:" if target.module else "") + symbol
+        if target.offset:
+            place += f"+{target.offset:#x}"
+        head = "r" if spec.kind == "kretprobe" else "p"
+        return _planned(spec, kind=spec.kind, event=event, trace_name=spec.name,
+                        definition=_join(f"{head}:{event} {place}", low.args(spec.args, notes)),
+                        events_file="kprobe_events", symbol=symbol,
+                        fields=tuple(a.name for a in spec.args))
+    if spec.kind == "raw":
+        _require_kprobes(facts)
+        assert spec.raw_line is not None
+        raw_symbol: str | None = None
+        if spec.targets:
+            target, raw_symbol = _choose_symbol(spec.kernel_targets(), facts, spec.name, notes)
+            if raw_symbol != target.symbol:
+                raise _Unplaceable(f"{target.symbol} exists only as clone {raw_symbol}; a raw line is used "
+                                   "verbatim, so name the clone yourself")
+        head, _, rest = spec.raw_line.partition(" ")
+        return _planned(spec, kind="raw", event=event, trace_name=spec.name,
+                        definition=f"{head}:{event} {rest}", events_file="kprobe_events",
+                        symbol=raw_symbol, fields=spec.raw_fields)
+    if spec.kind in ("uprobe", "uretprobe"):
+        if not facts.uprobe_events:
+            raise _Unplaceable("no uprobe_events in tracefs (kernel without CONFIG_UPROBE_EVENTS)")
+        utarget, offset = _choose_user_target(spec.user_targets(), facts, uprobe_offsets)
+        low = _Lowering(spec.name, facts, user=True, entry=True, symbol=utarget.symbol)
+        head = "r" if spec.kind == "uretprobe" else "p"
+        return _planned(spec, kind=spec.kind, event=event, trace_name=spec.name,
+                        definition=_join(f"{head}:{event} {utarget.path}:{offset:#x}",
+                                         low.args(spec.args, notes)),
+                        events_file="uprobe_events", symbol=utarget.symbol,
+                        fields=tuple(a.name for a in spec.args), path=utarget.path, offset=offset)
+    if spec.kind == "tracepoint":
+        tp = str(spec.targets[0])
+        exists = facts.tracepoints.get(tp)
+        if exists is None:
+            raise _Unplaceable(f"tracepoint {tp} was not checked on this host (facts lack it)")
+        if not exists:
+            raise _Unplaceable(f"tracepoint {tp} does not exist on this kernel ({facts.kernel_release})")
+        return _planned(spec, kind="tracepoint", event=tp, trace_name=tp.split("/", 1)[1])
+    return _plan_module(spec, facts, notes)
+
+
+def _plan_module(spec: ProbeSpec, facts: Facts, notes: list[str]) -> PlannedProbe:
+    """Plan a kernel-module probe: resolve its symbol parameters; the build and load happen later."""
+    if facts.modules_disabled:
+        raise _Unplaceable("module loading is disabled (/proc/sys/kernel/modules_disabled = 1)")
+    if facts.lockdown in ("integrity", "confidentiality"):
+        raise _Unplaceable(f"kernel lockdown is '{facts.lockdown}': only signed modules load")
+    if not facts.kprobes_enabled:
+        raise _Unplaceable("kprobes are globally disabled (debugfs kprobes/enabled = 0)")
+    params: list[tuple[str, str]] = []
+    symbol: str | None = None
+    for param in spec.params:
+        if param.is_symbol:
+            targets = tuple(KernelTarget(s) for s in param.alternatives)
+            _, chosen = _choose_symbol(targets, facts, spec.name, notes)
+            params.append((param.name, chosen))
+            if symbol is None or param.name == "symbol":
+                symbol = chosen
+        else:
+            assert param.value is not None
+            params.append((param.name, param.value))
+    return _planned(spec, kind="module", event="", trace_name=spec.name, symbol=symbol,
+                    module=spec.module_path or spec.module, params=tuple(params))
+
+
+def _planned(spec: ProbeSpec, **fields: Any) -> PlannedProbe:
+    """A PlannedProbe carrying the fields every kind copies from the playbook."""
+    return PlannedProbe(name=spec.name, filter=spec.filter, pair_with=spec.pair_with, expect=spec.expect,
+                        **fields)
+
+
+def _require_kprobes(facts: Facts) -> None:
+    """Raise _Unplaceable when this host cannot take kprobe events."""
+    if not facts.kprobe_events:
+        raise _Unplaceable("no kprobe_events in tracefs (kernel without CONFIG_KPROBE_EVENTS)")
+    if not facts.kprobes_enabled:
+        raise _Unplaceable("kprobes are globally disabled (debugfs kprobes/enabled = 0)")
+
+
+def _choose_symbol(targets: tuple[KernelTarget, ...], facts: Facts, probe: str,
+                   notes: list[str]) -> tuple[KernelTarget, str]:
+    """The first probeable alternative, as (target, symbol to write); a GCC clone if that is all there is."""
+    why: list[str] = []
+    clone_choice: tuple[KernelTarget, str] | None = None
+    for t in targets:
+        sf: SymbolFacts | None = facts.symbols.get(t.symbol)
+        if sf is None:
+            why.append(f"{t.symbol} was not checked on this host (facts lack it)")
+            continue
+        if sf.probeable:
+            return t, t.symbol
+        if sf.clones and not sf.blacklisted and clone_choice is None:
+            clone_choice = (t, sf.clones[0])
+        why.append(sf.why_not)
+    if clone_choice is not None:
+        t, clone = clone_choice
+        notes.append(f"{probe}: {t.symbol} exists only as GCC clone {clone}; probing the clone, whose "
+                     "argument layout may differ from the source (ISRA/constprop)")
+        return clone_choice
+    names = ", ".join(t.symbol for t in targets)
+    raise _Unplaceable(f"none of {names} is probeable: " + "; ".join(why))
+
+
+def _choose_user_target(targets: tuple[UserTarget, ...], facts: Facts,
+                        offsets: Mapping[tuple[str, str], int | str]) -> tuple[UserTarget, int]:
+    """The first uprobe alternative whose binary exists and whose symbol has a file offset."""
+    why: list[str] = []
+    for t in targets:
+        ff = facts.files.get(t.path)
+        if ff is None:
+            why.append(f"{t.path} was not checked on this host (facts lack it)")
+            continue
+        if not ff.exists:
+            why.append(f"{t.path} does not exist")
+            continue
+        if t.symbol is None:
+            return t, t.offset
+        resolved = offsets.get((t.path, t.symbol))
+        if resolved is None:
+            why.append(f"no file offset was resolved for {t.path}:{t.symbol}")
+        elif isinstance(resolved, str):
+            why.append(f"{t.path}:{t.symbol}: {resolved}")
+        else:
+            return t, resolved + t.offset
+    raise _Unplaceable("no uprobe target usable: " + "; ".join(why))
+
+
+def _join(head: str, args: str) -> str:
+    """A definition line: head plus args when there are any."""
+    return f"{head} {args}" if args else head

@@ -1,0 +1,776 @@
+"""Playbooks: load a YAML playbook and validate all of it before any host is touched.
+
+A playbook names probes in a portable form (``arg2``, ``retval``,
+``+0(arg2):ustring``, symbol alternatives per kernel version).  This module
+only checks and records what the user wrote, with file and line for every
+item; :mod:`fleetprobe.plan` lowers it per host from that host's facts.
+Every problem is a :class:`~fleetprobe.errors.PlaybookError` naming the file,
+the line, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from fleetprobe.errors import PlaybookError
+
+#: Probe kinds: the key that names the probe's target decides its kind.
+PROBE_KINDS = ("kprobe", "kretprobe", "tracepoint", "uprobe", "uretprobe", "raw", "module")
+#: Kinds whose events fire when a function returns (``retval`` is valid, ``argN`` is not).
+RETURN_KINDS = ("kretprobe", "uretprobe")
+#: Kinds that run as tracefs dynamic events in kprobe_events.
+KERNEL_DYNAMIC_KINDS = ("kprobe", "kretprobe", "raw")
+
+_TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "probes")
+_PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
+               "pair_with", "params")
+
+_PROBE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_PROBE_NAME_MAX = 32
+_PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# [MOD:]SYM[+OFF]; SYM may name a GCC clone (foo.isra.0) explicitly.
+_KSYM = re.compile(r"(?:(?P<mod>[A-Za-z_][A-Za-z0-9_]*):)?(?P<sym>[A-Za-z_.][A-Za-z0-9_.]*)"
+                   r"(?:\+(?P<off>0x[0-9a-fA-F]+|\d+))?")
+_USYM = re.compile(r"(?P<sym>[A-Za-z_.$][A-Za-z0-9_.$@]*)(?:\+(?P<off>0x[0-9a-fA-F]+|\d+))?")
+_UOFF = re.compile(r"0x[0-9a-fA-F]+|\d+")
+# The kernel refuses argument names that shadow the common fields of every event.
+_RESERVED_ARG_NAMES = ("common_type", "common_flags", "common_preempt_count", "common_pid")
+# MAX_TRACE_ARGS in kernel/trace/trace_probe.h (128 since 4.x).
+_MAX_ARGS = 128
+# MAX_ARRAY_LEN in kernel/trace/trace_probe.h.
+_MAX_ARRAY_LEN = 64
+
+_INT_TYPE = re.compile(r"[usx](8|16|32|64)")
+_BITFIELD_TYPE = re.compile(r"b(\d+)@(\d+)/(8|16|32|64)")
+_ARRAY_TYPE = re.compile(r"(?P<base>[a-z0-9@/]+)\[(?P<n>\d+)\]")
+_STRING_TYPES = ("string", "ustring", "symstr")
+_ALL_TYPES_TEXT = ("u8..u64, s8..s64, x8..x64, string, ustring, symbol, symstr, "
+                   "b<width>@<offset>/<container>, TYPE[N]")
+
+
+# --- fetch arguments -------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArgRef:
+    """The Nth function argument (1-based), lowered per host to $argN or a register."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class RetvalRef:
+    """The function's return value (return probes only)."""
+
+
+@dataclass(frozen=True)
+class RawFetch:
+    """A fetch arg in tracefs syntax (%di, $comm, $stack0, @sym) passed through unchanged."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Deref:
+    """``+OFF(inner)`` (kernel memory) or ``+uOFF(inner)`` (user memory)."""
+
+    offset: int
+    user: bool
+    inner: Fetch
+
+
+Fetch = ArgRef | RetvalRef | RawFetch | Deref
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One named argument a probe records: ``name=fetch[:type]`` as written in the playbook."""
+
+    name: str
+    fetch: Fetch
+    type: str | None
+    text: str
+    line: int
+
+    def uses_argn(self) -> bool:
+        """True when the fetch refers to a portable ``argN`` anywhere inside it."""
+        return _fetch_has(self.fetch, ArgRef)
+
+    def uses_retval(self) -> bool:
+        """True when the fetch refers to ``retval`` anywhere inside it."""
+        return _fetch_has(self.fetch, RetvalRef)
+
+
+def _fetch_has(fetch: Fetch, kind: type) -> bool:
+    """Whether ``fetch`` or anything it dereferences is of ``kind``."""
+    if isinstance(fetch, kind):
+        return True
+    if isinstance(fetch, Deref):
+        return _fetch_has(fetch.inner, kind)
+    return False
+
+
+# --- targets ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """One kprobe/kretprobe alternative: ``[MOD:]SYM[+OFF]``."""
+
+    symbol: str
+    offset: int = 0
+    module: str | None = None
+
+
+@dataclass(frozen=True)
+class UserTarget:
+    """One uprobe alternative: ``PATH:SYMBOL[+OFF]`` or ``PATH:0xOFFSET`` (a file offset)."""
+
+    path: str
+    symbol: str | None
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ModuleParam:
+    """A kernel module parameter; ``alternatives`` (kernel symbols) are resolved per host."""
+
+    name: str
+    value: str | None
+    alternatives: tuple[str, ...] = ()
+
+    @property
+    def is_symbol(self) -> bool:
+        """True when the parameter names a kernel symbol that must be resolved from facts."""
+        return bool(self.alternatives)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe as the playbook wrote it (validated, not yet lowered for any host).
+
+    ``targets`` holds the alternatives in order (first probeable wins):
+    KernelTarget for kprobe/kretprobe, UserTarget for uprobe/uretprobe, the
+    ``group/event`` string for a tracepoint.  ``raw`` probes keep the user's
+    kprobe_events line (without group/event) in ``raw_line``; ``module``
+    probes keep the module directory in ``module`` and its parameters in
+    ``params``.  ``line`` is the 1-based line of the probe in ``file``.
+    """
+
+    name: str
+    kind: str
+    line: int
+    file: str
+    targets: tuple[KernelTarget | UserTarget | str, ...] = ()
+    args: tuple[ArgSpec, ...] = ()
+    filter: str | None = None
+    on_missing: str = "skip"
+    expect: str = "any"
+    pair_with: str | None = None
+    description: str = ""
+    raw_line: str | None = None
+    raw_fields: tuple[str, ...] = ()
+    module: str | None = None
+    module_path: str | None = None
+    params: tuple[ModuleParam, ...] = ()
+
+    @property
+    def is_return(self) -> bool:
+        """True for probes that fire on function return."""
+        if self.kind == "raw" and self.raw_line:
+            return self.raw_line.split()[0].startswith("r")
+        return self.kind in RETURN_KINDS
+
+    def kernel_targets(self) -> tuple[KernelTarget, ...]:
+        """The kernel symbol alternatives of a kprobe/kretprobe/raw probe."""
+        return tuple(t for t in self.targets if isinstance(t, KernelTarget))
+
+    def user_targets(self) -> tuple[UserTarget, ...]:
+        """The user-space alternatives of a uprobe/uretprobe."""
+        return tuple(t for t in self.targets if isinstance(t, UserTarget))
+
+
+@dataclass(frozen=True)
+class Playbook:
+    """A validated playbook: what to probe, for how long, and with what limits."""
+
+    name: str
+    description: str
+    duration: float
+    event_cap: int
+    allow_modules: bool
+    probes: tuple[ProbeSpec, ...]
+    source: str
+    sha256: str
+
+    def probe(self, name: str) -> ProbeSpec:
+        """The probe called ``name`` (KeyError if there is none)."""
+        for p in self.probes:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def kernel_symbols(self) -> list[str]:
+        """Every kernel symbol the facts stage must check: kprobe alternatives and module symbol params."""
+        out: list[str] = []
+        for p in self.probes:
+            for t in p.kernel_targets():
+                out.append(t.symbol)
+            for param in p.params:
+                out.extend(param.alternatives)
+        return list(dict.fromkeys(out))
+
+    def tracepoints(self) -> list[str]:
+        """Every ``group/event`` tracepoint the playbook uses."""
+        return list(dict.fromkeys(t for p in self.probes if p.kind == "tracepoint"
+                                  for t in p.targets if isinstance(t, str)))
+
+    def user_binaries(self) -> list[str]:
+        """Every user-space binary a uprobe names (absolute paths on the hosts)."""
+        return list(dict.fromkeys(t.path for p in self.probes for t in p.user_targets()))
+
+    def uprobe_targets(self) -> list[tuple[str, str]]:
+        """(path, symbol) pairs that need an ELF file offset from the host's binary."""
+        return list(dict.fromkeys((t.path, t.symbol) for p in self.probes
+                                  for t in p.user_targets() if t.symbol is not None))
+
+    def modules(self) -> list[ProbeSpec]:
+        """The kernel-module probes."""
+        return [p for p in self.probes if p.kind == "module"]
+
+    def needs_module_consent(self) -> bool:
+        """True when the playbook loads kernel modules (allowed only by allow_modules or --allow-modules)."""
+        return bool(self.modules())
+
+    def check_module_dirs(self) -> None:
+        """Raise PlaybookError for a module probe whose directory does not exist on the controller."""
+        for p in self.modules():
+            if p.module_path is None or not Path(p.module_path).is_dir():
+                raise PlaybookError(
+                    f"module directory {p.module!r} not found (looked next to the playbook and in "
+                    "the folders above it)", file=p.file, line=p.line, key=f"probes.{p.name}.module",
+                    hint="give the module's source directory relative to the playbook file or the repository root")
+
+
+# --- loading ---------------------------------------------------------------
+
+def load_playbook(path: str | Path) -> Playbook:
+    """Read and validate a playbook file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PlaybookError(f"cannot read playbook: {e.strerror}", file=str(path)) from e
+    except UnicodeDecodeError as e:
+        raise PlaybookError(f"playbook is not UTF-8 text ({e.reason} at byte {e.start})",
+                            file=str(path)) from e
+    return parse_playbook(text, str(path))
+
+
+def parse_playbook(text: str, source: str) -> Playbook:
+    """Validate playbook YAML ``text``; ``source`` names it in errors and anchors relative module paths."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise PlaybookError(f"not valid YAML: {e.problem or e}", file=source, line=line) from e
+    except yaml.YAMLError as e:
+        raise PlaybookError(f"not valid YAML: {e}", file=source) from e
+    if root is None:
+        raise PlaybookError("playbook is empty", file=source,
+                            hint="start with 'name:', 'description:' and a 'probes:' list")
+    reader = _Reader(source)
+    top = reader.mapping(root, "playbook", _TOP_KEYS)
+    name = reader.require(top, "name", root, "playbook")
+    name_text = reader.string(name, "name")
+    if not _PLAYBOOK_NAME.fullmatch(name_text):
+        raise reader.error(name, "name", f"playbook name {name_text!r} must be letters, digits, '_', '.', '-' "
+                           "(at most 64, starting with a letter or digit)")
+    description = reader.string(top["description"][1], "description") if "description" in top else ""
+    duration = reader.duration(top["duration"][1]) if "duration" in top else 10.0
+    event_cap = 100_000
+    if "event_cap" in top:
+        event_cap = reader.positive_int(top["event_cap"][1], "event_cap")
+    allow_modules = reader.boolean(top["allow_modules"][1], "allow_modules") if "allow_modules" in top else False
+    probes_node = reader.require(top, "probes", root, "playbook")
+    if not isinstance(probes_node, SequenceNode) or not probes_node.value:
+        raise reader.error(probes_node, "probes", "'probes' must be a non-empty list of probes "
+                           "(each a mapping with 'name' and one of " + ", ".join(PROBE_KINDS) + ")")
+    probes = tuple(reader.probe(node, i) for i, node in enumerate(probes_node.value))
+    _check_cross_references(reader, probes)
+    return Playbook(name=name_text, description=description, duration=duration, event_cap=event_cap,
+                    allow_modules=allow_modules, probes=probes, source=source,
+                    sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _check_cross_references(reader: _Reader, probes: tuple[ProbeSpec, ...]) -> None:
+    """Names unique, pair_with pointing at an entry probe, no two probes printing the same event name."""
+    seen: dict[str, ProbeSpec] = {}
+    for p in probes:
+        if p.name in seen:
+            raise PlaybookError(f"probe name {p.name!r} is used twice (first at line {seen[p.name].line})",
+                                file=reader.source, line=p.line, key=f"probes.{p.name}.name",
+                                hint="probe names become tracefs event names and must be unique")
+        seen[p.name] = p
+    # trace_pipe lines carry only the event name, so a tracepoint's event name
+    # must not also be a dynamic probe's name (or another tracepoint's).
+    printed: dict[str, ProbeSpec] = {}
+    for p in probes:
+        if p.kind == "module":
+            continue
+        shown = str(p.targets[0]).split("/", 1)[1] if p.kind == "tracepoint" else p.name
+        if shown in printed:
+            other = printed[shown]
+            raise PlaybookError(
+                f"probes {other.name!r} (line {other.line}) and {p.name!r} would both appear as "
+                f"{shown!r} in trace output", file=reader.source, line=p.line, key=f"probes.{p.name}",
+                hint="rename the dynamic probe, or use each tracepoint once (one filter per event)")
+        printed[shown] = p
+    for p in probes:
+        if p.pair_with is None:
+            continue
+        target = seen.get(p.pair_with)
+        if target is None:
+            raise PlaybookError(f"pair_with names {p.pair_with!r}, which is not a probe in this playbook"
+                                + _did_you_mean(p.pair_with, list(seen)),
+                                file=reader.source, line=p.line, key=f"probes.{p.name}.pair_with")
+        if target.is_return or target.kind in ("tracepoint", "module"):
+            raise PlaybookError(f"pair_with must name an entry probe (kprobe, uprobe or raw 'p' line); "
+                                f"{target.name!r} is a {target.kind}", file=reader.source, line=p.line,
+                                key=f"probes.{p.name}.pair_with")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """A ' (did you mean X?)' suffix when ``word`` is close to one of ``choices``."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _line(node: Node) -> int:
+    """1-based line of a YAML node."""
+    return int(node.start_mark.line) + 1
+
+
+class _Reader:
+    """Walks the YAML node tree, turning each bad item into a PlaybookError at its line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._constructor = yaml.SafeLoader("")
+
+    def error(self, node: Node, key: str, message: str, hint: str | None = None) -> PlaybookError:
+        """A PlaybookError located at ``node``."""
+        return PlaybookError(message, file=self.source, line=_line(node), key=key, hint=hint)
+
+    def mapping(self, node: Node, key: str, allowed: tuple[str, ...]) -> dict[str, tuple[Node, Node]]:
+        """A mapping node as {key: (key node, value node)}; unknown or repeated keys are errors."""
+        if not isinstance(node, MappingNode):
+            raise self.error(node, key, f"{key} must be a mapping of keys to values, got {_describe(node)}")
+        out: dict[str, tuple[Node, Node]] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, ScalarNode):
+                raise self.error(knode, key, "keys must be plain words")
+            k = str(knode.value)
+            if k not in allowed:
+                raise self.error(knode, f"{key}.{k}" if key != "playbook" else k,
+                                 f"unknown key {k!r}{_did_you_mean(k, list(allowed))}; allowed: "
+                                 + ", ".join(allowed))
+            if k in out:
+                raise self.error(knode, k, f"key {k!r} appears twice (first at line {_line(out[k][0])})")
+            out[k] = (knode, vnode)
+        return out
+
+    def require(self, items: dict[str, tuple[Node, Node]], key: str, parent: Node, where: str) -> Node:
+        """The value node of a required key."""
+        if key not in items:
+            raise self.error(parent, key, f"{where} has no {key!r}")
+        return items[key][1]
+
+    def scalar(self, node: Node) -> Any:
+        """The Python value of a scalar node (YAML 1.1 typing, as yaml.safe_load would give)."""
+        return self._constructor.construct_object(node, deep=True)
+
+    def string(self, node: Node, key: str) -> str:
+        """A non-empty string scalar."""
+        if not isinstance(node, ScalarNode):
+            raise self.error(node, key, f"{key} must be a string, got {_describe(node)}")
+        value = self.scalar(node)
+        if value is None or value == "":
+            raise self.error(node, key, f"{key} must not be empty")
+        if isinstance(value, bool):
+            raise self.error(node, key, f"{key} must be a string, got {value!r} (quote it)")
+        return str(value)
+
+    def boolean(self, node: Node, key: str) -> bool:
+        """A true/false scalar."""
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            raise self.error(node, key, f"{key} must be true or false")
+        return value
+
+    def positive_int(self, node: Node, key: str) -> int:
+        """An integer >= 1."""
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.error(node, key, f"{key} must be a whole number >= 1, got {_describe(node)}")
+        return value
+
+    def duration(self, node: Node) -> float:
+        """500ms, 10s, 5m, 1h or a number of seconds, as seconds."""
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        seconds: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str):
+            m = _DURATION.fullmatch(value.strip())
+            if m:
+                seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if seconds is None or not seconds > 0:
+            raise self.error(node, "duration", f"duration {_describe(node)} is not a positive duration; "
+                             "write e.g. 500ms, 10s, 5m, 1h or a number of seconds")
+        return seconds
+
+    def string_list(self, node: Node, key: str) -> tuple[tuple[str, int], ...]:
+        """A string or a non-empty list of strings, each with its line."""
+        if isinstance(node, SequenceNode):
+            if not node.value:
+                raise self.error(node, key, f"{key} must list at least one alternative")
+            return tuple((self.string(n, key), _line(n)) for n in node.value)
+        return ((self.string(node, key), _line(node)),)
+
+    def probe(self, node: Node, index: int) -> ProbeSpec:
+        """Validate one entry of ``probes``."""
+        where = f"probes[{index}]"
+        items = self.mapping(node, where, _PROBE_KEYS)
+        name_node = self.require(items, "name", node, f"probe #{index + 1}")
+        name = self.string(name_node, f"{where}.name")
+        if not _PROBE_NAME.fullmatch(name) or len(name) > _PROBE_NAME_MAX:
+            raise self.error(name_node, f"{where}.name",
+                             f"probe name {name!r} must match [a-z_][a-z0-9_]* and be at most "
+                             f"{_PROBE_NAME_MAX} characters (it becomes the tracefs event name)")
+        where = f"probes.{name}"
+        kinds = [k for k in PROBE_KINDS if k in items]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) if kinds else "none"
+            raise self.error(node, where, f"probe {name!r} needs exactly one of "
+                             f"{', '.join(PROBE_KINDS)} (found: {found})")
+        kind = kinds[0]
+        kind_node = items[kind][1]
+        line = _line(node)
+
+        def value_of(key: str) -> Node | None:
+            return items[key][1] if key in items else None
+
+        on_missing = "skip"
+        if (n := value_of("on_missing")) is not None:
+            on_missing = self.choice(n, f"{where}.on_missing", ("skip", "fail"))
+        expect = "any"
+        if (n := value_of("expect")) is not None:
+            expect = self.choice(n, f"{where}.expect", ("any", "none"))
+        description = self.string(n, f"{where}.description") if (n := value_of("description")) else ""
+        filter_text = None
+        if (n := value_of("filter")) is not None:
+            filter_text = self.string(n, f"{where}.filter").strip()
+            if "\n" in filter_text:
+                raise self.error(n, f"{where}.filter", "filter must be one line (it is written to the "
+                                 "event's filter file)")
+        for key, allowed_kinds in (("params", ("module",)), ("args", ("kprobe", "kretprobe", "uprobe", "uretprobe")),
+                                   ("pair_with", RETURN_KINDS + ("raw",))):
+            if key in items and kind not in allowed_kinds:
+                raise self.error(items[key][0], f"{where}.{key}",
+                                 f"{key!r} is not allowed on a {kind} probe (only on {', '.join(allowed_kinds)})",
+                                 hint=("a raw line carries its own fetch args" if kind == "raw" and key == "args"
+                                       else None))
+        pair_with = None
+        if (n := value_of("pair_with")) is not None:
+            pair_with = self.string(n, f"{where}.pair_with")
+
+        is_return = kind in RETURN_KINDS
+        args: tuple[ArgSpec, ...] = ()
+        if (n := value_of("args")) is not None:
+            args = self.args(n, where, is_return)
+        spec_kw: dict[str, Any] = {}
+        if kind in ("kprobe", "kretprobe"):
+            spec_kw["targets"] = self.kernel_targets(kind_node, f"{where}.{kind}", is_return)
+        elif kind in ("uprobe", "uretprobe"):
+            spec_kw["targets"] = self.user_targets(kind_node, f"{where}.{kind}")
+        elif kind == "tracepoint":
+            spec_kw["targets"] = (self.tracepoint(kind_node, f"{where}.tracepoint"),)
+        elif kind == "raw":
+            raw_line, target, fields = self.raw(kind_node, f"{where}.raw")
+            spec_kw.update(raw_line=raw_line, targets=(target,) if target else (), raw_fields=fields)
+            if pair_with is not None and not raw_line.startswith("r"):
+                raise self.error(items["pair_with"][0], f"{where}.pair_with",
+                                 "pair_with is only for return probes (a raw line starting with 'r')")
+        else:
+            module = self.string(kind_node, f"{where}.module")
+            spec_kw.update(module=module, module_path=self.module_dir(kind_node, module, f"{where}.module"))
+            if (n := value_of("params")) is not None:
+                spec_kw["params"] = self.params(n, f"{where}.params")
+        return ProbeSpec(name=name, kind=kind, line=line, file=self.source, args=args, filter=filter_text,
+                         on_missing=on_missing, expect=expect, pair_with=pair_with,
+                         description=description, **spec_kw)
+
+    def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
+        """One of a fixed set of words."""
+        value = self.string(node, key)
+        if value not in allowed:
+            raise self.error(node, key, f"{value!r} is not allowed{_did_you_mean(value, list(allowed))}; "
+                             f"use one of: {', '.join(allowed)}")
+        return value
+
+    def kernel_targets(self, node: Node, key: str, is_return: bool) -> tuple[KernelTarget, ...]:
+        """kprobe/kretprobe alternatives: ``[MOD:]SYM[+OFF]``."""
+        out = []
+        for text, line in self.string_list(node, key):
+            m = _KSYM.fullmatch(text.strip())
+            if not m:
+                raise PlaybookError(f"{text!r} is not a kernel symbol; write SYMBOL, SYMBOL+OFFSET or MODULE:SYMBOL",
+                                    file=self.source, line=line, key=key)
+            offset = int(m.group("off"), 0) if m.group("off") else 0
+            if is_return and offset:
+                raise PlaybookError(f"{text!r}: a kretprobe fires on function return and takes no +offset",
+                                    file=self.source, line=line, key=key,
+                                    hint="probe the function by name; use a kprobe for an offset inside it")
+            out.append(KernelTarget(symbol=m.group("sym"), offset=offset, module=m.group("mod")))
+        return tuple(out)
+
+    def user_targets(self, node: Node, key: str) -> tuple[UserTarget, ...]:
+        """uprobe/uretprobe alternatives: ``PATH:SYMBOL[+OFF]`` or ``PATH:0xOFFSET``."""
+        out = []
+        for text, line in self.string_list(node, key):
+            path, sep, where = text.strip().rpartition(":")
+            if not sep or not path or not where:
+                raise PlaybookError(f"{text!r} is not PATH:SYMBOL or PATH:0xOFFSET", file=self.source,
+                                    line=line, key=key, hint="e.g. /bin/bash:readline")
+            if not path.startswith("/") or any(c.isspace() for c in path):
+                raise PlaybookError(f"uprobe path {path!r} must be absolute and contain no whitespace "
+                                    "(uprobe_events splits on spaces)", file=self.source, line=line, key=key)
+            if _UOFF.fullmatch(where):
+                out.append(UserTarget(path=path, symbol=None, offset=int(where, 0)))
+                continue
+            m = _USYM.fullmatch(where)
+            if not m:
+                raise PlaybookError(f"{where!r} is neither a symbol name nor a 0x file offset", file=self.source,
+                                    line=line, key=key)
+            out.append(UserTarget(path=path, symbol=m.group("sym"),
+                                  offset=int(m.group("off"), 0) if m.group("off") else 0))
+        return tuple(out)
+
+    def tracepoint(self, node: Node, key: str) -> str:
+        """A ``group/event`` tracepoint name."""
+        text = self.string(node, key).strip()
+        group, sep, event = text.partition("/")
+        if not sep or not _IDENT.fullmatch(group) or not _IDENT.fullmatch(event):
+            raise self.error(node, key, f"tracepoint {text!r} must be GROUP/EVENT (e.g. sched/sched_process_exec)")
+        return text
+
+    def raw(self, node: Node, key: str) -> tuple[str, KernelTarget | None, tuple[str, ...]]:
+        """An expert kprobe_events line without group/event: (line, target symbol, field names)."""
+        text = " ".join(self.string(node, key).split())
+        tokens = text.split(" ")
+        head = tokens[0]
+        if ":" in head:
+            raise self.error(node, key, f"raw line names its own event ({head!r}); fleetprobe names every "
+                             "event itself to keep runs apart", hint=f"write {head.split(':')[0]!r} instead of {head!r}")
+        if not re.fullmatch(r"p|r\d*", head):
+            raise self.error(node, key, f"raw line must start with 'p' (entry) or 'r' (return), got {head!r}; "
+                             "'-' deletions and other event types are not accepted")
+        if len(tokens) < 2:
+            raise self.error(node, key, "raw line has no probe place (SYMBOL[+OFF], MODULE:SYMBOL or address)")
+        place = tokens[1].removesuffix("%return")
+        target = None
+        m = _KSYM.fullmatch(place)
+        if m:
+            target = KernelTarget(symbol=m.group("sym"), offset=int(m.group("off"), 0) if m.group("off") else 0,
+                                  module=m.group("mod"))
+        elif not re.fullmatch(r"0x[0-9a-fA-F]+", place):
+            raise self.error(node, key, f"raw probe place {tokens[1]!r} is not SYMBOL[+OFF], MODULE:SYMBOL or 0xADDR")
+        fields = []
+        for i, tok in enumerate(tokens[2:], start=1):
+            name, eq, _ = tok.partition("=")
+            # The kernel names an unnamed argument argN by its position.
+            fields.append(name if eq and _IDENT.fullmatch(name) else f"arg{i}")
+        return text, target, tuple(fields)
+
+    def module_dir(self, node: Node, module: str, key: str) -> str | None:
+        """Resolve a module directory relative to the playbook file, then each folder above it."""
+        if Path(module).is_absolute() or ".." in Path(module).parts:
+            raise self.error(node, key, f"module path {module!r} must be relative (to the playbook or the "
+                             "repository root) and stay inside it")
+        base = Path(self.source).resolve().parent
+        for folder in (base, *base.parents):
+            candidate = folder / module
+            if candidate.is_dir():
+                return str(candidate)
+        return None
+
+    def params(self, node: Node, key: str) -> tuple[ModuleParam, ...]:
+        """Module parameters: scalars, or lists of alternative kernel symbols."""
+        items = self.mapping_any(node, key)
+        out = []
+        for name, (knode, vnode) in items.items():
+            if not _IDENT.fullmatch(name):
+                raise self.error(knode, f"{key}.{name}", f"module parameter name {name!r} must be an identifier")
+            if isinstance(vnode, SequenceNode):
+                alts = tuple(s for s, _ in self.string_list(vnode, f"{key}.{name}"))
+                for s in alts:
+                    if not _KSYM.fullmatch(s) or "+" in s or ":" in s:
+                        raise self.error(vnode, f"{key}.{name}", f"{s!r} is not a kernel symbol name")
+                out.append(ModuleParam(name=name, value=None, alternatives=alts))
+            elif isinstance(vnode, ScalarNode):
+                value = self.scalar(vnode)
+                if isinstance(value, bool):
+                    text = "1" if value else "0"
+                elif value is None or isinstance(value, (dict, list)):
+                    raise self.error(vnode, f"{key}.{name}", f"module parameter {name!r} needs a value")
+                else:
+                    text = str(value)
+                if any(c.isspace() for c in text):
+                    raise self.error(vnode, f"{key}.{name}", f"module parameter {name!r} must not contain spaces")
+                # A parameter called 'symbol' names a kernel symbol: check it like a kprobe target.
+                out.append(ModuleParam(name=name, value=None, alternatives=(text,)) if name == "symbol"
+                           else ModuleParam(name=name, value=text))
+            else:
+                raise self.error(vnode, f"{key}.{name}", f"module parameter {name!r} must be a value or a list "
+                                 "of alternative kernel symbols")
+        return tuple(out)
+
+    def mapping_any(self, node: Node, key: str) -> dict[str, tuple[Node, Node]]:
+        """A mapping whose keys are the user's own (no fixed set)."""
+        if not isinstance(node, MappingNode):
+            raise self.error(node, key, f"{key} must be a mapping, got {_describe(node)}")
+        out: dict[str, tuple[Node, Node]] = {}
+        for knode, vnode in node.value:
+            k = str(knode.value) if isinstance(knode, ScalarNode) else ""
+            if k in out:
+                raise self.error(knode, f"{key}.{k}", f"{k!r} appears twice (first at line {_line(out[k][0])})")
+            out[k] = (knode, vnode)
+        return out
+
+    def args(self, node: Node, where: str, is_return: bool) -> tuple[ArgSpec, ...]:
+        """The ``args`` mapping: name -> portable fetch arg with optional :type."""
+        items = self.mapping_any(node, f"{where}.args")
+        if len(items) > _MAX_ARGS:
+            raise self.error(node, f"{where}.args", f"at most {_MAX_ARGS} args per probe (the kernel's limit)")
+        out = []
+        for name, (knode, vnode) in items.items():
+            key = f"{where}.args.{name}"
+            if not _IDENT.fullmatch(name):
+                raise self.error(knode, key, f"arg name {name!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
+            if name in _RESERVED_ARG_NAMES:
+                raise self.error(knode, key, f"arg name {name!r} is a field every event already has; pick another")
+            text = self.string(vnode, key).strip()
+            try:
+                spec = parse_arg(name, text, _line(vnode))
+            except ValueError as e:
+                raise self.error(vnode, key, str(e)) from None
+            if is_return and spec.uses_argn():
+                raise self.error(vnode, key, f"{text!r}: argN is only defined at function entry; a return "
+                                 "probe sees retval", hint="record the argument in the paired entry probe")
+            if not is_return and spec.uses_retval():
+                raise self.error(vnode, key, f"{text!r}: retval exists only in return probes "
+                                 "(kretprobe, uretprobe)")
+            out.append(spec)
+        return tuple(out)
+
+
+def _describe(node: Node) -> str:
+    """A short description of a YAML node for error messages."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return repr(node.value) if isinstance(node, ScalarNode) else "nothing"
+
+
+# --- fetch-arg grammar -----------------------------------------------------
+
+def parse_arg(name: str, text: str, line: int = 0) -> ArgSpec:
+    """Parse ``FETCH[:TYPE]``; ValueError says what is wrong and what is allowed."""
+    if not text:
+        raise ValueError("empty fetch arg")
+    fetch_text, type_text = _split_type(text)
+    fetch = parse_fetch(fetch_text)
+    if type_text is not None:
+        check_type(type_text)
+        base = type_text.split("[", 1)[0]
+        needs_memory = base in ("string", "ustring") or "[" in type_text
+        if needs_memory and isinstance(fetch, (ArgRef, RetvalRef)):
+            raise ValueError(f"{text!r}: type {type_text} reads memory, so the fetch must be a dereference "
+                             f"(write +0({fetch_text}):{type_text} for the string {fetch_text} points to)")
+    return ArgSpec(name=name, fetch=fetch, type=type_text, text=text, line=line)
+
+
+def _split_type(text: str) -> tuple[str, str | None]:
+    """Split ``FETCH:TYPE`` at the last ':' outside parentheses."""
+    depth = 0
+    cut = -1
+    for i, c in enumerate(text):
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == ":" and depth == 0:
+            cut = i
+    if depth != 0:
+        raise ValueError(f"{text!r}: unbalanced parentheses")
+    if cut < 0:
+        return text, None
+    return text[:cut], text[cut + 1:]
+
+
+_DEREF = re.compile(r"(?P<sign>[+-])(?P<user>u?)(?P<off>0x[0-9a-fA-F]+|\d+)\((?P<inner>.*)\)")
+_RAW = re.compile(r"%[A-Za-z][A-Za-z0-9]*|\$(?:stack\d*|comm|arg\d+|retval)|@[A-Za-z0-9_.+\-]+|\\.+")
+_FETCH_HELP = ("allowed: argN (N >= 1), retval, +OFF(FETCH), +uOFF(FETCH) (user memory), or tracefs "
+               "syntax passed through unchanged (%reg, $comm, $stackN, @symbol)")
+
+
+def parse_fetch(text: str) -> Fetch:
+    """Parse a fetch expression (without its type)."""
+    text = text.strip()
+    m = _DEREF.fullmatch(text)
+    if m:
+        off = int(m.group("off"), 0) * (-1 if m.group("sign") == "-" else 1)
+        return Deref(offset=off, user=bool(m.group("user")), inner=parse_fetch(m.group("inner")))
+    am = re.fullmatch(r"arg(\d+)", text)
+    if am:
+        n = int(am.group(1))
+        if n < 1:
+            raise ValueError(f"{text!r}: arguments count from 1 (arg1 is the first)")
+        return ArgRef(n)
+    if text == "retval":
+        return RetvalRef()
+    if _RAW.fullmatch(text):
+        return RawFetch(text)
+    raise ValueError(f"{text!r} is not a fetch arg; {_FETCH_HELP}")
+
+
+def check_type(type_text: str) -> None:
+    """ValueError unless ``type_text`` is a tracefs fetch type."""
+    m = _ARRAY_TYPE.fullmatch(type_text)
+    base = m.group("base") if m else type_text
+    if m:
+        n = int(m.group("n"))
+        if not 1 <= n <= _MAX_ARRAY_LEN:
+            raise ValueError(f"array length {n} in {type_text!r} must be 1..{_MAX_ARRAY_LEN}")
+    if _INT_TYPE.fullmatch(base) or base in ("string", "ustring", "symbol", "symstr"):
+        return
+    b = _BITFIELD_TYPE.fullmatch(base)
+    if b:
+        width, offset, container = (int(x) for x in b.groups())
+        if width < 1 or width + offset > container:
+            raise ValueError(f"bitfield {type_text!r}: width + offset must fit the {container}-bit container")
+        return
+    raise ValueError(f"unknown type {type_text!r}{_did_you_mean(base, ['u8', 'u16', 'u32', 'u64', 's32', 'x32', 'x64', 'string', 'ustring', 'symbol', 'symstr'])}; "
+                     f"allowed: {_ALL_TYPES_TEXT}")
