@@ -1,0 +1,192 @@
+"""kmsg parsing from real captured /dev/kmsg records (tests/data/kmsg/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetprobe.kmsg import (
+    KmsgCollector,
+    KmsgFormatError,
+    KmsgStream,
+    clock_offset_from,
+    parse_header,
+    parse_module_line,
+    parse_records,
+    to_event,
+    unescape,
+)
+
+DATA = Path(__file__).parent / "data" / "kmsg"
+
+
+def read(name: str) -> bytes:
+    """One captured data file."""
+    return (DATA / name).read_bytes()
+
+
+def test_boot_records_parse_with_escapes() -> None:
+    records = parse_records(read("controller-6.18-boot.kmsg"))
+    assert [r.seq for r in records] == list(range(80, 100))
+    assert all(r.facility == 0 for r in records)  # kernel messages
+    tabbed = [r for r in records if r.seq == 89][0]
+    assert tabbed.level == 6
+    assert tabbed.usec == 201827
+    assert tabbed.text == "rcu: \tRCU restricting CPUs from NR_CPUS=256 to nr_cpu_ids=2."
+    assert tabbed.timestamp == pytest.approx(0.201827)
+
+
+def test_dictionary_lines_attach_to_their_record() -> None:
+    records = parse_records(read("controller-6.18-dict.kmsg"))
+    assert [r.seq for r in records] == list(range(185, 192))
+    by_seq = {r.seq: r for r in records}
+    assert by_seq[187].props == (("SUBSYSTEM", "acpi"), ("DEVICE", "+acpi:PNP0A08:00"))
+    assert by_seq[186].props == ()
+    assert by_seq[188].text.startswith("acpi PNP0A08:00: PCIe port services disabled")
+
+
+def test_user_written_records_and_backslash_escape() -> None:
+    records = parse_records(read("controller-6.18-userwrites.kmsg"))
+    assert [(r.facility, r.level) for r in records] == [(1, 4)] * 3  # default_message_loglevel 4 for writes without <N>
+    assert records[2].text == "tab\there back\\slash"
+    line = parse_module_line(records[0].text)
+    assert line is not None
+    # comm is the rest of the line: the space survives and \x5c became a backslash.
+    assert line.comm == "my worker\\x"
+    assert (line.run, line.probe, line.ev) == ("capt01", "fork", "pre")
+
+
+def test_event_from_real_record_with_clock_offset() -> None:
+    records = parse_records(read("controller-6.18-userwrites.kmsg"))
+    clock_line = parse_module_line(records[1].text)
+    assert clock_line is not None
+    offset = clock_offset_from(records[1], clock_line)
+    assert offset == pytest.approx(1795656000.311309806 - 581.113644)
+    line = parse_module_line(records[0].text)
+    assert line is not None
+    ev = to_event(records[0], line, host="h1", clock_offset=offset)
+    assert ev.host == "h1" and ev.probe == "fork"
+    assert ev.trace_ts == pytest.approx(581.111972)
+    assert ev.time == pytest.approx(581.111972 + 1795656000.311309806 - 581.113644)
+    assert (ev.cpu, ev.pid, ev.comm) == (1, 4242, "my worker\\x")
+    assert ev.site == "kernel_clone+0x0"
+    assert ev.fields == {"ev": "pre", "sym": "kernel_clone+0x0", "tgid": 4242,
+                         "ip": 0xffffffff8106c3a1, "flags": 0x246}
+
+
+def test_status_line_is_not_an_event() -> None:
+    rec = parse_header("6,5,100,-;fleetprobe run=r probe=p ev=planted sym=kernel_clone+0x0 addr=x")
+    line = parse_module_line(rec.text)
+    assert line is not None
+    with pytest.raises(ValueError, match="status line"):
+        to_event(rec, line, host="h", clock_offset=None)
+
+
+def test_reopen_replay_is_dropped_and_gaps_counted() -> None:
+    boot = read("controller-6.18-boot.kmsg")
+    dict_recs = read("controller-6.18-dict.kmsg")
+    stream = KmsgStream(where="h1")
+    first = stream.feed(boot)
+    # A reopened reader replays the ring from the oldest record: all of it again, then new ones.
+    replay = stream.feed(boot + dict_recs)
+    rest = stream.flush()
+    got = [r.seq for r in first + replay + rest]
+    assert got == list(range(80, 100)) + list(range(185, 192))
+    assert stream.duplicates == 20
+    assert stream.lost == 185 - 99 - 1
+    assert stream.gaps == [(99, 185)]
+    # The dictionary of a dropped duplicate must not attach to anything.
+    assert {r.seq: r.props for r in replay + rest}[187][0] == ("SUBSYSTEM", "acpi")
+
+
+def test_chunks_cut_anywhere_give_the_same_records() -> None:
+    data = read("controller-6.18-dict.kmsg") + read("controller-6.18-userwrites.kmsg")
+    whole = parse_records(data)
+    for size in (1, 7, 64, 333):
+        stream = KmsgStream()
+        out = []
+        for i in range(0, len(data), size):
+            out += stream.feed(data[i:i + size])
+        out += stream.flush()
+        assert out == whole, size
+        assert stream.lost == 339 - 191 - 1
+
+
+def test_last_seq_from_a_previous_connection() -> None:
+    stream = KmsgStream(last_seq=89)
+    out = stream.feed(read("controller-6.18-boot.kmsg")) + stream.flush()
+    assert [r.seq for r in out] == list(range(90, 100))
+    assert stream.duplicates == 10 and stream.lost == 0
+
+
+def test_malformed_lines_counted_or_raised() -> None:
+    junk = b"insmod: ERROR: could not insert module\n"
+    stream = KmsgStream(where="db-07")
+    out = stream.feed(junk + read("controller-6.18-userwrites.kmsg")) + stream.flush()
+    assert len(out) == 3
+    assert stream.malformed == 1 and stream.bad_lines == [junk.decode().strip()]
+    with pytest.raises(KmsgFormatError, match="db-07: not a /dev/kmsg record .*no ';'"):
+        parse_records(junk, where="db-07")
+    with pytest.raises(KmsgFormatError, match="decimal"):
+        parse_header("6,x,1,-;hello")
+
+
+def test_caller_field_kept() -> None:
+    rec = parse_header("6,12,3456,-,caller=T42;hello")
+    assert rec.extra == ("caller=T42",) and rec.text == "hello" and not rec.continuation
+    assert parse_header("4,13,3457,c;more").continuation
+
+
+def test_unescape_non_utf8_and_plain() -> None:
+    assert unescape("plain") == "plain"
+    assert unescape("caf\\xc3\\xa9") == "café"
+    assert unescape("bad\\xff") == "bad\ufffd"
+
+
+@pytest.mark.parametrize("text", [
+    "Linux version 6.1.0",
+    "fleetprobe run=r probe=p",           # no ev
+    "fleetprobe probe=p ev=pre",          # no run
+    "fleetprobeX run=r probe=p ev=pre",
+])
+def test_not_module_lines(text: str) -> None:
+    assert parse_module_line(text) is None
+
+
+def test_module_line_value_with_space_and_comm_with_equals() -> None:
+    line = parse_module_line("fleetprobe run=r1 probe=p ev=planted sym=foo+0x0 addr=foo+0x0/0x10 [mymod] "
+                             "maxactive=4")
+    assert line is not None
+    assert line.values == {"sym": "foo+0x0", "addr": "foo+0x0/0x10 [mymod]", "maxactive": "4"}
+    assert line.comm is None
+    line = parse_module_line("fleetprobe run=r1 probe=p ev=ret sym=f cpu=0 pid=1 retval=0x0 lat_ns=5 "
+                             "comm=a comm=b c")
+    assert line is not None and line.comm == "a comm=b c"
+
+
+def test_collector_picks_its_run_and_tracks_status() -> None:
+    lines = [
+        "6,100,1000000,-;fleetprobe run=other probe=fork ev=pre sym=kernel_clone+0x0 cpu=0 pid=1 comm=x",
+        "12,101,1500000,-;fleetprobe run=r1 probe=- ev=clock realtime=1700000010.5",
+        "6,102,2000000,-;fleetprobe run=r1 probe=fork ev=planted sym=kernel_clone+0x0 "
+        "addr=kernel_clone+0x0/0x3f0",
+        "6,103,2100000,-;fleetprobe run=r1 probe=fork ev=pre sym=kernel_clone+0x0 cpu=1 pid=151 tgid=151 "
+        "nip=0xc000000000135bac msr=0x8000000000009033 comm=sh",
+        "6,106,3000000,-;fleetprobe run=r1 probe=fork ev=suppressed count=7",
+        "6,107,4000000,-;fleetprobe run=r1 probe=fork ev=unregistered sym=kernel_clone+0x0 hits=20 "
+        "printed=13 suppressed=7 missed=2",
+        "3,108,4000001,-;fleetprobe run=r1 probe=ret ev=failed sym=nosuch err=-2",
+    ]
+    col = KmsgCollector("ppc1", "r1")
+    events = col.feed("\n".join(lines) + "\n") + col.flush()
+    assert len(events) == 1
+    ev = events[0]
+    assert ev.fields["nip"] == 0xc000000000135bac and ev.fields["msr"] == 0x8000000000009033
+    assert ev.time == pytest.approx(1700000010.5 - 1.5 + 2.1)
+    assert col.other == 1
+    assert col.stream.lost == 2 and col.stream.gaps == [(103, 106)]
+    fork = col.status["fork"]
+    assert fork.planted_at == "kernel_clone+0x0/0x3f0"
+    assert (fork.hits, fork.printed, fork.suppressed, fork.missed, fork.unregistered) == (20, 13, 7, 2, True)
+    assert col.status["ret"].failed == "sym=nosuch err=-2"
