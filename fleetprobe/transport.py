@@ -1,0 +1,401 @@
+"""Transport: the only module that knows SSH.
+
+Everything else talks to :class:`Session` (``run``, ``stream``, ``put``,
+``get``, ``close``) and gets :class:`CommandResult` back; asyncssh's errors
+are translated here into :class:`fleetprobe.errors.TransportError` with a
+message that says what to do.  One connection per host carries every step
+of a run as channels on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+
+from .errors import TransportError
+from .inventory import Host
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a remote command did: exit status and its raw output."""
+
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def stderr_text(self, limit: int = 600) -> str:
+        """stderr decoded and trimmed for an error message."""
+        text = self.stderr.decode("utf-8", "replace").strip()
+        return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    """How to reach hosts, shared by the whole fleet (per-host settings live on Host).
+
+    ``known_hosts``: files to trust instead of the user's OpenSSH defaults.
+    ``ssh_config``: OpenSSH config files to read (None: the user's default;
+    an empty tuple: none).  ``accept_new_host_keys`` accepts and records the key
+    of a host that has none in known_hosts (a changed key is always refused).
+    """
+
+    known_hosts: tuple[str, ...] | None = None
+    ssh_config: tuple[str, ...] | None = None
+    identities: tuple[str, ...] = ()
+    accept_new_host_keys: bool = False
+    connect_timeout: float = 15.0
+    keepalive_interval: float = 10.0
+    keepalive_count_max: int = 3
+    retries: int = 1
+    retry_backoff: float = 1.0
+    use_agent: bool = True
+
+
+class Stream(Protocol):
+    """A long-running remote command: read its stdout in chunks, write its stdin."""
+
+    async def read(self, n: int = 65536) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    def write_eof(self) -> None: ...
+    async def wait(self, timeout: float | None = None) -> int: ...
+    def stderr(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class Session(Protocol):
+    """One connected host."""
+
+    host: Host
+
+    async def run(self, cmd: str, *, input: bytes | None = None,
+                  timeout: float | None = None) -> CommandResult: ...
+    async def stream(self, cmd: str) -> Stream: ...
+    async def put(self, data: bytes, path: str, mode: int = 0o644) -> None: ...
+    async def get(self, path: str) -> bytes: ...
+    async def close(self) -> None: ...
+
+
+def shell_command(host: Host, script: str, *args: str) -> str:
+    """The command line that runs ``script`` under POSIX sh on ``host``, as root when asked.
+
+    Data goes on stdin, never through ``echo``; every argument is quoted.
+    A non-root login with ``become`` runs under ``sudo -n`` (never prompts).
+    """
+    words = ["sh", "-c", script, "fleetprobe", *args]
+    if host.become and (host.user or "") != host.become_user:
+        words = ["sudo", "-n", "-u", host.become_user, "--", *words]
+    return "exec " + " ".join(shlex.quote(w) for w in words)
+
+
+class _AsyncsshStream:
+    """A Stream over one asyncssh channel."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes], host: Host) -> None:
+        self._proc = process
+        self._host = host
+        self._err = bytearray()
+        self._err_task = asyncio.ensure_future(self._drain_stderr())
+
+    async def _drain_stderr(self) -> None:
+        try:
+            while True:
+                chunk = await self._proc.stderr.read(8192)
+                if not chunk:
+                    return
+                if len(self._err) < 65536:
+                    self._err += chunk
+        except (asyncssh.Error, OSError, asyncio.CancelledError):
+            return
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Up to n bytes of stdout; b'' at end of stream. A dropped link raises TransportError."""
+        try:
+            return await self._proc.stdout.read(n)
+        except (asyncssh.Error, OSError) as exc:
+            raise _translate(self._host, exc, "probe") from None
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the command's stdin (ignored once the channel is gone)."""
+        try:
+            self._proc.stdin.write(data)
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+
+    def write_eof(self) -> None:
+        """Close the command's stdin: the runner takes that as 'stop'."""
+        try:
+            self._proc.stdin.write_eof()
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the command to exit; its exit status (-1 if it died by signal or the link)."""
+        try:
+            result = await asyncio.wait_for(self._proc.wait(check=False), timeout)
+        except asyncio.TimeoutError:
+            raise
+        except (asyncssh.Error, OSError):
+            return -1
+        await asyncio.wait([self._err_task], timeout=1)
+        return result.exit_status if result.exit_status is not None else -1
+
+    def stderr(self) -> bytes:
+        """stderr collected so far (bounded)."""
+        return bytes(self._err)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._proc.close()
+        self._err_task.cancel()
+
+
+class AsyncsshSession:
+    """A Session over one asyncssh connection."""
+
+    def __init__(self, host: Host, conn: asyncssh.SSHClientConnection,
+                 tunnel: asyncssh.SSHClientConnection | None = None) -> None:
+        self.host = host
+        self._conn = conn
+        self._tunnel = tunnel
+
+    async def run(self, cmd: str, *, input: bytes | None = None,
+                  timeout: float | None = None) -> CommandResult:
+        """Run a command to completion (stdin from ``input``); output captured as bytes."""
+        try:
+            res = await self._conn.run(cmd, input=input, encoding=None, check=False, timeout=timeout)
+        except asyncssh.TimeoutError as exc:
+            return CommandResult(124, bytes(exc.stdout or b""), bytes(exc.stderr or b"") + b"\n(timed out)")
+        except (asyncssh.Error, OSError) as exc:
+            raise _translate(self.host, exc, "run") from None
+        status = res.exit_status if res.exit_status is not None else -1
+        return CommandResult(status, bytes(res.stdout or b""), bytes(res.stderr or b""))
+
+    async def stream(self, cmd: str) -> Stream:
+        """Start a long-running command and return its stream."""
+        try:
+            proc = await self._conn.create_process(cmd, encoding=None)
+        except (asyncssh.Error, OSError) as exc:
+            raise _translate(self.host, exc, "probe") from None
+        return _AsyncsshStream(proc, self.host)
+
+    async def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Write a file on the host through stdin of ``cat`` (no sftp needed: busybox hosts)."""
+        script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
+        res = await self.run(shell_command(self.host, script, path), input=data)
+        if not res.ok:
+            raise TransportError(self.host.name, "put", f"cannot write {path}", evidence=res.stderr_text())
+
+    async def get(self, path: str) -> bytes:
+        """Read a file from the host."""
+        res = await self.run(shell_command(self.host, 'cat -- "$1"', path))
+        if not res.ok:
+            raise TransportError(self.host.name, "get", f"cannot read {path}", evidence=res.stderr_text())
+        return res.stdout
+
+    async def close(self) -> None:
+        """Close the connection (and its jump connection)."""
+        self._conn.close()
+        try:
+            await asyncio.wait_for(self._conn.wait_closed(), 5)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+            pass
+        if self._tunnel is not None:
+            self._tunnel.close()
+
+
+@dataclass
+class _KnownHostsPolicy:
+    """Strict host key checking, with an explicit accept-new opt-in."""
+
+    files: list[str]
+    accept_new: bool
+    recorded: list[str] = field(default_factory=list)
+
+
+def _known_files(host: Host, options: SSHOptions) -> list[str] | None:
+    """The known_hosts files for host, or None for the user's OpenSSH defaults."""
+    files: list[str] = []
+    if host.known_hosts:
+        files.append(host.known_hosts)
+    if options.known_hosts:
+        files.extend(options.known_hosts)
+    return files or None
+
+
+def _default_known_hosts() -> str:
+    return str(Path("~/.ssh/known_hosts").expanduser())
+
+
+def _has_entry(files: list[str], host: str, addr: str, port: int | None) -> bool:
+    """Whether any known_hosts file names this host at all (so a mismatch means CHANGED)."""
+    existing = [f for f in files if os.path.exists(f)]
+    if not existing:
+        return False
+    try:
+        known = asyncssh.read_known_hosts(existing)
+    except (ValueError, OSError):
+        return False
+    for name in {host, addr}:
+        res = known.match(name, addr, port)
+        if any(res[:3]):
+            return True
+    return False
+
+
+def _client_factory(policy: _KnownHostsPolicy, hostname: str,
+                    port: int | None) -> type[asyncssh.SSHClient]:
+    """An SSHClient that, only in accept-new mode, trusts and records an unknown host's key."""
+
+    class _Client(asyncssh.SSHClient):
+        def validate_host_public_key(self, host: str, addr: str, p: int, key: asyncssh.SSHKey) -> bool:
+            if not policy.accept_new or _has_entry(policy.files, hostname, addr, port):
+                return False
+            target = policy.files[0] if policy.files else _default_known_hosts()
+            name = hostname if port in (None, 22) else f"[{hostname}]:{port}"
+            line = f"{name} {key.export_public_key().decode().strip()}\n"
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "a") as fh:
+                fh.write(line)
+            policy.recorded.append(line)
+            return True
+
+    return _Client
+
+
+def _connect_kwargs(host: Host, options: SSHOptions, policy: _KnownHostsPolicy) -> dict[str, Any]:
+    """asyncssh.connect keyword arguments for one host."""
+    kw: dict[str, Any] = {
+        "port": host.port if host.port is not None else (),
+        "connect_timeout": options.connect_timeout,
+        "login_timeout": options.connect_timeout * 2,
+        "keepalive_interval": options.keepalive_interval,
+        "keepalive_count_max": options.keepalive_count_max,
+        "client_factory": _client_factory(policy, host.address, host.port),
+    }
+    if host.user:
+        kw["username"] = host.user
+    files = _known_files(host, options)
+    if files is not None:
+        existing = [f for f in files if os.path.exists(f)]
+        kw["known_hosts"] = existing if existing else ([], [], [])
+    if options.ssh_config is not None:
+        kw["config"] = list(options.ssh_config)
+    keys = ([host.key_file] if host.key_file else []) + list(options.identities)
+    if keys:
+        kw["client_keys"] = keys
+    if host.password:
+        kw["password"] = host.password
+    if not options.use_agent:
+        kw["agent_path"] = None
+    return kw
+
+
+def _translate(host: Host, exc: BaseException, stage: str) -> TransportError:
+    """Turn an asyncssh/OS error into one clear TransportError."""
+    name = host.name
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return TransportError(name, "connect", "host key not verified", evidence=str(exc),
+                              hint="check the key with the host's owner and add it to known_hosts, "
+                                   "or pass --accept-new-host-keys to trust a host seen for the first time")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return TransportError(name, "connect", f"authentication failed as {host.user or 'the default user'}",
+                              evidence=str(exc),
+                              hint="set ansible_user / ansible_ssh_private_key_file, or load the key into ssh-agent")
+    if isinstance(exc, asyncssh.ConnectionLost):
+        return TransportError(name, stage, "connection lost", evidence=str(exc) or None)
+    if isinstance(exc, asyncssh.DisconnectError):
+        return TransportError(name, stage, "disconnected by the host", evidence=exc.reason)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return TransportError(name, stage, f"timed out connecting to {host.target}",
+                              hint="is the host up and the port right? raise --connect-timeout for slow links")
+    if isinstance(exc, ConnectionRefusedError):
+        return TransportError(name, stage, f"connection refused by {host.target}",
+                              hint="is sshd running and the port right (ansible_port)?")
+    if isinstance(exc, OSError):
+        return TransportError(name, stage, f"cannot reach {host.target}: {exc.strerror or exc}")
+    return TransportError(name, stage, f"{type(exc).__name__}: {exc}")
+
+
+_RETRYABLE = (OSError, asyncio.TimeoutError, asyncssh.ConnectionLost)
+
+
+async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
+    """Connect to one host (through its jump host, if any), retrying once on network errors.
+
+    Authentication and host key failures are not retried: they will not fix themselves.
+    """
+    files = _known_files(host, options) or [_default_known_hosts()]
+    policy = _KnownHostsPolicy(files=files, accept_new=options.accept_new_host_keys)
+    attempt = 0
+    while True:
+        tunnel: asyncssh.SSHClientConnection | None = None
+        try:
+            kw = _connect_kwargs(host, options, policy)
+            if host.jump:
+                tunnel = await _connect_jump(host, options)
+                kw["tunnel"] = tunnel
+            conn = await asyncio.wait_for(asyncssh.connect(host.address, **kw),
+                                          options.connect_timeout * 3)
+            return AsyncsshSession(host, conn, tunnel)
+        except TransportError:
+            raise
+        except (asyncssh.Error, *_RETRYABLE) as exc:
+            if tunnel is not None:
+                tunnel.close()
+            retryable = isinstance(exc, _RETRYABLE) and not isinstance(
+                exc, (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied))
+            if retryable and attempt < options.retries:
+                attempt += 1
+                await asyncio.sleep(options.retry_backoff * attempt * (1 + random.random()))
+                continue
+            raise _translate(host, exc, "connect") from None
+
+
+def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
+    """``user@host:port`` -> (user, host, port)."""
+    user = None
+    if "@" in spec:
+        user, spec = spec.rsplit("@", 1)
+    port = None
+    if spec.startswith("["):
+        addr, _, rest = spec[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif spec.count(":") == 1:
+        addr, p = spec.split(":")
+        port = int(p)
+    else:
+        addr = spec
+    return user, addr, port
+
+
+async def _connect_jump(host: Host, options: SSHOptions) -> asyncssh.SSHClientConnection:
+    """Open the ProxyJump chain for host (each hop verified like any host)."""
+    assert host.jump
+    conn: asyncssh.SSHClientConnection | None = None
+    for hop in host.jump.split(","):
+        user, addr, port = _parse_jump(hop.strip())
+        jh = Host(name=f"{host.name} (jump {hop})", address=addr, port=port, user=user or host.user,
+                  key_file=host.key_file, known_hosts=host.known_hosts)
+        files = _known_files(jh, options) or [_default_known_hosts()]
+        kw = _connect_kwargs(jh, options, _KnownHostsPolicy(files, options.accept_new_host_keys))
+        if conn is not None:
+            kw["tunnel"] = conn
+        try:
+            conn = await asyncio.wait_for(asyncssh.connect(addr, **kw), options.connect_timeout * 3)
+        except (asyncssh.Error, *_RETRYABLE) as exc:
+            raise _translate(jh, exc, "connect") from None
+    assert conn is not None
+    return conn
