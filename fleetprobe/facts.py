@@ -147,3 +147,142 @@ def kernel_arch(machine: str) -> str:
     if machine.startswith("arm"):
         return "arm"
     return machine
+
+
+# --- gathering: one script, one round trip, one pure parser --------------------------------
+
+def facts_script() -> str:
+    """The on-host facts script (POSIX sh, busybox-compatible)."""
+    from importlib.resources import files
+    return files("fleetprobe").joinpath("facts.sh").read_text()
+
+
+def facts_args(symbols: list[str], tracepoints: list[str], files: list[str], *, mount: bool) -> list[str]:
+    """The facts script's arguments for what a playbook needs to know."""
+    return (["1" if mount else "0"] + [f"s:{s}" for s in symbols]
+            + [f"t:{t}" for t in tracepoints] + [f"f:{f}" for f in files])
+
+
+def split_sections(text: str) -> dict[str, list[str]]:
+    """Split ``@@name`` framed output into {name: lines}."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("@@") and " " not in line:
+            current = out.setdefault(line[2:], [])
+        elif current is not None:
+            current.append(line)
+    return out
+
+
+#: What the tracefs README advertises, and the text that proves it (as perf does: never a version check).
+_README_FEATURES = {
+    "arg_n": "$arg<N>",
+    "ustring": "ustring",
+    "symstr": "symstr",
+    "return_suffix": "%return",
+    "user_deref": "[u]<offset>",
+    "btf_args": "BTF",
+    "hist": "hist:",
+    "eprobe": "e[:[<group>/][<event>]]",
+    "fprobe": "f[:[<group>/][<event>]]",
+    "comm": "$comm",
+}
+
+
+def readme_features(readme: list[str]) -> frozenset[str]:
+    """Features advertised by a tracefs README."""
+    text = "\n".join(readme)
+    return frozenset(k for k, needle in _README_FEATURES.items() if needle in text)
+
+
+def _base_symbol(name: str) -> str:
+    """``foo.isra.0`` -> ``foo``."""
+    return name.split(".", 1)[0]
+
+
+def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts:
+    """Parse the facts script's output; ``symbols`` lists the names that were asked about."""
+    s = split_sections(text)
+    problems: list[str] = []
+    if "end" not in s:
+        problems.append("facts output was cut short")
+    uname = s.get("uname", []) + ["", "", ""]
+    realtime = 0.0
+    for line in s.get("realtime", []):
+        try:
+            realtime = float(line.strip())
+            break
+        except ValueError:
+            # busybox date without %N prints "1764120000.N": keep the whole seconds.
+            try:
+                realtime = float(line.strip().split(".")[0])
+            except ValueError:
+                pass
+    ncpus = 1
+    for line in s.get("ncpus", []):
+        if line.strip().isdigit() and int(line) > 0:
+            ncpus = int(line)
+            break
+    endian, elf_class = "little", 64
+    elf = "".join(s.get("elf", [])).split()
+    if len(elf) >= 6 and elf[:4] == ["7f", "45", "4c", "46"]:
+        elf_class = 32 if elf[4] == "01" else 64
+        endian = "big" if elf[5] == "02" else "little"
+    else:
+        problems.append("cannot read /bin/sh's ELF header (endianness guessed little)")
+    tracefs_lines = s.get("tracefs", []) + ["", "0"]
+    tracefs = tracefs_lines[0].strip() or None
+    tf_files = dict(line.split(" ", 1) for line in s.get("files_tracefs", []) if " " in line)
+    lockdown = "none"
+    for line in s.get("lockdown", []):
+        # "[none] integrity confidentiality": the bracketed word is the mode.
+        for word in line.split():
+            if word.startswith("[") and word.endswith("]"):
+                lockdown = word[1:-1]
+    wanted = list(symbols or [])
+    aff = {line.split()[0] for line in s.get("aff", []) if line.strip()}
+    ksyms = {line.strip() for line in s.get("kallsyms", []) if line.strip()}
+    black = {line.split()[-1] for line in s.get("blacklist", []) if line.strip()}
+    sym_facts: dict[str, SymbolFacts] = {}
+    for name in wanted:
+        clones = tuple(sorted({n for n in aff | ksyms if n != name and _base_symbol(n) == name}))
+        sym_facts[name] = SymbolFacts(name=name, in_filter_functions=name in aff,
+                                      in_kallsyms=name in ksyms, blacklisted=name in black,
+                                      clones=clones)
+    tracepoints = {}
+    for line in s.get("tracepoints", []):
+        parts = line.split()
+        if len(parts) == 2:
+            tracepoints[parts[0]] = parts[1] == "1"
+    files: dict[str, FileFacts] = {}
+    for line in s.get("files", []):
+        parts = line.split(" ", 3)
+        if len(parts) == 4:
+            files[parts[3]] = FileFacts(path=parts[3], exists=parts[0] == "1",
+                                        size=int(parts[1]) if parts[1].isdigit() else 0,
+                                        md5="" if parts[2] == "-" else parts[2])
+    build = dict(line.split(" ", 1) for line in s.get("build", []) if " " in line)
+
+    def first_int(key: str, default: int) -> int:
+        for line in s.get(key, []):
+            if line.strip().lstrip("-").isdigit():
+                return int(line)
+        return default
+
+    return Facts(
+        host=host, arch=uname[0].strip(), kernel_release=uname[1].strip(), kernel_version=uname[2].strip(),
+        endian=endian, elf_class=elf_class, ncpus=ncpus,
+        boot_id=(s.get("boot_id") or [""])[0].strip(), realtime=realtime,
+        uid=first_int("uid", -1), tracefs=tracefs, tracefs_mounted_by_us=tracefs_lines[1].strip() == "1",
+        features=readme_features(s.get("readme", [])),
+        kprobe_events=tf_files.get("kprobe_events") == "w",
+        uprobe_events=tf_files.get("uprobe_events") == "w",
+        instances=tf_files.get("instances") == "d",
+        lockdown=lockdown, modules_disabled=first_int("modules_disabled", 0) == 1,
+        kprobes_enabled=first_int("kprobes_enabled", 1) == 1,
+        symbols=sym_facts, tracepoints=tracepoints, files=files,
+        build_dir=build.get("build_dir"), make=build.get("make") == "yes", cc=build.get("cc"),
+        leftovers=tuple(line.strip() for line in s.get("leftovers", []) if line.strip()),
+        problems=tuple(problems),
+    )

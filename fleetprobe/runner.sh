@@ -1,0 +1,235 @@
+# fleetprobe runner: places one run's probes on this host, streams what they see, removes everything.
+# POSIX sh, busybox-compatible. Started as: sh -c "$THIS" fleetprobe [sweep-only]
+#
+# stdin: the plan, one directive a line, ended by "go"; after "go", stdin stays open and
+# "stop" (or EOF: the controller vanished) ends the run.
+#   tracefs PATH | group G | instance I | duration SECS | deadline EPOCH | grace SECS | buffer_kb N
+#   def FILE LINE           append LINE to FILE (kprobe_events or uprobe_events); never truncate
+#   filter EVENT EXPR       EVENT is a path under events/ (GROUP/NAME or SUBSYS/NAME)
+#   enable EVENT
+#   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end
+# stdout: trace_pipe lines as the kernel prints them, and "@@fp ..." control lines
+# (which never collide: trace lines start with a blank, loss lines with "CPU:").
+#
+# Teardown layers (see DESIGN-NOTES): normal end and "stop" -> teardown here; EOF on stdin or
+# a dead stdout -> teardown here; this process killed -> the detached watchdog removes the
+# run's group, instance and modules after DEADLINE+GRACE; and every run (and
+# "fleetprobe cleanup") first sweeps stale fp_* leftovers of dead runs.
+
+trap '' PIPE          # a dropped link must not kill us half-way through teardown
+STOP=
+trap 'STOP=${STOP:-signal}' TERM INT HUP
+
+say() { printf '@@fp %s\n' "$*" 2>/dev/null; }
+now() { date +%s; }
+
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=
+
+# Disable, delete and remove everything of group $1 / instance $2 (either may be empty).
+# Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
+teardown_group() {
+  _g=$1; _i=$2
+  if [ -n "$_i" ] && [ -d "$T/instances/$_i" ]; then
+    echo 0 > "$T/instances/$_i/events/enable" 2>/dev/null
+    for _e in "$T/instances/$_i"/events/*/*/enable; do
+      [ -f "$_e" ] && echo 0 > "$_e" 2>/dev/null
+    done
+  fi
+  if [ -n "$_g" ]; then
+    for _f in kprobe_events uprobe_events; do
+      [ -w "$T/$_f" ] || continue
+      for _n in $(sed -n "s/^[^:]*:$_g\/\([^ ]*\).*/\1/p" "$T/$_f" 2>/dev/null); do
+        _try=0
+        # EBUSY while something still has it enabled: retry briefly, then report, never loop forever.
+        until echo "-:$_g/$_n" >> "$T/$_f" 2>/dev/null; do
+          _try=$((_try + 1))
+          [ $_try -ge 20 ] && { say "unclean event $_g/$_n busy"; break; }
+          sleep 1
+        done
+      done
+    done
+  fi
+  if [ -n "$_i" ] && [ -d "$T/instances/$_i" ]; then
+    _try=0
+    until rmdir "$T/instances/$_i" 2>/dev/null; do
+      _try=$((_try + 1))
+      [ $_try -ge 20 ] && { say "unclean instance $_i busy"; break; }
+      sleep 1
+    done
+  fi
+}
+
+# Unload this run's modules (names in $1).
+unload_modules() {
+  for _m in $1; do
+    grep -q "^$_m " /proc/modules 2>/dev/null || continue
+    rmmod "$_m" 2>/dev/null || { sleep 1; rmmod "$_m" 2>/dev/null; } || say "unclean module $_m"
+  done
+}
+
+# Remove leftovers of dead runs: instances whose deadline (last _field of the name) + grace has
+# passed, and fp_ groups that have no instance at all (a live run makes its instance first).
+sweep() {
+  _now=$(now)
+  [ -n "$T" ] && [ -d "$T/instances" ] || return 0
+  for _d in "$T"/instances/fp_*; do
+    [ -d "$_d" ] || continue
+    _n=${_d##*/}; _dl=${_n##*_}
+    case $_dl in ''|*[!0-9]*) continue;; esac
+    if [ $((_dl + GRACE)) -lt "$_now" ]; then
+      teardown_group "${_n%_*}" "$_n"; say "swept $_n"
+    fi
+  done
+  for _g in $(cat "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null | sed -n 's/^[^:]*:\(fp_[A-Za-z0-9_]*\)\/.*/\1/p' | sort -u); do
+    _live=
+    for _d in "$T/instances/${_g}"_*; do [ -d "$_d" ] && _live=1; done
+    [ -z "$_live" ] && { teardown_group "$_g" ""; say "swept $_g"; }
+  done
+}
+
+# Snapshot loss counters: per-cpu ring buffer stats of our instance, and kprobe_profile (hits, misses).
+snapshot() {
+  _phase=$1
+  for _s in "$T/instances/$I"/per_cpu/cpu*/stats; do
+    [ -f "$_s" ] || continue
+    _c=${_s%/stats}; _c=${_c##*/}
+    say "stats $_phase $_c $(tr -s ' ' < "$_s" | sed -n 's/^overrun: /overrun=/p; s/^commit overrun: /commit_overrun=/p; s/^dropped events: /dropped=/p; s/^entries: /entries=/p; s/^read events: /read=/p' | tr '\n' ' ')"
+  done
+  if [ -r "$T/kprobe_profile" ]; then
+    # kprobe_profile lists events in kprobe_events order without their group: zip them on the controller.
+    while IFS= read -r _l; do say "kev $_phase $_l"; done < "$T/kprobe_events"
+    while IFS= read -r _l; do say "kprof $_phase $_l"; done < "$T/kprobe_profile"
+  fi
+}
+
+sync_marker() {
+  _t=$(date +%s.%N 2>/dev/null)
+  case $_t in *N*|*%*|'') _t="$(date +%s) 1";; esac
+  echo "fpsync $_t" > "$T/instances/$I/trace_marker" 2>/dev/null
+}
+
+# The watchdog outlives this process if it is killed; it exits by itself once the instance
+# is gone (normal teardown), and otherwise removes everything at DEADLINE + GRACE.
+watchdog() {
+  trap '' HUP INT PIPE
+  _seen=
+  while :; do
+    sleep 2
+    if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
+    if [ "$(now)" -ge $((DEADLINE + GRACE)) ]; then
+      teardown_group "$G" "$I"; unload_modules "$MODS"
+      echo "fleetprobe watchdog removed $G $I" > /dev/kmsg 2>/dev/null
+      exit 0
+    fi
+  done
+}
+
+# ---- read the plan -------------------------------------------------------------------------
+exec 3<&0
+while IFS= read -r line <&3; do
+  set -f
+  # shellcheck disable=SC2086
+  set -- $line
+  set +f
+  case $1 in
+    go) break;;
+    tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
+    grace) GRACE=$2;; buffer_kb) BUF=$2;;
+    def|filter|enable|module) PLAN="${PLAN:+$PLAN
+}$line";;
+    sweep) sweep; say "sweep done"; exit 0;;
+    *) say "error unknown directive $1"; exit 2;;
+  esac
+done
+case $G in fp_*) ;; *) say "error group must start with fp_"; exit 2;; esac
+case $I in "$G"_*) ;; *) say "error instance must start with the group"; exit 2;; esac
+[ -w "$T/instances" ] || { say "error no writable tracefs instances at $T"; exit 3; }
+say "hello pid=$$"
+sweep
+
+MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' ')
+# Detached from our stdio so it never holds the SSH channel open; it knows MODS from the plan.
+(watchdog) </dev/null >/dev/null 2>&1 &
+WD=$!
+
+mkdir "$T/instances/$I" || { say "error cannot create instance $I"; kill "$WD"; exit 3; }
+[ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
+# A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
+grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
+
+LOADED=
+while IFS= read -r line; do
+  kind=${line%% *}; rest=${line#* }
+  case $kind in
+    def)
+      f=${rest%% *}; d=${rest#* }
+      if err=$(echo "$d" 2>&1 >> "$T/$f"); then
+        say "placed $d"
+      else
+        why=$(tail -n 3 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')
+        say "deffail $d :: ${err##*: } $why"
+      fi;;
+    module)
+      set -f; set -- $rest; set +f
+      mn=$1; mp=$2; shift 2
+      if out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
+      else say "modfail $mn :: $out"; fi
+      rm -f "$mp";;
+    filter)
+      ev=${rest%% *}; ex=${rest#* }
+      echo "$ex" > "$T/instances/$I/events/$ev/filter" 2>/dev/null ||
+        say "filterfail $ev :: $(tail -n 2 "$T/error_log" 2>/dev/null | tr '\n' ' ')";;
+  esac
+done <<EOF_PLAN
+$PLAN
+EOF_PLAN
+
+snapshot start
+
+cat "$T/instances/$I/trace_pipe" &
+READER=$!
+sync_marker
+enabled=0
+for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
+  if echo 1 > "$T/instances/$I/events/$ev/enable" 2>/dev/null; then
+    enabled=$((enabled + 1))
+  else
+    say "enablefail $ev"
+  fi
+done
+say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR"
+
+# ---- run: until the duration ends, "stop"/EOF on stdin, the reader dies, or a signal -----
+( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -TERM $$ 2>/dev/null ) <&3 &
+WATCH=$!
+END=$(( $(now) + ${DUR%.*} ))
+[ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && STOP=nothing-placed
+while [ -z "$STOP" ]; do
+  kill -0 "$READER" 2>/dev/null || { STOP=reader-exit; break; }
+  [ "$(now)" -ge "$END" ] && { STOP=duration; break; }
+  sleep 1 &
+  wait $! 2>/dev/null
+done
+# The stdin watcher exits only after "stop" or EOF, and then signals us.
+if [ "$STOP" = signal ] && ! kill -0 "$WATCH" 2>/dev/null; then STOP=stop-or-eof; fi
+
+# ---- teardown ----------------------------------------------------------------------------
+sync_marker
+echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
+sleep 1      # let the reader drain what is in flight before we stop it
+kill "$READER" "$WATCH" 2>/dev/null
+wait "$READER" 2>/dev/null
+# Entries the reader had not consumed yet are still in the buffer: print them (without headers).
+grep -v '^#' "$T/instances/$I/trace" 2>/dev/null
+say "stopping $STOP"
+snapshot end
+teardown_group "$G" "$I"
+unload_modules "$LOADED"
+left=
+[ -d "$T/instances/$I" ] && left="$left instance"
+grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
+for m in $LOADED; do grep -q "^$m " /proc/modules && left="$left module:$m"; done
+kill "$WD" 2>/dev/null
+if [ -z "$left" ]; then say "clean"; else say "unclean$left"; fi
+say "bye"
+exit 0
