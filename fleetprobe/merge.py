@@ -1,0 +1,699 @@
+"""Merge: a fleet's events folded into one bounded, mergeable aggregate, and the run's report value.
+
+Memory does not grow with the number of events: counts are integers, value
+tables are Misra-Gries summaries (exact until a table reaches its cap, then
+approximate with a stated error bound), latency is a fixed set of log2
+buckets, and the per-host event sample is the first N plus a reservoir of M.
+
+Hosts are the unit of merging.  Events are collected per host in an open
+"part"; when the host's outcome arrives (:meth:`FleetAggregate.add_host`) the
+part is folded into the fleet tables, where each value also counts the hosts
+that saw it.  Shards (bastions, stored runs) must therefore partition hosts:
+:meth:`FleetAggregate.merge` refuses two aggregates that both finished the
+same host.
+
+Hot path: :meth:`FleetAggregate.add_line` takes the stream's already-split
+strings and counts each distinct argument text once; the text is parsed into
+field values only when the host is folded (or its cache fills), so parsing
+costs scale with distinct values, not with events.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetprobe.errors import InputError
+from fleetprobe.outcome import HostOutcome
+from fleetprobe.parse import TraceEvent, parse_fields
+
+SCHEMA_VERSION = 1
+#: Distinct argument texts counted per (host, probe) before they are parsed into field tables.
+ARGS_CACHE = 4096
+#: Distinct values a host part keeps per table; the fleet keeps ``FLEET_CAP_FACTOR`` x top_k.
+PART_CAP_FACTOR = 16
+FLEET_CAP_FACTOR = 200
+#: Entries a return probe may wait for at most, per (host, entry probe).
+PENDING_CAP = 65536
+#: log2 latency buckets: bucket b holds durations in [2**(b-1), 2**b) ns; b = 0 is 0 ns.
+BUCKETS = 64
+SAMPLE_FIRST = 50
+SAMPLE_RESERVOIR = 50
+COMM_FIELD = "comm"
+# A host part's comm table once it outgrew a plain dict (not a field name the kernel can print).
+_SPILLED_COMMS = "\0comm"
+
+
+Value = int | str
+
+
+@dataclass
+class TopValues:
+    """Counts per value, bounded: a Misra-Gries summary (Agarwal et al., "Mergeable summaries", 2012).
+
+    Exact while fewer than ``cap`` distinct values were seen (``error == 0``).
+    After a prune, each kept count is a lower bound and the true count is at
+    most ``count + error``; a value not kept occurred at most ``error`` times.
+    ``hosts`` counts the hosts that saw a value (a lower bound after a prune).
+    """
+
+    cap: int
+    counts: dict[Value, int] = field(default_factory=dict)
+    hosts: dict[Value, int] = field(default_factory=dict)
+    error: int = 0
+    total: int = 0
+
+    def add(self, value: Value, n: int, hosts: int = 0) -> None:
+        """Count ``value`` ``n`` more times (seen on ``hosts`` more hosts)."""
+        self.counts[value] = self.counts.get(value, 0) + n
+        if hosts:
+            self.hosts[value] = self.hosts.get(value, 0) + hosts
+        self.total += n
+        if len(self.counts) > self.cap:
+            self.prune(self.cap // 2)
+
+    def prune(self, keep: int) -> None:
+        """Keep at most ``keep`` values: subtract the (keep+1)-th largest count from all (Misra-Gries)."""
+        if len(self.counts) <= keep:
+            return
+        cut = sorted(self.counts.values(), reverse=True)[keep]
+        self.error += cut
+        self.counts = {v: c - cut for v, c in self.counts.items() if c > cut}
+        self.hosts = {v: h for v, h in self.hosts.items() if v in self.counts}
+
+    def merged(self, other: TopValues) -> TopValues:
+        """Counts and host counts add; errors add (the mergeable-summaries bound)."""
+        out = TopValues(max(self.cap, other.cap), dict(self.counts), dict(self.hosts),
+                        self.error + other.error, self.total + other.total)
+        for v, c in other.counts.items():
+            out.counts[v] = out.counts.get(v, 0) + c
+        for v, h in other.hosts.items():
+            out.hosts[v] = out.hosts.get(v, 0) + h
+        if len(out.counts) > out.cap:
+            out.prune(out.cap // 2)
+        return out
+
+    def top(self, k: int) -> list[tuple[Value, int, int]]:
+        """The ``k`` most frequent (value, count, hosts), ties broken by value for a stable order."""
+        items = sorted(self.counts.items(), key=lambda vc: (-vc[1], type(vc[0]).__name__, str(vc[0])))
+        return [(v, c, self.hosts.get(v, 0)) for v, c in items[:k]]
+
+    @property
+    def exact(self) -> bool:
+        """True if no count was ever pruned."""
+        return self.error == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; values keep their type (int or str) via a tagged list."""
+        return {"cap": self.cap, "error": self.error, "total": self.total,
+                "values": [[v, c, self.hosts.get(v, 0)]
+                           for v, c in sorted(self.counts.items(),
+                                              key=lambda vc: (-vc[1], type(vc[0]).__name__, str(vc[0])))]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TopValues:
+        """Inverse of :meth:`to_json`."""
+        t = cls(int(d["cap"]), error=int(d["error"]), total=int(d["total"]))
+        for v, c, h in d["values"]:
+            t.counts[v] = int(c)
+            if h:
+                t.hosts[v] = int(h)
+        return t
+
+
+def bucket_of(seconds: float) -> int:
+    """The log2 bucket of a duration: b such that 2**(b-1) <= ns < 2**b (0 for 0 ns)."""
+    ns = int(round(seconds * 1e9))
+    return min(max(ns, 0).bit_length(), BUCKETS - 1)
+
+
+def bucket_range_ns(b: int) -> tuple[int, int]:
+    """[low, high) nanoseconds of bucket ``b``."""
+    return (0, 1) if b == 0 else (1 << (b - 1), 1 << b)
+
+
+@dataclass
+class Latency:
+    """Entry->return durations of one return probe, log2 buckets, plus what could not be paired."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    unmatched: int = 0
+    evicted: int = 0
+    pending_at_end: int = 0
+
+    @property
+    def count(self) -> int:
+        """Number of paired durations."""
+        return sum(self.buckets)
+
+    def merged(self, other: Latency) -> Latency:
+        """Buckets and counters add."""
+        return Latency([a + b for a, b in zip(self.buckets, other.buckets)],
+                       self.unmatched + other.unmatched, self.evicted + other.evicted,
+                       self.pending_at_end + other.pending_at_end)
+
+    def quantile(self, q: float) -> int | None:
+        """Upper edge (ns) of the bucket holding quantile ``q``, or None with no data."""
+        n = self.count
+        if n == 0:
+            return None
+        rank = max(1, math.ceil(q * n))
+        seen = 0
+        for b, c in enumerate(self.buckets):
+            seen += c
+            if seen >= rank:
+                return bucket_range_ns(b)[1]
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (only non-empty buckets, keyed by bucket number)."""
+        return {"buckets": {str(b): c for b, c in enumerate(self.buckets) if c},
+                "unmatched": self.unmatched, "evicted": self.evicted, "pending_at_end": self.pending_at_end}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Latency:
+        """Inverse of :meth:`to_json`."""
+        lat = cls(unmatched=int(d["unmatched"]), evicted=int(d["evicted"]),
+                  pending_at_end=int(d["pending_at_end"]))
+        for b, c in d["buckets"].items():
+            lat.buckets[int(b)] = int(c)
+        return lat
+
+
+class _ProbeState:
+    """One probe on one host while its events stream in (the hot path's working set)."""
+
+    __slots__ = ("hits", "args", "comms", "fields", "pending", "entry", "latency")
+
+    def __init__(self, cap: int) -> None:
+        """Empty state; ``cap`` bounds each value table."""
+        self.hits = 0
+        self.args: dict[str, int] = {}
+        self.comms: dict[str, int] = {}
+        self.fields: dict[str, TopValues] = {}
+        self.pending: dict[int, float] | None = None
+        self.entry: _ProbeState | None = None
+        self.latency: Latency | None = None
+
+    def flush_args(self, cap: int) -> None:
+        """Parse each distinct argument text once and count its values into the field tables."""
+        for args, n in self.args.items():
+            _, values = parse_fields(args)
+            for name, value in values.items():
+                table = self.fields.get(name)
+                if table is None:
+                    table = self.fields[name] = TopValues(cap)
+                table.add(value, n)
+        self.args = {}
+
+
+@dataclass
+class EventSample:
+    """A bounded sample of one host's events for the timeline: the first N and a reservoir of M.
+
+    The reservoir is Vitter's algorithm R with a per-host seeded generator so a
+    run is reproducible.  Events are stored as their JSON dicts.
+    """
+
+    first: list[dict[str, Any]] = field(default_factory=list)
+    reservoir: list[dict[str, Any]] = field(default_factory=list)
+    seen: int = 0
+    # Li's algorithm L: the index of the next event to take, so the hot path
+    # pays one comparison per event instead of a random draw.
+    next_pick: int = 1
+    weight: float = 1.0
+
+    def offer(self, rng: random.Random, event: dict[str, Any]) -> None:
+        """Take event number ``seen`` (called only when ``seen >= next_pick``)."""
+        if len(self.first) < SAMPLE_FIRST:
+            self.first.append(event)
+            self.next_pick = self.seen + 1
+            return
+        if len(self.reservoir) < SAMPLE_RESERVOIR:
+            self.reservoir.append(event)
+            if len(self.reservoir) < SAMPLE_RESERVOIR:
+                self.next_pick = self.seen + 1
+                return
+            self.weight = math.exp(math.log(1.0 - rng.random()) / SAMPLE_RESERVOIR)
+        else:
+            self.reservoir[rng.randrange(SAMPLE_RESERVOIR)] = event
+            self.weight *= math.exp(math.log(1.0 - rng.random()) / SAMPLE_RESERVOIR)
+        skip = math.floor(math.log(1.0 - rng.random()) / math.log1p(-self.weight)) if self.weight < 1.0 else 0
+        self.next_pick = self.seen + skip + 1
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"first": self.first, "reservoir": self.reservoir, "seen": self.seen}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> EventSample:
+        """Inverse of :meth:`to_json`."""
+        return cls(list(d["first"]), list(d["reservoir"]), int(d["seen"]), next_pick=int(d["seen"]) + 1)
+
+    def merged(self, other: EventSample) -> EventSample:
+        """Union of two samples of the same host: earliest N first, reservoir resampled by weight."""
+        both = sorted(self.first + other.first, key=lambda e: float(e["trace_ts"]))
+        first, spill = both[:SAMPLE_FIRST], both[SAMPLE_FIRST:]
+        pool = self.reservoir + other.reservoir + spill
+        rng = random.Random(len(pool) * 7919 + self.seen + other.seen)
+        reservoir = pool if len(pool) <= SAMPLE_RESERVOIR else rng.sample(pool, SAMPLE_RESERVOIR)
+        seen = self.seen + other.seen
+        return EventSample(first, sorted(reservoir, key=lambda e: float(e["trace_ts"])), seen,
+                           next_pick=seen + 1)
+
+
+class _HostPart:
+    """Everything one host's stream contributes before the host is folded into the fleet tables."""
+
+    __slots__ = ("host", "probes", "events", "first_time", "last_time", "sample", "rng", "cap")
+
+    def __init__(self, host: str, cap: int) -> None:
+        """An empty part for ``host``."""
+        self.host = host
+        self.probes: dict[str, _ProbeState] = {}
+        self.events = 0
+        self.first_time = math.inf
+        self.last_time = -math.inf
+        self.sample = EventSample()
+        self.rng = random.Random(zlib.crc32(host.encode()))
+        self.cap = cap
+
+
+@dataclass
+class HostSummary:
+    """One host's folded numbers: events, hits and latency per probe, time span, sample."""
+
+    events: int = 0
+    hits: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, Latency] = field(default_factory=dict)
+    first_time: float | None = None
+    last_time: float | None = None
+    sample: EventSample = field(default_factory=EventSample)
+
+    def merged(self, other: HostSummary) -> HostSummary:
+        """Same host seen in two parts: everything adds."""
+        hits = dict(self.hits)
+        for p, n in other.hits.items():
+            hits[p] = hits.get(p, 0) + n
+        lat = dict(self.latency)
+        for p, v in other.latency.items():
+            lat[p] = lat[p].merged(v) if p in lat else v
+        times = [t for t in (self.first_time, other.first_time) if t is not None]
+        ends = [t for t in (self.last_time, other.last_time) if t is not None]
+        return HostSummary(self.events + other.events, hits, lat, min(times) if times else None,
+                           max(ends) if ends else None, self.sample.merged(other.sample))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"events": self.events, "hits": dict(sorted(self.hits.items())),
+                "latency": {p: v.to_json() for p, v in sorted(self.latency.items())},
+                "first_time": self.first_time, "last_time": self.last_time,
+                "sample": self.sample.to_json()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> HostSummary:
+        """Inverse of :meth:`to_json`."""
+        return cls(int(d["events"]), {k: int(v) for k, v in d["hits"].items()},
+                   {k: Latency.from_json(v) for k, v in d["latency"].items()},
+                   d["first_time"], d["last_time"], EventSample.from_json(d["sample"]))
+
+
+class FleetAggregate:
+    """What the whole fleet saw, in memory bounded by (hosts x probes x top_k), never by events.
+
+    ``pairs`` maps each return probe to the entry probe it pairs with
+    (``{"openat_ret": "openat"}``) for latency histograms.
+    """
+
+    def __init__(self, pairs: Mapping[str, str] | None = None, top_k: int = 20) -> None:
+        """An empty aggregate."""
+        self.pairs: dict[str, str] = dict(pairs or {})
+        self.top_k = top_k
+        self.part_cap = top_k * PART_CAP_FACTOR
+        self.fleet_cap = top_k * FLEET_CAP_FACTOR
+        self.outcomes: dict[str, HostOutcome] = {}
+        self.hosts: dict[str, HostSummary] = {}
+        self.values: dict[tuple[str, str], TopValues] = {}
+        self._parts: dict[str, _HostPart] = {}
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    def _state(self, part: _HostPart, probe: str) -> _ProbeState:
+        """The probe's state in a host part, created (and wired for pairing) on first use."""
+        st = part.probes.get(probe)
+        if st is None:
+            st = part.probes[probe] = _ProbeState(part.cap)
+            if probe in self.pairs.values():
+                st.pending = {}
+            entry = self.pairs.get(probe)
+            if entry is not None:
+                st.entry = self._state(part, entry)
+                st.latency = Latency()
+        return st
+
+    def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
+                 comm: str, args: str) -> None:
+        """Count one event given as the stream's split strings (the hot path; see module doc)."""
+        part = self._parts.get(host)
+        if part is None:
+            part = self._parts[host] = _HostPart(host, self.part_cap)
+        st = part.probes.get(probe)
+        if st is None:
+            st = self._state(part, probe)
+        st.hits += 1
+        if args:
+            a = st.args
+            a[args] = a.get(args, 0) + 1
+            if len(a) > ARGS_CACHE:
+                st.flush_args(part.cap)
+        c = st.comms
+        c[comm] = c.get(comm, 0) + 1
+        if len(c) > part.cap:
+            _prune_counts(st, part.cap)
+        if st.pending is not None:
+            pend = st.pending
+            if pid not in pend and len(pend) >= PENDING_CAP:
+                # Oldest first: dicts keep insertion order.
+                del pend[next(iter(pend))]
+                self._evicted(part, probe)
+            pend[pid] = trace_ts
+        if st.entry is not None:
+            lat = st.latency
+            assert lat is not None and st.entry.pending is not None
+            t0 = st.entry.pending.pop(pid, None)
+            if t0 is None:
+                lat.unmatched += 1
+            else:
+                lat.buckets[bucket_of(trace_ts - t0)] += 1
+        part.events += 1
+        if time > part.last_time:
+            part.last_time = time
+        if time < part.first_time:
+            part.first_time = time
+        s = part.sample
+        s.seen += 1
+        if s.seen >= s.next_pick:
+            s.offer(part.rng, _sample_dict(host, probe, trace_ts, time, cpu, pid, comm, args))
+
+    def _evicted(self, part: _HostPart, entry_probe: str) -> None:
+        """Count an entry dropped from a full pending table against every return probe pairing with it."""
+        for ret, entry in self.pairs.items():
+            if entry == entry_probe:
+                lat = self._state(part, ret).latency
+                if lat is not None:
+                    lat.evicted += 1
+
+    def add_event(self, ev: TraceEvent) -> None:
+        """Count one parsed event (slower than :meth:`add_line`; for events built elsewhere)."""
+        if ev.args or not ev.fields:
+            self.add_line(ev.host, ev.probe, ev.trace_ts, ev.time, ev.cpu, ev.pid, ev.comm, ev.args)
+            return
+        # An event built from values (no raw text): count its fields directly.
+        self.add_line(ev.host, ev.probe, ev.trace_ts, ev.time, ev.cpu, ev.pid, ev.comm, "")
+        st = self._parts[ev.host].probes[ev.probe]
+        for name, value in ev.fields.items():
+            table = st.fields.get(name)
+            if table is None:
+                table = st.fields[name] = TopValues(self.part_cap)
+            table.add(value, 1)
+
+    # -- hosts ------------------------------------------------------------------------------
+
+    def add_host(self, outcome: HostOutcome) -> None:
+        """Record a host's outcome and fold its events into the fleet tables (call once per host, at its end)."""
+        self.outcomes[outcome.host] = outcome
+        self._fold(outcome.host)
+        self.hosts.setdefault(outcome.host, HostSummary())
+
+    def finish(self) -> None:
+        """Fold every host still open (its stream ended without an outcome)."""
+        for host in list(self._parts):
+            self._fold(host)
+
+    def _fold(self, host: str) -> None:
+        """Move a host part's numbers into its summary and the fleet value tables."""
+        part = self._parts.pop(host, None)
+        if part is None:
+            return
+        summary = HostSummary(events=part.events, sample=part.sample,
+                              first_time=part.first_time if part.events else None,
+                              last_time=part.last_time if part.events else None)
+        for probe, st in part.probes.items():
+            if st.hits:
+                summary.hits[probe] = st.hits
+            st.flush_args(part.cap)
+            tables = dict(st.fields)
+            comms = tables.pop(_SPILLED_COMMS, None) or TopValues(part.cap)
+            for comm, n in st.comms.items():
+                comms.add(comm, n)
+            tables[COMM_FIELD] = comms
+            for name, table in tables.items():
+                hosts_table = TopValues(table.cap, dict(table.counts), {v: 1 for v in table.counts},
+                                        table.error, table.total)
+                key = (probe, name)
+                have = self.values.get(key)
+                merged = hosts_table if have is None else have.merged(hosts_table)
+                merged.cap = self.fleet_cap
+                if len(merged.counts) > merged.cap:
+                    merged.prune(merged.cap // 2)
+                self.values[key] = merged
+            if st.latency is not None:
+                assert st.entry is not None and st.entry.pending is not None
+                st.latency.pending_at_end = len(st.entry.pending)
+                summary.latency[probe] = st.latency
+        have_summary = self.hosts.get(host)
+        self.hosts[host] = summary if have_summary is None else have_summary.merged(summary)
+
+    # -- merging ----------------------------------------------------------------------------
+
+    def merge(self, other: FleetAggregate) -> FleetAggregate:
+        """A new aggregate of both (associative; exact where both are exact).
+
+        Raises :class:`~fleetprobe.errors.InputError` if both finished the same
+        host: shards must partition the fleet, or host counts would be wrong.
+        """
+        self.finish()
+        other.finish()
+        both = sorted(set(self.outcomes) & set(other.outcomes))
+        if both:
+            raise InputError(f"host(s) {', '.join(both[:5])} appear in both aggregates",
+                             hint="merge reports of disjoint host sets (shards), not the same run twice")
+        if self.pairs != other.pairs and self.pairs and other.pairs:
+            conflict = {k for k in set(self.pairs) & set(other.pairs) if self.pairs[k] != other.pairs[k]}
+            if conflict:
+                raise InputError(f"return probe(s) {', '.join(sorted(conflict))} pair with different entry "
+                                 "probes in the two aggregates", hint="merge reports of the same playbook")
+        out = FleetAggregate({**self.pairs, **other.pairs}, max(self.top_k, other.top_k))
+        out.outcomes = {**self.outcomes, **other.outcomes}
+        out.hosts = dict(self.hosts)
+        for h, s in other.hosts.items():
+            out.hosts[h] = out.hosts[h].merged(s) if h in out.hosts else s
+        out.values = dict(self.values)
+        for key, table in other.values.items():
+            out.values[key] = out.values[key].merged(table) if key in out.values else table
+        for table in out.values.values():
+            table.cap = max(table.cap, out.fleet_cap)
+        return out
+
+    # -- questions the report asks ----------------------------------------------------------
+
+    def probes(self) -> list[str]:
+        """Every probe that was hit, or placed or skipped on some host, sorted."""
+        names: set[str] = set()
+        for s in self.hosts.values():
+            names.update(s.hits)
+        for o in self.outcomes.values():
+            names.update(o.placed_probes)
+            names.update(o.skipped_probes)
+        return sorted(names)
+
+    def hits(self, probe: str) -> dict[str, int]:
+        """Hits per host for ``probe`` (hosts with none left out)."""
+        return {h: s.hits[probe] for h, s in sorted(self.hosts.items()) if s.hits.get(probe)}
+
+    def total_hits(self, probe: str) -> int:
+        """Hits of ``probe`` over the fleet."""
+        return sum(s.hits.get(probe, 0) for s in self.hosts.values())
+
+    def probe_misses(self, probe: str) -> int:
+        """kprobe_profile misses of ``probe`` over the fleet (from the hosts' outcomes)."""
+        return sum(o.loss.probe_misses.get(probe, 0) for o in self.outcomes.values())
+
+    def top(self, probe: str, name: str, k: int | None = None) -> list[tuple[Value, int, int]]:
+        """Top (value, count, hosts) of one probe's field (``comm`` for the task name)."""
+        table = self.values.get((probe, name))
+        return [] if table is None else table.top(k or self.top_k)
+
+    def fields(self, probe: str) -> list[str]:
+        """Field names with value tables for ``probe``, ``comm`` first."""
+        names = sorted(n for p, n in self.values if p == probe and n != COMM_FIELD)
+        return ([COMM_FIELD] if (probe, COMM_FIELD) in self.values else []) + names
+
+    def latency(self, probe: str) -> Latency:
+        """Fleet-wide latency of a return probe (all hosts' buckets added)."""
+        total = Latency()
+        for s in self.hosts.values():
+            if probe in s.latency:
+                total = total.merged(s.latency[probe])
+        return total
+
+    def quiet_hosts(self) -> dict[str, str]:
+        """Hosts that contributed no events, and why (status and reason, or "saw nothing")."""
+        out: dict[str, str] = {}
+        for h in sorted(set(self.outcomes) | set(self.hosts)):
+            s = self.hosts.get(h)
+            if s is not None and s.events:
+                continue
+            o = self.outcomes.get(h)
+            if o is None or o.status == "ok":
+                out[h] = "saw nothing" if o is None or o.placed_probes or not o.skipped_probes \
+                    else "every probe skipped: " + "; ".join(f"{p}: {r}" for p, r in o.skipped_probes.items())
+            else:
+                out[h] = f"{o.status} at {o.stage}: {o.reason}" if o.reason else f"{o.status} at {o.stage}"
+        return out
+
+    # -- JSON --------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (folds any host still open first)."""
+        self.finish()
+        return {
+            "pairs": dict(sorted(self.pairs.items())), "top_k": self.top_k,
+            "hosts": {h: s.to_json() for h, s in sorted(self.hosts.items())},
+            "values": [{"probe": p, "field": n, **t.to_json()} for (p, n), t in sorted(self.values.items())],
+            "outcomes": {h: o.to_json() for h, o in sorted(self.outcomes.items())},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FleetAggregate:
+        """Inverse of :meth:`to_json`."""
+        agg = cls(d["pairs"], int(d["top_k"]))
+        agg.hosts = {h: HostSummary.from_json(s) for h, s in d["hosts"].items()}
+        agg.values = {(v["probe"], v["field"]): TopValues.from_json(v) for v in d["values"]}
+        agg.outcomes = {h: HostOutcome.from_json(o) for h, o in d["outcomes"].items()}
+        return agg
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when their JSON forms are equal."""
+        if not isinstance(other, FleetAggregate):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _prune_counts(st: _ProbeState, cap: int) -> None:
+    """The comm table of a host part is full: move it into a Misra-Gries table and prune."""
+    table = st.fields.get(_SPILLED_COMMS)
+    if table is None:
+        table = st.fields[_SPILLED_COMMS] = TopValues(cap)
+    for comm, n in st.comms.items():
+        table.add(comm, n)
+    st.comms = {}
+
+
+def _sample_dict(host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
+                 comm: str, args: str) -> dict[str, Any]:
+    """A sampled event as a JSON-ready dict (fields parsed now: only sampled events pay for it)."""
+    site, values = parse_fields(args)
+    return {"host": host, "probe": probe, "time": time, "trace_ts": trace_ts, "cpu": cpu, "pid": pid,
+            "comm": comm, "site": site, "fields": values}
+
+
+@dataclass
+class RunInfo:
+    """What was run, when and how: enough to reproduce or audit a report."""
+
+    run_id: str
+    playbook: str
+    playbook_path: str = ""
+    playbook_sha256: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    inventory: str = ""
+    argv: list[str] = field(default_factory=list)
+    version: str = ""
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        """Seconds from start to end."""
+        return max(0.0, self.ended - self.started)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"run_id": self.run_id, "playbook": self.playbook, "playbook_path": self.playbook_path,
+                "playbook_sha256": self.playbook_sha256, "started": self.started, "ended": self.ended,
+                "duration": self.duration, "inventory": self.inventory, "argv": list(self.argv),
+                "version": self.version, "shards": list(self.shards)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunInfo:
+        """Inverse of :meth:`to_json`."""
+        keys = ("run_id", "playbook", "playbook_path", "playbook_sha256", "started", "ended",
+                "inventory", "argv", "version", "shards")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+
+@dataclass
+class FleetReport:
+    """A run's report: what ran, what every host did, and what the fleet saw."""
+
+    run: RunInfo
+    aggregate: FleetAggregate
+    hosts: list[HostOutcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Give the aggregate every outcome it has not seen; ``hosts`` lists them all, by name."""
+        for o in self.hosts:
+            if o.host not in self.aggregate.outcomes:
+                self.aggregate.add_host(o)
+        self.hosts = [self.aggregate.outcomes[h] for h in sorted(self.aggregate.outcomes)]
+
+    def merge(self, other: FleetReport) -> FleetReport:
+        """The report of both shards: one run spanning both host sets.
+
+        The merged run keeps the first shard's id/playbook, spans both time
+        ranges, and lists the shard run ids.  Shards of different playbooks
+        (by sha256) are refused.
+        """
+        a, b = self.run, other.run
+        if a.playbook_sha256 and b.playbook_sha256 and a.playbook_sha256 != b.playbook_sha256:
+            raise InputError(f"reports ran different playbooks ({a.playbook} {a.playbook_sha256[:12]} vs "
+                             f"{b.playbook} {b.playbook_sha256[:12]})", hint="merge shards of one playbook")
+        first, second = (a, b) if (a.started, a.run_id) <= (b.started, b.run_id) else (b, a)
+        shards = sorted(set(first.shards or [first.run_id]) | set(second.shards or [second.run_id]))
+        run = RunInfo(first.run_id, first.playbook, first.playbook_path, first.playbook_sha256,
+                      min(a.started, b.started), max(a.ended, b.ended), first.inventory,
+                      list(first.argv), first.version, shards if len(shards) > 1 else [])
+        return FleetReport(run, self.aggregate.merge(other.aggregate))
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as written by ``--json`` (validates against data/report.schema.json)."""
+        agg = self.aggregate.to_json()
+        outcomes = agg.pop("outcomes")
+        return {"schema": SCHEMA_VERSION, "run": self.run.to_json(),
+                "hosts": [outcomes[o.host] for o in self.hosts], "aggregate": agg}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FleetReport:
+        """Inverse of :meth:`to_json`; refuses a report written by a newer fleetprobe."""
+        if int(d.get("schema", 0)) > SCHEMA_VERSION:
+            raise InputError(f"report schema {d.get('schema')} is newer than this fleetprobe's "
+                             f"({SCHEMA_VERSION})", hint="upgrade fleetprobe to read it")
+        agg_d = dict(d["aggregate"])
+        agg_d["outcomes"] = {o["host"]: o for o in d["hosts"]}
+        return cls(RunInfo.from_json(d["run"]), FleetAggregate.from_json(agg_d))
+
+
+def aggregate_events(events: Iterable[TraceEvent], pairs: Mapping[str, str] | None = None,
+                     top_k: int = 20) -> FleetAggregate:
+    """Aggregate a finite sequence of events (tests, small tools)."""
+    agg = FleetAggregate(pairs, top_k)
+    for ev in events:
+        agg.add_event(ev)
+    return agg
