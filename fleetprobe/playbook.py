@@ -283,7 +283,10 @@ def parse_playbook(text: str, source: str) -> Playbook:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise PlaybookError(f"not valid YAML: {e.problem or e}", file=source, line=line) from e
+        message = f"not valid YAML: {e.problem or e}"
+        if e.context and e.context_mark is not None and e.context_mark is not mark:
+            message += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise PlaybookError(message, file=source, line=line) from e
     except yaml.YAMLError as e:
         raise PlaybookError(f"not valid YAML: {e}", file=source) from e
     if root is None:
@@ -580,12 +583,13 @@ class _Reader:
         text = " ".join(self.string(node, key).split())
         tokens = text.split(" ")
         head = tokens[0]
-        if ":" in head:
-            raise self.error(node, key, f"raw line names its own event ({head!r}); fleetprobe names every "
-                             "event itself to keep runs apart", hint=f"write {head.split(':')[0]!r} instead of {head!r}")
-        if not re.fullmatch(r"p|r\d*", head):
+        probe_type = head.split(":", 1)[0]
+        if not re.fullmatch(r"p|r\d*", probe_type):
             raise self.error(node, key, f"raw line must start with 'p' (entry) or 'r' (return), got {head!r}; "
                              "'-' deletions and other event types are not accepted")
+        if ":" in head:
+            raise self.error(node, key, f"raw line names its own event ({head!r}); fleetprobe names every "
+                             "event itself to keep runs apart", hint=f"write {probe_type!r} instead of {head!r}")
         if len(tokens) < 2:
             raise self.error(node, key, "raw line has no probe place (SYMBOL[+OFF], MODULE:SYMBOL or address)")
         place = tokens[1].removesuffix("%return")
