@@ -1,0 +1,348 @@
+"""Planning: every shipped playbook against every stored host's facts, and per-arch lowering."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fleetprobe.facts import Facts, FileFacts, SymbolFacts
+from fleetprobe.plan import (
+    HostPlan,
+    group_of_instance,
+    is_stale_instance,
+    names_for,
+    new_run_id,
+    plan_host,
+)
+from fleetprobe.playbook import Playbook, load_playbook, parse_playbook
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTS_DIR = Path(__file__).parent / "data" / "facts"
+FACTS_FILES = sorted(FACTS_DIR.glob("*.json"))
+SHIPPED = sorted((ROOT / "playbooks").glob("*.yml"))
+GOOD = Path(__file__).parent / "data" / "playbooks" / "good"
+DEADLINE = 1_900_000_000
+BASH_OFFSETS: dict[tuple[str, str], int | str] = {("/bin/bash", "readline"): 0xC6C20,
+                                                  ("/usr/bin/bash", "readline"): 0xC6C20}
+
+
+def facts(name: str) -> Facts:
+    """Stored facts by file stem."""
+    return Facts.from_json(json.loads((FACTS_DIR / f"{name}.json").read_text()))
+
+
+def plan(pb: Playbook | str, f: Facts | str, offsets: dict[tuple[str, str], int | str] | None = None) -> HostPlan:
+    """Plan a shipped playbook (by stem) or a Playbook for stored facts (by stem)."""
+    playbook = load_playbook(ROOT / "playbooks" / f"{pb}.yml") if isinstance(pb, str) else pb
+    host = facts(f) if isinstance(f, str) else f
+    return plan_host(playbook, host, run_id="k3x9q2", deadline=DEADLINE,
+                     uprobe_offsets=BASH_OFFSETS if offsets is None else offsets)
+
+
+def definition(hp: HostPlan, probe: str) -> str:
+    """The definition line planned for one probe (fails the test if it was skipped)."""
+    for p in hp.probes:
+        if p.name == probe:
+            assert p.definition is not None
+            return p.definition
+    raise AssertionError(f"{probe} not placed: {hp.skipped} {hp.notes}")
+
+
+def skipped(hp: HostPlan, probe: str) -> str:
+    """The reason a probe was skipped (fails the test if it was placed)."""
+    for s in hp.skipped:
+        if s.name == probe:
+            return s.reason
+    raise AssertionError(f"{probe} was placed: {hp.probes}")
+
+
+def test_stored_facts_cover_the_lab_arches() -> None:
+    arches = {facts(p.stem).arch for p in FACTS_FILES}
+    assert {"x86_64", "ppc64le", "mips64", "mips", "aarch64", "i686"} <= arches
+
+
+@pytest.mark.parametrize("facts_file", FACTS_FILES, ids=lambda p: p.stem)
+def test_stored_facts_round_trip(facts_file: Path) -> None:
+    data = json.loads(facts_file.read_text())
+    assert Facts.from_json(data).to_json() == data
+
+
+@pytest.mark.parametrize("facts_file", FACTS_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("playbook", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_playbook_plans_on_every_host(playbook: Path, facts_file: Path) -> None:
+    pb = load_playbook(playbook)
+    f = Facts.from_json(json.loads(facts_file.read_text()))
+    hp = plan_host(pb, f, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets=BASH_OFFSETS)
+    assert hp.host == f.host
+    decided = {p.name for p in hp.probes} | {s.name for s in hp.skipped}
+    assert decided == {p.name for p in pb.probes}
+    assert not {p.name for p in hp.probes} & {s.name for s in hp.skipped}
+    for s in hp.skipped:
+        assert s.reason.strip(), f"{s.name} skipped without a reason"
+    for p in hp.probes:
+        if p.kind in ("kprobe", "kretprobe", "uprobe", "uretprobe", "raw"):
+            assert p.definition and p.events_file in ("kprobe_events", "uprobe_events")
+            # Definition: TYPE:GROUP/EVENT PLACE [ARGS]; group and event are fleetprobe's own.
+            assert re.match(rf"[pr]\d*:{hp.group}/{p.name} \S+", p.definition), p.definition
+            assert p.event == f"{hp.group}/{p.name}"
+            # Portable names never reach the kernel.
+            assert not re.search(r"(?<![$\w])(arg\d|retval)", p.definition.split(" ", 2)[-1]
+                                 if p.definition.count(" ") >= 2 else ""), p.definition
+        elif p.kind == "tracepoint":
+            assert p.definition is None and "/" in p.event
+        else:
+            assert p.kind == "module" and p.module and p.symbol
+
+
+# --- per-arch lowering -------------------------------------------------------
+
+def test_opensnoop_x86_64_61_uses_argn() -> None:
+    hp = plan("opensnoop", "x86_64-debian-6.1")
+    assert definition(hp, "open") == (f"p:{hp.group}/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring")
+    assert definition(hp, "open_ret") == f"r:{hp.group}/open_ret do_sys_openat2 ret=$retval:s32"
+    assert hp.notes == ()
+
+
+def test_opensnoop_ppc64le_uses_r3_r4() -> None:
+    hp = plan("opensnoop", "ppc64le-6.1")
+    assert definition(hp, "open").endswith("do_sys_openat2 dfd=%r3:s32 path=+0(%r4):ustring")
+
+
+def test_opensnoop_mips64_uses_r4_r5() -> None:
+    hp = plan("opensnoop", "mips64el-6.1")
+    assert definition(hp, "open").endswith("do_sys_openat2 dfd=%r4:s32 path=+0(%r5):ustring")
+
+
+def test_opensnoop_old_x86_picks_do_sys_open_and_string() -> None:
+    hp = plan("opensnoop", "x86_64-4.19")
+    assert definition(hp, "open").endswith("do_sys_open dfd=%di:s32 path=+0(%si):string")
+    assert definition(hp, "open_ret").endswith("do_sys_open ret=$retval:s32")
+    assert any("ustring unsupported" in n for n in hp.notes)
+
+
+def test_fork_alternatives_follow_the_kernel() -> None:
+    assert plan("forklat", "x86_64-4.19").probes[0].symbol == "_do_fork"
+    assert plan("forklat", "x86_64-debian-6.1").probes[0].symbol == "kernel_clone"
+    assert plan("fork-module", "x86_64-4.19").probes[0].params == (("symbol", "_do_fork"),)
+
+
+def test_creds_setuid_per_arch() -> None:
+    assert definition(plan("creds", "x86_64-debian-6.1"), "setuid").endswith("__sys_setuid uid=$arg1:u32")
+    assert definition(plan("creds", "mipsel-6.1"), "cap_admin").endswith("cap_capable cap=%r6:s32")
+    assert definition(plan("creds", "x86_64-4.19"), "cap_admin").endswith("cap_capable cap=%dx:s32")
+
+
+def test_kitchen_sink_x86_64() -> None:
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    hp = plan(pb, "x86_64-debian-6.1")
+    g = hp.group
+    assert definition(hp, "open") == (
+        f"p:{g}/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring upath=+u0($arg2):string "
+        "flags=$arg3:x32 comm=$comm nested=+8(+0($arg1)):u64 bits=+0($arg1):b3@2/8 arr=+0($arg2):u8[4]")
+    # x86_64 syscall wrapper: argN lives in the pt_regs that %di points to.
+    assert definition(hp, "setuid") == f"p:{g}/setuid __x64_sys_setuid uid=+112(%di):u32 sixth=+64(%di)"
+    # Inside a function $argN is not valid: registers, with a note.
+    assert definition(hp, "inside") == f"p:{g}/inside do_sys_open+0x10 dfd=%di:s32"
+    assert any(n.startswith("inside: arg1 read from a register") for n in hp.notes)
+    # With $argN the kernel reads any argument (registers, then stack): arg9 is fine.
+    assert definition(hp, "ninth") == f"p:{g}/ninth do_sys_openat2 a9=$arg9"
+    assert definition(hp, "line") == f"r:{g}/line /bin/bash:0xc6c20 line=+0($retval):ustring"
+    assert definition(hp, "at_offset") == f"p:{g}/at_offset /bin/bash:0x1000 a1=%di a2=%si:s64"
+    assert definition(hp, "custom") == f"p:{g}/custom do_sys_openat2 dfd=%di +0(%si):string"
+    exec_ = next(p for p in hp.probes if p.name == "exec")
+    assert (exec_.event, exec_.trace_name) == ("sched/sched_process_exec", "sched_process_exec")
+    assert next(p for p in hp.probes if p.name == "open").filter == "dfd != 5"
+    custom = next(p for p in hp.probes if p.name == "custom")
+    assert custom.fields == ("dfd", "arg2")
+    reason = skipped(hp, "fail_hard")
+    assert "no_such_function_anywhere was not checked" in reason
+    assert hp.failed is not None and "fail_hard" in hp.failed
+
+
+def test_kitchen_sink_symstr_falls_back_to_symbol_before_62() -> None:
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    hp = plan(pb, "x86_64-debian-6.1")
+    assert definition(hp, "open_ret").endswith("ret=$retval:s32 sym=$retval:symbol")
+    assert any("symstr unsupported" in n for n in hp.notes)
+    # 6.18 has symstr, but no kprobe_events: check the lowering with kprobes switched on.
+    new = dataclasses.replace(facts("x86_64-6.18-controller"), kprobe_events=True)
+    assert definition(plan(pb, new), "open_ret").endswith("ret=$retval:s32 sym=$retval:symstr")
+
+
+def test_kitchen_sink_4_19_drops_user_deref() -> None:
+    hp = plan(load_playbook(GOOD / "kitchen-sink.yml"), "x86_64-4.19")
+    assert "upath=+0(%si):string" in definition(hp, "open")
+    assert any("+u (user memory) unsupported" in n for n in hp.notes)
+
+
+def test_kitchen_sink_i686() -> None:
+    hp = plan(load_playbook(GOOD / "kitchen-sink.yml"), "i686-6.1")
+    # Kernel entry has $argN on x86-32; user space is cdecl: arguments on the stack.
+    assert definition(hp, "at_offset").endswith("/bin/bash:0x1000 a1=$stack1 a2=$stack2:s64")
+    assert definition(hp, "inside").endswith("do_sys_open+0x10 dfd=%ax:s32")
+
+
+def test_kitchen_sink_mips_o32_and_n64() -> None:
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    o32 = plan(pb, "mipsel-6.1")
+    n64 = plan(pb, "mips64el-6.1")
+    # o32 has 4 argument registers: arg9 cannot be placed; n64 has 8: neither can arg9.
+    assert "arg9 is not passed in a register on mips (only 4: %r4 %r5 %r6 %r7)" in skipped(o32, "ninth")
+    assert "only 8" in skipped(n64, "ninth")
+    assert "flags=%r6:x32" in definition(o32, "open")
+
+
+def test_kitchen_sink_aarch64_syscall_wrapper() -> None:
+    hp = plan(load_playbook(GOOD / "kitchen-sink.yml"), "aarch64-6.1")
+    assert definition(hp, "setuid").endswith("__arm64_sys_setuid uid=+0(%x0):u32 sixth=+40(%x0)")
+
+
+def test_kitchen_sink_ppc64le_uprobe_registers() -> None:
+    f = dataclasses.replace(facts("ppc64le-6.1"),
+                            files={"/bin/bash": FileFacts("/bin/bash", True, 10, "x"),
+                                   "/usr/bin/bash": FileFacts("/usr/bin/bash", False)})
+    hp = plan(load_playbook(GOOD / "kitchen-sink.yml"), f)
+    assert definition(hp, "at_offset").endswith("/bin/bash:0x1000 a1=%r3 a2=%r4:s64")
+
+
+def test_controller_facts_skip_kprobes_but_keep_tracepoints_and_uprobes() -> None:
+    hp = plan("execsnoop", "x86_64-6.18-controller")
+    assert [p.name for p in hp.probes] == ["exec"]
+    assert "no kprobe_events" in skipped(hp, "fork")
+    assert definition(plan("bashreadline", "x86_64-6.18-controller"), "line").endswith("ustring")
+    assert "module/module_load does not exist" in skipped(plan("modload", "x86_64-6.18-controller"), "load")
+
+
+# --- symbol choice -------------------------------------------------------------
+
+def _symbols(**entries: SymbolFacts) -> dict[str, SymbolFacts]:
+    return dict(entries)
+
+
+def test_none_probeable_lists_each_alternatives_reason() -> None:
+    f = dataclasses.replace(facts("x86_64-debian-6.1"), symbols=_symbols(
+        kernel_clone=SymbolFacts("kernel_clone", True, True, blacklisted=True),
+        _do_fork=SymbolFacts("_do_fork", False, False, False),
+        do_fork=SymbolFacts("do_fork", False, False, False)))
+    reason = skipped(plan("forklat", f), "fork")
+    assert reason.startswith("none of kernel_clone, _do_fork, do_fork is probeable")
+    assert "kernel_clone is in the kprobe blacklist" in reason
+    assert "_do_fork is not in available_filter_functions or kallsyms" in reason
+
+
+def test_gcc_clone_is_used_when_it_is_the_only_hit() -> None:
+    f = dataclasses.replace(facts("x86_64-debian-6.1"), symbols=_symbols(
+        oom_kill_process=SymbolFacts("oom_kill_process", False, False, False, clones=("oom_kill_process.isra.0",))))
+    hp = plan("oomkill", f)
+    oom = next(p for p in hp.probes if p.name == "oom")
+    assert oom.symbol == "oom_kill_process.isra.0"
+    assert oom.definition == f"p:{hp.group}/oom oom_kill_process.isra.0 message=+0($arg2):string"
+    assert oom.trace_name == "oom"
+    assert any("GCC clone oom_kill_process.isra.0" in n and "argument layout" in n for n in hp.notes)
+
+
+def test_on_missing_fail_fails_the_host_plan() -> None:
+    pb = parse_playbook("name: t\nprobes:\n  - name: fork\n    kprobe: [kernel_clone, _do_fork]\n"
+                        "    on_missing: fail\n", "t.yml")
+    f = dataclasses.replace(facts("x86_64-debian-6.1"), symbols={})
+    hp = plan(pb, f)
+    assert hp.failed is not None and "fork" in hp.failed and "on_missing: fail" in hp.failed
+    assert "kernel_clone was not checked on this host" in hp.failed
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"lockdown": "confidentiality"}, "lockdown is 'confidentiality'"),
+    ({"tracefs": None}, "no tracefs found"),
+    ({"instances": False}, "no instances/"),
+    ({"kprobe_events": False}, "no kprobe_events"),
+    ({"kprobes_enabled": False}, "kprobes are globally disabled"),
+])
+def test_host_conditions_skip_kprobes_with_reason(change: dict[str, object], reason: str) -> None:
+    f = dataclasses.replace(facts("x86_64-debian-6.1"), **change)  # type: ignore[arg-type]
+    assert reason in skipped(plan("opensnoop", f), "open")
+
+
+def test_uprobe_unresolved_offset_reason_is_kept() -> None:
+    hp = plan("bashreadline", "x86_64-debian-6.1",
+              offsets={("/bin/bash", "readline"): "symbol 'readline' is not in .symtab or .dynsym",
+                       ("/usr/bin/bash", "readline"): "the binary has no .symtab or .dynsym"})
+    reason = skipped(hp, "line")
+    assert "/bin/bash:readline: symbol 'readline' is not in .symtab" in reason
+    assert "/usr/bin/bash:readline: the binary has no" in reason
+
+
+def test_uprobe_falls_back_to_second_path() -> None:
+    f = dataclasses.replace(facts("x86_64-debian-6.1"), files={
+        "/bin/bash": FileFacts("/bin/bash", False), "/usr/bin/bash": FileFacts("/usr/bin/bash", True, 1, "m")})
+    hp = plan("bashreadline", f)
+    assert definition(hp, "line").endswith("/usr/bin/bash:0xc6c20 line=+0($retval):ustring")
+    assert hp.probes[0].path == "/usr/bin/bash" and hp.probes[0].offset == 0xC6C20
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"modules_disabled": True}, "modules_disabled = 1"),
+    ({"lockdown": "integrity"}, "only signed modules load"),
+])
+def test_module_probe_host_conditions(change: dict[str, object], reason: str) -> None:
+    f = dataclasses.replace(facts("ppc64le-6.1"), **change)  # type: ignore[arg-type]
+    assert reason in skipped(plan("fork-module", f), "fork")
+
+
+def test_module_probe_plan() -> None:
+    hp = plan(load_playbook(GOOD / "module.yml"), "mips64el-6.1")
+    (p,) = hp.probes
+    assert (p.kind, p.event, p.trace_name, p.symbol) == ("module", "", "fork", "kernel_clone")
+    assert p.params == (("symbol", "kernel_clone"), ("post", "1"), ("offset", "0"))
+    assert p.module == str(ROOT / "modules" / "fp_kprobe")
+
+
+def test_pair_note_when_entry_is_skipped() -> None:
+    pb = parse_playbook("name: t\nprobes:\n  - name: a\n    kprobe: nothere\n  - name: b\n    kretprobe: kernel_clone\n"
+                        "    pair_with: a\n", "t.yml")
+    hp = plan(pb, "x86_64-debian-6.1")
+    assert any("no latency pairing" in n for n in hp.notes)
+
+
+def test_plan_is_pure_and_deterministic() -> None:
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    assert plan(pb, "ppc64le-6.1") == plan(pb, "ppc64le-6.1")
+
+
+# --- names and staleness ------------------------------------------------------
+
+def test_names_for() -> None:
+    group, instance = names_for("k3x9q2", "db-07", 1_900_000_000)
+    assert re.fullmatch(r"fp_k3x9q2_[0-9a-f]{4}", group)
+    assert instance == f"{group}_1900000000"
+    assert names_for("k3x9q2", "db-07", 1)[0] == group
+    assert names_for("k3x9q2", "db-08", 1)[0] != group
+    # Kernel limit on group and event names is MAX_EVENT_NAME_LEN (64).
+    assert len(names_for("a" * 16, "h", 10**11)[0]) + 1 + 32 < 64
+
+
+@pytest.mark.parametrize("bad", ["", "ABC", "a_b", "a" * 17, "a-b"])
+def test_names_for_rejects_bad_run_ids(bad: str) -> None:
+    with pytest.raises(ValueError):
+        names_for(bad, "h", 1)
+
+
+def test_new_run_id_is_usable() -> None:
+    ids = {new_run_id() for _ in range(50)}
+    assert len(ids) == 50
+    for r in ids:
+        names_for(r, "h", 1)
+
+
+def test_stale_instances() -> None:
+    group, instance = names_for("k3x9q2", "db-07", 1000)
+    assert group_of_instance(instance) == group
+    assert not is_stale_instance(instance, now=1000, grace=60)
+    assert not is_stale_instance(instance, now=1060, grace=60)
+    assert is_stale_instance(instance, now=1061, grace=60)
+    for foreign in ("fp_k3x9q2_zzzz_1000", "myinstance", "fp_x_1000", "fleetprobe_abc_1000", f"{instance}x"):
+        assert group_of_instance(foreign) is None
+        assert not is_stale_instance(foreign, now=10**12, grace=0)
