@@ -329,10 +329,14 @@ class FleetAggregate:
     (``{"openat_ret": "openat"}``) for latency histograms.
     """
 
-    def __init__(self, pairs: Mapping[str, str] | None = None, top_k: int = 20) -> None:
-        """An empty aggregate."""
+    def __init__(self, pairs: Mapping[str, str] | None = None, top_k: int = 20, *,
+                 pending_cap: int = PENDING_CAP) -> None:
+        """An empty aggregate; ``pending_cap`` bounds unpaired entries per (host, entry probe)."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.pairs: dict[str, str] = dict(pairs or {})
         self.top_k = top_k
+        self.pending_cap = pending_cap
         self.part_cap = top_k * PART_CAP_FACTOR
         self.fleet_cap = top_k * FLEET_CAP_FACTOR
         self.outcomes: dict[str, HostOutcome] = {}
@@ -376,7 +380,7 @@ class FleetAggregate:
             _prune_counts(st, part.cap)
         if st.pending is not None:
             pend = st.pending
-            if pid not in pend and len(pend) >= PENDING_CAP:
+            if pid not in pend and len(pend) >= self.pending_cap:
                 # Oldest first: dicts keep insertion order.
                 del pend[next(iter(pend))]
                 self._evicted(part, probe)

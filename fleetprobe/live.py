@@ -1,0 +1,154 @@
+"""Live view: what every host is doing during a run, readable for 5 hosts and for 2000.
+
+Small fleets get one row per host.  Big fleets get counts per state, the
+event total and rate, and the most recent changes and failures: 2000 rows
+would scroll away and tell nobody anything.  When the console is not a
+terminal (CI logs, pipes) the view draws nothing; it still records states so
+:meth:`LiveView.render` can be shown or tested.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+#: States in pipeline order (the order the counts line shows them).
+STATES = ("waiting", "connecting", "facts", "planning", "building", "probing", "teardown",
+          "done", "skipped", "failed", "unreachable", "interrupted")
+BAD_STATES = frozenset({"failed", "unreachable", "interrupted"})
+_STYLE = {"done": "green", "probing": "cyan", "failed": "red", "unreachable": "red",
+          "interrupted": "yellow", "skipped": "yellow"}
+#: Up to this many hosts, one row per host.
+ROWS_LIMIT = 20
+RECENT = 8
+
+
+@dataclass
+class _HostState:
+    """One host's current state in the view."""
+
+    state: str = "waiting"
+    detail: str = ""
+    events: int = 0
+    since: float = 0.0
+
+
+class LiveView:
+    """Per-host run state on the terminal, refreshed a few times a second.
+
+    ``set_state`` and ``add_events`` are cheap and may be called from the event
+    loop at any rate; rich's refresh thread reads a consistent copy under a lock.
+    """
+
+    def __init__(self, console: Console, hosts: list[str], *, refresh_per_second: float = 4.0) -> None:
+        """A view of ``hosts``, all ``waiting``."""
+        self.console = console
+        self.enabled = console.is_terminal
+        self._lock = threading.Lock()
+        self._hosts = {h: _HostState() for h in hosts}
+        self._recent: deque[tuple[str, str, str]] = deque(maxlen=RECENT)
+        self._failures: deque[tuple[str, str, str]] = deque(maxlen=RECENT)
+        self._started = time.monotonic()
+        self._refresh = refresh_per_second
+        self._live: Live | None = None
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None:
+        """Move ``host`` to ``state`` (see :data:`STATES`), with an optional one-line detail."""
+        if state not in STATES:
+            raise ValueError(f"unknown live state {state!r} for host {host}; expected one of {', '.join(STATES)}")
+        with self._lock:
+            hs = self._hosts.get(host)
+            if hs is None:
+                hs = self._hosts[host] = _HostState()
+            hs.state, hs.detail, hs.since = state, detail, time.monotonic()
+            self._recent.append((host, state, detail))
+            if state in BAD_STATES:
+                self._failures.append((host, state, detail))
+
+    def add_events(self, host: str, n: int) -> None:
+        """Count ``n`` more events from ``host``."""
+        with self._lock:
+            hs = self._hosts.get(host)
+            if hs is None:
+                hs = self._hosts[host] = _HostState()
+            hs.events += n
+
+    def counts(self) -> dict[str, int]:
+        """Hosts per state (states with no host left out)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for hs in self._hosts.values():
+                out[hs.state] = out.get(hs.state, 0) + 1
+        return {s: out[s] for s in STATES if s in out}
+
+    def render(self) -> RenderableType:
+        """The current view (what the terminal shows)."""
+        with self._lock:
+            hosts = {h: _HostState(s.state, s.detail, s.events, s.since) for h, s in self._hosts.items()}
+            recent = list(self._recent)
+            failures = list(self._failures)
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        total = sum(s.events for s in hosts.values())
+        counts: dict[str, int] = {}
+        for s in hosts.values():
+            counts[s.state] = counts.get(s.state, 0) + 1
+        head = Text(f"{len(hosts)} hosts  {elapsed:.0f}s  {total:,} events ({total / elapsed:,.0f}/s)  ")
+        for i, state in enumerate(s for s in STATES if s in counts):
+            if i:
+                head.append("  ")
+            head.append(f"{state} {counts[state]}", style=_STYLE.get(state, ""))
+        if len(hosts) <= ROWS_LIMIT:
+            table = Table(box=None, pad_edge=False, show_header=True)
+            table.add_column("host")
+            table.add_column("state")
+            table.add_column("events", justify="right")
+            table.add_column("detail", overflow="ellipsis", no_wrap=True)
+            for h, s in hosts.items():
+                state = f"{s.state} {s.events}" if s.state == "probing" else s.state
+                table.add_row(h, Text(state, style=_STYLE.get(s.state, "")), f"{s.events:,}", s.detail)
+            return Group(head, table)
+        parts: list[RenderableType] = [head]
+        if recent:
+            parts.append(Text("recent: " + "; ".join(_change(h, st, d) for h, st, d in recent[-4:]),
+                              overflow="ellipsis", no_wrap=True))
+        if failures:
+            parts.append(Text(f"failures ({counts.get('failed', 0) + counts.get('unreachable', 0)} hosts):",
+                              style="red"))
+            for h, st, d in failures:
+                parts.append(Text(f"  {_change(h, st, d)}", overflow="ellipsis", no_wrap=True))
+        busiest = sorted(((s.events, h) for h, s in hosts.items() if s.events), reverse=True)[:3]
+        if busiest:
+            parts.append(Text("busiest: " + ", ".join(f"{h} {n:,}" for n, h in busiest)))
+        return Group(*parts)
+
+    def __rich__(self) -> RenderableType:
+        """rich calls this on every refresh."""
+        return self.render()
+
+    def __enter__(self) -> LiveView:
+        """Start drawing (only on a terminal)."""
+        if self.enabled:
+            self._live = Live(self, console=self.console, refresh_per_second=self._refresh,
+                              transient=False, redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Stop drawing, leaving the final state on screen."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def _change(host: str, state: str, detail: str) -> str:
+    """``host: state (detail)``."""
+    return f"{host}: {state}" + (f" ({detail})" if detail else "")

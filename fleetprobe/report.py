@@ -1,0 +1,296 @@
+"""Report: render a FleetReport for people (rich terminal) and for programs (JSON, JSON-lines events).
+
+Nothing here decides anything: it only shows what merge computed.  Big fleets
+are summarised (top hosts + "N more") so a 2000-host report stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from fleetprobe.merge import FleetReport, Latency, bucket_range_ns
+from fleetprobe.parse import TraceEvent
+
+#: Up to this many hosts the hits table is a full probe x host matrix.
+MATRIX_HOSTS = 12
+#: Rows shown per long list before "N more".
+LIST_ROWS = 15
+BAR_WIDTH = 40
+
+_STATUS_STYLE = {"ok": "green", "failed": "red", "unreachable": "red", "skipped": "yellow",
+                 "interrupted": "yellow"}
+
+
+def format_ns(ns: int) -> str:
+    """A duration in ns as a short human string (512ns, 4us, 1.0ms, 2.1s)."""
+    if ns < 1_000:
+        return f"{ns}ns"
+    if ns < 1_000_000:
+        return f"{ns // 1_000}us" if ns % 1_000 == 0 or ns >= 10_000 else f"{ns / 1_000:.1f}us"
+    if ns < 1_000_000_000:
+        return f"{ns / 1_000_000:.1f}ms"
+    return f"{ns / 1e9:.1f}s"
+
+
+def _value_text(value: int | str) -> str:
+    """How a field value reads in a table: ints in decimal and, when large, hex too."""
+    if isinstance(value, int):
+        return f"{value} ({value:#x})" if abs(value) >= 4096 else str(value)
+    return repr(value) if value == "" or value != value.strip() else value
+
+
+def render_summary(report: FleetReport, console: Console) -> None:
+    """Print the whole summary: hosts, hits, top values, latency, quiet hosts, loss, clocks."""
+    run = report.run
+    agg = report.aggregate
+    agg.finish()
+    console.print(Text(f"fleetprobe run {run.run_id}: {run.playbook} on {len(report.hosts)} host(s), "
+                       f"{run.duration:.1f}s", style="bold"))
+    _render_status(report, console)
+    _render_hits(report, console)
+    _render_values(report, console)
+    _render_latency(report, console)
+    _render_quiet(report, console)
+    _render_loss(report, console)
+    _render_clocks(report, console)
+
+
+def _render_status(report: FleetReport, console: Console) -> None:
+    """Counts per status, then the hosts that did not end ok (stage and reason)."""
+    counts: dict[str, int] = {}
+    for o in report.hosts:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    line = Text("hosts: ")
+    for i, (status, n) in enumerate(sorted(counts.items())):
+        if i:
+            line.append(", ")
+        line.append(f"{n} {status}", style=_STATUS_STYLE.get(status, ""))
+    console.print(line)
+    bad = [o for o in report.hosts if o.status != "ok"]
+    if not bad:
+        return
+    table = Table(title="hosts that did not finish", title_justify="left")
+    for col in ("host", "status", "stage", "reason", "cleanup"):
+        table.add_column(col, overflow="fold")
+    for o in bad[:LIST_ROWS]:
+        table.add_row(o.host, Text(o.status, style=_STATUS_STYLE.get(o.status, "")), o.stage,
+                      o.reason or "-", o.cleanup)
+    console.print(table)
+    if len(bad) > LIST_ROWS:
+        console.print(f"... and {len(bad) - LIST_ROWS} more hosts that did not finish (see the JSON report)")
+
+
+def _render_hits(report: FleetReport, console: Console) -> None:
+    """Hits per probe per host: a matrix for small fleets, totals and top hosts for big ones."""
+    agg = report.aggregate
+    probes = agg.probes()
+    if not probes:
+        console.print("no probes were placed or hit")
+        return
+    hosts = [o.host for o in report.hosts] or sorted(agg.hosts)
+    if len(hosts) <= MATRIX_HOSTS:
+        table = Table(title="hits per probe and host", title_justify="left")
+        table.add_column("probe")
+        for h in hosts:
+            table.add_column(h, justify="right")
+        table.add_column("total", justify="right")
+        for p in probes:
+            per = agg.hits(p)
+            table.add_row(p, *[str(per.get(h, 0)) for h in hosts], str(agg.total_hits(p)))
+        console.print(table)
+        return
+    table = Table(title="hits per probe", title_justify="left")
+    for col in ("probe", "total", "hosts hit", "top hosts"):
+        table.add_column(col, justify="right" if col in ("total", "hosts hit") else "left", overflow="fold")
+    for p in probes:
+        ranked = sorted(agg.hits(p).items(), key=lambda hn: (-hn[1], hn[0]))
+        top = ", ".join(f"{h} {n}" for h, n in ranked[:3])
+        if len(ranked) > 3:
+            top += f", {len(ranked) - 3} more"
+        table.add_row(p, str(agg.total_hits(p)), f"{len(ranked)}/{len(hosts)}", top or "-")
+    console.print(table)
+
+
+def _render_values(report: FleetReport, console: Console) -> None:
+    """Top values per (probe, field): which comm, which filename, on how many hosts."""
+    agg = report.aggregate
+    for p in agg.probes():
+        for name in agg.fields(p):
+            table_data = agg.values[(p, name)]
+            top = table_data.top(min(agg.top_k, LIST_ROWS))
+            if not top:
+                continue
+            approx = "" if table_data.exact else f" (approximate: counts may be low by up to {table_data.error})"
+            table = Table(title=f"{p}: top {name}{approx}", title_justify="left")
+            table.add_column(name, overflow="fold")
+            table.add_column("count", justify="right")
+            table.add_column("hosts", justify="right")
+            table.add_column("share", justify="right")
+            for value, count, nhosts in top:
+                share = f"{100 * count / table_data.total:.1f}%" if table_data.total else "-"
+                table.add_row(_value_text(value), str(count), str(nhosts), share)
+            distinct = len(table_data.counts)
+            if distinct > len(top):
+                table.caption = f"{distinct - len(top)} more distinct values"
+            console.print(table)
+
+
+def latency_lines(lat: Latency) -> list[str]:
+    """A log2 histogram as text bars, one line per bucket from the first to the last non-empty one."""
+    used = [b for b, c in enumerate(lat.buckets) if c]
+    if not used:
+        return []
+    peak = max(lat.buckets)
+    lines = []
+    for b in range(used[0], used[-1] + 1):
+        lo, hi = bucket_range_ns(b)
+        c = lat.buckets[b]
+        bar = "#" * max(1 if c else 0, round(BAR_WIDTH * c / peak))
+        lines.append(f"{format_ns(lo):>7} - {format_ns(hi):<7} {c:>9} |{bar}")
+    return lines
+
+
+def _render_latency(report: FleetReport, console: Console) -> None:
+    """Entry->return latency histograms of paired probes, fleet-wide."""
+    agg = report.aggregate
+    for ret, entry in sorted(agg.pairs.items()):
+        lat = agg.latency(ret)
+        if not lat.count and not lat.unmatched:
+            continue
+        p50, p99 = lat.quantile(0.5), lat.quantile(0.99)
+        head = f"latency {entry} -> {ret}: {lat.count} calls"
+        if p50 is not None and p99 is not None:
+            head += f", p50 <= {format_ns(p50)}, p99 <= {format_ns(p99)}"
+        notes = []
+        if lat.unmatched:
+            notes.append(f"{lat.unmatched} returns without an entry")
+        if lat.evicted:
+            notes.append(f"{lat.evicted} entries evicted from the pending table")
+        if lat.pending_at_end:
+            notes.append(f"{lat.pending_at_end} entries still open at the end")
+        console.print(Text(head + (f" ({'; '.join(notes)})" if notes else ""), style="bold"))
+        for line in latency_lines(lat):
+            console.print(line, highlight=False)
+
+
+def _render_quiet(report: FleetReport, console: Console) -> None:
+    """Hosts that contributed no events, probes skipped per host, and placed probes that never fired."""
+    agg = report.aggregate
+    quiet = agg.quiet_hosts()
+    if quiet:
+        console.print(Text(f"{len(quiet)} host(s) contributed no events:", style="bold"))
+        for h, why in list(quiet.items())[:LIST_ROWS]:
+            console.print(f"  {h}: {why}", highlight=False)
+        if len(quiet) > LIST_ROWS:
+            console.print(f"  ... and {len(quiet) - LIST_ROWS} more")
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for o in report.hosts:
+        for probe, reason in o.skipped_probes.items():
+            skipped.setdefault((probe, reason), []).append(o.host)
+    for (probe, reason), hosts in sorted(skipped.items()):
+        console.print(f"probe {probe} skipped on {_host_list(hosts)}: {reason}", highlight=False)
+    for probe in agg.probes():
+        placed = [o.host for o in report.hosts if probe in o.placed_probes]
+        silent = [h for h in placed if not agg.hosts.get(h) or not agg.hosts[h].hits.get(probe)]
+        if placed and silent and len(silent) == len(placed):
+            console.print(f"probe {probe} was placed on {_host_list(placed)} and never fired", highlight=False)
+
+
+def _host_list(hosts: list[str], limit: int = 5) -> str:
+    """``a, b, c and 7 more``."""
+    if len(hosts) <= limit:
+        return ", ".join(hosts)
+    return f"{', '.join(hosts[:limit])} and {len(hosts) - limit} more"
+
+
+def _render_loss(report: FleetReport, console: Console) -> None:
+    """Loss counters of hosts that lost anything (ring buffer overrun, LOST lines, misses, cap)."""
+    lossy = [o for o in report.hosts if o.loss.total]
+    if not lossy:
+        console.print("no events lost")
+        return
+    table = Table(title="events lost", title_justify="left")
+    for col in ("host", "overrun", "dropped", "LOST lines", "probe misses", "kmsg gaps", "capped"):
+        table.add_column(col, justify="left" if col == "host" else "right")
+    for o in sorted(lossy, key=lambda o: -o.loss.total)[:LIST_ROWS]:
+        lc = o.loss
+        table.add_row(o.host, str(lc.overrun), str(lc.dropped), str(lc.lost_lines),
+                      str(sum(lc.probe_misses.values())), str(lc.kmsg_gaps), str(lc.capped))
+    console.print(table)
+    if len(lossy) > LIST_ROWS:
+        console.print(f"... and {len(lossy) - LIST_ROWS} more hosts lost events")
+
+
+def _render_clocks(report: FleetReport, console: Console) -> None:
+    """Host clock offsets vs the controller (the largest first): how far the timeline can be trusted."""
+    clocked = [o for o in report.hosts if o.clock_offset is not None]
+    if not clocked:
+        return
+    clocked.sort(key=lambda o: -abs(o.clock_offset or 0.0))
+    worst = max(o.clock_error or 0.0 for o in clocked)
+    console.print(Text(f"clock offsets vs controller ({len(clocked)} hosts; worst uncertainty "
+                       f"+/-{worst * 1e3:.1f} ms):", style="bold"))
+    for o in clocked[:5 if len(clocked) > MATRIX_HOSTS else MATRIX_HOSTS]:
+        console.print(f"  {o.host}: {(o.clock_offset or 0.0) * 1e3:+.1f} ms "
+                      f"+/- {(o.clock_error or 0.0) * 1e3:.1f} ms", highlight=False)
+
+
+def write_json(report: FleetReport, path: str | os.PathLike[str]) -> None:
+    """Write the report as JSON atomically (a reader never sees half a file)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report.to_json(), f, indent=1, sort_keys=False, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, target)
+
+
+class EventWriter:
+    """Every event as one JSON line, written as it comes (raw events go to disk, never kept in memory).
+
+    Use as a context manager; pass :meth:`write` as a TraceStream's ``on_event``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open ``path`` for writing (truncates)."""
+        self.path = Path(path)
+        self.count = 0
+        self._f: IO[str] | None = open(self.path, "w", encoding="utf-8", buffering=1 << 20)
+
+    def write(self, ev: TraceEvent) -> None:
+        """Append one event."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: event writer is closed")
+        self._f.write(json.dumps(ev.to_json(), separators=(",", ":"), ensure_ascii=False))
+        self._f.write("\n")
+        self.count += 1
+
+    def close(self) -> None:
+        """Flush and close (idempotent)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> EventWriter:
+        """Context manager entry."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Close on exit."""
+        self.close()
+
+
+def load_json(path: str | os.PathLike[str]) -> FleetReport:
+    """Read a report written by :func:`write_json`."""
+    with open(path, encoding="utf-8") as f:
+        data: Any = json.load(f)
+    return FleetReport.from_json(data)
