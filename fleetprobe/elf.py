@@ -169,7 +169,8 @@ def _entry_address(data: bytes, h: _Header, sym: ElfSymbol, segments: list[tuple
             if desc is not None and desc + 8 <= len(data):
                 value = struct.unpack_from(h.endian + "Q", data, desc)[0]
     elif h.machine in (_EM_ARM, _EM_MIPS) and sym.type == _STT_FUNC:
-        # Thumb / MIPS16 / microMIPS functions carry the ISA mode in bit 0.
+        # Thumb functions, and MIPS16/microMIPS ones in a .dynsym, carry the
+        # ISA mode in bit 0 of st_value; the instruction starts at the even address.
         value &= ~1
     return value
 
