@@ -91,6 +91,7 @@ class HostPlan:
 # --- names -----------------------------------------------------------------
 
 _RUN_ID = re.compile(r"[a-z0-9]{1,16}")
+_GROUP = re.compile(r"fp_[a-z0-9]{1,16}_[0-9a-f]{4}")
 _INSTANCE = re.compile(r"(fp_[a-z0-9]{1,16}_[0-9a-f]{4})_(\d{1,12})")
 #: Every group and instance fleetprobe creates starts with this; sweeps touch nothing else.
 PREFIX = "fp_"
@@ -117,6 +118,11 @@ def names_for(run_id: str, host: str, deadline: int) -> tuple[str, str]:
     host_part = hashlib.sha256(host.encode("utf-8")).hexdigest()[:4]
     group = f"{PREFIX}{run_id}_{host_part}"
     return group, f"{group}_{int(deadline)}"
+
+
+def is_fleetprobe_group(name: str) -> bool:
+    """True when an event group name has exactly the shape names_for() gives (a sweep touches only these)."""
+    return _GROUP.fullmatch(name) is not None
 
 
 def group_of_instance(name: str) -> str | None:

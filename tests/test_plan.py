@@ -13,6 +13,7 @@ from fleetprobe.facts import Facts, FileFacts, SymbolFacts
 from fleetprobe.plan import (
     HostPlan,
     group_of_instance,
+    is_fleetprobe_group,
     is_stale_instance,
     names_for,
     new_run_id,
@@ -340,6 +341,8 @@ def test_new_run_id_is_usable() -> None:
 def test_stale_instances() -> None:
     group, instance = names_for("k3x9q2", "db-07", 1000)
     assert group_of_instance(instance) == group
+    assert is_fleetprobe_group(group)
+    assert not is_fleetprobe_group(instance) and not is_fleetprobe_group("kprobes") and not is_fleetprobe_group("fp_x")
     assert not is_stale_instance(instance, now=1000, grace=60)
     assert not is_stale_instance(instance, now=1060, grace=60)
     assert is_stale_instance(instance, now=1061, grace=60)
