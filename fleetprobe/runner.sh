@@ -8,6 +8,7 @@
 #   filter EVENT EXPR       EVENT is a path under events/ (GROUP/NAME or SUBSYS/NAME)
 #   enable EVENT
 #   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end
+#   ping                    answered at once with "@@fp pong <realtime>" (clock offset)
 # stdout: trace_pipe lines as the kernel prints them, and "@@fp ..." control lines
 # (which never collide: trace lines start with a blank, loss lines with "CPU:").
 #
@@ -138,6 +139,8 @@ while IFS= read -r line <&3; do
     def|filter|enable|module) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
+    # NTP-style clock samples on the already-running shell: small, symmetric round trips.
+    ping) say "pong $(date +%s.%N 2>/dev/null)";;
     *) say "error unknown directive $1"; exit 2;;
   esac
 done

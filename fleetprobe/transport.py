@@ -161,6 +161,13 @@ class _AsyncsshStream:
         self._err_task.cancel()
 
 
+def _as_bytes(data: bytes | str | None) -> bytes:
+    """Channel output as bytes (we open channels with encoding=None, so it is bytes already)."""
+    if data is None:
+        return b""
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
 class AsyncsshSession:
     """A Session over one asyncssh connection."""
 
@@ -176,11 +183,11 @@ class AsyncsshSession:
         try:
             res = await self._conn.run(cmd, input=input, encoding=None, check=False, timeout=timeout)
         except asyncssh.TimeoutError as exc:
-            return CommandResult(124, bytes(exc.stdout or b""), bytes(exc.stderr or b"") + b"\n(timed out)")
+            return CommandResult(124, _as_bytes(exc.stdout), _as_bytes(exc.stderr) + b"\n(timed out)")
         except (asyncssh.Error, OSError) as exc:
             raise _translate(self.host, exc, "run") from None
         status = res.exit_status if res.exit_status is not None else -1
-        return CommandResult(status, bytes(res.stdout or b""), bytes(res.stderr or b""))
+        return CommandResult(status, _as_bytes(res.stdout), _as_bytes(res.stderr))
 
     async def stream(self, cmd: str) -> Stream:
         """Start a long-running command and return its stream."""

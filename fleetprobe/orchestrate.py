@@ -1,0 +1,619 @@
+"""Orchestrate: wire the stages for every host, at once.
+
+    inventory -> connect -> facts -> plan -> run on host -> parse -> merge
+
+Fan-out is bounded where it costs CPU (connect, facts, plan: ``forks`` at a
+time) and not where it only waits (the probe phase: every host probes at
+once, over the one connection opened for it).  Every phase has a deadline;
+one host that hangs, drops or fails is recorded in its HostOutcome and never
+stalls or fails the others.  Teardown always runs: on the host by the runner
+itself, with the controller's part in ``finally`` blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from . import elf
+from .clock import ClockMap
+from .errors import HostError, TransportError
+from .facts import Facts, facts_args, facts_script, parse_facts
+from .inventory import Host
+from .merge import FleetAggregate, FleetReport, RunInfo
+from .outcome import HostOutcome
+from .parse import LineSink, TraceEvent, TraceStream
+from .plan import HostPlan, names_for, new_run_id, plan_host
+from .playbook import Playbook
+from .runner import RunnerReport, clock_sample, plan_directives, runner_script, sweep_directives
+from .transport import Session, SSHOptions, Stream, connect, shell_command
+
+#: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
+TEARDOWN_SLACK = 30
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run behaves; the CLI fills it from its options.
+
+    ``grace`` is how long past its deadline a dead run's leftovers are kept
+    before the watchdog or a sweep removes them.  ``setup_timeout`` bounds
+    connect + facts + plan per host; the probe phase gets the duration plus
+    ``teardown_timeout``.
+    """
+
+    ssh: SSHOptions = field(default_factory=SSHOptions)
+    duration: float | None = None
+    event_cap: int | None = None
+    forks: int = 200
+    setup_timeout: float = 60.0
+    teardown_timeout: float = 30.0
+    grace: int = 60
+    mount_tracefs: bool = False
+    allow_modules: bool = False
+    buffer_kb: int | None = None
+    run_id: str | None = None
+    teardown_slack: int = TEARDOWN_SLACK
+
+
+class Observer(Protocol):
+    """Receives progress for the live view (must be cheap: called from the event loop)."""
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None: ...
+    def add_events(self, host: str, n: int) -> None: ...
+
+
+class NullObserver:
+    """An observer that ignores everything."""
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None:
+        """Ignore."""
+
+    def add_events(self, host: str, n: int) -> None:
+        """Ignore."""
+
+
+class _HostCap:
+    """Counts one host's events per probe and enforces the playbook's event cap.
+
+    Sits between the stream and the fleet aggregate (the hot path), so a
+    capped event is neither aggregated nor written; ``last_ok`` tells the
+    raw-event writer, which the stream calls right after, whether it was kept.
+    """
+
+    __slots__ = ("aggregate", "cap", "accepted", "capped", "counts", "last_ok")
+
+    def __init__(self, aggregate: LineSink, cap: int) -> None:
+        self.aggregate = aggregate
+        self.cap = cap
+        self.accepted = 0
+        self.capped = 0
+        self.counts: dict[str, int] = {}
+        self.last_ok = False
+
+    def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
+                 comm: str, args: str) -> None:
+        """Count and forward one event unless the cap is reached."""
+        if self.accepted >= self.cap:
+            self.capped += 1
+            self.last_ok = False
+            return
+        self.accepted += 1
+        self.last_ok = True
+        self.counts[probe] = self.counts.get(probe, 0) + 1
+        self.aggregate.add_line(host, probe, trace_ts, time, cpu, pid, comm, args)
+
+
+@dataclass
+class HostFacts:
+    """Facts of one host with the measured clock offset (host realtime minus controller realtime)."""
+
+    host: Host
+    facts: Facts | None = None
+    error: HostError | None = None
+    clock_offset: float | None = None
+    clock_error: float | None = None
+
+
+async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bool,
+                       timeout: float) -> tuple[Facts, float, float]:
+    """Run the facts script once; return facts and the clock offset with its uncertainty.
+
+    The script prints the host's realtime first: the time its line arrives,
+    against the time we asked, bounds the offset the way NTP does.
+    """
+    symbols = playbook.kernel_symbols() if playbook else []
+    tps = playbook.tracepoints() if playbook else []
+    binaries = playbook.user_binaries() if playbook else []
+    cmd = shell_command(session.host, facts_script(), *facts_args(symbols, tps, binaries, mount=mount))
+    stream = await session.stream(cmd)
+    # Measured from when the channel is open: its set-up round trip is not part of the offset's error.
+    t0 = time.time()
+    buf = bytearray()
+    t_line: float | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await stream.read(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if t_line is None and buf.count(b"\n") >= 2:
+                    t_line = time.time()
+            status = await stream.wait(timeout)
+    except TimeoutError:
+        stream.close()
+        raise HostError(session.host.name, "facts", f"facts script did not finish in {timeout:.0f}s") from None
+    text = buf.decode("utf-8", "replace")
+    if status != 0 or "@@end" not in text:
+        raise HostError(session.host.name, "facts", f"facts script failed (exit {status})",
+                        evidence=stream.stderr().decode("utf-8", "replace")[-600:] or text[-300:],
+                        hint="is the login shell POSIX sh compatible, and (with become) is sudo -n allowed?")
+    facts = parse_facts(session.host.name, text, symbols)
+    t_line = t_line or time.time()
+    offset = facts.realtime - (t0 + t_line) / 2 if facts.realtime else 0.0
+    error = (t_line - t0) / 2 + (1.0 if facts.realtime == int(facts.realtime) else 0.0)
+    return facts, offset, error
+
+
+class ElfOffsets:
+    """Resolves uprobe (binary, symbol) to file offsets, fetching each distinct binary once per run.
+
+    Hosts with the same binary (same md5) share one fetch and one ELF parse:
+    a fleet of 300 identical hosts costs one transfer, not 300.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[str, str], asyncio.Future[int | str]] = {}
+
+    async def resolve(self, session: Session, facts: Facts,
+                      targets: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | str]:
+        """Offsets (or reasons) for this host's uprobe targets."""
+        out: dict[tuple[str, str], int | str] = {}
+        by_path: dict[str, list[str]] = {}
+        for path, symbol in targets:
+            by_path.setdefault(path, []).append(symbol)
+        for path, symbols in by_path.items():
+            ff = facts.files.get(path)
+            if ff is None or not ff.exists:
+                for s in symbols:
+                    out[(path, s)] = f"{path} does not exist on this host"
+                continue
+            keys = [(ff.md5, s) for s in symbols]
+            if any(k not in self._results for k in keys):
+                loop = asyncio.get_running_loop()
+                futs = {k: loop.create_future() for k in keys if k not in self._results}
+                self._results.update(futs)
+                try:
+                    data = await session.get(path)
+                except HostError as exc:
+                    for k, f in futs.items():
+                        f.set_result(f"cannot read {path}: {exc.evidence or exc.message}")
+                else:
+                    for (_, sym), f in futs.items():
+                        try:
+                            f.set_result(elf.symbol_file_offset(data, sym))
+                        except ValueError as exc:
+                            f.set_result(str(exc))
+            for (md5, s) in keys:
+                out[(path, s)] = await self._results[(md5, s)]
+        return out
+
+
+@dataclass
+class FleetRun:
+    """Shared state of one run across its hosts."""
+
+    playbook: Playbook
+    settings: RunSettings
+    aggregate: LineSink
+    on_event: Callable[[TraceEvent], None] | None
+    observer: Observer
+    run_id: str
+    interrupted: asyncio.Event
+    setup_slots: asyncio.Semaphore
+    elf_offsets: ElfOffsets = field(default_factory=ElfOffsets)
+    plans: dict[str, HostPlan] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return self.settings.duration if self.settings.duration is not None else self.playbook.duration
+
+    @property
+    def event_cap(self) -> int:
+        return self.settings.event_cap if self.settings.event_cap is not None else self.playbook.event_cap
+
+
+async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings, aggregate: LineSink, *,
+                    on_event: Callable[[TraceEvent], None] | None = None,
+                    observer: Observer | None = None,
+                    interrupted: asyncio.Event | None = None) -> list[HostOutcome]:
+    """Probe every host with the playbook; one HostOutcome per host, in inventory order.
+
+    Events go to ``aggregate.add_line`` as they arrive and, when given, to
+    ``on_event`` as parsed TraceEvents (the raw-event file).
+    """
+    fr = FleetRun(playbook=playbook, settings=settings, aggregate=aggregate, on_event=on_event,
+                  observer=observer or NullObserver(),
+                  run_id=settings.run_id or new_run_id(), interrupted=interrupted or asyncio.Event(),
+                  setup_slots=asyncio.Semaphore(max(1, settings.forks)))
+    return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
+
+
+async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> tuple[Session, Facts, HostPlan] | None:
+    """Connect, gather facts and plan (bounded by ``forks``); None when the host ends here."""
+    s = fr.settings
+    obs = fr.observer
+    async with fr.setup_slots:
+        if fr.interrupted.is_set():
+            out.status, out.reason = "interrupted", "interrupted before connecting"
+            return None
+        obs.set_state(host.name, "connecting")
+        session = await connect(host, s.ssh)
+        try:
+            out.stage = "facts"
+            obs.set_state(host.name, "facts")
+            facts, offset, error = await gather_facts(session, fr.playbook, mount=s.mount_tracefs,
+                                                      timeout=s.setup_timeout)
+            out.arch, out.kernel_release, out.boot_id = facts.arch, facts.kernel_release, facts.boot_id
+            out.clock_offset, out.clock_error = offset, error
+            out.stage = "plan"
+            obs.set_state(host.name, "planning")
+            offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
+            deadline = int(time.time() + offset + fr.duration + s.teardown_slack)
+            plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets)
+        except BaseException:
+            await session.close()
+            raise
+    fr.plans[host.name] = plan
+    return session, facts, plan
+
+
+async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
+    """One host's whole run; never raises (a failure is recorded in the outcome)."""
+    out = HostOutcome(host=host.name, started=time.time())
+    obs = fr.observer
+    session: Session | None = None
+    try:
+        try:
+            setup = await asyncio.wait_for(_setup(fr, host, out), fr.settings.setup_timeout * 2)
+        except asyncio.TimeoutError:
+            raise HostError(host.name, out.stage, f"no answer within {fr.settings.setup_timeout * 2:.0f}s",
+                            hint="the host is slow or hung; raise --setup-timeout") from None
+        if setup is None:
+            return out
+        session, facts, plan = setup
+        out.skipped_probes = {sp.name: sp.reason for sp in plan.skipped}
+        if plan.failed:
+            out.status, out.reason = "failed", plan.failed
+            obs.set_state(host.name, "failed", plan.failed)
+            return out
+        if not plan.probes:
+            out.status = "skipped"
+            out.reason = "no probe can be placed: " + "; ".join(f"{k}: {v}" for k, v in out.skipped_probes.items())
+            obs.set_state(host.name, "skipped", out.reason)
+            return out
+        if facts.tracefs is None:
+            raise HostError(host.name, "plan", "tracefs is not mounted",
+                            hint="mount it (mount -t tracefs nodev /sys/kernel/tracing) or pass --mount-tracefs")
+        out.stage = "probe"
+        obs.set_state(host.name, "probing")
+        await _probe(fr, session, facts, plan, out)
+    except HostError as exc:
+        out.status = "unreachable" if isinstance(exc, TransportError) and exc.stage == "connect" else "failed"
+        if isinstance(exc, TransportError) and out.stage == "probe":
+            out.status = "failed"
+        out.stage = exc.stage if out.stage in ("connect",) else out.stage
+        out.reason = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+        out.evidence = exc.evidence or ""
+        obs.set_state(host.name, out.status, exc.message)
+    except asyncio.CancelledError:
+        out.status, out.reason = "interrupted", "cancelled"
+        raise
+    finally:
+        out.ended = time.time()
+        if session is not None:
+            try:
+                await asyncio.wait_for(session.close(), 5)
+            except (asyncio.TimeoutError, OSError):
+                pass
+    return out
+
+
+async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, out: HostOutcome) -> None:
+    """Run the on-host runner for this plan and stream its events into the sink."""
+    host = session.host.name
+    s = fr.settings
+    names = {p.trace_name: p.name for p in plan.probes}
+    report = RunnerReport()
+    clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
+    counter = _HostCap(fr.aggregate, fr.event_cap)
+    write = fr.on_event
+
+    def on_event(ev: TraceEvent) -> None:
+        if counter.last_ok and write is not None:
+            write(ev)
+
+    parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write else None,
+                         on_control=report.handle, clock=clock)
+    deadline = int(plan.instance.rsplit("_", 1)[1])
+    directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
+                                 deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb)
+    stream = await session.stream(shell_command(session.host, runner_script()))
+    await _measure_clock(stream, parser, report, out, clock)
+    stream.write(directives.encode())
+    stop_sent = False
+
+    def stop() -> None:
+        nonlocal stop_sent
+        if not stop_sent:
+            stop_sent = True
+            stream.write(b"stop\n")
+
+    async def watchdog() -> None:
+        """Ask the runner to stop on interrupt or overrun; abandon the channel if it never ends."""
+        interrupted = asyncio.ensure_future(fr.interrupted.wait())
+        try:
+            await asyncio.wait([interrupted], timeout=fr.duration + s.teardown_timeout)
+            stop()
+            await asyncio.sleep(s.teardown_timeout)
+            stream.close()
+        finally:
+            interrupted.cancel()
+
+    guard = asyncio.ensure_future(watchdog())
+    last_seen = 0
+    link_error: TransportError | None = None
+    try:
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except TransportError as exc:
+                link_error = exc
+                break
+            if not chunk:
+                break
+            parser.feed(chunk)
+            if counter.accepted != last_seen:
+                fr.observer.add_events(host, counter.accepted - last_seen)
+                last_seen = counter.accepted
+            if counter.accepted >= counter.cap and not stop_sent:
+                stop()
+        parser.close()
+        try:
+            status = await stream.wait(5)
+        except asyncio.TimeoutError:
+            status = -1
+    finally:
+        guard.cancel()
+        if fr.interrupted.is_set() and not report.bye:
+            stop()
+    out.events = counter.accepted
+    out.hits = dict(counter.counts)
+    loss = report.loss(plan.group)
+    loss.lost_lines = parser.stats.lost_events
+    loss.capped = counter.capped
+    out.loss = loss
+    out.placed_probes = {p.name: (p.definition or p.event) for p in plan.probes
+                         if _event_name(p) not in report.refused}
+    for p in plan.probes:
+        why = report.refused.get(_event_name(p))
+        if why:
+            out.skipped_probes[p.name] = why
+    if report.clean:
+        out.cleanup = "clean"
+    elif report.clean is False:
+        out.cleanup = "failed: " + "; ".join(report.unclean)
+    else:
+        out.cleanup = "timer"
+    if report.errors:
+        raise HostError(host, "probe", "runner refused the plan", evidence="; ".join(report.errors))
+    if link_error is not None or not report.bye:
+        why = link_error.message if link_error else f"runner ended without finishing (exit {status})"
+        raise HostError(host, "probe", f"{why}; the runner removes its probes itself when it sees the "
+                        f"link drop, and its on-host timer does by the deadline otherwise",
+                        evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
+    if report.enabled == 0 and not report.loaded:
+        raise HostError(host, "probe", "the kernel refused every probe",
+                        evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)
+    out.status = "interrupted" if fr.interrupted.is_set() else "ok"
+    out.stage = "done"
+    fr.observer.set_state(host, "done" if out.status == "ok" else out.status, f"{counter.accepted} events")
+
+
+PINGS = 3
+
+
+async def _measure_clock(stream: Stream, parser: TraceStream, report: RunnerReport, out: HostOutcome,
+                         clock: ClockMap) -> None:
+    """Take the best of a few pings on the runner's channel as the host's clock offset (NTP's min-RTT rule).
+
+    Keeps the facts-time estimate when the host does not answer in time.
+    """
+    best: tuple[float, float] | None = None
+    try:
+        async with asyncio.timeout(10):
+            for _ in range(PINGS):
+                sent = time.time()
+                want = len(report.pongs) + 1
+                stream.write(b"ping\n")
+                while len(report.pongs) < want:
+                    chunk = await stream.read(65536)
+                    if not chunk:
+                        return
+                    parser.feed(chunk)
+                received, text = report.pongs[-1]
+                sample = clock_sample(sent, received, text)
+                if sample is not None and (best is None or sample[1] < best[1]):
+                    best = sample
+    except TimeoutError:
+        pass
+    if best is not None:
+        out.clock_offset, out.clock_error = best
+        clock.offset, clock.error = best
+
+
+def _event_name(p: object) -> str:
+    """The dynamic event name a planned probe defines (the runner reports refusals by it)."""
+    event = getattr(p, "event", "") or ""
+    return event.rsplit("/", 1)[-1]
+
+
+# --- facts, plan and cleanup across the fleet ------------------------------------------------
+
+async def facts_fleet(hosts: Iterable[Host], settings: RunSettings, playbook: Playbook | None = None,
+                      observer: Observer | None = None) -> list[HostFacts]:
+    """Facts of every host (bounded fan-out); failures are values."""
+    slots = asyncio.Semaphore(max(1, settings.forks))
+    obs = observer or NullObserver()
+
+    async def one(host: Host) -> HostFacts:
+        async with slots:
+            hf = HostFacts(host)
+            session: Session | None = None
+            try:
+                obs.set_state(host.name, "connecting")
+                session = await asyncio.wait_for(connect(host, settings.ssh), settings.setup_timeout)
+                obs.set_state(host.name, "facts")
+                hf.facts, hf.clock_offset, hf.clock_error = await gather_facts(
+                    session, playbook, mount=settings.mount_tracefs, timeout=settings.setup_timeout)
+                obs.set_state(host.name, "done")
+            except HostError as exc:
+                hf.error = exc
+                obs.set_state(host.name, "failed", exc.message)
+            except asyncio.TimeoutError:
+                hf.error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
+                obs.set_state(host.name, "failed", hf.error.message)
+            finally:
+                if session is not None:
+                    await session.close()
+            return hf
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings,
+                     observer: Observer | None = None) -> list[tuple[HostFacts, HostPlan | None]]:
+    """Facts and a plan for every host, changing nothing on any host."""
+    run_id = settings.run_id or new_run_id()
+    offsets = ElfOffsets()
+    duration = settings.duration if settings.duration is not None else playbook.duration
+    slots = asyncio.Semaphore(max(1, settings.forks))
+
+    async def one(host: Host) -> tuple[HostFacts, HostPlan | None]:
+        async with slots:
+            hf = HostFacts(host)
+            session: Session | None = None
+            try:
+                session = await asyncio.wait_for(connect(host, settings.ssh), settings.setup_timeout)
+                hf.facts, hf.clock_offset, hf.clock_error = await gather_facts(
+                    session, playbook, mount=False, timeout=settings.setup_timeout)
+                uo = await offsets.resolve(session, hf.facts, playbook.uprobe_targets())
+                deadline = int(time.time() + (hf.clock_offset or 0) + duration + settings.teardown_slack)
+                return hf, plan_host(playbook, hf.facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo)
+            except HostError as exc:
+                hf.error = exc
+            except asyncio.TimeoutError:
+                hf.error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
+            finally:
+                if session is not None:
+                    await session.close()
+            return hf, None
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+@dataclass
+class CleanupResult:
+    """What a sweep removed from one host (or why it could not)."""
+
+    host: str
+    removed: list[str] = field(default_factory=list)
+    remaining: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+async def cleanup_fleet(hosts: Iterable[Host], settings: RunSettings, *, force: bool = False) -> list[CleanupResult]:
+    """Remove fleetprobe leftovers of dead runs from every host (``force``: of live runs too)."""
+    slots = asyncio.Semaphore(max(1, settings.forks))
+    grace = -(10 ** 9) if force else settings.grace
+
+    async def one(host: Host) -> CleanupResult:
+        async with slots:
+            res = CleanupResult(host.name)
+            session: Session | None = None
+            try:
+                session = await asyncio.wait_for(connect(host, settings.ssh), settings.setup_timeout)
+                facts, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
+                if facts.tracefs is None:
+                    res.error = "tracefs is not mounted: nothing fleetprobe makes can exist"
+                    return res
+                r = await session.run(shell_command(host, runner_script()),
+                                      input=sweep_directives(facts.tracefs, grace).encode(),
+                                      timeout=settings.setup_timeout * 2)
+                rep = RunnerReport()
+                for line in r.stdout.decode("utf-8", "replace").splitlines():
+                    if line.startswith("@@fp "):
+                        rep.handle(line[5:])
+                res.removed = rep.swept
+                after, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
+                res.remaining = list(after.leftovers)
+                if rep.unclean:
+                    res.error = "; ".join(rep.unclean)
+            except HostError as exc:
+                res.error = str(exc)
+            except asyncio.TimeoutError:
+                res.error = f"no answer within {settings.setup_timeout:.0f}s"
+            finally:
+                if session is not None:
+                    await session.close()
+            return res
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+def pairs_of(plans: Mapping[str, HostPlan]) -> dict[str, str]:
+    """{return probe: entry probe} across the plans (for latency histograms)."""
+    out: dict[str, str] = {}
+    for plan in plans.values():
+        for p in plan.probes:
+            if p.pair_with:
+                out[p.name] = p.pair_with
+    return out
+
+
+def playbook_pairs(playbook: Playbook) -> dict[str, str]:
+    """{return probe: entry probe} from the playbook itself."""
+    return {p.name: p.pair_with for p in playbook.probes if p.pair_with}
+
+
+async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings, *,
+                       observer: Observer | None = None, events_path: str | None = None,
+                       interrupted: asyncio.Event | None = None, inventory: str = "",
+                       argv: list[str] | None = None) -> FleetReport:
+    """The Python API's one call: run a playbook on hosts and return the merged report.
+
+    Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory.
+    """
+    from . import __version__
+    from .report import EventWriter
+
+    aggregate = FleetAggregate(pairs=playbook_pairs(playbook))
+    run_id = settings.run_id or new_run_id()
+    settings = replace(settings, run_id=run_id)
+    started = time.time()
+    writer = EventWriter(events_path) if events_path else None
+    try:
+        outcomes = await run_fleet(hosts, playbook, settings, aggregate,
+                                   on_event=writer.write if writer else None,
+                                   observer=observer, interrupted=interrupted)
+    finally:
+        if writer is not None:
+            writer.close()
+    run = RunInfo(run_id=run_id, playbook=playbook.name, playbook_path=playbook.source,
+                  playbook_sha256=playbook.sha256, started=started, ended=time.time(),
+                  inventory=inventory, argv=list(argv or []), version=__version__)
+    return FleetReport(run, aggregate, outcomes)

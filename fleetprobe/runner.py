@@ -1,0 +1,188 @@
+"""Runner: the controller's side of the on-host runner (runner.sh).
+
+Turns a :class:`~fleetprobe.plan.HostPlan` into the runner's stdin
+directives, and the runner's ``@@fp`` control lines into a
+:class:`RunnerReport` (what was placed, what the kernel refused and why,
+loss counter deltas, and whether the host was left clean).  Pure: the
+orchestrator owns the SSH stream.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+from .outcome import LossCounters
+from .plan import HostPlan
+
+
+def runner_script() -> str:
+    """The on-host runner (POSIX sh, busybox-compatible)."""
+    return files("fleetprobe").joinpath("runner.sh").read_text()
+
+
+@dataclass(frozen=True)
+class ModuleLoad:
+    """A kernel module the runner loads: its name, where the .ko was put on the host, its parameters."""
+
+    name: str
+    remote_path: str
+    params: tuple[tuple[str, str], ...] = ()
+
+
+def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: int, grace: int,
+                    buffer_kb: int | None = None, modules: tuple[ModuleLoad, ...] = ()) -> str:
+    """The runner's stdin up to ``go``: definitions first, then modules, filters, enables.
+
+    Order matters: a dynamic event appears under the instance once defined, so
+    its filter and enable must come after its definition.
+    """
+    lines = [f"tracefs {tracefs}", f"group {plan.group}", f"instance {plan.instance}",
+             f"duration {max(1, int(duration + 0.999))}", f"deadline {deadline}", f"grace {grace}"]
+    if buffer_kb:
+        lines.append(f"buffer_kb {buffer_kb}")
+    for p in plan.probes:
+        if p.definition and p.events_file:
+            lines.append(f"def {p.events_file} {p.definition}")
+    for m in modules:
+        params = " ".join(f"{k}={v}" for k, v in m.params)
+        lines.append(f"module {m.name} {m.remote_path} {params}".rstrip())
+    for p in plan.probes:
+        if p.filter and p.event:
+            lines.append(f"filter {p.event} {p.filter}")
+    for p in plan.probes:
+        if p.event and p.kind != "module":
+            lines.append(f"enable {p.event}")
+    for line in lines:
+        if "\n" in line or "\r" in line:
+            raise ValueError(f"a runner directive may not contain a newline: {line!r}")
+    return "\n".join(lines) + "\ngo\n"
+
+
+def sweep_directives(tracefs: str, grace: int) -> str:
+    """The runner's stdin for a sweep of stale fleetprobe leftovers only."""
+    return f"tracefs {tracefs}\ngrace {grace}\nsweep\n"
+
+
+_STATS_FIELD = re.compile(r"(\w+)=(\d+)")
+_DEF_NAME = re.compile(r"^[pr]\d*:([^/\s]+)/(\S+)")
+
+
+@dataclass
+class RunnerReport:
+    """What the runner said about one host, line by line."""
+
+    hello: bool = False
+    started: bool = False
+    enabled: int = 0
+    stop_reason: str = ""
+    clean: bool | None = None
+    unclean: list[str] = field(default_factory=list)
+    bye: bool = False
+    placed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    loaded: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)
+    pongs: list[tuple[float, str]] = field(default_factory=list)
+    stats: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: {"start": {}, "end": {}})
+    kev: dict[str, list[str]] = field(default_factory=lambda: {"start": [], "end": []})
+    kprof: dict[str, list[str]] = field(default_factory=lambda: {"start": [], "end": []})
+
+    def handle(self, text: str) -> None:
+        """Take one control line (without its ``@@fp `` prefix)."""
+        word, _, rest = text.partition(" ")
+        if word == "hello":
+            self.hello = True
+        elif word == "started":
+            self.started = True
+            m = re.search(r"enabled=(\d+)", rest)
+            self.enabled = int(m.group(1)) if m else 0
+        elif word == "stopping":
+            self.stop_reason = rest.strip()
+        elif word == "clean":
+            self.clean = True
+        elif word == "unclean":
+            self.clean = False
+            self.unclean.append(rest.strip())
+        elif word == "bye":
+            self.bye = True
+        elif word == "placed":
+            self.placed.append(rest.strip())
+        elif word in ("deffail", "modfail", "filterfail", "enablefail"):
+            what, _, why = rest.partition(" :: ")
+            self.refused[_event_key(what.strip())] = f"{word[:-4]} refused: {' '.join(why.split())}".strip()
+        elif word == "loaded":
+            self.loaded.append(rest.strip())
+        elif word == "error":
+            self.errors.append(rest.strip())
+        elif word == "pong":
+            self.pongs.append((time.time(), rest.strip()))
+        elif word == "swept":
+            self.swept.append(rest.strip())
+        elif word == "stats":
+            phase, _, tail = rest.partition(" ")
+            cpu, _, values = tail.partition(" ")
+            if phase in self.stats:
+                self.stats[phase][cpu] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
+        elif word in ("kev", "kprof"):
+            phase, _, line = rest.partition(" ")
+            target = self.kev if word == "kev" else self.kprof
+            if phase in target:
+                target[phase].append(line)
+
+    def loss(self, group: str) -> LossCounters:
+        """Loss deltas over the run: ring-buffer overrun/dropped of our instance, kprobe misses of our events."""
+        start, end = self.stats["start"], self.stats["end"]
+        overrun = dropped = 0
+        for cpu, values in end.items():
+            before = start.get(cpu, {})
+            overrun += max(0, values.get("overrun", 0) - before.get("overrun", 0))
+            dropped += max(0, values.get("dropped", 0) - before.get("dropped", 0))
+        misses: dict[str, int] = {}
+        before_m = _profile(self.kev["start"], self.kprof["start"], group)
+        after_m = _profile(self.kev["end"], self.kprof["end"], group)
+        for name, (_hits, miss) in after_m.items():
+            misses[name] = max(0, miss - before_m.get(name, (0, 0))[1])
+        return LossCounters(overrun=overrun, dropped=dropped, probe_misses=misses)
+
+    def hits(self, group: str) -> dict[str, int]:
+        """kprobe_profile hit counts of our events at the end (the kernel's own count, loss or not)."""
+        return {k: v[0] for k, v in _profile(self.kev["end"], self.kprof["end"], group).items()}
+
+
+def clock_sample(sent: float, received: float, host_realtime: str) -> tuple[float, float] | None:
+    """(offset, error) from one ping: host realtime minus the round trip's midpoint, +/- half of it.
+
+    busybox ``date`` without %N gives whole seconds: the error grows by a second.
+    """
+    text = host_realtime.strip()
+    whole = "." not in text or not text.split(".", 1)[1].isdigit()
+    try:
+        rt = float(text.split(".", 1)[0] if whole else text)
+    except ValueError:
+        return None
+    return rt - (sent + received) / 2, (received - sent) / 2 + (1.0 if whole else 0.0)
+
+
+def _event_key(definition: str) -> str:
+    """The event name in a definition line (``p:grp/open do_sys_open`` -> ``open``), else the text."""
+    m = _DEF_NAME.match(definition)
+    return m.group(2) if m else definition
+
+
+def _profile(kev: list[str], kprof: list[str], group: str) -> dict[str, tuple[int, int]]:
+    """Zip kprobe_events with kprobe_profile (same order; the profile omits the group) for our group."""
+    out: dict[str, tuple[int, int]] = {}
+    for definition, prof in zip(kev, kprof):
+        m = _DEF_NAME.match(definition)
+        parts = prof.split()
+        if not m or m.group(1) != group or len(parts) < 3:
+            continue
+        try:
+            out[m.group(2)] = (int(parts[-2]), int(parts[-1]))
+        except ValueError:
+            continue
+    return out
