@@ -1,0 +1,444 @@
+"""Lab VM images from Debian packages only: a kernel plus a small initramfs.
+
+An image is keyed by the exact versions of every package in it (and by the
+image format below), so a second `lab up` reuses it and a new Debian kernel
+makes a new one.  Per-VM secrets (host key, authorized_keys) go into a tiny
+second cpio archive appended to the shared one: the kernel unpacks
+concatenated archives in order (Documentation/driver-api/early-userspace/
+buffer-format.rst), so the shared image is built once per arch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import shutil
+import stat
+import struct
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fleetprobe import debian
+from fleetprobe.errors import FleetprobeError
+from fleetprobe.lab.arches import LabArch
+
+# Bump when the layout or init script changes, so old cached images are not reused.
+IMAGE_FORMAT = 1
+
+# Userland packages; dropbear's libraries are listed explicitly (its Depends
+# plus libtomcrypt1's libgmp10: without it dropbear does not start, LAB.md).
+USERLAND_PACKAGES = (
+    "busybox-static", "dropbear-bin", "openssh-sftp-server",
+    "libc6", "libcrypt1", "libtomcrypt1", "libtommath1", "zlib1g", "libgmp10",
+)
+
+INITTAB = """\
+::sysinit:/etc/init.d/rcS
+::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
+::shutdown:/bin/busybox umount -a -r
+"""
+
+# busybox ash; PID 1 is busybox init (it reaps orphans and respawns dropbear).
+RCS = """\
+#!/bin/sh
+# --install needs /proc/self/exe to find busybox.
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620 devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t debugfs debugfs /sys/kernel/debug
+# tracefs has its own mount point since 4.1; fleetprobe uses this path.
+mount -t tracefs tracefs /sys/kernel/tracing
+while read -r mod; do
+    insmod "/lib/modules/$(uname -r)/$mod" || echo "lab: insmod $mod failed" > /dev/kmsg
+done < /etc/lab-modules
+hostname -F /etc/hostname
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+ip route add default via 10.0.2.2
+echo "lab: up $(uname -r) $(uname -m)" > /dev/kmsg
+"""
+
+
+class ImageError(FleetprobeError):
+    """Building a lab image failed; names the arch and the package or file."""
+
+
+@dataclass(frozen=True)
+class LabImage:
+    """A built, cached image for one arch: boot it with ``kernel`` and ``initramfs``."""
+
+    arch: str
+    kernel: Path
+    initramfs: Path
+    kernel_release: str
+    kernel_package: str
+    kernel_version: str
+    packages: dict[str, str]   # name -> exact version of everything inside
+    key: str
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready form stored next to the image."""
+        d = asdict(self)
+        d["kernel"] = str(self.kernel)
+        d["initramfs"] = str(self.initramfs)
+        return d
+
+
+# ---------------------------------------------------------------- cpio (newc)
+
+class CpioWriter:
+    """Write a cpio ``newc`` archive, the format the kernel's initramfs unpacker reads.
+
+    Written here rather than by cpio(1) so every entry is owned by root with a
+    fixed mtime whatever user builds it (dropbear refuses authorized_keys not
+    owned by the user), and the image is reproducible.
+    """
+
+    def __init__(self) -> None:
+        """Start an empty archive."""
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        """Append one header + name + data, each padded to 4 bytes."""
+        encoded = name.encode() + b"\0"
+        fields = (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        self.ino += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.buf.write(header + encoded)
+        self.buf.write(b"\0" * (-(len(header) + len(encoded)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def directory(self, name: str, perm: int = 0o755) -> None:
+        """Add a directory."""
+        self._entry(name, stat.S_IFDIR | perm)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        """Add a regular file."""
+        self._entry(name, stat.S_IFREG | perm, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        """Add a symbolic link."""
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int, perm: int = 0o600) -> None:
+        """Add a character device node."""
+        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def tree(self, root: Path) -> None:
+        """Add everything under ``root`` (dirs first, sorted), keeping modes and symlinks."""
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, root)
+            if rel != ".":
+                self.directory(rel, stat.S_IMODE(os.lstat(dirpath).st_mode))
+            # os.walk lists a symlink to a directory under dirnames (and does
+            # not descend into it): it is archived as the symlink it is.
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            for fname in sorted(filenames + links):
+                path = os.path.join(dirpath, fname)
+                name = os.path.normpath(os.path.join(rel, fname))
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    self.symlink(name, os.readlink(path))
+                elif stat.S_ISREG(st.st_mode):
+                    self.file(name, Path(path).read_bytes(), stat.S_IMODE(st.st_mode))
+
+    def finish(self) -> bytes:
+        """Close the archive with the TRAILER!!! entry and return it gzip-compressed."""
+        self._entry("TRAILER!!!", 0)
+        # mtime=0: identical inputs give byte-identical images.
+        return gzip.compress(self.buf.getvalue(), compresslevel=6, mtime=0)
+
+
+# ------------------------------------------------------- kernel and modules
+
+def elf_section(data: bytes, wanted: str) -> bytes | None:
+    """Return the bytes of section ``wanted`` of an ELF file (32/64-bit, either endian)."""
+    if data[:4] != b"\x7fELF":
+        return None
+    is64 = data[4] == 2
+    end = "<" if data[5] == 1 else ">"
+    if is64:
+        shoff, = struct.unpack_from(end + "Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", data, 0x3A)
+        shfmt = end + "IIQQQQ"
+    else:
+        shoff, = struct.unpack_from(end + "I", data, 0x20)
+        shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", data, 0x2E)
+        shfmt = end + "IIIIII"
+    sections = [struct.unpack_from(shfmt, data, shoff + i * shentsize) for i in range(shnum)]
+    strtab_off, strtab_size = sections[shstrndx][4], sections[shstrndx][5]
+    strtab = data[strtab_off:strtab_off + strtab_size]
+    for name_off, _type, _flags, _addr, off, size in sections:
+        name = strtab[name_off:strtab.index(b"\0", name_off)].decode()
+        if name == wanted:
+            return data[off:off + size]
+    return None
+
+
+def module_info(ko: bytes) -> dict[str, str]:
+    """The ``.modinfo`` key=value pairs of a kernel module (what modinfo(8) prints)."""
+    section = elf_section(ko, ".modinfo") or b""
+    info: dict[str, str] = {}
+    for item in section.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            info.setdefault(key.decode(), value.decode(errors="replace"))
+    return info
+
+
+def module_load_order(wanted: list[str], modules_root: Path) -> list[str]:
+    """Paths (relative to ``modules_root``) to insmod, dependencies first.
+
+    Debian's linux-image packages ship no modules.dep (depmod runs at install
+    time), so dependencies come from each module's ``depends=`` modinfo, which
+    is what depmod reads too.  Modules built into the kernel (modules.builtin)
+    are skipped.  Names compare with '-' and '_' equal, as the kernel does.
+    """
+    def norm(name: str) -> str:
+        return name.replace("-", "_")
+
+    index: dict[str, str] = {}
+    for path in modules_root.rglob("*.ko"):
+        index[norm(path.stem)] = str(path.relative_to(modules_root))
+    builtin_file = modules_root / "modules.builtin"
+    builtin = set()
+    if builtin_file.exists():
+        builtin = {norm(Path(line.strip()).stem) for line in builtin_file.read_text().splitlines() if line.strip()}
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        """Depth-first: every dependency is placed before the module needing it."""
+        name = norm(name)
+        if name in seen or name in builtin:
+            return
+        if name not in index:
+            raise ImageError(f"kernel module {name} not found under {modules_root}",
+                             hint="needed by " + " <- ".join(reversed(chain)) if chain else
+                             "the kernel package may build it in or not ship it; check its config")
+        seen.add(name)
+        info = module_info((modules_root / index[name]).read_bytes())
+        for dep in filter(None, info.get("depends", "").split(",")):
+            visit(dep, chain + (name,))
+        order.append(index[name])
+
+    for mod in wanted:
+        visit(mod, ())
+    return order
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The uncompressed ELF vmlinux inside an x86 bzImage (what scripts/extract-vmlinux does).
+
+    PVH boot (qboot, LAB.md) needs the ELF with its PVH note, not the bzImage.
+    Debian's amd64 kernels are XZ-compressed (CONFIG_KERNEL_XZ=y in 6.1); gzip
+    is tried too for other builds.
+    """
+    candidates: list[bytes] = []
+    pos = bzimage.find(b"\xfd7zXZ\x00")
+    while pos >= 0:
+        try:
+            candidates.append(lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[pos:]))
+        except lzma.LZMAError:
+            pass
+        pos = bzimage.find(b"\xfd7zXZ\x00", pos + 1)
+    pos = bzimage.find(b"\x1f\x8b\x08\x00")
+    while pos >= 0 and not candidates:
+        try:
+            candidates.append(gzip.GzipFile(fileobj=io.BytesIO(bzimage[pos:])).read())
+        except (OSError, EOFError):
+            pass
+        pos = bzimage.find(b"\x1f\x8b\x08\x00", pos + 1)
+    for data in candidates:
+        if data[:4] == b"\x7fELF":
+            return data
+    raise ImageError("no XZ or gzip compressed ELF vmlinux found in the bzImage",
+                     hint="the kernel may use zstd/lz4; boot it without PVH (bzImage + SeaBIOS)")
+
+
+# ------------------------------------------------------------------- images
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Which exact packages an image for one arch is made of (resolved, not yet downloaded)."""
+
+    arch: LabArch
+    kernel: debian.PackageRef
+    kernel_release: str
+    userland: tuple[debian.PackageRef, ...]
+
+    @property
+    def key(self) -> str:
+        """Cache key: the image format plus every package's exact version."""
+        parts = [f"format={IMAGE_FORMAT}", f"arch={self.arch.name}", self.arch.append,
+                 ",".join(self.arch.nic_modules), INITTAB, RCS,
+                 f"{self.kernel.name}={self.kernel.version}"]
+        parts += [f"{r.name}={r.version}" for r in self.userland]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def plan_image(arch: LabArch, cache: Path) -> ImagePlan:
+    """Resolve the exact kernel and userland versions for ``arch`` (apt lists only, no .debs)."""
+    image, release = debian.kernel_for_metapackage(arch.kernel_meta, arch.debian_arch, cache)
+    userland = debian.resolve(list(USERLAND_PACKAGES), arch.debian_arch, cache)
+    return ImagePlan(arch=arch, kernel=image, kernel_release=release, userland=tuple(userland))
+
+
+def image_dir(lab_dir: Path, plan: ImagePlan) -> Path:
+    """Where the image for ``plan`` is cached."""
+    return lab_dir / "images" / plan.arch.name / plan.key
+
+
+def load_cached(lab_dir: Path, plan: ImagePlan) -> LabImage | None:
+    """The cached image for ``plan``, if a complete one exists (image.json is written last)."""
+    meta = image_dir(lab_dir, plan) / "image.json"
+    if not meta.exists():
+        return None
+    d = json.loads(meta.read_text())
+    return LabImage(arch=d["arch"], kernel=Path(d["kernel"]), initramfs=Path(d["initramfs"]),
+                    kernel_release=d["kernel_release"], kernel_package=d["kernel_package"],
+                    kernel_version=d["kernel_version"], packages=d["packages"], key=d["key"])
+
+
+# Parts of the library packages that a login shell + dropbear never use.
+_PRUNE = ("usr/share", "usr/bin", "usr/sbin", "sbin", "usr/libexec", "etc")
+
+
+def _copy_userland(staging: Path, root: Path) -> None:
+    """Copy the pieces of the unpacked userland packages the image needs into ``root``."""
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "usr/sbin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(staging / "bin/busybox", root / "bin/busybox")
+    shutil.copy2(staging / "usr/sbin/dropbear", root / "usr/sbin/dropbear")
+    (root / "usr/lib/openssh").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(staging / "usr/lib/openssh/sftp-server", root / "usr/lib/openssh/sftp-server")
+    # dropbear runs the sftp subsystem from /usr/lib/sftp-server (its SFTPSERVER_PATH).
+    os.symlink("openssh/sftp-server", root / "usr/lib/sftp-server")
+    for top in ("lib", "lib32", "lib64", "usr/lib"):
+        src = staging / top
+        if not src.is_dir():
+            continue
+        for dirpath, _dirs, files in os.walk(src):
+            rel = Path(dirpath).relative_to(staging)
+            if any(str(rel).startswith(p) for p in _PRUNE) or "gconv" in rel.parts or "openssh" in rel.parts:
+                continue
+            for fname in files:
+                s = Path(dirpath) / fname
+                if not (".so" in fname or fname.startswith("ld")):
+                    continue
+                d = root / rel / fname
+                d.parent.mkdir(parents=True, exist_ok=True)
+                if s.is_symlink():
+                    if not d.is_symlink():
+                        os.symlink(os.readlink(s), d)
+                else:
+                    shutil.copy2(s, d)
+
+
+def _base_files(root: Path, arch: LabArch) -> None:
+    """The image's /etc, init and mount points."""
+    for d in ("proc", "sys", "dev", "tmp", "run", "root/.ssh", "etc/init.d", "etc/dropbear",
+              "var/log", "usr/bin", "sbin", "mnt"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "root", 0o700)
+    os.chmod(root / "root/.ssh", 0o700)
+    os.chmod(root / "tmp", 0o1777)
+    os.symlink("busybox", root / "bin/sh")
+    os.symlink("bin/busybox", root / "init")   # busybox picks the applet from argv[0]: init
+    (root / "etc/inittab").write_text(INITTAB)
+    (root / "etc/init.d/rcS").write_text(RCS)
+    os.chmod(root / "etc/init.d/rcS", 0o755)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\ntty:x:5:\n")
+    (root / "etc/shells").write_text("/bin/sh\n")
+    (root / "etc/hostname").write_text("lab\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (root / "etc/profile").write_text("export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n")
+
+
+def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
+    """Download, unpack and assemble the image for ``plan``, or return the cached one."""
+    cached = load_cached(lab_dir, plan)
+    if cached is not None:
+        return cached
+    arch = plan.arch
+    cache = lab_dir / "debian"
+    out = image_dir(lab_dir, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
+        work = Path(tmp)
+        kstage, ustage, root = work / "kernel", work / "userland", work / "root"
+        state = debian.AptState(arch.debian_arch, cache)
+        with state.locked():
+            debs = state.download([plan.kernel, *plan.userland])
+        debian.extract(debs[0], kstage)
+        for deb in debs[1:]:
+            debian.extract(deb, ustage)
+
+        kfile = kstage / arch.kernel_file.format(release=plan.kernel_release)
+        if not kfile.exists():
+            raise ImageError(f"{plan.kernel.name} {plan.kernel.version} has no {arch.kernel_file.format(release=plan.kernel_release)}",
+                             where=arch.name, hint="the package layout changed; update fleetprobe/lab/arches.py")
+        kernel = out / "kernel"
+        if arch.extract_vmlinux:
+            kernel.write_bytes(extract_vmlinux(kfile.read_bytes()))
+        else:
+            shutil.copyfile(kfile, kernel)
+
+        _copy_userland(ustage, root)
+        _base_files(root, arch)
+        modsrc = kstage / "lib/modules" / plan.kernel_release
+        moddst = root / "lib/modules" / plan.kernel_release
+        order = module_load_order(list(arch.nic_modules), modsrc)
+        for rel in order:
+            (moddst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(modsrc / rel, moddst / rel)
+        # /lib/modules/$(uname -r) exists (module tests insmod from /tmp, but
+        # tools look here); modules.builtin lets modprobe know what is built in.
+        moddst.mkdir(parents=True, exist_ok=True)
+        for name in ("modules.builtin", "modules.order"):
+            if (modsrc / name).exists():
+                shutil.copyfile(modsrc / name, moddst / name)
+        (root / "etc/lab-modules").write_text("".join(f"{rel}\n" for rel in order))
+
+        cpio = CpioWriter()
+        cpio.tree(root)
+        # /dev/console must exist before devtmpfs is mounted, or init starts
+        # with no stdout ("Warning: unable to open an initial console").
+        cpio.chardev("dev/console", 5, 1)
+        cpio.chardev("dev/null", 1, 3, 0o666)
+        initramfs = out / "initramfs.cpio.gz"
+        initramfs.write_bytes(cpio.finish())
+
+    image = LabImage(
+        arch=arch.name, kernel=kernel, initramfs=initramfs, kernel_release=plan.kernel_release,
+        kernel_package=plan.kernel.name, kernel_version=plan.kernel.version,
+        packages={r.name: r.version for r in (plan.kernel, *plan.userland)}, key=plan.key)
+    tmp_meta = out / "image.json.tmp"
+    tmp_meta.write_text(json.dumps(image.to_json(), indent=2) + "\n")
+    os.replace(tmp_meta, out / "image.json")
+    return image
+
+
+def vm_overlay(hostname: str, host_key_dropbear: bytes, authorized_key: str) -> bytes:
+    """The per-VM cpio archive appended to the shared image: host key, login key, hostname."""
+    cpio = CpioWriter()
+    cpio.file("etc/dropbear/dropbear_ed25519_host_key", host_key_dropbear, 0o600)
+    cpio.file("root/.ssh/authorized_keys", (authorized_key + "\n").encode(), 0o600)
+    cpio.file("etc/hostname", (hostname + "\n").encode())
+    return cpio.finish()
