@@ -1,0 +1,161 @@
+"""Real builds of modules/fp_kprobe and fp_kretprobe for the lab's Debian kernels.
+
+Cross-built on this controller against Debian's linux-headers (fetched into a
+private cache by fleetprobe.debian; the first run downloads ~15 MB per arch),
+plus one host build over real SSH to a loopback sshd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fleetprobe.build import (
+    BuildGroup,
+    ModuleCache,
+    build_groups,
+    default_cache_dir,
+    cross_compiler_package,
+    load_module_source,
+    plan_builds,
+    prepare_debian_tree,
+    read_host_vermagic,
+    results_by_host,
+    target_for,
+)
+from fleetprobe.errors import HostError
+from fleetprobe.facts import Facts
+from fleetprobe.inventory import Host
+from fleetprobe.transport import SSHOptions, connect
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # fixtures' types (tests/modules/conftest.py); pytest provides the values
+    from conftest import LabKernel, LoopbackSshd  # type: ignore[import-not-found]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SHARED_CACHE = Path(os.environ.get("FLEETPROBE_TEST_CACHE") or default_cache_dir())
+MODULES = [load_module_source(ROOT / "modules" / "fp_kprobe"), load_module_source(ROOT / "modules" / "fp_kretprobe")]
+
+
+def lab_facts(k: LabKernel, host: str) -> Facts:
+    """Facts as a lab VM of kernel ``k`` reports them (no build tree, Debian uname -v)."""
+    return Facts(host=host, arch=k.uname_m, kernel_release=k.release,
+                 kernel_version=f"#1 SMP Debian {k.package_version} (2025-01-01)",
+                 endian="little", elf_class=32 if k.uname_m == "mips" else 64)
+
+
+def build(groups: list[BuildGroup], cache: ModuleCache) -> list:
+    """Run build_groups with the shared Debian cache (tests/modules/conftest.py: shared_cache)."""
+    root = SHARED_CACHE
+    return asyncio.run(build_groups(groups, cache=cache, trees=root / "kernel-trees", debian_cache=root / "debian"))
+
+
+def need_compiler(debian_arch: str, triplet: str) -> None:
+    """Skip, naming the package, when the cross compiler is not installed."""
+    if shutil.which(f"{triplet}-gcc-12") is None and shutil.which("gcc-12") is None:
+        pytest.skip(f"apt-get install {cross_compiler_package(debian_arch)}")
+
+
+@pytest.mark.parametrize("lab_arch", ["x86_64", "ppc64le", "mips64el", "mipsel"])
+def test_cross_build_for_lab_kernel(lab_arch: str, lab_kernels: dict[str, LabKernel], tmp_path: Path) -> None:
+    k = lab_kernels[lab_arch]
+    fleet = [lab_facts(k, f"{lab_arch}-{i}") for i in range(3)]
+    target = target_for(fleet[0])
+    assert target is not None
+    need_compiler(k.debian_arch, target.triplet)
+    cache = ModuleCache(tmp_path / "modules")
+    groups = plan_builds(fleet, MODULES)
+    # Three hosts of one kernel, two modules: two builds, each serving all three hosts.
+    assert [(g.key.module, g.hosts, g.where) for g in groups] == [
+        (m.name, tuple(f.host for f in fleet), "controller") for m in MODULES]
+    results = build(groups, cache)
+    for r in results:
+        assert r.error is None, str(r.error) + "\n" + (r.error.evidence if r.error else "")
+        m = r.module
+        assert m is not None and not m.cached
+        assert (m.elf.machine, m.elf.elf_class, m.elf.endian) == (target.elf_machine, target.elf_class, "little")
+        assert m.modinfo.vermagic.split()[0] == k.release
+        assert m.modinfo.get("name") == r.group.key.module
+        assert "run:charp" in m.modinfo.fields["parmtype"]
+    entries = sorted(p.name for p in (cache.root / k.debian_arch / k.release).iterdir())
+    assert entries == sorted(f"{m.name}-{m.source_hash}" for m in MODULES)
+    per_host = results_by_host(results)
+    assert set(per_host) == {f.host for f in fleet}
+    assert {per_host[f.host]["fp_kprobe"].path for f in fleet} == {results[0].module.path}  # type: ignore[union-attr]
+
+    # Second run: straight from the cache, same files, no rebuild.
+    mtimes = {r.module.path: r.module.path.stat().st_mtime_ns for r in results}  # type: ignore[union-attr]
+    again = build(plan_builds(fleet, MODULES), cache)
+    assert all(r.module is not None and r.module.cached and r.module.where == "cache" for r in again)
+    assert {r.module.path: r.module.path.stat().st_mtime_ns for r in again} == mtimes  # type: ignore[union-attr]
+
+
+def test_broken_source_reports_compiler_message(lab_kernels: dict[str, LabKernel], tmp_path: Path) -> None:
+    k = lab_kernels["ppc64le"]
+    need_compiler(k.debian_arch, "powerpc64le-linux-gnu")
+    src = tmp_path / "fp_kprobe"
+    shutil.copytree(ROOT / "modules" / "fp_kprobe", src)
+    c = (src / "fp_kprobe.c").read_text()
+    (src / "fp_kprobe.c").write_text(c.replace("atomic_long_inc(&hits);", "atomic_long_inc(&hits_typo);", 1))
+    broken = load_module_source(src)
+    fleet = [lab_facts(k, "p1"), lab_facts(k, "p2")]
+    cache = ModuleCache(tmp_path / "modules")
+    (r,) = build(plan_builds(fleet, [broken]), cache)
+    assert r.module is None and r.error is not None
+    assert "make exit status 2" in r.error.message
+    assert "fp_kprobe.c:" in r.error.evidence and "error: 'hits_typo' undeclared" in r.error.evidence
+    for host in ("p1", "p2"):
+        err = results_by_host([r])[host]["fp_kprobe"]
+        assert isinstance(err, HostError) and err.stage == "build" and "hits_typo" in str(err)
+    assert not (cache.root / k.debian_arch).exists() or not any((cache.root / k.debian_arch).rglob("*.ko"))
+
+
+def test_missing_headers_for_unknown_release(tmp_path: Path, lab_kernels: dict[str, LabKernel]) -> None:
+    k = replace(lab_kernels["x86_64"], release="6.1.0-999-amd64")
+    (r,) = build(plan_builds([lab_facts(k, "ghost")], MODULES[:1]), ModuleCache(tmp_path / "m"))
+    assert r.error is not None and "cannot get the kernel headers for 6.1.0-999-amd64" in r.error.message
+    assert "linux-headers-6.1.0-999-amd64" in r.error.evidence
+
+
+def test_host_build_over_ssh(lab_kernels: dict[str, LabKernel], loopback_sshd: LoopbackSshd,
+                             tmp_path: Path) -> None:
+    """A 'host' with the amd64 kernel's build tree builds the module itself; the .ko comes back over SFTP."""
+    k = lab_kernels["x86_64"]
+    need_compiler("amd64", "x86_64-linux-gnu")
+    tree = prepare_debian_tree(k.release, "amd64", k.package_version, trees=SHARED_CACHE / "kernel-trees",
+                               debian_cache=SHARED_CACHE / "debian")
+    facts = replace(lab_facts(k, "loop"), build_dir=str(tree.path), make=True, cc="gcc")
+    groups = plan_builds([facts, lab_facts(k, "other")], MODULES[1:])
+    assert [(g.where, g.build_host, g.hosts) for g in groups] == [("host", "loop", ("loop", "other"))]
+    host = Host(name="loop", address="127.0.0.1", port=loopback_sshd.port, user="root",
+                key_file=str(loopback_sshd.client_key), known_hosts=str(loopback_sshd.known_hosts))
+    options = SSHOptions(known_hosts=(str(loopback_sshd.known_hosts),), ssh_config=(),
+                         identities=(str(loopback_sshd.client_key),))
+
+    async def go() -> tuple[list, str | None, bytes]:
+        """Connect, build, read the (absent) host vermagic, list leftovers, close."""
+        session = await connect(host, options)
+        try:
+            results = await build_groups(groups, cache=ModuleCache(tmp_path / "m"), sessions={"loop": session})
+            vermagic = await read_host_vermagic(session, k.release)
+            left = await session.run("ls -d /tmp/fleetprobe-build.* 2>/dev/null; true")
+            return results, vermagic, left.stdout
+        finally:
+            await session.close()
+
+    before = set(Path("/tmp").glob("fleetprobe-build.*"))
+    (r,), vermagic, _ = asyncio.run(go())
+    assert r.error is None, f"{r.error}\n{r.error.evidence if r.error else ''}"
+    assert r.module is not None and r.module.where == "host"
+    assert r.module.modinfo.release == k.release and r.module.elf.machine == 62
+    assert "make -C" in (r.module.path.parent / "build.log").read_text()
+    # This machine has no /lib/modules/<lab release>: nothing to compare with.
+    assert vermagic is None
+    # The host's temporary build folder is gone.
+    assert set(Path("/tmp").glob("fleetprobe-build.*")) == before
