@@ -226,20 +226,23 @@ class AptState:
         """Exact versions apt would download for ``packages`` (``name`` or ``name=version``)."""
         if not packages:
             return []
+        # One apt-cache call for all: each call re-reads every package list.
+        proc = subprocess.run(["apt-cache", *self.options(), "show", "--no-all-versions", *packages],
+                              capture_output=True, text=True, check=False)
+        found: dict[str, dict[str, str]] = {}
+        for stanza in parse_control_stanzas(proc.stdout):
+            found.setdefault(stanza.get("Package", ""), stanza)
         refs = []
         for spec in packages:
             name = spec.split("=", 1)[0]
-            proc = subprocess.run(["apt-cache", *self.options(), "show", "--no-all-versions", spec],
-                                  capture_output=True, text=True, check=False)
-            stanzas = [s for s in parse_control_stanzas(proc.stdout) if s.get("Package") == name]
-            if proc.returncode != 0 or not stanzas:
-                why = proc.stderr.strip().splitlines()[-1:] or ["not found"]
+            s = found.get(name)
+            if s is None:
+                why = [ln for ln in proc.stderr.splitlines() if name in ln][:1] or ["not found"]
                 hint = ("the package name or pinned version may be wrong for this release"
                         + ("; apt reported index failures: " + "; ".join(self.warnings)
                            if self.warnings else ""))
                 raise DebianError(f"no Debian package {spec!r} for architecture {self.arch}: {why[0]}",
                                   where=str(self.root), hint=hint)
-            s = stanzas[0]
             refs.append(PackageRef(name=name, version=s["Version"],
                                    arch=s.get("Architecture", self.arch),
                                    depends=s.get("Depends", "")))

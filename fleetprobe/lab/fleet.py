@@ -27,6 +27,7 @@ from pathlib import Path
 import asyncssh
 
 from fleetprobe import debian
+from fleetprobe.errors import InputError
 from fleetprobe.lab import image as lab_image
 from fleetprobe.lab import keys, vm
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, LabArch, lab_arch
@@ -94,7 +95,7 @@ def fleet_spec(arches: list[str] | None, count_per_arch: dict[str, int] | None) 
         arch = lab_arch(name)
         n = counts.get(name, counts.get(arch.name, 1))
         if n < 0:
-            raise ValueError(f"count for {arch.name} must be >= 0, got {n}")
+            raise InputError(f"count for {arch.name} must be >= 0, got {n}")
         spec[arch.name] = n
     return spec
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from fleetprobe.errors import InputError
 from fleetprobe.lab.keys import known_hosts_line
 
 
@@ -101,8 +102,9 @@ def read_lab_json(path: Path) -> list[LabVM]:
     except FileNotFoundError:
         return []
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); "
-                         "run `fleetprobe lab down` and `lab up` again") from exc
+        raise InputError(f"not valid JSON ({exc.msg})", where=f"{path}:{exc.lineno}",
+                         hint="delete it, stop stray VMs with `fleetprobe lab down`, "
+                              "and run `lab up` again") from exc
     names = {f.name for f in fields(LabVM)}
     return [LabVM(**{k: v for k, v in rec.items() if k in names})
             for rec in data.get("vms", {}).values()]

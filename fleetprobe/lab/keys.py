@@ -15,6 +15,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetprobe.errors import InputError
+
 
 def _ssh_string(data: bytes) -> bytes:
     """An RFC 4251 string: uint32 length, then the bytes."""
@@ -60,7 +62,8 @@ def load_or_create_client_key(path: Path) -> str:
     if path.exists():
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: not an ed25519 key; delete it and run `fleetprobe lab up` again")
+            raise InputError("not an ed25519 key", where=str(path),
+                             hint="delete it and run `fleetprobe lab up` again")
     else:
         key = generate_ed25519()
         _write_private(path, key.private_bytes(serialization.Encoding.PEM,
@@ -76,7 +79,8 @@ def load_or_create_host_key(path: Path) -> tuple[bytes, str]:
     if path.exists():
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: not an ed25519 key; delete it and run `fleetprobe lab up` again")
+            raise InputError("not an ed25519 key", where=str(path),
+                             hint="delete it and run `fleetprobe lab up` again")
     else:
         key = generate_ed25519()
         _write_private(path, key.private_bytes(serialization.Encoding.PEM,
