@@ -100,7 +100,9 @@ class LiveView:
         counts: dict[str, int] = {}
         for s in hosts.values():
             counts[s.state] = counts.get(s.state, 0) + 1
-        head = Text(f"{len(hosts)} hosts  {elapsed:.0f}s  {total:,} events ({total / elapsed:,.0f}/s)  ")
+        # A rate over less than a second is noise.
+        rate = f" ({total / elapsed:,.0f}/s)" if elapsed >= 1.0 else ""
+        head = Text(f"{len(hosts)} hosts  {elapsed:.0f}s  {total:,} events{rate}  ")
         for i, state in enumerate(s for s in STATES if s in counts):
             if i:
                 head.append("  ")

@@ -23,6 +23,8 @@ from fleetprobe.parse import TraceEvent
 MATRIX_HOSTS = 12
 #: Rows shown per long list before "N more".
 LIST_ROWS = 15
+#: Values shown per field in the terminal (the JSON report keeps top_k).
+VALUE_ROWS = 5
 BAR_WIDTH = 40
 
 _STATUS_STYLE = {"ok": "green", "failed": "red", "unreachable": "red", "skipped": "yellow",
@@ -43,7 +45,8 @@ def format_ns(ns: int) -> str:
 def _value_text(value: int | str) -> str:
     """How a field value reads in a table: ints in decimal and, when large, hex too."""
     if isinstance(value, int):
-        return f"{value} ({value:#x})" if abs(value) >= 4096 else str(value)
+        # Flags and addresses read better in hex; pids and sizes below 64 Ki do not.
+        return f"{value} ({value:#x})" if abs(value) >= 0x10000 else str(value)
     return repr(value) if value == "" or value != value.strip() else value
 
 
@@ -95,52 +98,73 @@ def _render_hits(report: FleetReport, console: Console) -> None:
     if not probes:
         console.print("no probes were placed or hit")
         return
-    hosts = [o.host for o in report.hosts] or sorted(agg.hosts)
+    # Hosts that failed before probing are listed above; zero columns for them say nothing.
+    hosts = [o.host for o in report.hosts
+             if o.status == "ok" or (agg.hosts.get(o.host) and agg.hosts[o.host].events)] or sorted(agg.hosts)
     if len(hosts) <= MATRIX_HOSTS:
         table = Table(title="hits per probe and host", title_justify="left")
         table.add_column("probe")
         for h in hosts:
             table.add_column(h, justify="right")
         table.add_column("total", justify="right")
+        table.add_column("misses", justify="right")
         for p in probes:
             per = agg.hits(p)
-            table.add_row(p, *[str(per.get(h, 0)) for h in hosts], str(agg.total_hits(p)))
+            table.add_row(p, *[str(per.get(h, 0)) for h in hosts], str(agg.total_hits(p)),
+                          str(agg.probe_misses(p)))
         console.print(table)
         return
     table = Table(title="hits per probe", title_justify="left")
-    for col in ("probe", "total", "hosts hit", "top hosts"):
-        table.add_column(col, justify="right" if col in ("total", "hosts hit") else "left", overflow="fold")
+    for col in ("probe", "total", "misses", "hosts hit", "top hosts"):
+        table.add_column(col, justify="left" if col in ("probe", "top hosts") else "right", overflow="fold")
     for p in probes:
         ranked = sorted(agg.hits(p).items(), key=lambda hn: (-hn[1], hn[0]))
         top = ", ".join(f"{h} {n}" for h, n in ranked[:3])
         if len(ranked) > 3:
             top += f", {len(ranked) - 3} more"
-        table.add_row(p, str(agg.total_hits(p)), f"{len(ranked)}/{len(hosts)}", top or "-")
+        table.add_row(p, str(agg.total_hits(p)), str(agg.probe_misses(p)), f"{len(ranked)}/{len(hosts)}",
+                      top or "-")
     console.print(table)
 
 
 def _render_values(report: FleetReport, console: Console) -> None:
-    """Top values per (probe, field): which comm, which filename, on how many hosts."""
+    """Top values per probe, one table per probe and a section per field: which comm, which filename."""
     agg = report.aggregate
     for p in agg.probes():
+        table = Table(title=f"{p}: top values", title_justify="left")
+        for col, right in (("field", False), ("value", False), ("count", True), ("hosts", True),
+                           ("share", True)):
+            table.add_column(col, justify="right" if right else "left", overflow="fold")
+        notes: list[str] = []
         for name in agg.fields(p):
-            table_data = agg.values[(p, name)]
-            top = table_data.top(min(agg.top_k, LIST_ROWS))
+            values = agg.values[(p, name)]
+            top = values.top(min(agg.top_k, VALUE_ROWS))
             if not top:
                 continue
-            approx = "" if table_data.exact else f" (approximate: counts may be low by up to {table_data.error})"
-            table = Table(title=f"{p}: top {name}{approx}", title_justify="left")
-            table.add_column(name, overflow="fold")
-            table.add_column("count", justify="right")
-            table.add_column("hosts", justify="right")
-            table.add_column("share", justify="right")
-            for value, count, nhosts in top:
-                share = f"{100 * count / table_data.total:.1f}%" if table_data.total else "-"
-                table.add_row(_value_text(value), str(count), str(nhosts), share)
-            distinct = len(table_data.counts)
-            if distinct > len(top):
-                table.caption = f"{distinct - len(top)} more distinct values"
+            if values.exact and top[0][1] == 1 and len(values.counts) > 1:
+                # Every value seen once (pids, pointers): a table of them says nothing.
+                notes.append(f"{name}: {len(values.counts)} distinct values, none repeated")
+                continue
+            for i, (value, count, nhosts) in enumerate(top):
+                share = f"{100 * count / values.total:.1f}%" if values.total else "-"
+                last = i == len(top) - 1
+                table.add_row(name if i == 0 else "", _value_text(value), str(count), str(nhosts), share,
+                              end_section=last)
+            more = len(values.counts) - len(top)
+            extra = []
+            if more > 0:
+                extra.append(f"{more} more values")
+            if not values.exact:
+                extra.append(f"approximate: counts may be low by up to {values.error}")
+            if extra:
+                notes.append(f"{name}: " + "; ".join(extra))
+        if table.row_count:
+            if notes:
+                table.caption = "\n".join(notes)
+                table.caption_justify = "left"
             console.print(table)
+        elif notes:
+            console.print(f"{p}: " + "; ".join(notes), highlight=False)
 
 
 def latency_lines(lat: Latency) -> list[str]:
