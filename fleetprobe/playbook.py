@@ -29,14 +29,15 @@ RETURN_KINDS = ("kretprobe", "uretprobe")
 #: Kinds that run as tracefs dynamic events in kprobe_events.
 KERNEL_DYNAMIC_KINDS = ("kprobe", "kretprobe", "raw")
 
-_TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "probes")
+_TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "baseline", "probes")
 _PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
-               "pair_with", "params")
+               "max_per_host", "pair_with", "params")
 
 _PROBE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _PROBE_NAME_MAX = 32
 _PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RUN_REF = re.compile(r"[a-z0-9]{1,32}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # [MOD:]SYM[+OFF]; SYM may name a GCC clone (foo.isra.0) explicitly.
@@ -182,6 +183,8 @@ class ProbeSpec:
     module: str | None = None
     module_path: str | None = None
     params: tuple[ModuleParam, ...] = ()
+    #: Audit rule: more hits than this on any one host fails ``fleetprobe audit``.
+    max_per_host: int | None = None
 
     @property
     def is_return(self) -> bool:
@@ -211,6 +214,8 @@ class Playbook:
     probes: tuple[ProbeSpec, ...]
     source: str
     sha256: str
+    #: Audit baseline: a stored run id to compare against instead of the previous run.
+    baseline: str | None = None
 
     def probe(self, name: str) -> ProbeSpec:
         """The probe called ``name`` (KeyError if there is none)."""
@@ -309,11 +314,18 @@ def parse_playbook(text: str, source: str) -> Playbook:
     if not isinstance(probes_node, SequenceNode) or not probes_node.value:
         raise reader.error(probes_node, "probes", "'probes' must be a non-empty list of probes "
                            "(each a mapping with 'name' and one of " + ", ".join(PROBE_KINDS) + ")")
+    baseline = None
+    if "baseline" in top:
+        baseline = reader.string(top["baseline"][1], "baseline")
+        if not _RUN_REF.fullmatch(baseline):
+            raise reader.error(top["baseline"][1], "baseline",
+                               f"baseline {baseline!r} is not a run id (letters and digits, as "
+                               "'fleetprobe history' lists them)")
     probes = tuple(reader.probe(node, i) for i, node in enumerate(probes_node.value))
     _check_cross_references(reader, probes)
     return Playbook(name=name_text, description=description, duration=duration, event_cap=event_cap,
                     allow_modules=allow_modules, probes=probes, source=source,
-                    sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
+                    sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), baseline=baseline)
 
 
 def _check_cross_references(reader: _Reader, probes: tuple[ProbeSpec, ...]) -> None:
@@ -428,6 +440,13 @@ class _Reader:
             raise self.error(node, key, f"{key} must be a whole number >= 1, got {_describe(node)}")
         return value
 
+    def count(self, node: Node, key: str) -> int:
+        """An integer >= 0."""
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.error(node, key, f"{key} must be a whole number >= 0, got {_describe(node)}")
+        return value
+
     def duration(self, node: Node) -> float:
         """500ms, 10s, 5m, 1h or a number of seconds, as seconds."""
         value = self.scalar(node) if isinstance(node, ScalarNode) else None
@@ -480,6 +499,12 @@ class _Reader:
         expect = "any"
         if (n := value_of("expect")) is not None:
             expect = self.choice(n, f"{where}.expect", ("any", "none"))
+        max_per_host = None
+        if (n := value_of("max_per_host")) is not None:
+            max_per_host = self.count(n, f"{where}.max_per_host")
+            if expect == "none":
+                raise self.error(n, f"{where}.max_per_host", "max_per_host contradicts expect: none "
+                                 "(which already allows no hit at all)", hint="keep one of the two")
         description = self.string(n, f"{where}.description") if (n := value_of("description")) else ""
         filter_text = None
         if (n := value_of("filter")) is not None:
@@ -522,7 +547,7 @@ class _Reader:
                 spec_kw["params"] = self.params(n, f"{where}.params")
         return ProbeSpec(name=name, kind=kind, line=line, file=self.source, args=args, filter=filter_text,
                          on_missing=on_missing, expect=expect, pair_with=pair_with,
-                         description=description, **spec_kw)
+                         description=description, max_per_host=max_per_host, **spec_kw)
 
     def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
         """One of a fixed set of words."""
