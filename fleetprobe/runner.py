@@ -113,7 +113,9 @@ class RunnerReport:
             self.placed.append(rest.strip())
         elif word in ("deffail", "modfail", "filterfail", "enablefail"):
             what, _, why = rest.partition(" :: ")
-            self.refused[_event_key(what.strip())] = f"{word[:-4]} refused: {' '.join(why.split())}".strip()
+            # The first refusal is the cause (a refused definition then also fails its filter and enable).
+            self.refused.setdefault(_event_key(what.strip()),
+                                    f"{word[:-4]} refused: {' '.join(why.split())}".strip())
         elif word == "loaded":
             self.loaded.append(rest.strip())
         elif word == "error":
@@ -168,9 +170,12 @@ def clock_sample(sent: float, received: float, host_realtime: str) -> tuple[floa
 
 
 def _event_key(definition: str) -> str:
-    """The event name in a definition line (``p:grp/open do_sys_open`` -> ``open``), else the text."""
+    """The event name in a definition or event path: ``p:grp/open do_sys_open`` and ``grp/open`` -> ``open``.
+
+    filterfail/enablefail name the event as GROUP/NAME; the orchestrator looks refusals up by NAME.
+    """
     m = _DEF_NAME.match(definition)
-    return m.group(2) if m else definition
+    return m.group(2) if m else definition.rsplit("/", 1)[-1]
 
 
 def _profile(kev: list[str], kprof: list[str], group: str) -> dict[str, tuple[int, int]]:
