@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -57,6 +57,15 @@ class RunSettings:
     buffer_kb: int | None = None
     run_id: str | None = None
     teardown_slack: int = TEARDOWN_SLACK
+    #: Opens a Session to a host; None is asyncssh (transport.connect). ``--transport fabric`` sets
+    #: fleetprobe.fabric.connect. One hook, so no stage branches on the transport.
+    connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
+    #: Called with each host's facts as they are gathered (the history store keeps them).
+    on_facts: Callable[[str, Facts], None] | None = None
+
+    async def open_session(self, host: Host) -> Session:
+        """Connect to ``host`` with the configured transport."""
+        return await (self.connect or connect)(host, self.ssh)
 
 
 class Observer(Protocol):
@@ -252,7 +261,7 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> tuple[Session, F
             out.status, out.reason = "interrupted", "interrupted before connecting"
             return None
         obs.set_state(host.name, "connecting")
-        session = await connect(host, s.ssh)
+        session = await s.open_session(host)
         try:
             out.stage = "facts"
             obs.set_state(host.name, "facts")
@@ -260,6 +269,8 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> tuple[Session, F
                                                       timeout=s.setup_timeout)
             out.arch, out.kernel_release, out.boot_id = facts.arch, facts.kernel_release, facts.boot_id
             out.clock_offset, out.clock_error = offset, error
+            if s.on_facts is not None:
+                s.on_facts(host.name, facts)
             out.stage = "plan"
             obs.set_state(host.name, "planning")
             offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
@@ -476,7 +487,7 @@ async def facts_fleet(hosts: Iterable[Host], settings: RunSettings, playbook: Pl
             session: Session | None = None
             try:
                 obs.set_state(host.name, "connecting")
-                session = await asyncio.wait_for(connect(host, settings.ssh), settings.setup_timeout)
+                session = await asyncio.wait_for(settings.open_session(host), settings.setup_timeout)
                 obs.set_state(host.name, "facts")
                 hf.facts, hf.clock_offset, hf.clock_error = await gather_facts(
                     session, playbook, mount=settings.mount_tracefs, timeout=settings.setup_timeout)
@@ -508,7 +519,7 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
             hf = HostFacts(host)
             session: Session | None = None
             try:
-                session = await asyncio.wait_for(connect(host, settings.ssh), settings.setup_timeout)
+                session = await asyncio.wait_for(settings.open_session(host), settings.setup_timeout)
                 hf.facts, hf.clock_offset, hf.clock_error = await gather_facts(
                     session, playbook, mount=False, timeout=settings.setup_timeout)
                 uo = await offsets.resolve(session, hf.facts, playbook.uprobe_targets())
@@ -546,7 +557,7 @@ async def cleanup_fleet(hosts: Iterable[Host], settings: RunSettings, *, force: 
             res = CleanupResult(host.name)
             session: Session | None = None
             try:
-                session = await asyncio.wait_for(connect(host, settings.ssh), settings.setup_timeout)
+                session = await asyncio.wait_for(settings.open_session(host), settings.setup_timeout)
                 facts, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
                 if facts.tracefs is None:
                     res.error = "tracefs is not mounted: nothing fleetprobe makes can exist"
