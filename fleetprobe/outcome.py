@@ -51,7 +51,9 @@ class HostOutcome:
     the host said.  ``cleanup`` says how the host was left: ``clean`` (the runner
     removed everything), ``swept`` (a later sweep did), ``timer`` (left to the
     on-host timer because the link dropped), ``not-needed`` (nothing was placed),
-    or ``failed: ...``.  ``clock_offset`` is host realtime minus controller
+    or ``failed: ...``.  ``unparsed_lines`` counts lines of the runner's stream that were
+    neither an event, a marker, a loss line nor a control line (garbage a login
+    script or a broken host printed); the events around them still count.  ``clock_offset`` is host realtime minus controller
     realtime in seconds, ``clock_error`` its uncertainty (half the round trip).
     """
 
@@ -73,6 +75,7 @@ class HostOutcome:
     started: float = 0.0
     ended: float = 0.0
     cleanup: str = "not-needed"
+    unparsed_lines: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
