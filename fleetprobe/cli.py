@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", metavar="FILE", help="write every event as a JSON line")
     p.add_argument("--grace", type=int, default=60,
                    help="seconds past a run's deadline before its on-host timer or a sweep removes it")
+    p.add_argument("--teardown-slack", type=int, default=30,
+                   help="seconds after the planned end before a host's on-host timer may remove the run "
+                        "(the timer fires at end + slack + grace)")
     p.add_argument("--buffer-kb", type=_positive_int, help="per-CPU ring buffer of the run's instance")
     p.add_argument("--allow-modules", action="store_true", help="allow playbooks to load kernel modules")
     p.add_argument("--run-id", help=argparse.SUPPRESS)
@@ -148,7 +151,8 @@ def _settings(args: argparse.Namespace) -> RunSettings:
                        duration=getattr(args, "duration", None), event_cap=getattr(args, "event_cap", None),
                        grace=getattr(args, "grace", 60), mount_tracefs=args.mount_tracefs,
                        allow_modules=getattr(args, "allow_modules", False),
-                       buffer_kb=getattr(args, "buffer_kb", None), run_id=getattr(args, "run_id", None))
+                       buffer_kb=getattr(args, "buffer_kb", None), run_id=getattr(args, "run_id", None),
+                       teardown_slack=getattr(args, "teardown_slack", 30))
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:

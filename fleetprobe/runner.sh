@@ -26,6 +26,16 @@ now() { date +%s; }
 
 T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=
 
+# Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
+# an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
+kill_readers() {
+  for _fd in /proc/[0-9]*/fd/*; do
+    case $(readlink "$_fd" 2>/dev/null) in
+      "$1"/*) _p=${_fd#/proc/}; kill -TERM "${_p%%/*}" 2>/dev/null;;
+    esac
+  done
+}
+
 # Disable, delete and remove everything of group $1 / instance $2 (either may be empty).
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
@@ -53,6 +63,7 @@ teardown_group() {
   if [ -n "$_i" ] && [ -d "$T/instances/$_i" ]; then
     _try=0
     until rmdir "$T/instances/$_i" 2>/dev/null; do
+      [ $_try -eq 0 ] && kill_readers "$T/instances/$_i"
       _try=$((_try + 1))
       [ $_try -ge 20 ] && { say "unclean instance $_i busy"; break; }
       sleep 1
@@ -180,8 +191,13 @@ while IFS= read -r line; do
       rm -f "$mp";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
-      echo "$ex" > "$T/instances/$I/events/$ev/filter" 2>/dev/null ||
-        say "filterfail $ev :: $(tail -n 2 "$T/error_log" 2>/dev/null | tr '\n' ' ')";;
+      # The kernel explains a refused filter in the filter file itself ("parse_error: Field not found"),
+      # not in error_log (checked on 6.18): error_log's tail would name an unrelated older error.
+      if [ ! -d "$T/instances/$I/events/$ev" ]; then
+        say "filterfail $ev :: no such event"
+      elif ! { echo "$ex" > "$T/instances/$I/events/$ev/filter"; } 2>/dev/null; then
+        say "filterfail $ev :: $(sed -n 's/^parse_error: //p' "$T/instances/$I/events/$ev/filter" 2>/dev/null)"
+      fi;;
   esac
 done <<EOF_PLAN
 $PLAN
@@ -194,8 +210,11 @@ READER=$!
 sync_marker
 enabled=0
 for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
-  if echo 1 > "$T/instances/$I/events/$ev/enable" 2>/dev/null; then
+  # { } 2>/dev/null: a failed redirection reports on stderr before a trailing 2>/dev/null applies (dash).
+  if { echo 1 > "$T/instances/$I/events/$ev/enable"; } 2>/dev/null; then
     enabled=$((enabled + 1))
+  elif [ ! -d "$T/instances/$I/events/$ev" ]; then
+    say "enablefail $ev :: no such event"
   else
     say "enablefail $ev"
   fi

@@ -1,0 +1,5 @@
+"""``python -m fleetprobe``."""
+
+from fleetprobe.cli import entry
+
+entry()
