@@ -188,14 +188,18 @@ def check_prerequisites(arches: list[LabArch]) -> None:
 
 
 def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = None,
-       lab_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> LabFleet:
+       lab_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+       cache_dir: Path | None = None) -> LabFleet:
     """Boot the lab fleet (default: 3 x x86_64, 1 ppc64le, 1 mips64el) and write its inventory.
 
     VMs of the requested names that are already running are reused.  If any
     VM fails to boot, every VM this call started is stopped again and the
-    error names the VM and shows its console.
+    error names the VM and shows its console.  ``cache_dir`` (default: the
+    lab dir) holds the downloaded packages and built images, so several labs
+    can share them.
     """
     lab_dir = (lab_dir or default_lab_dir()).resolve()
+    cache_dir = (cache_dir or lab_dir).resolve()
     spec = fleet_spec(arches, count_per_arch)
     check_prerequisites([ARCHES[a] for a in spec])
     with _lab_lock(lab_dir):
@@ -205,11 +209,11 @@ def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = 
         fleet = LabFleet(lab_dir=lab_dir, vms=[], reused=[n for _a, n in wanted if n in running])
 
         # Images: one per arch, built in parallel (downloads and xz are the cost).
-        cache = lab_dir / "debian"
+        cache = cache_dir / "debian"
         need = sorted({arch.name for arch, _n in to_start})
         with ThreadPoolExecutor(max_workers=max(1, len(need))) as pool:
             plans = dict(zip(need, pool.map(lambda a: lab_image.plan_image(ARCHES[a], cache), need)))
-            images = dict(zip(need, pool.map(lambda a: lab_image.build_image(lab_dir, plans[a]), need)))
+            images = dict(zip(need, pool.map(lambda a: lab_image.build_image(cache_dir, plans[a]), need)))
 
         client_public = keys.load_or_create_client_key(lab_dir / "id_ed25519")
         new: list[LabVM] = []

@@ -372,7 +372,7 @@ def _base_files(root: Path, arch: LabArch) -> None:
 
 
 def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
-    """Download, unpack and assemble the image for ``plan``, or return the cached one."""
+    """Download, unpack and assemble the image for ``plan`` under ``lab_dir``, or return the cached one."""
     cached = load_cached(lab_dir, plan)
     if cached is not None:
         return cached
@@ -394,11 +394,13 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
         if not kfile.exists():
             raise ImageError(f"{plan.kernel.name} {plan.kernel.version} has no {arch.kernel_file.format(release=plan.kernel_release)}",
                              where=arch.name, hint="the package layout changed; update fleetprobe/lab/arches.py")
-        kernel = out / "kernel"
+        # Built in the temp dir and renamed into place: another lab sharing
+        # this cache may be booting from the previous copy right now.
+        kernel_tmp = work / "kernel.img"
         if arch.extract_vmlinux:
-            kernel.write_bytes(extract_vmlinux(kfile.read_bytes()))
+            kernel_tmp.write_bytes(extract_vmlinux(kfile.read_bytes()))
         else:
-            shutil.copyfile(kfile, kernel)
+            shutil.copyfile(kfile, kernel_tmp)
 
         _copy_userland(ustage, root)
         _base_files(root, arch)
@@ -422,8 +424,10 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
         # with no stdout ("Warning: unable to open an initial console").
         cpio.chardev("dev/console", 5, 1)
         cpio.chardev("dev/null", 1, 3, 0o666)
-        initramfs = out / "initramfs.cpio.gz"
-        initramfs.write_bytes(cpio.finish())
+        (work / "initramfs.img").write_bytes(cpio.finish())
+        kernel, initramfs = out / "kernel", out / "initramfs.cpio.gz"
+        os.replace(kernel_tmp, kernel)
+        os.replace(work / "initramfs.img", initramfs)
 
     image = LabImage(
         arch=arch.name, kernel=kernel, initramfs=initramfs, kernel_release=plan.kernel_release,
