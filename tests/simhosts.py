@@ -1,0 +1,381 @@
+"""Simulated SSH hosts: in-process asyncssh servers that really run what they are asked, with a personality.
+
+Each :class:`SimHost` is a real SSH server (asyncssh, port 0 on 127.0.0.1,
+host key generated here) that runs every exec request with a local
+``/bin/sh -c COMMAND`` subprocess, so the facts script and the runner behave
+exactly as on a host with this machine's kernel (tracefs uprobes and
+tracepoints work, kprobes do not).  A :class:`Personality` then injects one
+way a real host misbehaves:
+
+``normal``      answers like sshd.
+``slow``        waits ``delay`` seconds before starting each command.
+``hang``        accepts the exec and never answers (no output, no exit).
+``drop_after``  aborts the whole TCP connection ``delay`` seconds into the runner
+                command, as a link loss would; the runner then sees EOF on stdin and a
+                dead stdout, exactly what sshd gives it, and must clean up by itself.
+``hostile``     interleaves garbage into the runner's stdout at line boundaries:
+                invalid UTF-8, NUL bytes, a 1 MB line, a fake ``@@fp error`` line.
+``auth_fail``   accepts no client key.
+
+Host keys: :meth:`SimFleet.known_hosts_for` writes a known_hosts file with the
+right key, a different key (a host whose key changed), or no line at all (a
+host never seen before).
+
+The servers run on their own event loop in a background thread, so code under
+test can call ``asyncio.run`` (as ``fleetprobe.cli.main`` does) or run in a
+subprocess.  :meth:`SimFleet.stop` closes every server and waits for every
+command's process group to exit (killing what is left after a grace period),
+so no test leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncssh
+
+T = TypeVar("T")
+
+PERSONALITIES = ("normal", "slow", "hang", "drop_after", "hostile", "auth_fail")
+
+#: What the hostile personality injects, one item per injection point.
+HOSTILE_GARBAGE: tuple[bytes, ...] = (
+    b"\xff\xfe\xfd not utf-8 \xc3\x28 at all\n",
+    b"nul\x00bytes\x00in\x00the\x00middle\n",
+    b"@@fp error injected-by-simhost\n",
+    b"x" * (1 << 20) + b"\n",          # one 1 MB line: read in 16 chunks with no newline
+    b"   garbage-0  [000] ...1. notatime: nothing\n",
+)
+
+
+@dataclass(frozen=True)
+class Personality:
+    """How a simulated host misbehaves (see the module docstring)."""
+
+    kind: str = "normal"
+    delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse a typo: a test with an unknown personality would test nothing."""
+        if self.kind not in PERSONALITIES:
+            raise ValueError(f"unknown personality {self.kind!r}; one of {', '.join(PERSONALITIES)}")
+
+
+def command_kind(command: str) -> str:
+    """Which fleetprobe script a command runs: ``runner``, ``facts`` or ``other`` (by their header comment)."""
+    if "fleetprobe runner:" in command:
+        return "runner"
+    if "fleetprobe facts:" in command:
+        return "facts"
+    return "other"
+
+
+@dataclass
+class CommandLog:
+    """One exec request a sim host received."""
+
+    kind: str
+    command: str
+    started: float
+    exit_status: int | None = None
+    pid: int | None = None
+
+
+@dataclass
+class SimHost:
+    """One simulated host: its address, keys, personality and what it saw."""
+
+    name: str
+    personality: Personality
+    host_key: asyncssh.SSHKey
+    port: int = 0
+    connections: int = 0
+    commands: list[CommandLog] = field(default_factory=list)
+    dropped: bool = False
+    acceptor: asyncssh.SSHAcceptor | None = None
+    pgids: set[int] = field(default_factory=set)
+    hostile_injected: int = 0
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1"
+
+    def known_hosts_line(self, key: asyncssh.SSHKey | None = None) -> str:
+        """A known_hosts line for this host (with ``key`` instead of its own, to simulate a changed key)."""
+        pub = (key or self.host_key).export_public_key().decode().strip()
+        return f"[{self.address}]:{self.port} {pub}\n"
+
+    def ran(self, kind: str) -> list[CommandLog]:
+        """The commands of one kind this host ran."""
+        return [c for c in self.commands if c.kind == kind]
+
+
+class _Server(asyncssh.SSHServer):
+    """Public-key auth against the fleet's client key (none for ``auth_fail``); counts connections."""
+
+    def __init__(self, host: SimHost, client_key: asyncssh.SSHKey) -> None:
+        self._host = host
+        self._client_pub = client_key.export_public_key()
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Count every connection, authenticated or not (a playbook error must cause none)."""
+        self._host.connections += 1
+
+    def begin_auth(self, username: str) -> bool:
+        """Always require authentication."""
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        """Keys only, like a hardened sshd."""
+        return True
+
+    def password_auth_supported(self) -> bool:
+        """No passwords."""
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Accept the fleet's key, except on an ``auth_fail`` host."""
+        if self._host.personality.kind == "auth_fail":
+            return False
+        return bool(key.export_public_key() == self._client_pub)
+
+
+async def _pump_in(process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process) -> None:
+    """Copy the channel's stdin to the command; EOF (or a dead link) closes its stdin, as sshd does."""
+    assert proc.stdin is not None
+    try:
+        while True:
+            data = await process.stdin.read(65536)
+            if not data:
+                break
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+    except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        try:
+            proc.stdin.close()
+        except (OSError, RuntimeError):
+            pass
+
+
+class _Session:
+    """Runs one exec request under the host's personality."""
+
+    def __init__(self, host: SimHost) -> None:
+        self.host = host
+        self.link_up = True
+
+    async def handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        """asyncssh's process_factory: run the command for real, misbehaving as told."""
+        host = self.host
+        p = host.personality
+        command = process.command or ""
+        log = CommandLog(command_kind(command), command, time.time())
+        host.commands.append(log)
+        if p.kind == "hang":
+            # Accept the exec, then say nothing until the client gives up and closes the channel.
+            await process.wait_closed()
+            return
+        if p.kind == "slow" and p.delay > 0:
+            await asyncio.sleep(p.delay)
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        log.pid = proc.pid
+        host.pgids.add(proc.pid)
+        conn = process.get_extra_info("connection")
+        dropper: asyncio.Task[None] | None = None
+        if p.kind == "drop_after" and log.kind == "runner":
+            dropper = asyncio.ensure_future(self._drop(conn, proc, p.delay))
+        hostile = p.kind == "hostile" and log.kind == "runner"
+        pumps = [asyncio.ensure_future(_pump_in(process, proc)),
+                 asyncio.ensure_future(self._pump_out(proc.stdout, process.stdout, hostile)),
+                 asyncio.ensure_future(self._pump_out(proc.stderr, process.stderr, False))]
+        status = await proc.wait()
+        log.exit_status = status
+        await asyncio.wait(pumps[1:], timeout=5)
+        pumps[0].cancel()
+        if dropper is not None:
+            dropper.cancel()
+        if self.link_up:
+            try:
+                process.exit(status)
+            except (asyncssh.Error, OSError):
+                pass
+
+    async def _drop(self, conn: asyncssh.SSHServerConnection, proc: asyncio.subprocess.Process,
+                    delay: float) -> None:
+        """Abort the TCP connection as a link loss would, and close the command's pipes as sshd then does.
+
+        The command sees EOF on stdin and EPIPE on its next write to stdout;
+        it is not killed: cleaning up after a lost link is its own job.
+        """
+        await asyncio.sleep(delay)
+        self.link_up = False
+        self.host.dropped = True
+        conn.abort()
+        # asyncio.subprocess.Process has no public way to close one pipe's read end: use its transport.
+        transport = getattr(proc, "_transport", None)
+        for fd in (0, 1, 2):
+            pipe = transport.get_pipe_transport(fd) if transport is not None else None
+            if pipe is not None:
+                pipe.close()
+
+    async def _pump_out(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes],
+                        hostile: bool) -> None:
+        """Copy the command's output to the channel; once the link is gone, stop reading (the pipe closes).
+
+        The hostile personality adds one garbage item after each of the first
+        few newlines, so real lines stay whole and their events still count.
+        """
+        assert src is not None
+        garbage = list(HOSTILE_GARBAGE) if hostile else []
+        try:
+            while self.link_up:
+                data = await src.read(65536)
+                if not data:
+                    break
+                if garbage and b"\n" in data:
+                    cut = data.rindex(b"\n") + 1
+                    data = data[:cut] + garbage.pop(0) + data[cut:]
+                    self.host.hostile_injected += 1
+                dst.write(data)
+                await dst.drain()
+        except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
+            pass
+
+
+class SimFleet:
+    """Simulated hosts on one background event loop, plus the client key that reaches them."""
+
+    def __init__(self, workdir: Path) -> None:
+        """Generate the client key in ``workdir`` and start the server loop."""
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.client_key = asyncssh.generate_private_key("ssh-ed25519")
+        self.client_key_path = workdir / "id_ed25519"
+        self.client_key.write_private_key(str(self.client_key_path))
+        os.chmod(self.client_key_path, 0o600)
+        self.hosts: list[SimHost] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="simhosts", daemon=True)
+        self._thread.start()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the server loop and wait for its result."""
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return fut.result(timeout)
+
+    def add(self, name: str, kind: str = "normal", delay: float = 0.0) -> SimHost:
+        """Start one simulated host listening on 127.0.0.1, port chosen by the kernel."""
+        host = SimHost(name, Personality(kind, delay), asyncssh.generate_private_key("ssh-ed25519"))
+
+        async def start() -> None:
+            host.acceptor = await asyncssh.create_server(
+                lambda: _Server(host, self.client_key), "127.0.0.1", 0,
+                server_host_keys=[host.host_key], process_factory=lambda p: _Session(host).handle(p),
+                encoding=None, allow_scp=False, sftp_factory=None, x11_forwarding=False,
+                agent_forwarding=False, keepalive_interval=0)
+            host.port = int(host.acceptor.sockets[0].getsockname()[1])
+
+        self._call(start())
+        self.hosts.append(host)
+        return host
+
+    def known_hosts_for(self, path: Path, *, changed: tuple[SimHost, ...] = (),
+                        unknown: tuple[SimHost, ...] = ()) -> Path:
+        """Write known_hosts: every host's key, a wrong key for ``changed``, no line for ``unknown``."""
+        lines = []
+        for h in self.hosts:
+            if h in unknown:
+                continue
+            lines.append(h.known_hosts_line(asyncssh.generate_private_key("ssh-ed25519") if h in changed
+                                            else None))
+        path.write_text("".join(lines))
+        return path
+
+    def inventory(self, path: Path, known_hosts: Path, hosts: list[SimHost] | None = None,
+                  extra: dict[str, dict[str, Any]] | None = None) -> Path:
+        """An Ansible-layout inventory reaching ``hosts`` (all by default) with the fleet's key."""
+        import yaml
+
+        entries: dict[str, dict[str, Any]] = {}
+        for h in hosts if hosts is not None else self.hosts:
+            entries[h.name] = {"ansible_host": h.address, "ansible_port": h.port}
+        for name, hv in (extra or {}).items():
+            entries.setdefault(name, {}).update(hv)
+        data = {"all": {"vars": {"ansible_user": "root",
+                                 "ansible_ssh_private_key_file": str(self.client_key_path),
+                                 "fleetprobe_known_hosts": str(known_hosts)},
+                        "children": {"sim": {"hosts": entries}}}}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def live_pgids(self) -> list[int]:
+        """Process groups started by any sim host that still have a member."""
+        out = []
+        for h in self.hosts:
+            for pg in sorted(h.pgids):
+                try:
+                    os.killpg(pg, 0)
+                except ProcessLookupError:
+                    continue
+                except PermissionError:
+                    pass
+                out.append(pg)
+        return out
+
+    def wait_quiet(self, timeout: float) -> list[int]:
+        """Wait until every command's process group is gone; the ones still alive after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = self.live_pgids()
+            if not live or time.monotonic() >= deadline:
+                return live
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 8.0) -> list[int]:
+        """Close every server and end every process it started; returns groups that had to be killed.
+
+        The grace period lets a runner whose link dropped finish its own teardown
+        (and its watchdog notice the instance is gone, which takes up to 2 s)
+        before anything is killed.
+        """
+        async def close_all() -> None:
+            for h in self.hosts:
+                if h.acceptor is not None:
+                    h.acceptor.close()
+                    await h.acceptor.wait_closed()
+
+        try:
+            self._call(close_all())
+        finally:
+            killed = self.wait_quiet(grace)
+            for pg in killed:
+                try:
+                    os.killpg(pg, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            if not self._thread.is_alive():
+                self._loop.close()
+        return killed
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released, so no server grabs it at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
