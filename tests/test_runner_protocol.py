@@ -1,0 +1,235 @@
+"""The runner's control-line protocol: real captured runner output, directive order, clock samples.
+
+The captures in tests/data/runner were made by running fleetprobe/runner.sh on
+this machine (see the README there).  One test runs the runner again now under
+busybox sh and stops it by closing its stdin, the way a dropped controller does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fleetprobe.facts import Facts
+from fleetprobe.parse import CONTROL_PREFIX, TraceStream
+from fleetprobe.plan import HostPlan, plan_host
+from fleetprobe.playbook import parse_playbook
+from fleetprobe.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
+
+DATA = Path(__file__).parent / "data"
+RUNNER = DATA / "runner"
+TRACEFS = Path("/sys/kernel/tracing")
+GROUP = "fp_capt01_0a1b"
+
+
+def report_of(text: str) -> RunnerReport:
+    """Feed every control line of a runner's stdout to a RunnerReport."""
+    rep = RunnerReport()
+    for line in text.splitlines():
+        if line.startswith(CONTROL_PREFIX):
+            rep.handle(line[len(CONTROL_PREFIX):])
+    return rep
+
+
+@pytest.mark.parametrize("name", ["tracepoint-uprobe-dash.out", "tracepoint-uprobe-busybox.out"])
+def test_captured_run(name: str) -> None:
+    """What a real run said: placed, refused with the kernel's reason, loss counters, clean."""
+    rep = report_of((RUNNER / name).read_text())
+    assert rep.hello and rep.started and rep.bye
+    assert rep.clean is True and rep.unclean == []
+    assert rep.enabled == 3 and rep.stop_reason == "duration"
+    assert rep.placed == [f"p:{GROUP}/readline /bin/bash:0xc6c20"]
+    # The refused uprobe carries error_log's words; its later enable failure does not replace that cause.
+    assert rep.refused["bogus"].startswith("def refused:")
+    assert "Failed to find the given file" in rep.refused["bogus"]
+    # The bad filter carries the kernel's parse error from the filter file (not a stale error_log line).
+    assert rep.refused["readline"] == "filter refused: Too many terms in predicate expression"
+    assert set(rep.stats["start"]) == set(rep.stats["end"]) == {"cpu0", "cpu1"}
+    loss = rep.loss(GROUP)
+    assert (loss.overrun, loss.dropped, loss.probe_misses) == (0, 0, {})
+    assert rep.errors == [] and rep.swept == []
+
+
+def test_captured_stream_through_trace_stream() -> None:
+    """The same bytes through the stream parser: control lines routed, both tracepoints seen, no garbage."""
+    rep = RunnerReport()
+    seen: list[str] = []
+    names = {"sched_process_exec": "exec", "sched_process_fork": "fork", "readline": "readline"}
+
+    class Rows:
+        """Collect probe names whatever the sink API hands over."""
+
+        def add_line(self, host: str, probe: str, *rest: object) -> None:
+            seen.append(probe)
+
+        def add_rows(self, host: str, rows: list[tuple[str, ...]], names: dict[str, str], *rest: object) -> None:
+            seen.extend(names[r[5]] for r in rows if r[5] in names)
+
+    stream = TraceStream("ctl", names, aggregate=Rows(), on_control=rep.handle)  # type: ignore[arg-type]
+    data = (RUNNER / "tracepoint-uprobe-dash.out").read_bytes()
+    for i in range(0, len(data), 97):                   # chunks cut mid-line, as a channel does
+        stream.feed(data[i:i + 97])
+    stream.close()
+    assert stream.stats.unparsed == 0, stream.stats.unparsed_examples
+    assert stream.stats.control == 13 and stream.stats.markers == 2
+    assert rep.bye and rep.clean
+    assert seen.count("exec") == 3 and seen.count("fork") > 3
+
+
+def test_stats_deltas_and_probe_misses() -> None:
+    """Loss is end minus start per CPU; kprobe misses zip kprobe_events with kprobe_profile for our group only."""
+    rep = RunnerReport()
+    for line in [
+        "stats start cpu0 entries=0 overrun=5 commit_overrun=0 dropped=1 read=0",
+        "stats start cpu1 entries=0 overrun=0 commit_overrun=0 dropped=0 read=0",
+        "kev start p:fp_run1_ab12/open do_sys_openat2 dfd=%di",
+        "kev start p:other/theirs vfs_read",
+        "kev start r:fp_run1_ab12/open_ret do_sys_openat2 ret=$retval",
+        "kprof start   open                                              10               1",
+        "kprof start   theirs                                           999              50",
+        "kprof start   open_ret                                          10               0",
+        "stats end cpu0 entries=3 overrun=12 commit_overrun=0 dropped=4 read=77",
+        "stats end cpu1 entries=0 overrun=2 commit_overrun=0 dropped=0 read=9",
+        "kev end p:fp_run1_ab12/open do_sys_openat2 dfd=%di",
+        "kev end p:other/theirs vfs_read",
+        "kev end r:fp_run1_ab12/open_ret do_sys_openat2 ret=$retval",
+        "kprof end   open                                            5010               4",
+        "kprof end   theirs                                          9999             500",
+        "kprof end   open_ret                                        5008               2",
+    ]:
+        rep.handle(line)
+    loss = rep.loss("fp_run1_ab12")
+    assert (loss.overrun, loss.dropped) == (7 + 2, 3)
+    assert loss.probe_misses == {"open": 3, "open_ret": 2}
+    assert rep.hits("fp_run1_ab12") == {"open": 5010, "open_ret": 5008}
+
+
+def test_counters_that_go_backwards_count_zero() -> None:
+    """A CPU whose counters were reset (buffer resized) must not give negative loss."""
+    rep = RunnerReport()
+    rep.handle("stats start cpu0 overrun=50 dropped=9")
+    rep.handle("stats end cpu0 overrun=3 dropped=0")
+    assert (rep.loss("g").overrun, rep.loss("g").dropped) == (0, 0)
+
+
+def test_unclean_error_sweep_module_lines() -> None:
+    """Every word of the protocol lands where the orchestrator reads it."""
+    rep = report_of("\n".join([
+        "@@fp error group must start with fp_",
+        "@@fp swept fp_old123_ab12_1700000000",
+        "@@fp loaded fp_kprobe",
+        "@@fp modfail fp_kretprobe :: insmod: ERROR: could not insert module: Invalid module format",
+        "@@fp unclean event fp_a_0000/open busy",
+        "@@fp unclean instance fp_a_0000_1 busy",
+        "@@fp pong 1795656580.198461634",
+    ]))
+    assert rep.errors == ["group must start with fp_"]
+    assert rep.swept == ["fp_old123_ab12_1700000000"]
+    assert rep.loaded == ["fp_kprobe"]
+    assert rep.refused["fp_kretprobe"] == "mod refused: insmod: ERROR: could not insert module: Invalid module format"
+    assert rep.clean is False and rep.unclean == ["event fp_a_0000/open busy", "instance fp_a_0000_1 busy"]
+    assert rep.pongs[0][1] == "1795656580.198461634"
+
+
+def test_clock_sample() -> None:
+    """Offset is host time minus the round trip's midpoint; error is half the round trip (+1 s without %N)."""
+    off, err = clock_sample(100.0, 100.2, "150.1") or (0, 0)
+    assert off == pytest.approx(50.0) and err == pytest.approx(0.1)
+    off, err = clock_sample(100.0, 100.2, "150.%N") or (0, 0)
+    assert off == pytest.approx(49.9) and err == pytest.approx(1.1)
+    off, err = clock_sample(100.0, 100.0, "150") or (0, 0)
+    assert off == pytest.approx(50.0) and err == pytest.approx(1.0)
+    assert clock_sample(1.0, 2.0, "") is None
+    assert clock_sample(1.0, 2.0, "garbage") is None
+
+
+def kitchen_plan() -> tuple[HostPlan, Facts]:
+    """A plan with kprobes, a kretprobe, a filter and a tracepoint for stored x86_64 6.1 facts."""
+    facts = Facts.from_json(json.loads((DATA / "facts" / "x86_64-debian-6.1.json").read_text()))
+    pb = parse_playbook("""\
+name: order
+description: definitions, filters and enables
+duration: 2s
+probes:
+  - name: exec
+    tracepoint: sched/sched_process_exec
+    filter: 'pid > 1'
+  - name: open
+    kprobe: [do_sys_openat2, do_sys_open]
+    args: { dfd: arg1:s32 }
+    filter: 'dfd != 5'
+  - name: open_ret
+    kretprobe: [do_sys_openat2, do_sys_open]
+    args: { ret: retval:s32 }
+""", "order.yml")
+    return plan_host(pb, facts, run_id="ord1", deadline=1800000000, uprobe_offsets={}), facts
+
+
+def test_plan_directives_order() -> None:
+    """Header, then every definition, then modules, then filters, then enables, then go."""
+    plan, _ = kitchen_plan()
+    text = plan_directives(plan, tracefs="/sys/kernel/tracing", duration=2.2, deadline=1800000000, grace=60,
+                           buffer_kb=1024, modules=(ModuleLoad("fp_kprobe", "/tmp/fp_kprobe.ko",
+                                                               (("symbol", "kernel_clone"),)),))
+    lines = text.splitlines()
+    assert lines[:7] == ["tracefs /sys/kernel/tracing", f"group {plan.group}", f"instance {plan.instance}",
+                         "duration 3", "deadline 1800000000", "grace 60", "buffer_kb 1024"]
+    assert lines[-1] == "go" and text.endswith("go\n")
+    kinds = [line.split(" ", 1)[0] for line in lines[7:-1]]
+    assert kinds == ["def", "def", "module", "filter", "filter", "enable", "enable", "enable"]
+    assert f"def kprobe_events p:{plan.group}/open do_sys_openat2 dfd=$arg1:s32" in lines
+    assert f"def kprobe_events r:{plan.group}/open_ret do_sys_openat2 ret=$retval:s32" in lines
+    assert f"filter {plan.group}/open dfd != 5" in lines
+    assert "module fp_kprobe /tmp/fp_kprobe.ko symbol=kernel_clone" in lines
+    assert "filter sched/sched_process_exec pid > 1" in lines
+    assert f"enable {plan.group}/open_ret" in lines
+
+
+def test_plan_directives_refuse_newlines() -> None:
+    """A newline inside a value would inject a directive: refused."""
+    plan, _ = kitchen_plan()
+    bad = dataclasses.replace(plan.probes[0], filter="pid > 1\nenable evil/evil")
+    with pytest.raises(ValueError, match="newline"):
+        plan_directives(dataclasses.replace(plan, probes=(bad,)), tracefs="/t", duration=1, deadline=1, grace=1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (TRACEFS / "instances").is_dir() or not shutil.which("busybox"),
+                    reason="needs root, tracefs and busybox")
+def test_busybox_runner_stops_on_eof_and_cleans() -> None:
+    """Under busybox ash: stdin EOF mid-run (the controller vanished) ends the run, clean, well before its duration."""
+    group = f"fp_bbeof{os.getpid() % 10000}_0b0b"
+    instance = f"{group}_{int(time.time()) + 120}"
+    plan = (f"tracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 60\ndeadline {int(time.time()) + 60}\n"
+            f"grace 60\nenable sched/sched_process_exec\ngo\n")
+    proc = subprocess.Popen([shutil.which("busybox") or "busybox", "sh", "-c", runner_script(), "fleetprobe"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(plan.encode())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while not (TRACEFS / "instances" / instance).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (TRACEFS / "instances" / instance).exists()
+        time.sleep(1)
+        t0 = time.monotonic()
+        out, err = proc.communicate(b"", timeout=20)     # closes stdin: EOF
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    rep = report_of(out.decode("utf-8", "replace"))
+    assert rep.started and rep.enabled == 1
+    assert rep.stop_reason == "stop-or-eof", out[-500:]
+    assert rep.clean and rep.bye
+    assert took < 10
+    assert not (TRACEFS / "instances" / instance).exists()
