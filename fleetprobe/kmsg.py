@@ -128,13 +128,18 @@ class KmsgStream:
     """Incremental /dev/kmsg reader state: splits chunks into records, drops replays, counts gaps.
 
     ``feed()`` takes chunks cut anywhere and returns the records completed so
-    far; a record is complete once the next record's header arrives (its
-    dictionary lines could still follow until then) or on ``flush()``.
+    far.  A record is complete once the next record's header arrives, or when
+    a chunk ends exactly at the end of a line: read(2) of /dev/kmsg returns a
+    record together with its dictionary lines, so a line-aligned chunk end is
+    almost always a record end, and a live stream must not hold its latest
+    event back until the kernel logs something else.  Dictionary lines that
+    arrive after their record was returned are counted in ``late_props``.
 
     Counters: ``lost`` records never seen (sum of sequence gaps), ``gaps`` the
     gaps themselves as (last seen seq, next seq) pairs, ``duplicates`` records
     dropped because their seq was already seen (a reopened reader replays the
-    ring), ``malformed`` lines that were not records (kept in ``bad_lines``,
+    ring), ``late_props`` dictionary lines that came after their record was
+    returned, ``malformed`` lines that were not records (kept in ``bad_lines``,
     at most 20), unless ``strict`` in which case they raise.
     """
 
@@ -146,12 +151,14 @@ class KmsgStream:
         self.lost = 0
         self.gaps: list[tuple[int, int]] = []
         self.duplicates = 0
+        self.late_props = 0
         self.malformed = 0
         self.bad_lines: list[str] = []
         self._partial = b""
         self._pending: KmsgRecord | None = None
         self._pending_props: list[tuple[str, str]] = []
         self._skipping = False
+        self._emitted = False  # the last record was returned at a chunk end
 
     def feed(self, chunk: bytes | str) -> list[KmsgRecord]:
         """Add bytes read from the host; return the records now complete, in order."""
@@ -161,6 +168,9 @@ class KmsgStream:
         out: list[KmsgRecord] = []
         for raw in lines:
             self._line(raw.decode("utf-8", "replace"), out)
+        if not self._partial:
+            self._finish_pending(out)
+            self._emitted = True
         return out
 
     def flush(self) -> list[KmsgRecord]:
@@ -182,6 +192,8 @@ class KmsgStream:
                 self._pending_props.append((key, unescape(value)))
             elif self._skipping:
                 return  # the dictionary of a record dropped as a duplicate
+            elif self._emitted and sep:
+                self.late_props += 1
             else:
                 self._bad(line, "dictionary line without a record before it")
             return
@@ -189,10 +201,11 @@ class KmsgStream:
             record = parse_header(line, where=self.where)
         except KmsgFormatError as exc:
             self._finish_pending(out)
-            self._skipping = False
+            self._skipping = self._emitted = False
             self._bad(line, exc.reason)
             return
         self._finish_pending(out)
+        self._emitted = False
         self._skipping = self.last_seq is not None and record.seq <= self.last_seq
         if self._skipping:
             self.duplicates += 1

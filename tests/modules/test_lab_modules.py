@@ -1,0 +1,203 @@
+"""fp_kprobe and fp_kretprobe loaded into real Debian kernels (the qemu lab), read back through /dev/kmsg.
+
+For each lab arch: cross-build on the controller, compare vermagic with the
+guest's own modules, copy the .ko over real SSH, insmod with run/probe
+parameters, fork, stream /dev/kmsg back and parse it with fleetprobe.kmsg,
+check the per-arch registers, rmmod, and check /proc/modules is clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetprobe.build import (
+    ModuleCache,
+    build_groups,
+    default_cache_dir,
+    host_module_error,
+    load_module_source,
+    plan_builds,
+    read_host_vermagic,
+)
+from fleetprobe.facts import Facts
+from fleetprobe.inventory import Host
+from fleetprobe.kmsg import KmsgCollector
+from fleetprobe.parse import TraceEvent
+from fleetprobe.transport import AsyncsshSession, SSHOptions, connect
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SHARED_CACHE = Path(os.environ.get("FLEETPROBE_TEST_CACHE") or default_cache_dir())
+LAB_ARCHES = ["x86_64", "ppc64le", "mips64el", "mipsel"]
+
+# The registers each arch's line carries, and where that arch's kernel text lives
+# (x86_64 and mips64 CKSEG0 at 0xffffffff8..., ppc64 at 0xc000..., mips32 KSEG0 at 0x8...).
+REGISTERS = {
+    "x86_64": (("ip", "flags"), 0xffffffff80000000),
+    "ppc64le": (("nip", "msr"), 0xc000000000000000),
+    "mips64el": (("cp0_epc", "cp0_status"), 0xffffffff80000000),
+    "mipsel": (("cp0_epc", "cp0_status"), 0x80000000),
+}
+
+
+@pytest.fixture(scope="module")
+def lab_vms() -> Iterator[Any]:
+    """One VM per lab arch in a lab directory of our own; stops only the VMs this fixture started."""
+    from fleetprobe.lab import fleet
+
+    lab_dir = Path(os.environ.get("FLEETPROBE_MODULES_LAB_DIR") or SHARED_CACHE / "lab-modules")
+    try:
+        lab = fleet.up(LAB_ARCHES, lab_dir=lab_dir)
+    except Exception as exc:  # the lab's own error names the VM and shows its console
+        pytest.fail(f"lab did not come up: {exc}")
+    try:
+        yield lab
+    finally:
+        fleet.down(lab_dir, names=lab.started)
+
+
+def vm_for(lab: Any, arch: str) -> Any:
+    """The lab VM of ``arch``."""
+    return next(v for v in lab.vms if v.arch == arch)
+
+
+def vm_facts(vm: Any) -> Facts:
+    """Facts as the lab VM reports them (what the facts stage would gather)."""
+    return Facts(host=vm.name, arch=vm.uname_m, kernel_release=vm.kernel_release,
+                 kernel_version=f"#1 SMP Debian {vm.kernel_version}", endian="little",
+                 elf_class=32 if vm.uname_m == "mips" else 64)
+
+
+async def vm_session(lab: Any, vm: Any) -> AsyncsshSession:
+    """A real SSH session to a lab VM with the lab's key and known_hosts."""
+    host = Host(name=vm.name, address="127.0.0.1", port=vm.port, user="root",
+                key_file=str(lab.key), known_hosts=str(lab.known_hosts))
+    options = SSHOptions(known_hosts=(str(lab.known_hosts),), ssh_config=(), identities=(str(lab.key),),
+                         connect_timeout=60)
+    return await connect(host, options)
+
+
+async def load_fork_unload(session: AsyncsshSession, ko: bytes, module: str, params: str,
+                           collector: KmsgCollector, probe: str) -> tuple[list[TraceEvent], str, str]:
+    """insmod, fork a few times, rmmod, while streaming /dev/kmsg; return (events, insmod output, /proc/modules)."""
+    path = f"/tmp/{module}-{collector.run}.ko"
+    await session.put(ko, path)
+    stream = await session.stream("exec cat /dev/kmsg")
+    events: list[TraceEvent] = []
+    try:
+        script = (f"insmod {shlex.quote(path)} {params} 2>&1 || echo insmod-failed; "
+                  "for i in 1 2 3; do sh -c 'exit 0'; done; "
+                  f"grep -q '^{module} ' /proc/modules && rmmod {module}; rm -f {shlex.quote(path)}")
+        res = await session.run(script, timeout=120)
+        insmod_out = res.stdout.decode(errors="replace")
+        deadline = time.monotonic() + 60
+        st = collector.status.get(probe)
+        while time.monotonic() < deadline and not (st and (st.unregistered or st.failed)):
+            chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
+            if not chunk:
+                break
+            events += collector.feed(chunk)
+            st = collector.status.get(probe)
+        events += collector.flush()
+    finally:
+        stream.close()
+        # Whatever happened above, leave no module and no file behind.
+        await session.run(f"grep -q '^{module} ' /proc/modules && rmmod {module}; rm -f {shlex.quote(path)}; true",
+                          timeout=60)
+    modules = (await session.run("cat /proc/modules", timeout=60)).stdout.decode(errors="replace")
+    return events, insmod_out, modules
+
+
+async def build_for(vm: Any, tmp_path: Path) -> dict[str, Any]:
+    """Cross-build both modules for the VM's kernel; return name -> BuiltModule."""
+    mods = [load_module_source(ROOT / "modules" / n) for n in ("fp_kprobe", "fp_kretprobe")]
+    results = await build_groups(plan_builds([vm_facts(vm)], mods), cache=ModuleCache(tmp_path / "m"),
+                                 trees=SHARED_CACHE / "kernel-trees", debian_cache=SHARED_CACHE / "debian")
+    for r in results:
+        assert r.module is not None, f"{r.error}\n{r.error.evidence if r.error else ''}"
+    return {r.group.key.module: r.module for r in results}
+
+
+@pytest.mark.parametrize("arch", LAB_ARCHES)
+def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) -> None:
+    vm = vm_for(lab_vms, arch)
+    run = "t" + secrets.token_hex(3)
+    fields, text_base = REGISTERS[arch]
+
+    async def go() -> None:
+        """Build, check vermagic against the guest, load, fork, parse, unload."""
+        built = await build_for(vm, tmp_path)
+        session = await vm_session(lab_vms, vm)
+        try:
+            host_vermagic = await read_host_vermagic(session, vm.kernel_release)
+            assert host_vermagic, "the guest has its NIC modules under /lib/modules/<release>"
+            for m in built.values():
+                assert host_module_error(vm.name, m, vm.kernel_release, host_vermagic) is None
+                assert m.modinfo.vermagic.split() == host_vermagic.split()
+
+            # fp_kprobe: pre and post lines with this arch's registers.
+            col = KmsgCollector(vm.name, run)
+            events, out, modules = await load_fork_unload(
+                session, built["fp_kprobe"].data(), "fp_kprobe",
+                f"run={run} probe=fork symbol=kernel_clone rate=1000", col, "fork")
+            assert "insmod-failed" not in out, out
+            st = col.status["fork"]
+            assert st.planted_at.startswith("kernel_clone+"), st
+            pre = [e for e in events if e.fields["ev"] == "pre"]
+            post = [e for e in events if e.fields["ev"] == "post"]
+            assert len(pre) >= 3 and len(post) >= 3, events
+            assert st.unregistered and st.hits is not None and st.hits >= len(pre)
+            assert st.suppressed == 0 and st.printed == len(pre) + len(post)
+            for e in pre + post:
+                assert e.host == vm.name and e.probe == "fork" and e.site == "kernel_clone+0x0"
+                assert e.pid > 0 and e.comm and e.cpu >= 0 and e.trace_ts > 0
+                assert set(fields) <= set(e.fields), e.fields
+                pc = e.fields[fields[0]]
+                assert isinstance(pc, int) and pc >= text_base, hex(pc) if isinstance(pc, int) else pc
+            if arch == "x86_64":
+                assert all(int(e.fields["flags"]) & 0x2 for e in pre)  # EFLAGS bit 1 always reads 1
+            if arch == "ppc64le":
+                assert all(int(e.fields["msr"]) >> 63 == 1 and int(e.fields["msr"]) & 1 for e in pre)  # SF, LE
+            assert col.stream.malformed == 0 and col.stream.duplicates == 0
+            assert "fp_kprobe " not in modules
+
+            # fp_kretprobe: return value (the child's pid) and latency.
+            col = KmsgCollector(vm.name, run + "r")
+            events, out, modules = await load_fork_unload(
+                session, built["fp_kretprobe"].data(), "fp_kretprobe",
+                f"run={run}r probe=forkret", col, "forkret")
+            assert "insmod-failed" not in out, out
+            rets = [e for e in events if e.fields["ev"] == "ret"]
+            assert len(rets) >= 3
+            for e in rets:
+                retval, lat = e.fields["retval"], e.fields["lat_ns"]
+                assert isinstance(retval, int) and 0 < retval < 4194304  # a new pid (pid_max limit)
+                assert isinstance(lat, int) and 0 < lat < 10_000_000_000
+            assert col.status["forkret"].unregistered and col.status["forkret"].missed == 0
+            assert "fp_kretprobe " not in modules
+
+            # A symbol that does not exist: insmod fails cleanly and the module says why.
+            col = KmsgCollector(vm.name, run + "b")
+            events, out, modules = await load_fork_unload(
+                session, built["fp_kprobe"].data(), "fp_kprobe",
+                f"run={run}b probe=bad symbol=fleetprobe_no_such_function", col, "bad")
+            assert "insmod-failed" in out
+            assert events == []
+            assert col.status["bad"].failed == "sym=fleetprobe_no_such_function+0x0 err=-2"
+            assert "fp_kprobe " not in modules
+            left = await session.run("ls /tmp/*.ko 2>/dev/null; true", timeout=60)
+            assert left.stdout == b""
+        finally:
+            await session.close()
+
+    asyncio.run(go())
