@@ -156,8 +156,9 @@ async def _wait_one(rec: LabVM, paths: vm.VMPaths, key: Path, known_hosts: Path,
                              hint=f"the lab files may be stale; run `fleetprobe lab down` "
                                   f"and `lab up` again. console {paths.serial_log}") from exc
         except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
-            # dropbear right after start occasionally drops the first key
-            # exchange (seen on the mips guests); a retry succeeds.
+            # dropbear just after start has dropped a first key exchange
+            # (seen on mips64el/mipsel: "Failed assertion (rsa.c:164)" in the
+            # console); a fresh connection then succeeds.  Retry until the deadline.
             last = exc
             if not alive():
                 break
