@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -25,7 +26,7 @@ from .facts import Facts, facts_args, facts_script, parse_facts
 from .inventory import Host
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome
-from .parse import LineSink, TraceEvent, TraceStream
+from .parse import LineSink, Row, TraceEvent, TraceStream
 from .plan import HostPlan, names_for, new_run_id, plan_host
 from .playbook import Playbook
 from .runner import RunnerReport, clock_sample, plan_directives, runner_script, sweep_directives
@@ -88,32 +89,57 @@ class NullObserver:
 class _HostCap:
     """Counts one host's events per probe and enforces the playbook's event cap.
 
-    Sits between the stream and the fleet aggregate (the hot path), so a
-    capped event is neither aggregated nor written; ``last_ok`` tells the
-    raw-event writer, which the stream calls right after, whether it was kept.
+    Sits between the stream and the fleet aggregate (the hot path: batches of
+    rows per chunk), so an event over the cap is counted as ``capped`` and
+    neither aggregated nor written.
     """
 
-    __slots__ = ("aggregate", "cap", "accepted", "capped", "counts", "last_ok")
+    __slots__ = ("aggregate", "cap", "accepted", "capped", "counts", "written")
 
     def __init__(self, aggregate: LineSink, cap: int) -> None:
         self.aggregate = aggregate
         self.cap = cap
         self.accepted = 0
         self.capped = 0
-        self.counts: dict[str, int] = {}
-        self.last_ok = False
+        self.counts: Counter[str] = Counter()
+        self.written = 0
+
+    def add_rows(self, host: str, rows: list[Row], names: Mapping[str, str], slope: float = 1.0,
+                 intercept: float = 0.0) -> None:
+        """Count and forward a batch, cut at the cap."""
+        room = self.cap - self.accepted
+        if len(rows) > room:
+            self.capped += len(rows) - max(room, 0)
+            rows = rows[:max(room, 0)]
+        if not rows:
+            return
+        self.accepted += len(rows)
+        self.counts.update(names[r[5]] for r in rows)
+        batch = getattr(self.aggregate, "add_rows", None)
+        if batch is not None:
+            batch(host, rows, names, slope, intercept)
+        else:
+            for comm, pid, cpu, _flags, ts_s, name, args in rows:
+                ts = float(ts_s)
+                self.aggregate.add_line(host, names[name], ts, ts * slope + intercept, int(cpu), int(pid),
+                                        comm, args)
 
     def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
                  comm: str, args: str) -> None:
         """Count and forward one event unless the cap is reached."""
         if self.accepted >= self.cap:
             self.capped += 1
-            self.last_ok = False
             return
         self.accepted += 1
-        self.last_ok = True
-        self.counts[probe] = self.counts.get(probe, 0) + 1
+        self.counts[probe] += 1
         self.aggregate.add_line(host, probe, trace_ts, time, cpu, pid, comm, args)
+
+    def keep_for_writer(self) -> bool:
+        """Whether the raw-event writer may write the next event (the same first ``cap`` events)."""
+        if self.written >= self.cap:
+            return False
+        self.written += 1
+        return True
 
 
 @dataclass
@@ -345,7 +371,7 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
     write = fr.on_event
 
     def on_event(ev: TraceEvent) -> None:
-        if counter.last_ok and write is not None:
+        if write is not None and counter.keep_for_writer():
             write(ev)
 
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write else None,
@@ -408,6 +434,7 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
     loss.lost_lines = parser.stats.lost_events
     loss.capped = counter.capped
     out.loss = loss
+    out.unparsed_lines = parser.stats.unparsed
     out.placed_probes = {p.name: (p.definition or p.event) for p in plan.probes
                          if _event_name(p) not in report.refused}
     for p in plan.probes:

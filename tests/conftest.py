@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-TRACEFS = Path("/sys/kernel/tracing")
+from hostcheck import ensure_tracefs, fleetprobe_leftovers  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,29 +29,6 @@ def _isolated_home() -> Iterator[None]:
                 os.environ["HOME"] = old_home
             if old_sock is not None:
                 os.environ["SSH_AUTH_SOCK"] = old_sock
-
-
-def fleetprobe_leftovers() -> list[str]:
-    """fp_ instances, dynamic events and modules on this machine's kernel."""
-    found: list[str] = []
-    inst = TRACEFS / "instances"
-    if inst.is_dir():
-        found += [f"instance {p.name}" for p in inst.iterdir() if p.name.startswith("fp_")]
-    for f in ("kprobe_events", "uprobe_events"):
-        p = TRACEFS / f
-        if p.exists():
-            found += [f"{f}: {line}" for line in p.read_text().splitlines() if ":fp_" in line]
-    return found
-
-
-def ensure_tracefs() -> bool:
-    """Mount tracefs when it is not (CI machines start without it); True when usable."""
-    if (TRACEFS / "README").exists():
-        return True
-    if os.geteuid() != 0:
-        return False
-    os.system("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null")
-    return (TRACEFS / "README").exists()
 
 
 @pytest.fixture

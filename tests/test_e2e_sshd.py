@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import ensure_tracefs, fleetprobe_leftovers
+from hostcheck import ensure_tracefs, fleetprobe_leftovers
 from fleetprobe.cli import main
 from sshhosts import Fleet, free_port, new_fleet
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every test: unit, real sshd in network namespaces, this machine's tracefs, and the qemu lab
+# (real x86_64, ppc64le and mips64el kernels). Sets the machine up first. Extra args go to pytest,
+# e.g. scripts/test.sh -m "not lab" for the fast part only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+start=$(date +%s)
+set +e
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+echo "tests took $(( $(date +%s) - start ))s"
+if [ $rc -eq 5 ]; then
+  echo "test: pytest collected no tests: that is a failure, not a pass" >&2
+  exit 1
+fi
+exit $rc

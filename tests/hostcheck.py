@@ -1,0 +1,31 @@
+"""What fleetprobe left on this machine's kernel, and tracefs set-up, for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def fleetprobe_leftovers() -> list[str]:
+    """fp_ instances, dynamic events and modules on this machine's kernel."""
+    found: list[str] = []
+    inst = TRACEFS / "instances"
+    if inst.is_dir():
+        found += [f"instance {p.name}" for p in inst.iterdir() if p.name.startswith("fp_")]
+    for f in ("kprobe_events", "uprobe_events"):
+        p = TRACEFS / f
+        if p.exists():
+            found += [f"{f}: {line}" for line in p.read_text().splitlines() if ":fp_" in line]
+    return found
+
+
+def ensure_tracefs() -> bool:
+    """Mount tracefs when it is not (CI machines start without it); True when usable."""
+    if (TRACEFS / "README").exists():
+        return True
+    if os.geteuid() != 0:
+        return False
+    os.system("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null")
+    return (TRACEFS / "README").exists()

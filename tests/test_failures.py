@@ -1,0 +1,313 @@
+"""Failure modes, end to end over real SSH: simulated hosts that are slow, hang, drop, lie, refuse.
+
+Every host here is an in-process asyncssh server (tests/simhosts.py) that runs
+fleetprobe's scripts for real on this machine's kernel, so tracepoint events
+are real and the runner really creates and removes its tracefs instance.
+Several sim "hosts" share this one kernel: each run has its own run id, and
+the checks afterwards look only at names carrying it (other test sessions may
+be probing this kernel at the same time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from simhosts import SimFleet, SimHost, refused_port
+
+from fleetprobe.cli import main
+
+pytestmark = [pytest.mark.tracefs]
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACEFS = Path("/sys/kernel/tracing")
+
+PLAYBOOK = """\
+name: simfleet
+description: Program executions and forks, seen by every simulated host (they share this kernel).
+duration: 2s
+probes:
+  - name: exec
+    tracepoint: sched/sched_process_exec
+  - name: fork
+    tracepoint: sched/sched_process_fork
+"""
+
+
+def leftovers(run_id: str) -> list[str]:
+    """Instances and dynamic events of one run still in this machine's tracefs."""
+    prefix = f"fp_{run_id}_"
+    found = [f"instance {p.name}" for p in (TRACEFS / "instances").iterdir() if p.name.startswith(prefix)]
+    for f in ("kprobe_events", "uprobe_events"):
+        p = TRACEFS / f
+        if p.exists():
+            found += [f"{f}: {line}" for line in p.read_text().splitlines() if f":{prefix}" in line]
+    return found
+
+
+def group_prefix(run_id: str, host: str) -> str:
+    """The group name fleetprobe gives ``host`` in run ``run_id`` (see fleetprobe.plan.names_for)."""
+    return f"fp_{run_id}_{hashlib.sha256(host.encode()).hexdigest()[:4]}"
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A run id of this test's own (lowercase letters and digits, as names_for requires)."""
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture
+def sim(tmp_path: Path, run_id: str) -> Iterator[SimFleet]:
+    """A sim fleet; afterwards every command it ran must have ended by itself and tracefs be clean of the run."""
+    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
+        pytest.skip("needs root and tracefs")
+    fleet = SimFleet(tmp_path / "sim")
+    try:
+        yield fleet
+    finally:
+        # A runner whose link dropped finishes its own teardown within a few seconds.
+        killed = fleet.stop(grace=15)
+    assert killed == [], f"processes started by sim hosts did not end by themselves: {killed}"
+    assert leftovers(run_id) == [], f"run {run_id} left these in tracefs"
+
+
+@pytest.fixture
+def busy() -> Iterator[None]:
+    """Keep execs and forks happening on this machine while a test probes."""
+    proc = subprocess.Popen(["sh", "-c", "while :; do /bin/true; sleep 0.02; done"], start_new_session=True)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def write_playbook(tmp_path: Path, text: str = PLAYBOOK) -> Path:
+    """Write a playbook into the test's directory."""
+    path = tmp_path / "simfleet.yml"
+    path.write_text(text)
+    return path
+
+
+def run_cli(args: list[str]) -> tuple[int, str, float]:
+    """fleetprobe in-process: exit status, everything it printed, seconds taken."""
+    console = Console(record=True, width=200)
+    t0 = time.monotonic()
+    rc = main(args, console=console)
+    return rc, console.export_text(), time.monotonic() - t0
+
+
+def common_args(inventory: Path, run_id: str, *, setup: float = 3, connect: float = 2) -> list[str]:
+    """Options every run here shares: no user SSH config or agent, short timeouts, our run id."""
+    return ["-i", str(inventory), "--ssh-config", "none", "--no-agent", "--connect-timeout", str(connect),
+            "--setup-timeout", str(setup), "--no-live", "--run-id", run_id]
+
+
+def hosts_by_name(report_path: Path) -> dict[str, dict[str, Any]]:
+    """The JSON report's host outcomes by host name."""
+    data = json.loads(report_path.read_text())
+    return {h["host"]: h for h in data["hosts"]}
+
+
+def test_mixed_fleet_good_hosts_report_bad_hosts_say_why(sim: SimFleet, tmp_path: Path, run_id: str,
+                                                         busy: None) -> None:
+    """One run over good, slow, hostile, dropping, hanging, auth-failing and refusing hosts."""
+    good = sim.add("good")
+    slow = sim.add("slow", "slow", delay=0.5)
+    hostile = sim.add("hostile", "hostile")
+    drop = sim.add("drop", "drop_after", delay=1.5)
+    hang = sim.add("hang", "hang")
+    sim.add("authfail", "auth_fail")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh,
+                        extra={"refused": {"ansible_host": "127.0.0.1", "ansible_port": refused_port()}})
+    report = tmp_path / "report.json"
+    setup = 3.0
+    rc, text, took = run_cli(["run", str(write_playbook(tmp_path)), *common_args(inv, run_id, setup=setup),
+                              "--json", str(report)])
+    assert rc == 2, text
+    hosts = hosts_by_name(report)
+    assert sorted(hosts) == ["authfail", "drop", "good", "hang", "hostile", "refused", "slow"]
+
+    for name in ("good", "slow"):
+        h = hosts[name]
+        assert h["status"] == "ok", h
+        assert h["events"] > 0 and h["hits"].get("exec", 0) > 0 and h["hits"].get("fork", 0) > 0, h
+        assert h["cleanup"] == "clean", h
+        assert h["unparsed_lines"] == 0, h
+    # The slow host really waited before each command, and still finished.
+    assert slow.ran("facts") and slow.ran("runner")
+    assert slow.ran("runner")[0].started - slow.ran("facts")[0].started >= 0.5
+
+    h = hosts["hostile"]
+    # Garbage in its stream is counted, its real events still count, and the fake runner error is reported.
+    assert hostile.hostile_injected == 5
+    assert h["events"] > 0 and h["hits"].get("exec", 0) > 0, h
+    assert h["unparsed_lines"] >= 4, h
+    assert h["status"] == "failed" and "injected-by-simhost" in h["evidence"], h
+    assert h["cleanup"] == "clean", h
+
+    h = hosts["drop"]
+    assert drop.dropped
+    assert h["status"] == "failed" and h["stage"] == "probe", h
+    assert "connection lost" in h["reason"], h
+    assert h["events"] > 0, h                      # what arrived before the drop is kept
+    assert h["cleanup"] == "timer", h              # the controller never heard "clean"
+
+    h = hosts["hang"]
+    assert h["status"] == "failed" and h["stage"] == "facts", h
+    assert "did not finish in 3s" in h["reason"], h
+    assert hang.ran("facts") and hang.ran("runner") == []
+
+    h = hosts["authfail"]
+    assert h["status"] == "unreachable" and "authentication failed as root" in h["reason"], h
+    h = hosts["refused"]
+    assert h["status"] == "unreachable" and "connection refused" in h["reason"], h
+
+    # The summary names every bad host with its reason.
+    for name in ("authfail", "hang", "refused"):
+        assert name in text
+    # Nobody waited on the hung host: the good host ended within duration + runner teardown,
+    # and the whole run within the hung host's setup deadline plus that.
+    assert hosts["good"]["ended"] - hosts["good"]["started"] < 2 + 6, hosts["good"]
+    assert took < 2 * setup + 2 + 8, took
+
+    # The dropped runner saw EOF and removed its own instance, without any help.
+    assert sim.wait_quiet(10) == []
+    assert not [p for p in (TRACEFS / "instances").iterdir() if p.name.startswith(group_prefix(run_id, "drop"))]
+    assert good.connections == 1 and hostile.connections == 1
+
+
+def test_no_host_ok_exits_3_within_deadlines(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """Only bad hosts: exit 3, each with its reason, finished within the setup deadlines."""
+    sim.add("hang", "hang")
+    sim.add("authfail", "auth_fail")
+    slow = sim.add("tooslow", "slow", delay=6)
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh,
+                        extra={"refused": {"ansible_host": "127.0.0.1", "ansible_port": refused_port()}})
+    report = tmp_path / "report.json"
+    rc, text, took = run_cli(["run", str(write_playbook(tmp_path)), *common_args(inv, run_id, setup=2),
+                              "--json", str(report)])
+    assert rc == 3, text
+    hosts = hosts_by_name(report)
+    assert {n: h["status"] for n, h in hosts.items()} == {
+        "hang": "failed", "authfail": "unreachable", "tooslow": "failed", "refused": "unreachable"}
+    assert "facts script did not finish in 2s" in hosts["tooslow"]["reason"]
+    assert slow.ran("runner") == []
+    assert all(h["events"] == 0 for h in hosts.values())
+    assert took < 2 * 2 + 4, took
+
+
+def test_event_cap_stops_a_host(sim: SimFleet, tmp_path: Path, run_id: str, busy: None) -> None:
+    """A busy tracepoint and a small cap: exactly cap events kept, the rest counted as capped."""
+    sim.add("busy")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    pb = write_playbook(tmp_path, PLAYBOOK.replace("duration: 2s", "duration: 3s").replace(
+        "sched/sched_process_fork", "sched/sched_switch"))
+    report = tmp_path / "report.json"
+    rc, text, _ = run_cli(["run", str(pb), *common_args(inv, run_id), "--event-cap", "25",
+                           "--json", str(report)])
+    assert rc == 0, text
+    h = hosts_by_name(report)["busy"]
+    assert h["status"] == "ok", h
+    assert h["events"] == 25, h
+    assert sum(h["hits"].values()) == 25, h
+    assert h["loss"]["capped"] > 0, h
+    assert h["cleanup"] == "clean", h
+
+
+def test_playbook_error_touches_no_host(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """A playbook mistake is found before connecting: exit 1, file:line in the message, no connection."""
+    host = sim.add("untouched")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    bad = write_playbook(tmp_path, PLAYBOOK.replace("tracepoint: sched/sched_process_fork",
+                                                    "tracepoint: sched sched_process_fork"))
+    rc, text, _ = run_cli(["run", str(bad), *common_args(inv, run_id)])
+    assert rc == 1, text
+    assert f"{bad}:9" in text, text
+    assert host.connections == 0
+
+
+def test_host_keys_changed_unknown_and_accept_new(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """A changed key always fails; an unknown key fails unless --accept-new-host-keys, which records it."""
+    sim.add("known")
+    changed = sim.add("changed")
+    unknown = sim.add("unknown")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts", changed=(changed,), unknown=(unknown,))
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    before = kh.read_text()
+    assert f"[127.0.0.1]:{unknown.port} " not in before
+
+    out = tmp_path / "facts.json"
+    rc, text, _ = run_cli(["facts", *common_args(inv, run_id), "--json", str(out)])
+    assert rc == 2, text
+    res = {r["host"]: r for r in json.loads(out.read_text())}
+    assert res["known"]["facts"]["arch"] == os.uname().machine
+    for name in ("changed", "unknown"):
+        assert res[name]["facts"] is None
+        assert "host key not verified" in res[name]["error"], res[name]
+    assert kh.read_text() == before                      # nothing recorded without the option
+
+    rc, text, _ = run_cli(["facts", *common_args(inv, run_id), "--accept-new-host-keys", "--json", str(out)])
+    assert rc == 2, text
+    res = {r["host"]: r for r in json.loads(out.read_text())}
+    assert res["unknown"]["facts"]["arch"] == os.uname().machine
+    assert res["changed"]["facts"] is None and "host key not verified" in res["changed"]["error"]
+    added = kh.read_text()[len(before):]
+    assert added == unknown.known_hosts_line(), added   # exactly the unknown host's real key, appended
+    assert kh.read_text().startswith(before)
+
+    # Recorded: the next run trusts it without the option.
+    rc, text, _ = run_cli(["facts", *common_args(inv, run_id), "--limit", "unknown", "--json", str(out)])
+    assert rc == 0, text
+
+
+def test_ctrl_c_stops_probing_prints_summary_and_cleans(sim: SimFleet, tmp_path: Path, run_id: str,
+                                                       busy: None) -> None:
+    """SIGINT while probing: exit 130, the summary with what was collected, the host left clean."""
+    host = sim.add("interrupted")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    pb = write_playbook(tmp_path, PLAYBOOK.replace("duration: 2s", "duration: 60s"))
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, run_id),
+                             "--json", str(report)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 20
+        while not leftovers(run_id) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert leftovers(run_id), "the run never created its instance"
+        time.sleep(1.5)                                   # probing: let some events arrive
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode("utf-8", "replace")
+    assert proc.returncode == 130, text
+    assert took < 10, took                                # well before the 60 s duration
+    h = hosts_by_name(report)["interrupted"]
+    assert h["status"] == "interrupted", h
+    assert h["events"] > 0 and h["cleanup"] == "clean", h
+    assert "interrupted" in text and "exec" in text, text
+    assert leftovers(run_id) == []
+    assert host.ran("runner")[0].exit_status == 0         # the runner finished its own teardown
