@@ -120,7 +120,7 @@ def test_session_run_stream_put_get(sim: SimFleet, tmp_path: Path) -> None:
             with pytest.raises(TransportError, match="cannot read /no/such/file") as ei:
                 await s.get("/no/such/file")
             assert "No such file" in (ei.value.evidence or "")
-            slow = await s.run("sleep 5", timeout=0.5)
+            slow = await s.run("sleep 1.5", timeout=0.3)
             assert slow.exit_status == 124 and b"timed out" in slow.stderr
         finally:
             await s.close()
