@@ -23,13 +23,15 @@ from __future__ import annotations
 import math
 import random
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetprobe.errors import InputError
 from fleetprobe.outcome import HostOutcome
-from fleetprobe.parse import TraceEvent, parse_fields
+from fleetprobe.parse import Row, TraceEvent, parse_fields
 
 SCHEMA_VERSION = 1
 #: Distinct argument texts counted per (host, probe) before they are parsed into field tables.
@@ -44,6 +46,8 @@ BUCKETS = 64
 SAMPLE_FIRST = 50
 SAMPLE_RESERVOIR = 50
 COMM_FIELD = "comm"
+_NAME_ARGS = itemgetter(5, 6)
+_NAME_COMM = itemgetter(5, 0)
 # A host part's comm table once it outgrew a plain dict (not a field name the kernel can print).
 _SPILLED_COMMS = "\0comm"
 
@@ -187,7 +191,7 @@ class Latency:
 class _ProbeState:
     """One probe on one host while its events stream in (the hot path's working set)."""
 
-    __slots__ = ("hits", "args", "comms", "fields", "pending", "entry", "latency")
+    __slots__ = ("hits", "args", "comms", "fields", "pending", "entry_pending", "latency")
 
     def __init__(self, cap: int) -> None:
         """Empty state; ``cap`` bounds each value table."""
@@ -195,8 +199,11 @@ class _ProbeState:
         self.args: dict[str, int] = {}
         self.comms: dict[str, int] = {}
         self.fields: dict[str, TopValues] = {}
-        self.pending: dict[int, float] | None = None
-        self.entry: _ProbeState | None = None
+        # Entry probes: pid -> trace timestamp (both as printed) of each
+        # task's open call.  Return probes: the entry probe's table, so
+        # pairing is one dict pop.
+        self.pending: dict[str, str] | None = None
+        self.entry_pending: dict[str, str] | None = None
         self.latency: Latency | None = None
 
     def flush_args(self, cap: int) -> None:
@@ -269,13 +276,12 @@ class EventSample:
 class _HostPart:
     """Everything one host's stream contributes before the host is folded into the fleet tables."""
 
-    __slots__ = ("host", "probes", "events", "first_time", "last_time", "sample", "rng", "cap")
+    __slots__ = ("host", "probes", "first_time", "last_time", "sample", "rng", "cap")
 
     def __init__(self, host: str, cap: int) -> None:
         """An empty part for ``host``."""
         self.host = host
         self.probes: dict[str, _ProbeState] = {}
-        self.events = 0
         self.first_time = math.inf
         self.last_time = -math.inf
         self.sample = EventSample()
@@ -355,7 +361,7 @@ class FleetAggregate:
                 st.pending = {}
             entry = self.pairs.get(probe)
             if entry is not None:
-                st.entry = self._state(part, entry)
+                st.entry_pending = self._state(part, entry).pending
                 st.latency = Latency()
         return st
 
@@ -371,37 +377,124 @@ class FleetAggregate:
         st.hits += 1
         if args:
             a = st.args
-            a[args] = a.get(args, 0) + 1
-            if len(a) > ARGS_CACHE:
-                st.flush_args(part.cap)
-        c = st.comms
-        c[comm] = c.get(comm, 0) + 1
-        if len(c) > part.cap:
-            _prune_counts(st, part.cap)
-        if st.pending is not None:
-            pend = st.pending
-            if pid not in pend and len(pend) >= self.pending_cap:
-                # Oldest first: dicts keep insertion order.
-                del pend[next(iter(pend))]
-                self._evicted(part, probe)
-            pend[pid] = trace_ts
-        if st.entry is not None:
-            lat = st.latency
-            assert lat is not None and st.entry.pending is not None
-            t0 = st.entry.pending.pop(pid, None)
-            if t0 is None:
-                lat.unmatched += 1
+            n = a.get(args)
+            if n is None:
+                a[args] = 1
+                if len(a) > ARGS_CACHE:
+                    st.flush_args(part.cap)
             else:
-                lat.buckets[bucket_of(trace_ts - t0)] += 1
-        part.events += 1
+                a[args] = n + 1
+        c = st.comms
+        n = c.get(comm)
+        if n is None:
+            c[comm] = 1
+            if len(c) > part.cap:
+                _prune_counts(st, part.cap)
+        else:
+            c[comm] = n + 1
+        pend = st.pending
+        if pend is not None or st.entry_pending is not None:
+            # Same keys as add_rows: the pid and timestamp as the kernel printed them.
+            key = str(pid)
+            if pend is not None:
+                if len(pend) >= self.pending_cap and key not in pend:
+                    del pend[next(iter(pend))]
+                    self._evicted(part, probe)
+                pend[key] = repr(trace_ts)
+            pend = st.entry_pending
+            if pend is not None:
+                t0 = pend.pop(key, None)
+                lat = st.latency
+                if lat is not None:
+                    if t0 is None:
+                        lat.unmatched += 1
+                    else:
+                        ns = int((trace_ts - float(t0)) * 1e9 + 0.5)
+                        lat.buckets[min(ns.bit_length(), BUCKETS - 1) if ns > 0 else 0] += 1
         if time > part.last_time:
             part.last_time = time
         if time < part.first_time:
             part.first_time = time
-        s = part.sample
-        s.seen += 1
-        if s.seen >= s.next_pick:
-            s.offer(part.rng, _sample_dict(host, probe, trace_ts, time, cpu, pid, comm, args))
+        smp = part.sample
+        smp.seen += 1
+        if smp.seen >= smp.next_pick:
+            smp.offer(part.rng, _sample_dict(host, probe, trace_ts, time, cpu, pid, comm, args))
+
+    def add_rows(self, host: str, rows: list[Row], names: Mapping[str, str], slope: float = 1.0,
+                 intercept: float = 0.0) -> None:
+        """Count a batch of one host's event rows from :class:`~fleetprobe.parse.TraceStream` (the hot path).
+
+        Same result as :meth:`add_line` per row, but hits, argument texts and
+        comms are counted with ``Counter`` over the batch (C speed), and only
+        paired probes, the sample and the time span look at single rows.
+        ``slope``/``intercept`` map trace time to controller time for this batch.
+        """
+        if not rows:
+            return
+        part = self._parts.get(host)
+        if part is None:
+            part = self._parts[host] = _HostPart(host, self.part_cap)
+        probes = part.probes
+        states: dict[str, _ProbeState] = {}
+        for (name, args), n in Counter(map(_NAME_ARGS, rows)).items():
+            st = states.get(name)
+            if st is None:
+                probe = names[name]
+                st = states[name] = probes.get(probe) or self._state(part, probe)
+            st.hits += n
+            if args:
+                a = st.args
+                a[args] = a.get(args, 0) + n
+                if len(a) > ARGS_CACHE:
+                    st.flush_args(part.cap)
+        for (name, comm), n in Counter(map(_NAME_COMM, rows)).items():
+            st = states[name]
+            c = st.comms
+            c[comm] = c.get(comm, 0) + n
+            if len(c) > part.cap:
+                _prune_counts(st, part.cap)
+        entries = {name: st.pending for name, st in states.items() if st.pending is not None}
+        returns = {name: (st.entry_pending, st.latency) for name, st in states.items()
+                   if st.entry_pending is not None and st.latency is not None}
+        if entries or returns:
+            cap = self.pending_cap
+            # pid and timestamp stay strings until a pair completes: most
+            # entries cost one dict store, and only pairs pay for float().
+            for _comm, pid, _cpu, _flags, ts, name, _args in rows:
+                pend = entries.get(name)
+                if pend is not None:
+                    if len(pend) >= cap and pid not in pend:
+                        del pend[next(iter(pend))]
+                        self._evicted(part, names[name])
+                    pend[pid] = ts
+                    continue
+                ret = returns.get(name)
+                if ret is None:
+                    continue
+                t0 = ret[0].pop(pid, None)
+                lat = ret[1]
+                if t0 is None:
+                    lat.unmatched += 1
+                else:
+                    ns = int((float(ts) - float(t0)) * 1e9 + 0.5)
+                    lat.buckets[min(ns.bit_length(), BUCKETS - 1) if ns > 0 else 0] += 1
+        # trace_pipe is merged by timestamp, but check both ends anyway (cheap: two rows).
+        for row in (rows[0], rows[-1]):
+            t = float(row[4]) * slope + intercept
+            if t > part.last_time:
+                part.last_time = t
+            if t < part.first_time:
+                part.first_time = t
+        smp = part.sample
+        before = smp.seen
+        end = before + len(rows)
+        while smp.next_pick <= end:
+            comm, pid_s, cpu_s, _flags, ts_s, name, args = rows[smp.next_pick - before - 1]
+            trace_ts = float(ts_s)
+            smp.seen = smp.next_pick
+            smp.offer(part.rng, _sample_dict(host, names[name], trace_ts, trace_ts * slope + intercept,
+                                             int(cpu_s), int(pid_s), comm, args))
+        smp.seen = end
 
     def _evicted(self, part: _HostPart, entry_probe: str) -> None:
         """Count an entry dropped from a full pending table against every return probe pairing with it."""
@@ -443,9 +536,10 @@ class FleetAggregate:
         part = self._parts.pop(host, None)
         if part is None:
             return
-        summary = HostSummary(events=part.events, sample=part.sample,
-                              first_time=part.first_time if part.events else None,
-                              last_time=part.last_time if part.events else None)
+        events = part.sample.seen
+        summary = HostSummary(events=events, sample=part.sample,
+                              first_time=part.first_time if events else None,
+                              last_time=part.last_time if events else None)
         for probe, st in part.probes.items():
             if st.hits:
                 summary.hits[probe] = st.hits
@@ -465,9 +559,8 @@ class FleetAggregate:
                 if len(merged.counts) > merged.cap:
                     merged.prune(merged.cap // 2)
                 self.values[key] = merged
-            if st.latency is not None:
-                assert st.entry is not None and st.entry.pending is not None
-                st.latency.pending_at_end = len(st.entry.pending)
+            if st.latency is not None and st.entry_pending is not None:
+                st.latency.pending_at_end = len(st.entry_pending)
                 summary.latency[probe] = st.latency
         have_summary = self.hosts.get(host)
         self.hosts[host] = summary if have_summary is None else have_summary.merged(summary)

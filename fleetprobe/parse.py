@@ -17,8 +17,9 @@ The line layout (kernel/trace/trace_output.c, print_trace_fmt + lat/irq info)::
 
 The parser anchors on the ``[cpu]`` column, because comm may contain spaces
 (``kworker/u8:2 x``), dashes and even brackets.  One compiled regular
-expression does the split: on CPython 3.11 here it measured 0.73 M lines/s
-against 0.42 M for a split-and-validate version.  Argument text is split into
+expression does the split (it matches spaces, not any whitespace: the kernel pads with spaces,
+and `` +`` backtracks less): on CPython 3.11 here it measured 0.70 M lines/s
+against 0.42-0.60 M for split-and-validate versions.  Argument text is split into
 fields only when someone needs the values (see merge.FleetAggregate.add_line).
 """
 
@@ -109,8 +110,7 @@ WHOLE_SECOND_UNCERTAINTY = 1.0
 # The slow, tolerant path: comm (anything), -pid, optional (tgid), [cpu],
 # optional flags, timestamp, then "event: args" (args may be absent).
 _LINE_RE = re.compile(
-    r"\s*(?P<comm>.*?)-(?P<pid>\d+)\s+(?:\(\s*(?:\d+|-+)\)\s+)?\[(?P<cpu>\d+)\]\s+"
-    r"(?:(?P<flags>\S{1,8})\s+)?(?P<ts>\d+\.\d+):\s+(?P<name>[^:\s]+):?\s?(?P<args>.*)$"
+    r" *(.*?)-(\d+) +(?:\( *(?:\d+|-+)\) +)?\[(\d+)\] +(?:(\S{1,8}) +)?(\d+\.\d+): ([^: ]+):? ?(.*)"
 )
 _LOSS_RE = re.compile(r"^\s*CPU:\s*(\d+)\s+\[LOST\s+(\d+)\s+EVENTS\]")
 _DEC_RE = re.compile(r"-?[0-9]+\Z")
@@ -331,8 +331,17 @@ MAX_UNKNOWN_NAMES = 64
 MAX_UNPARSED_EXAMPLES = 5
 
 
+#: One event line as the regex split it: (comm, pid, cpu, flags or None, timestamp, trace name, args).
+Row = tuple[str, str, str, str | None, str, str, str]
+
+
 class LineSink(Protocol):
-    """Where :class:`TraceStream` counts events without building objects (see FleetAggregate.add_line)."""
+    """Where :class:`TraceStream` counts events without building objects (see FleetAggregate).
+
+    A sink that also has ``add_rows(host, rows, names, slope, intercept)``
+    (as FleetAggregate does) gets each chunk's events as one batch instead:
+    about 1.7x faster end to end.
+    """
 
     def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
                  comm: str, args: str) -> None:
@@ -347,7 +356,8 @@ class TraceStream:
     the middle of a line (and of a UTF-8 sequence): the tail waits for the
     next chunk.  Bytes that are not UTF-8 become U+FFFD; they never raise.
 
-    Events go to ``aggregate.add_line`` (the fast path: no object per event)
+    Events go to ``aggregate.add_rows`` in one batch per chunk (the fast path:
+    no object per event, counting done by C-level Counter updates)
     and, only if ``on_event`` is given, also as :class:`TraceEvent` objects
     with parsed fields (for the raw-events writer: that costs ~3x more).
     Event times are put on the controller's time axis by ``clock`` (a
@@ -373,6 +383,8 @@ class TraceStream:
         self.on_loss = on_loss
         self.clock = clock
         self.stats = StreamStats()
+        self._batch: Callable[[str, list[Row], Mapping[str, str], float, float], None] | None = \
+            getattr(aggregate, "add_rows", None)
         self._tail = b""
         self._slope = 1.0
         self._intercept = 0.0
@@ -405,15 +417,17 @@ class TraceStream:
             self._synced = True
 
     def _lines(self, lines: list[str]) -> None:
-        """The hot loop: one regex match per line (measured faster than split-and-validate in 3.11)."""
+        """The hot loop: one regex match per line, events batched per chunk for the aggregate."""
         stats = self.stats
         names = self.names
         host = self.host
         match = _LINE_RE.match
-        add = self.aggregate.add_line if self.aggregate is not None else None
         on_event = self.on_event
         slope, intercept, synced = self._slope, self._intercept, self._synced
-        n_events = 0
+        rows: list[Row] = []
+        append = rows.append
+        # Per-event sinks (no add_rows) get add_line before on_event, row by row.
+        add_line = self.aggregate.add_line if self.aggregate is not None and self._batch is None else None
         n_lines = 0
         for line in lines:
             if not line:
@@ -423,38 +437,52 @@ class TraceStream:
             if m is None:
                 self._other(line)
                 continue
-            comm, pid_s, cpu_s, _flags, ts_s, name, args = m.groups()
-            probe = names.get(name)
-            if probe is None:
-                if name == MARKER_EVENT and args.startswith(MARKER_WORD):
-                    marker = parse_marker(float(ts_s), args)
-                    if marker is not None:
-                        stats.markers += 1
-                        if self.clock is not None:
-                            self.clock.add_marker(marker)
-                            self._sync()
-                            slope, intercept, synced = self._slope, self._intercept, self._synced
-                        if self.on_marker is not None:
-                            self.on_marker(marker)
-                        continue
-                unknown = stats.unknown
-                if name in unknown or len(unknown) < MAX_UNKNOWN_NAMES:
-                    unknown[name] = unknown.get(name, 0) + 1
+            row: Row = m.groups()  # type: ignore[assignment]
+            name = row[5]
+            if name in names:
+                append(row)
+                if not synced:
+                    stats.unsynced += 1
+                if add_line is not None:
+                    comm, pid_s, cpu_s, _flags, ts_s, _name, args = row
+                    ts = float(ts_s)
+                    add_line(host, names[name], ts, ts * slope + intercept, int(cpu_s), int(pid_s), comm, args)
+                if on_event is not None:
+                    comm, pid_s, cpu_s, _flags, ts_s, _name, args = row
+                    ts = float(ts_s)
+                    site, values = parse_fields(args)
+                    on_event(TraceEvent(host, names[name], ts * slope + intercept, ts, int(cpu_s),
+                                        int(pid_s), comm, values, site, args))
                 continue
-            ts = float(ts_s)
-            pid = int(pid_s)
-            cpu = int(cpu_s)
-            if not synced:
-                stats.unsynced += 1
-            n_events += 1
-            t = ts * slope + intercept
-            if add is not None:
-                add(host, probe, ts, t, cpu, pid, comm, args)
-            if on_event is not None:
-                site, values = parse_fields(args)
-                on_event(TraceEvent(host, probe, t, ts, cpu, pid, comm, values, site, args))
+            args = row[6]
+            if name == MARKER_EVENT and args.startswith(MARKER_WORD):
+                marker = parse_marker(float(row[4]), args)
+                if marker is not None:
+                    # Events before the marker keep the map they were read under.
+                    self._flush(rows, slope, intercept)
+                    rows = []
+                    append = rows.append
+                    stats.markers += 1
+                    if self.clock is not None:
+                        self.clock.add_marker(marker)
+                        self._sync()
+                        slope, intercept, synced = self._slope, self._intercept, self._synced
+                    if self.on_marker is not None:
+                        self.on_marker(marker)
+                    continue
+            unknown = stats.unknown
+            if name in unknown or len(unknown) < MAX_UNKNOWN_NAMES:
+                unknown[name] = unknown.get(name, 0) + 1
+        self._flush(rows, slope, intercept)
         stats.lines += n_lines
-        stats.events += n_events
+
+    def _flush(self, rows: list[Row], slope: float, intercept: float) -> None:
+        """Hand a batch of event rows to the aggregate."""
+        if not rows:
+            return
+        self.stats.events += len(rows)
+        if self._batch is not None:
+            self._batch(self.host, rows, self.names, slope, intercept)
 
     def _other(self, line: str) -> None:
         """A line that is not an event: control, loss, blank or garbage."""
