@@ -117,7 +117,7 @@ class AuditResult:
                    [Finding.from_json(f) for f in d["findings"]], bool(d.get("strict", False)))
 
 
-def _examples(report: FleetReport, host: str, probe: str, limit: int = 3) -> str:
+def _examples(report: FleetReport, host: str, probe: str, limit: int = 2) -> str:
     """A few sampled events of ``probe`` on ``host`` as evidence (``comm=modprobe pid=5120 name=...``)."""
     summary = report.aggregate.hosts.get(host)
     if summary is None:
@@ -127,7 +127,8 @@ def _examples(report: FleetReport, host: str, probe: str, limit: int = 3) -> str
         if ev.get("probe") != probe:
             continue
         fields = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                          for k, v in dict(ev.get("fields") or {}).items())
+                          for k, v in dict(ev.get("fields") or {}).items()
+                          if not (k in ("pid", "comm") and v == ev.get(k)))
         out.append(f"comm={ev.get('comm')} pid={ev.get('pid')}" + (f" {fields}" if fields else ""))
         if len(out) >= limit:
             break

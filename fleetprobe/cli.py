@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from . import __version__, history_cli
 from .errors import FleetprobeError, InputError
 from .inventory import Inventory, load_inventory
 from .merge import FleetReport
@@ -102,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("facts", help="what each host can probe (arch, kernel, tracefs, kprobes, lockdown ...)")
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the facts as JSON ('-' for stdout)")
+    history_cli.add_shard_option(p)
 
     p = sub.add_parser("plan", help="per host: the exact tracefs lines a run would write; changes nothing")
     p.add_argument("playbook")
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the plans as JSON ('-' for stdout)")
+    history_cli.add_shard_option(p)
 
     p = sub.add_parser("run", help="probe the fleet and print one merged report")
     p.add_argument("playbook")
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-modules", action="store_true", help="allow playbooks to load kernel modules")
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     p.add_argument("--no-live", action="store_true", help="no live progress view")
+    history_cli.add_run_options(p)
+    history_cli.add_store_option(p, allow_none=True)
+    history_cli.add_shard_option(p)
 
     p = sub.add_parser("cleanup", help="find and remove anything fleetprobe left on hosts")
     _add_connection_options(p)
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_lab_parser(sub)
+    history_cli.add_parsers(sub)
     return parser
 
 
@@ -156,8 +162,10 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
-    """The inventory, limited by --limit."""
-    return load_inventory(args.inventory).limit(args.limit)
+    """The inventory, limited by --limit and --shard."""
+    from .shard import shard_inventory
+
+    return shard_inventory(load_inventory(args.inventory).limit(args.limit), getattr(args, "shard", None))
 
 
 def _raise_fd_limit() -> None:
@@ -346,25 +354,33 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
-    _raise_fd_limit()
-    settings = _settings(args)
-    names = [h.name for h in inv.hosts]
+    # Store, shard, transport, HTML/Markdown: see history_cli.RunExtras.
+    extras = history_cli.RunExtras(args, pb)
+    try:
+        hosts = extras.hosts(inv)
+        _raise_fd_limit()
+        settings = extras.settings(_settings(args))
+        names = [h.name for h in hosts]
+        extras.begin()
 
-    async def go(interrupted: asyncio.Event) -> FleetReport:
-        if args.no_live or not console.is_terminal:
-            return await run_playbook(inv.hosts, pb, settings, events_path=args.events,
-                                      interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
-        with LiveView(console, names) as live:
-            return await run_playbook(inv.hosts, pb, settings, observer=live, events_path=args.events,
-                                      interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
+        async def go(interrupted: asyncio.Event) -> FleetReport:
+            if args.no_live or not console.is_terminal:
+                return await run_playbook(hosts, pb, settings, events_path=extras.events_path,
+                                          interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
+            with LiveView(console, names) as live:
+                return await run_playbook(hosts, pb, settings, observer=live, events_path=extras.events_path,
+                                          interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
 
-    report, interrupted = asyncio.run(_with_interrupt(go))
-    render_summary(report, console)
-    if args.json:
-        write_json(report, args.json)
-        console.print(f"report written to {escape(args.json)}")
-    if args.events:
-        console.print(f"events written to {escape(args.events)}")
+        report, interrupted = asyncio.run(_with_interrupt(go))
+        render_summary(report, console)
+        if args.json:
+            write_json(report, args.json)
+            console.print(f"report written to {escape(args.json)}")
+        if args.events:
+            console.print(f"events written to {escape(args.events)}")
+        extras.finish(report, console)
+    finally:
+        extras.close()
     return int(exit_status(report.hosts, interrupted))
 
 
@@ -386,6 +402,9 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         if args.command == "lab":
             from .lab.cli import run_lab
             return int(run_lab(args, console))
+        status = history_cli.run_command(args, console)
+        if status is not None:
+            return status
         return COMMANDS[args.command](args, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

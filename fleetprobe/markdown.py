@@ -1,0 +1,106 @@
+"""Markdown: a run's summary (and audit verdict) to paste into a ticket.
+
+GitHub-flavoured Markdown tables; every value from a host or the kernel is
+escaped so a comm or file name cannot break the table or inject markup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from fleetprobe.audit import AuditResult
+from fleetprobe.merge import FleetReport
+from fleetprobe.report import _value_text, format_ns
+
+#: Hosts listed per table before "N more".
+ROWS = 25
+#: Top values per (probe, field).
+TOP = 10
+
+
+def escape(text: object) -> str:
+    """Text safe inside a Markdown table cell: pipes, backticks, markup characters and newlines escaped."""
+    s = str(text).replace("\\", "\\\\")
+    for ch in "|`*_[]<>#":
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("\r", " ").replace("\n", " ")
+
+
+def _utc(t: float) -> str:
+    """Epoch seconds as ``2026-01-02 03:04:05Z``."""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) if t else "-"
+
+
+def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> str:
+    """The whole summary as Markdown: verdict, hosts, hits, top values, latency, clocks."""
+    run, agg = report.run, report.aggregate
+    agg.finish()
+    out: list[str] = [f"## fleetprobe run `{escape(run.run_id)}`: {escape(run.playbook)}", ""]
+    out.append(f"{len(report.hosts)} host(s), {_utc(run.started)} for {run.duration:.1f}s"
+               + (f", playbook sha256 `{run.playbook_sha256[:12]}`" if run.playbook_sha256 else "")
+               + (f", shards: {', '.join(escape(s) for s in run.shards)}" if run.shards else ""))
+    out.append("")
+    if audit is not None:
+        verdict = "PASSED" if audit.passed else "FAILED"
+        base = f" against baseline `{escape(audit.baseline)}`" if audit.baseline else " (no baseline run)"
+        out += [f"### Audit {verdict}{base}", ""]
+        if audit.failed_hosts():
+            out += ["Hosts that failed the audit: " + ", ".join(f"**{escape(h)}**" for h in audit.failed_hosts()), ""]
+        for f in audit.findings:
+            mark = "FAIL" if f in audit.failures else "note"
+            out.append(f"- **{mark}** `{f.kind}`: {escape(f.message)}")
+        if audit.findings:
+            out.append("")
+
+    out += ["### Hosts", "", "| host | status | stage | events | clock offset | reason |", "|---|---|---|--:|--:|---|"]
+    for o in report.hosts[:ROWS]:
+        clock = (f"{o.clock_offset * 1e3:+.1f} ms ± {(o.clock_error or 0) * 1e3:.1f}"
+                 if o.clock_offset is not None else "-")
+        out.append(f"| {escape(o.host)} | {escape(o.status)} | {escape(o.stage)} | {o.events} | {clock} | "
+                   f"{escape(o.reason) or '-'} |")
+    if len(report.hosts) > ROWS:
+        out.append(f"\n... and {len(report.hosts) - ROWS} more hosts (see the JSON or HTML report)")
+    out.append("")
+
+    probes = agg.probes()
+    if probes:
+        out += ["### Hits per probe", "", "| probe | total | hosts hit | top hosts |", "|---|--:|--:|---|"]
+        for p in probes:
+            ranked = sorted(agg.hits(p).items(), key=lambda hn: (-hn[1], hn[0]))
+            top = ", ".join(f"{escape(h)} {n}" for h, n in ranked[:5]) + (f", {len(ranked) - 5} more"
+                                                                         if len(ranked) > 5 else "")
+            out.append(f"| {escape(p)} | {agg.total_hits(p)} | {len(ranked)}/{len(report.hosts)} | {top or '-'} |")
+        out.append("")
+    for p in probes:
+        for name in agg.fields(p):
+            table = agg.values[(p, name)]
+            top_values = table.top(TOP)
+            if not top_values:
+                continue
+            approx = "" if table.exact else f" (approximate, counts may be low by up to {table.error})"
+            out += [f"#### {escape(p)}: top {escape(name)}{approx}", "", f"| {escape(name)} | count | hosts |",
+                    "|---|--:|--:|"]
+            out += [f"| {escape(_value_text(v))} | {c} | {h} |" for v, c, h in top_values]
+            out.append("")
+    for ret, entry in sorted(agg.pairs.items()):
+        lat = agg.latency(ret)
+        p50, p99 = lat.quantile(0.5), lat.quantile(0.99)
+        if p50 is None or p99 is None:
+            continue
+        out.append(f"- latency {escape(entry)} -> {escape(ret)}: {lat.count} calls, p50 <= {format_ns(p50)}, "
+                   f"p99 <= {format_ns(p99)}")
+    lossy = [o for o in report.hosts if o.loss.total]
+    if lossy:
+        out.append("")
+        out.append("Events lost on: " + ", ".join(f"{escape(o.host)} ({o.loss.total})" for o in lossy[:ROWS]))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_markdown(report: FleetReport, path: str | os.PathLike[str], audit: AuditResult | None = None) -> None:
+    """Write :func:`render_markdown` to ``path`` atomically."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(render_markdown(report, audit), encoding="utf-8")
+    os.replace(tmp, target)
