@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,8 +152,9 @@ def kernel_arch(machine: str) -> str:
 
 # --- gathering: one script, one round trip, one pure parser --------------------------------
 
+@functools.cache
 def facts_script() -> str:
-    """The on-host facts script (POSIX sh, busybox-compatible)."""
+    """The on-host facts script (POSIX sh, busybox-compatible); read once per process, not once per host."""
     from importlib.resources import files
     return files("fleetprobe").joinpath("facts.sh").read_text()
 

@@ -9,6 +9,7 @@ orchestrator owns the SSH stream.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from .outcome import LossCounters
 from .plan import HostPlan
 
 
+@functools.cache
 def runner_script() -> str:
-    """The on-host runner (POSIX sh, busybox-compatible)."""
+    """The on-host runner (POSIX sh, busybox-compatible); read once per process, not once per host."""
     return files("fleetprobe").joinpath("runner.sh").read_text()
 
 
