@@ -104,6 +104,7 @@ class SimHost:
     dropped: bool = False
     acceptor: asyncssh.SSHAcceptor | None = None
     pgids: set[int] = field(default_factory=set)
+    open_connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)
     hostile_injected: int = 0
 
     @property
@@ -130,6 +131,11 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         """Count every connection, authenticated or not (a playbook error must cause none)."""
         self._host.connections += 1
+        self._host.open_connections.append(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget a closed connection."""
+        self._host.open_connections[:] = [c for c in self._host.open_connections if not c.is_closed()]
 
     def begin_auth(self, username: str) -> bool:
         """Always require authentication."""
@@ -357,6 +363,16 @@ class SimFleet:
                 if h.acceptor is not None:
                     h.acceptor.close()
                     await h.acceptor.wait_closed()
+            # Connections a client left open (a hung host's): close them so their sessions end too.
+            conns = [c for h in self.hosts for c in h.open_connections]
+            for c in conns:
+                c.close()
+            for c in conns:
+                try:
+                    await asyncio.wait_for(c.wait_closed(), 5)
+                except asyncio.TimeoutError:
+                    pass
+            await asyncio.sleep(0.1)
 
         try:
             self._call(close_all())

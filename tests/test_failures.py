@@ -109,10 +109,15 @@ def run_cli(args: list[str]) -> tuple[int, str, float]:
     return rc, console.export_text(), time.monotonic() - t0
 
 
-def common_args(inventory: Path, run_id: str, *, setup: float = 3, connect: float = 2) -> list[str]:
-    """Options every run here shares: no user SSH config or agent, short timeouts, our run id."""
+def ssh_args(inventory: Path, *, setup: float = 3, connect: float = 2) -> list[str]:
+    """Connection options every command here shares: no user SSH config or agent, short timeouts."""
     return ["-i", str(inventory), "--ssh-config", "none", "--no-agent", "--connect-timeout", str(connect),
-            "--setup-timeout", str(setup), "--no-live", "--run-id", run_id]
+            "--setup-timeout", str(setup)]
+
+
+def common_args(inventory: Path, run_id: str, *, setup: float = 3, connect: float = 2) -> list[str]:
+    """``run`` options: the shared ones, no live view, our run id."""
+    return [*ssh_args(inventory, setup=setup, connect=connect), "--no-live", "--run-id", run_id]
 
 
 def hosts_by_name(report_path: Path) -> dict[str, dict[str, Any]]:
@@ -239,7 +244,7 @@ def test_playbook_error_touches_no_host(sim: SimFleet, tmp_path: Path, run_id: s
                                                     "tracepoint: sched sched_process_fork"))
     rc, text, _ = run_cli(["run", str(bad), *common_args(inv, run_id)])
     assert rc == 1, text
-    assert f"{bad}:9" in text, text
+    assert f"{bad}:8 (probes.fork.tracepoint)" in text, text
     assert host.connections == 0
 
 
@@ -254,7 +259,7 @@ def test_host_keys_changed_unknown_and_accept_new(sim: SimFleet, tmp_path: Path,
     assert f"[127.0.0.1]:{unknown.port} " not in before
 
     out = tmp_path / "facts.json"
-    rc, text, _ = run_cli(["facts", *common_args(inv, run_id), "--json", str(out)])
+    rc, text, _ = run_cli(["facts", *ssh_args(inv), "--json", str(out)])
     assert rc == 2, text
     res = {r["host"]: r for r in json.loads(out.read_text())}
     assert res["known"]["facts"]["arch"] == os.uname().machine
@@ -263,7 +268,7 @@ def test_host_keys_changed_unknown_and_accept_new(sim: SimFleet, tmp_path: Path,
         assert "host key not verified" in res[name]["error"], res[name]
     assert kh.read_text() == before                      # nothing recorded without the option
 
-    rc, text, _ = run_cli(["facts", *common_args(inv, run_id), "--accept-new-host-keys", "--json", str(out)])
+    rc, text, _ = run_cli(["facts", *ssh_args(inv), "--accept-new-host-keys", "--json", str(out)])
     assert rc == 2, text
     res = {r["host"]: r for r in json.loads(out.read_text())}
     assert res["unknown"]["facts"]["arch"] == os.uname().machine
@@ -273,7 +278,7 @@ def test_host_keys_changed_unknown_and_accept_new(sim: SimFleet, tmp_path: Path,
     assert kh.read_text().startswith(before)
 
     # Recorded: the next run trusts it without the option.
-    rc, text, _ = run_cli(["facts", *common_args(inv, run_id), "--limit", "unknown", "--json", str(out)])
+    rc, text, _ = run_cli(["facts", *ssh_args(inv), "--limit", "unknown", "--json", str(out)])
     assert rc == 0, text
 
 
