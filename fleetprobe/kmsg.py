@@ -46,6 +46,7 @@ LINE_PREFIX = "fleetprobe "
 EVENT_KINDS = frozenset({"pre", "post", "ret"})
 
 _ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
+_LEADING_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 class KmsgFormatError(ValueError):
@@ -321,14 +322,14 @@ def clock_offset_from(record: KmsgRecord, line: ModuleLine) -> float | None:
 
     The runner writes ``fleetprobe run=<run> probe=- ev=clock realtime=$(date +%s.%N)``
     into /dev/kmsg; the kernel stamps that record with its printk clock, so
-    the pair gives the offset (error: the few ms between ``date`` and the write).
+    the pair gives the offset (error: the few ms between ``date`` and the write,
+    or up to a second where ``date`` has no ``%N``).
     """
     if line.ev != "clock":
         return None
-    try:
-        return float(line.values["realtime"]) - record.timestamp
-    except (KeyError, ValueError):
-        return None
+    # busybox date has no %N and prints "1795656830.%N": whole seconds are still a clock.
+    m = _LEADING_NUMBER.match(line.values.get("realtime", ""))
+    return float(m.group(0)) - record.timestamp if m else None
 
 
 @dataclass
