@@ -147,7 +147,7 @@ class Store:
                 elif int(row[0]) > SCHEMA_VERSION:
                     raise InputError(f"history schema {row[0]} is newer than this fleetprobe's ({SCHEMA_VERSION})",
                                      where=str(self.path), hint="upgrade fleetprobe, or use another --store")
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise InputError(f"cannot open the history store: {exc}", where=str(self.path),
                              hint="check the path and its permissions, or pass --store PATH / --no-store") from None
         if mode.lower() != "wal":
