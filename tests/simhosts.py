@@ -72,10 +72,14 @@ class Personality:
 
 
 def command_kind(command: str) -> str:
-    """Which fleetprobe script a command runs: ``runner``, ``facts`` or ``other`` (by their header comment)."""
-    if "fleetprobe runner:" in command:
+    """Which fleetprobe script a command runs: ``runner``, ``facts`` or ``other``.
+
+    Scripts sent on stdin are named by their ``$0`` (``fleetprobe-runner``); scripts on the
+    command line by their header comment.
+    """
+    if "fleetprobe-runner" in command or "fleetprobe runner:" in command:
         return "runner"
-    if "fleetprobe facts:" in command:
+    if "fleetprobe-facts" in command or "fleetprobe facts:" in command:
         return "facts"
     return "other"
 
