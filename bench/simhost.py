@@ -5,7 +5,8 @@
 Each port is one logical host: a real SSH server (key exchange, public key
 authentication against WORKDIR/client_key.pub, host key WORKDIR/host_key)
 whose "shell" is a script that recognises what it was asked to run by the
-command's content, so that the benchmark measures the controller, not sshd
+command's content (or, when the command is a bootstrap that reads a script on
+stdin up to ``#fleetprobe-script-end``, by that script's content), so that the benchmark measures the controller, not sshd
 (OpenSSH's sshd spends ~33 ms CPU per connection: PERF-NOTES.md):
 
 * fleetprobe's facts script ("# fleetprobe facts:") -> a canned real facts
@@ -39,6 +40,8 @@ import asyncssh
 
 FACTS_MARK = "# fleetprobe facts:"
 RUNNER_MARK = "# fleetprobe runner:"
+#: fleetprobe may send a script on stdin after a small bootstrap command, ended by this line.
+SCRIPT_END = "#fleetprobe-script-end"
 BARE_OUTPUT = (b"x86_64\nLinux version 6.18.44-fc-v657 (root@bench) (gcc (Debian 12.2.0-14) 12.2.0) "
                b"#1 SMP PREEMPT_DYNAMIC\n")
 COMMS = ["sshd", "bash", "systemd-journal", "nginx", "postgres", "python3", "cron", "kworker/u8:2",
@@ -113,6 +116,15 @@ class SimHost:
         """Serve one session according to what it asked to run."""
         cmd = process.command or ""
         try:
+            if SCRIPT_END in cmd:
+                # The script comes first on stdin, ended by SCRIPT_END (transport.script_command).
+                while True:
+                    line = await process.stdin.readline()
+                    if not line or line.rstrip(b"\n") == SCRIPT_END.encode():
+                        break
+                    if not cmd.endswith("\n"):
+                        cmd += "\n"
+                    cmd += line.decode("utf-8", "replace")
             if FACTS_MARK in cmd:
                 self._count("facts")
                 process.stdout.write(self.facts_output())

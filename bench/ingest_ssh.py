@@ -1,0 +1,135 @@
+"""Benchmark: event ingest through the real SSH path, from 1 host and from 50 hosts at once.
+
+    .venv/bin/python bench/ingest_ssh.py [--hosts 1,50] [--lines N] [--quick]
+
+bench/ingest.py measures the parser and aggregate alone (no network).  This
+one puts the transport in front of them: simulated hosts (bench/simhost.py
+``--flood``) stream trace_pipe lines of the planned events as fast as their
+channel takes them, and this process runs fleetprobe's own ``run_fleet``
+(connect, facts, plan, runner protocol, 64 KiB reads, TraceStream,
+FleetAggregate).  For each host count it prints events per controller CPU
+second (one event loop = one core), MB/s per core, wall events/s, and the
+controller's RSS sampled every half second (must not grow with events).
+The simulated hosts run in their own processes and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fanout import BENCH, SimFleet, _hosts, _settings
+from simhost import trace_lines
+
+from fleetprobe.merge import FleetAggregate
+from fleetprobe.orchestrate import run_fleet
+from fleetprobe.playbook import load_playbook
+
+
+def rss_mib() -> float:
+    """This process's resident set now (not its peak), in MiB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class EventCounter:
+    """Observer that counts events as they are accepted (for the RSS-versus-events samples)."""
+
+    def __init__(self) -> None:
+        self.events = 0
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None:
+        """Not needed here."""
+
+    def add_events(self, host: str, n: int) -> None:
+        """Count."""
+        self.events += n
+
+
+async def ingest(hosts_n: int, total_lines: int, servers: int) -> dict[str, object]:
+    """Stream ``total_lines`` split over ``hosts_n`` simulated hosts through fleetprobe; controller figures."""
+    work = Path(tempfile.mkdtemp(prefix="fp-ingest-"))
+    fleet = SimFleet(work, hosts_n)
+    per_host = -(-total_lines // hosts_n)
+    try:
+        fleet.start(min(servers, hosts_n), lines=per_host, flood=True)
+        spec = {"ports": fleet.ports, "forks": 50, "key": str(work / "client_key"),
+                "known_hosts": str(work / "known_hosts"), "duration": 3600.0}
+        # The simulated runner ends by itself after its lines (as "duration"); no event cap.
+        settings = replace(_settings(spec), event_cap=10**12)
+        playbook = load_playbook(BENCH.parent / "playbooks" / "execsnoop.yml")
+        agg = FleetAggregate()
+        counter = EventCounter()
+        samples: list[tuple[float, float, int]] = []
+        done = asyncio.Event()
+        t0 = time.monotonic()
+
+        async def sample() -> None:
+            while not done.is_set():
+                samples.append((time.monotonic() - t0, rss_mib(), counter.events))
+                try:
+                    await asyncio.wait_for(done.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+
+        sampler = asyncio.ensure_future(sample())
+        cpu0 = time.process_time()
+        outcomes = await run_fleet(_hosts(spec), playbook, settings, agg, observer=counter)
+        cpu = time.process_time() - cpu0
+        wall = time.monotonic() - t0
+        done.set()
+        await sampler
+        samples.append((wall, rss_mib(), counter.events))
+        server = fleet.stats(fleet.ports)
+    finally:
+        fleet.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    events = sum(o.events for o in outcomes)
+    chunk = trace_lines(["sched_process_exec"], 600, 1, 100.0)[0]
+    line_bytes = len(chunk) / chunk.count(b"\n")
+    streaming = [s for s in samples if s[2] > 0]
+    first = streaming[0] if streaming else samples[0]
+    return {"hosts": hosts_n, "events": events, "sent": server["lines_sent"], "wall": wall, "cpu": cpu,
+            "line_bytes": line_bytes, "rss_first": first, "rss_last": samples[-1],
+            "rss_max": max(r for _, r, _ in samples),
+            "curve": [(round(t, 1), round(r, 1), e) for t, r, e in samples[:: max(1, len(samples) // 10)]],
+            "failed": [f"{o.host}: {o.status} {o.reason}" for o in outcomes if o.status != "ok"][:3],
+            "conn_max": server["conn_max"], "conn_min": server["conn_min"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark for each host count and print the figures."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", default="1,50", help="comma-separated host counts")
+    ap.add_argument("--lines", type=int, default=4_000_000, help="lines in total per host count")
+    ap.add_argument("--servers", type=int, default=2, help="simulated-host processes")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 300,000 lines (< 60 s)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lines = 300_000
+    for n in (int(x) for x in args.hosts.split(",")):
+        r = asyncio.run(ingest(n, args.lines, args.servers))
+        events, cpu, wall = int(r["events"]), float(r["cpu"]), float(r["wall"])  # type: ignore[call-overload]
+        t1, rss1, e1 = r["rss_first"]  # type: ignore[misc]
+        t2, rss2, e2 = r["rss_last"]  # type: ignore[misc]
+        print(f"{n:3d} host(s): {events:,} events of {r['sent']:,} sent, {float(r['line_bytes']):.0f} B/line; "
+              f"{wall:.1f} s wall, {cpu:.1f} s controller CPU -> {events / cpu:,.0f} events/s per core, "
+              f"{events * float(r['line_bytes']) / cpu / 1e6:.1f} MB/s per core, {events / wall:,.0f} events/s wall",
+              flush=True)
+        print(f"     RSS {rss1:.1f} MiB at {e1:,} events -> {rss2:.1f} MiB at {e2:,} events "
+              f"(max {float(r['rss_max']):.1f}); connections per host {r['conn_min']}-{r['conn_max']}", flush=True)
+        print(f"     (t s, RSS MiB, events): {r['curve']}", flush=True)
+        if r["failed"]:
+            print(f"     FAILED hosts: {r['failed']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
