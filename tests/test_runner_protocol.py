@@ -72,7 +72,7 @@ def test_captured_stream_through_trace_stream() -> None:
         def add_rows(self, host: str, rows: list[tuple[str, ...]], names: dict[str, str], *rest: object) -> None:
             seen.extend(names[r[5]] for r in rows if r[5] in names)
 
-    stream = TraceStream("ctl", names, aggregate=Rows(), on_control=rep.handle)  # type: ignore[arg-type]
+    stream = TraceStream("ctl", names, aggregate=Rows(), on_control=rep.handle)
     data = (RUNNER / "tracepoint-uprobe-dash.out").read_bytes()
     for i in range(0, len(data), 97):                   # chunks cut mid-line, as a channel does
         stream.feed(data[i:i + 97])
