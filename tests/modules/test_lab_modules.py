@@ -197,6 +197,9 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
             assert "fp_kprobe " not in modules
             left = await session.run("ls /tmp/*.ko 2>/dev/null; true", timeout=60)
             assert left.stdout == b""
+            # No oops on the way (TAINT_DIE, 1 << 7); O and E taints from loading are expected.
+            tainted = int((await session.run("cat /proc/sys/kernel/tainted", timeout=60)).stdout)
+            assert not tainted & (1 << 7), f"the kernel oopsed (tainted={tainted}): see dmesg on {vm.name}"
         finally:
             await session.close()
 
