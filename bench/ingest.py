@@ -1,6 +1,6 @@
 """Benchmark: parse + merge throughput of one host stream on one core, and peak RSS.
 
-    .venv/bin/python bench/ingest.py [--lines N] [--parse-only]
+    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs]
 
 Generates a realistic trace_pipe stream (kprobe entry lines with a quoted path,
 kretprobe lines, sched tracepoints; 8% of comms contain spaces), feeds it to
@@ -19,7 +19,8 @@ import sys
 import time
 
 from fleetprobe.clock import ClockMap
-from fleetprobe.parse import TraceEvent, TraceStream
+from fleetprobe.merge import FleetAggregate
+from fleetprobe.parse import TraceStream
 
 COMMS = ["sshd", "bash", "systemd-journal", "nginx", "postgres", "python3", "cron", "kworker/u8:2",
          "containerd", "node"]
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print lines/s, MB/s and peak RSS per million lines."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=3_000_000)
-    ap.add_argument("--parse-only", action="store_true", help="count events instead of merging them")
+    ap.add_argument("--parse-only", action="store_true", help="split lines and batch events, no aggregate")
+    ap.add_argument("--no-pairs", action="store_true", help="aggregate without entry/return latency pairing")
     args = ap.parse_args(argv)
     rng = random.Random(1)
     # Pre-generate a pool of distinct chunks so generation is not measured.
@@ -72,21 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         pool.append(data)
     pool_lines = sum(d.count(b"\n") for d in pool)
     pool_bytes = sum(len(d) for d in pool)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS with the {pool_bytes / 1e6:.0f} MB input pool generated: {base:.1f} MiB", flush=True)
 
-    count = [0]
-
-    if args.parse_only:
-        def on_event(ev: TraceEvent) -> None:
-            """Count only."""
-            count[0] += 1
-        sink = on_event
-    else:
-        from fleetprobe.merge import FleetAggregate
-        agg = FleetAggregate(PAIRS)
-        sink = agg.add_event
     clock = ClockMap()
-    stream = TraceStream("bench-host", NAMES, on_event=sink, clock=clock) if args.parse_only \
-        else TraceStream("bench-host", NAMES, aggregate=agg, clock=clock)
+    agg = FleetAggregate({} if args.no_pairs else PAIRS)
+    stream = TraceStream("bench-host", NAMES, aggregate=None if args.parse_only else agg, clock=clock)
     stream.feed(b"     fleetprobe-1 [000] ...1.    99.000000: tracing_mark_write: fpsync 1764120000.123456789\n")
     done = 0
     nbytes = 0
@@ -108,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             if done >= args.lines:
                 break
     stream.close()
+    agg.finish()
     print(f"total {done:,} lines ({pool_bytes / pool_lines:.0f} B/line) in {busy:.2f} s CPU: "
           f"{done / busy:,.0f} lines/s, {nbytes / busy / 1e6:.1f} MB/s; "
           f"unparsed {stream.stats.unparsed}, unknown {sum(stream.stats.unknown.values())}")

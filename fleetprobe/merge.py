@@ -460,23 +460,25 @@ class FleetAggregate:
             cap = self.pending_cap
             # pid and timestamp stay strings until a pair completes: most
             # entries cost one dict store, and only pairs pay for float().
-            for _comm, pid, _cpu, _flags, ts, name, _args in rows:
+            for row in rows:
+                name = row[5]
                 pend = entries.get(name)
                 if pend is not None:
+                    pid = row[1]
                     if len(pend) >= cap and pid not in pend:
                         del pend[next(iter(pend))]
                         self._evicted(part, names[name])
-                    pend[pid] = ts
+                    pend[pid] = row[4]
                     continue
                 ret = returns.get(name)
                 if ret is None:
                     continue
-                t0 = ret[0].pop(pid, None)
+                t0 = ret[0].pop(row[1], None)
                 lat = ret[1]
                 if t0 is None:
                     lat.unmatched += 1
                 else:
-                    ns = int((float(ts) - float(t0)) * 1e9 + 0.5)
+                    ns = int((float(row[4]) - float(t0)) * 1e9 + 0.5)
                     lat.buckets[min(ns.bit_length(), BUCKETS - 1) if ns > 0 else 0] += 1
         # trace_pipe is merged by timestamp, but check both ends anyway (cheap: two rows).
         for row in (rows[0], rows[-1]):
