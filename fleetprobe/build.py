@@ -922,3 +922,12 @@ def host_module_error(host: str, module: BuiltModule, release: str, host_vermagi
                      evidence=f"module vermagic: {module.modinfo.vermagic}",
                      hint="the host's kernel changed since its facts were gathered, or its build tree is "
                           "for another kernel: reboot into the matching kernel or install matching headers")
+
+
+async def verify_on_host(session: BuildSession, host: str, module: BuiltModule, release: str) -> HostError | None:
+    """Before insmod: compare the module's vermagic with ``release`` and with one of the host's own modules.
+
+    Costs two round trips (find + read one small .ko); a host without plain
+    ``.ko`` files (compressed modules) is checked against ``release`` only.
+    """
+    return host_module_error(host, module, release, await read_host_vermagic(session, release))

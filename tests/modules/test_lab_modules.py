@@ -23,10 +23,10 @@ from fleetprobe.build import (
     ModuleCache,
     build_groups,
     default_cache_dir,
-    host_module_error,
     load_module_source,
     plan_builds,
     read_host_vermagic,
+    verify_on_host,
 )
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
@@ -52,12 +52,20 @@ REGISTERS = {
 
 @pytest.fixture(scope="module")
 def lab_vms() -> Iterator[Any]:
-    """One VM per lab arch in a lab directory of our own; stops only the VMs this fixture started."""
+    """One VM per lab arch; stops only the VMs this fixture started.
+
+    Like tests/lab/conftest.py's lab_fleet (which tests outside tests/lab cannot
+    see) it uses $FLEETPROBE_LAB_DIR when set, so both reuse one set of VMs;
+    otherwise a persistent lab directory in the test cache, so images are
+    built once.  mipsel is included for a 32-bit kernel.
+    """
     from fleetprobe.lab import fleet
 
-    lab_dir = Path(os.environ.get("FLEETPROBE_MODULES_LAB_DIR") or SHARED_CACHE / "lab-modules")
+    env = os.environ.get("FLEETPROBE_LAB_DIR")
+    lab_dir = Path(env).resolve() if env else SHARED_CACHE / "lab-modules"
     try:
-        lab = fleet.up(LAB_ARCHES, lab_dir=lab_dir)
+        lab = fleet.up(LAB_ARCHES, lab_dir=lab_dir,
+                       timeout_s=float(os.environ.get("FLEETPROBE_LAB_TIMEOUT", "300")))
     except Exception as exc:  # the lab's own error names the VM and shows its console
         pytest.fail(f"lab did not come up: {exc}")
     try:
@@ -142,8 +150,11 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
             host_vermagic = await read_host_vermagic(session, vm.kernel_release)
             assert host_vermagic, "the guest has its NIC modules under /lib/modules/<release>"
             for m in built.values():
-                assert host_module_error(vm.name, m, vm.kernel_release, host_vermagic) is None
+                assert await verify_on_host(session, vm.name, m, vm.kernel_release) is None
                 assert m.modinfo.vermagic.split() == host_vermagic.split()
+                # The same module against a kernel the host does not run: refused, with evidence.
+                err = await verify_on_host(session, vm.name, m, vm.kernel_release + "x")
+                assert err is not None and err.host == vm.name and "does not match the running kernel" in str(err)
 
             # fp_kprobe: pre and post lines with this arch's registers.
             col = KmsgCollector(vm.name, run)
