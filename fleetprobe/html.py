@@ -306,13 +306,13 @@ def _clock_chart(report: FleetReport) -> str:
         lo, hi = lo - 5e-5, hi + 5e-5
     label_w, width, row_h, top = 160, 620, 18, 24
     plot_w = width - label_w - 20
-    height = top + row_h * len(clocked) + 10
+    height = top + row_h * len(clocked) + 24
 
     def x_of(v: float) -> float:
         return label_w + plot_w * (v - lo) / (hi - lo)
 
-    parts = [f"<g class='axis'><line x1='{x_of(0):.1f}' y1='{top - 6}' x2='{x_of(0):.1f}' y2='{height}' "
-             f"stroke-dasharray='3,3'/><text x='{x_of(0):.1f}' y='{top - 10}' text-anchor='middle'>controller</text>"
+    parts = [f"<g class='axis'><line x1='{x_of(0):.1f}' y1='{top - 6}' x2='{x_of(0):.1f}' y2='{height - 14}' "
+             f"stroke-dasharray='3,3'/><text x='{x_of(0):.1f}' y='{height - 2}' text-anchor='middle'>controller clock</text>"
              f"<text x='{label_w}' y='{top - 10}'>{lo * 1e3:+.2f} ms</text>"
              f"<text x='{width - 20}' y='{top - 10}' text-anchor='end'>{hi * 1e3:+.2f} ms</text></g>"]
     for i, o in enumerate(clocked):

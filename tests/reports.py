@@ -15,13 +15,16 @@ from fleetprobe.outcome import HostOutcome
 from fleetprobe.parse import TraceStream
 
 REAL = Path(__file__).parent / "data" / "trace" / "x86_64-6.18-this-machine.txt"
-NAMES = {"sched_process_exec": "exec", "sched_process_fork": "fork"}
+NAMES = {"sched_process_exec": "exec", "sched_process_fork": "fork", "rl": "rl", "rlr": "rlr"}
+#: The uretprobe on bash readline pairs with its entry probe (latency).
+PAIRS = {"rlr": "rl"}
 PLAYBOOK_SHA = "ab" * 32
 
 
 def real_lines() -> list[str]:
-    """The captured real lines (exec, fork, markers)."""
-    return [ln for ln in REAL.read_text().splitlines() if "sched_process_" in ln or "fpsync" in ln]
+    """The captured real lines (exec, fork, bash readline entry/return, markers)."""
+    return [ln for ln in REAL.read_text().splitlines()
+            if "sched_process_" in ln or "fpsync" in ln or " rl: " in ln or " rlr: " in ln]
 
 
 def host_text(lines: list[str], shift: float, realtime: float) -> str:
@@ -56,7 +59,7 @@ def build_report(texts: dict[str, str], *, run_id: str = "r1", started: float = 
                  statuses: dict[str, str] | None = None, offsets: dict[str, float] | None = None,
                  playbook: str = "execaudit") -> FleetReport:
     """A report of hosts whose trace_pipe output is ``texts`` (host -> text); other statuses have no text."""
-    agg = FleetAggregate()
+    agg = FleetAggregate(PAIRS)
     statuses = statuses or {}
     for host in sorted(set(texts) | set(statuses)):
         o = outcome(host, statuses.get(host, "ok"), (offsets or {}).get(host, 0.001))
