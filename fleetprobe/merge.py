@@ -594,8 +594,6 @@ class FleetAggregate:
         out.values = dict(self.values)
         for key, table in other.values.items():
             out.values[key] = out.values[key].merged(table) if key in out.values else table
-        for table in out.values.values():
-            table.cap = max(table.cap, out.fleet_cap)
         return out
 
     # -- questions the report asks ----------------------------------------------------------

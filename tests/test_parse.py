@@ -276,3 +276,22 @@ def test_stream_fast_path_counts_like_the_event_path() -> None:
     assert fast.hosts["h"].hits["fork"] > 10
     assert fast.latency("readline_ret").count == 6
     assert ("my worker x", 4, 1) in fast.top("fork", "comm")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=120),
+    st.sampled_from([b"  a-1 [000] ..... 1.000001: e: n=1 p=\"x\"\n", b"  a-1 [000] ..... 1.000002: r: ret=-1\n",
+                     b"CPU:0 [LOST 5 EVENTS]\n", b"@@fp ready\n", b"\n", b"\xff\xfe\n",
+                     b"  a-1 [000] ...1. 1.5: tracing_mark_write: fpsync 17641.5 x\n",
+                     b"  a-1 [000] ...1. 1.5: tracing_mark_write: fpsync 1764120000\n"])), max_size=40))
+def test_stream_never_raises_on_any_bytes(chunks: list[bytes]) -> None:
+    """Whatever a broken link or a hostile comm sends, the stream and the aggregate keep going."""
+    agg = FleetAggregate({"r": "e"})
+    s = TraceStream("h", {"e": "e", "r": "r"}, aggregate=agg, on_event=lambda ev: None,
+                    on_control=lambda text: None, clock=ClockMap())
+    for c in chunks:
+        s.feed(c)
+    s.close()
+    agg.finish()
+    assert s.stats.events == sum(agg.hosts["h"].hits.values()) if "h" in agg.hosts else s.stats.events == 0
