@@ -47,7 +47,7 @@ def test_tracepoint_fork_with_spaced_comm_this_machine() -> None:
     assert isinstance(ev, TraceEvent)
     assert (ev.host, ev.probe, ev.comm, ev.cpu) == ("db-1", "fork", "my worker x", 1)
     assert ev.fields["comm"] == "my worker x" and ev.fields["child_comm"] == "my worker x"
-    assert ev.fields["child_pid"] == ev.fields["pid"] + 1 == ev.pid + 1
+    assert ev.fields["pid"] == ev.pid and ev.fields["child_pid"] == ev.pid + 1
 
 
 def test_exec_tracepoint_this_machine() -> None:

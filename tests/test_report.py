@@ -96,7 +96,8 @@ def _validate(instance: Any, schema: dict[str, Any], root: dict[str, Any], path:
     types = schema.get("type")
     if types is not None:
         names = types if isinstance(types, list) else [types]
-        py = {"object": dict, "array": list, "string": str, "null": type(None), "boolean": bool}
+        py: dict[str, type] = {"object": dict, "array": list, "string": str, "null": type(None),
+                               "boolean": bool}
 
         def ok(name: str) -> bool:
             """Whether instance has JSON type ``name``."""
