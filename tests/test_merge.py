@@ -247,3 +247,18 @@ def test_report_refuses_different_playbooks_and_newer_schema() -> None:
     data["schema"] = 99
     with pytest.raises(InputError, match="newer"):
         FleetReport.from_json(data)
+
+
+def test_event_sample_is_first_n_plus_a_spread_reservoir() -> None:
+    """10k events from one host: the first 20 in order, 20 more drawn from the rest, nothing else kept."""
+    agg = FleetAggregate()
+    s = TraceStream("h", {"e": "e"}, aggregate=agg)
+    s.feed("".join(f"  c-{i % 90 + 1} [000] ..... {1 + i * 1e-5:.6f}: e: i={i}\n" for i in range(10_000)).encode())
+    agg.finish()
+    sample = agg.hosts["h"].sample
+    assert sample.seen == 10_000
+    assert [e["fields"]["i"] for e in sample.first] == list(range(20))
+    picked = sorted(e["fields"]["i"] for e in sample.reservoir)
+    assert len(picked) == 20 and len(set(picked)) == 20 and picked[0] >= 20
+    # Algorithm L over 9980 candidates: the picks spread over the stream, not bunched at the start.
+    assert picked[-1] > 5_000 and sum(picked) / 20 > 2_500
