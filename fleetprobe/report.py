@@ -42,12 +42,16 @@ def format_ns(ns: int) -> str:
     return f"{ns / 1e9:.1f}s"
 
 
-def _value_text(value: int | str) -> str:
+def value_text(value: int | str) -> str:
     """How a field value reads in a table: ints in decimal and, when large, hex too."""
     if isinstance(value, int):
         # Flags and addresses read better in hex; pids and sizes below 64 Ki do not.
         return f"{value} ({value:#x})" if abs(value) >= 0x10000 else str(value)
     return repr(value) if value == "" or value != value.strip() else value
+
+
+# html.py and markdown.py import the old private name.
+_value_text = value_text
 
 
 def render_summary(report: FleetReport, console: Console) -> None:
@@ -58,12 +62,20 @@ def render_summary(report: FleetReport, console: Console) -> None:
     console.print(Text(f"fleetprobe run {run.run_id}: {run.playbook} on {len(report.hosts)} host(s), "
                        f"{run.duration:.1f}s", style="bold"))
     _render_status(report, console)
+    _render_alerts(report, console)
     _render_hits(report, console)
     _render_values(report, console)
     _render_latency(report, console)
     _render_quiet(report, console)
     _render_loss(report, console)
     _render_clocks(report, console)
+
+
+def _render_alerts(report: FleetReport, console: Console) -> None:
+    """What an operator must hear about even on hosts that ended ok (an oops during the run ...)."""
+    for o in report.hosts:
+        for alert in o.alerts:
+            console.print(Text.assemble(("ALERT ", "bold red"), (f"{o.host}: ", "bold"), alert))
 
 
 def _render_status(report: FleetReport, console: Console) -> None:
@@ -148,7 +160,7 @@ def _render_values(report: FleetReport, console: Console) -> None:
             for i, (value, count, nhosts) in enumerate(top):
                 share = f"{100 * count / values.total:.1f}%" if values.total else "-"
                 last = i == len(top) - 1
-                table.add_row(name if i == 0 else "", _value_text(value), str(count), str(nhosts), share,
+                table.add_row(name if i == 0 else "", value_text(value), str(count), str(nhosts), share,
                               end_section=last)
             more = len(values.counts) - len(top)
             extra = []
