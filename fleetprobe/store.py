@@ -126,6 +126,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str] | None = None, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
         """Open (creating it and its folder when missing) the store at ``path`` (default: :func:`default_path`)."""
         self.path = Path(path) if path is not None else default_path()
+        self._db = sqlite3.connect(":memory:")  # replaced below; lets close() work on every path
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a
@@ -148,9 +149,11 @@ class Store:
                     raise InputError(f"history schema {row[0]} is newer than this fleetprobe's ({SCHEMA_VERSION})",
                                      where=str(self.path), hint="upgrade fleetprobe, or use another --store")
         except (sqlite3.DatabaseError, OSError) as exc:
+            self._db.close()
             raise InputError(f"cannot open the history store: {exc}", where=str(self.path),
                              hint="check the path and its permissions, or pass --store PATH / --no-store") from None
         if mode.lower() != "wal":
+            self._db.close()
             # WAL needs shared memory: not available on some network filesystems.
             raise InputError(f"cannot use WAL journaling (got {mode!r}); the store must be on a local filesystem",
                              where=str(self.path), hint="put the store on local disk with --store PATH")
