@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fanout import BENCH, SimFleet, _hosts, _settings
@@ -53,7 +53,25 @@ class EventCounter:
         self.events += n
 
 
-async def ingest(hosts_n: int, total_lines: int, servers: int) -> dict[str, object]:
+@dataclass
+class IngestResult:
+    """Controller-side figures of one ingest run."""
+
+    events: int
+    sent: int
+    wall: float
+    cpu: float
+    line_bytes: float
+    first: tuple[float, float, int]
+    last: tuple[float, float, int]
+    rss_max: float
+    curve: list[tuple[float, float, int]]
+    failed: list[str]
+    conn_min: int
+    conn_max: int
+
+
+async def ingest(hosts_n: int, total_lines: int, servers: int) -> IngestResult:
     """Stream ``total_lines`` split over ``hosts_n`` simulated hosts through fleetprobe; controller figures."""
     work = Path(tempfile.mkdtemp(prefix="fp-ingest-"))
     fleet = SimFleet(work, hosts_n)
@@ -96,12 +114,11 @@ async def ingest(hosts_n: int, total_lines: int, servers: int) -> dict[str, obje
     line_bytes = len(chunk) / chunk.count(b"\n")
     streaming = [s for s in samples if s[2] > 0]
     first = streaming[0] if streaming else samples[0]
-    return {"hosts": hosts_n, "events": events, "sent": server["lines_sent"], "wall": wall, "cpu": cpu,
-            "line_bytes": line_bytes, "rss_first": first, "rss_last": samples[-1],
-            "rss_max": max(r for _, r, _ in samples),
-            "curve": [(round(t, 1), round(r, 1), e) for t, r, e in samples[:: max(1, len(samples) // 10)]],
-            "failed": [f"{o.host}: {o.status} {o.reason}" for o in outcomes if o.status != "ok"][:3],
-            "conn_max": server["conn_max"], "conn_min": server["conn_min"]}
+    return IngestResult(events=events, sent=int(server["lines_sent"]), wall=wall, cpu=cpu, line_bytes=line_bytes,
+                        first=first, last=samples[-1], rss_max=max(r for _, r, _ in samples),
+                        curve=[(round(t, 1), round(r, 1), e) for t, r, e in samples[:: max(1, len(samples) // 10)]],
+                        failed=[f"{o.host}: {o.status} {o.reason}" for o in outcomes if o.status != "ok"][:3],
+                        conn_min=int(server["conn_min"]), conn_max=int(server["conn_max"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,18 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         args.lines = 300_000
     for n in (int(x) for x in args.hosts.split(",")):
         r = asyncio.run(ingest(n, args.lines, args.servers))
-        events, cpu, wall = int(r["events"]), float(r["cpu"]), float(r["wall"])  # type: ignore[call-overload]
-        t1, rss1, e1 = r["rss_first"]  # type: ignore[misc]
-        t2, rss2, e2 = r["rss_last"]  # type: ignore[misc]
-        print(f"{n:3d} host(s): {events:,} events of {r['sent']:,} sent, {float(r['line_bytes']):.0f} B/line; "
-              f"{wall:.1f} s wall, {cpu:.1f} s controller CPU -> {events / cpu:,.0f} events/s per core, "
-              f"{events * float(r['line_bytes']) / cpu / 1e6:.1f} MB/s per core, {events / wall:,.0f} events/s wall",
+        (_, rss1, e1), (_, rss2, e2) = r.first, r.last
+        print(f"{n:3d} host(s): {r.events:,} events of {r.sent:,} sent, {r.line_bytes:.0f} B/line; "
+              f"{r.wall:.1f} s wall, {r.cpu:.1f} s controller CPU -> {r.events / r.cpu:,.0f} events/s per core, "
+              f"{r.events * r.line_bytes / r.cpu / 1e6:.1f} MB/s per core, {r.events / r.wall:,.0f} events/s wall",
               flush=True)
         print(f"     RSS {rss1:.1f} MiB at {e1:,} events -> {rss2:.1f} MiB at {e2:,} events "
-              f"(max {float(r['rss_max']):.1f}); connections per host {r['conn_min']}-{r['conn_max']}", flush=True)
-        print(f"     (t s, RSS MiB, events): {r['curve']}", flush=True)
-        if r["failed"]:
-            print(f"     FAILED hosts: {r['failed']}", flush=True)
+              f"(max {r.rss_max:.1f}); connections per host {r.conn_min}-{r.conn_max}", flush=True)
+        print(f"     (t s, RSS MiB, events): {r.curve}", flush=True)
+        if r.failed:
+            print(f"     FAILED hosts: {r.failed}", flush=True)
     return 0
 
 
