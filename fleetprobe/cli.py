@@ -394,7 +394,9 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:
-        return int(exc.code) if isinstance(exc.code, int) else int(Exit.BAD_INPUT)
+        # argparse exits 2 on a usage error, which would read as "some hosts failed": it is bad input.
+        # --help and --version exit 0.
+        return int(Exit.OK) if exc.code in (0, None) else int(Exit.BAD_INPUT)
     if not args.command:
         parser.print_help()
         return int(Exit.BAD_INPUT)

@@ -203,6 +203,23 @@ def _base_symbol(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+def _realtime(lines: list[str]) -> float:
+    """The host's realtime: ``date +%s.%N``, else busybox adjtimex's tv_sec/tv_usec, else whole seconds."""
+    first = lines[0].strip() if lines else ""
+    try:
+        return float(first)
+    except ValueError:
+        pass
+    adj = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:]) if v}
+    if adj.get("time.tv_sec", "").isdigit() and adj.get("time.tv_usec", "").isdigit():
+        return int(adj["time.tv_sec"]) + int(adj["time.tv_usec"]) / 1e6
+    try:
+        # busybox date without %N prints "1764120000.%N": keep the whole seconds.
+        return float(first.split(".")[0])
+    except ValueError:
+        return 0.0
+
+
 def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts:
     """Parse the facts script's output; ``symbols`` lists the names that were asked about."""
     s = split_sections(text)
@@ -210,17 +227,7 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
     if "end" not in s:
         problems.append("facts output was cut short")
     uname = s.get("uname", []) + ["", "", ""]
-    realtime = 0.0
-    for line in s.get("realtime", []):
-        try:
-            realtime = float(line.strip())
-            break
-        except ValueError:
-            # busybox date without %N prints "1764120000.N": keep the whole seconds.
-            try:
-                realtime = float(line.strip().split(".")[0])
-            except ValueError:
-                pass
+    realtime = _realtime(s.get("realtime", []))
     ncpus = 1
     for line in s.get("ncpus", []):
         if line.strip().isdigit() and int(line) > 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,8 +30,9 @@ from .outcome import HostOutcome
 from .parse import LineSink, Row, TraceEvent, TraceStream
 from .plan import HostPlan, names_for, new_run_id, plan_host
 from .playbook import Playbook
-from .runner import RunnerReport, clock_sample, plan_directives, runner_script, sweep_directives
-from .transport import Session, SSHOptions, Stream, connect, shell_command
+from .runner import (RunnerReport, clock_sample, plan_directives, runner_script, sweep_directives,
+                     teardown_directives)
+from .transport import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
 
 #: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
 TEARDOWN_SLACK = 30
@@ -163,8 +165,10 @@ async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bo
     symbols = playbook.kernel_symbols() if playbook else []
     tps = playbook.tracepoints() if playbook else []
     binaries = playbook.user_binaries() if playbook else []
-    cmd = shell_command(session.host, facts_script(), *facts_args(symbols, tps, binaries, mount=mount))
+    cmd = script_command(session.host, "fleetprobe-facts", *facts_args(symbols, tps, binaries, mount=mount))
     stream = await session.stream(cmd)
+    stream.write(script_input(facts_script()))
+    stream.write_eof()
     # Measured from when the channel is open: its set-up round trip is not part of the offset's error.
     t0 = time.time()
     buf = bytearray()
@@ -350,6 +354,10 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     except asyncio.CancelledError:
         out.status, out.reason = "interrupted", "cancelled"
         raise
+    except Exception as exc:  # noqa: BLE001 - one host's bug must never end the whole run
+        out.status, out.reason = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        out.evidence = traceback.format_exc()[-2000:]
+        obs.set_state(host.name, "failed", out.reason)
     finally:
         out.ended = time.time()
         if session is not None:
@@ -379,7 +387,8 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
     deadline = int(plan.instance.rsplit("_", 1)[1])
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
                                  deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb)
-    stream = await session.stream(shell_command(session.host, runner_script()))
+    stream = await session.stream(script_command(session.host, "fleetprobe-runner"))
+    stream.write(script_input(runner_script()))
     await _measure_clock(stream, parser, report, out, clock)
     stream.write(directives.encode())
     stop_sent = False
@@ -390,16 +399,36 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
             stop_sent = True
             stream.write(b"stop\n")
 
+    last_beat = time.monotonic()
+    runner_dead = False
+
+    def on_marker(_marker: object) -> None:
+        nonlocal last_beat
+        last_beat = time.monotonic()
+
+    parser.on_marker = on_marker
+
     async def watchdog() -> None:
-        """Ask the runner to stop on interrupt or overrun; abandon the channel if it never ends."""
-        interrupted = asyncio.ensure_future(fr.interrupted.wait())
-        try:
-            await asyncio.wait([interrupted], timeout=fr.duration + s.teardown_timeout)
-            stop()
-            await asyncio.sleep(s.teardown_timeout)
-            stream.close()
-        finally:
-            interrupted.cancel()
+        """Stop the runner on interrupt or overrun, and give up on it when its heartbeat stops.
+
+        The runner writes a clock marker every 5 s while it runs; a runner that
+        was killed (an oops in its context, the OOM killer, a person) leaves
+        its reader streaming but sends no more markers.
+        """
+        nonlocal runner_dead
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(1)
+            now = time.monotonic()
+            if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
+                break
+            if report.started and not report.stop_reason and now - last_beat > HEARTBEAT_TIMEOUT:
+                runner_dead = True
+                stream.close()
+                return
+        stop()
+        await asyncio.sleep(s.teardown_timeout)
+        stream.close()
 
     guard = asyncio.ensure_future(watchdog())
     last_seen = 0
@@ -447,8 +476,25 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
         out.cleanup = "failed: " + "; ".join(report.unclean)
     else:
         out.cleanup = "timer"
-    if report.errors:
+    deltas = report.kernel_deltas()
+    if deltas is None and report.kernel.get("start"):
+        deltas = await _oopses_since(session, report.kernel["start"])
+    if deltas is not None:
+        out.kernel_oopses, out.kernel_warnings = deltas
+        if deltas[0] > 0:
+            out.alerts.append(f"the kernel oopsed {deltas[0]} time(s) during the run: a probe may sit on an "
+                              "instruction this kernel cannot single-step; see the host's kernel log (dmesg)")
+        if deltas[1] > 0:
+            out.alerts.append(f"the kernel logged {deltas[1]} WARNING(s) during the run; see dmesg")
+    if (runner_dead or not report.bye) and link_error is None:
+        out.cleanup = await _teardown_for_dead_runner(session, plan, facts)
+    if runner_dead:
+        raise HostError(host, "probe", f"the runner stopped responding (no heartbeat for {HEARTBEAT_TIMEOUT}s)",
+                        evidence="; ".join(out.alerts) or None)
+    if report.errors and not report.started:
         raise HostError(host, "probe", "runner refused the plan", evidence="; ".join(report.errors))
+    if report.errors:
+        raise HostError(host, "probe", "the runner reported an error while probing", evidence="; ".join(report.errors))
     if link_error is not None or not report.bye:
         why = link_error.message if link_error else f"runner ended without finishing (exit {status})"
         raise HostError(host, "probe", f"{why}; the runner removes its probes itself when it sees the "
@@ -463,6 +509,35 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
 
 
 PINGS = 3
+#: Seconds without the runner's 5-second clock marker before it is presumed dead.
+HEARTBEAT_TIMEOUT = 20
+
+
+async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts) -> str:
+    """Remove a run's group and instance over the same connection when its runner died (cleanup state)."""
+    try:
+        r = await session.run(script_command(session.host, "fleetprobe-runner"),
+                              input=script_input(runner_script()) + teardown_directives(
+                                  plan, facts.tracefs or "/sys/kernel/tracing").encode(),
+                              timeout=60)
+    except HostError as exc:
+        return f"timer (controller teardown failed: {exc.message})"
+    rep = RunnerReport()
+    for line in r.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("@@fp "):
+            rep.handle(line[5:])
+    return "controller" if rep.clean else "timer (controller teardown incomplete)"
+
+
+async def _oopses_since(session: Session, start: dict[str, int]) -> tuple[int, int] | None:
+    """After a runner died: the kernel's oops/warn counts since its start snapshot (None if unknown)."""
+    try:
+        r = await session.run(shell_command(session.host, "cat /sys/kernel/oops_count /sys/kernel/warn_count"),
+                              timeout=15)
+        oops, warn = (int(x) for x in r.stdout.split()[:2])
+    except (HostError, ValueError):
+        return None
+    return oops - start.get("oops", oops), warn - start.get("warn", warn)
 
 
 async def _measure_clock(stream: Stream, parser: TraceStream, report: RunnerReport, out: HostOutcome,
@@ -589,8 +664,8 @@ async def cleanup_fleet(hosts: Iterable[Host], settings: RunSettings, *, force: 
                 if facts.tracefs is None:
                     res.error = "tracefs is not mounted: nothing fleetprobe makes can exist"
                     return res
-                r = await session.run(shell_command(host, runner_script()),
-                                      input=sweep_directives(facts.tracefs, grace).encode(),
+                r = await session.run(script_command(host, "fleetprobe-runner"),
+                                      input=script_input(runner_script()) + sweep_directives(facts.tracefs, grace).encode(),
                                       timeout=settings.setup_timeout * 2)
                 rep = RunnerReport()
                 for line in r.stdout.decode("utf-8", "replace").splitlines():

@@ -75,6 +75,12 @@ class HostOutcome:
     started: float = 0.0
     ended: float = 0.0
     cleanup: str = "not-needed"
+    #: Kernel oopses and WARNs counted while the run was on the host (/sys/kernel/oops_count,
+    #: warn_count deltas; -1 when the kernel does not count them).
+    kernel_oopses: int = 0
+    kernel_warnings: int = 0
+    #: Things an operator must hear about even when the host is "ok" (an oops during the run ...).
+    alerts: list[str] = field(default_factory=list)
     unparsed_lines: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -86,4 +92,5 @@ class HostOutcome:
         """Inverse of :meth:`to_json`."""
         d = dict(data)
         d["loss"] = LossCounters(**d.get("loss", {}))
+        d["alerts"] = list(d.get("alerts", []))
         return cls(**d)

@@ -63,6 +63,11 @@ def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: 
     return "\n".join(lines) + "\ngo\n"
 
 
+def teardown_directives(plan: HostPlan, tracefs: str, modules: tuple[str, ...] = ()) -> str:
+    """The runner's stdin to remove one run's group and instance now (its own runner died)."""
+    return f"tracefs {tracefs}\ngroup {plan.group}\ninstance {plan.instance}\nteardown {' '.join(modules)}\n"
+
+
 def sweep_directives(tracefs: str, grace: int) -> str:
     """The runner's stdin for a sweep of stale fleetprobe leftovers only."""
     return f"tracefs {tracefs}\ngrace {grace}\nsweep\n"
@@ -89,6 +94,7 @@ class RunnerReport:
     errors: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
     pongs: list[tuple[float, str]] = field(default_factory=list)
+    kernel: dict[str, dict[str, int]] = field(default_factory=dict)
     stats: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: {"start": {}, "end": {}})
     kev: dict[str, list[str]] = field(default_factory=lambda: {"start": [], "end": []})
     kprof: dict[str, list[str]] = field(default_factory=lambda: {"start": [], "end": []})
@@ -122,6 +128,9 @@ class RunnerReport:
             self.loaded.append(rest.strip())
         elif word == "error":
             self.errors.append(rest.strip())
+        elif word == "kernel":
+            phase, _, values = rest.partition(" ")
+            self.kernel[phase] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
         elif word == "pong":
             self.pongs.append((time.time(), rest.strip()))
         elif word == "swept":
@@ -152,6 +161,13 @@ class RunnerReport:
             misses[name] = max(0, miss - before_m.get(name, (0, 0))[1])
         return LossCounters(overrun=overrun, dropped=dropped, probe_misses=misses)
 
+    def kernel_deltas(self) -> tuple[int, int] | None:
+        """(oopses, warnings) between the start and end snapshots; None without both."""
+        start, end = self.kernel.get("start"), self.kernel.get("end")
+        if not start or not end or "oops" not in start or "oops" not in end:
+            return None
+        return end["oops"] - start["oops"], end.get("warn", 0) - start.get("warn", 0)
+
     def hits(self, group: str) -> dict[str, int]:
         """kprobe_profile hit counts of our events at the end (the kernel's own count, loss or not)."""
         return {k: v[0] for k, v in _profile(self.kev["end"], self.kprof["end"], group).items()}
@@ -162,13 +178,18 @@ def clock_sample(sent: float, received: float, host_realtime: str) -> tuple[floa
 
     busybox ``date`` without %N gives whole seconds: the error grows by a second.
     """
-    text = host_realtime.strip()
+    words = host_realtime.split()
+    if not words:
+        return None
+    text = words[0]
+    # "SECS 1": the host could only tell whole seconds (it says how uncertain it is).
+    extra = float(words[1]) if len(words) > 1 and words[1].replace(".", "", 1).isdigit() else 0.0
     whole = "." not in text or not text.split(".", 1)[1].isdigit()
     try:
         rt = float(text.split(".", 1)[0] if whole else text)
     except ValueError:
         return None
-    return rt - (sent + received) / 2, (received - sent) / 2 + (1.0 if whole else 0.0)
+    return rt - (sent + received) / 2, (received - sent) / 2 + max(extra, 1.0 if whole else 0.0)
 
 
 def _event_key(definition: str) -> str:

@@ -8,6 +8,7 @@
 #   filter EVENT EXPR       EVENT is a path under events/ (GROUP/NAME or SUBSYS/NAME)
 #   enable EVENT
 #   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end
+#   teardown [MODULES]      remove group G and instance I now (a dead runner's run) and exit
 #   ping                    answered at once with "@@fp pong <realtime>" (clock offset)
 # stdout: trace_pipe lines as the kernel prints them, and "@@fp ..." control lines
 # (which never collide: trace lines start with a blank, loss lines with "CPU:").
@@ -23,6 +24,17 @@ trap 'STOP=${STOP:-signal}' TERM INT HUP
 
 say() { printf '@@fp %s\n' "$*" 2>/dev/null; }
 now() { date +%s; }
+# CLOCK_REALTIME with a fraction. busybox date prints "%N" literally; its adjtimex
+# applet reports tv_usec; failing both, whole seconds with a 1 s uncertainty.
+rt() {
+  _t=$(date +%s.%N 2>/dev/null)
+  case $_t in
+    *N*|*%*|'')
+      set -- $(adjtimex 2>/dev/null | sed -n 's/.*tv_sec: *\([0-9]*\).*/\1/p; s/.*tv_usec: *\([0-9]*\).*/\1/p')
+      if [ -n "$2" ]; then printf '%s.%06d\n' "$1" "$2"; else echo "$(date +%s) 1"; fi;;
+    *) echo "$_t";;
+  esac
+}
 
 T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=
 
@@ -102,6 +114,8 @@ sweep() {
 # Snapshot loss counters: per-cpu ring buffer stats of our instance, and kprobe_profile (hits, misses).
 snapshot() {
   _phase=$1
+  # An oops or WARN during the run is the first thing an operator must hear about.
+  say "kernel $_phase oops=$(cat /sys/kernel/oops_count 2>/dev/null) warn=$(cat /sys/kernel/warn_count 2>/dev/null) taint=$(cat /proc/sys/kernel/tainted 2>/dev/null)"
   for _s in "$T/instances/$I"/per_cpu/cpu*/stats; do
     [ -f "$_s" ] || continue
     _c=${_s%/stats}; _c=${_c##*/}
@@ -115,9 +129,7 @@ snapshot() {
 }
 
 sync_marker() {
-  _t=$(date +%s.%N 2>/dev/null)
-  case $_t in *N*|*%*|'') _t="$(date +%s) 1";; esac
-  echo "fpsync $_t" > "$T/instances/$I/trace_marker" 2>/dev/null
+  echo "fpsync $(rt)" > "$T/instances/$I/trace_marker" 2>/dev/null
 }
 
 # The watchdog outlives this process if it is killed; it exits by itself once the instance
@@ -150,8 +162,15 @@ while IFS= read -r line <&3; do
     def|filter|enable|module) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
+    # The controller's own teardown of a run whose runner died (killed by an oops, say).
+    teardown)
+      case $G in fp_*) ;; *) say "error group must start with fp_"; exit 2;; esac
+      kill_readers "$T/instances/$I"; teardown_group "$G" "$I"; unload_modules "$2"
+      if [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
+        say "unclean after teardown"; else say "clean"; fi
+      exit 0;;
     # NTP-style clock samples on the already-running shell: small, symmetric round trips.
-    ping) say "pong $(date +%s.%N 2>/dev/null)";;
+    ping) say "pong $(rt)";;
     *) say "error unknown directive $1"; exit 2;;
   esac
 done
@@ -226,9 +245,13 @@ say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR"
 WATCH=$!
 END=$(( $(now) + ${DUR%.*} ))
 [ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && STOP=nothing-placed
+TICK=0
 while [ -z "$STOP" ]; do
   kill -0 "$READER" 2>/dev/null || { STOP=reader-exit; break; }
   [ "$(now)" -ge "$END" ] && { STOP=duration; break; }
+  # Every 5 s a clock marker: more points for the clock fit, and the controller's proof of life
+  # (through the trace buffer, so it can never tear a trace line as a direct write could).
+  TICK=$((TICK + 1)); [ $((TICK % 5)) -eq 0 ] && sync_marker
   sleep 1 &
   wait $! 2>/dev/null
 done

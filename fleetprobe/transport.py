@@ -87,16 +87,38 @@ class Session(Protocol):
     async def close(self) -> None: ...
 
 
-def shell_command(host: Host, script: str, *args: str) -> str:
-    """The command line that runs ``script`` under POSIX sh on ``host``, as root when asked.
+def shell_command(host: Host, script: str, *args: str, zero: str = "fleetprobe") -> str:
+    """The command line that runs a short ``script`` under POSIX sh on ``host``, as root when asked.
 
     Data goes on stdin, never through ``echo``; every argument is quoted.
     A non-root login with ``become`` runs under ``sudo -n`` (never prompts).
+    Long scripts go on stdin instead: :func:`script_command`.
     """
-    words = ["sh", "-c", script, "fleetprobe", *args]
+    words = ["sh", "-c", script, zero, *args]
     if host.become and (host.user or "") != host.become_user:
         words = ["sudo", "-n", "-u", host.become_user, "--", *words]
     return "exec " + " ".join(shlex.quote(w) for w in words)
+
+
+#: Marks the end of a script sent on stdin to :data:`BOOTSTRAP`.
+SCRIPT_END = "#fleetprobe-script-end"
+
+#: Reads a script from stdin up to SCRIPT_END and runs it.  Scripts travel on stdin,
+#: not on the command line, because dropbear (embedded hosts, the lab) refuses exec
+#: commands over 9000 bytes (MAX_CMD_LEN).  The shell's ``read`` takes a pipe one
+#: byte at a time, so whatever follows the script on stdin is left for the script.
+BOOTSTRAP = (f's=; while IFS= read -r l; do [ "$l" = "{SCRIPT_END}" ] && break; s="$s$l\n"; done; '
+             'eval "$s"')
+
+
+def script_command(host: Host, name: str, *args: str) -> str:
+    """The command line that runs a script sent on stdin (see :func:`script_input`); ``$0`` is ``name``."""
+    return shell_command(host, BOOTSTRAP, *args, zero=name)
+
+
+def script_input(script: str) -> bytes:
+    """What to send first on stdin to a :func:`script_command`."""
+    return (script.rstrip("\n") + "\n" + SCRIPT_END + "\n").encode()
 
 
 class _AsyncsshStream:

@@ -195,7 +195,7 @@ def _runner_pids(netns: str) -> list[int]:
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
         except OSError:
             continue
-        if argv[:2] == [b"sh", b"-c"] and b"fleetprobe runner" in argv[2] and parent.startswith(b"sshd"):
+        if argv[:2] == [b"sh", b"-c"] and argv[3:4] == [b"fleetprobe-runner"] and parent.startswith(b"sshd"):
             found.append(int(d.name))
     return found
 
