@@ -24,7 +24,7 @@ from typing import Any
 
 from fleetprobe.audit import AuditResult
 from fleetprobe.merge import FleetReport, Latency, bucket_range_ns
-from fleetprobe.report import _value_text, format_ns
+from fleetprobe.report import format_ns, value_text
 
 #: Hosts drawn as timeline lanes / heatmap rows before "N more".
 MAX_HOSTS = 60
@@ -179,7 +179,7 @@ def _top_values(report: FleetReport, probes: list[str], colours: dict[str, str])
             if not top:
                 continue
             approx = "" if table.exact else f" (≥, error ≤ {table.error})"
-            items = [(_value_text(v), c, f"{p} {name}={_value_text(v)}: {c} events on {h} host(s)")
+            items = [(value_text(v), c, f"{p} {name}={value_text(v)}: {c} events on {h} host(s)")
                      for v, c, h in top]
             charts.append(_bar_chart(f"{p}: top {name}{approx}", items, colours.get(p, COLOURS[0]),
                                      f"top-{p}-{name}"))

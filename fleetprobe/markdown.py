@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fleetprobe.audit import AuditResult
 from fleetprobe.merge import FleetReport
-from fleetprobe.report import _value_text, format_ns
+from fleetprobe.report import format_ns, value_text
 
 #: Hosts listed per table before "N more".
 ROWS = 25
@@ -82,7 +82,7 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
             approx = "" if table.exact else f" (approximate, counts may be low by up to {table.error})"
             out += [f"#### {escape(p)}: top {escape(name)}{approx}", "", f"| {escape(name)} | count | hosts |",
                     "|---|--:|--:|"]
-            out += [f"| {escape(_value_text(v))} | {c} | {h} |" for v, c, h in top_values]
+            out += [f"| {escape(value_text(v))} | {c} | {h} |" for v, c, h in top_values]
             out.append("")
     for ret, entry in sorted(agg.pairs.items()):
         lat = agg.latency(ret)
