@@ -14,6 +14,7 @@ import re
 import resource
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from .inventory import Inventory, load_inventory
 from .merge import FleetReport
 from .orchestrate import HostFacts, RunSettings, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
 from .outcome import HostOutcome
-from .plan import HostPlan
+from .plan import HostPlan, group_of_instance, is_stale_instance
 from .playbook import Playbook, load_playbook
 from .transport import SSHOptions
 
@@ -333,17 +334,35 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     return int(Exit.NONE_OK if ok == 0 else Exit.SOME_FAILED if ok < len(results) else Exit.OK)
 
 
+def _stale(leftovers: list[str], grace: int, now: float) -> tuple[list[str], list[str]]:
+    """Split what a host still holds after a sweep into (stale, live): live runs are kept on purpose."""
+    live_groups = set()
+    live: list[str] = []
+    for item in leftovers:
+        kind, _, name = item.partition(" ")
+        if kind == "instance" and not is_stale_instance(name, now, grace):
+            live.append(item)
+            group = group_of_instance(name)
+            if group:
+                live_groups.add(group)
+    stale = [x for x in leftovers if x not in live and not (x.startswith("group ") and x[6:] in live_groups)]
+    return stale, [x for x in leftovers if x not in stale]
+
+
 def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe cleanup``: sweep leftovers of dead runs (all fleetprobe runs with --force)."""
     inv = _inventory(args)
     results = asyncio.run(cleanup_fleet(inv.hosts, _settings(args), force=args.force))
     t = Table(title="fleetprobe cleanup", title_justify="left")
-    for col in ("host", "removed", "still there", "error"):
+    for col in ("host", "removed", "still there (stale)", "live runs (kept)", "error"):
         t.add_column(col)
+    bad = 0
     for r in results:
-        t.add_row(r.host, ", ".join(r.removed) or "-", ", ".join(r.remaining) or "-", r.error or "")
+        stale, live = _stale(r.remaining, args.grace, time.time())
+        t.add_row(r.host, ", ".join(r.removed) or "-", ", ".join(stale) or "-", ", ".join(live) or "-",
+                  r.error or "")
+        bad += bool(r.error or stale)
     console.print(t)
-    bad = sum(1 for r in results if r.error or r.remaining)
     return int(Exit.OK if bad == 0 else Exit.NONE_OK if bad == len(results) else Exit.SOME_FAILED)
 
 

@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The qemu lab and the module builds cache Debian packages, images and built modules here,
+# inside the checkout (ignored by git), so every test that needs the lab shares one set of VMs.
+export FLEETPROBE_LAB_DIR=${FLEETPROBE_LAB_DIR:-$PWD/.lab}
+export FLEETPROBE_CACHE=${FLEETPROBE_CACHE:-$PWD/.fpcache}
 start=$(date +%s)
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
