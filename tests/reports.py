@@ -73,3 +73,13 @@ def build_report(texts: dict[str, str], *, run_id: str = "r1", started: float = 
     run = RunInfo(run_id, playbook, f"playbooks/{playbook}.yml", PLAYBOOK_SHA, started, started + 10.0,
                   "inventory.yml", ["fleetprobe", "audit"], "0.1.0")
     return FleetReport(run, agg)
+
+
+def leftovers_of(run_ids: list[str]) -> list[str]:
+    """This machine's tracefs instances and dynamic events that belong to the given runs.
+
+    Scoped to our run ids: other engineers' test runs share this kernel.
+    """
+    from conftest import fleetprobe_leftovers
+
+    return [x for x in fleetprobe_leftovers() if any(f"fp_{r}_" in x for r in run_ids)]

@@ -26,7 +26,7 @@ from fleetprobe.audit import AuditResult, Thresholds, audit, check_rules, diff_r
 from fleetprobe.cli import main
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.store import Store
-from reports import build_report, extra_exec, host_text, real_lines
+from reports import build_report, extra_exec, host_text, leftovers_of, real_lines
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "contrib" / "systemd" / "fleetprobe-audit.service"
@@ -157,9 +157,13 @@ def test_unit_files_verify() -> None:
 
 
 @pytest.fixture
-def sshd_fleet(tmp_path: Path, clean_tracefs: None) -> Iterator[object]:
+def sshd_fleet(tmp_path: Path) -> Iterator[object]:
     """Two real sshd hosts on 127.0.0.1 (they share this machine's kernel)."""
+    from conftest import ensure_tracefs
     from sshhosts import free_port, new_fleet
+
+    if not ensure_tracefs():
+        pytest.skip("needs root and tracefs")
 
     fleet = new_fleet(tmp_path / "fleet")
     try:
@@ -254,6 +258,7 @@ probes:
         assert store.playbook_text(second_id) == playbook.read_text()
         assert set(store.host_facts(rows[2].run_id)) == {"alpha", "beta"}
         assert store.integrity() == "ok"
+        assert leftovers_of([r.run_id for r in rows]) == []
     html = (state / "last-audit.html").read_text()
     assert "Audit FAILED" in html and "beta" in html
     assert "newly-failing" in (state / "last-audit.md").read_text()
@@ -299,6 +304,7 @@ def test_run_stores_shards_and_writes_reports(tmp_path: Path, sshd_fleet: object
         [row] = s.runs()
         report = s.load_report(row.run_id)
         assert {o.host for o in report.hosts} == {h for h, i in owner.items() if i == owner["alpha"]}
+        assert leftovers_of([row.run_id]) == []
     rc = main(["run", str(playbook), "-i", inv, "--no-live", "--no-store", "--store", store,
                "--no-agent", "--ssh-config", "none"], Console(record=True, width=200))
     assert rc == 0

@@ -18,6 +18,8 @@ from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import RunSettings
 from fleetprobe.report import load_json
 from fleetprobe.transport import SSHOptions, shell_command
+from conftest import ensure_tracefs
+from reports import leftovers_of
 from sshhosts import Fleet, free_port, make_key, new_fleet
 
 pytestmark = [pytest.mark.sshd]
@@ -29,6 +31,8 @@ PLAYBOOK = ("name: forks\ndescription: process forks\nduration: 1s\nprobes:\n"
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """Two real sshd hosts on loopback."""
+    if not ensure_tracefs():
+        pytest.skip("needs root and tracefs")
     f = new_fleet(tmp_path / "fleet")
     try:
         f.start_sshd("alpha", "127.0.0.1", free_port())
@@ -116,7 +120,7 @@ def test_refused_port_is_a_clear_error(fleet: Fleet) -> None:
 
 
 @pytest.mark.tracefs
-def test_run_with_transport_fabric(fleet: Fleet, tmp_path: Path, clean_tracefs: None) -> None:
+def test_run_with_transport_fabric(fleet: Fleet, tmp_path: Path) -> None:
     """`fleetprobe run --transport fabric` runs the same pipeline: facts, plan, runner, teardown."""
     playbook = tmp_path / "forks.yml"
     playbook.write_text(PLAYBOOK)
@@ -130,11 +134,11 @@ def test_run_with_transport_fabric(fleet: Fleet, tmp_path: Path, clean_tracefs: 
     assert all(o.clock_offset is not None and o.kernel_release == os.uname().release for o in report.hosts)
     # Our own sshd sessions fork: both hosts saw forks.
     assert set(report.aggregate.hits("fork")) == {"alpha", "beta"}
+    assert leftovers_of([report.run.run_id]) == []
 
 
 @pytest.mark.tracefs
-def test_fabfile_helper_runs_through_the_users_connections(fleet: Fleet, tmp_path: Path,
-                                                         clean_tracefs: None) -> None:
+def test_fabfile_helper_runs_through_the_users_connections(fleet: Fleet, tmp_path: Path) -> None:
     playbook = tmp_path / "forks.yml"
     playbook.write_text(PLAYBOOK)
     known = str(fleet.write_known_hosts())
@@ -150,6 +154,7 @@ def test_fabfile_helper_runs_through_the_users_connections(fleet: Fleet, tmp_pat
         assert sorted(o.host for o in report.hosts) == sorted(names)
         assert all(o.status == "ok" and o.cleanup == "clean" for o in report.hosts), report.hosts
         assert report.aggregate.total_hits("fork") > 0
+        assert leftovers_of([report.run.run_id]) == []
         # The connections are the caller's: still open and usable after the run.
         assert all(c.is_connected for c in conns)
         assert conns[0].run("echo still-here", hide=True, in_stream=False).stdout == "still-here\n"
