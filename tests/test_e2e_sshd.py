@@ -80,8 +80,13 @@ def _wait_for(pred: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _our_instances() -> list[str]:
-    return [x for x in fleetprobe_leftovers() if x.startswith("instance ")]
+def _run_id() -> str:
+    """A run id of this test's own, so it watches only its own names in the shared tracefs."""
+    return "e2e" + uuid.uuid4().hex[:8]
+
+
+def _our_instances(run_id: str) -> list[str]:
+    return [x for x in fleetprobe_leftovers() if x.startswith(f"instance fp_{run_id}_")]
 
 
 def _trigger_while_running(marker: Path, seconds: float) -> subprocess.Popen[bytes]:
@@ -150,7 +155,6 @@ def test_plan_changes_nothing(fleet: Fleet, tmp_path: Path, clean_tracefs: None)
         assert kinds["bash_exec"]["definition"].startswith(f"p:{p['group']}/bash_exec /bin/bash:0x")
         assert "+0(%di):ustring" in kinds["bash_exec"]["definition"] or "ustring" in kinds["bash_exec"]["definition"]
     assert Path("/sys/kernel/tracing/uprobe_events").read_text() == before
-    assert not _our_instances()
 
 
 def test_facts_table(fleet: Fleet, tmp_path: Path) -> None:
@@ -211,10 +215,11 @@ def test_ctrl_c_stops_cleans_and_reports(fleet: Fleet, marker: Path, tmp_path: P
     pb = tmp_path / "e2e.yml"
     pb.write_text(PLAYBOOK)
     trigger = _trigger_while_running(marker, 20)
+    rid = _run_id()
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--duration", "60s", "--no-live",
-                       "--json", str(tmp_path / "r.json")], tmp_path)
+                       "--run-id", rid, "--json", str(tmp_path / "r.json")], tmp_path)
     try:
-        _wait_for(lambda: len(_our_instances()) == 5, 30, "five instances probing")
+        _wait_for(lambda: len(_our_instances(rid)) == 5, 30, "five instances probing")
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(30)
@@ -228,36 +233,38 @@ def test_ctrl_c_stops_cleans_and_reports(fleet: Fleet, marker: Path, tmp_path: P
     report = json.loads((tmp_path / "r.json").read_text())
     assert all(h["status"] == "interrupted" and h["cleanup"] == "clean" for h in report["hosts"]), report["hosts"]
     assert sum(h["events"] for h in report["hosts"]) > 0, "what was collected before Ctrl-C is kept"
-    assert not _our_instances()
+    assert not _our_instances(rid)
 
 
 def test_controller_killed_runner_cleans_when_link_drops(fleet: Fleet, tmp_path: Path,
                                                          clean_tracefs: None) -> None:
     pb = tmp_path / "e2e.yml"
     pb.write_text(PLAYBOOK)
+    rid = _run_id()
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--limit", "web1:web2",
-                       "--duration", "120s", "--no-live"], tmp_path)
+                       "--duration", "120s", "--no-live", "--run-id", rid], tmp_path)
     try:
-        _wait_for(lambda: len(_our_instances()) == 2, 30, "two instances probing")
+        _wait_for(lambda: len(_our_instances(rid)) == 2, 30, "two instances probing")
         proc.kill()  # SIGKILL: no teardown from the controller at all
         proc.wait(10)
         # The kernel closes the dead controller's sockets; sshd closes the channel; each runner
         # sees EOF on stdin and removes its probes by itself, long before its deadline.
-        _wait_for(lambda: not _our_instances(), 20, "runners to clean up after the link dropped")
+        _wait_for(lambda: not _our_instances(rid), 20, "runners to clean up after the link dropped")
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not any("fp_" in line for line in Path("/sys/kernel/tracing/uprobe_events").read_text().splitlines())
+    assert not any(f"fp_{rid}_" in line for line in Path("/sys/kernel/tracing/uprobe_events").read_text().splitlines())
 
 
 def test_runner_killed_watchdog_removes_probes(fleet: Fleet, tmp_path: Path, clean_tracefs: None) -> None:
     pb = tmp_path / "e2e.yml"
     pb.write_text(PLAYBOOK)
     # deadline = start + 3 s + 2 s slack; the watchdog fires at deadline + 1 s grace.
+    rid = _run_id()
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--limit", "web3", "--duration", "3s",
-                       "--teardown-slack", "2", "--grace", "1", "--no-live"], tmp_path)
+                       "--teardown-slack", "2", "--grace", "1", "--no-live", "--run-id", rid], tmp_path)
     try:
-        _wait_for(lambda: len(_our_instances()) == 1, 30, "the instance")
+        _wait_for(lambda: len(_our_instances(rid)) == 1, 30, "the instance")
         ns = fleet.hosts[2].netns
         assert ns
         # SIGKILL the runner shell itself on the host (not its reader, not the watchdog).
@@ -265,8 +272,8 @@ def test_runner_killed_watchdog_removes_probes(fleet: Fleet, tmp_path: Path, cle
         _wait_for(lambda: bool(runner.extend(_runner_pids(ns)) or runner), 10, "the runner process")
         assert len(runner) == 1, runner
         os.kill(runner[0], signal.SIGKILL)
-        assert _our_instances(), "killing the runner alone leaves the probes in place..."
-        _wait_for(lambda: not _our_instances(), 30, "...until the on-host watchdog removes them")
+        assert _our_instances(rid), "killing the runner alone leaves the probes in place..."
+        _wait_for(lambda: not _our_instances(rid), 30, "...until the on-host watchdog removes them")
         proc.wait(60)
     finally:
         if proc.poll() is None:
@@ -284,15 +291,19 @@ def test_sweep_removes_stale_leftovers_and_spares_live_ones(fleet: Fleet, tmp_pa
     try:
         for g, i in ((stale_group, stale_inst), (live_group, live_inst)):
             (t / "instances" / i).mkdir()
-            with open(t / "uprobe_events", "a") as fh:
-                fh.write(f"p:{g}/rl /bin/bash:{offset}\n")
+            # One write(2) with O_APPEND: Python's buffered "a" mode gets EINVAL from uprobe_events on 6.18.
+            fd = os.open(t / "uprobe_events", os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, f"p:{g}/rl /bin/bash:{offset}\n".encode())
+            finally:
+                os.close(fd)
         console = Console(record=True, width=200)
         rc = main(["cleanup", "-i", str(fleet.inventory()), "--limit", "web4"], console)
         assert rc in (0, 2), console.export_text()
         left = fleetprobe_leftovers()
         assert not any(stale_group in x for x in left), left
         assert any(live_inst in x for x in left), "a live run is never swept"
-        assert stale_inst in console.export_text()
+        assert "fp_dead01" in console.export_text(), "the sweep says what it removed"
     finally:
         for g, i in ((stale_group, stale_inst), (live_group, live_inst)):
             subprocess.run(["sh", "-c", f"echo '-:{g}/rl' >> {t}/uprobe_events"], capture_output=True)
