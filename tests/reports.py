@@ -7,6 +7,9 @@ report here went through the same parser, clock and aggregate as a run.
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 from pathlib import Path
 
 from fleetprobe.clock import ClockMap
@@ -19,6 +22,7 @@ NAMES = {"sched_process_exec": "exec", "sched_process_fork": "fork", "rl": "rl",
 #: The uretprobe on bash readline pairs with its entry probe (latency).
 PAIRS = {"rlr": "rl"}
 PLAYBOOK_SHA = "ab" * 32
+TRACEFS = Path("/sys/kernel/tracing")
 
 
 def real_lines() -> list[str]:
@@ -75,11 +79,35 @@ def build_report(texts: dict[str, str], *, run_id: str = "r1", started: float = 
     return FleetReport(run, agg)
 
 
+def tracefs_ready() -> bool:
+    """This machine's tracefs is mounted (and we are root enough to read it)."""
+    return os.access(TRACEFS / "README", os.R_OK)
+
+
 def leftovers_of(run_ids: list[str]) -> list[str]:
     """This machine's tracefs instances and dynamic events that belong to the given runs.
 
-    Scoped to our run ids: other engineers' test runs share this kernel.
+    Scoped to our run ids: other test runs share this kernel.
     """
-    from conftest import fleetprobe_leftovers
+    mine = tuple(f"fp_{r}_" for r in run_ids)
+    found = [f"instance {p.name}" for p in (TRACEFS / "instances").iterdir() if p.name.startswith(mine)]
+    for name in ("kprobe_events", "uprobe_events"):
+        path = TRACEFS / name
+        if path.exists():
+            found += [f"{name}: {ln}" for ln in path.read_text().splitlines() if any(f":{m}" in ln for m in mine)]
+    return found
 
-    return [x for x in fleetprobe_leftovers() if any(f"fp_{r}_" in x for r in run_ids)]
+
+def expand_exec_start(unit: Path, env: dict[str, str], state_dir: Path) -> list[str]:
+    """A systemd unit's ExecStart as argv, expanded as systemd does: ${X} one word, $X split on spaces, %S."""
+    line = next(ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart="))
+    words: list[str] = []
+    for word in shlex.split(line[len("ExecStart="):].replace("%S", str(state_dir))):
+        m = re.fullmatch(r"\$\{(\w+)\}|\$(\w+)", word)
+        if m and m.group(1):
+            words.append(env[m.group(1)])
+        elif m:
+            words.extend(env.get(m.group(2), "").split())
+        else:
+            words.append(word)
+    return words

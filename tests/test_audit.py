@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from fleetprobe.audit import AuditResult, Thresholds, audit, check_rules, diff_r
 from fleetprobe.cli import main
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.store import Store
-from reports import build_report, extra_exec, host_text, leftovers_of, real_lines
+from reports import build_report, expand_exec_start, extra_exec, host_text, leftovers_of, real_lines, tracefs_ready
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "contrib" / "systemd" / "fleetprobe-audit.service"
@@ -130,21 +129,6 @@ def test_audit_verdict_and_strict_mode() -> None:
 
 # --- real audits over sshd ------------------------------------------------------------------------
 
-def expand_exec_start(unit: Path, env: dict[str, str], state_dir: Path) -> list[str]:
-    """The unit's ExecStart as argv, expanded as systemd does: ${X} one word, $X split on spaces, %S."""
-    line = next(ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart="))
-    words: list[str] = []
-    for word in shlex.split(line[len("ExecStart="):].replace("%S", str(state_dir))):
-        m = re.fullmatch(r"\$\{(\w+)\}|\$(\w+)", word)
-        if m and m.group(1):
-            words.append(env[m.group(1)])
-        elif m:
-            words.extend(env.get(m.group(2), "").split())
-        else:
-            words.append(word)
-    return words
-
-
 def test_unit_files_verify() -> None:
     """systemd's own checker accepts the shipped service and timer (it rejects unknown keys and bad paths)."""
     analyze = shutil.which("systemd-analyze")
@@ -159,10 +143,9 @@ def test_unit_files_verify() -> None:
 @pytest.fixture
 def sshd_fleet(tmp_path: Path) -> Iterator[object]:
     """Two real sshd hosts on 127.0.0.1 (they share this machine's kernel)."""
-    from conftest import ensure_tracefs
     from sshhosts import free_port, new_fleet
 
-    if not ensure_tracefs():
+    if not tracefs_ready():
         pytest.skip("needs root and tracefs")
 
     fleet = new_fleet(tmp_path / "fleet")

@@ -18,8 +18,7 @@ from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import RunSettings
 from fleetprobe.report import load_json
 from fleetprobe.transport import SSHOptions, shell_command
-from conftest import ensure_tracefs
-from reports import leftovers_of
+from reports import leftovers_of, tracefs_ready
 from sshhosts import Fleet, free_port, make_key, new_fleet
 
 pytestmark = [pytest.mark.sshd]
@@ -31,7 +30,7 @@ PLAYBOOK = ("name: forks\ndescription: process forks\nduration: 1s\nprobes:\n"
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """Two real sshd hosts on loopback."""
-    if not ensure_tracefs():
+    if not tracefs_ready():
         pytest.skip("needs root and tracefs")
     f = new_fleet(tmp_path / "fleet")
     try:

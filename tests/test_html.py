@@ -19,6 +19,7 @@ import pytest
 from fleetprobe.audit import audit
 from fleetprobe.html import render_html, write_html
 from fleetprobe.markdown import render_markdown
+from fleetprobe.merge import FleetReport
 from fleetprobe.playbook import parse_playbook
 from reports import build_report, extra_exec, host_text, real_lines
 
@@ -27,7 +28,7 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chr
 EVIL = "/tmp/<script>alert(1)</script>"
 
 
-def _report() -> object:
+def _report() -> FleetReport:
     """Three hosts from real trace lines, different clock offsets, one unreachable, one odd file name."""
     lines = real_lines()
     texts = {"web-1": host_text(lines, 0.0, 1795655000.0),
@@ -55,7 +56,7 @@ def console_messages(stderr: str) -> list[str]:
 
 def test_html_is_self_contained_and_escaped() -> None:
     report = _report()
-    page = render_html(report)  # type: ignore[arg-type]
+    page = render_html(report)
     # Nothing is fetched: no external URL in any src/href, and a CSP that forbids fetching.
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", page)
     assert "default-src 'none'" in page
@@ -73,7 +74,7 @@ def test_markdown_escapes_and_summarises() -> None:
     report = _report()
     pb = parse_playbook("name: execaudit\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
                         "    max_per_host: 5\n", "a.yml")
-    md = render_markdown(report, audit(report, pb, None))  # type: ignore[arg-type]
+    md = render_markdown(report, audit(report, pb, None))
     assert "### Audit FAILED (no baseline run)" in md
     assert "**db\\-9**" not in md and "**db-9**" in md  # hosts named in the verdict
     assert "\\<script\\>alert(1)\\</script\\>" in md and "<script>" not in md
@@ -88,7 +89,7 @@ def test_chromium_loads_the_report_without_console_errors(tmp_path: Path) -> Non
     pb = parse_playbook("name: execaudit\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
                         "    max_per_host: 5\n", "a.yml")
     path = tmp_path / "report.html"
-    write_html(report, path, audit(report, pb, None))  # type: ignore[arg-type]
+    write_html(report, path, audit(report, pb, None))
     r = chromium(["--dump-dom"], path.as_uri(), tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert console_messages(r.stderr) == []
@@ -99,7 +100,7 @@ def test_chromium_loads_the_report_without_console_errors(tmp_path: Path) -> Non
     lanes = re.findall(r'class="lane" data-host="([^"]+)"', timeline)
     assert sorted(lanes) == ["db-1", "web-1", "web-2"]
     assert len(re.findall(r'class="event"', timeline)) == sum(
-        len(s.sample.first) + len(s.sample.reservoir) for s in report.aggregate.hosts.values())  # type: ignore[attr-defined]
+        len(s.sample.first) + len(s.sample.reservoir) for s in report.aggregate.hosts.values())
     # The charts: hits, top values, the latency histogram, clock offsets; the status table lists every host.
     for chart in ('id="hits-total"', 'id="top-exec-comm"', 'id="top-exec-filename"', 'id="lat-rlr"',
                   'id="clocks"', 'class="heatmap"', 'id="audit"'):
@@ -123,7 +124,7 @@ def test_chromium_loads_the_report_without_console_errors(tmp_path: Path) -> Non
 @needs_chromium
 def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
     """The harness itself: a script error and a blocked network fetch both show up as console messages."""
-    page = render_html(_report())  # type: ignore[arg-type]
+    page = render_html(_report())
     broken = tmp_path / "broken.html"
     broken.write_text(page.replace("<div id='tip'></div>", "<div id='tip'></div><script>nosuchfunction();</script>"
                                    "<img src='https://example.invalid/x.png'>"))

@@ -13,20 +13,21 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.errors import InputError
+from fleetprobe.merge import FleetReport
 from fleetprobe.store import Store, default_path
 from reports import build_report, extra_exec, host_text, real_lines
 
 TESTS = Path(__file__).parent
 
 
-def _report(run_id: str, started: float, extra: str = "") -> object:
+def _report(run_id: str, started: float, extra: str = "") -> FleetReport:
     """A two-host report built from real trace lines."""
     lines = real_lines()
     return build_report({"web-1": host_text(lines, 0, started + 1), "web-2": host_text(lines, 1, started + 2) + extra},
                         run_id=run_id, started=started, statuses={"db-1": "unreachable"})
 
 
-def _events_file(path: Path, report: object, n: int) -> Path:
+def _events_file(path: Path, report: FleetReport, n: int) -> Path:
     """A raw-events file as EventWriter writes it (one JSON object per line)."""
     with open(path, "w") as f:
         for i in range(n):
@@ -51,12 +52,12 @@ def test_run_round_trip(tmp_path: Path) -> None:
     with Store(tmp_path / "h.sqlite3") as s:
         s.begin_run("abc123", "execaudit", started=1795655000.0, inventory_path="inv.yml")
         assert [r.state for r in s.runs()] == ["running"]  # this process is alive
-        s.save_run(report, playbook_text="name: execaudit\n", inventory_text="all: {}\n",  # type: ignore[arg-type]
+        s.save_run(report, playbook_text="name: execaudit\n", inventory_text="all: {}\n",
                    facts={"web-1": {"arch": "x86_64", "kernel_release": "6.18.44"}}, events_path=events)
         [row] = s.runs()
         assert (row.run_id, row.state, row.hosts, row.hosts_ok, row.has_events) == ("abc123", "complete", 3, 2, True)
         loaded = s.load_report("abc123")
-        assert loaded.to_json() == report.to_json()  # type: ignore[attr-defined]
+        assert loaded.to_json() == report.to_json()
         assert s.playbook_text("abc123") == "name: execaudit\n"
         assert s.inventory_text("abc123") == "all: {}\n"
         assert s.host_facts("abc123") == {"web-1": {"arch": "x86_64", "kernel_release": "6.18.44"}}
@@ -66,13 +67,13 @@ def test_run_round_trip(tmp_path: Path) -> None:
         # Compressed: the store is much smaller than the raw events it holds.
         assert s.path.stat().st_size + Path(str(s.path) + "-wal").stat().st_size < events.stat().st_size
         with pytest.raises(InputError, match="already complete"):
-            s.save_run(report)  # type: ignore[arg-type]
+            s.save_run(report)
 
 
 def test_run_references(tmp_path: Path) -> None:
     with Store(tmp_path / "h.sqlite3") as s:
         for i, run_id in enumerate(("aaa111", "aab222", "bcd333")):
-            s.save_run(_report(run_id, 1795655000.0 + 100 * i))  # type: ignore[arg-type]
+            s.save_run(_report(run_id, 1795655000.0 + 100 * i))
         assert s.resolve("bc") == "bcd333"
         assert s.resolve("last") == "bcd333"
         assert s.resolve("last~2") == "aaa111"
@@ -97,7 +98,7 @@ def test_retention_drops_old_events_then_old_runs(tmp_path: Path) -> None:
         now = 1795655000.0 + 40 * 86400
         for run_id, started in (("old001", 1795655000.0), ("new001", now - 3600)):
             rep = _report(run_id, started)
-            s.save_run(rep, events_path=_events_file(tmp_path / f"{run_id}.jsonl", rep, 10))  # type: ignore[arg-type]
+            s.save_run(rep, events_path=_events_file(tmp_path / f"{run_id}.jsonl", rep, 10))
         assert s.prune(events_days=30, now=now) == (1, 0)
         rows = {r.run_id: r for r in s.runs()}
         assert not rows["old001"].has_events and rows["new001"].has_events
@@ -172,7 +173,7 @@ with Store(path) as s:
 def test_writer_killed_mid_save_leaves_the_store_consistent(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite3"
     with Store(path) as s:
-        s.save_run(_report("ok0001", 1795655000.0))  # type: ignore[arg-type]
+        s.save_run(_report("ok0001", 1795655000.0))
     # Big enough that compressing it into the store takes well over the moment we wait.
     events = tmp_path / "big.jsonl"
     with open(events, "w") as f:
@@ -196,5 +197,5 @@ def test_writer_killed_mid_save_leaves_the_store_consistent(tmp_path: Path) -> N
             s.resolve("kil")
         assert s.resolve("last") == "ok0001"
         # The store is writable again at once (the dead writer's lock is gone).
-        s.save_run(_report("ok0002", 1795655200.0))  # type: ignore[arg-type]
+        s.save_run(_report("ok0002", 1795655200.0))
         assert s.resolve("last") == "ok0002"

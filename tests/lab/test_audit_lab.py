@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from fleetprobe.store import Store
+from reports import expand_exec_start  # type: ignore[import-not-found,unused-ignore]
 
 if TYPE_CHECKING:
-    from conftest import LabForTests  # type: ignore[import-not-found]
+    from conftest import LabForTests
 
 pytestmark = pytest.mark.lab
 
@@ -41,34 +42,43 @@ probes:
     expect: none
 """
 
-# Load one module that is not loaded yet (the initramfs ships the NIC drivers'
-# modules), then run a copy of busybox named fp-forbidden a few times.
+# The VM's initramfs modules are all loaded at boot, so the change loads nls_ascii (no
+# dependencies, harmless, unloadable) taken from the VM's own kernel package, then runs a
+# copy of busybox named fp-forbidden a few times.
 CHANGE = r"""
 sleep 4
-for f in $(find /lib/modules -name '*.ko*' 2>/dev/null); do
-  n=$(basename "$f"); n=${n%%.ko*}; n=$(echo "$n" | tr - _)
-  grep -q "^$n " /proc/modules || { insmod "$f" 2>/dev/null && echo "loaded $n" && break; }
-done
+insmod /tmp/nls_ascii.ko && echo "loaded nls_ascii"
 cp "$(command -v busybox)" /tmp/fp-forbidden
 i=0; while [ $i -lt 10 ]; do /tmp/fp-forbidden true; i=$((i+1)); sleep 0.3; done
 rm -f /tmp/fp-forbidden
 """
 
 
+def _module_from_kernel_package(lab: Any, vm: Any, dest: Path) -> Path:
+    """nls_ascii.ko from the lab's downloaded .deb of the VM's kernel (same build as the VM runs)."""
+    debs = sorted(Path(lab.lab_dir).glob(f"**/{vm.kernel_package}_*.deb"))
+    assert debs, f"no {vm.kernel_package} package under {lab.lab_dir}"
+    member = f"./lib/modules/{vm.kernel_release}/kernel/fs/nls/nls_ascii.ko"
+    tar = subprocess.run(f"dpkg-deb --fsys-tarfile {debs[0]} | tar -x -C {dest} {member}", shell=True,
+                         capture_output=True, text=True)
+    assert tar.returncode == 0, tar.stderr
+    return dest / member
+
+
+def _ssh_argv(lab: Any, vm: Any, command: str) -> list[str]:
+    """ssh to one VM, host key strictly checked."""
+    return ["ssh", "-F", "/dev/null", "-i", str(lab.key), "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-p", str(vm.port), "root@127.0.0.1", command]
+
+
 def _ssh(lab: Any, vm: Any, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """A command on one VM, host key strictly checked."""
-    return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", str(lab.key), "-o", "IdentitiesOnly=yes",
-         "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-p", str(vm.port), "root@127.0.0.1", command],
-        capture_output=True, text=True, timeout=timeout)
+    """A command on one VM."""
+    return subprocess.run(_ssh_argv(lab, vm, command), capture_output=True, text=True, timeout=timeout)
 
 
 def _audit(tmp_path: Path, playbook: Path, inventory: Path) -> subprocess.CompletedProcess[str]:
     """The unit's ExecStart, expanded as systemd does, with its environment file's values."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_audit import expand_exec_start
-
     state = tmp_path / "state"
     (state / "fleetprobe").mkdir(parents=True, exist_ok=True)
     env = {"FLEETPROBE_PLAYBOOK": str(playbook), "FLEETPROBE_INVENTORY": str(inventory),
@@ -87,6 +97,9 @@ def test_timer_audit_fails_naming_the_host_that_loaded_a_module(lab_fleet: LabFo
     assert first.returncode == 0, first.stdout + first.stderr
 
     target = next(vm for vm in lab.vms if vm.arch == "x86_64")
+    module = _module_from_kernel_package(lab, target, tmp_path)
+    with open(module, "rb") as f:
+        assert subprocess.run(_ssh_argv(lab, target, "cat > /tmp/nls_ascii.ko"), stdin=f).returncode == 0
     result: dict[str, subprocess.CompletedProcess[str]] = {}
     t = threading.Thread(target=lambda: result.setdefault("change", _ssh(lab, target, CHANGE)))
     t.start()
@@ -99,11 +112,10 @@ def test_timer_audit_fails_naming_the_host_that_loaded_a_module(lab_fleet: LabFo
     assert second.returncode == 4, second.stdout + second.stderr
     m = re.search(r"audit FAILED against baseline run \w+: (.*)\n", second.stdout)
     assert m and m.group(1) == target.name, second.stdout
+    assert "loaded nls_ascii" in change.stdout, change.stdout + change.stderr
+    _ssh(lab, target, "rmmod nls_ascii; rm -f /tmp/nls_ascii.ko")
     assert f"{target.name}: probe 'forbidden' fired" in second.stdout
-    if "loaded " in change.stdout:
-        module = change.stdout.split("loaded ", 1)[1].split()[0]
-        assert f"{target.name}: probe 'load' fired" in second.stdout and module in second.stdout
-        _ssh(lab, target, f"rmmod {module} || true")
+    assert f"{target.name}: probe 'load' fired 1 time (expected none): comm=insmod" in second.stdout
     with Store(tmp_path / "state" / "fleetprobe" / "history.sqlite3") as store:
         assert [r.audit for r in store.runs()] == ["fail", "pass"]
     assert target.name in (tmp_path / "state" / "fleetprobe" / "last-audit.html").read_text()
