@@ -185,6 +185,7 @@ class RunExtras:
         if user_events:
             self.events_path: str | None = str(user_events)
         elif self.store is not None:
+            _remove_stale_event_files(self.store.path.parent)
             # Raw events are streamed to a file next to the store, then compressed into it.
             fd, name = tempfile.mkstemp(prefix=f".events-{self.run_id}-", suffix=".jsonl",
                                         dir=self.store.path.parent)
@@ -240,6 +241,21 @@ class RunExtras:
             self._tmp_events.unlink(missing_ok=True)
         if self.store is not None:
             self.store.close()
+
+
+#: A temporary events file older than this belongs to a run that was killed (no run lasts this long).
+STALE_EVENTS_SECONDS = 2 * 86400
+
+
+def _remove_stale_event_files(folder: Path) -> None:
+    """Delete temporary raw-event files that killed runs left next to the store."""
+    cutoff = time.time() - STALE_EVENTS_SECONDS
+    for path in folder.glob(".events-*.jsonl"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass  # another audit removed it first
 
 
 def _read_text(path: str) -> str | None:

@@ -199,3 +199,19 @@ def test_writer_killed_mid_save_leaves_the_store_consistent(tmp_path: Path) -> N
         # The store is writable again at once (the dead writer's lock is gone).
         s.save_run(_report("ok0002", 1795655200.0))
         assert s.resolve("last") == "ok0002"
+
+
+def test_stale_event_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
+    """A killed run leaves its temporary events file next to the store; the next run removes it once stale."""
+    from fleetprobe.history_cli import STALE_EVENTS_SECONDS, _remove_stale_event_files
+
+    old = tmp_path / ".events-abc123-x1.jsonl"
+    fresh = tmp_path / ".events-def456-x2.jsonl"
+    other = tmp_path / "notes.jsonl"
+    for p in (old, fresh, other):
+        p.write_text("{}\n")
+    past = time.time() - STALE_EVENTS_SECONDS - 60
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    _remove_stale_event_files(tmp_path)
+    assert not old.exists() and fresh.exists() and other.exists()
