@@ -28,7 +28,9 @@ from . import __version__, history_cli
 from .errors import FleetprobeError, InputError
 from .inventory import Inventory, load_inventory
 from .merge import FleetReport
-from .orchestrate import HostFacts, RunSettings, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+from .build import WHERE_CHOICES, BuildGroup
+from .orchestrate import (HostFacts, RunSettings, cleanup_fleet, facts_fleet, plan_fleet, plan_module_builds,
+                          run_playbook)
 from .outcome import HostOutcome
 from .plan import HostPlan, group_of_instance, is_stale_instance
 from .playbook import Playbook, load_playbook
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("playbook")
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the plans as JSON ('-' for stdout)")
+    _add_build_option(p)
     history_cli.add_shard_option(p)
 
     p = sub.add_parser("run", help="probe the fleet and print one merged report")
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the timer fires at end + slack + grace)")
     p.add_argument("--buffer-kb", type=_positive_int, help="per-CPU ring buffer of the run's instance")
     p.add_argument("--allow-modules", action="store_true", help="allow playbooks to load kernel modules")
+    _add_build_option(p)
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     p.add_argument("--no-live", action="store_true", help="no live progress view")
     history_cli.add_run_options(p)
@@ -146,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_build_option(p: argparse.ArgumentParser) -> None:
+    """``--build-at`` for the commands that plan or run module probes."""
+    p.add_argument("--build-at", choices=WHERE_CHOICES, default="auto",
+                   help="where kernel modules are built, once per (arch, kernel release, source): auto (a host "
+                        "of the group with headers, make and cc, else the controller for a Debian kernel with "
+                        "a cross compiler), host, or controller (default: auto)")
+
+
 def _settings(args: argparse.Namespace) -> RunSettings:
     """RunSettings from parsed options."""
     ssh_config: tuple[str, ...] | None = None
@@ -159,7 +171,8 @@ def _settings(args: argparse.Namespace) -> RunSettings:
                        grace=getattr(args, "grace", 60), mount_tracefs=args.mount_tracefs,
                        allow_modules=getattr(args, "allow_modules", False),
                        buffer_kb=getattr(args, "buffer_kb", None), run_id=getattr(args, "run_id", None),
-                       teardown_slack=getattr(args, "teardown_slack", 30))
+                       teardown_slack=getattr(args, "teardown_slack", 30),
+                       build_at=getattr(args, "build_at", "auto"))
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
@@ -240,6 +253,21 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
             console.print(f"  [yellow]skip[/] {sp.name}: {sp.reason}")
         for note in plan.notes:
             console.print(f"  [dim]note: {note}[/]")
+
+
+def render_builds(groups: list[BuildGroup], console: Console) -> None:
+    """Module build groups: one build per (arch, kernel release, module source), and where it happens."""
+    if not groups:
+        return
+    console.print(f"[bold]module builds[/] ({len(groups)}, one per arch, kernel release and module source)")
+    for g in groups:
+        colour = "red" if g.where == "none" else "green"
+        console.print(f"  [{colour}]{escape(g.describe())}[/]")
+        console.print(f"    hosts: {', '.join(g.hosts) or '-'}", markup=False, highlight=False)
+        for host, why in g.blocked:
+            console.print(f"    {host} cannot load modules: {why}", markup=False, highlight=False)
+        if g.where == "none" and g.hint:
+            console.print(f"    hint: {g.hint}", markup=False, highlight=False)
 
 
 def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[str, Any]]:
@@ -326,10 +354,16 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
     results = asyncio.run(plan_fleet(inv.hosts, pb, _settings(args)))
+    builds = plan_module_builds(results, args.build_at)
     if args.json:
-        _write_json(args.json, _plan_json(results), console)
+        data = _plan_json(results)
+        for item in data:
+            item["builds"] = [g.describe() for g in builds
+                              if item["host"] in g.hosts or item["host"] in dict(g.blocked)]
+        _write_json(args.json, data, console)
     if args.json != "-":
         render_plans(results, console)
+        render_builds(builds, console)
     ok = sum(1 for _, p in results if p is not None and not p.failed)
     return int(Exit.NONE_OK if ok == 0 else Exit.SOME_FAILED if ok < len(results) else Exit.OK)
 

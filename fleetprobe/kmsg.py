@@ -309,12 +309,17 @@ def to_event(record: KmsgRecord, line: ModuleLine, *, host: str, clock_offset: f
     cpu = field_value(line.values.get("cpu", "-1"))
     pid = field_value(line.values.get("pid", "-1"))
     ts = record.timestamp
+    site = line.values.get("sym", "")
+    # ``args`` in the layout of a kprobe's trace line, "(site) name=value ...", as printed:
+    # the fleet aggregate counts argument texts and parses them the same way for both kinds.
+    args = " ".join([f"({site})"] * bool(site) + [f"ev={line.ev}"] + [
+        f"{k}={v}" for k, v in line.values.items() if k not in ("cpu", "pid", "sym")])
     return TraceEvent(host=host, probe=line.probe,
                       time=ts + clock_offset if clock_offset is not None else 0.0,
                       trace_ts=ts, cpu=cpu if isinstance(cpu, int) else -1,
                       pid=pid if isinstance(pid, int) else -1,
                       comm=line.comm if line.comm is not None else "",
-                      fields=out, site=line.values.get("sym", ""))
+                      fields=out, site=site, args=args)
 
 
 def clock_offset_from(record: KmsgRecord, line: ModuleLine) -> float | None:
@@ -402,3 +407,56 @@ class KmsgCollector:
                 if isinstance(total, int):
                     st.suppressed = total  # the module's own total is authoritative
         return events
+
+
+#: What the runner's kernel-log forwarder writes into the run's trace_marker before each record.
+MARKER_PREFIX = b"tracing_mark_write: fpk "
+
+
+class MarkerSplitter:
+    """Take kernel log records out of a runner's trace_pipe stream.
+
+    The runner writes every kernel log record of the run into the instance's
+    trace_marker as ``fpk <record>``, so the records travel through the ring
+    buffer next to the trace events and reach the controller as whole lines::
+
+        <...>-311 [000] ...1.  25.34: tracing_mark_write: fpk 6,812,25339123,-;fleetprobe run=...
+
+    :meth:`feed` takes the channel's chunks (cut anywhere) and returns
+    (bytes for the trace parser, the records as /dev/kmsg text for a
+    :class:`KmsgCollector`).  Only whole lines go to either side, and a chunk
+    without a record (the usual case) costs one ``bytes.find``.
+    """
+
+    def __init__(self) -> None:
+        """An empty splitter."""
+        self._tail = b""
+        self.records = 0
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bytes]:
+        """Split one chunk; a partial last line waits for the next chunk."""
+        data = self._tail + chunk if self._tail else chunk
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:]
+        return self._split(data[:cut])
+
+    def flush(self) -> tuple[bytes, bytes]:
+        """End of stream: split what is left (a last line without a newline)."""
+        data, self._tail = self._tail, b""
+        return self._split(data)
+
+    def _split(self, data: bytes) -> tuple[bytes, bytes]:
+        """Split whole lines into trace lines and records."""
+        if MARKER_PREFIX not in data:
+            return data, b""
+        trace: list[bytes] = []
+        kmsg: list[bytes] = []
+        for line in data.splitlines(keepends=True):
+            at = line.find(MARKER_PREFIX)
+            if at < 0:
+                trace.append(line)
+                continue
+            record = line[at + len(MARKER_PREFIX):].rstrip(b"\r\n")
+            kmsg.append(record + b"\n")
+            self.records += 1
+        return b"".join(trace), b"".join(kmsg)

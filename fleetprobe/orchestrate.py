@@ -13,25 +13,30 @@ itself, with the controller's part in ``finally`` blocks.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 from . import elf
+from .build import (BuildGroup, BuildKey, BuiltModule, GroupResult, ModuleCache, ModuleSource, build_group,
+                    load_module_source, module_load_blocker, plan_builds, verify_on_host)
 from .clock import ClockMap
-from .errors import HostError, TransportError
+from .errors import FleetprobeError, HostError, TransportError
 from .facts import Facts, facts_args, facts_script, parse_facts
 from .inventory import Host
+from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
-from .outcome import HostOutcome
+from .outcome import HostOutcome, LossCounters
 from .parse import LineSink, Row, TraceEvent, TraceStream
-from .plan import HostPlan, names_for, new_run_id, plan_host
+from .plan import HostPlan, PlannedProbe, names_for, new_run_id, plan_host
 from .playbook import Playbook
-from .runner import (RunnerReport, clock_sample, plan_directives, runner_script, sweep_directives,
-                     teardown_directives)
+from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
+                     sweep_directives, teardown_directives)
 from .transport import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
 
 #: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
@@ -65,6 +70,11 @@ class RunSettings:
     connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
     #: Called with each host's facts as they are gathered (the history store keeps them).
     on_facts: Callable[[str, Facts], None] | None = None
+    #: Where kernel modules are built: ``auto`` (a host of the group that can, else the controller for
+    #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.build).
+    build_at: str = "auto"
+    #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (build.ModuleCache).
+    module_cache: Path | None = None
 
     async def open_session(self, host: Host) -> Session:
         """Connect to ``host`` with the configured transport."""
@@ -242,6 +252,89 @@ class ElfOffsets:
         return out
 
 
+class ModuleBuilds:
+    """Builds each (arch, kernel release, module source) once per run; every host of that group awaits it.
+
+    The first host of a group to arrive starts the build (on the controller,
+    or on itself when it is the chosen build host) under an asyncio future;
+    the others await the same future, so N hosts of one kernel cost one build
+    (or one cache hit).  A host that can neither build nor have the controller
+    build for it waits until every host has finished its setup, in case a host
+    of its kernel that can build turns up, and then fails with the planner's
+    reason.  ``results`` lists the group results in the order builds started:
+    a result's position + 1 is its build number in this run.
+    """
+
+    def __init__(self, where: str = "auto", cache: ModuleCache | None = None,
+                 have_program: Callable[[str], bool] | None = None) -> None:
+        """Build at ``where`` (auto/host/controller) into ``cache``; ``have_program`` as in plan_builds."""
+        self.where = where
+        self.cache = cache if cache is not None else ModuleCache()
+        self.have_program = have_program
+        self.results: list[GroupResult] = []
+        self._sources: dict[str, ModuleSource] = {}
+        self._builds: dict[BuildKey, asyncio.Future[GroupResult]] = {}
+
+    def source(self, path: str) -> ModuleSource:
+        """The module folder's source, read and hashed once per run."""
+        src = self._sources.get(path)
+        if src is None:
+            src = self._sources[path] = load_module_source(path)
+        return src
+
+    def build_number(self, key: BuildKey) -> int:
+        """1-based position of ``key``'s build in this run (0: none)."""
+        for i, r in enumerate(self.results):
+            if r.group.key == key:
+                return i + 1
+        return 0
+
+    async def module_for(self, session: Session, facts: Facts, source: ModuleSource,
+                         everyone_set_up: asyncio.Event) -> BuiltModule:
+        """This host's built module (shared with its group), or a HostError (stage ``build``) saying why not."""
+        host = session.host.name
+        kwargs = {"have_program": self.have_program} if self.have_program else {}
+        (group,) = plan_builds([facts], [source], where=self.where, **kwargs)
+        key = group.key
+        fut = self._builds.get(key)
+        if fut is None and group.where == "none" and not group.blocked:
+            await everyone_set_up.wait()
+            fut = self._builds.get(key)
+        if fut is None:
+            if group.where == "none":
+                raise HostError(host, "build", f"cannot build {key}: {group.error or group.reason}",
+                                hint=group.hint)
+            fut = asyncio.get_running_loop().create_future()
+            self._builds[key] = fut
+            try:
+                result = await build_group(group, cache=self.cache, session=session)
+            except BaseException as exc:
+                # Waiters must not hang on a build that died (a dropped link, a bug): they get its error.
+                fut.set_exception(HostError(host, "build", f"the build of {key} on {host} broke off: {exc}"))
+                fut.exception()  # mark retrieved: a group nobody else awaits must not warn
+                raise
+            self.results.append(result)
+            fut.set_result(result)
+        result = await asyncio.shield(fut)
+        if result.module is None:
+            err = result.error
+            message = f"{err.where}: {err.message}" if err else f"build of {key} failed"
+            raise HostError(host, "build", message, evidence=(err.evidence if err else None) or None,
+                            hint=err.hint if err else None)
+        return result.module
+
+    def describe(self, module: BuiltModule) -> str:
+        """Where a host's module came from, for its outcome: ``built on the controller, build 2 of this run``."""
+        if module.where == "cache":
+            how = "from the controller's module cache"
+        elif module.where == "host":
+            group = next((r.group for r in self.results if r.group.key == module.key), None)
+            how = f"built on {group.build_host if group else 'a host'} in {module.seconds:.1f}s"
+        else:
+            how = f"built on the controller in {module.seconds:.1f}s"
+        return f"{module.key.module}@{module.key.source_hash[:8]} {how}, build {self.build_number(module.key)} of this run"
+
+
 @dataclass
 class FleetRun:
     """Shared state of one run across its hosts."""
@@ -256,6 +349,16 @@ class FleetRun:
     setup_slots: asyncio.Semaphore
     elf_offsets: ElfOffsets = field(default_factory=ElfOffsets)
     plans: dict[str, HostPlan] = field(default_factory=dict)
+    modules: ModuleBuilds = field(default_factory=ModuleBuilds)
+    #: Hosts still connecting/gathering facts/planning; ``everyone_set_up`` is set when none is.
+    in_setup: int = 0
+    everyone_set_up: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def setup_over(self) -> None:
+        """One host left its setup (planned, failed or interrupted)."""
+        self.in_setup -= 1
+        if self.in_setup <= 0:
+            self.everyone_set_up.set()
 
     @property
     def duration(self) -> float:
@@ -275,10 +378,16 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
     Events go to ``aggregate.add_line`` as they arrive and, when given, to
     ``on_event`` as parsed TraceEvents (the raw-event file).
     """
+    hosts = list(hosts)
     fr = FleetRun(playbook=playbook, settings=settings, aggregate=aggregate, on_event=on_event,
                   observer=observer or NullObserver(),
                   run_id=settings.run_id or new_run_id(), interrupted=interrupted or asyncio.Event(),
-                  setup_slots=asyncio.Semaphore(max(1, settings.forks)))
+                  setup_slots=asyncio.Semaphore(max(1, settings.forks)),
+                  modules=ModuleBuilds(settings.build_at, ModuleCache(settings.module_cache)
+                                       if settings.module_cache else None),
+                  in_setup=len(hosts))
+    if not hosts:
+        fr.everyone_set_up.set()
     return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
 
 
@@ -318,16 +427,27 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     out = HostOutcome(host=host.name, started=time.time())
     obs = fr.observer
     session: Session | None = None
+    set_up = False
     try:
         try:
             setup = await asyncio.wait_for(_setup(fr, host, out), fr.settings.setup_timeout * 2)
         except asyncio.TimeoutError:
             raise HostError(host.name, out.stage, f"no answer within {fr.settings.setup_timeout * 2:.0f}s",
                             hint="the host is slow or hung; raise --setup-timeout") from None
+        finally:
+            # Synchronously after the setup: a host that will build registers its build before
+            # hosts waiting for "everyone set up" look for one.
+            set_up = True
+            fr.setup_over()
         if setup is None:
             return out
         session, facts, plan = setup
         out.skipped_probes = {sp.name: sp.reason for sp in plan.skipped}
+        if fr.playbook.needs_module_consent() and (blocker := module_load_blocker(facts)):
+            # A module playbook on a host that can never load one is a failure, not a quiet skip.
+            out.stage = "build"
+            raise HostError(host.name, "build", f"cannot load kernel modules: {blocker}",
+                            hint="run tracefs probes on this host instead (drop it from the module playbook)")
         if plan.failed:
             out.status, out.reason = "failed", plan.failed
             obs.set_state(host.name, "failed", plan.failed)
@@ -340,9 +460,14 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         if facts.tracefs is None:
             raise HostError(host.name, "plan", "tracefs is not mounted",
                             hint="mount it (mount -t tracefs nodev /sys/kernel/tracing) or pass --mount-tracefs")
+        loads: tuple[ModuleLoad, ...] = ()
+        if any(p.kind == "module" for p in plan.probes):
+            out.stage = "build"
+            obs.set_state(host.name, "building")
+            loads = await _prepare_modules(fr, session, facts, plan, out)
         out.stage = "probe"
         obs.set_state(host.name, "probing")
-        await _probe(fr, session, facts, plan, out)
+        await _probe(fr, session, facts, plan, out, loads)
     except HostError as exc:
         out.status = "unreachable" if isinstance(exc, TransportError) and exc.stage == "connect" else "failed"
         if isinstance(exc, TransportError) and out.stage == "probe":
@@ -359,6 +484,8 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         out.evidence = traceback.format_exc()[-2000:]
         obs.set_state(host.name, "failed", out.reason)
     finally:
+        if not set_up:
+            fr.setup_over()
         out.ended = time.time()
         if session is not None:
             try:
@@ -368,11 +495,64 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     return out
 
 
-async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, out: HostOutcome) -> None:
-    """Run the on-host runner for this plan and stream its events into the sink."""
+#: What a module name, run id, probe name and parameter must look like: the modules print them as
+#: key=value tokens (fp_kprobe refuses others) and the runner splits its directives at blanks.
+_MODULE_WORD = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan,
+                           out: HostOutcome) -> tuple[ModuleLoad, ...]:
+    """Build (once per group), check and copy this host's modules; what the runner must insmod.
+
+    Each failure is this host's HostError with the compiler's or kernel's words:
+    no build tree or compiler, a build error, a vermagic mismatch.
+    """
+    host = session.host.name
+    loads: list[ModuleLoad] = []
+    owners: dict[str, str] = {}
+    for p in plan.probes:
+        if p.kind != "module" or not p.module:
+            continue
+        try:
+            source = fr.modules.source(p.module)
+        except FleetprobeError as exc:
+            raise HostError(host, "build", exc.message, hint=exc.hint) from None
+        if source.name in owners:
+            raise HostError(host, "build", f"probes {owners[source.name]!r} and {p.name!r} both load "
+                            f"{source.name}; a module loads once per kernel",
+                            hint="use one probe per module (copy the module folder under another name)")
+        owners[source.name] = p.name
+        params = (("run", fr.run_id), ("probe", p.name)) + tuple(p.params)
+        for k, v in params:
+            if not (_MODULE_WORD.fullmatch(k) and _MODULE_WORD.fullmatch(v)):
+                raise HostError(host, "build", f"probe {p.name!r}: module parameter {k}={v!r} is not "
+                                "letters, digits and _ . + -", hint="rename the probe or fix the parameter")
+        module = await fr.modules.module_for(session, facts, source, fr.everyone_set_up)
+        problem = await verify_on_host(session, host, module, facts.kernel_release)
+        if problem is not None:
+            raise problem
+        # Unique per run and host; the runner deletes it right after insmod.
+        remote = f"/tmp/{plan.group}_{source.name}.ko"
+        try:
+            await session.put(module.data(), remote, 0o600)
+        except HostError as exc:
+            raise HostError(host, "build", f"cannot copy {source.name}.ko to {remote}: {exc.message}",
+                            evidence=exc.evidence) from None
+        out.placed_probes[p.name] = fr.modules.describe(module)
+        loads.append(ModuleLoad(source.name, remote, params))
+    return tuple(loads)
+
+
+async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, out: HostOutcome,
+                 modules: tuple[ModuleLoad, ...] = ()) -> None:
+    """Run the on-host runner for this plan and stream its events into the sink.
+
+    With ``modules``, the runner loads them and forwards the kernel log through the
+    run's trace_marker; their lines become events of the same aggregate.
+    """
     host = session.host.name
     s = fr.settings
-    names = {p.trace_name: p.name for p in plan.probes}
+    names = {p.trace_name: p.name for p in plan.probes if p.kind != "module"}
     report = RunnerReport()
     clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
     counter = _HostCap(fr.aggregate, fr.event_cap)
@@ -386,7 +566,33 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
                          on_control=report.handle, clock=clock)
     deadline = int(plan.instance.rsplit("_", 1)[1])
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
-                                 deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb)
+                                 deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
+    module_probes = {p.name for p in plan.probes if p.kind == "module"}
+    splitter = MarkerSplitter() if modules else None
+    kmsg = KmsgCollector(host, fr.run_id)
+
+    def take_records(data: bytes) -> None:
+        """Module lines of this run into the same cap, aggregate and event file as tracefs events."""
+        for ev in kmsg.feed(data) if data else kmsg.flush():
+            if ev.probe not in module_probes:
+                continue
+            # Printk time + (host realtime - printk clock) is host realtime; minus the host's
+            # offset from the controller puts it on the controller's axis like trace events.
+            ev.time = ev.time - clock.offset if ev.time else time.time()
+            before = counter.accepted
+            counter.add_line(host, ev.probe, ev.trace_ts, ev.time, ev.cpu, ev.pid, ev.comm, ev.args)
+            if counter.accepted != before:
+                on_event(ev)
+
+    def feed(chunk: bytes) -> None:
+        """One chunk of the runner's stdout: kernel-log records (if any) apart, the rest to the parser."""
+        if splitter is None:
+            parser.feed(chunk)
+            return
+        trace, records = splitter.feed(chunk)
+        parser.feed(trace)
+        if records:
+            take_records(records)
     stream = await session.stream(script_command(session.host, "fleetprobe-runner"))
     stream.write(script_input(runner_script()))
     await _measure_clock(stream, parser, report, out, clock)
@@ -442,12 +648,18 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
                 break
             if not chunk:
                 break
-            parser.feed(chunk)
+            feed(chunk)
             if counter.accepted != last_seen:
                 fr.observer.add_events(host, counter.accepted - last_seen)
                 last_seen = counter.accepted
             if counter.accepted >= counter.cap and not stop_sent:
                 stop()
+        if splitter is not None:
+            trace, records = splitter.flush()
+            parser.feed(trace)
+            if records:
+                take_records(records)
+            take_records(b"")  # the record the collector held back
         parser.close()
         try:
             status = await stream.wait(5)
@@ -462,12 +674,13 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
     loss = report.loss(plan.group)
     loss.lost_lines = parser.stats.lost_events
     loss.capped = counter.capped
+    module_failures = _module_results(plan, modules, report, kmsg, out, loss)
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
-    out.placed_probes = {p.name: (p.definition or p.event) for p in plan.probes
-                         if _event_name(p) not in report.refused}
+    out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
+                              if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:
-        why = report.refused.get(_event_name(p))
+        why = report.refused.get(_event_name(p)) if p.kind != "module" else None
         if why:
             out.skipped_probes[p.name] = why
     if report.clean:
@@ -487,7 +700,7 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
         if deltas[1] > 0:
             out.alerts.append(f"the kernel logged {deltas[1]} WARNING(s) during the run; see dmesg")
     if (runner_dead or not report.bye) and link_error is None:
-        out.cleanup = await _teardown_for_dead_runner(session, plan, facts)
+        out.cleanup = await _teardown_for_dead_runner(session, plan, facts, tuple(m.name for m in modules))
     if runner_dead:
         raise HostError(host, "probe", f"the runner stopped responding (no heartbeat for {HEARTBEAT_TIMEOUT}s)",
                         evidence="; ".join(out.alerts) or None)
@@ -495,6 +708,10 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
         raise HostError(host, "probe", "runner refused the plan", evidence="; ".join(report.errors))
     if report.errors:
         raise HostError(host, "probe", "the runner reported an error while probing", evidence="; ".join(report.errors))
+    if module_failures:
+        raise HostError(host, "probe", "the kernel refused a module: " + "; ".join(module_failures),
+                        hint="a bad symbol parameter gives err=-2 (ENOENT) or -22 (EINVAL: blacklisted or "
+                             "not at an instruction boundary); see the probe's alternatives in the playbook")
     if link_error is not None or not report.bye:
         why = link_error.message if link_error else f"runner ended without finishing (exit {status})"
         raise HostError(host, "probe", f"{why}; the runner removes its probes itself when it sees the "
@@ -508,17 +725,52 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
     fr.observer.set_state(host, "done" if out.status == "ok" else out.status, f"{counter.accepted} events")
 
 
+def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: RunnerReport,
+                    kmsg: KmsgCollector, out: HostOutcome, loss: LossCounters) -> list[str]:
+    """Fold what the modules said into the outcome; return why each module that failed failed.
+
+    The module's own totals at rmmod: ``missed`` (hits the kernel skipped because a kprobe was
+    already running on that CPU) into probe_misses, lines its rate limit suppressed into
+    ``capped`` (dropped by a cap, like the event cap); records lost from the kernel log
+    (sequence gaps) into ``kmsg_gaps``.
+    """
+    if not modules:
+        return []
+    loss.kmsg_gaps = kmsg.stream.lost
+    failures: list[str] = []
+    by_module = {m.name: m for m in modules}
+    probe_of = {m.name: dict(m.params).get("probe", m.name) for m in modules}
+    for name, probe in probe_of.items():
+        st = kmsg.status.get(probe)
+        if st is not None:
+            if st.missed:
+                loss.probe_misses[probe] = loss.probe_misses.get(probe, 0) + st.missed
+            loss.capped += st.suppressed
+        refused = report.refused.get(name)
+        if refused or (st is not None and st.failed) or name not in report.loaded:
+            said = f" (module: {st.failed})" if st is not None and st.failed else ""
+            why = refused or ("not loaded" if report.started else "the runner stopped before loading it")
+            failures.append(f"{name} for probe {probe}: {why}{said}")
+            out.placed_probes.pop(probe, None)
+            continue
+        built = out.placed_probes.get(probe, by_module[name].name)
+        where = st.planted_at if st is not None and st.planted_at else "its plant line was not seen"
+        out.placed_probes[probe] = f"module {built}; planted at {where}"
+    return failures
+
+
 PINGS = 3
 #: Seconds without the runner's 5-second clock marker before it is presumed dead.
 HEARTBEAT_TIMEOUT = 20
 
 
-async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts) -> str:
-    """Remove a run's group and instance over the same connection when its runner died (cleanup state)."""
+async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
+                                   modules: tuple[str, ...] = ()) -> str:
+    """Remove a run's modules, group and instance over the same connection when its runner died."""
     try:
         r = await session.run(script_command(session.host, "fleetprobe-runner"),
                               input=script_input(runner_script()) + teardown_directives(
-                                  plan, facts.tracefs or "/sys/kernel/tracing").encode(),
+                                  plan, facts.tracefs or "/sys/kernel/tracing", modules).encode(),
                               timeout=60)
     except HostError as exc:
         return f"timer (controller teardown failed: {exc.message})"
@@ -637,6 +889,23 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
             return hf, None
 
     return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
+                       where: str = "auto") -> list[BuildGroup]:
+    """The build groups a run of these plans would build (``fleetprobe plan`` shows them); pure."""
+    facts: dict[str, Facts] = {}
+    wanted: dict[str, list[ModuleSource]] = {}
+    sources: dict[str, ModuleSource] = {}
+    for hf, plan in results:
+        if hf.facts is None or plan is None:
+            continue
+        for p in plan.probes:
+            if p.kind == "module" and p.module:
+                src = sources.get(p.module) or sources.setdefault(p.module, load_module_source(p.module))
+                facts[hf.host.name] = hf.facts
+                wanted.setdefault(hf.host.name, []).append(src)
+    return plan_builds(facts, wanted, where=where) if facts else []
 
 
 @dataclass

@@ -7,11 +7,14 @@
 #   def FILE LINE           append LINE to FILE (kprobe_events or uprobe_events); never truncate
 #   filter EVENT EXPR       EVENT is a path under events/ (GROUP/NAME or SUBSYS/NAME)
 #   enable EVENT
-#   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end
+#   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end; while
+#                           modules are loaded the kernel log is forwarded (see kmsg_read below)
 #   teardown [MODULES]      remove group G and instance I now (a dead runner's run) and exit
 #   ping                    answered at once with "@@fp pong <realtime>" (clock offset)
 # stdout: trace_pipe lines as the kernel prints them, and "@@fp ..." control lines
 # (which never collide: trace lines start with a blank, loss lines with "CPU:").
+# Kernel log records of this run's modules reach stdout only through the instance's
+# trace_marker ("tracing_mark_write: fpk <record>" lines): one writer, no torn lines.
 #
 # Teardown layers (see DESIGN-NOTES): normal end and "stop" -> teardown here; EOF on stdin or
 # a dead stdout -> teardown here; this process killed -> the detached watchdog removes the
@@ -36,7 +39,7 @@ rt() {
   esac
 }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -83,12 +86,94 @@ teardown_group() {
   fi
 }
 
-# Unload this run's modules (names in $1).
+# Unload this run's modules (names in $1), only while their run parameter is still this run's:
+# a module of the same name may belong to another run by now.
 unload_modules() {
   for _m in $1; do
     grep -q "^$_m " /proc/modules 2>/dev/null || continue
+    _owner=$(cat "/sys/module/$_m/parameters/run" 2>/dev/null)
+    [ -n "$_owner" ] && [ -n "$RUN" ] && [ "$_owner" != "$RUN" ] && continue
     rmmod "$_m" 2>/dev/null || { sleep 1; rmmod "$_m" 2>/dev/null; } || say "unclean module $_m"
   done
+}
+
+# fp_* modules whose run (their "run" parameter, 0444 in /sys/module) has no instance left:
+# their runner and watchdog are gone. A live run makes its instance before it loads modules
+# and unloads them before it removes the instance.
+sweep_modules() {
+  for _p in /sys/module/fp_*/parameters/run; do
+    [ -r "$_p" ] || continue
+    _m=${_p#/sys/module/}; _m=${_m%%/*}; _r=$(cat "$_p" 2>/dev/null)
+    _live=
+    for _d in "$T/instances/fp_${_r}"_*; do [ -d "$_d" ] && _live=1; done
+    [ -n "$_live" ] && continue
+    if rmmod "$_m" 2>/dev/null; then say "swept module $_m"; else say "unclean module $_m"; fi
+  done
+}
+
+# The kernel log, for modules: every record after this run's start record, written into the
+# instance's trace_marker as "fpk <record>" (one write(2) per record, so it travels through the
+# ring buffer and trace_pipe whole; a second writer on our stdout could tear trace lines).
+# Records of other runs and ordinary kernel messages are reduced to their header
+# "prio,seq,usec,flags;": the controller still sees every sequence number, so a gap means
+# records the kernel overwrote before we read them (Documentation/ABI/testing/dev-kmsg).
+# The shell's read builtin reads a pipe byte by byte, so records never wait in a buffer
+# (mawk would hold them until 4 KiB arrived).
+kmsg_cat() {
+  trap - PIPE    # die when the reader is gone (the runner ignores SIGPIPE for itself)
+  _n=0
+  # read(2) fails with EPIPE when the ring overwrote unread records: reopen, which replays
+  # from the oldest record (kmsg_read skips sequence numbers it has seen).
+  while [ $_n -lt 30 ]; do
+    cat /dev/kmsg 2>/dev/null
+    [ $? -gt 128 ] && exit 0
+    _n=$((_n + 1)); sleep 1
+  done
+}
+kmsg_read() {
+  _on=; _last=-1
+  # printk_devkmsg=off drops writes to /dev/kmsg (our start record): forward from the oldest.
+  [ "$(cat /proc/sys/kernel/printk_devkmsg 2>/dev/null)" = off ] && _on=1
+  exec 4>"$T/instances/$I/trace_marker" || exit 1
+  while IFS= read -r _l; do
+    case $_l in ''|' '*) continue;; esac     # dictionary lines (" KEY=value")
+    _h=${_l%%;*}; _t=${_l#*;}
+    _s=${_h#*,}; _s=${_s%%,*}
+    case $_s in ''|*[!0-9]*) continue;; esac
+    [ "$_s" -le "$_last" ] && continue
+    if [ -z "$_on" ]; then
+      case $_t in "$KRUN"'probe=- ev=clock inst='"$I "*) _on=1;; *) continue;; esac
+    fi
+    _last=$_s
+    case $_t in
+      "$KRUN"*) printf 'fpk %s\n' "$_l" >&4;;
+      *) printf 'fpk %s;\n' "$_h" >&4;;
+    esac
+    case $_t in "$KRUN"'probe=- ev=end inst='"$I") exit 0;; esac
+  done
+}
+kmsg_clock() {
+  echo "${KRUN}probe=- ev=clock inst=$I realtime=$(rt)" > /dev/kmsg 2>/dev/null
+}
+kmsg_start() {
+  kmsg_clock
+  kmsg_cat | kmsg_read &
+  KREAD=$!
+}
+# After the modules are unloaded (their totals are in the log): let the reader forward up to
+# our end record, then stop it; one more record wakes a cat blocked in read(2) so it meets
+# the closed pipe and exits.
+kmsg_stop() {
+  [ -n "$KREAD" ] || return 0
+  kmsg_clock
+  echo "${KRUN}probe=- ev=end inst=$I" > /dev/kmsg 2>/dev/null
+  _try=0
+  while kill -0 "$KREAD" 2>/dev/null && [ $_try -lt 5 ]; do sleep 1; _try=$((_try + 1)); done
+  kill "$KREAD" 2>/dev/null
+  echo "${KRUN}probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
+  # busybox waits for the whole pipeline, cat included: only after the record above woke it.
+  wait "$KREAD" 2>/dev/null
+  KREAD=
 }
 
 # Remove leftovers of dead runs: instances whose deadline (last _field of the name) + grace has
@@ -109,6 +194,7 @@ sweep() {
     for _d in "$T/instances/${_g}"_*; do [ -d "$_d" ] && _live=1; done
     [ -z "$_live" ] && { teardown_group "$_g" ""; say "swept $_g"; }
   done
+  sweep_modules
 }
 
 # Snapshot loss counters: per-cpu ring buffer stats of our instance, and kprobe_profile (hits, misses).
@@ -141,8 +227,8 @@ watchdog() {
     sleep 2
     if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
     if [ "$(now)" -ge $((DEADLINE + GRACE)) ]; then
-      teardown_group "$G" "$I"; unload_modules "$MODS"
-      echo "fleetprobe watchdog removed $G $I" > /dev/kmsg 2>/dev/null
+      unload_modules "$MODS"; teardown_group "$G" "$I"
+      echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
       exit 0
     fi
   done
@@ -165,9 +251,15 @@ while IFS= read -r line <&3; do
     # The controller's own teardown of a run whose runner died (killed by an oops, say).
     teardown)
       case $G in fp_*) ;; *) say "error group must start with fp_"; exit 2;; esac
-      kill_readers "$T/instances/$I"; teardown_group "$G" "$I"; unload_modules "$2"
+      RUN=${G#fp_}; RUN=${RUN%_*}; shift
+      # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
+      unload_modules "$*"
+      kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
+      _left=
+      for _m in $*; do grep -q "^$_m " /proc/modules 2>/dev/null && _left="$_left module:$_m"; done
       if [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
-        say "unclean after teardown"; else say "clean"; fi
+        _left="$_left tracefs"; fi
+      if [ -z "$_left" ]; then say "clean"; else say "unclean after teardown$_left"; fi
       exit 0;;
     # NTP-style clock samples on the already-running shell: small, symmetric round trips.
     ping) say "pong $(rt)";;
@@ -176,6 +268,9 @@ while IFS= read -r line <&3; do
 done
 case $G in fp_*) ;; *) say "error group must start with fp_"; exit 2;; esac
 case $I in "$G"_*) ;; *) say "error instance must start with the group"; exit 2;; esac
+# The run id is the group's middle part (fp_<run>_<host>); modules print it in every line.
+# Our own kernel-log records also name the instance: "hosts" sharing one kernel share the run id.
+RUN=${G#fp_}; RUN=${RUN%_*}; KRUN="fleetprobe run=$RUN "
 [ -w "$T/instances" ] || { say "error no writable tracefs instances at $T"; exit 3; }
 say "hello pid=$$"
 sweep
@@ -189,6 +284,8 @@ mkdir "$T/instances/$I" || { say "error cannot create instance $I"; kill "$WD"; 
 [ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
 # A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
 grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
+# Before any module loads: its "planted" or "failed" line must not be missed.
+[ -n "$MODS" ] && kmsg_start
 
 LOADED=
 while IFS= read -r line; do
@@ -205,8 +302,12 @@ while IFS= read -r line; do
     module)
       set -f; set -- $rest; set +f
       mn=$1; mp=$2; shift 2
-      if out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
-      else say "modfail $mn :: $out"; fi
+      # One module name loads once per kernel: name the run that holds it (another operator,
+      # or a second "host" sharing this kernel) instead of insmod's bare "File exists".
+      if [ -d "/sys/module/$mn" ]; then
+        say "modfail $mn :: $mn is already loaded (by run $(cat "/sys/module/$mn/parameters/run" 2>/dev/null || echo '?'))"
+      elif out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
+      else say "modfail $mn :: $(echo $out)"; fi
       rm -f "$mp";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
@@ -261,6 +362,9 @@ if [ "$STOP" = signal ] && ! kill -0 "$WATCH" 2>/dev/null; then STOP=stop-or-eof
 # ---- teardown ----------------------------------------------------------------------------
 sync_marker
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
+# Modules go first, while the kernel log still flows: rmmod prints their totals (hits, missed).
+unload_modules "$LOADED"
+kmsg_stop
 sleep 1      # let the reader drain what is in flight before we stop it
 kill "$READER" "$WATCH" 2>/dev/null
 wait "$READER" 2>/dev/null
