@@ -743,7 +743,7 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
     for name, probe in probe_of.items():
         st = kmsg.status.get(probe)
         if st is not None:
-            if st.missed:
+            if st.missed is not None:
                 loss.probe_misses[probe] = loss.probe_misses.get(probe, 0) + st.missed
             loss.capped += st.suppressed
         refused = report.refused.get(name)

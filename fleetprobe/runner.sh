@@ -198,10 +198,16 @@ sweep() {
 }
 
 # Snapshot loss counters: per-cpu ring buffer stats of our instance, and kprobe_profile (hits, misses).
+# An oops or WARN during the run is the first thing an operator must hear about.
+kernel_counts() {
+  say "kernel $1 oops=$(cat /sys/kernel/oops_count 2>/dev/null) warn=$(cat /sys/kernel/warn_count 2>/dev/null) taint=$(cat /proc/sys/kernel/tainted 2>/dev/null)"
+}
+
 snapshot() {
   _phase=$1
-  # An oops or WARN during the run is the first thing an operator must hear about.
-  say "kernel $_phase oops=$(cat /sys/kernel/oops_count 2>/dev/null) warn=$(cat /sys/kernel/warn_count 2>/dev/null) taint=$(cat /proc/sys/kernel/tainted 2>/dev/null)"
+  # The start counts are taken before anything is placed (see "hello"): a probe that oopses
+  # the kernel at once may kill this shell before it gets here.
+  [ "$_phase" = end ] && kernel_counts end
   for _s in "$T/instances/$I"/per_cpu/cpu*/stats; do
     [ -f "$_s" ] || continue
     _c=${_s%/stats}; _c=${_c##*/}
@@ -227,7 +233,7 @@ watchdog() {
     sleep 2
     if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
     if [ "$(now)" -ge $((DEADLINE + GRACE)) ]; then
-      unload_modules "$MODS"; teardown_group "$G" "$I"
+      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko
       echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
       exit 0
     fi
@@ -255,6 +261,9 @@ while IFS= read -r line <&3; do
       # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
       unload_modules "$*"
       kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
+      rm -f /tmp/"$G"_*.ko
+      # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
+      [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
       for _m in $*; do grep -q "^$_m " /proc/modules 2>/dev/null && _left="$_left module:$_m"; done
       if [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
@@ -273,6 +282,7 @@ case $I in "$G"_*) ;; *) say "error instance must start with the group"; exit 2;
 RUN=${G#fp_}; RUN=${RUN%_*}; KRUN="fleetprobe run=$RUN "
 [ -w "$T/instances" ] || { say "error no writable tracefs instances at $T"; exit 3; }
 say "hello pid=$$"
+kernel_counts start
 sweep
 
 MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' ')
@@ -374,6 +384,7 @@ say "stopping $STOP"
 snapshot end
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
+rm -f /tmp/"$G"_*.ko    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
