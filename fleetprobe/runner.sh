@@ -335,7 +335,10 @@ EOF_PLAN
 
 snapshot start
 
-cat "$T/instances/$I/trace_pipe" &
+# dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
+# kernel holding our stdout pipe, so nothing else (markers, "stopping", "bye") gets out while
+# the probes are quiet. dd reads and writes; each read returns whole lines as they come.
+dd if="$T/instances/$I/trace_pipe" bs=65536 2>/dev/null &
 READER=$!
 sync_marker
 enabled=0
