@@ -44,6 +44,7 @@ class Exit(enum.IntEnum):
     BAD_INPUT = 1     # bad playbook, inventory or option: nothing was touched
     SOME_FAILED = 2   # some hosts failed or were unreachable
     NONE_OK = 3       # no host was probed successfully
+    AUDIT_FAILED = 4  # `fleetprobe audit`: a rule broke or the run differs from its baseline
     INTERRUPTED = 130
 
 

@@ -41,7 +41,7 @@ from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetReport
 from fleetprobe.orchestrate import RunSettings, run_playbook
 from fleetprobe.playbook import Playbook, load_playbook
-from fleetprobe.transport import CommandResult, Session, SSHOptions, Stream, shell_command
+from fleetprobe.transport import CommandResult, Session, SSHOptions, Stream, get_file, put_file
 
 #: stderr kept per stream (the tail of a long error is rarely needed).
 STDERR_LIMIT = 65536
@@ -246,18 +246,12 @@ class FabricSession:
         return CommandResult(status, bytes(out), stream.stderr())
 
     async def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        """Write a file on the host through ``cat`` on stdin (no sftp needed: busybox hosts)."""
-        script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
-        res = await self.run(shell_command(self.host, script, path), input=data)
-        if not res.ok:
-            raise TransportError(self.host.name, "put", f"cannot write {path}", evidence=res.stderr_text())
+        """Write a file on the host (see :func:`put_file`)."""
+        await put_file(self, data, path, mode)
 
     async def get(self, path: str) -> bytes:
-        """Read a file from the host."""
-        res = await self.run(shell_command(self.host, 'cat -- "$1"', path))
-        if not res.ok:
-            raise TransportError(self.host.name, "get", f"cannot read {path}", evidence=res.stderr_text())
-        return res.stdout
+        """Read a file from the host (see :func:`get_file`)."""
+        return await get_file(self, path)
 
     async def close(self) -> None:
         """Close the connection if this session opened it."""

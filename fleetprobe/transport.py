@@ -183,6 +183,22 @@ class _AsyncsshStream:
         self._err_task.cancel()
 
 
+async def put_file(session: Session, data: bytes, path: str, mode: int = 0o644) -> None:
+    """Write a file through ``cat`` on stdin: works on any transport and on busybox hosts without sftp."""
+    script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
+    res = await session.run(shell_command(session.host, script, path), input=data)
+    if not res.ok:
+        raise TransportError(session.host.name, "put", f"cannot write {path}", evidence=res.stderr_text())
+
+
+async def get_file(session: Session, path: str) -> bytes:
+    """Read a file through ``cat``."""
+    res = await session.run(shell_command(session.host, 'cat -- "$1"', path))
+    if not res.ok:
+        raise TransportError(session.host.name, "get", f"cannot read {path}", evidence=res.stderr_text())
+    return res.stdout
+
+
 def _as_bytes(data: bytes | str | None) -> bytes:
     """Channel output as bytes (we open channels with encoding=None, so it is bytes already)."""
     if data is None:
@@ -220,18 +236,12 @@ class AsyncsshSession:
         return _AsyncsshStream(proc, self.host)
 
     async def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        """Write a file on the host through stdin of ``cat`` (no sftp needed: busybox hosts)."""
-        script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
-        res = await self.run(shell_command(self.host, script, path), input=data)
-        if not res.ok:
-            raise TransportError(self.host.name, "put", f"cannot write {path}", evidence=res.stderr_text())
+        """Write a file on the host (see :func:`put_file`)."""
+        await put_file(self, data, path, mode)
 
     async def get(self, path: str) -> bytes:
-        """Read a file from the host."""
-        res = await self.run(shell_command(self.host, 'cat -- "$1"', path))
-        if not res.ok:
-            raise TransportError(self.host.name, "get", f"cannot read {path}", evidence=res.stderr_text())
-        return res.stdout
+        """Read a file from the host (see :func:`get_file`)."""
+        return await get_file(self, path)
 
     async def close(self) -> None:
         """Close the connection (and its jump connection)."""

@@ -20,6 +20,9 @@ def _isolated_home() -> Iterator[None]:
     """Point HOME at an empty directory and drop the agent: no test can read or use a real ~/.ssh."""
     old_home = os.environ.get("HOME")
     old_sock = os.environ.pop("SSH_AUTH_SOCK", None)
+    # The history store and caches follow XDG_*: keep them inside the temporary HOME too.
+    for var in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        os.environ.pop(var, None)
     with tempfile.TemporaryDirectory(prefix="fleetprobe-home-") as home:
         os.environ["HOME"] = home
         try:
