@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import elf
-from .build import (BuildGroup, BuildKey, BuiltModule, GroupResult, ModuleCache, ModuleSource, build_group,
+from .build import (BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource, build_group,
                     load_module_source, module_load_blocker, plan_builds, verify_on_host)
 from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
@@ -289,10 +289,13 @@ class ModuleBuilds:
                 return i + 1
         return 0
 
-    async def module_for(self, session: Session, facts: Facts, source: ModuleSource,
-                         everyone_set_up: asyncio.Event) -> BuiltModule:
-        """This host's built module (shared with its group), or a HostError (stage ``build``) saying why not."""
-        host = session.host.name
+    async def module_for(self, facts: Facts, source: ModuleSource, everyone_set_up: asyncio.Event,
+                         session: BuildSession | None = None) -> BuiltModule:
+        """This host's built module (shared with its group), or a HostError (stage ``build``) saying why not.
+
+        ``session`` is the host's own, used when the host is the one that builds.
+        """
+        host = facts.host
         kwargs = {"have_program": self.have_program} if self.have_program else {}
         (group,) = plan_builds([facts], [source], where=self.where, **kwargs)
         key = group.key
@@ -527,7 +530,7 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
             if not (_MODULE_WORD.fullmatch(k) and _MODULE_WORD.fullmatch(v)):
                 raise HostError(host, "build", f"probe {p.name!r}: module parameter {k}={v!r} is not "
                                 "letters, digits and _ . + -", hint="rename the probe or fix the parameter")
-        module = await fr.modules.module_for(session, facts, source, fr.everyone_set_up)
+        module = await fr.modules.module_for(facts, source, fr.everyone_set_up, session)
         problem = await verify_on_host(session, host, module, facts.kernel_release)
         if problem is not None:
             raise problem

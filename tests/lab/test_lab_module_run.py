@@ -33,7 +33,7 @@ from fleetprobe.build import default_cache_dir
 from fleetprobe.cli import main
 
 if TYPE_CHECKING:
-    from conftest import LabForTests  # type: ignore[import-not-found]
+    from conftest import LabForTests
 
 pytestmark = pytest.mark.lab
 
