@@ -186,7 +186,8 @@ sweep() {
     _n=${_d##*/}; _dl=${_n##*_}
     case $_dl in ''|*[!0-9]*) continue;; esac
     if [ $((_dl + GRACE)) -lt "$_now" ]; then
-      teardown_group "${_n%_*}" "$_n"; say "swept $_n"
+      # teardown_group reuses _n (sh has no local variables): say the instance's name first.
+      say "swept $_n"; teardown_group "${_n%_*}" "$_n"
     fi
   done
   for _g in $(cat "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null | sed -n 's/^[^:]*:\(fp_[A-Za-z0-9_]*\)\/.*/\1/p' | sort -u); do
