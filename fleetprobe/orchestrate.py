@@ -713,8 +713,9 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
         raise HostError(host, "probe", "the runner reported an error while probing", evidence="; ".join(report.errors))
     if module_failures:
         raise HostError(host, "probe", "the kernel refused a module: " + "; ".join(module_failures),
-                        hint="a bad symbol parameter gives err=-2 (ENOENT) or -22 (EINVAL: blacklisted or "
-                             "not at an instruction boundary); see the probe's alternatives in the playbook")
+                        hint="the module's err= is the kernel's: -2 ENOENT (no such symbol), -22 EINVAL "
+                             "(blacklisted, or an offset off an instruction boundary), -84 EILSEQ (x86: an offset "
+                             "inside an instruction); check the probe's params in the playbook")
     if link_error is not None or not report.bye:
         why = link_error.message if link_error else f"runner ended without finishing (exit {status})"
         raise HostError(host, "probe", f"{why}; the runner removes its probes itself when it sees the "
