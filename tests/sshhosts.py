@@ -111,15 +111,18 @@ class Fleet:
                 "-o", "BatchMode=yes"]
 
     def start_sshd(self, name: str, address: str, port: int, netns: str | None = None,
-                   extra_config: str = "", mount_tracefs: bool = False) -> SshdHost:
+                   extra_config: str = "", mount_tracefs: bool = False,
+                   keys_dir: Path | None = None) -> SshdHost:
         """Start one OpenSSH sshd (in netns when given) accepting the client key for root."""
         d = self.workdir / name
         d.mkdir(parents=True, exist_ok=True)
         hostkey = d / "ssh_host_ed25519_key"
         pub = make_key(hostkey)
-        auth = d / "authorized_keys"
+        # sshd reads AuthorizedKeysFile as the logging-in user: a non-root login needs keys_dir,
+        # a directory that user can reach (the test's own temp dirs are 0700 root).
+        auth = (keys_dir or d) / "authorized_keys"
         auth.write_text(Path(str(self.client_key) + ".pub").read_text())
-        os.chmod(auth, 0o600)
+        os.chmod(auth, 0o644 if keys_dir else 0o600)
         cfg = d / "sshd_config"
         cfg.write_text(
             f"Port {port}\nListenAddress {address}\nHostKey {hostkey}\nPidFile {d / 'sshd.pid'}\n"
@@ -140,7 +143,8 @@ class Fleet:
         wait_banner(address, port)
         return host
 
-    def add_netns_host(self, name: str, index: int, *, tracefs: bool = True) -> SshdHost:
+    def add_netns_host(self, name: str, index: int, *, tracefs: bool = True,
+                       keys_dir: Path | None = None) -> SshdHost:
         """A host in its own network namespace, reached over a veth pair at 10.231.<index>.2.
 
         ``ip netns exec`` gives the host a fresh /sys without tracefs, like a
@@ -160,7 +164,7 @@ class Fleet:
         for c in ([ "ip", "addr", "add", f"10.231.{index}.2/30", "dev", inner],
                   ["ip", "link", "set", inner, "up"], ["ip", "link", "set", "lo", "up"]):
             subprocess.run(["ip", "netns", "exec", ns, *c], check=True)
-        return self.start_sshd(name, f"10.231.{index}.2", 22, netns=ns, mount_tracefs=tracefs)
+        return self.start_sshd(name, f"10.231.{index}.2", 22, netns=ns, mount_tracefs=tracefs, keys_dir=keys_dir)
 
     def stop(self) -> None:
         """Stop every sshd (and its sessions) and remove every namespace and veth."""
