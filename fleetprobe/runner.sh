@@ -24,6 +24,8 @@
 trap '' PIPE          # a dropped link must not kill us half-way through teardown
 STOP=
 trap 'STOP=${STOP:-signal}' TERM INT HUP
+# The stdin watcher's own signal: "stop" or EOF (the controller asked, or vanished).
+trap 'STOP=${STOP:-stop-or-eof}' USR1
 
 say() { printf '@@fp %s\n' "$*" 2>/dev/null; }
 now() { date +%s; }
@@ -356,7 +358,7 @@ done
 say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR"
 
 # ---- run: until the duration ends, "stop"/EOF on stdin, the reader dies, or a signal -----
-( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -TERM $$ 2>/dev/null ) <&3 &
+( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -USR1 $$ 2>/dev/null ) <&3 &
 WATCH=$!
 END=$(( $(now) + ${DUR%.*} ))
 [ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && STOP=nothing-placed
@@ -370,8 +372,6 @@ while [ -z "$STOP" ]; do
   sleep 1 &
   wait $! 2>/dev/null
 done
-# The stdin watcher exits only after "stop" or EOF, and then signals us.
-if [ "$STOP" = signal ] && ! kill -0 "$WATCH" 2>/dev/null; then STOP=stop-or-eof; fi
 
 # ---- teardown ----------------------------------------------------------------------------
 sync_marker
