@@ -109,9 +109,10 @@ class LiveView:
             head.append(f"{state} {counts[state]}", style=_STYLE.get(state, ""))
         if len(hosts) <= ROWS_LIMIT:
             table = Table(box=None, pad_edge=False, show_header=True)
-            table.add_column("host")
-            table.add_column("state")
-            table.add_column("events", justify="right")
+            # A long failure reason must not squeeze the host name away: only detail gives way.
+            table.add_column("host", no_wrap=True, min_width=min(max(map(len, hosts), default=4), 40))
+            table.add_column("state", no_wrap=True, min_width=12)
+            table.add_column("events", justify="right", no_wrap=True, min_width=7)
             table.add_column("detail", overflow="ellipsis", no_wrap=True)
             for h, s in hosts.items():
                 state = f"{s.state} {s.events}" if s.state == "probing" else s.state

@@ -717,9 +717,14 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
                              "(blacklisted, or an offset off an instruction boundary), -84 EILSEQ (x86: an offset "
                              "inside an instruction); check the probe's params in the playbook")
     if link_error is not None or not report.bye:
-        why = link_error.message if link_error else f"runner ended without finishing (exit {status})"
-        raise HostError(host, "probe", f"{why}; the runner removes its probes itself when it sees the "
-                        f"link drop, and its on-host timer does by the deadline otherwise",
+        if link_error is not None:
+            why = (f"{link_error.message}; the runner removes its probes itself when it sees the link drop, "
+                   "and its on-host timer does by the deadline otherwise")
+        elif out.cleanup == "controller":
+            why = f"the runner died before finishing (exit {status}); fleetprobe removed its probes"
+        else:
+            why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
+        raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
     if report.enabled == 0 and not report.loaded:
         raise HostError(host, "probe", "the kernel refused every probe",

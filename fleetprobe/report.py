@@ -157,6 +157,11 @@ def _render_values(report: FleetReport, console: Console) -> None:
                 # Every value seen once (pids, pointers): a table of them says nothing.
                 notes.append(f"{name}: {len(values.counts)} distinct values, none repeated")
                 continue
+            if values.total and top[0][1] < 0.05 * values.total and len(values.counts) > 2 * VALUE_ROWS:
+                # Many values and none stands out (pids repeated across hosts ...): nothing to read.
+                notes.append(f"{name}: {len(values.counts)}{'' if values.exact else '+'} distinct values, "
+                             "none above 5%")
+                continue
             for i, (value, count, nhosts) in enumerate(top):
                 share = f"{100 * count / values.total:.1f}%" if values.total else "-"
                 last = i == len(top) - 1
