@@ -57,35 +57,31 @@ def dropbear_private(key: Ed25519PrivateKey) -> bytes:
     return _ssh_string(b"ssh-ed25519") + _ssh_string(seed + pub)
 
 
-def load_or_create_client_key(path: Path) -> str:
-    """The lab's root login key at ``path`` (OpenSSH format, 0600), created once; returns its public line."""
+def _load_or_create(path: Path) -> Ed25519PrivateKey:
+    """The ed25519 key kept at ``path`` (OpenSSH format, 0600), generated on first use."""
     if path.exists():
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise InputError("not an ed25519 key", where=str(path),
                              hint="delete it and run `fleetprobe lab up` again")
-    else:
-        key = generate_ed25519()
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()))
-    public = public_openssh(key) + " fleetprobe-lab"
+        return key
+    key = generate_ed25519()
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+    return key
+
+
+def load_or_create_client_key(path: Path) -> str:
+    """The lab's root login key at ``path``, created once; returns its public line."""
+    public = public_openssh(_load_or_create(path)) + " fleetprobe-lab"
     Path(str(path) + ".pub").write_text(public + "\n")
     return public
 
 
 def load_or_create_host_key(path: Path) -> tuple[bytes, str]:
-    """A VM's host key kept at ``path`` (OpenSSH format); returns (dropbear file bytes, public line)."""
-    if path.exists():
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise InputError("not an ed25519 key", where=str(path),
-                             hint="delete it and run `fleetprobe lab up` again")
-    else:
-        key = generate_ed25519()
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()))
+    """A VM's host key kept at ``path``; returns (dropbear file bytes, public line)."""
+    key = _load_or_create(path)
     return dropbear_private(key), public_openssh(key)
 
 

@@ -31,6 +31,7 @@ from rich.console import Console
 
 from fleetprobe.build import default_cache_dir
 from fleetprobe.cli import main
+from labssh import is_mips, ssh
 
 if TYPE_CHECKING:
     from conftest import LabForTests
@@ -44,19 +45,6 @@ COMMON = ["--no-live", "--connect-timeout", "60s", "--setup-timeout", "300s", "-
 #: The registers the seed printed, per `uname -m` (fp_kprobe README).
 REGISTERS = {"x86_64": ("ip", "flags"), "ppc64le": ("nip", "msr"), "mips64": ("cp0_epc", "cp0_status"),
              "mips": ("cp0_epc", "cp0_status")}
-
-
-def ssh(lab: LabForTests, vm: Any, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a command on a lab VM with the OpenSSH client, strictly checking its host key."""
-    return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", str(lab.key), "-o", "IdentitiesOnly=yes",
-         "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-p", str(vm.port), "root@127.0.0.1", command],
-        capture_output=True, text=True, timeout=timeout)
-
-
-def _mips(vm: Any) -> bool:
-    return str(vm.uname_m).startswith("mips")
 
 
 @pytest.fixture
@@ -104,7 +92,7 @@ def test_fork_module_across_the_lab(lab_fleet: LabForTests, tmp_path: Path, fres
     for vm in lab.vms:
         h = hosts[vm.name]
         assert h["arch"] == vm.uname_m and h["kernel_release"] == vm.kernel_release, h
-        if _mips(vm) and h["status"] != "ok":
+        if is_mips(vm) and h["status"] != "ok":
             # Never silently: the run must say the kernel oopsed.
             named = h["kernel_oopses"] > 0 or any("oops" in a for a in h["alerts"]) or "oops" in h["evidence"]
             assert named, (vm.name, h["status"], h["reason"], h["evidence"], h["alerts"])
@@ -119,7 +107,7 @@ def test_fork_module_across_the_lab(lab_fleet: LabForTests, tmp_path: Path, fres
         assert h["hits"].get("fork", 0) > 0, (vm.name, h["hits"])
         assert h["cleanup"] == "clean", (vm.name, h["cleanup"])
         assert h["loss"]["kmsg_gaps"] == 0, (vm.name, h["loss"])
-        if not _mips(vm):
+        if not is_mips(vm):
             assert h["kernel_oopses"] == 0, (vm.name, h["alerts"])
         # The seed's register lines, parsed into events with this arch's register fields.
         mine = [e for e in by_host.get(vm.name, []) if e["probe"] == "fork"]
@@ -135,7 +123,7 @@ def test_fork_module_across_the_lab(lab_fleet: LabForTests, tmp_path: Path, fres
             assert report["run"]["started"] - 2 <= e["time"] <= report["run"]["ended"] + 2, e
         assert {e["fields"]["ev"] for e in mine} <= {"pre", "post"}
         delivered += 1
-    assert delivered >= len(lab.vms) - sum(1 for vm in lab.vms if _mips(vm))
+    assert delivered >= len(lab.vms) - sum(1 for vm in lab.vms if is_mips(vm))
     for kernel, numbers in build_of.items():
         assert len(numbers) == 1, f"hosts of {kernel} used different builds: {numbers}"
     assert len({n for ns in build_of.values() for n in ns}) == len(build_of)
@@ -153,7 +141,7 @@ def test_fork_module_across_the_lab(lab_fleet: LabForTests, tmp_path: Path, fres
         assert r.returncode == 0 and r.stdout.strip() == "", (vm.name, r.stdout, r.stderr)
     assert rc in (0, 2), out
     if rc == 2:
-        assert all(_mips(vm) for vm in lab.vms if hosts[vm.name]["status"] != "ok")
+        assert all(is_mips(vm) for vm in lab.vms if hosts[vm.name]["status"] != "ok")
 
 
 def test_insmod_failure_is_that_hosts_failure_with_the_kernels_words(lab_fleet: LabForTests, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import pytest
 from rich.console import Console
 
 from fleetprobe.cli import main
+from labssh import is_mips, ssh
 
 if TYPE_CHECKING:
     from conftest import LabForTests  # type: ignore[import-not-found]
@@ -38,15 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 #: Where each arch's portable argN lands when the kernel's tracefs README lists no $arg<N>
 #: (ppc64le and mips 6.1), or $argN where it does (x86_64).
 SECOND_ARG = {"x86_64": ("$arg2", "%si"), "ppc64le": ("%r4",), "mips64": ("%r5",), "mips": ("%r5",)}
-
-
-def ssh(lab: LabForTests, vm: Any, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a command on a lab VM with the OpenSSH client, strictly checking its host key."""
-    return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", str(lab.key), "-o", "IdentitiesOnly=yes",
-         "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-p", str(vm.port), "root@127.0.0.1", command],
-        capture_output=True, text=True, timeout=timeout)
 
 
 def leftovers(lab: LabForTests, vm: Any) -> str:
@@ -62,10 +54,6 @@ def _background(lab: LabForTests, command: str) -> list[threading.Thread]:
     for t in threads:
         t.start()
     return threads
-
-
-def _mips(vm: Any) -> bool:
-    return str(vm.uname_m).startswith("mips")
 
 
 def _ok_or_oops_reported(h: dict[str, Any]) -> bool:
@@ -147,7 +135,7 @@ def test_opensnoop_across_three_architectures(lab_fleet: LabForTests, tmp_path: 
     for vm in lab.vms:
         h = hosts[vm.name]
         assert h["arch"] == vm.uname_m and h["kernel_release"] == vm.kernel_release, h
-        if _mips(vm):
+        if is_mips(vm):
             assert _ok_or_oops_reported(h), h
         else:
             assert h["status"] == "ok" and h["cleanup"] == "clean", h
@@ -180,7 +168,7 @@ def test_fork_latency_pairs(lab_fleet: LabForTests, tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     vms = {vm.name: vm for vm in lab.vms}
     for h in report["hosts"]:
-        if _mips(vms[h["host"]]) and h["status"] != "ok":
+        if is_mips(vms[h["host"]]) and h["status"] != "ok":
             assert _ok_or_oops_reported(h), h
             continue
         assert h["status"] == "ok" and h["hits"]["fork"] > 0 and h["hits"]["fork_ret"] > 0, h
