@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -287,7 +288,18 @@ def test_module_playbook_without_consent_touches_no_host(fleet: object, tmp_path
     (tmp_path / "modules").symlink_to(REPO / "modules")  # modules/fp_kprobe next to the playbook
     pb.write_text((REPO / "playbooks/fork-module.yml").read_text().replace("allow_modules: true\n", ""))
     inv = fleet.inventory()  # type: ignore[attr-defined]
-    logs_before = {h.name: (h.workdir / "sshd.log").stat().st_size for h in fleet.hosts}  # type: ignore[attr-defined]
+    def log_sizes() -> dict[str, int]:
+        return {h.name: (h.workdir / "sshd.log").stat().st_size for h in fleet.hosts}  # type: ignore[attr-defined]
+
+    # The fixture's banner probes make sshd log "kex_exchange_identification: Connection closed"
+    # a moment later: take the baseline once the logs have been still for a second.
+    logs_before = log_sizes()
+    for _ in range(20):
+        time.sleep(1)
+        now = log_sizes()
+        if now == logs_before:
+            break
+        logs_before = now
     run_id = _run_id()
     rc, out = _cli(["run", str(pb), "-i", str(inv), "--no-live", "--no-store", "--duration", "2s",
                     "--run-id", run_id])
@@ -296,7 +308,7 @@ def test_module_playbook_without_consent_touches_no_host(fleet: object, tmp_path
     assert _left_by(run_id) == []
     # No host was even contacted: sshd logged nothing new (LogLevel ERROR logs every failed or
     # refused session; a successful login that ran the runner would leave our instance anyway).
-    assert {h.name: (h.workdir / "sshd.log").stat().st_size for h in fleet.hosts} == logs_before  # type: ignore[attr-defined]
+    assert log_sizes() == logs_before
 
 
 @needs_sshd
