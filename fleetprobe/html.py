@@ -210,13 +210,7 @@ def _latency_chart(entry: str, ret: str, lat: Latency, colour: str) -> str:
     p50, p99 = lat.quantile(0.5), lat.quantile(0.99)
     title = (f"{entry} → {ret}: {lat.count} calls"
              + (f", p50 ≤ {format_ns(p50)}, p99 ≤ {format_ns(p99)}" if p50 is not None and p99 is not None else ""))
-    notes = []
-    if lat.unmatched:
-        notes.append(f"{lat.unmatched} returns without an entry")
-    if lat.evicted:
-        notes.append(f"{lat.evicted} entries evicted")
-    if lat.pending_at_end:
-        notes.append(f"{lat.pending_at_end} still open at the end")
+    notes = lat.caveats()
     return (f"<div class='chart'><h3>{_e(title)}</h3><svg class='histogram' id='lat-{_e(ret)}' width='{width}' "
             f"height='{height}' role='img' aria-label='latency {_e(entry)} to {_e(ret)}'>"
             f"<g class='axis'><line x1='{pad_l}' y1='{height - pad_b}' x2='{width - 5}' y2='{height - pad_b}'/>"

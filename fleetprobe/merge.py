@@ -162,6 +162,17 @@ class Latency:
                        self.unmatched + other.unmatched, self.evicted + other.evicted,
                        self.pending_at_end + other.pending_at_end)
 
+    def caveats(self) -> list[str]:
+        """What limits the histogram: returns with no entry, entries evicted, entries still open."""
+        notes = []
+        if self.unmatched:
+            notes.append(f"{self.unmatched} returns without an entry")
+        if self.evicted:
+            notes.append(f"{self.evicted} entries evicted from the pending table")
+        if self.pending_at_end:
+            notes.append(f"{self.pending_at_end} entries still open at the end")
+        return notes
+
     def quantile(self, q: float) -> int | None:
         """Upper edge (ns) of the bucket holding quantile ``q``, or None with no data."""
         n = self.count

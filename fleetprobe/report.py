@@ -210,13 +210,7 @@ def _render_latency(report: FleetReport, console: Console) -> None:
         head = f"latency {entry} -> {ret}: {lat.count} calls"
         if p50 is not None and p99 is not None:
             head += f", p50 <= {format_ns(p50)}, p99 <= {format_ns(p99)}"
-        notes = []
-        if lat.unmatched:
-            notes.append(f"{lat.unmatched} returns without an entry")
-        if lat.evicted:
-            notes.append(f"{lat.evicted} entries evicted from the pending table")
-        if lat.pending_at_end:
-            notes.append(f"{lat.pending_at_end} entries still open at the end")
+        notes = lat.caveats()
         console.print(Text(head + (f" ({'; '.join(notes)})" if notes else ""), style="bold"))
         for line in latency_lines(lat):
             console.print(line, highlight=False)
