@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from . import elf
 from .build import (BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource, build_group,
@@ -33,11 +33,13 @@ from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
 from .parse import LineSink, Row, TraceEvent, TraceStream
-from .plan import HostPlan, PlannedProbe, names_for, new_run_id, plan_host
+from .plan import HostPlan, new_run_id, plan_host
 from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
                      sweep_directives, teardown_directives)
 from .transport import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
+
+T = TypeVar("T")
 
 #: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
 TEARDOWN_SLACK = 30
@@ -773,20 +775,25 @@ PINGS = 3
 HEARTBEAT_TIMEOUT = 20
 
 
-async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
-                                   modules: tuple[str, ...] = ()) -> str:
-    """Remove a run's modules, group and instance over the same connection when its runner died."""
-    try:
-        r = await session.run(script_command(session.host, "fleetprobe-runner"),
-                              input=script_input(runner_script()) + teardown_directives(
-                                  plan, facts.tracefs or "/sys/kernel/tracing", modules).encode(),
-                              timeout=60)
-    except HostError as exc:
-        return f"timer (controller teardown failed: {exc.message})"
+async def _runner_once(session: Session, directives: str, timeout: float) -> RunnerReport:
+    """Run the runner for one directive (a sweep, a dead run's teardown) and read what it said."""
+    r = await session.run(script_command(session.host, "fleetprobe-runner"),
+                          input=script_input(runner_script()) + directives.encode(), timeout=timeout)
     rep = RunnerReport()
     for line in r.stdout.decode("utf-8", "replace").splitlines():
         if line.startswith("@@fp "):
             rep.handle(line[5:])
+    return rep
+
+
+async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
+                                   modules: tuple[str, ...] = ()) -> str:
+    """Remove a run's modules, group and instance over the same connection when its runner died."""
+    try:
+        rep = await _runner_once(session, teardown_directives(plan, facts.tracefs or "/sys/kernel/tracing",
+                                                              modules), timeout=60)
+    except HostError as exc:
+        return f"timer (controller teardown failed: {exc.message})"
     return "controller" if rep.clean else "timer (controller teardown incomplete)"
 
 
@@ -838,35 +845,47 @@ def _event_name(p: object) -> str:
 
 # --- facts, plan and cleanup across the fleet ------------------------------------------------
 
-async def facts_fleet(hosts: Iterable[Host], settings: RunSettings, playbook: Playbook | None = None,
-                      observer: Observer | None = None) -> list[HostFacts]:
-    """Facts of every host (bounded fan-out); failures are values."""
+async def _on_each_host(hosts: Iterable[Host], settings: RunSettings,
+                        work: Callable[[Host, Session], Awaitable[T]],
+                        failed: Callable[[Host, HostError], T], observer: Observer | None = None) -> list[T]:
+    """One short job per host over one connection each, ``forks`` at a time; a failure is a value."""
     slots = asyncio.Semaphore(max(1, settings.forks))
     obs = observer or NullObserver()
 
-    async def one(host: Host) -> HostFacts:
+    async def one(host: Host) -> T:
         async with slots:
-            hf = HostFacts(host)
             session: Session | None = None
             try:
                 obs.set_state(host.name, "connecting")
                 session = await asyncio.wait_for(settings.open_session(host), settings.setup_timeout)
-                obs.set_state(host.name, "facts")
-                hf.facts, hf.clock_offset, hf.clock_error = await gather_facts(
-                    session, playbook, mount=settings.mount_tracefs, timeout=settings.setup_timeout)
+                result = await work(host, session)
                 obs.set_state(host.name, "done")
+                return result
             except HostError as exc:
-                hf.error = exc
-                obs.set_state(host.name, "failed", exc.message)
+                error = exc
             except asyncio.TimeoutError:
-                hf.error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
-                obs.set_state(host.name, "failed", hf.error.message)
+                error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
             finally:
                 if session is not None:
                     await session.close()
-            return hf
+            obs.set_state(host.name, "failed", error.message)
+            return failed(host, error)
 
     return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+async def facts_fleet(hosts: Iterable[Host], settings: RunSettings, playbook: Playbook | None = None,
+                      observer: Observer | None = None) -> list[HostFacts]:
+    """Facts of every host (bounded fan-out); failures are values."""
+    obs = observer or NullObserver()
+
+    async def work(host: Host, session: Session) -> HostFacts:
+        obs.set_state(host.name, "facts")
+        facts, offset, error = await gather_facts(session, playbook, mount=settings.mount_tracefs,
+                                                  timeout=settings.setup_timeout)
+        return HostFacts(host, facts, clock_offset=offset, clock_error=error)
+
+    return await _on_each_host(hosts, settings, work, lambda host, exc: HostFacts(host, error=exc), obs)
 
 
 async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings,
@@ -875,29 +894,16 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
     run_id = settings.run_id or new_run_id()
     offsets = ElfOffsets()
     duration = settings.duration if settings.duration is not None else playbook.duration
-    slots = asyncio.Semaphore(max(1, settings.forks))
 
-    async def one(host: Host) -> tuple[HostFacts, HostPlan | None]:
-        async with slots:
-            hf = HostFacts(host)
-            session: Session | None = None
-            try:
-                session = await asyncio.wait_for(settings.open_session(host), settings.setup_timeout)
-                hf.facts, hf.clock_offset, hf.clock_error = await gather_facts(
-                    session, playbook, mount=False, timeout=settings.setup_timeout)
-                uo = await offsets.resolve(session, hf.facts, playbook.uprobe_targets())
-                deadline = int(time.time() + (hf.clock_offset or 0) + duration + settings.teardown_slack)
-                return hf, plan_host(playbook, hf.facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo)
-            except HostError as exc:
-                hf.error = exc
-            except asyncio.TimeoutError:
-                hf.error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
-            finally:
-                if session is not None:
-                    await session.close()
-            return hf, None
+    async def work(host: Host, session: Session) -> tuple[HostFacts, HostPlan | None]:
+        facts, offset, error = await gather_facts(session, playbook, mount=False, timeout=settings.setup_timeout)
+        uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
+        deadline = int(time.time() + offset + duration + settings.teardown_slack)
+        return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
+                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo))
 
-    return list(await asyncio.gather(*(one(h) for h in hosts)))
+    return await _on_each_host(hosts, settings, work, lambda host, exc: (HostFacts(host, error=exc), None),
+                               observer)
 
 
 def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
@@ -929,51 +935,23 @@ class CleanupResult:
 
 async def cleanup_fleet(hosts: Iterable[Host], settings: RunSettings, *, force: bool = False) -> list[CleanupResult]:
     """Remove fleetprobe leftovers of dead runs from every host (``force``: of live runs too)."""
-    slots = asyncio.Semaphore(max(1, settings.forks))
     grace = -(10 ** 9) if force else settings.grace
 
-    async def one(host: Host) -> CleanupResult:
-        async with slots:
-            res = CleanupResult(host.name)
-            session: Session | None = None
-            try:
-                session = await asyncio.wait_for(settings.open_session(host), settings.setup_timeout)
-                facts, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
-                if facts.tracefs is None:
-                    res.error = "tracefs is not mounted: nothing fleetprobe makes can exist"
-                    return res
-                r = await session.run(script_command(host, "fleetprobe-runner"),
-                                      input=script_input(runner_script()) + sweep_directives(facts.tracefs, grace).encode(),
-                                      timeout=settings.setup_timeout * 2)
-                rep = RunnerReport()
-                for line in r.stdout.decode("utf-8", "replace").splitlines():
-                    if line.startswith("@@fp "):
-                        rep.handle(line[5:])
-                res.removed = rep.swept
-                after, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
-                res.remaining = list(after.leftovers)
-                if rep.unclean:
-                    res.error = "; ".join(rep.unclean)
-            except HostError as exc:
-                res.error = str(exc)
-            except asyncio.TimeoutError:
-                res.error = f"no answer within {settings.setup_timeout:.0f}s"
-            finally:
-                if session is not None:
-                    await session.close()
+    async def work(host: Host, session: Session) -> CleanupResult:
+        res = CleanupResult(host.name)
+        facts, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
+        if facts.tracefs is None:
+            res.error = "tracefs is not mounted: nothing fleetprobe makes can exist"
             return res
+        rep = await _runner_once(session, sweep_directives(facts.tracefs, grace), settings.setup_timeout * 2)
+        res.removed = rep.swept
+        after, _, _ = await gather_facts(session, None, mount=False, timeout=settings.setup_timeout)
+        res.remaining = list(after.leftovers)
+        if rep.unclean:
+            res.error = "; ".join(rep.unclean)
+        return res
 
-    return list(await asyncio.gather(*(one(h) for h in hosts)))
-
-
-def pairs_of(plans: Mapping[str, HostPlan]) -> dict[str, str]:
-    """{return probe: entry probe} across the plans (for latency histograms)."""
-    out: dict[str, str] = {}
-    for plan in plans.values():
-        for p in plan.probes:
-            if p.pair_with:
-                out[p.name] = p.pair_with
-    return out
+    return await _on_each_host(hosts, settings, work, lambda host, exc: CleanupResult(host.name, error=str(exc)))
 
 
 def playbook_pairs(playbook: Playbook) -> dict[str, str]:
