@@ -14,7 +14,6 @@ from typing import Any
 
 from fleetprobe.facts import Facts, SymbolFacts
 from fleetprobe.playbook import (
-    ArgRef,
     ArgSpec,
     Deref,
     Fetch,

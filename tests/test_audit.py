@@ -181,7 +181,7 @@ def test_timer_audit_fails_after_a_change_and_names_the_host(tmp_path: Path, ssh
     marker.write_text("#!/bin/sh\nexit 0\n")
     marker.chmod(0o755)
     playbook = tmp_path / "execaudit.yml"
-    playbook.write_text(f"""\
+    playbook.write_text("""\
 name: execaudit
 description: nothing may run the forbidden marker
 duration: 2s

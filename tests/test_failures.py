@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from simhosts import SimFleet, SimHost, refused_port
+from simhosts import SimFleet, refused_port
 
 from fleetprobe.cli import main
 

@@ -19,7 +19,6 @@ ppc64le must succeed strictly.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator
