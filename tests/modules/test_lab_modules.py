@@ -112,7 +112,10 @@ async def load_fork_unload(session: AsyncsshSession, ko: bytes, module: str, par
         deadline = time.monotonic() + 60
         st = collector.status.get(probe)
         while time.monotonic() < deadline and not (st and (st.unregistered or st.failed)):
-            chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
+            try:
+                chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break  # the caller says what was missing, with the kernel's log
             if not chunk:
                 break
             events += collector.feed(chunk)
@@ -125,6 +128,29 @@ async def load_fork_unload(session: AsyncsshSession, ko: bytes, module: str, par
                           timeout=60)
     modules = (await session.run("cat /proc/modules", timeout=60)).stdout.decode(errors="replace")
     return events, insmod_out, modules
+
+
+async def explain_missing(session: AsyncsshSession, vm: Any, collector: KmsgCollector, probe: str,
+                          oops_before: int) -> None:
+    """The module's final status line never arrived: say why, from the kernel itself.
+
+    On the lab's MIPS guests the known single-step fault (see README) can oops the
+    kernel under the probe and kill the insmod/rmmod task; that is an expected
+    failure (xfail, with the kernel's words). Anything else fails with the log.
+    """
+    st = collector.status.get(probe)
+    if st and (st.unregistered or st.failed):
+        return
+    oopses = int((await session.run("cat /sys/kernel/oops_count", timeout=60)).stdout) - oops_before
+    # The kernel's last oops/WARN and what follows it (at most 60 lines): the one in this window.
+    last_oops = ("dmesg | awk '/Break instruction|Oops|BUG:|WARNING:/{b=\"\"} {b=b $0 \"\\n\"} "
+                 "END{printf \"%s\", b}'")
+    log = (await session.run(last_oops + " | head -n 60", timeout=60)).stdout.decode(errors="replace")
+    loaded = (await session.run("cat /proc/modules", timeout=60)).stdout.decode(errors="replace")
+    what = f"{vm.name}: no unregister/failure record from probe {probe!r} ({st}); oopses {oopses}"
+    if str(vm.uname_m).startswith("mips") and oopses and "Break instruction in kernel code" in log:
+        pytest.xfail(f"{what}: the known MIPS kprobe single-step fault; modules now:\n{loaded}\n{log}")
+    pytest.fail(f"{what}\nmodules now:\n{loaded}\nkernel log:\n{log}")
 
 
 async def build_for(vm: Any, tmp_path: Path) -> dict[str, Any]:
@@ -163,6 +189,7 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
             events, out, modules = await load_fork_unload(
                 session, built["fp_kprobe"].data(), "fp_kprobe",
                 f"run={run} probe=fork symbol=kernel_clone rate=1000", col, "fork")
+            await explain_missing(session, vm, col, "fork", oops_before)
             assert "insmod-failed" not in out, out
             st = col.status["fork"]
             assert st.planted_at.startswith("kernel_clone+"), st
@@ -189,6 +216,7 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
             events, out, modules = await load_fork_unload(
                 session, built["fp_kretprobe"].data(), "fp_kretprobe",
                 f"run={run}r probe=forkret", col, "forkret")
+            await explain_missing(session, vm, col, "forkret", oops_before)
             assert "insmod-failed" not in out, out
             rets = [e for e in events if e.fields["ev"] == "ret"]
             assert len(rets) >= 3
