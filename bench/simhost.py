@@ -5,18 +5,23 @@
 Each port is one logical host: a real SSH server (key exchange, public key
 authentication against WORKDIR/client_key.pub, host key WORKDIR/host_key)
 whose "shell" is a script that recognises what it was asked to run by the
-command's content (or, when the command is a bootstrap that reads a script on
-stdin up to ``#fleetprobe-script-end``, by that script's content), so that the benchmark measures the controller, not sshd
-(OpenSSH's sshd spends ~33 ms CPU per connection: PERF-NOTES.md):
+script's name (``$0`` of fleetprobe's bootstrap, which then reads the script on
+stdin up to ``#fleetprobe-script-end``), so that the benchmark measures the
+controller, not sshd (OpenSSH's sshd spends ~33 ms CPU per connection: PERF-NOTES.md):
 
-* fleetprobe's facts script ("# fleetprobe facts:") -> a canned real facts
+* fleetprobe's facts script (``fleetprobe-facts``) -> a canned real facts
   output captured on this machine (bench/data/facts-x86_64-6.18.txt) with a
   fresh realtime line;
-* fleetprobe's runner ("# fleetprobe runner:") -> the runner protocol: answers
-  ``ping`` with ``@@fp pong``, reads the plan up to ``go``, says hello/started,
-  writes one fpsync marker, streams M trace_pipe lines of the enabled events
-  (``--flood``: as fast as the channel takes them, until M lines), then ends
-  with stopping/stats/clean/bye on ``stop``, stdin EOF or the plan's duration;
+* fleetprobe's runner (``fleetprobe-runner``) -> the runner protocol: with
+  ``facts`` arguments first the same facts output, then answers ``ping`` with
+  ``@@fp pong``, reads the plan up to ``go`` (EOF before it: exits quietly),
+  says hello/started, writes one fpsync marker, streams M trace_pipe lines of
+  the enabled events (``--flood``: as fast as the channel takes them, until M
+  lines), then ends with stopping/stats/clean/bye on ``stop``, stdin EOF or the
+  plan's duration.  It writes its control lines in the groups runner.sh writes
+  them (each write is a packet the controller decrypts): hello with the kernel
+  counts; what was placed with the start stats; the marker; started; the trace
+  lines; stopping with the end stats; clean with bye;
 * anything else (the peers' ``uname -m; cat /proc/version``) -> canned output.
 
 Control on stdin, one word a line, answered with one JSON line on stdout:
@@ -38,8 +43,9 @@ from pathlib import Path
 
 import asyncssh
 
-FACTS_MARK = "# fleetprobe facts:"
-RUNNER_MARK = "# fleetprobe runner:"
+#: The ``$0`` fleetprobe gives its scripts (transport.script_command).
+FACTS_NAME = "fleetprobe-facts"
+RUNNER_NAME = "fleetprobe-runner"
 #: fleetprobe may send a script on stdin after a small bootstrap command, ended by this line.
 SCRIPT_END = "#fleetprobe-script-end"
 BARE_OUTPUT = (b"x86_64\nLinux version 6.18.44-fc-v657 (root@bench) (gcc (Debian 12.2.0-14) 12.2.0) "
@@ -122,16 +128,13 @@ class SimHost:
                     line = await process.stdin.readline()
                     if not line or line.rstrip(b"\n") == SCRIPT_END.encode():
                         break
-                    if not cmd.endswith("\n"):
-                        cmd += "\n"
-                    cmd += line.decode("utf-8", "replace")
-            if FACTS_MARK in cmd:
+            if FACTS_NAME in cmd:
                 self._count("facts")
                 process.stdout.write(self.facts_output())
                 process.exit(0)
-            elif RUNNER_MARK in cmd:
+            elif RUNNER_NAME in cmd:
                 self._count("runner")
-                await self.runner(process)
+                await self.runner(process, with_facts=f"{RUNNER_NAME} facts" in cmd)
             else:
                 self._count("other")
                 process.stdout.write(BARE_OUTPUT)
@@ -142,9 +145,11 @@ class SimHost:
     def _count(self, kind: str) -> None:
         self.counters.sessions[kind] = self.counters.sessions.get(kind, 0) + 1
 
-    async def runner(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+    async def runner(self, process: asyncssh.SSHServerProcess[bytes], with_facts: bool) -> None:
         """The runner protocol (fleetprobe/runner.sh), without touching any kernel."""
         out = process.stdout
+        if with_facts:
+            out.write(self.facts_output())
         events: list[str] = []
         placed: list[str] = []
         duration = 10.0
@@ -152,7 +157,7 @@ class SimHost:
         while True:
             raw = await process.stdin.readline()
             if not raw:
-                process.exit(1)
+                process.exit(0)
                 return
             words = raw.decode().split()
             if not words:
@@ -174,10 +179,9 @@ class SimHost:
             out.write(b"@@fp sweep done\n")
             process.exit(0)
             return
-        out.write(f"@@fp hello pid={os.getpid()}\n".encode())
-        for d in placed:
-            out.write(f"@@fp placed {d}\n".encode())
-        out.write(b"@@fp stats start cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n")
+        out.write(f"@@fp hello pid={os.getpid()}\n@@fp kernel start oops=0 warn=0 taint=0\n".encode())
+        out.write("".join(f"@@fp placed {d}\n" for d in placed).encode()
+                  + b"@@fp stats start cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n")
         out.write(f"      fleetprobe-1       [000] .....    99.000000: tracing_mark_write: fpsync "
                   f"{time.time():.9f}\n".encode())
         out.write(f"@@fp started enabled={len(events)} modules= duration={int(duration)}\n".encode())
@@ -218,8 +222,8 @@ class SimHost:
         finally:
             watcher.cancel()
             self.counters.lines_sent += sent
-        out.write(f"@@fp stopping {reason}\n".encode())
-        out.write(b"@@fp stats end cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n")
+        out.write(f"@@fp stopping {reason}\n@@fp kernel end oops=0 warn=0 taint=0\n".encode()
+                  + b"@@fp stats end cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n")
         out.write(b"@@fp clean\n@@fp bye\n")
         await out.drain()
         process.exit(0)

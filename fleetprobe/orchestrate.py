@@ -167,6 +167,14 @@ class HostFacts:
     clock_error: float | None = None
 
 
+def _facts_words(playbook: Playbook | None, mount: bool) -> tuple[list[str], list[str]]:
+    """The kernel symbols a playbook names, and the facts script's arguments for it."""
+    symbols = playbook.kernel_symbols() if playbook else []
+    tps = playbook.tracepoints() if playbook else []
+    binaries = playbook.user_binaries() if playbook else []
+    return symbols, facts_args(symbols, tps, binaries, mount=mount)
+
+
 async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bool,
                        timeout: float) -> tuple[Facts, float, float]:
     """Run the facts script once; return facts and the clock offset with its uncertainty.
@@ -174,17 +182,61 @@ async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bo
     The script prints the host's realtime first: the time its line arrives,
     against the time we asked, bounds the offset the way NTP does.
     """
-    symbols = playbook.kernel_symbols() if playbook else []
-    tps = playbook.tracepoints() if playbook else []
-    binaries = playbook.user_binaries() if playbook else []
-    cmd = script_command(session.host, "fleetprobe-facts", *facts_args(symbols, tps, binaries, mount=mount))
-    stream = await session.stream(cmd)
+    symbols, words = _facts_words(playbook, mount)
+    stream = await session.stream(script_command(session.host, "fleetprobe-facts", *words))
     stream.write(script_input(facts_script()))
     stream.write_eof()
-    # Measured from when the channel is open: its set-up round trip is not part of the offset's error.
+    facts, offset, error, _ = await _read_facts(stream, session.host.name, symbols, timeout, keep_open=False)
+    return facts, offset, error
+
+
+@dataclass
+class RunnerChannel:
+    """A host's runner, started for its facts and kept waiting for the plan (one channel per run).
+
+    ``rest``: what the runner printed after its facts, before it was sent anything (normally nothing).
+    """
+
+    stream: Stream
+    rest: bytes = b""
+
+
+async def start_runner(session: Session, playbook: Playbook, *, mount: bool,
+                       timeout: float) -> tuple[RunnerChannel, Facts, float, float]:
+    """Start the runner and read the host's facts from it; it then waits for its plan on the same channel.
+
+    One channel instead of a facts channel and a runner channel: each channel costs the
+    controller a dozen SSH packets to encrypt or decrypt (issue 5).  The offset and error are
+    the facts' NTP-style estimate; the ping sent with the plan usually replaces them.
+    """
+    symbols, words = _facts_words(playbook, mount)
+    stream = await session.stream(script_command(session.host, "fleetprobe-runner", "facts", *words))
+    stream.write(script_input(runner_script()))
+    try:
+        facts, offset, error, rest = await _read_facts(stream, session.host.name, symbols, timeout,
+                                                       keep_open=True)
+    except BaseException:
+        stream.close()
+        raise
+    return RunnerChannel(stream, rest), facts, offset, error
+
+
+#: The line that ends the facts output.
+_FACTS_END = b"\n@@end\n"
+
+
+async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: float, *,
+                      keep_open: bool) -> tuple[Facts, float, float, bytes]:
+    """Read facts output from a script just sent on ``stream``: facts, clock offset, its error, bytes after them.
+
+    The facts script exits after ``@@end``; the runner (``keep_open``) stays, waiting for its plan.
+    """
+    # Measured from when the script is sent: the channel's set-up round trip is not part of the error.
     t0 = time.time()
     buf = bytearray()
     t_line: float | None = None
+    end = -1
+    status = 0
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -194,20 +246,27 @@ async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bo
                 buf += chunk
                 if t_line is None and buf.count(b"\n") >= 2:
                     t_line = time.time()
-            status = await stream.wait(timeout)
+                if keep_open and (end := buf.find(_FACTS_END)) >= 0:
+                    break
+            if end < 0:
+                status = await stream.wait(timeout)
     except TimeoutError:
         stream.close()
-        raise HostError(session.host.name, "facts", f"facts script did not finish in {timeout:.0f}s") from None
+        raise HostError(host, "facts", f"facts script did not finish in {timeout:.0f}s") from None
+    rest = b""
+    if end >= 0:
+        rest = bytes(buf[end + len(_FACTS_END):])
+        del buf[end + len(_FACTS_END):]
     text = buf.decode("utf-8", "replace")
     if status != 0 or "@@end" not in text:
-        raise HostError(session.host.name, "facts", f"facts script failed (exit {status})",
+        raise HostError(host, "facts", f"facts script failed (exit {status})",
                         evidence=stream.stderr().decode("utf-8", "replace")[-600:] or text[-300:],
                         hint="is the login shell POSIX sh compatible, and (with become) is sudo -n allowed?")
-    facts = parse_facts(session.host.name, text, symbols)
+    facts = parse_facts(host, text, symbols)
     t_line = t_line or time.time()
     offset = facts.realtime - (t0 + t_line) / 2 if facts.realtime else 0.0
     error = (t_line - t0) / 2 + (1.0 if facts.realtime == int(facts.realtime) else 0.0)
-    return facts, offset, error
+    return facts, offset, error, rest
 
 
 class ElfOffsets:
@@ -396,8 +455,18 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
     return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
 
 
-async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> tuple[Session, Facts, HostPlan] | None:
-    """Connect, gather facts and plan (bounded by ``forks``); None when the host ends here."""
+@dataclass
+class _SetUp:
+    """A host ready to probe: its connection, its runner waiting for the plan, its facts and plan."""
+
+    session: Session
+    runner: RunnerChannel
+    facts: Facts
+    plan: HostPlan
+
+
+async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
+    """Connect, start the runner for facts and plan (bounded by ``forks``); None when the host ends here."""
     s = fr.settings
     obs = fr.observer
     async with fr.setup_slots:
@@ -406,11 +475,12 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> tuple[Session, F
             return None
         obs.set_state(host.name, "connecting")
         session = await s.open_session(host)
+        runner: RunnerChannel | None = None
         try:
             out.stage = "facts"
             obs.set_state(host.name, "facts")
-            facts, offset, error = await gather_facts(session, fr.playbook, mount=s.mount_tracefs,
-                                                      timeout=s.setup_timeout)
+            runner, facts, offset, error = await start_runner(session, fr.playbook, mount=s.mount_tracefs,
+                                                              timeout=s.setup_timeout)
             out.arch, out.kernel_release, out.boot_id = facts.arch, facts.kernel_release, facts.boot_id
             out.clock_offset, out.clock_error = offset, error
             if s.on_facts is not None:
@@ -421,10 +491,12 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> tuple[Session, F
             deadline = int(time.time() + offset + fr.duration + s.teardown_slack)
             plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets)
         except BaseException:
+            if runner is not None:
+                runner.stream.close()
             await session.close()
             raise
     fr.plans[host.name] = plan
-    return session, facts, plan
+    return _SetUp(session, runner, facts, plan)
 
 
 async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
@@ -432,6 +504,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     out = HostOutcome(host=host.name, started=time.time())
     obs = fr.observer
     session: Session | None = None
+    runner: RunnerChannel | None = None
     set_up = False
     try:
         try:
@@ -446,7 +519,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
             fr.setup_over()
         if setup is None:
             return out
-        session, facts, plan = setup
+        session, runner, facts, plan = setup.session, setup.runner, setup.facts, setup.plan
         out.skipped_probes = {sp.name: sp.reason for sp in plan.skipped}
         if fr.playbook.needs_module_consent() and (blocker := module_load_blocker(facts)):
             # A module playbook on a host that can never load one is a failure, not a quiet skip.
@@ -472,7 +545,8 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
             loads = await _prepare_modules(fr, session, facts, plan, out)
         out.stage = "probe"
         obs.set_state(host.name, "probing")
-        await _probe(fr, session, facts, plan, out, loads)
+        probe_runner, runner = runner, None
+        await _probe(fr, session, probe_runner, facts, plan, out, loads)
     except HostError as exc:
         out.status = "unreachable" if isinstance(exc, TransportError) and exc.stage == "connect" else "failed"
         if isinstance(exc, TransportError) and out.stage == "probe":
@@ -492,6 +566,10 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         if not set_up:
             fr.setup_over()
         out.ended = time.time()
+        if runner is not None:
+            # Planned nothing to probe here: EOF before "go" ends the waiting runner quietly.
+            runner.stream.write_eof()
+            runner.stream.close()
         if session is not None:
             try:
                 await asyncio.wait_for(session.close(), 5)
@@ -548,9 +626,9 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
     return tuple(loads)
 
 
-async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, out: HostOutcome,
-                 modules: tuple[ModuleLoad, ...] = ()) -> None:
-    """Run the on-host runner for this plan and stream its events into the sink.
+async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: Facts, plan: HostPlan,
+                 out: HostOutcome, modules: tuple[ModuleLoad, ...] = ()) -> None:
+    """Send the waiting runner its plan and stream its events into the sink.
 
     With ``modules``, the runner loads them and forwards the kernel log through the
     run's trace_marker; their lines become events of the same aggregate.
@@ -567,8 +645,22 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
         if write is not None and counter.keep_for_writer():
             write(ev)
 
+    ping_sent = 0.0
+
+    def on_control(text: str) -> None:
+        report.handle(text)
+        if len(report.pongs) == 1 and text.startswith("pong"):
+            # The ping travels with the plan and the runner answers it before reading the rest:
+            # one small round trip on an idle shell, the clock offset for free (NTP's min-RTT rule
+            # against the facts' estimate, whose round trip includes sending the script).
+            received, said = report.pongs[0]
+            sample = clock_sample(ping_sent, received, said)
+            if sample is not None and (out.clock_error is None or sample[1] <= out.clock_error):
+                out.clock_offset, out.clock_error = sample
+                clock.offset, clock.error = sample
+
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write else None,
-                         on_control=report.handle, clock=clock)
+                         on_control=on_control, clock=clock)
     deadline = int(plan.instance.rsplit("_", 1)[1])
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
                                  deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
@@ -598,10 +690,11 @@ async def _probe(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan, o
         parser.feed(trace)
         if records:
             take_records(records)
-    stream = await session.stream(script_command(session.host, "fleetprobe-runner"))
-    stream.write(script_input(runner_script()))
-    await _measure_clock(stream, parser, report, out, clock)
-    stream.write(directives.encode())
+    stream = runner.stream
+    if runner.rest:
+        feed(runner.rest)
+    ping_sent = time.time()
+    stream.write(b"ping\n" + directives.encode())
     stop_sent = False
 
     def stop() -> None:
@@ -770,7 +863,6 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
     return failures
 
 
-PINGS = 3
 #: Seconds without the runner's 5-second clock marker before it is presumed dead.
 HEARTBEAT_TIMEOUT = 20
 
@@ -806,35 +898,6 @@ async def _oopses_since(session: Session, start: dict[str, int]) -> tuple[int, i
     except (HostError, ValueError):
         return None
     return oops - start.get("oops", oops), warn - start.get("warn", warn)
-
-
-async def _measure_clock(stream: Stream, parser: TraceStream, report: RunnerReport, out: HostOutcome,
-                         clock: ClockMap) -> None:
-    """Take the best of a few pings on the runner's channel as the host's clock offset (NTP's min-RTT rule).
-
-    Keeps the facts-time estimate when the host does not answer in time.
-    """
-    best: tuple[float, float] | None = None
-    try:
-        async with asyncio.timeout(10):
-            for _ in range(PINGS):
-                sent = time.time()
-                want = len(report.pongs) + 1
-                stream.write(b"ping\n")
-                while len(report.pongs) < want:
-                    chunk = await stream.read(65536)
-                    if not chunk:
-                        return
-                    parser.feed(chunk)
-                received, text = report.pongs[-1]
-                sample = clock_sample(sent, received, text)
-                if sample is not None and (best is None or sample[1] < best[1]):
-                    best = sample
-    except TimeoutError:
-        pass
-    if best is not None:
-        out.clock_offset, out.clock_error = best
-        clock.offset, clock.error = best
 
 
 def _event_name(p: object) -> str:

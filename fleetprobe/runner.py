@@ -15,14 +15,21 @@ import time
 from dataclasses import dataclass, field
 from importlib.resources import files
 
+from .facts import facts_script
 from .outcome import LossCounters
 from .plan import HostPlan
 
 
 @functools.cache
 def runner_script() -> str:
-    """The on-host runner (POSIX sh, busybox-compatible); read once per process, not once per host."""
-    return files("fleetprobe").joinpath("runner.sh").read_text()
+    """The on-host runner (POSIX sh, busybox-compatible); read once per process, not once per host.
+
+    facts.sh goes in front of it as the subshell function ``fp_facts``, so that a run gathers
+    facts on the runner's own channel (arguments ``facts`` + :func:`~fleetprobe.facts.facts_args`)
+    instead of opening a second one: a channel costs the controller about as much as the facts.
+    """
+    return ("fp_facts() (\n" + facts_script().rstrip("\n") + "\n)\n"
+            + files("fleetprobe").joinpath("runner.sh").read_text())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,12 @@
 # fleetprobe runner: places one run's probes on this host, streams what they see, removes everything.
-# POSIX sh, busybox-compatible. Started as: sh -c "$THIS" fleetprobe [sweep-only]
+# POSIX sh, busybox-compatible. Started as: sh -c "$THIS" fleetprobe-runner [facts MOUNT WORDS...]
+# The controller sends it on stdin (transport.script_input: comment lines, blank lines and
+# indentation are dropped on the way, so no line of a multi-line string or here-document may
+# start with "#" or a blank), with facts.sh in front of it as the function fp_facts (runner.py).
 #
+# With "facts ...", it first prints the facts script's output for those arguments (ending in
+# "@@end") and then waits for the plan: a run needs one channel for facts, plan, probe and
+# teardown. EOF before "go" (the controller planned nothing for this host) exits quietly.
 # stdin: the plan, one directive a line, ended by "go"; after "go", stdin stays open and
 # "stop" (or EOF: the controller vanished) ends the run.
 #   tracefs PATH | group G | instance I | duration SECS | deadline EPOCH | grace SECS | buffer_kb N
@@ -27,7 +33,17 @@ trap 'STOP=${STOP:-signal}' TERM INT HUP
 # The stdin watcher's own signal: "stop" or EOF (the controller asked, or vanished).
 trap 'STOP=${STOP:-stop-or-eof}' USR1
 
-say() { printf '@@fp %s\n' "$*" 2>/dev/null; }
+# Control lines go out one printf each, or, between hold and release, together in one write:
+# every write is an SSH packet for the controller to decrypt (a 64-CPU host says 64 "stats" lines).
+# Only hold while no other process writes our stdout (the trace reader), and release before a
+# step that may kill us (placing probes, loading modules) whatever must survive it.
+HOLD=; HELD=
+say() {
+  if [ -n "$HOLD" ]; then HELD="$HELD@@fp $*
+"; else printf '@@fp %s\n' "$*" 2>/dev/null; fi
+}
+hold() { HOLD=1; }
+release() { HOLD=; [ -n "$HELD" ] && printf '%s' "$HELD" 2>/dev/null; HELD=; }
 now() { date +%s; }
 # CLOCK_REALTIME with a fraction. busybox date prints "%N" literally; its adjtimex
 # applet reports tv_usec; failing both, whole seconds with a 1 s uncertainty.
@@ -243,15 +259,23 @@ watchdog() {
   done
 }
 
-# ---- read the plan -------------------------------------------------------------------------
+# ---- facts, then read the plan ---------------------------------------------------------------
+# Captured, then printed in one write (not one packet per command); fp_facts runs in a subshell.
+if [ "$1" = facts ]; then
+  shift
+  _facts=$(fp_facts "$@")
+  printf '%s\n' "$_facts"
+  _facts=
+fi
 exec 3<&0
+GO=
 while IFS= read -r line <&3; do
   set -f
   # shellcheck disable=SC2086
   set -- $line
   set +f
   case $1 in
-    go) break;;
+    go) GO=1; break;;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
     def|filter|enable|module) PLAN="${PLAN:+$PLAN
@@ -278,14 +302,17 @@ while IFS= read -r line <&3; do
     *) say "error unknown directive $1"; exit 2;;
   esac
 done
+[ -n "$GO" ] || exit 0
 case $G in fp_*) ;; *) say "error group must start with fp_"; exit 2;; esac
 case $I in "$G"_*) ;; *) say "error instance must start with the group"; exit 2;; esac
 # The run id is the group's middle part (fp_<run>_<host>); modules print it in every line.
 # Our own kernel-log records also name the instance: "hosts" sharing one kernel share the run id.
 RUN=${G#fp_}; RUN=${RUN%_*}; KRUN="fleetprobe run=$RUN "
 [ -w "$T/instances" ] || { say "error no writable tracefs instances at $T"; exit 3; }
+hold
 say "hello pid=$$"
 kernel_counts start
+release
 sweep
 
 MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' ')
@@ -294,6 +321,8 @@ MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' 
 WD=$!
 
 mkdir "$T/instances/$I" || { say "error cannot create instance $I"; kill "$WD"; exit 3; }
+# Until the trace reader starts, nothing else writes our stdout: what placing says goes out at once.
+hold
 [ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
 # A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
 grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
@@ -319,8 +348,13 @@ while IFS= read -r line; do
       # or a second "host" sharing this kernel) instead of insmod's bare "File exists".
       if [ -d "/sys/module/$mn" ]; then
         say "modfail $mn :: $mn is already loaded (by run $(cat "/sys/module/$mn/parameters/run" 2>/dev/null || echo '?'))"
-      elif out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
-      else say "modfail $mn :: $(echo $out)"; fi
+      else
+        # A module can take the kernel (and us) down: what was placed so far goes out first.
+        release
+        if out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
+        else say "modfail $mn :: $(echo $out)"; fi
+        hold
+      fi
       rm -f "$mp";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
@@ -337,6 +371,7 @@ $PLAN
 EOF_PLAN
 
 snapshot start
+release
 
 # dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
 # kernel holding our stdout pipe, so nothing else (markers, "stopping", "bye") gets out while
@@ -384,8 +419,12 @@ kill "$READER" "$WATCH" 2>/dev/null
 wait "$READER" 2>/dev/null
 # Entries the reader had not consumed yet are still in the buffer: print them (without headers).
 grep -v '^#' "$T/instances/$I/trace" 2>/dev/null
+# The reader is gone: ours is the only writer again.
+hold
 say "stopping $STOP"
 snapshot end
+release
+hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
 rm -f /tmp/"$G"_*.ko    # copied modules that never reached insmod
@@ -396,4 +435,5 @@ for m in $LOADED; do grep -q "^$m " /proc/modules && left="$left module:$m"; don
 kill "$WD" 2>/dev/null
 if [ -z "$left" ]; then say "clean"; else say "unclean$left"; fi
 say "bye"
+release
 exit 0

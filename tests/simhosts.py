@@ -91,6 +91,8 @@ class CommandLog:
     kind: str
     command: str
     started: float
+    #: When the command really started (after a ``slow`` host's delay); None if it never did.
+    begun: float | None = None
     exit_status: int | None = None
     pid: int | None = None
 
@@ -199,6 +201,7 @@ class _Session:
             return
         if p.kind == "slow" and p.delay > 0:
             await asyncio.sleep(p.delay)
+        log.begun = time.time()
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)

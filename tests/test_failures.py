@@ -152,9 +152,10 @@ def test_mixed_fleet_good_hosts_report_bad_hosts_say_why(sim: SimFleet, tmp_path
         assert h["events"] > 0 and h["hits"].get("exec", 0) > 0 and h["hits"].get("fork", 0) > 0, h
         assert h["cleanup"] == "clean", h
         assert h["unparsed_lines"] == 0, h
-    # The slow host really waited before each command, and still finished.
-    assert slow.ran("facts") and slow.ran("runner")
-    assert slow.ran("runner")[0].started - slow.ran("facts")[0].started >= 0.5
+    # One command per host for the whole run: facts, plan, probes and teardown on the runner's channel.
+    assert [c.kind for c in good.commands] == ["runner"] and [c.kind for c in slow.commands] == ["runner"]
+    # The slow host really waited before its command, and still finished.
+    assert slow.commands[0].begun is not None and slow.commands[0].begun - slow.commands[0].started >= 0.5
 
     h = hosts["hostile"]
     # Garbage in its stream is counted, its real events still count, and the fake runner error is reported.
@@ -174,7 +175,7 @@ def test_mixed_fleet_good_hosts_report_bad_hosts_say_why(sim: SimFleet, tmp_path
     h = hosts["hang"]
     assert h["status"] == "failed" and h["stage"] == "facts", h
     assert "did not finish in 3s" in h["reason"], h
-    assert hang.ran("facts") and hang.ran("runner") == []
+    assert [c.kind for c in hang.commands] == ["runner"]     # asked for facts, never answered
 
     h = hosts["authfail"]
     assert h["status"] == "unreachable" and "authentication failed as root" in h["reason"], h
@@ -211,7 +212,8 @@ def test_no_host_ok_exits_3_within_deadlines(sim: SimFleet, tmp_path: Path, run_
     assert {n: h["status"] for n, h in hosts.items()} == {
         "hang": "failed", "authfail": "unreachable", "tooslow": "failed", "refused": "unreachable"}
     assert "facts script did not finish in 2s" in hosts["tooslow"]["reason"]
-    assert slow.ran("runner") == []
+    # Its one command (the runner, asked for facts first) never began: nothing was placed.
+    assert [(c.kind, c.begun) for c in slow.commands] == [("runner", None)]
     assert all(h["events"] == 0 for h in hosts.values())
     assert took < 2 * 2 + 4, took
 

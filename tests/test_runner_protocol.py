@@ -1,8 +1,10 @@
 """The runner's control-line protocol: real captured runner output, directive order, clock samples.
 
 The captures in tests/data/runner were made by running fleetprobe/runner.sh on
-this machine (see the README there).  One test runs the runner again now under
-busybox sh and stops it by closing its stdin, the way a dropped controller does.
+this machine (see the README there).  Other tests run the runner again now,
+as the controller sends it (the bootstrap reading the compacted script on stdin),
+under dash and busybox sh: facts first, then a ping, then EOF before any plan;
+and a whole run stopped by closing its stdin, the way a dropped controller does.
 """
 
 from __future__ import annotations
@@ -17,16 +19,30 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe.facts import Facts
+from fleetprobe.facts import Facts, facts_args, parse_facts
 from fleetprobe.parse import CONTROL_PREFIX, TraceStream
 from fleetprobe.plan import HostPlan, plan_host
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
+from fleetprobe.transport import BOOTSTRAP, script_input
 
 DATA = Path(__file__).parent / "data"
 RUNNER = DATA / "runner"
 TRACEFS = Path("/sys/kernel/tracing")
 GROUP = "fp_capt01_0a1b"
+
+
+def shells() -> list[list[str]]:
+    """POSIX shells on this machine to run the on-host scripts under (the lab's guests have busybox)."""
+    found = [[p] for p in (shutil.which("dash"),) if p]
+    if shutil.which("busybox"):
+        found.append([shutil.which("busybox") or "busybox", "sh"])
+    return found
+
+
+def bootstrapped(shell: list[str], *args: str) -> list[str]:
+    """The argv the controller's command line becomes on a host: the bootstrap, $0, the arguments."""
+    return [*shell, "-c", BOOTSTRAP, "fleetprobe-runner", *args]
 
 
 def report_of(text: str) -> RunnerReport:
@@ -200,6 +216,41 @@ def test_plan_directives_refuse_newlines() -> None:
         plan_directives(dataclasses.replace(plan, probes=(bad,)), tracefs="/t", duration=1, deadline=1, grace=1)
 
 
+def test_script_input_drops_comments_and_still_parses() -> None:
+    """What goes on the wire is the runner without comments, blank lines or indentation, and every shell parses it."""
+    sent = script_input(runner_script()).decode()
+    body = sent.rsplit("#fleetprobe-script-end\n", 1)[0]
+    assert len(body) < 0.65 * len(runner_script())
+    assert not [line for line in body.splitlines() if not line or line[0] in "# \t"]
+    assert "fp_facts() (" in body and "EOF_PLAN" in body
+    for shell in shells():
+        res = subprocess.run([*shell, "-n"], input=body.encode(), capture_output=True, timeout=30)
+        assert res.returncode == 0, (shell, res.stderr)
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_runner_prints_facts_answers_ping_and_leaves_quietly_without_a_plan(shell: list[str]) -> None:
+    """The run's one channel: facts first (the facts script's own output), a pong, and EOF before ``go`` exits 0."""
+    words = facts_args(["do_sys_openat2"], ["sched/sched_process_exec"], ["/bin/sh"], mount=False)
+    t0 = time.time()
+    res = subprocess.run(bootstrapped(shell, "facts", *words), input=script_input(runner_script()) + b"ping\n",
+                         capture_output=True, timeout=60)
+    t1 = time.time()
+    assert res.returncode == 0, res.stderr
+    text = res.stdout.decode()
+    facts_text, _, after = text.partition("\n@@end\n")
+    assert after.splitlines() == [after.splitlines()[0]] and after.startswith("@@fp pong ")
+    facts = parse_facts("here", facts_text + "\n@@end\n", ["do_sys_openat2"])
+    assert facts.problems == () and facts.arch == os.uname().machine
+    assert facts.kernel_release == os.uname().release
+    assert facts.files["/bin/sh"].exists and t0 - 1 <= facts.realtime <= t1 + 1
+    sample = clock_sample(t0, t1, after.split(" ", 2)[2])
+    assert sample is not None and abs(sample[0]) <= sample[1]
+    # Without "facts" it prints nothing before its plan.
+    res = subprocess.run(bootstrapped(shell), input=script_input(runner_script()), capture_output=True, timeout=60)
+    assert (res.returncode, res.stdout) == (0, b""), res.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not (TRACEFS / "instances").is_dir() or not shutil.which("busybox"),
                     reason="needs root, tracefs and busybox")
 def test_busybox_runner_stops_on_eof_and_cleans() -> None:
@@ -208,12 +259,12 @@ def test_busybox_runner_stops_on_eof_and_cleans() -> None:
     instance = f"{group}_{int(time.time()) + 120}"
     plan = (f"tracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 60\ndeadline {int(time.time()) + 60}\n"
             f"grace 60\nenable sched/sched_process_exec\ngo\n")
-    proc = subprocess.Popen([shutil.which("busybox") or "busybox", "sh", "-c", runner_script(), "fleetprobe"],
+    proc = subprocess.Popen(bootstrapped([shutil.which("busybox") or "busybox", "sh"]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
         assert proc.stdin is not None
-        proc.stdin.write(plan.encode())
+        proc.stdin.write(script_input(runner_script()) + plan.encode())
         proc.stdin.flush()
         deadline = time.monotonic() + 10
         while not (TRACEFS / "instances" / instance).exists() and time.monotonic() < deadline:
