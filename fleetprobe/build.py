@@ -431,6 +431,12 @@ def read_elf_info(data: bytes, *, name: str = "module") -> ElfInfo:
 
 def _section(data: bytes, wanted: str, *, name: str) -> bytes | None:
     """The bytes of section ``wanted`` of an ELF file, or None if it has none."""
+    span = _section_span(data, wanted, name=name)
+    return None if span is None else data[span[0]:span[1]]
+
+
+def _section_span(data: bytes, wanted: str, *, name: str) -> tuple[int, int] | None:
+    """(start, end) file offsets of section ``wanted`` of an ELF file, or None if it has none."""
     info = read_elf_info(data, name=name)
     o = "<" if info.endian == "little" else ">"
     try:
@@ -448,7 +454,9 @@ def _section(data: bytes, wanted: str, *, name: str) -> bytes | None:
         for h in headers:
             end = names.find(b"\0", h[0])
             if names[h[0]:end].decode("ascii", "replace") == wanted:
-                return data[h[off_i]:h[off_i] + h[size_i]]
+                if h[off_i] + h[size_i] > len(data):
+                    raise ElfFormatError(f"{name}: section {wanted} runs past the end of the file")
+                return h[off_i], h[off_i] + h[size_i]
     except (struct.error, IndexError) as exc:
         raise ElfFormatError(f"{name}: truncated or corrupt ELF section table ({exc})") from None
     return None
@@ -465,6 +473,47 @@ def read_modinfo(data: bytes, *, name: str = "module") -> ModInfo:
         if sep:
             fields.setdefault(key, []).append(value)
     return ModInfo(fields)
+
+
+#: A module name the kernel accepts and fleetprobe's sweep recognises: ``fp_`` and at most
+#: MODULE_NAME_LEN - 1 bytes (MODULE_NAME_LEN is 64 - sizeof(long): 56 on 64-bit, 60 on 32-bit).
+_LOAD_NAME = re.compile(r"fp_[A-Za-z0-9_]{1,52}")
+
+
+def with_module_name(ko: bytes, new: str, *, name: str = "module") -> bytes:
+    """The same module under another name, so one kernel can hold it once per run and probe.
+
+    The kernel names a module after ``struct module``'s ``name`` field in the
+    ``.gnu.linkonce.this_module`` section (a fixed MODULE_NAME_LEN array after
+    ``state`` and ``list``: offset 24 on 64-bit, 12 on 32-bit); since 5.x it
+    reads the name from ``.modinfo``'s ``name=`` first and falls back to that
+    field when there is none. So: write ``new`` into the field (zero-padded,
+    same size) and blank ``name=...`` in ``.modinfo`` with NULs (the kernel's
+    modinfo walk skips NUL padding). No other byte moves; the printk prefix
+    compiled into the code (KBUILD_MODNAME) stays the source's name.
+    """
+    if not _LOAD_NAME.fullmatch(new):
+        raise ValueError(f"module name {new!r} must be fp_ and up to 52 letters, digits or _")
+    info = read_elf_info(ko, name=name)
+    span = _section_span(ko, ".gnu.linkonce.this_module", name=name)
+    if span is None:
+        raise ElfFormatError(f"{name}: no .gnu.linkonce.this_module section: not a kernel module")
+    field = span[0] + (24 if info.elf_class == 64 else 12)
+    size = 56 if info.elf_class == 64 else 60
+    old = ko[field:field + size].split(b"\0", 1)[0]
+    if field + size > span[1] or not old or ko[field + len(old):field + size].strip(b"\0"):
+        raise ElfFormatError(f"{name}: unexpected struct module layout (no NUL-padded name at +{field - span[0]})")
+    out = bytearray(ko)
+    out[field:field + size] = new.encode().ljust(size, b"\0")
+    info_span = _section_span(ko, ".modinfo", name=name)
+    if info_span is not None:
+        tag = b"name=" + old + b"\0"
+        at = ko.find(tag, info_span[0], info_span[1])
+        while at >= 0:
+            if at == info_span[0] or ko[at - 1] == 0:  # a whole entry, not the tail of another
+                out[at:at + len(tag)] = bytes(len(tag))
+            at = ko.find(tag, at + 1, info_span[1])
+    return bytes(out)
 
 
 def vermagic_problem(modinfo: ModInfo, release: str, host_vermagic: str | None = None) -> str | None:

@@ -25,8 +25,10 @@ from fleetprobe.build import (
     plan_builds,
     prepare_debian_tree,
     read_host_vermagic,
+    read_modinfo,
     results_by_host,
     target_for,
+    with_module_name,
 )
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
@@ -62,6 +64,25 @@ def need_compiler(debian_arch: str, triplet: str) -> None:
         pytest.skip(f"apt-get install {cross_compiler_package(debian_arch)}")
 
 
+def check_renamed(ko: bytes, source_name: str) -> None:
+    """with_module_name on a real .ko: only the struct module name and .modinfo's name= change."""
+    new = "fp_t0a1b2_c3d4_fork"
+    out = with_module_name(ko, new)
+    assert len(out) == len(ko)
+    changed = [i for i, (a, b) in enumerate(zip(ko, out)) if a != b]
+    name_at = out.find(new.encode() + b"\0")
+    assert name_at >= 0 and ko[name_at:name_at + len(source_name) + 1] == source_name.encode() + b"\0"
+    modinfo_at = ko.find(b"name=" + source_name.encode() + b"\0")
+    allowed = set(range(name_at, name_at + 56)) | set(range(modinfo_at, modinfo_at + len(source_name) + 6))
+    assert changed and set(changed) <= allowed
+    assert read_modinfo(out).get("name") is None and read_modinfo(out).vermagic == read_modinfo(ko).vermagic
+    assert with_module_name(out, "fp_other") != out  # renaming again works on the renamed field
+    with pytest.raises(ValueError, match="must be fp_"):
+        with_module_name(ko, "evil;rmmod")
+    with pytest.raises(ValueError, match="must be fp_"):
+        with_module_name(ko, "fp_" + "x" * 53)
+
+
 @pytest.mark.parametrize("lab_arch", ["x86_64", "ppc64le", "mips64el", "mipsel"])
 def test_cross_build_for_lab_kernel(lab_arch: str, lab_kernels: dict[str, LabKernel], tmp_path: Path) -> None:
     k = lab_kernels[lab_arch]
@@ -83,6 +104,7 @@ def test_cross_build_for_lab_kernel(lab_arch: str, lab_kernels: dict[str, LabKer
         assert m.modinfo.vermagic.split()[0] == k.release
         assert m.modinfo.get("name") == r.group.key.module
         assert "run:charp" in m.modinfo.fields["parmtype"]
+        check_renamed(m.data(), r.group.key.module)
     entries = sorted(p.name for p in (cache.root / k.debian_arch / k.release).iterdir())
     assert entries == sorted(f"{m.name}-{m.source_hash}" for m in MODULES)
     per_host = results_by_host(results)

@@ -28,6 +28,7 @@ from fleetprobe.build import (
     plan_builds,
     read_host_vermagic,
     verify_on_host,
+    with_module_name,
 )
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
@@ -247,6 +248,67 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
                               "(known MIPS single-step fault in the lab)")
             else:
                 assert oopses == 0, f"the kernel oopsed {oopses} time(s): see dmesg on {vm.name}"
+        finally:
+            await session.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("arch", LAB_ARCHES)
+def test_one_module_loaded_twice_under_run_names(arch: str, lab_vms: Any, tmp_path: Path) -> None:
+    """Two runs of the same module on one kernel at once (two operators): each under its own name.
+
+    with_module_name renames the built .ko per load; both copies must load side by
+    side, each with its own run parameter in /sys/module/<name>, both must see the
+    calls, and each must unload by its own name. A quiet function (user_statfs),
+    so the lab's MIPS single-step fault on hot functions stays out of the way.
+    """
+    vm = vm_for(lab_vms, arch)
+    runs = ["t" + secrets.token_hex(3) for _ in range(2)]
+    names = [f"fp_{r}_fork" for r in runs]
+
+    async def go() -> None:
+        """Load both copies, call statfs, unload both, read both runs' records."""
+        built = await build_for(vm, tmp_path)
+        ko = built["fp_kprobe"].data()
+        session = await vm_session(lab_vms, vm)
+        stream = await session.stream("exec cat /dev/kmsg")
+        cols = [KmsgCollector(vm.name, r) for r in runs]
+        try:
+            for n, r in zip(names, runs):
+                await session.put(with_module_name(ko, n), f"/tmp/{n}.ko")
+            script = "; ".join(
+                [f"insmod /tmp/{n}.ko run={r} probe=statfs symbol=user_statfs 2>&1 || echo insmod-failed"
+                 for n, r in zip(names, runs)]
+                + [f"echo {n}=$(cat /sys/module/{n}/parameters/run)" for n in names]
+                + ["for i in 1 2 3; do stat -f / >/dev/null; done"]
+                + [f"rmmod {n} || echo rmmod-failed" for n in names])
+            out = (await session.run(script, timeout=120)).stdout.decode(errors="replace")
+            assert "insmod-failed" not in out and "rmmod-failed" not in out, out
+            for n, r in zip(names, runs):
+                assert f"{n}={r}" in out.split(), out  # each kernel module is its own run's
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(c.status.get("statfs") and c.status["statfs"].unregistered
+                                                          for c in cols):
+                try:
+                    chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                if not chunk:
+                    break
+                for c in cols:
+                    c.feed(chunk)
+        finally:
+            stream.close()
+            await session.run("; ".join(f"rmmod {n} 2>/dev/null; rm -f /tmp/{n}.ko" for n in names) + "; true",
+                              timeout=60)
+        try:
+            for c in cols:
+                st = c.status.get("statfs")
+                assert st is not None and st.unregistered and st.planted_at.startswith("user_statfs+"), st
+                assert st.hits is not None and st.hits >= 3, st
+            left = (await session.run("cat /proc/modules; ls /tmp", timeout=60)).stdout.decode(errors="replace")
+            assert not any(n in left for n in names), left
         finally:
             await session.close()
 
