@@ -51,6 +51,7 @@ height:.8em;margin-right:.3em;vertical-align:-.05em}
 font-size:12px;max-width:40em;display:none;white-space:pre-wrap;z-index:9}
 .charts{display:flex;flex-wrap:wrap;gap:1.5em}.chart{flex:0 0 auto}
 td.heat{text-align:right;font-variant-numeric:tabular-nums;min-width:3em}
+#timeline{cursor:crosshair;user-select:none}#timeline rect.event.outside{display:none}
 """
 
 _JS = """
@@ -72,6 +73,83 @@ _JS = """
       Array.prototype.forEach.call(marks, function(m){ m.style.display = box.checked ? "" : "none"; });
     });
   });
+
+  // Timeline zoom: marks carry their time (data-t, s from the start) and clock uncertainty (data-e).
+  var svg = document.getElementById("timeline");
+  if (!svg) { return; }
+  var NS = "http://www.w3.org/2000/svg";
+  var x0 = +svg.getAttribute("data-x0"), pw = +svg.getAttribute("data-w");
+  var span = +svg.getAttribute("data-span"), top = +svg.getAttribute("data-top");
+  var bottom = +svg.getAttribute("data-bottom");
+  var marks = svg.querySelectorAll("rect.event"), ticks = document.getElementById("ticks");
+  var label = document.getElementById("zoom-label");
+  function niceTicks(lo, hi) {
+    var raw = (hi - lo) / 6, mag = Math.pow(10, Math.floor(Math.log10(raw))), step = 10 * mag;
+    [1, 2, 5, 10].some(function(m){ if (m * mag >= raw) { step = m * mag; return true; } return false; });
+    var out = [];
+    for (var t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) { out.push(t); }
+    return {ticks: out, digits: Math.max(0, -Math.floor(Math.log10(step)))};
+  }
+  function el(name, attrs, text) {
+    var e = document.createElementNS(NS, name);
+    Object.keys(attrs).forEach(function(k){ e.setAttribute(k, attrs[k]); });
+    if (text !== undefined) { e.textContent = text; }
+    return e;
+  }
+  function zoom(a, b) {
+    a = Math.max(0, a); b = Math.min(span, b);
+    if (!(b - a > 1e-7)) { a = 0; b = span; }
+    var k = pw / (b - a);
+    Array.prototype.forEach.call(marks, function(m){
+      var t = +m.getAttribute("data-t"), e = +m.getAttribute("data-e");
+      var w = Math.max(2, 2 * e * k), x = x0 + (t - a) * k - w / 2;
+      var out = t + e < a || t - e > b;
+      m.setAttribute("x", Math.max(x0, x).toFixed(2));
+      m.setAttribute("width", Math.max(0, Math.min(x + w, x0 + pw) - Math.max(x0, x)).toFixed(2));
+      m.classList.toggle("outside", out);
+    });
+    while (ticks.firstChild) { ticks.removeChild(ticks.firstChild); }
+    var nt = niceTicks(a, b);
+    nt.ticks.forEach(function(t){
+      var x = (x0 + (t - a) * k).toFixed(1);
+      ticks.appendChild(el("line", {x1: x, y1: top - 10, x2: x, y2: bottom, stroke: "#eee"}));
+      ticks.appendChild(el("text", {x: x, y: top - 12, "text-anchor": "middle"}, "+" + t.toFixed(nt.digits) + "s"));
+    });
+    var whole = a === 0 && b === span;
+    label.textContent = whole ? "" : "showing +" + a.toFixed(6) + "s to +" + b.toFixed(6) + "s";
+    if (history.replaceState) {
+      history.replaceState(null, "", whole ? location.pathname + location.search
+                                           : "#t=" + a.toFixed(6) + "-" + b.toFixed(6));
+    }
+    view = [a, b];
+  }
+  var view = [0, span], drag = null, band = el("rect", {y: top - 6, height: bottom - top + 6,
+                                                    fill: "#0969da", "fill-opacity": "0.15"});
+  function timeAt(evt) {
+    var r = svg.getBoundingClientRect(), x = (evt.clientX - r.left) * (+svg.getAttribute("width") / r.width);
+    return {x: Math.min(Math.max(x, x0), x0 + pw),
+            t: view[0] + (Math.min(Math.max(x, x0), x0 + pw) - x0) * (view[1] - view[0]) / pw};
+  }
+  svg.addEventListener("mousedown", function(evt){
+    drag = timeAt(evt); band.setAttribute("x", drag.x); band.setAttribute("width", 0); svg.appendChild(band);
+    evt.preventDefault();
+  });
+  svg.addEventListener("mousemove", function(evt){
+    if (!drag) { return; }
+    var p = timeAt(evt);
+    band.setAttribute("x", Math.min(p.x, drag.x)); band.setAttribute("width", Math.abs(p.x - drag.x));
+  });
+  window.addEventListener("mouseup", function(evt){
+    if (!drag) { return; }
+    var p = timeAt(evt), a = Math.min(p.t, drag.t), b = Math.max(p.t, drag.t);
+    if (band.parentNode) { band.parentNode.removeChild(band); }
+    if (Math.abs(p.x - drag.x) >= 4) { zoom(a, b); }
+    drag = null;
+  });
+  svg.addEventListener("dblclick", function(){ zoom(0, span); });
+  document.getElementById("zoom-reset").addEventListener("click", function(){ zoom(0, span); });
+  var m = /^#t=([0-9.]+)-([0-9.]+)$/.exec(location.hash);
+  if (m) { zoom(parseFloat(m[1]), parseFloat(m[2])); }
 })();
 """
 
@@ -245,12 +323,14 @@ def _timeline(report: FleetReport, colours: dict[str, str]) -> str:
     def x_of(t: float) -> float:
         return label_w + plot_w * (t - t0) / (t1 - t0)
 
-    parts = [f"<g class='axis'><line x1='{label_w}' y1='{top - 6}' x2='{width - right}' y2='{top - 6}'/>"]
+    parts = [f"<g class='axis'><line x1='{label_w}' y1='{top - 6}' x2='{width - right}' y2='{top - 6}'/><g id='ticks'>"]
     for tick in _nice_ticks(0.0, t1 - t0):
         x = x_of(t0 + tick)
         parts.append(f"<line x1='{x:.1f}' y1='{top - 10}' x2='{x:.1f}' y2='{height - bottom}' stroke='#eee'/>"
                      f"<text x='{x:.1f}' y='{top - 12}' text-anchor='middle'>+{tick:g}s</text>")
-    parts.append(f"<text x='{label_w}' y='{height - 8}'>{_e(_utc(t0))} (controller clock, UTC)</text>"
+    parts.append(f"</g><text x='{label_w}' y='{height - 8}'>{_e(_utc(t0))} (controller clock, UTC)</text>"
+                 f"<text id='zoom-label' x='{(label_w + width - right) / 2:.0f}' y='{height - 8}' "
+                 "text-anchor='middle'></text>"
                  f"<text x='{width - right}' y='{height - 8}' text-anchor='end'>{_e(_utc(t1))}</text></g>")
     for i, host in enumerate(shown):
         y = top + i * lane_h
@@ -271,7 +351,8 @@ def _timeline(report: FleetReport, colours: dict[str, str]) -> str:
             tip = (f"{host} {_utc(t)} ± {err * 1e3:.2f} ms\n{ev.get('probe')} comm={ev.get('comm')} "
                    f"pid={ev.get('pid')} cpu={ev.get('cpu')}" + (f"\n{fields}" if fields else ""))
             probe = str(ev.get("probe"))
-            parts.append(f"<rect class='event' data-probe='{_e(probe)}' x='{(x_lo + x_hi - w) / 2:.2f}' "
+            parts.append(f"<rect class='event' data-probe='{_e(probe)}' data-t='{t - t0:.6f}' data-e='{err:.6f}' "
+                         f"x='{(x_lo + x_hi - w) / 2:.2f}' "
                          f"y='{y + 3}' width='{w:.2f}' height='{lane_h - 8}' fill='{colours.get(probe, '#555')}' "
                          f"fill-opacity='0.75' data-tip='{_e(tip)}'/>")
         parts.append("</g>")
@@ -281,8 +362,12 @@ def _timeline(report: FleetReport, colours: dict[str, str]) -> str:
     sampled = sum(len(events[h]) for h in shown)
     seen = sum(report.aggregate.hosts[h].sample.seen for h in shown)
     return (f"<div class='legend'>{legend}</div>"
-            f"<svg id='timeline' width='{width}' height='{height}' role='img' "
-            f"aria-label='fleet timeline'>{''.join(parts)}</svg>{more}"
+            f"<svg id='timeline' width='{width}' height='{height}' role='img' aria-label='fleet timeline' "
+            f"data-x0='{label_w}' data-w='{plot_w}' data-span='{t1 - t0:.6f}' data-top='{top}' "
+            f"data-bottom='{height - bottom}'>{''.join(parts)}</svg>{more}"
+            "<p class='small'>Drag across the timeline to zoom into a time window; double-click or "
+            "<button type='button' id='zoom-reset'>show all</button> to see the whole run. The window is kept "
+            "in the address (<code>#t=FROM-TO</code>, seconds from the start) so a link opens it.</p>"
             f"<p class='small'>{sampled} of {seen} events drawn (each host's first events and a uniform "
             "sample of the rest). Each mark is as wide as the host's clock uncertainty: events on two hosts "
             "are ordered only where their marks do not overlap.</p>")

@@ -132,3 +132,36 @@ def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
     messages = "\n".join(console_messages(r.stderr))
     assert "nosuchfunction is not defined" in messages
     assert "Content Security Policy" in messages
+
+
+@needs_chromium
+def test_timeline_opens_zoomed_to_the_window_in_the_link(tmp_path: Path) -> None:
+    """#t=FROM-TO: marks outside the window are hidden, the rest spread over the plot, new ticks."""
+    path = tmp_path / "report.html"
+    write_html(_report(), path)
+    page = path.read_text()
+    svg = re.search(r"<svg id='timeline'[^>]*data-x0='(\d+)' data-w='(\d+)' data-span='([0-9.]+)'", page)
+    assert svg is not None
+    x0, pw, span = int(svg[1]), int(svg[2]), float(svg[3])
+    marks = [(float(t), float(e)) for t, e in re.findall(r"class='event' data-probe='[^']*' data-t='([0-9.]+)' "
+                                                          r"data-e='([0-9.]+)'", page)]
+    ts = sorted(t for t, _ in marks)
+    a, b = ts[len(ts) // 4], ts[len(ts) // 2]  # a window holding about a quarter of the marks
+    assert 0 < a < b < span
+    r = chromium(["--dump-dom"], path.as_uri() + f"#t={a:.6f}-{b:.6f}", tmp_path)
+    assert r.returncode == 0 and console_messages(r.stderr) == [], r.stderr[-2000:]
+    dom = r.stdout
+    drawn = re.findall(r'<rect class="event( outside)?" data-probe="[^"]*" data-t="([0-9.]+)" data-e="([0-9.]+)" '
+                       r'x="([0-9.]+)" y="[0-9.]+" width="([0-9.]+)"', dom)
+    assert len(drawn) == len(marks)
+    inside = [(float(t), float(x), float(w)) for out, t, e, x, w in drawn if not out]
+    outside = [(float(t), float(e)) for out, t, e, x, w in drawn if out]
+    expected_in = [t for t, e in marks if not (t + e < a or t - e > b)]
+    assert len(inside) == len(expected_in) and 0 < len(inside) < len(marks)
+    assert all(t + e < a or t - e > b for t, e in outside)
+    for t, x, w in inside:
+        assert x0 - 0.01 <= x and x + w <= x0 + pw + 0.01
+    # Zoomed in, the same marks spread further apart than on the whole-run axis.
+    xs = sorted(x for _, x, _ in inside)
+    assert xs[-1] - xs[0] > (max(expected_in) - min(expected_in)) / span * pw * 1.5
+    assert f"showing +{a:.6f}s to +{b:.6f}s" in dom
