@@ -6,10 +6,12 @@ Starts ``--servers`` simulated-host processes (bench/simhost.py: asyncssh
 servers, one logical host per port on 127.0.0.1) and, on the same hosts,
 interleaved round by round, runs each client as its own child process:
 
-  fp-run      fleetprobe run_playbook(execsnoop, 1 s): connect, facts, plan, runner
-              (3 clock pings, plan, --lines trace lines, stop/teardown protocol), close
+  fp-run      fleetprobe run_playbook(execsnoop, 1 s): connect, runner channel (facts, then
+              one clock ping with the plan, --lines trace lines, stop/teardown protocol), close
   fp-facts    fleetprobe facts_fleet: connect, facts script, parse, close
-  asyncssh    bare asyncssh: connect, one command, close
+  asyncssh    bare asyncssh: connect, one command, close (asyncssh's default ciphers)
+  asyncssh-gcm  the same with fleetprobe's cipher preference (transport.PREFERRED_CIPHERS):
+              fleetprobe's overhead over the library on equal terms
   pssh        parallel-ssh (libssh2) run_command + join
   openssh     OpenSSH ssh processes under xargs -P FORKS
   ansible     ansible all -m raw (ControlMaster off: no persistent masters left behind)
@@ -17,7 +19,8 @@ interleaved round by round, runs each client as its own child process:
 Peers run ``uname -m; cat /proc/version``.  Controller CPU and peak RSS come
 from wait4() on the client's process, so they include its children (ssh
 processes) and exclude the simulated hosts.  Python clients also report the
-CPU of the measured section alone (without interpreter start-up and imports).
+CPU of the measured section alone (without interpreter start-up and imports: each client's
+modules are imported before its section starts).
 The simulated hosts count connections per port: fleetprobe must use exactly one.
 Keys, known_hosts and HOME are throwaway (never ~/.ssh).  Every server
 process started here is stopped on exit.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import resource
@@ -47,7 +51,7 @@ ROOT = BENCH.parent
 PEERS_VENV = Path(os.environ.get("FP_BENCH_PEERS", "/tmp/fp-bench/peers"))
 COMMAND = "uname -m; cat /proc/version"
 FIRST_PORT = 21000
-ALL_KINDS = ("fp-run", "fp-facts", "asyncssh", "pssh", "openssh", "ansible")
+ALL_KINDS = ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh", "openssh", "ansible")
 
 
 # --- simulated hosts ------------------------------------------------------------------------
@@ -193,19 +197,23 @@ class StartRecorder:
 async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one Python client against the spec's hosts; its own figures."""
     forks = spec["forks"]
-    if kind == "asyncssh":
+    if kind in ("asyncssh", "asyncssh-gcm"):
         sem = asyncio.Semaphore(forks)
         ok = 0
         # The cheapest careful asyncssh: key and known_hosts loaded once, not per connection.
         known = asyncssh.read_known_hosts(spec["known_hosts"])
         keys = asyncssh.load_keypairs([spec["key"]])
+        extra: dict[str, Any] = {}
+        if kind == "asyncssh-gcm":
+            from fleetprobe.transport import PREFERRED_CIPHERS
+            extra["encryption_algs"] = PREFERRED_CIPHERS
 
         async def one(port: int) -> None:
             nonlocal ok
             async with sem:
                 async with asyncssh.connect("127.0.0.1", port, username="root", client_keys=keys,
                                             known_hosts=known, config=[],
-                                            agent_path=None) as conn:
+                                            agent_path=None, **extra) as conn:
                     r = await conn.run(COMMAND, check=False, encoding=None)
                     ok += r.exit_status == 0 and b"x86_64" in (r.stdout or b"")
 
@@ -232,9 +240,17 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(kind)
 
 
+#: What each Python client imports before its measured section starts.
+PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"), "fp-facts": ("fleetprobe.orchestrate",),
+           "asyncssh-gcm": ("fleetprobe.transport",)}
+
+
 def client_main(kind: str, spec_path: str) -> int:
     """Child-process entry: run the client, print one JSON line of in-process figures."""
     spec = json.loads(Path(spec_path).read_text())
+    # Imports are start-up, not the section (asyncssh itself is imported at the top of this file).
+    for module in PRELOAD.get(kind, ()):
+        importlib.import_module(module)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
     res = asyncio.run(_client_async(kind, spec))
@@ -297,7 +313,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     ssh_opts = ["-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={kh}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ControlMaster=no",
                 "-o", "LogLevel=ERROR"]
-    if kind in ("fp-run", "fp-facts", "asyncssh"):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm"):
         env["PYTHONPATH"] = str(ROOT)
         cmd = [sys.executable, str(BENCH / "fanout.py"), "--client", kind, str(spec_path)]
     elif kind == "pssh":
@@ -328,7 +344,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     text = stdout_path.read_text(errors="replace")
     detail: dict[str, Any] = {"exit": status}
     section = None
-    if kind in ("fp-run", "fp-facts", "asyncssh", "pssh"):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh"):
         try:
             detail.update(json.loads(text.strip().splitlines()[-1]))
             ok = int(detail.get("ok", 0))
@@ -358,12 +374,18 @@ def _median(values: list[float]) -> float:
 
 
 def report(results: list[Measure], kinds: list[str]) -> str:
-    """A Markdown table: medians over rounds per (size, client), ratios against fp-run."""
+    """A Markdown table: medians over rounds per (size, client), ratios against fp-run.
+
+    The ratios: fp-run's process CPU over this client's, and (Python clients) fp-run's section
+    CPU over this client's section CPU.
+    """
     lines = ["| hosts | client | rounds | wall s | hosts/s | CPU ms/host (process) | CPU ms/host (section) "
-             "| peak RSS MiB | ok | conns/host (min-max) | fp-run CPU / this |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MiB | ok | conns/host (min-max) | fp-run CPU / this (process) | (section) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted({m.hosts for m in results}):
         fp = [m.cpu / n for m in results if m.hosts == n and m.kind == "fp-run"]
+        fp_sec = [m.section_cpu / n for m in results
+                  if m.hosts == n and m.kind == "fp-run" and m.section_cpu is not None]
         for kind in kinds:
             ms = [m for m in results if m.hosts == n and m.kind == kind]
             if not ms:
@@ -372,11 +394,13 @@ def report(results: list[Measure], kinds: list[str]) -> str:
             sec = [m.section_cpu / n * 1000 for m in ms if m.section_cpu is not None]
             wall = _median([m.wall for m in ms])
             ratio = (_median(fp) * 1000 / cpu) if fp and cpu else float("nan")
+            sec_ratio = (_median(fp_sec) * 1000 / _median(sec)) if fp_sec and sec else float("nan")
             lines.append(
                 f"| {n} | {kind} | {len(ms)} | {wall:.1f} | {n / wall:.0f} | {cpu:.2f} | "
                 f"{_median(sec):.2f} | {max(m.rss_mib for m in ms):.0f} | "
                 f"{min(m.ok for m in ms)}/{n} | {min(m.server['conn_min'] for m in ms)}-"
-                f"{max(m.server['conn_max'] for m in ms)} | {ratio:.2f} |")
+                f"{max(m.server['conn_max'] for m in ms)} | {ratio:.2f} | "
+                f"{'-' if sec_ratio != sec_ratio else f'{sec_ratio:.2f}'} |")
     return "\n".join(lines)
 
 

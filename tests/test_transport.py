@@ -129,6 +129,30 @@ def test_session_run_stream_put_get(sim: SimFleet, tmp_path: Path) -> None:
     assert sim.hosts[0].connections == 1
 
 
+def test_cipher_preference_and_an_ssh_config_that_names_ciphers(sim: SimFleet, tmp_path: Path) -> None:
+    """AES-GCM by default (cheaper per packet for the controller); an OpenSSH config's Ciphers wins; None: asyncssh's."""
+    sim.add("a")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n  Ciphers aes256-ctr\n")
+    plain = tmp_path / "ssh_config_plain"
+    plain.write_text("Host *\n  ServerAliveInterval 5\n")
+
+    async def cipher(opts: SSHOptions) -> str:
+        s = await connect(sim_host(sim, "a", kh), opts)
+        try:
+            return str(s._conn.get_extra_info("send_cipher"))
+        finally:
+            await s.close()
+
+    async def go() -> list[str]:
+        return [await cipher(options()), await cipher(options(ssh_config=(str(plain),))),
+                await cipher(options(ssh_config=(str(config),))), await cipher(options(ciphers=None))]
+
+    assert asyncio.run(go()) == ["aes128-gcm@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr",
+                                 "chacha20-poly1305@openssh.com"]
+
+
 def test_connect_errors_are_translated(sim: SimFleet, tmp_path: Path) -> None:
     """Auth failure, refused port, changed key: one TransportError each, with a message that says what to do."""
     sim.add("ok")
