@@ -12,11 +12,11 @@ that saw it.  Shards (bastions, stored runs) must therefore partition hosts:
 :meth:`FleetAggregate.merge` refuses two aggregates that both finished the
 same host.
 
-Hot path: :meth:`FleetAggregate.add_rows` takes a chunk's already-split rows
-from the stream and counts each distinct argument text once (``Counter`` over
-the batch); the text is parsed into field values only when the host is folded
-(or its cache fills), so parsing costs scale with distinct values, not with
-events.
+Hot path: :meth:`FleetAggregate.add_batch` takes a chunk's event rows from
+the stream, still the strings the kernel printed, and counts each distinct
+argument text once (``Counter`` over the batch); the text is parsed into
+field values only when the host is folded (or its cache fills), so parsing
+costs scale with distinct values, not with events.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import math
 import random
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from operator import itemgetter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import add, itemgetter, mul, sub
 from typing import Any
 
 from fleetprobe.errors import InputError
 from fleetprobe.outcome import HostOutcome
-from fleetprobe.parse import Row, TraceEvent, parse_fields
+from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_args, split_event
 
 SCHEMA_VERSION = 1
 #: Distinct argument texts counted per (host, probe) before they are parsed into field tables.
@@ -48,8 +49,11 @@ BUCKETS = 64
 SAMPLE_FIRST = 20
 SAMPLE_RESERVOIR = 20
 COMM_FIELD = "comm"
-_NAME_ARGS = itemgetter(5, 6)
-_NAME_COMM = itemgetter(5, 0)
+# Columns of a parse.Row.
+_COMM = itemgetter(0)
+_PID = itemgetter(1)
+_TS = itemgetter(3)
+_EVENT_TEXT = itemgetter(4)
 # A host part's comm table once it outgrew a plain dict (not a field name the kernel can print).
 _SPILLED_COMMS = "\0comm"
 
@@ -81,6 +85,16 @@ class TopValues:
         self.total += n
         if len(self.counts) > self.cap:
             self.prune(self.cap // 2)
+
+    def add_all(self, values: Iterable[tuple[Value, int]]) -> None:
+        """:meth:`add` each (value, n) in turn, without a call per value."""
+        counts, cap = self.counts, self.cap
+        for value, n in values:
+            counts[value] = counts.get(value, 0) + n
+            self.total += n
+            if len(counts) > cap:
+                self.prune(cap // 2)
+                counts = self.counts
 
     def prune(self, keep: int) -> None:
         """Keep at most ``keep`` values: subtract the (keep+1)-th largest count from all (Misra-Gries)."""
@@ -220,14 +234,28 @@ class _ProbeState:
         self.latency: Latency | None = None
 
     def flush_args(self, cap: int) -> None:
-        """Parse each distinct argument text once and count its values into the field tables."""
+        """Parse each distinct argument text once and count its values into the field tables.
+
+        A value printed the same way twice (a pid in ``pid=`` and ``old_pid=``,
+        a file name) is converted once per flush; each table then takes its
+        values in argument-text order, as if added one by one.
+        """
+        converted: dict[str, Value] = {}
+        by_field: dict[str, list[tuple[Value, int]]] = {}
         for args, n in self.args.items():
-            _, values = parse_fields(args)
-            for name, value in values.items():
-                table = self.fields.get(name)
-                if table is None:
-                    table = self.fields[name] = TopValues(cap)
-                table.add(value, n)
+            for name, text in split_args(args)[1].items():
+                value = converted.get(text)
+                if value is None:
+                    value = converted[text] = parse_value(text)
+                values = by_field.get(name)
+                if values is None:
+                    values = by_field[name] = []
+                values.append((value, n))
+        for name, values in by_field.items():
+            table = self.fields.get(name)
+            if table is None:
+                table = self.fields[name] = TopValues(cap)
+            table.add_all(values)
         self.args = {}
 
 
@@ -433,69 +461,57 @@ class FleetAggregate:
         if smp.seen >= smp.next_pick:
             smp.offer(part.rng, _sample_dict(host, probe, trace_ts, time, cpu, pid, comm, args))
 
-    def add_rows(self, host: str, rows: list[Row], names: Mapping[str, str], slope: float = 1.0,
-                 intercept: float = 0.0) -> None:
-        """Count a batch of one host's event rows from :class:`~fleetprobe.parse.TraceStream` (the hot path).
+    def add_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
+        """Count a batch of one host's events from :class:`~fleetprobe.parse.TraceStream` (the hot path).
 
-        Same result as :meth:`add_line` per row, but hits, argument texts and
-        comms are counted with ``Counter`` over the batch (C speed), and only
-        paired probes, the sample and the time span look at single rows.
-        ``slope``/``intercept`` map trace time to controller time for this batch.
+        Same result as :meth:`add_line` per row, counted column by column:
+        hits come with the batch, argument texts and comms are counted with
+        ``Counter`` (C speed), each distinct event text is split once, and
+        only entry/return pairing and the sample look at single rows.
+        ``probes`` maps the batch's trace event names to probe names.
         """
+        rows = batch.rows
         if not rows:
             return
         part = self._parts.get(host)
         if part is None:
             part = self._parts[host] = _HostPart(host, self.part_cap)
-        probes = part.probes
         states: dict[str, _ProbeState] = {}
-        for (name, args), n in Counter(map(_NAME_ARGS, rows)).items():
-            st = states.get(name)
-            if st is None:
-                probe = names[name]
-                st = states[name] = probes.get(probe) or self._state(part, probe)
+        for name, n in batch.counts.items():
+            probe = probes[name]
+            st = states[name] = part.probes.get(probe) or self._state(part, probe)
             st.hits += n
+        # Distinct (name, args) in order of first appearance (texts differing
+        # only in the separator after the name are the same pair).
+        texts: dict[tuple[str, str], int] = {}
+        for text, n in Counter(map(_EVENT_TEXT, rows)).items():
+            key = split_event(text)
+            texts[key] = texts.get(key, 0) + n
+        for (name, args), n in texts.items():
             if args:
+                st = states[name]
                 a = st.args
                 a[args] = a.get(args, 0) + n
                 if len(a) > ARGS_CACHE:
                     st.flush_args(part.cap)
-        for (name, comm), n in Counter(map(_NAME_COMM, rows)).items():
+        if len(states) == 1:
+            # One probe in the batch (a busy tracepoint): count comms alone, no (name, comm) pairs.
+            only = next(iter(states))
+            by_comm = [((only, comm), n) for comm, n in Counter(map(_COMM, rows)).items()]
+        else:
+            by_comm = list(Counter(zip(batch.names, map(_COMM, rows))).items())
+        for (name, comm), n in by_comm:
             st = states[name]
             c = st.comms
             c[comm] = c.get(comm, 0) + n
             if len(c) > part.cap:
                 _prune_counts(st, part.cap)
-        entries = {name: st.pending for name, st in states.items() if st.pending is not None}
-        returns = {name: (st.entry_pending, st.latency) for name, st in states.items()
-                   if st.entry_pending is not None and st.latency is not None}
-        if entries or returns:
-            cap = self.pending_cap
-            # pid and timestamp stay strings until a pair completes: most
-            # entries cost one dict store, and only pairs pay for float().
-            for row in rows:
-                name = row[5]
-                pend = entries.get(name)
-                if pend is not None:
-                    pid = row[1]
-                    if len(pend) >= cap and pid not in pend:
-                        del pend[next(iter(pend))]
-                        self._evicted(part, names[name])
-                    pend[pid] = row[4]
-                    continue
-                ret = returns.get(name)
-                if ret is None:
-                    continue
-                t0 = ret[0].pop(row[1], None)
-                lat = ret[1]
-                if t0 is None:
-                    lat.unmatched += 1
-                else:
-                    ns = int((float(row[4]) - float(t0)) * 1e9 + 0.5)
-                    lat.buckets[min(ns.bit_length(), BUCKETS - 1) if ns > 0 else 0] += 1
+        if any(st.pending is not None or st.latency is not None for st in states.values()):
+            self._pair(part, batch, probes, states)
         # trace_pipe is merged by timestamp, but check both ends anyway (cheap: two rows).
+        slope, intercept = batch.slope, batch.intercept
         for row in (rows[0], rows[-1]):
-            t = float(row[4]) * slope + intercept
+            t = float(row[3]) * slope + intercept
             if t > part.last_time:
                 part.last_time = t
             if t < part.first_time:
@@ -504,12 +520,48 @@ class FleetAggregate:
         before = smp.seen
         end = before + len(rows)
         while smp.next_pick <= end:
-            comm, pid_s, cpu_s, _flags, ts_s, name, args = rows[smp.next_pick - before - 1]
+            i = smp.next_pick - before - 1
+            comm, pid_s, cpu_s, ts_s, text = rows[i]
             trace_ts = float(ts_s)
             smp.seen = smp.next_pick
-            smp.offer(part.rng, _sample_dict(host, names[name], trace_ts, trace_ts * slope + intercept,
-                                             int(cpu_s), int(pid_s), comm, args))
+            smp.offer(part.rng, _sample_dict(host, probes[batch.names[i]], trace_ts, trace_ts * slope + intercept,
+                                             int(cpu_s), int(pid_s), comm, split_event(text)[1]))
         smp.seen = end
+
+    def _pair(self, part: _HostPart, batch: EventBatch, probes: Mapping[str, str],
+              states: Mapping[str, _ProbeState]) -> None:
+        """Pair a batch's return rows with their entries (in row order) and bucket the durations.
+
+        pid and timestamp stay strings until a pair completes: an entry costs
+        one dict store; the durations of the batch's pairs are computed in one
+        go at the end, with the same float arithmetic as :meth:`add_line`.
+        """
+        entries = {name: st.pending for name, st in states.items() if st.pending is not None}
+        # A probe that is an entry of one pair and the return of another stays an entry.
+        returns: dict[str, tuple[Callable[[str, None], str | None], list[str], list[str], Latency]] = {
+            name: (st.entry_pending.pop, [], [], st.latency) for name, st in states.items()
+            if st.entry_pending is not None and st.latency is not None and name not in entries}
+        cap = self.pending_cap
+        for name, pid, ts in zip(batch.names, map(_PID, batch.rows), map(_TS, batch.rows)):
+            pend = entries.get(name)
+            if pend is not None:
+                if len(pend) >= cap and pid not in pend:
+                    del pend[next(iter(pend))]
+                    self._evicted(part, probes[name])
+                pend[pid] = ts
+                continue
+            ret = returns.get(name)
+            if ret is None:
+                continue
+            t0 = ret[0](pid, None)
+            if t0 is None:
+                ret[3].unmatched += 1
+            else:
+                ret[1].append(t0)
+                ret[2].append(ts)
+        for _pop, starts, ends, latency in returns.values():
+            if starts:
+                _add_durations(latency, starts, ends)
 
     def _evicted(self, part: _HostPart, entry_probe: str) -> None:
         """Count an entry dropped from a full pending table against every return probe pairing with it."""
@@ -704,6 +756,30 @@ def _prune_counts(st: _ProbeState, cap: int) -> None:
     for comm, n in st.comms.items():
         table.add(comm, n)
     st.comms = {}
+
+
+def _add_durations(latency: Latency, starts: list[str], ends: list[str]) -> None:
+    """Bucket the durations of paired (entry, return) timestamps as printed, all at once.
+
+    Each is ``int((float(end) - float(start)) * 1e9 + 0.5)`` ns, as in
+    :meth:`FleetAggregate.add_line`; ``map`` over C functions instead of a loop.
+    A duration that is not a finite number (a timestamp of hundreds of
+    digits) cannot be placed and counts as unmatched.
+    """
+    try:
+        durations = map(int, map(add, map(mul, map(sub, map(float, ends), map(float, starts)), repeat(1e9)),
+                                 repeat(0.5)))
+        buckets = Counter(map(int.bit_length, map(max, durations, repeat(0))))
+    except (OverflowError, ValueError):
+        buckets = Counter()
+        for start, end in zip(starts, ends):
+            ns = (float(end) - float(start)) * 1e9 + 0.5
+            if math.isfinite(ns):
+                buckets[max(int(ns), 0).bit_length()] += 1
+            else:
+                latency.unmatched += 1
+    for b, n in buckets.items():
+        latency.buckets[min(b, BUCKETS - 1)] += n
 
 
 def _sample_dict(host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,

@@ -32,7 +32,7 @@ from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
-from .parse import LineSink, Row, TraceEvent, TraceStream
+from .parse import EventBatch, LineSink, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host
 from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
@@ -118,25 +118,23 @@ class _HostCap:
         self.counts: Counter[str] = Counter()
         self.written = 0
 
-    def add_rows(self, host: str, rows: list[Row], names: Mapping[str, str], slope: float = 1.0,
-                 intercept: float = 0.0) -> None:
+    def add_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
         """Count and forward a batch, cut at the cap."""
-        room = self.cap - self.accepted
-        if len(rows) > room:
-            self.capped += len(rows) - max(room, 0)
-            rows = rows[:max(room, 0)]
-        if not rows:
+        room = max(self.cap - self.accepted, 0)
+        if len(batch) > room:
+            self.capped += len(batch) - room
+            batch = batch.head(room)
+        if not len(batch):
             return
-        self.accepted += len(rows)
-        self.counts.update(names[r[5]] for r in rows)
-        batch = getattr(self.aggregate, "add_rows", None)
-        if batch is not None:
-            batch(host, rows, names, slope, intercept)
+        self.accepted += len(batch)
+        for name, n in batch.counts.items():
+            self.counts[probes[name]] += n
+        add_batch = getattr(self.aggregate, "add_batch", None)
+        if add_batch is not None:
+            add_batch(host, batch, probes)
         else:
-            for comm, pid, cpu, _flags, ts_s, name, args in rows:
-                ts = float(ts_s)
-                self.aggregate.add_line(host, names[name], ts, ts * slope + intercept, int(cpu), int(pid),
-                                        comm, args)
+            for event in batch.events(probes):
+                self.aggregate.add_line(host, *event)
 
     def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
                  comm: str, args: str) -> None:

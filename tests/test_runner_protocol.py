@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.facts import Facts, facts_args, parse_facts
-from fleetprobe.parse import CONTROL_PREFIX, TraceStream
+from fleetprobe.parse import CONTROL_PREFIX, EventBatch, TraceStream
 from fleetprobe.plan import HostPlan, plan_host
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
@@ -85,8 +85,8 @@ def test_captured_stream_through_trace_stream() -> None:
         def add_line(self, host: str, probe: str, *rest: object) -> None:
             seen.append(probe)
 
-        def add_rows(self, host: str, rows: list[tuple[str, ...]], names: dict[str, str], *rest: object) -> None:
-            seen.extend(names[r[5]] for r in rows if r[5] in names)
+        def add_batch(self, host: str, batch: EventBatch, probes: dict[str, str]) -> None:
+            seen.extend(probes[name] for name in batch.names)
 
     stream = TraceStream("ctl", names, aggregate=Rows(), on_control=rep.handle)
     data = (RUNNER / "tracepoint-uprobe-dash.out").read_bytes()
