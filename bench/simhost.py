@@ -13,15 +13,16 @@ controller, not sshd (OpenSSH's sshd spends ~33 ms CPU per connection: PERF-NOTE
   output captured on this machine (bench/data/facts-x86_64-6.18.txt) with a
   fresh realtime line;
 * fleetprobe's runner (``fleetprobe-runner``) -> the runner protocol: with
-  ``facts`` arguments first the same facts output, then answers ``ping`` with
-  ``@@fp pong``, reads the plan up to ``go`` (EOF before it: exits quietly),
-  says hello/started, writes one fpsync marker, streams M trace_pipe lines of
-  the enabled events (``--flood``: as fast as the channel takes them, until M
-  lines), then ends with stopping/stats/clean/bye on ``stop``, stdin EOF or the
-  plan's duration.  It writes its control lines in the groups runner.sh writes
-  them (each write is a packet the controller decrypts): hello with the kernel
-  counts; what was placed with the start stats; the marker; started; the trace
-  lines; stopping with the end stats; clean with bye;
+  ``facts`` arguments first the same facts output, then reads the plan up to
+  ``go`` (a ``ping`` stamped on arrival; EOF before ``go``: exits quietly),
+  answers the ping and says hello/placed/started, writes one fpsync marker,
+  streams M trace_pipe lines of the enabled events (``--flood``: as fast as the
+  channel takes them, until M lines), then ends with stopping/stats/clean/bye on
+  ``stop``, stdin EOF or the plan's duration.  It writes its control lines in the
+  groups runner.sh writes them (each write is a packet the controller decrypts):
+  pong, hello, kernel counts, what was placed, start stats and started in one;
+  the marker (through the trace reader); the trace lines; stopping with the end
+  stats; clean with bye;
 * anything else (the peers' ``uname -m; cat /proc/version``) -> canned output.
 
 Control on stdin, one word a line, answered with one JSON line on stdout:
@@ -154,6 +155,7 @@ class SimHost:
         placed: list[str] = []
         duration = 10.0
         sweep_only = False
+        ping_rx = ""
         while True:
             raw = await process.stdin.readline()
             if not raw:
@@ -165,7 +167,7 @@ class SimHost:
             if words[0] == "go":
                 break
             if words[0] == "ping":
-                out.write(f"@@fp pong {time.time():.9f}\n".encode())
+                ping_rx = f"{time.time():.9f}"
             elif words[0] == "duration":
                 duration = float(words[1])
             elif words[0] == "enable":
@@ -179,12 +181,13 @@ class SimHost:
             out.write(b"@@fp sweep done\n")
             process.exit(0)
             return
-        out.write(f"@@fp hello pid={os.getpid()}\n@@fp kernel start oops=0 warn=0 taint=0\n".encode())
-        out.write("".join(f"@@fp placed {d}\n" for d in placed).encode()
-                  + b"@@fp stats start cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n")
+        pong = f"@@fp pong {ping_rx} {time.time():.9f}\n" if ping_rx else ""
+        out.write(f"{pong}@@fp hello pid={os.getpid()}\n@@fp kernel start oops=0 warn=0 taint=0\n".encode()
+                  + "".join(f"@@fp placed {d}\n" for d in placed).encode()
+                  + b"@@fp stats start cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n"
+                  + f"@@fp started enabled={len(events)} modules= duration={int(duration)}\n".encode())
         out.write(f"      fleetprobe-1       [000] .....    99.000000: tracing_mark_write: fpsync "
                   f"{time.time():.9f}\n".encode())
-        out.write(f"@@fp started enabled={len(events)} modules= duration={int(duration)}\n".encode())
         stop = asyncio.Event()
 
         async def watch_stdin() -> None:

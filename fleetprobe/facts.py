@@ -58,6 +58,8 @@ class Facts:
     ``features`` holds what the tracefs README advertises: ``arg_n``
     (``$arg<N>``), ``ustring``, ``symstr``, ``return_suffix`` (``%return``),
     ``user_deref`` (``+u<off>``), ``btf_args``, ``hist``, ``eprobe``.
+    ``oops_count``/``warn_count``: the kernel's counts when the facts were taken
+    (None before Linux 6.2), the baseline of a run whose runner dies early.
     """
 
     host: str
@@ -87,6 +89,8 @@ class Facts:
     cc: str | None = None
     leftovers: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    oops_count: int | None = None
+    warn_count: int | None = None
 
     @property
     def can_build_modules(self) -> bool:
@@ -115,6 +119,7 @@ class Facts:
             "files": {k: {"exists": v.exists, "size": v.size, "md5": v.md5} for k, v in self.files.items()},
             "build_dir": self.build_dir, "make": self.make, "cc": self.cc,
             "leftovers": list(self.leftovers), "problems": list(self.problems),
+            "oops_count": self.oops_count, "warn_count": self.warn_count,
         }
 
     @classmethod
@@ -194,7 +199,12 @@ _README_FEATURES = {
 
 def readme_features(readme: list[str]) -> frozenset[str]:
     """Features advertised by a tracefs README."""
-    text = "\n".join(readme)
+    return _features_in("\n".join(readme))
+
+
+@functools.lru_cache(maxsize=64)
+def _features_in(text: str) -> frozenset[str]:
+    """readme_features of one README text, searched once per run: a fleet's hosts share a few kernels."""
     return frozenset(k for k, needle in _README_FEATURES.items() if needle in text)
 
 
@@ -272,6 +282,8 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
                                         size=int(parts[1]) if parts[1].isdigit() else 0,
                                         md5="" if parts[2] == "-" else parts[2])
     build = dict(line.split(" ", 1) for line in s.get("build", []) if " " in line)
+    counts = [int(line) for line in s.get("kernel_counts", []) if line.strip().isdigit()]
+    oops, warn = (counts[0], counts[1]) if len(counts) == 2 else (None, None)
 
     def first_int(key: str, default: int) -> int:
         for line in s.get(key, []):
@@ -293,5 +305,5 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         symbols=sym_facts, tracepoints=tracepoints, files=files,
         build_dir=build.get("build_dir"), make=build.get("make") == "yes", cc=build.get("cc"),
         leftovers=tuple(line.strip() for line in s.get("leftovers", []) if line.strip()),
-        problems=tuple(problems),
+        problems=tuple(problems), oops_count=oops, warn_count=warn,
     )

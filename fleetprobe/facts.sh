@@ -10,6 +10,8 @@ sec uname; uname -m; uname -r; uname -v
 sec uid; id -u
 sec ncpus; grep -c '^processor' /proc/cpuinfo 2>/dev/null; ls -d /sys/devices/system/cpu/cpu[0-9]* 2>/dev/null | wc -l
 sec boot_id; cat /proc/sys/kernel/random/boot_id 2>/dev/null
+# Oopses and WARNs so far (6.2+): a run's baseline should its runner die before it reports its own.
+sec kernel_counts; cat /sys/kernel/oops_count /sys/kernel/warn_count 2>/dev/null
 # /bin/sh's ELF header: uname -m says "mips64" for both endiannesses (EI_CLASS at 4, EI_DATA at 5).
 sec elf; od -An -tx1 -N6 /bin/sh 2>/dev/null
 T=

@@ -506,8 +506,9 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     set_up = False
     try:
         try:
-            setup = await asyncio.wait_for(_setup(fr, host, out), fr.settings.setup_timeout * 2)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(fr.settings.setup_timeout * 2):
+                setup = await _setup(fr, host, out)
+        except TimeoutError:
             raise HostError(host.name, out.stage, f"no answer within {fr.settings.setup_timeout * 2:.0f}s",
                             hint="the host is slow or hung; raise --setup-timeout") from None
         finally:
@@ -570,8 +571,9 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
             runner.stream.close()
         if session is not None:
             try:
-                await asyncio.wait_for(session.close(), 5)
-            except (asyncio.TimeoutError, OSError):
+                async with asyncio.timeout(5):
+                    await session.close()
+            except (TimeoutError, OSError):
                 pass
     return out
 
@@ -786,8 +788,12 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     else:
         out.cleanup = "timer"
     deltas = report.kernel_deltas()
-    if deltas is None and report.kernel.get("start"):
-        deltas = await _oopses_since(session, report.kernel["start"])
+    # The runner's own start counts, else the facts' (taken just before; the runner holds its start
+    # line until its probes are placed, and a probe that oopses the kernel may kill it first).
+    start = report.kernel.get("start") or (
+        {"oops": facts.oops_count, "warn": facts.warn_count or 0} if facts.oops_count is not None else None)
+    if deltas is None and start:
+        deltas = await _oopses_since(session, start)
     if deltas is not None:
         out.kernel_oopses, out.kernel_warnings = deltas
         if deltas[0] > 0:

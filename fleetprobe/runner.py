@@ -181,22 +181,39 @@ class RunnerReport:
 
 
 def clock_sample(sent: float, received: float, host_realtime: str) -> tuple[float, float] | None:
-    """(offset, error) from one ping: host realtime minus the round trip's midpoint, +/- half of it.
+    """(offset, error) from one ping sent at ``sent`` and answered at ``received`` (controller realtime).
 
-    busybox ``date`` without %N gives whole seconds: the error grows by a second.
+    ``host_realtime`` is the pong's text.  ``RX TX``: the host's realtime when the
+    ping came and when its answer left (NTP's four timestamps: the offset is the mean of
+    RX - sent and TX - received, the error half the round trip less the time the host
+    held the answer).  ``RT [UNCERTAINTY]``: one stamp of an answer sent at once (host time
+    minus the round trip's midpoint, +/- half of it).  busybox ``date`` without %N gives
+    whole seconds: the error grows by a second (and a held answer counts whole).
     """
     words = host_realtime.split()
     if not words:
         return None
-    text = words[0]
+    rx = _stamp(words[0])
+    if rx is None:
+        return None
+    tx = _stamp(words[1]) if len(words) == 2 else None
+    if tx is not None and tx[0] >= rx[0]:
+        if not rx[1] and not tx[1]:
+            held = tx[0] - rx[0]
+            return ((rx[0] - sent) + (tx[0] - received)) / 2, max(received - sent - held, 0.0) / 2
+        return rx[0] - (sent + received) / 2, (received - sent) / 2 + 1.0
     # "SECS 1": the host could only tell whole seconds (it says how uncertain it is).
     extra = float(words[1]) if len(words) > 1 and words[1].replace(".", "", 1).isdigit() else 0.0
+    return rx[0] - (sent + received) / 2, (received - sent) / 2 + max(extra, 1.0 if rx[1] else 0.0)
+
+
+def _stamp(text: str) -> tuple[float, bool] | None:
+    """A host realtime stamp -> (seconds, whole seconds only?); ``150.%N`` (busybox date) is whole."""
     whole = "." not in text or not text.split(".", 1)[1].isdigit()
     try:
-        rt = float(text.split(".", 1)[0] if whole else text)
+        return float(text.split(".", 1)[0] if whole else text), whole
     except ValueError:
         return None
-    return rt - (sent + received) / 2, (received - sent) / 2 + max(extra, 1.0 if whole else 0.0)
 
 
 def _event_key(definition: str) -> str:

@@ -16,7 +16,9 @@
 #   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end; while
 #                           modules are loaded the kernel log is forwarded (see kmsg_read below)
 #   teardown [MODULES]      remove group G and instance I now (a dead runner's run) and exit
-#   ping                    answered at once with "@@fp pong <realtime>" (clock offset)
+#   ping                    answered, with the first control lines after "go", by "@@fp pong RX TX":
+#                           realtime when the ping came and when the answer left (NTP's four
+#                           timestamps: the controller takes the time we held it out of the round trip)
 # stdout: trace_pipe lines as the kernel prints them, and "@@fp ..." control lines
 # (which never collide: trace lines start with a blank, loss lines with "CPU:").
 # Kernel log records of this run's modules reach stdout only through the instance's
@@ -36,14 +38,21 @@ trap 'STOP=${STOP:-stop-or-eof}' USR1
 # Control lines go out one printf each, or, between hold and release, together in one write:
 # every write is an SSH packet for the controller to decrypt (a 64-CPU host says 64 "stats" lines).
 # Only hold while no other process writes our stdout (the trace reader), and release before a
-# step that may kill us (placing probes, loading modules) whatever must survive it.
-HOLD=; HELD=
+# step that may kill us (loading a module) whatever must survive it. The kernel's oops/warn
+# counts from before anything is placed are in the facts, should we die before a release.
+HOLD=; HELD=; PING_RX=
 say() {
   if [ -n "$HOLD" ]; then HELD="$HELD@@fp $*
 "; else printf '@@fp %s\n' "$*" 2>/dev/null; fi
 }
 hold() { HOLD=1; }
-release() { HOLD=; [ -n "$HELD" ] && printf '%s' "$HELD" 2>/dev/null; HELD=; }
+release() {
+  HOLD=
+  [ -n "$PING_RX" ] && { HELD="@@fp pong $PING_RX $(rt1)
+$HELD"; PING_RX=; }
+  [ -n "$HELD" ] && printf '%s' "$HELD" 2>/dev/null
+  HELD=
+}
 now() { date +%s; }
 # CLOCK_REALTIME with a fraction. busybox date prints "%N" literally; its adjtimex
 # applet reports tv_usec; failing both, whole seconds with a 1 s uncertainty.
@@ -56,6 +65,8 @@ rt() {
     *) echo "$_t";;
   esac
 }
+# rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
+rt1() { set -- $(rt); echo "$1"; }
 
 T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=
 
@@ -297,8 +308,8 @@ while IFS= read -r line <&3; do
         _left="$_left tracefs"; fi
       if [ -z "$_left" ]; then say "clean"; else say "unclean after teardown$_left"; fi
       exit 0;;
-    # NTP-style clock samples on the already-running shell: small, symmetric round trips.
-    ping) say "pong $(rt)";;
+    # NTP-style clock sample on the already-running shell: stamped now, answered with the next write.
+    ping) PING_RX=$(rt1);;
     *) say "error unknown directive $1"; exit 2;;
   esac
 done
@@ -309,10 +320,11 @@ case $I in "$G"_*) ;; *) say "error instance must start with the group"; exit 2;
 # Our own kernel-log records also name the instance: "hosts" sharing one kernel share the run id.
 RUN=${G#fp_}; RUN=${RUN%_*}; KRUN="fleetprobe run=$RUN "
 [ -w "$T/instances" ] || { say "error no writable tracefs instances at $T"; exit 3; }
+# Until the trace reader starts, nothing else writes our stdout: everything up to "started" goes
+# out in one write (the pong first), except what goes before an insmod.
 hold
 say "hello pid=$$"
 kernel_counts start
-release
 sweep
 
 MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' ')
@@ -320,9 +332,7 @@ MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' 
 (watchdog) </dev/null >/dev/null 2>&1 &
 WD=$!
 
-mkdir "$T/instances/$I" || { say "error cannot create instance $I"; kill "$WD"; exit 3; }
-# Until the trace reader starts, nothing else writes our stdout: what placing says goes out at once.
-hold
+mkdir "$T/instances/$I" || { say "error cannot create instance $I"; release; kill "$WD"; exit 3; }
 [ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
 # A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
 grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
@@ -371,13 +381,7 @@ $PLAN
 EOF_PLAN
 
 snapshot start
-release
-
-# dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
-# kernel holding our stdout pipe, so nothing else (markers, "stopping", "bye") gets out while
-# the probes are quiet. dd reads and writes; each read returns whole lines as they come.
-dd if="$T/instances/$I/trace_pipe" bs=65536 2>/dev/null &
-READER=$!
+# The marker and the first events wait in the ring buffer for the reader, started below.
 sync_marker
 enabled=0
 for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
@@ -391,6 +395,13 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
   fi
 done
 say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR"
+release
+
+# dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
+# kernel holding our stdout pipe, so nothing else (markers, "stopping", "bye") gets out while
+# the probes are quiet. dd reads and writes; each read returns whole lines as they come.
+dd if="$T/instances/$I/trace_pipe" bs=65536 2>/dev/null &
+READER=$!
 
 # ---- run: until the duration ends, "stop"/EOF on stdin, the reader dies, or a signal -----
 ( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -USR1 $$ 2>/dev/null ) <&3 &

@@ -166,6 +166,18 @@ def test_clock_sample() -> None:
     assert clock_sample(1.0, 2.0, "garbage") is None
 
 
+def test_clock_sample_of_a_held_answer() -> None:
+    """``RX TX``: the 0.1 s the host held its answer is not part of the error (NTP's four timestamps)."""
+    off, err = clock_sample(100.0, 100.2, "150.05 150.15") or (0, 0)
+    assert off == pytest.approx(50.0) and err == pytest.approx(0.05)
+    # Whole seconds (busybox date): the hold cannot be measured, the error is half the round trip + 1 s.
+    off, err = clock_sample(100.0, 100.2, "150 150") or (0, 0)
+    assert off == pytest.approx(49.9) and err == pytest.approx(1.1)
+    # "SECS 1" is one stamp with its uncertainty, not a second stamp.
+    off, err = clock_sample(100.0, 100.2, "150 1") or (0, 0)
+    assert off == pytest.approx(49.9) and err == pytest.approx(1.1)
+
+
 def kitchen_plan() -> tuple[HostPlan, Facts]:
     """A plan with kprobes, a kretprobe, a filter and a tracepoint for stored x86_64 6.1 facts."""
     facts = Facts.from_json(json.loads((DATA / "facts" / "x86_64-debian-6.1.json").read_text()))
@@ -229,23 +241,22 @@ def test_script_input_drops_comments_and_still_parses() -> None:
 
 
 @pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
-def test_runner_prints_facts_answers_ping_and_leaves_quietly_without_a_plan(shell: list[str]) -> None:
-    """The run's one channel: facts first (the facts script's own output), a pong, and EOF before ``go`` exits 0."""
+def test_runner_prints_facts_and_leaves_quietly_without_a_plan(shell: list[str]) -> None:
+    """The run's one channel: facts first (the facts script's own output); EOF before ``go`` exits 0 in silence."""
     words = facts_args(["do_sys_openat2"], ["sched/sched_process_exec"], ["/bin/sh"], mount=False)
     t0 = time.time()
     res = subprocess.run(bootstrapped(shell, "facts", *words), input=script_input(runner_script()) + b"ping\n",
                          capture_output=True, timeout=60)
     t1 = time.time()
     assert res.returncode == 0, res.stderr
-    text = res.stdout.decode()
-    facts_text, _, after = text.partition("\n@@end\n")
-    assert after.splitlines() == [after.splitlines()[0]] and after.startswith("@@fp pong ")
-    facts = parse_facts("here", facts_text + "\n@@end\n", ["do_sys_openat2"])
+    facts_text, end, after = res.stdout.decode().partition("\n@@end\n")
+    assert end and after == ""           # a ping is answered with the plan's first lines, and there is no plan
+    facts = parse_facts("here", facts_text + end, ["do_sys_openat2"])
     assert facts.problems == () and facts.arch == os.uname().machine
     assert facts.kernel_release == os.uname().release
     assert facts.files["/bin/sh"].exists and t0 - 1 <= facts.realtime <= t1 + 1
-    sample = clock_sample(t0, t1, after.split(" ", 2)[2])
-    assert sample is not None and abs(sample[0]) <= sample[1]
+    if Path("/sys/kernel/oops_count").exists():
+        assert facts.oops_count is not None and facts.warn_count is not None
     # Without "facts" it prints nothing before its plan.
     res = subprocess.run(bootstrapped(shell), input=script_input(runner_script()), capture_output=True, timeout=60)
     assert (res.returncode, res.stdout) == (0, b""), res.stderr
@@ -257,14 +268,18 @@ def test_busybox_runner_stops_on_eof_and_cleans() -> None:
     """Under busybox ash: stdin EOF mid-run (the controller vanished) ends the run, clean, well before its duration."""
     group = f"fp_bbeof{os.getpid() % 10000}_0b0b"
     instance = f"{group}_{int(time.time()) + 120}"
-    plan = (f"tracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 60\ndeadline {int(time.time()) + 60}\n"
-            f"grace 60\nenable sched/sched_process_exec\ngo\n")
+    plan = (f"ping\ntracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 60\n"
+            f"deadline {int(time.time()) + 60}\ngrace 60\nenable sched/sched_process_exec\ngo\n")
     proc = subprocess.Popen(bootstrapped([shutil.which("busybox") or "busybox", "sh"]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
         assert proc.stdin is not None
-        proc.stdin.write(script_input(runner_script()) + plan.encode())
+        proc.stdin.write(script_input(runner_script()))
+        proc.stdin.flush()
+        time.sleep(0.5)                                     # the script is read: the ping meets an idle shell
+        sent = time.time()
+        proc.stdin.write(plan.encode())
         proc.stdin.flush()
         deadline = time.monotonic() + 10
         while not (TRACEFS / "instances" / instance).exists() and time.monotonic() < deadline:
@@ -274,13 +289,24 @@ def test_busybox_runner_stops_on_eof_and_cleans() -> None:
         t0 = time.monotonic()
         out, err = proc.communicate(b"", timeout=20)     # closes stdin: EOF
         took = time.monotonic() - t0
+        done = time.time()                                  # after every line arrived: a valid bound
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
-    rep = report_of(out.decode("utf-8", "replace"))
+    text = out.decode("utf-8", "replace")
+    rep = report_of(text)
     assert rep.started and rep.enabled == 1
     assert rep.stop_reason == "stop-or-eof", out[-500:]
+    # Everything up to "started" was said in one write, the ping's answer first; then the marker came
+    # through the trace reader. Same clock on both ends: the offset is 0 within its error.
+    words = [line.split()[1] for line in text.splitlines() if line.startswith("@@fp ")]
+    assert words[:3] == ["pong", "hello", "kernel"] and words.index("started") < words.index("stopping")
+    assert text.index("@@fp started") < text.index("fpsync")
+    sample = clock_sample(sent, done, rep.pongs[0][1])
+    assert sample is not None and abs(sample[0]) <= sample[1]
+    rx, tx = (float(w) for w in rep.pongs[0][1].split())
+    assert sent <= rx <= tx
     assert rep.clean and rep.bye
     assert took < 10
     assert not (TRACEFS / "instances" / instance).exists()
