@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -187,12 +188,12 @@ class _AsyncsshStream:
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for the command to exit; its exit status (-1 if it died by signal or the link)."""
         try:
-            result = await asyncio.wait_for(self._proc.wait(check=False), timeout)
-        except asyncio.TimeoutError:
-            raise
+            async with asyncio.timeout(timeout):
+                result = await self._proc.wait(check=False)
         except (asyncssh.Error, OSError):
             return -1
-        await asyncio.wait([self._err_task], timeout=1)
+        if not self._err_task.done():
+            await asyncio.wait([self._err_task], timeout=1)
         return result.exit_status if result.exit_status is not None else -1
 
     def stderr(self) -> bytes:
@@ -269,8 +270,9 @@ class AsyncsshSession:
         """Close the connection (and its jump connection)."""
         self._conn.close()
         try:
-            await asyncio.wait_for(self._conn.wait_closed(), 5)
-        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+            async with asyncio.timeout(5):
+                await self._conn.wait_closed()
+        except (TimeoutError, asyncssh.Error, OSError):
             pass
         if self._tunnel is not None:
             self._tunnel.close()
@@ -299,12 +301,25 @@ def _default_known_hosts() -> str:
     return str(Path("~/.ssh/known_hosts").expanduser())
 
 
-#: Parsed known_hosts by (path, mtime, size, inode) of each file; see _read_known_hosts.
+def _stat(path: str) -> os.stat_result | None:
+    """The file's stat, or None if it does not exist (or cannot be seen)."""
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _version(path: str, st: os.stat_result | None) -> tuple[str, int, int, int]:
+    """What identifies one version of a file: path, mtime, size, inode (zeros when it does not exist)."""
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else (path, 0, 0, 0)
+
+
+#: Parsed known_hosts by the versions of its files; see _read_known_hosts.
 _KNOWN_HOSTS_CACHE: dict[tuple[tuple[str, int, int, int], ...], asyncssh.SSHKnownHosts] = {}
 
 
-def _read_known_hosts(files: list[str]) -> asyncssh.SSHKnownHosts:
-    """The parsed known_hosts files, parsed again only when one of them changes.
+def _read_known_hosts(files: list[tuple[str, os.stat_result]]) -> asyncssh.SSHKnownHosts:
+    """The parsed known_hosts files (with their stat), parsed again only when one of them changes.
 
     Given paths, asyncssh re-reads and re-parses every file on every
     connection: with one line per host that is O(hosts^2) over a fleet
@@ -312,19 +327,44 @@ def _read_known_hosts(files: list[str]) -> asyncssh.SSHKnownHosts:
     controller's CPU).  Accept-new appends change the size, so the next
     connection sees the new key.  Raises OSError/ValueError like asyncssh would.
     """
-    key = tuple((f, st.st_mtime_ns, st.st_size, st.st_ino) for f, st in ((f, os.stat(f)) for f in files))
+    key = tuple(_version(f, st) for f, st in files)
     known = _KNOWN_HOSTS_CACHE.get(key)
     if known is None:
-        known = asyncssh.read_known_hosts(files)
+        known = asyncssh.read_known_hosts([f for f, _ in files])
         if len(_KNOWN_HOSTS_CACHE) >= 16:
             _KNOWN_HOSTS_CACHE.clear()
         _KNOWN_HOSTS_CACHE[key] = known
     return known
 
 
+#: Loaded client key pairs by the versions of the key files and their certificates.
+_KEYS_CACHE: dict[tuple[tuple[str, int, int, int], ...], Sequence[asyncssh.SSHKeyPair]] = {}
+
+
+def _load_client_keys(paths: list[str]) -> Sequence[asyncssh.SSHKeyPair] | list[str]:
+    """The key pairs (and ``-cert.pub`` certificates) in ``paths``, loaded again only when a file changes.
+
+    Given paths, asyncssh reads and parses the key files on every connection
+    (~0.1 ms each, issue 5).  On any error the paths themselves, for asyncssh
+    to load and report as it always has (a missing file, a key that needs a passphrase).
+    """
+    try:
+        versions = tuple(_version(f, _stat(f)) for p in paths for f in (p, p + "-cert.pub"))
+        cached = _KEYS_CACHE.get(versions)
+        if cached is not None:
+            return cached
+        pairs = asyncssh.load_keypairs(list(paths))
+    except (ValueError, OSError, asyncssh.Error):
+        return paths
+    if len(_KEYS_CACHE) >= 16:
+        _KEYS_CACHE.clear()
+    _KEYS_CACHE[versions] = pairs
+    return pairs
+
+
 def _has_entry(files: list[str], host: str, addr: str, port: int | None) -> bool:
     """Whether any known_hosts file names this host at all (so a mismatch means CHANGED)."""
-    existing = [f for f in files if os.path.exists(f)]
+    existing = [(f, st) for f in files if (st := _stat(f)) is not None]
     if not existing:
         return False
     try:
@@ -402,13 +442,13 @@ def _connect_kwargs(host: Host, options: SSHOptions, policy: _KnownHostsPolicy) 
         kw["username"] = host.user
     files = _known_files(host, options)
     if files is not None:
-        existing = [f for f in files if os.path.exists(f)]
+        existing = [(f, st) for f in files if (st := _stat(f)) is not None]
         if existing:
             try:
                 kw["known_hosts"] = _read_known_hosts(existing)
             except (ValueError, OSError):
                 # Let asyncssh read them itself and report the bad file as it always has.
-                kw["known_hosts"] = existing
+                kw["known_hosts"] = [f for f, _ in existing]
         else:
             kw["known_hosts"] = ([], [], [])
     if options.ssh_config is not None:
@@ -417,7 +457,7 @@ def _connect_kwargs(host: Host, options: SSHOptions, policy: _KnownHostsPolicy) 
         kw["encryption_algs"] = options.ciphers
     keys = ([host.key_file] if host.key_file else []) + list(options.identities)
     if keys:
-        kw["client_keys"] = keys
+        kw["client_keys"] = _load_client_keys(keys)
     if host.password:
         kw["password"] = host.password
     if not options.use_agent:
@@ -469,8 +509,8 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
             if host.jump:
                 tunnel = await _connect_jump(host, options)
                 kw["tunnel"] = tunnel
-            conn = await asyncio.wait_for(asyncssh.connect(host.address, **kw),
-                                          options.connect_timeout * 3)
+            async with asyncio.timeout(options.connect_timeout * 3):
+                conn = await asyncssh.connect(host.address, **kw)
             return AsyncsshSession(host, conn, tunnel)
         except TransportError:
             raise
