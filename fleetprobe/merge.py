@@ -542,6 +542,27 @@ class FleetAggregate:
             name: (st.entry_pending.pop, [], [], st.latency) for name, st in states.items()
             if st.entry_pending is not None and st.latency is not None and name not in entries}
         cap = self.pending_cap
+        if len(entries) == 1 and len(returns) == 1:
+            (entry, pending), = entries.items()
+            (exit_name, (pop, starts, ends, latency)), = returns.items()
+            if states[exit_name].entry_pending is pending and len(pending) + batch.counts[entry] <= cap:
+                # The common case (one entry/return pair, no room for an eviction): the same
+                # steps as the general loop below, without its lookups and its cap check.
+                unmatched = 0
+                for (_comm, pid, _cpu, ts, _text), name in zip(batch.rows, batch.names):
+                    if name == entry:
+                        pending[pid] = ts
+                    elif name == exit_name:
+                        t0 = pop(pid, None)
+                        if t0 is None:
+                            unmatched += 1
+                        else:
+                            starts.append(t0)
+                            ends.append(ts)
+                latency.unmatched += unmatched
+                if starts:
+                    _add_durations(latency, starts, ends)
+                return
         for name, pid, ts in zip(batch.names, map(_PID, batch.rows), map(_TS, batch.rows)):
             pend = entries.get(name)
             if pend is not None:
