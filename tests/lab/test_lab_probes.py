@@ -182,10 +182,11 @@ def test_runner_sigkill_on_host_timer_removes_probes(lab_fleet: LabForTests, tmp
                    "--setup-timeout", "120s"], tmp_path)
     try:
         _wait(lambda: "fp_" in leftovers(lab, vm), 120, "probes placed on the VM")
-        # The runner: sh -c <script> whose parent is not itself a runner (its subshells are).
+        # The runner: sh -c <script> fleetprobe-runner facts ... whose parent is not itself a runner
+        # (its subshells are).
         kill = ("for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); "
-                "case $c in *' fleetprobe-runner ') pp=$(cut -d' ' -f4 $p/stat); "
-                "case $(tr '\\0' ' ' < /proc/$pp/cmdline 2>/dev/null) in *' fleetprobe-runner ') ;; "
+                "case $c in *' fleetprobe-runner '*) pp=$(cut -d' ' -f4 $p/stat); "
+                "case $(tr '\\0' ' ' < /proc/$pp/cmdline 2>/dev/null) in *' fleetprobe-runner '*) ;; "
                 "*) kill -9 ${p#/proc/}; echo killed ${p#/proc/};; esac;; esac; done")
         assert "killed" in ssh(lab, vm, kill).stdout
         proc.send_signal(signal.SIGKILL)
