@@ -397,7 +397,7 @@ def report(results: list[Measure], kinds: list[str]) -> str:
             sec_ratio = (_median(fp_sec) * 1000 / _median(sec)) if fp_sec and sec else float("nan")
             lines.append(
                 f"| {n} | {kind} | {len(ms)} | {wall:.1f} | {n / wall:.0f} | {cpu:.2f} | "
-                f"{_median(sec):.2f} | {max(m.rss_mib for m in ms):.0f} | "
+                f"{f'{_median(sec):.2f}' if sec else '-'} | {max(m.rss_mib for m in ms):.0f} | "
                 f"{min(m.ok for m in ms)}/{n} | {min(m.server['conn_min'] for m in ms)}-"
                 f"{max(m.server['conn_max'] for m in ms)} | {ratio:.2f} | "
                 f"{'-' if sec_ratio != sec_ratio else f'{sec_ratio:.2f}'} |")
