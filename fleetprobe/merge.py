@@ -408,7 +408,7 @@ class FleetAggregate:
 
     def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
                  comm: str, args: str) -> None:
-        """Count one event given as split strings (per-event sinks; TraceStream uses :meth:`add_rows`)."""
+        """Count one event given as split strings (per-event sinks; TraceStream uses :meth:`add_batch`)."""
         part = self._parts.get(host)
         if part is None:
             part = self._parts[host] = _HostPart(host, self.part_cap)
@@ -435,7 +435,7 @@ class FleetAggregate:
             c[comm] = n + 1
         pend = st.pending
         if pend is not None or st.entry_pending is not None:
-            # Same keys as add_rows: the pid and timestamp as the kernel printed them.
+            # Same keys as add_batch: the pid and timestamp as the kernel printed them.
             key = str(pid)
             if pend is not None:
                 if len(pend) >= self.pending_cap and key not in pend:
