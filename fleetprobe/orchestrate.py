@@ -13,6 +13,7 @@ itself, with the controller's part in ``finally`` blocks.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import traceback
@@ -24,7 +25,7 @@ from typing import Protocol, TypeVar
 
 from . import elf
 from .build import (BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource, build_group,
-                    load_module_source, module_load_blocker, plan_builds, verify_on_host)
+                    load_module_source, module_load_blocker, plan_builds, verify_on_host, with_module_name)
 from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .facts import Facts, facts_args, facts_script, parse_facts
@@ -33,7 +34,7 @@ from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
 from .parse import EventBatch, LineSink, TraceEvent, TraceStream
-from .plan import HostPlan, new_run_id, plan_host
+from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
                      sweep_directives, teardown_directives)
@@ -544,6 +545,9 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
             loads = await _prepare_modules(fr, session, facts, plan, out)
         out.stage = "probe"
         obs.set_state(host.name, "probing")
+        # After a long build the planned deadline may be near: probes get the whole duration.
+        plan = fr.plans[host.name] = with_later_deadline(
+            plan, time.time() + (out.clock_offset or 0.0) + fr.duration + fr.settings.teardown_slack)
         probe_runner, runner = runner, None
         await _probe(fr, session, probe_runner, facts, plan, out, loads)
     except HostError as exc:
@@ -583,6 +587,14 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
 _MODULE_WORD = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
+def load_name(group: str, probe: str) -> str:
+    """The kernel module name of ``probe``'s module in the run and host of ``group`` (fp_<run>_<host>)."""
+    name = f"{group}_{probe}"
+    if len(name) > 55:  # MODULE_NAME_LEN - 1 on 64-bit kernels
+        name = f"{group}_{hashlib.sha256(probe.encode()).hexdigest()[:8]}"
+    return name
+
+
 async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan,
                            out: HostOutcome) -> tuple[ModuleLoad, ...]:
     """Build (once per group), check and copy this host's modules; what the runner must insmod.
@@ -592,7 +604,6 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
     """
     host = session.host.name
     loads: list[ModuleLoad] = []
-    owners: dict[str, str] = {}
     for p in plan.probes:
         if p.kind != "module" or not p.module:
             continue
@@ -600,11 +611,6 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
             source = fr.modules.source(p.module)
         except FleetprobeError as exc:
             raise HostError(host, "build", exc.message, hint=exc.hint) from None
-        if source.name in owners:
-            raise HostError(host, "build", f"probes {owners[source.name]!r} and {p.name!r} both load "
-                            f"{source.name}; a module loads once per kernel",
-                            hint="use one probe per module (copy the module folder under another name)")
-        owners[source.name] = p.name
         params = (("run", fr.run_id), ("probe", p.name)) + tuple(p.params)
         for k, v in params:
             if not (_MODULE_WORD.fullmatch(k) and _MODULE_WORD.fullmatch(v)):
@@ -614,15 +620,24 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
         problem = await verify_on_host(session, host, module, facts.kernel_release)
         if problem is not None:
             raise problem
-        # Unique per run and host; the runner deletes it right after insmod.
-        remote = f"/tmp/{plan.group}_{source.name}.ko"
+        # The kernel holds one module per name: each load gets the run's, host's and probe's
+        # (two operators, two probes of one module, a module stuck by an oops never collide).
+        # The .ko goes to a path as unique; the runner deletes it right after insmod.
+        name = load_name(plan.group, p.name)
+        remote = f"/tmp/{name}.ko"
         try:
-            await session.put(module.data(), remote, 0o600)
+            ko = with_module_name(module.data(), name, name=str(module.path))
+        except ValueError as exc:  # ElfFormatError too: a .ko fleetprobe cannot rename
+            raise HostError(host, "build", f"cannot give {source.name}.ko its run's name {name}: {exc}",
+                            hint="is the module built by the kernel's Kbuild (a struct module in "
+                                 ".gnu.linkonce.this_module)?") from None
+        try:
+            await session.put(ko, remote, 0o600)
         except HostError as exc:
             raise HostError(host, "build", f"cannot copy {source.name}.ko to {remote}: {exc.message}",
                             evidence=exc.evidence) from None
-        out.placed_probes[p.name] = fr.modules.describe(module)
-        loads.append(ModuleLoad(source.name, remote, params))
+        out.placed_probes[p.name] = fr.modules.describe(module) + f" as {name}"
+        loads.append(ModuleLoad(name, remote, params, source.name))
     return tuple(loads)
 
 
@@ -858,7 +873,9 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
         if refused or (st is not None and st.failed) or name not in report.loaded:
             said = f" (module: {st.failed})" if st is not None and st.failed else ""
             why = refused or ("not loaded" if report.started else "the runner stopped before loading it")
-            failures.append(f"{name} for probe {probe}: {why}{said}")
+            module = by_module[name]
+            what = f"{module.source} for probe {probe} (as {name})" if module.source else f"{name} for probe {probe}"
+            failures.append(f"{what}: {why}{said}")
             out.placed_probes.pop(probe, None)
             continue
         built = out.placed_probes.get(probe, by_module[name].name)

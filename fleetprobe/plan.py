@@ -9,7 +9,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fleetprobe.facts import Facts, SymbolFacts
@@ -122,6 +122,19 @@ def names_for(run_id: str, host: str, deadline: int) -> tuple[str, str]:
 def is_fleetprobe_group(name: str) -> bool:
     """True when an event group name has exactly the shape names_for() gives (a sweep touches only these)."""
     return _GROUP.fullmatch(name) is not None
+
+
+def with_later_deadline(plan: HostPlan, deadline: float) -> HostPlan:
+    """``plan`` with its instance's deadline moved to ``deadline`` if that is later (never earlier).
+
+    A plan's deadline is set when it is made; a host that then waits for a module
+    build would start its probes with less time before its on-host timer and
+    other runs' sweeps treat it as dead. Called again just before the probes start.
+    """
+    group, instance = names_for(plan.run_id, plan.host, int(deadline))
+    if group != plan.group or int(instance.rsplit("_", 1)[1]) <= int(plan.instance.rsplit("_", 1)[1]):
+        return plan
+    return replace(plan, instance=instance)
 
 
 def group_of_instance(name: str) -> str | None:

@@ -34,11 +34,15 @@ def runner_script() -> str:
 
 @dataclass(frozen=True)
 class ModuleLoad:
-    """A kernel module the runner loads: its name, where the .ko was put on the host, its parameters."""
+    """A kernel module the runner loads: its kernel name, where the .ko was put on the host, its parameters.
+
+    ``source`` is the module folder's name (fp_kprobe) when ``name`` is the per-run name it loads under.
+    """
 
     name: str
     remote_path: str
     params: tuple[tuple[str, str], ...] = ()
+    source: str = ""
 
 
 def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: int, grace: int,

@@ -18,6 +18,7 @@ from fleetprobe.plan import (
     names_for,
     new_run_id,
     plan_host,
+    with_later_deadline,
 )
 from fleetprobe.playbook import Playbook, load_playbook, parse_playbook
 
@@ -323,6 +324,16 @@ def test_names_for() -> None:
     assert names_for("k3x9q2", "db-08", 1)[0] != group
     # Kernel limit on group and event names is MAX_EVENT_NAME_LEN (64).
     assert len(names_for("a" * 16, "h", 10**11)[0]) + 1 + 32 < 64
+
+
+def test_deadline_moves_later_only_and_keeps_everything_else() -> None:
+    hp = plan("execsnoop", FACTS_FILES[0].stem)
+    later = with_later_deadline(hp, DEADLINE + 300.7)
+    assert later.instance == f"{hp.group}_{DEADLINE + 300}" and is_stale_instance(later.instance, DEADLINE + 361, 60)
+    assert not is_stale_instance(later.instance, DEADLINE + 359, 60)  # the old deadline would be stale here
+    assert (later.group, later.probes, later.skipped, later.run_id) == (hp.group, hp.probes, hp.skipped, hp.run_id)
+    assert group_of_instance(later.instance) == hp.group
+    assert with_later_deadline(hp, DEADLINE - 5) is hp and with_later_deadline(hp, DEADLINE) is hp
 
 
 @pytest.mark.parametrize("bad", ["", "ABC", "a_b", "a" * 17, "a-b"])

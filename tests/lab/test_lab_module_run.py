@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,8 +99,8 @@ def test_fork_module_across_the_lab(lab_fleet: LabForTests, tmp_path: Path, fres
             continue
         assert h["status"] == "ok", (vm.name, h["reason"], h["evidence"], out)
         placed = h["placed_probes"]["fork"]
-        m = re.search(r"fp_kprobe@[0-9a-f]{8} built on the controller in [0-9.]+s, build (\d+) of this run; "
-                      r"planted at (\S+)", placed)
+        m = re.search(r"fp_kprobe@[0-9a-f]{8} built on the controller in [0-9.]+s, build (\d+) of this run "
+                      r"as fp_[a-z0-9]+_[0-9a-f]{4}_fork; planted at (\S+)", placed)
         assert m, placed
         build_of.setdefault((vm.debian_arch, vm.kernel_release), set()).add(m.group(1))
         assert re.match(r"(kernel_clone|_do_fork|do_fork)\+0x", m.group(2)), placed
@@ -191,3 +192,41 @@ def test_cleanup_removes_the_module_of_a_dead_run(lab_fleet: LabForTests, fresh_
     main(["cleanup", "-i", str(lab.inventory), "--limit", vm.name, "--connect-timeout", "60s"], console)
     assert "module fp_kprobe" in console.export_text(), console.export_text()
     assert ssh(lab, vm, "grep '^fp_' /proc/modules; true").stdout.strip() == ""
+
+
+def test_one_module_source_for_two_probes_loads_twice(lab_fleet: LabForTests, tmp_path: Path) -> None:
+    """fp_kprobe for two probes in one run: two kernel modules, each under its run/host/probe name.
+
+    x86_64 and ppc64le (the MIPS guests' kprobe fault is covered by the tests above); quiet
+    function, so each host's numbers are known: every `stat -f` passes user_statfs, seen by both.
+    """
+    lab = lab_fleet
+    vms = [vm for vm in lab.vms if not is_mips(vm)]
+    report_path = tmp_path / "report.json"
+    calls = 5
+    threads = [threading.Thread(target=ssh, args=(lab, vm, f"sleep 12; for i in $(seq {calls}); do stat -f / "
+                                                  ">/dev/null; sleep 0.3; done", 120), daemon=True) for vm in vms]
+    for t in threads:
+        t.start()
+    console = Console(record=True, width=220)
+    rc = main(["run", str(REPO / "tests/data/playbooks/lab/statfs-two-modules.yml"), "-i", str(lab.inventory),
+               "--limit", ":".join(sorted({f"lab_{vm.arch}" for vm in vms})), "--duration", "20s",
+               "--json", str(report_path), *COMMON], console)
+    for t in threads:
+        t.join(150)
+    out = console.export_text()
+    assert rc == 0, out
+    hosts = {h["host"]: h for h in json.loads(report_path.read_text())["hosts"]}
+    assert set(hosts) == {vm.name for vm in vms}
+    for vm in vms:
+        h = hosts[vm.name]
+        assert h["status"] == "ok" and h["cleanup"] == "clean", (vm.name, h["reason"], h["evidence"])
+        names = {p: re.search(r" as (fp_\w+);", h["placed_probes"][p]) for p in ("ustatfs", "vstatfs")}
+        assert all(names.values()), h["placed_probes"]
+        u, v = names["ustatfs"][1], names["vstatfs"][1]  # type: ignore[index]
+        assert u != v and u.endswith("_ustatfs") and v.endswith("_vstatfs") and u[:-8] == v[:-8]
+        assert "planted at user_statfs+0x" in h["placed_probes"]["ustatfs"]
+        assert "planted at user_statfs+0x" in h["placed_probes"]["vstatfs"]
+        assert h["hits"].get("ustatfs", 0) >= calls and h["hits"].get("vstatfs", 0) >= calls, h["hits"]
+        r = ssh(lab, vm, "grep '^fp_' /proc/modules; ls /tmp | grep '^fp_.*\\.ko$'; true")
+        assert r.returncode == 0 and r.stdout.strip() == "", (vm.name, r.stdout)
