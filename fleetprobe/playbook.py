@@ -11,6 +11,7 @@ the line, the key and what is allowed.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleetprobe.errors import PlaybookError
+from fleetprobe.shipped import shipped_dir, shipped_playbook, shipped_playbooks
 
 #: Probe kinds: the key that names the probe's target decides its kind.
 PROBE_KINDS = ("kprobe", "kretprobe", "tracepoint", "uprobe", "uretprobe", "raw", "module")
@@ -269,12 +271,17 @@ class Playbook:
 # --- loading ---------------------------------------------------------------
 
 def load_playbook(path: str | Path) -> Playbook:
-    """Read and validate a playbook file."""
+    """Read and validate a playbook file, or a shipped playbook by name (``opensnoop``)."""
     p = Path(path)
+    if not p.exists() and (shipped := shipped_playbook(str(path))) is not None:
+        p = path = shipped
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise PlaybookError(f"cannot read playbook: {e.strerror}", file=str(path)) from e
+        names = ", ".join(shipped_playbooks())
+        raise PlaybookError(f"cannot read playbook: {e.strerror}", file=str(path),
+                            hint=f"give a playbook file, or the name of a shipped one: {names}"
+                            if names and e.errno == errno.ENOENT else None) from e
     except UnicodeDecodeError as e:
         raise PlaybookError(f"playbook is not UTF-8 text ({e.reason} at byte {e.start})",
                             file=str(path)) from e
@@ -642,6 +649,11 @@ class _Reader:
             candidate = folder / module
             if candidate.is_dir():
                 return str(candidate)
+        # modules/fp_kprobe: the modules shipped with fleetprobe, wherever it is installed.
+        parts = Path(module).parts
+        shipped = shipped_dir("modules")
+        if shipped is not None and len(parts) == 2 and parts[0] == "modules" and (shipped / parts[1]).is_dir():
+            return str(shipped / parts[1])
         return None
 
     def params(self, node: Node, key: str) -> tuple[ModuleParam, ...]:
