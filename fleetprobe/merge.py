@@ -117,6 +117,31 @@ class TopValues:
             out.prune(out.cap // 2)
         return out
 
+    def absorb_host(self, part: TopValues, cap: int) -> None:
+        """In place: ``merged`` with one host's table (each of its values seen on 1 host), then capped at ``cap``.
+
+        The fleet folds every host into its tables: copying a fleet table (up to
+        ``FLEET_CAP_FACTOR`` x top_k values) per host and field, as ``merged`` does,
+        made the fold O(hosts x fleet table) (issue 5).  Same result as
+        ``merged(TopValues(part.cap, part.counts, {v: 1 ...}, ...))`` with ``cap`` set after.
+        """
+        counts, hosts = self.counts, self.hosts
+        for v, c in part.counts.items():
+            counts[v] = counts.get(v, 0) + c
+            hosts[v] = hosts.get(v, 0) + 1
+        self.error += part.error
+        self.total += part.total
+        self.cap = max(self.cap, part.cap)
+        if len(self.counts) > self.cap:
+            self.prune(self.cap // 2)
+        self.cap = cap
+        if len(self.counts) > cap:
+            self.prune(cap // 2)
+
+    def copy(self) -> TopValues:
+        """An independent copy."""
+        return TopValues(self.cap, dict(self.counts), dict(self.hosts), self.error, self.total)
+
     def top(self, k: int) -> list[tuple[Value, int, int]]:
         """The ``k`` most frequent (value, count, hosts), ties broken by value for a stable order."""
         items = sorted(self.counts.items(), key=lambda vc: (-vc[1], type(vc[0]).__name__, str(vc[0])))
@@ -637,16 +662,19 @@ class FleetAggregate:
             for comm, n in st.comms.items():
                 comms.add(comm, n)
             tables[COMM_FIELD] = comms
+            values = self.values
             for name, table in tables.items():
-                hosts_table = TopValues(table.cap, dict(table.counts), {v: 1 for v in table.counts},
-                                        table.error, table.total)
                 key = (probe, name)
-                have = self.values.get(key)
-                merged = hosts_table if have is None else have.merged(hosts_table)
-                merged.cap = self.fleet_cap
-                if len(merged.counts) > merged.cap:
-                    merged.prune(merged.cap // 2)
-                self.values[key] = merged
+                have = values.get(key)
+                if have is None:
+                    # The fleet's tables are its own (merge() copies), so later hosts fold in place.
+                    have = values[key] = TopValues(table.cap, dict(table.counts), dict.fromkeys(table.counts, 1),
+                                                   table.error, table.total)
+                    have.cap = self.fleet_cap
+                    if len(have.counts) > have.cap:
+                        have.prune(have.cap // 2)
+                else:
+                    have.absorb_host(table, self.fleet_cap)
             if st.latency is not None and st.entry_pending is not None:
                 st.latency.pending_at_end = len(st.entry_pending)
                 summary.latency[probe] = st.latency
@@ -677,9 +705,9 @@ class FleetAggregate:
         out.hosts = dict(self.hosts)
         for h, s in other.hosts.items():
             out.hosts[h] = out.hosts[h].merged(s) if h in out.hosts else s
-        out.values = dict(self.values)
+        out.values = {key: table.copy() for key, table in self.values.items()}
         for key, table in other.values.items():
-            out.values[key] = out.values[key].merged(table) if key in out.values else table
+            out.values[key] = out.values[key].merged(table) if key in out.values else table.copy()
         return out
 
     # -- questions the report asks ----------------------------------------------------------

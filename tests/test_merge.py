@@ -262,3 +262,24 @@ def test_event_sample_is_first_n_plus_a_spread_reservoir() -> None:
     assert len(picked) == 20 and len(set(picked)) == 20 and picked[0] >= 20
     # Algorithm L over 9980 candidates: the picks spread over the stream, not bunched at the start.
     assert picked[-1] > 5_000 and sum(picked) / 20 > 2_500
+
+
+def test_absorb_host_equals_merged_with_a_one_host_table() -> None:
+    """The fold's in-place absorb gives what merged() of a per-host copy gave, prunes included."""
+    rng = random.Random(5)
+    for _ in range(200):
+        fleet_cap = rng.choice([4, 8, 40])
+        a = TopValues(fleet_cap)
+        b = TopValues(fleet_cap)
+        for _host in range(rng.randint(1, 12)):
+            part = TopValues(rng.choice([2, 6, 16]))
+            for _ in range(rng.randint(0, 40)):
+                part.add(rng.choice(["x", "y", 1, 2, 3, "z", 7, 8, 9, "w"]) if rng.random() < .7
+                         else rng.randint(0, 100), rng.randint(1, 3))
+            one_host = TopValues(part.cap, dict(part.counts), {v: 1 for v in part.counts}, part.error, part.total)
+            a = a.merged(one_host)
+            a.cap = fleet_cap
+            if len(a.counts) > a.cap:
+                a.prune(a.cap // 2)
+            b.absorb_host(part, fleet_cap)
+            assert (b.counts, b.hosts, b.error, b.total, b.cap) == (a.counts, a.hosts, a.error, a.total, a.cap)
