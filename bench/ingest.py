@@ -1,6 +1,6 @@
 """Benchmark: parse + merge throughput of one host stream on one core, and peak RSS.
 
-    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs]
+    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs] [--events FILE]
 
 Generates a realistic trace_pipe stream (kprobe entry lines with a quoted path,
 kretprobe lines, sched tracepoints; 8% of comms contain spaces), feeds it to
@@ -8,6 +8,9 @@ kretprobe lines, sched tracepoints; 8% of comms contain spaces), feeds it to
 controller reads the SSH channel, and aggregates into a
 :class:`fleetprobe.merge.FleetAggregate`.  Prints lines/s, MB/s and the peak
 RSS after each million lines (must stay flat: the aggregate is bounded).
+With ``--events FILE`` every event also goes to a raw-event writer on FILE
+the way ``fleetprobe run --events FILE`` hands it events (whole batches of
+rows when the writer takes them, else one TraceEvent per event).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from fleetprobe.clock import ClockMap
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.parse import TraceStream
+from fleetprobe.report import EventWriter
 
 COMMS = ["sshd", "bash", "systemd-journal", "nginx", "postgres", "python3", "cron", "kworker/u8:2",
          "containerd", "node"]
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, default=3_000_000)
     ap.add_argument("--parse-only", action="store_true", help="split lines and batch events, no aggregate")
     ap.add_argument("--no-pairs", action="store_true", help="aggregate without entry/return latency pairing")
+    ap.add_argument("--events", metavar="FILE", help="also write raw events to FILE (JSON lines)")
     args = ap.parse_args(argv)
     rng = random.Random(1)
     # Pre-generate a pool of distinct chunks so generation is not measured.
@@ -79,7 +84,17 @@ def main(argv: list[str] | None = None) -> int:
 
     clock = ClockMap()
     agg = FleetAggregate({} if args.no_pairs else PAIRS)
-    stream = TraceStream("bench-host", NAMES, aggregate=None if args.parse_only else agg, clock=clock)
+    writer = EventWriter(args.events) if args.events else None
+    hooks: dict[str, object] = {}
+    if writer is not None:
+        # As orchestrate._probe wires the writer (this script also measures older checkouts, where
+        # the writer only takes TraceEvents).
+        if hasattr(writer, "write_batch"):
+            hooks["on_batch"] = lambda batch: writer.write_batch("bench-host", batch, NAMES)
+        else:
+            hooks["on_event"] = writer.write
+    stream = TraceStream("bench-host", NAMES, aggregate=None if args.parse_only else agg, clock=clock,
+                         **hooks)  # type: ignore[arg-type]
     stream.feed(b"     fleetprobe-1 [000] ...1.    99.000000: tracing_mark_write: fpsync 1764120000.123456789\n")
     done = 0
     nbytes = 0
@@ -101,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             if done >= args.lines:
                 break
     stream.close()
+    if writer is not None:
+        start = time.process_time()
+        writer.close()
+        busy += time.process_time() - start
     agg.finish()
     print(f"total {done:,} lines ({pool_bytes / pool_lines:.0f} B/line) in {busy:.2f} s CPU: "
           f"{done / busy:,.0f} lines/s, {nbytes / busy / 1e6:.1f} MB/s; "
           f"unparsed {stream.stats.unparsed}, unknown {sum(stream.stats.unknown.values())}")
+    if writer is not None:
+        print(f"raw events: {writer.count:,} written to {args.events}")
     return 0
 
 

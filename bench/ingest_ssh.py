@@ -1,6 +1,6 @@
 """Benchmark: event ingest through the real SSH path, from 1 host and from 50 hosts at once.
 
-    .venv/bin/python bench/ingest_ssh.py [--hosts 1,50] [--lines N] [--quick]
+    .venv/bin/python bench/ingest_ssh.py [--hosts 1,50] [--lines N] [--quick] [--events FILE]
 
 bench/ingest.py measures the parser and aggregate alone (no network).  This
 one puts the transport in front of them: simulated hosts (bench/simhost.py
@@ -11,6 +11,9 @@ FleetAggregate).  For each host count it prints events per controller CPU
 second (one event loop = one core), MB/s per core, wall events/s, and the
 controller's RSS sampled every half second (must not grow with events).
 The simulated hosts run in their own processes and are not counted.
+With ``--events FILE`` every event is also written to FILE as JSON lines,
+exactly as ``fleetprobe run --events FILE`` does (``run_playbook`` with
+``events_path``); without it, no raw events are written.
 """
 
 from __future__ import annotations
@@ -28,8 +31,7 @@ from pathlib import Path
 from fanout import BENCH, SimFleet, _hosts, _settings
 from simhost import trace_lines
 
-from fleetprobe.merge import FleetAggregate
-from fleetprobe.orchestrate import run_fleet
+from fleetprobe.orchestrate import run_playbook
 from fleetprobe.playbook import load_playbook
 
 
@@ -69,9 +71,10 @@ class IngestResult:
     failed: list[str]
     conn_min: int
     conn_max: int
+    events_bytes: int
 
 
-async def ingest(hosts_n: int, total_lines: int, servers: int) -> IngestResult:
+async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str | None = None) -> IngestResult:
     """Stream ``total_lines`` split over ``hosts_n`` simulated hosts through fleetprobe; controller figures."""
     work = Path(tempfile.mkdtemp(prefix="fp-ingest-"))
     fleet = SimFleet(work, hosts_n)
@@ -83,7 +86,6 @@ async def ingest(hosts_n: int, total_lines: int, servers: int) -> IngestResult:
         # The simulated runner ends by itself after its lines (as "duration"); no event cap.
         settings = replace(_settings(spec), event_cap=10**12)
         playbook = load_playbook(BENCH.parent / "playbooks" / "execsnoop.yml")
-        agg = FleetAggregate()
         counter = EventCounter()
         samples: list[tuple[float, float, int]] = []
         done = asyncio.Event()
@@ -99,7 +101,9 @@ async def ingest(hosts_n: int, total_lines: int, servers: int) -> IngestResult:
 
         sampler = asyncio.ensure_future(sample())
         cpu0 = time.process_time()
-        outcomes = await run_fleet(_hosts(spec), playbook, settings, agg, observer=counter)
+        # The whole run as the CLI does it: aggregate, and the raw-event writer when asked for.
+        report = await run_playbook(_hosts(spec), playbook, settings, observer=counter, events_path=events_path)
+        outcomes = report.hosts
         cpu = time.process_time() - cpu0
         wall = time.monotonic() - t0
         done.set()
@@ -118,7 +122,8 @@ async def ingest(hosts_n: int, total_lines: int, servers: int) -> IngestResult:
                         first=first, last=samples[-1], rss_max=max(r for _, r, _ in samples),
                         curve=[(round(t, 1), round(r, 1), e) for t, r, e in samples[:: max(1, len(samples) // 10)]],
                         failed=[f"{o.host}: {o.status} {o.reason}" for o in outcomes if o.status != "ok"][:3],
-                        conn_min=int(server["conn_min"]), conn_max=int(server["conn_max"]))
+                        conn_min=int(server["conn_min"]), conn_max=int(server["conn_max"]),
+                        events_bytes=Path(events_path).stat().st_size if events_path else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, default=4_000_000, help="lines in total per host count")
     ap.add_argument("--servers", type=int, default=2, help="simulated-host processes")
     ap.add_argument("--quick", action="store_true", help="smoke run: 300,000 lines (< 60 s)")
+    ap.add_argument("--events", metavar="FILE", help="also write raw events to FILE, as `fleetprobe run --events`")
     args = ap.parse_args(argv)
     if args.quick:
         args.lines = 300_000
     for n in (int(x) for x in args.hosts.split(",")):
-        r = asyncio.run(ingest(n, args.lines, args.servers))
+        r = asyncio.run(ingest(n, args.lines, args.servers, args.events))
         (_, rss1, e1), (_, rss2, e2) = r.first, r.last
         print(f"{n:3d} host(s): {r.events:,} events of {r.sent:,} sent, {r.line_bytes:.0f} B/line; "
               f"{r.wall:.1f} s wall, {r.cpu:.1f} s controller CPU -> {r.events / r.cpu:,.0f} events/s per core, "
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"     RSS {rss1:.1f} MiB at {e1:,} events -> {rss2:.1f} MiB at {e2:,} events "
               f"(max {r.rss_max:.1f}); connections per host {r.conn_min}-{r.conn_max}", flush=True)
         print(f"     (t s, RSS MiB, events): {r.curve}", flush=True)
+        if args.events:
+            print(f"     raw events: {r.events_bytes / 1e6:.1f} MB written to {args.events}", flush=True)
         if r.failed:
             print(f"     FAILED hosts: {r.failed}", flush=True)
     return 0
