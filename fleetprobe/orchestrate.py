@@ -33,7 +33,7 @@ from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
-from .parse import EventBatch, LineSink, TraceEvent, TraceStream
+from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
@@ -153,6 +153,12 @@ class _HostCap:
             return False
         self.written += 1
         return True
+
+    def take_for_writer(self, n: int) -> int:
+        """How many of the next ``n`` events the writer may write (keep_for_writer for a whole batch)."""
+        k = min(n, max(self.cap - self.written, 0))
+        self.written += k
+        return k
 
 
 @dataclass
@@ -413,6 +419,8 @@ class FleetRun:
     elf_offsets: ElfOffsets = field(default_factory=ElfOffsets)
     plans: dict[str, HostPlan] = field(default_factory=dict)
     modules: ModuleBuilds = field(default_factory=ModuleBuilds)
+    #: The raw-event file (takes whole batches of rows; ``on_event`` gets TraceEvents instead).
+    events: EventSink | None = None
     #: Hosts still connecting/gathering facts/planning; ``everyone_set_up`` is set when none is.
     in_setup: int = 0
     everyone_set_up: asyncio.Event = field(default_factory=asyncio.Event)
@@ -434,15 +442,19 @@ class FleetRun:
 
 async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings, aggregate: LineSink, *,
                     on_event: Callable[[TraceEvent], None] | None = None,
+                    events: EventSink | None = None,
                     observer: Observer | None = None,
                     interrupted: asyncio.Event | None = None) -> list[HostOutcome]:
     """Probe every host with the playbook; one HostOutcome per host, in inventory order.
 
     Events go to ``aggregate.add_line`` as they arrive and, when given, to
-    ``on_event`` as parsed TraceEvents (the raw-event file).
+    ``on_event`` as parsed TraceEvents, or to ``events`` (the raw-event file, see
+    report.EventWriter) as the rows the kernel printed: one of the two, not both.
     """
+    if on_event is not None and events is not None:
+        raise ValueError("run_fleet: pass on_event or events, not both")
     hosts = list(hosts)
-    fr = FleetRun(playbook=playbook, settings=settings, aggregate=aggregate, on_event=on_event,
+    fr = FleetRun(playbook=playbook, settings=settings, aggregate=aggregate, on_event=on_event, events=events,
                   observer=observer or NullObserver(),
                   run_id=settings.run_id or new_run_id(), interrupted=interrupted or asyncio.Event(),
                   setup_slots=asyncio.Semaphore(max(1, settings.forks)),
@@ -654,11 +666,18 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     report = RunnerReport()
     clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
     counter = _HostCap(fr.aggregate, fr.event_cap)
-    write = fr.on_event
+    sink = fr.events
+    write = sink.write if sink is not None else fr.on_event
 
     def on_event(ev: TraceEvent) -> None:
         if write is not None and counter.keep_for_writer():
             write(ev)
+
+    def on_batch(batch: EventBatch) -> None:
+        """Trace events to the raw-event file as rows, under the same cap as one by one."""
+        n = counter.take_for_writer(len(batch))
+        if n and sink is not None:
+            sink.write_batch(host, batch.head(n), names)
 
     ping_sent = 0.0
 
@@ -674,8 +693,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
                 out.clock_offset, out.clock_error = sample
                 clock.offset, clock.error = sample
 
-    parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write else None,
-                         on_control=on_control, clock=clock)
+    parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
+                         on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock)
     deadline = int(plan.instance.rsplit("_", 1)[1])
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
                                  deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
@@ -1061,7 +1080,7 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
     writer = EventWriter(events_path) if events_path else None
     try:
         outcomes = await run_fleet(hosts, playbook, settings, aggregate,
-                                   on_event=writer.write if writer else None,
+                                   events=writer,
                                    observer=observer, interrupted=interrupted)
     finally:
         if writer is not None:

@@ -443,6 +443,18 @@ class LineSink(Protocol):
         ...
 
 
+class EventSink(Protocol):
+    """Where raw events go (see :class:`fleetprobe.report.EventWriter`): batches of rows, or one parsed event."""
+
+    def write(self, ev: TraceEvent) -> None:
+        """Store one event already built (module events come this way)."""
+        ...
+
+    def write_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
+        """Store every row of a batch of ``host``'s events; ``probes`` names each row's trace event."""
+        ...
+
+
 class TraceStream:
     """Turn one host's raw trace_pipe bytes into events, markers, loss and control lines.
 
@@ -454,9 +466,11 @@ class TraceStream:
     the events with one ``map``; only chunks with other lines in them
     (control, loss, garbage) are cut into runs of event lines around those.
     Events go to ``aggregate.add_batch`` as one :class:`EventBatch` per chunk
-    (split at clock markers), and, only if ``on_event`` is given, also as
-    :class:`TraceEvent` objects with parsed fields (for the raw-event writer:
-    building and parsing every event costs several times the rest).
+    (split at clock markers).  A raw-event writer gets the same rows, as the
+    kernel printed them, through ``on_batch`` (one :class:`EventBatch` per run
+    of events, with the clock map in force); ``on_event``, if given, gets
+    every event as a :class:`TraceEvent` with parsed fields instead (building
+    and parsing every event costs several times the rest).
     Event times are put on the controller's time axis by ``clock`` (a
     :class:`fleetprobe.clock.ClockMap`), which learns from the markers as they
     arrive; before the first marker an event's ``time`` is its raw trace
@@ -466,6 +480,7 @@ class TraceStream:
     def __init__(self, host: str, names: Mapping[str, str], *,
                  aggregate: LineSink | None = None,
                  on_event: Callable[[TraceEvent], None] | None = None,
+                 on_batch: Callable[[EventBatch], None] | None = None,
                  on_control: Callable[[str], None] | None = None,
                  on_marker: Callable[[Marker], None] | None = None,
                  on_loss: Callable[[Loss], None] | None = None,
@@ -475,6 +490,7 @@ class TraceStream:
         self.names = dict(names)
         self.aggregate = aggregate
         self.on_event = on_event
+        self.on_batch = on_batch
         self.on_control = on_control
         self.on_marker = on_marker
         self.on_loss = on_loss
@@ -571,12 +587,16 @@ class TraceStream:
                 unknown[name] = unknown.get(name, 0) + 1
 
     def _take(self, rows: list[Row], row_names: list[str], counts: Mapping[str, int]) -> None:
-        """Add events of this run's probes to the batch (and hand each to ``on_event``, if any)."""
+        """Add events of this run's probes to the batch (and hand them to ``on_batch``/``on_event``, if any)."""
         self._rows += rows
         self._row_names += row_names
         have = self._counts
         for name, n in counts.items():
             have[name] = have.get(name, 0) + n
+        if self.on_batch is not None:
+            # Now, not at the flush: the writer sees events in the order they were read (module
+            # events are written between chunks) and under the clock map they were read with.
+            self.on_batch(EventBatch(rows, row_names, dict(counts), self._slope, self._intercept))
         on_event = self.on_event
         if on_event is not None:
             names, host, slope, intercept = self.names, self.host, self._slope, self._intercept
