@@ -325,9 +325,13 @@ class _Tokens(dict[str, "tuple[str, str] | None"]):
         name, eq, value = tok.partition("=")
         member: tuple[str, str] | None = None
         if eq and name:
-            v = parse_value(value)
-            member = (name, f"{_encode_str(name)}:{v}" if isinstance(v, int) else
-                      f"{_encode_str(name)}:{_encode_str(v)}")
+            if value.isdigit() and value.isascii() and value[0] != "0" and len(value) < 20:
+                # A pid or a count: parse_value's int, which JSON writes as printed.
+                member = (name, f"{_encode_str(name)}:{value}")
+            else:
+                v = parse_value(value)
+                member = (name, f"{_encode_str(name)}:{v}" if isinstance(v, int) else
+                          f"{_encode_str(name)}:{_encode_str(v)}")
         self[tok] = member
         return member
 
