@@ -704,19 +704,34 @@ class KernelTree:
     cc: str
 
 
-def _fix_tree(root: Path, release: str, final_root: Path) -> None:
-    """Make an unpacked Debian headers tree work outside /usr/src.
+#: Debian's ``include /usr/src/linux-headers-<abi>-common/Makefile``, or a tree fixed by an older
+#: fleetprobe to an absolute path (which broke when the cache was reached through a path that went away).
+_HEADERS_INCLUDE = re.compile(r"^include \S*/usr/src/(linux-headers-[^/\s]+/Makefile)$", re.M)
 
-    Debian's ``linux-headers-<release>/Makefile`` is ``include
-    /usr/src/linux-headers-<abi>-common/Makefile`` (absolute), and
-    ``/lib/modules/<release>/{build,source}`` are absolute symlinks: point all
-    of them into the tree, which is unpacked in ``root`` and then renamed to
-    ``final_root``.  The ``scripts``/``tools`` symlinks into
-    linux-kbuild are relative and already right.
+
+def _fix_makefile(makefile: Path) -> None:
+    """Point the release Makefile's include at its sibling -common tree relative to itself.
+
+    ``$(dir $(lastword $(MAKEFILE_LIST)))`` is the folder of the Makefile being
+    read, so the tree works wherever the cache lives (moved, copied, or reached
+    through a symlink that later goes away).
     """
-    makefile = root / "usr/src" / f"linux-headers-{release}" / "Makefile"
     text = makefile.read_text()
-    makefile.write_text(re.sub(r"^include /usr/src/", f"include {final_root}/usr/src/", text, flags=re.M))
+    fixed = _HEADERS_INCLUDE.sub(r"include $(dir $(lastword $(MAKEFILE_LIST)))../\1", text)
+    if fixed != text:
+        makefile.write_text(fixed)
+
+
+def _fix_tree(root: Path, release: str) -> None:
+    """Make an unpacked Debian headers tree work outside /usr/src, wherever it is.
+
+    Debian's ``linux-headers-<release>/Makefile`` includes
+    ``/usr/src/linux-headers-<abi>-common/Makefile`` (absolute): made relative to
+    itself.  ``/lib/modules/<release>/{build,source}`` are absolute symlinks: made
+    relative into the tree (unpacked in ``root``, then renamed into the cache).
+    The ``scripts``/``tools`` symlinks into linux-kbuild are relative and already right.
+    """
+    _fix_makefile(root / "usr/src" / f"linux-headers-{release}" / "Makefile")
     for link in root.rglob("*"):
         if link.is_symlink():
             dest = os.readlink(link)
@@ -777,6 +792,7 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     tree = dest / "usr/src" / headers
     target = _TARGETS[debian_arch]
     if marker.is_file():
+        _fix_makefile(tree / "Makefile")  # trees prepared by older fleetprobes used an absolute include
         return KernelTree(tree, release, ref.version, _kernel_cc(tree, target.triplet, cross))
     deps = debian.depends_names(ref.depends)
     common = [d for d in deps if d.startswith("linux-headers-") and d.endswith("-common")]
@@ -791,7 +807,7 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     try:
         for pkg in pkgs:
             debian.extract(pkg, tmp)
-        _fix_tree(tmp, release, dest)
+        _fix_tree(tmp, release)
         (tmp / ".fleetprobe-ready").write_text(" ".join(p.path.name for p in pkgs) + "\n")
         try:
             os.rename(tmp, dest)

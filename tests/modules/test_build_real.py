@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -181,3 +182,28 @@ def test_host_build_over_ssh(lab_kernels: dict[str, LabKernel], loopback_sshd: L
     assert vermagic is None
     # The host's temporary build folder is gone.
     assert set(Path("/tmp").glob("fleetprobe-build.*")) == before
+
+
+def test_kernel_tree_builds_wherever_the_cache_is(lab_kernels: dict[str, LabKernel], tmp_path: Path) -> None:
+    """A prepared headers tree is relocatable, and a tree an older fleetprobe pinned to a vanished path heals.
+
+    Older trees said ``include <absolute cache path>/usr/src/linux-headers-<abi>-common/Makefile``;
+    reached once through a temporary symlink, every later build failed with make's "No such file".
+    """
+    k = lab_kernels["x86_64"]
+    need_compiler(k.debian_arch, "x86_64-linux-gnu")
+    trees, debs = SHARED_CACHE / "kernel-trees", SHARED_CACHE / "debian"
+    tree = prepare_debian_tree(k.release, k.debian_arch, k.package_version, trees=trees, debian_cache=debs)
+    text = (tree.path / "Makefile").read_text()
+    assert "include $(dir $(lastword $(MAKEFILE_LIST)))../linux-headers-" in text
+    assert not re.search(r"^include /", text, re.M)
+
+    moved = tmp_path / "elsewhere" / "kernel-trees"
+    shutil.copytree(tree.path.parents[2], moved / k.debian_arch / tree.path.parents[2].name, symlinks=True)
+    copy = moved / k.debian_arch / tree.path.parents[2].name / "usr/src" / tree.path.name / "Makefile"
+    copy.write_text(re.sub(r"^include \S+/(linux-headers-\S+/Makefile)$", r"include /gone/usr/src/\1",
+                           text, flags=re.M))
+    results = asyncio.run(build_groups(plan_builds([lab_facts(k, "h")], MODULES[:1]),
+                                       cache=ModuleCache(tmp_path / "modules"), trees=moved, debian_cache=debs))
+    assert results[0].module is not None, results[0].error and results[0].error.evidence
+    assert "/gone/" not in copy.read_text()
