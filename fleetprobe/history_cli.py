@@ -22,23 +22,24 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from fleetprobe.audit import AuditResult, Finding, Thresholds, audit, diff_reports
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.merge import FleetReport
-from fleetprobe.orchestrate import RunSettings
 from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
 from fleetprobe.shard import Shard, parse_shard, select_hosts
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, Store, default_path
+
+if TYPE_CHECKING:
+    # rich is imported where something is rendered and the orchestrator (asyncssh) where a run
+    # starts: `fleetprobe --help` builds these parsers and needs neither (issue 5).
+    from rich.console import Console
+
+    from fleetprobe.orchestrate import RunSettings
 
 #: Exit status of an audit that ran and failed (distinct from the run statuses 0-3).
 AUDIT_FAILED = 4
@@ -225,6 +226,8 @@ class RunExtras:
 
     def finish(self, report: FleetReport, console: Console, audit_result: AuditResult | None = None) -> None:
         """Store the run, apply event retention, write the HTML/Markdown reports."""
+        from rich.markup import escape
+
         if self.store is not None:
             self.store.save_run(report, playbook_text=_read_text(self.playbook.source),
                                 inventory_text=_inventory_text(str(self.args.inventory)), facts=self.facts,
@@ -275,6 +278,8 @@ def _inventory_text(spec: str) -> str:
 def write_reports(args: argparse.Namespace, report: FleetReport, console: Console,
                   audit_result: AuditResult | None = None) -> None:
     """Write --html / --markdown (and --json where the command has it) for a report."""
+    from rich.markup import escape
+
     from fleetprobe.html import write_html
     from fleetprobe.markdown import write_markdown
     from fleetprobe.report import write_json
@@ -307,6 +312,9 @@ def _when(t: float | None) -> str:
 
 def cmd_history(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe history``: the stored runs, newest first."""
+    from rich.markup import escape
+    from rich.table import Table
+
     with open_store(args) as store:
         if args.prune:
             events, runs = store.prune(events_days=args.keep_events_days, runs_days=args.keep_runs_days)
@@ -336,6 +344,8 @@ def cmd_history(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe show RUN``: the stored report, rendered again (with its audit verdict)."""
+    from rich.markup import escape
+
     from fleetprobe.report import render_summary
 
     with open_store(args) as store:
@@ -360,6 +370,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 def print_findings(findings: list[Finding], console: Console, failing: set[int] | None = None) -> None:
     """One line per finding: severity, kind, message."""
+    from rich.text import Text
+
     for i, f in enumerate(findings):
         sev = "FAIL" if failing is None and f.severity == "fail" or failing is not None and i in failing else "note"
         line = Text(f"  {sev:<4} ", style=_SEVERITY_STYLE["fail" if sev == "FAIL" else "note"])
@@ -370,6 +382,8 @@ def print_findings(findings: list[Finding], console: Console, failing: set[int] 
 
 def print_audit(result: AuditResult, console: Console) -> None:
     """The verdict line, the hosts that failed, and every finding."""
+    from rich.text import Text
+
     base = f"against baseline run {result.baseline}" if result.baseline else "(no baseline run: rules only)"
     if result.passed:
         console.print(Text(f"audit PASSED {base}", style="bold green"))
@@ -382,6 +396,9 @@ def print_audit(result: AuditResult, console: Console) -> None:
 
 def cmd_diff(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe diff A B``: what changed from run A to run B."""
+    from rich.markup import escape
+    from rich.text import Text
+
     with open_store(args) as store:
         a, b = store.resolve(args.run_a), store.resolve(args.run_b)
         ra, rb = store.load_report(a), store.load_report(b)
@@ -403,6 +420,8 @@ def cmd_diff(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe merge A.json B.json -o merged.json``."""
+    from rich.markup import escape
+
     from fleetprobe.report import render_summary, write_json
     from fleetprobe.shard import merge_files
 

@@ -21,11 +21,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from . import elf
-from .build import (BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource, build_group,
-                    load_module_source, module_load_blocker, plan_builds, verify_on_host, with_module_name)
 from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .facts import Facts, facts_args, facts_script, parse_facts
@@ -39,6 +36,11 @@ from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
                      sweep_directives, teardown_directives)
 from .transport import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
+
+if TYPE_CHECKING:
+    # Module builds (build, debian) and ELF reading (uprobes) are imported where a run needs
+    # them: a tracefs run, `facts` and `cleanup` never do (start-up cost, issue 5).
+    from .build import BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource
 
 T = TypeVar("T")
 
@@ -308,6 +310,8 @@ class ElfOffsets:
                     for k, f in futs.items():
                         f.set_result(f"cannot read {path}: {exc.evidence or exc.message}")
                 else:
+                    from . import elf
+
                     for (_, sym), f in futs.items():
                         try:
                             f.set_result(elf.symbol_file_offset(data, sym))
@@ -335,14 +339,25 @@ class ModuleBuilds:
                  have_program: Callable[[str], bool] | None = None) -> None:
         """Build at ``where`` (auto/host/controller) into ``cache``; ``have_program`` as in plan_builds."""
         self.where = where
-        self.cache = cache if cache is not None else ModuleCache()
+        self._cache = cache
         self.have_program = have_program
         self.results: list[GroupResult] = []
         self._sources: dict[str, ModuleSource] = {}
         self._builds: dict[BuildKey, asyncio.Future[GroupResult]] = {}
 
+    @property
+    def cache(self) -> ModuleCache:
+        """The build cache, opened when a run first needs a module."""
+        if self._cache is None:
+            from .build import ModuleCache
+
+            self._cache = ModuleCache()
+        return self._cache
+
     def source(self, path: str) -> ModuleSource:
         """The module folder's source, read and hashed once per run."""
+        from .build import load_module_source
+
         src = self._sources.get(path)
         if src is None:
             src = self._sources[path] = load_module_source(path)
@@ -361,6 +376,8 @@ class ModuleBuilds:
 
         ``session`` is the host's own, used when the host is the one that builds.
         """
+        from .build import build_group, plan_builds
+
         host = facts.host
         kwargs = {"have_program": self.have_program} if self.have_program else {}
         (group,) = plan_builds([facts], [source], where=self.where, **kwargs)
@@ -458,8 +475,7 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
                   observer=observer or NullObserver(),
                   run_id=settings.run_id or new_run_id(), interrupted=interrupted or asyncio.Event(),
                   setup_slots=asyncio.Semaphore(max(1, settings.forks)),
-                  modules=ModuleBuilds(settings.build_at, ModuleCache(settings.module_cache)
-                                       if settings.module_cache else None),
+                  modules=ModuleBuilds(settings.build_at, _module_cache(settings.module_cache)),
                   in_setup=len(hosts))
     if not hosts:
         fr.everyone_set_up.set()
@@ -533,7 +549,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
             return out
         session, runner, facts, plan = setup.session, setup.runner, setup.facts, setup.plan
         out.skipped_probes = {sp.name: sp.reason for sp in plan.skipped}
-        if fr.playbook.needs_module_consent() and (blocker := module_load_blocker(facts)):
+        if fr.playbook.needs_module_consent() and (blocker := _module_load_blocker(facts)):
             # A module playbook on a host that can never load one is a failure, not a quiet skip.
             out.stage = "build"
             raise HostError(host.name, "build", f"cannot load kernel modules: {blocker}",
@@ -594,6 +610,22 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     return out
 
 
+def _module_load_blocker(facts: Facts) -> str | None:
+    """build.module_load_blocker, imported only for module playbooks."""
+    from .build import module_load_blocker
+
+    return module_load_blocker(facts)
+
+
+def _module_cache(path: Path | None) -> ModuleCache | None:
+    """The build cache at ``path`` (None: the default, opened when first needed)."""
+    if not path:
+        return None
+    from .build import ModuleCache
+
+    return ModuleCache(path)
+
+
 #: What a module name, run id, probe name and parameter must look like: the modules print them as
 #: key=value tokens (fp_kprobe refuses others) and the runner splits its directives at blanks.
 _MODULE_WORD = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -614,6 +646,8 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
     Each failure is this host's HostError with the compiler's or kernel's words:
     no build tree or compiler, a build error, a vermagic mismatch.
     """
+    from .build import verify_on_host, with_module_name
+
     host = session.host.name
     loads: list[ModuleLoad] = []
     for p in plan.probes:
@@ -1012,6 +1046,8 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
 def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
                        where: str = "auto") -> list[BuildGroup]:
     """The build groups a run of these plans would build (``fleetprobe plan`` shows them); pure."""
+    from .build import load_module_source, plan_builds
+
     facts: dict[str, Facts] = {}
     wanted: dict[str, list[ModuleSource]] = {}
     sources: dict[str, ModuleSource] = {}
@@ -1071,13 +1107,16 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
     Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory.
     """
     from . import __version__
-    from .report import EventWriter
 
     aggregate = FleetAggregate(pairs=playbook_pairs(playbook))
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
     started = time.time()
-    writer = EventWriter(events_path) if events_path else None
+    writer = None
+    if events_path:
+        from .report import EventWriter  # report imports rich: only when there is an event file
+
+        writer = EventWriter(events_path)
     try:
         outcomes = await run_fleet(hosts, playbook, settings, aggregate,
                                    events=writer,

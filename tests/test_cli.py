@@ -184,3 +184,49 @@ def test_cleanup_removes_stale_leftovers_only(sim: SimFleet, tmp_path: Path) -> 
         if f"fp_{rid}_abcf" in (TRACEFS / "uprobe_events").read_text():
             append_event(f"-:fp_{rid}_abcf/stale")
     assert not any(rid in n for n in fp_names())
+
+
+def _modules_imported(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code`` (a real subprocess: sys.modules is global)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_help_imports_no_ssh_no_rich_no_builder() -> None:
+    """`fleetprobe --help` builds the parsers only: SSH, rendering and the module builder load when used."""
+    mods = _modules_imported("from fleetprobe.cli import main\nassert main(['--help']) == 0")
+    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.transport", "fleetprobe.build",
+             "fleetprobe.html", "fleetprobe.report"}
+    assert not heavy & mods, heavy & mods
+    assert "fleetprobe.history_cli" in mods  # the check sees what --help does import
+
+
+def test_orchestrator_imports_no_builder_and_no_rendering() -> None:
+    """A tracefs run needs neither the module builder nor rich: they load for module playbooks / output."""
+    mods = _modules_imported("import fleetprobe.orchestrate")
+    assert "asyncssh" in mods
+    assert not {"fleetprobe.build", "fleetprobe.debian", "fleetprobe.elf", "fleetprobe.report", "rich"} & mods
+
+
+def test_package_names_load_on_first_use() -> None:
+    """`import fleetprobe` is cheap; every name in __all__ still resolves (to its module's object)."""
+    assert "asyncssh" not in _modules_imported("import fleetprobe")
+    import fleetprobe
+    from fleetprobe import orchestrate, transport
+
+    assert fleetprobe.run_playbook is orchestrate.run_playbook and fleetprobe.SSHOptions is transport.SSHOptions
+    for name in fleetprobe.__all__:
+        assert getattr(fleetprobe, name) is not None
+    with pytest.raises(AttributeError):
+        fleetprobe.no_such_name  # noqa: B018
+
+
+def test_where_choices_match_the_builder() -> None:
+    from fleetprobe import build, cli
+
+    assert cli.WHERE_CHOICES == build.WHERE_CHOICES

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from fleetprobe.errors import FleetprobeError, InputError
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, lab_arch
 from fleetprobe.lab.fleet import DEFAULT_TIMEOUT_S, default_lab_dir, down, status, up
+
+if TYPE_CHECKING:
+    from rich.console import Console  # imported by run_lab: `fleetprobe --help` renders nothing (issue 5)
 
 
 def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -70,6 +70,9 @@ def parse_counts(arch_arg: str | None, count_arg: str | None) -> tuple[list[str]
 
 def run_lab(args: argparse.Namespace, console: Console) -> int:
     """Run `lab up|down|status`; returns the exit status (0 ok, 1 bad input, 2 failure)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     lab_dir = args.dir.resolve() if args.dir else default_lab_dir()
     try:
         if args.lab_command == "up":

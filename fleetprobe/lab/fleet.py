@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import asyncssh
-
 from fleetprobe import debian
 from fleetprobe.errors import InputError
 from fleetprobe.lab import image as lab_image
@@ -137,6 +135,8 @@ def _write_lab_files(lab_dir: Path, vms: list[LabVM]) -> None:
 async def _wait_one(rec: LabVM, paths: vm.VMPaths, key: Path, known_hosts: Path,
                     started_at: float, deadline: float) -> LabVM:
     """Wait for one VM's SSH banner and a real login; returns its record with release and boot time."""
+    import asyncssh  # here, not at the top: `fleetprobe --help` imports this module (issue 5)
+
     def alive() -> bool:
         return vm.running_pid(paths) is not None
 

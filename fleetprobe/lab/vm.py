@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
-
 from fleetprobe.errors import FleetprobeError
 from fleetprobe.lab.arches import LabArch
 
@@ -216,6 +214,8 @@ async def login(port: int, key: Path, known_hosts: Path, timeout_s: float) -> tu
     Key exchange in a loaded emulated guest can take seconds (LAB.md), hence
     a generous timeout.  ``config=[]`` keeps the user's ~/.ssh/config out.
     """
+    import asyncssh  # here, not at the top: `fleetprobe --help` imports this module (issue 5)
+
     async with asyncssh.connect(
             "127.0.0.1", port, username="root", client_keys=[str(key)],
             known_hosts=str(known_hosts), config=[], agent_path=None,
