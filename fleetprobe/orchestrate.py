@@ -780,29 +780,31 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     parser.on_marker = on_marker
 
-    async def watchdog() -> None:
-        """Stop the runner on interrupt or overrun, and give up on it when its heartbeat stops.
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    guard: asyncio.TimerHandle
+
+    def watchdog() -> None:
+        """Every second: stop the runner on interrupt or overrun, and give up on it when its heartbeat stops.
 
         The runner writes a clock marker every 5 s while it runs; a runner that
         was killed (an oops in its context, the OOM killer, a person) leaves
-        its reader streaming but sends no more markers.
+        its reader streaming but sends no more markers.  A timer callback, not a
+        task: a task per host costs a future and two wake-ups per second (issue 5).
         """
-        nonlocal runner_dead
-        t0 = time.monotonic()
-        while True:
-            await asyncio.sleep(1)
-            now = time.monotonic()
-            if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
-                break
-            if report.started and not report.stop_reason and now - last_beat > HEARTBEAT_TIMEOUT:
-                runner_dead = True
-                stream.close()
-                return
-        stop()
-        await asyncio.sleep(s.teardown_timeout)
-        stream.close()
+        nonlocal runner_dead, guard
+        now = time.monotonic()
+        if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
+            stop()
+            guard = loop.call_later(s.teardown_timeout, stream.close)
+            return
+        if report.started and not report.stop_reason and now - last_beat > HEARTBEAT_TIMEOUT:
+            runner_dead = True
+            stream.close()
+            return
+        guard = loop.call_later(1, watchdog)
 
-    guard = asyncio.ensure_future(watchdog())
+    guard = loop.call_later(1, watchdog)
     last_seen = 0
     link_error: TransportError | None = None
     try:
