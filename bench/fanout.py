@@ -420,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="per client run")
     ap.add_argument("--json", help="write every measurement as JSON")
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 hosts, 1 round (< 60 s)")
+    ap.add_argument("--first-port", type=int, default=FIRST_PORT,
+                    help=f"first port of the simulated hosts (default {FIRST_PORT}; bench/ingest_ssh.py uses it too)")
     args = ap.parse_args(argv)
+    globals()["FIRST_PORT"] = args.first_port  # SimFleet.ports reads it
     if args.client:
         return client_main(*args.client)
     if args.quick:
