@@ -10,8 +10,9 @@ Two layers:
   reads from the runner's channel (large chunks, never line by line: see
   PERF-NOTES), keeps a partial last line for the next chunk, takes all lines
   of a chunk with one ``findall``, and hands the events to the aggregate as an
-  :class:`EventBatch` of the strings the kernel printed (and, on request, as
-  :class:`TraceEvent` objects through a callback).
+  :class:`EventBatch` of the strings the kernel printed; a raw-event writer
+  gets the same batches (``on_batch``), or, on request, every event as a
+  :class:`TraceEvent` through a callback (``on_event``, several times dearer).
 
 The line layout (kernel/trace/trace_output.c, print_trace_fmt + lat/irq info)::
 
