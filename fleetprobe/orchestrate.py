@@ -30,7 +30,7 @@ from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
-from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream
+from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
@@ -771,12 +771,13 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             stop_sent = True
             stream.write(b"stop\n")
 
-    last_beat = time.monotonic()
+    last_read = time.monotonic()
+    last_marker_ts: float | None = None
     runner_dead = False
 
-    def on_marker(_marker: object) -> None:
-        nonlocal last_beat
-        last_beat = time.monotonic()
+    def on_marker(marker: Marker) -> None:
+        nonlocal last_marker_ts
+        last_marker_ts = marker.trace_ts
 
     parser.on_marker = on_marker
 
@@ -789,8 +790,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
         The runner writes a clock marker every 5 s while it runs; a runner that
         was killed (an oops in its context, the OOM killer, a person) leaves
-        its reader streaming but sends no more markers.  A timer callback, not a
-        task: a task per host costs a future and two wake-ups per second (issue 5).
+        its reader streaming but sends no more markers (see runner_silent).  A
+        timer callback, not a task: a task per host costs a future and two
+        wake-ups per second (issue 5).
         """
         nonlocal runner_dead, guard
         now = time.monotonic()
@@ -798,7 +800,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
             return
-        if report.started and not report.stop_reason and now - last_beat > HEARTBEAT_TIMEOUT:
+        if report.started and not report.stop_reason and runner_silent(now - last_read, last_marker_ts,
+                                                                       parser.last_trace_ts):
             runner_dead = True
             stream.close()
             return
@@ -816,6 +819,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
                 break
             if not chunk:
                 break
+            last_read = time.monotonic()
             feed(chunk)
             if counter.accepted != last_seen:
                 fr.observer.add_events(host, counter.accepted - last_seen)
@@ -941,6 +945,21 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
 
 #: Seconds without the runner's 5-second clock marker before it is presumed dead.
 HEARTBEAT_TIMEOUT = 20
+
+
+def runner_silent(idle: float, last_marker_ts: float | None, last_trace_ts: float) -> bool:
+    """Has the runner stopped writing its 5-second clock markers for HEARTBEAT_TIMEOUT?
+
+    Judged in the host's trace time, not by when the controller happens to read:
+    a controller behind a busy stream reads old data, markers included, late.
+    Dead when events read go HEARTBEAT_TIMEOUT (trace time) past the last marker
+    (the killed runner's reader still streams), or when nothing at all arrived
+    for that long (``idle``, controller seconds: a live runner always writes
+    markers, so silence cannot be backlog).
+    """
+    if idle > HEARTBEAT_TIMEOUT:
+        return True
+    return last_marker_ts is not None and last_trace_ts - last_marker_ts > HEARTBEAT_TIMEOUT
 
 
 async def _runner_once(session: Session, directives: str, timeout: float) -> RunnerReport:

@@ -497,6 +497,10 @@ class TraceStream:
         self.on_loss = on_loss
         self.clock = clock
         self.stats = StreamStats()
+        #: The newest trace timestamp read so far (events and markers): how far the stream has got in
+        #: the host's trace time, whatever the controller's backlog (the probe watchdog compares it
+        #: with the last clock marker's).
+        self.last_trace_ts = 0.0
         self._add_batch: Callable[[str, EventBatch, Mapping[str, str]], None] | None = \
             getattr(aggregate, "add_batch", None)
         self._event_names = _EventNames()
@@ -555,6 +559,9 @@ class TraceStream:
             return
         stats = self.stats
         stats.lines += len(rows)
+        last = float(rows[-1][3])
+        if last > self.last_trace_ts:
+            self.last_trace_ts = last
         row_names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
         counts = Counter(row_names)
         known = self.names

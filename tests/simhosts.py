@@ -13,6 +13,9 @@ way a real host misbehaves:
 ``drop_after``  aborts the whole TCP connection ``delay`` seconds into the runner
                 command, as a link loss would; the runner then sees EOF on stdin and a
                 dead stdout, exactly what sshd gives it, and must clean up by itself.
+``kill_runner`` SIGKILLs the runner's own shell ``delay`` seconds into the runner command
+                (not its trace reader, not its on-host timer), as an oops in its context or
+                the OOM killer would: the reader keeps streaming, the clock markers stop.
 ``hostile``     interleaves garbage into the runner's stdout at line boundaries:
                 invalid UTF-8, NUL bytes, a 1 MB line, a fake ``@@fp error`` line.
 ``auth_fail``   accepts no client key.
@@ -46,7 +49,7 @@ import asyncssh
 
 T = TypeVar("T")
 
-PERSONALITIES = ("normal", "slow", "hang", "drop_after", "hostile", "auth_fail")
+PERSONALITIES = ("normal", "slow", "hang", "drop_after", "kill_runner", "hostile", "auth_fail")
 
 #: What the hostile personality injects, one item per injection point.
 HOSTILE_GARBAGE: tuple[bytes, ...] = (
@@ -108,6 +111,8 @@ class SimHost:
     connections: int = 0
     commands: list[CommandLog] = field(default_factory=list)
     dropped: bool = False
+    #: Runner shells a ``kill_runner`` host killed.
+    killed: list[int] = field(default_factory=list)
     acceptor: asyncssh.SSHAcceptor | None = None
     pgids: set[int] = field(default_factory=set)
     open_connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)
@@ -211,6 +216,8 @@ class _Session:
         dropper: asyncio.Task[None] | None = None
         if p.kind == "drop_after" and log.kind == "runner":
             dropper = asyncio.ensure_future(self._drop(conn, proc, p.delay))
+        if p.kind == "kill_runner" and log.kind == "runner":
+            dropper = asyncio.ensure_future(self._kill_runner(proc.pid, p.delay))
         hostile = p.kind == "hostile" and log.kind == "runner"
         pumps = [asyncio.ensure_future(_pump_in(process, proc)),
                  asyncio.ensure_future(self._pump_out(proc.stdout, process.stdout, hostile)),
@@ -244,6 +251,28 @@ class _Session:
             pipe = transport.get_pipe_transport(fd) if transport is not None else None
             if pipe is not None:
                 pipe.close()
+
+    async def _kill_runner(self, pgid: int, delay: float) -> None:
+        """SIGKILL the runner's top shell in process group ``pgid``: the first ``fleetprobe-runner``
+        process whose parent is not one (its subshells, reader and timer are)."""
+        await asyncio.sleep(delay)
+
+        def cmdline(pid: int | str) -> str:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                return ""
+
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or "fleetprobe-runner" not in cmdline(entry.name):
+                continue
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(stat[2]) == pgid and "fleetprobe-runner" not in cmdline(stat[1]):
+                os.kill(int(entry.name), signal.SIGKILL)
+                self.host.killed.append(int(entry.name))
 
     async def _pump_out(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes],
                         hostile: bool) -> None:

@@ -318,3 +318,30 @@ def test_ctrl_c_stops_probing_prints_summary_and_cleans(sim: SimFleet, tmp_path:
     assert "interrupted" in text and "exec" in text, text
     assert leftovers(run_id) == []
     assert host.ran("runner")[0].exit_status == 0         # the runner finished its own teardown
+
+
+def test_killed_runner_is_noticed_by_its_stopped_markers_and_torn_down(sim: SimFleet, tmp_path: Path, run_id: str,
+                                                                      busy: None) -> None:
+    """The runner's shell dies mid-run while its trace reader keeps streaming events.
+
+    The controller must notice by the clock markers stopping in the stream's own trace time
+    (runner_silent), remove the run over the same connection, and say so; the healthy host
+    in the same run is not affected.
+    """
+    victim_host = sim.add("victim", "kill_runner", delay=4)
+    sim.add("healthy")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    pb = write_playbook(tmp_path, PLAYBOOK.replace("duration: 2s", "duration: 40s"))
+    report = tmp_path / "report.json"
+    rc, text, took = run_cli(["run", str(pb), *common_args(inv, run_id), "--json", str(report)])
+    hosts = hosts_by_name(report)
+    victim, healthy = hosts["victim"], hosts["healthy"]
+    assert victim_host.killed, "the personality killed the runner"
+    assert (victim["status"], victim["stage"]) == ("failed", "probe"), victim
+    assert "the runner stopped responding" in victim["reason"], victim
+    assert victim["cleanup"] == "controller", victim  # removed by the controller over the same connection
+    assert victim["events"] > 0, "events streamed before (and after) the runner died"
+    assert healthy["status"] == "ok" and healthy["cleanup"] == "clean", healthy
+    assert rc == 2, text
+    assert leftovers(run_id) == []

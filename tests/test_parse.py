@@ -220,6 +220,8 @@ def test_stream_chunking_does_not_matter(cuts: list[int]) -> None:
     assert stream.stats.markers == sum(isinstance(e, Marker) for e in want)
     assert stream.stats.unknown == {"tracing_mark_write": 1}
     assert stream.stats.unparsed == 0
+    # How far the stream has got in trace time: the newest event or marker, however it was cut.
+    assert stream.last_trace_ts == max(e.trace_ts for e in want if isinstance(e, (TraceEvent, Marker)))
 
 
 def test_stream_tolerates_bad_bytes_blank_lines_and_no_final_newline() -> None:

@@ -310,3 +310,17 @@ def test_busybox_runner_stops_on_eof_and_cleans() -> None:
     assert rep.clean and rep.bye
     assert took < 10
     assert not (TRACEFS / "instances" / instance).exists()
+
+
+def test_runner_silent_judges_in_trace_time_not_read_time() -> None:
+    """A controller behind a busy stream reads markers late: that is not a dead runner."""
+    from fleetprobe.orchestrate import HEARTBEAT_TIMEOUT as T, runner_silent
+    # Markers every 5 s of trace time, read late: the events read so far are within T of the last one.
+    assert not runner_silent(0.1, 1000.0, 1000.0 + T - 1)
+    # Events stream on T past the last marker: the runner stopped writing them.
+    assert runner_silent(0.1, 1000.0, 1000.0 + T + 0.5)
+    # Nothing read at all for T: a live runner always writes markers.
+    assert runner_silent(T + 1, 1000.0, 1000.0)
+    assert runner_silent(T + 1, None, 0.0)
+    # Before the first marker only silence counts.
+    assert not runner_silent(1.0, None, 5000.0)
