@@ -70,6 +70,11 @@ class RunSettings:
     buffer_kb: int | None = None
     run_id: str | None = None
     teardown_slack: int = TEARDOWN_SLACK
+
+    def deadline(self, clock_offset: float, duration: float) -> int:
+        """The host's epoch second by which a run of ``duration`` starting now is over, teardown slack included."""
+        return int(time.time() + clock_offset + duration + self.teardown_slack)
+
     #: Opens a Session to a host; None is asyncssh (transport.connect). ``--transport fabric`` sets
     #: fleetprobe.fabric.connect. One hook, so no stage branches on the transport.
     connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
@@ -515,7 +520,7 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
             out.stage = "plan"
             obs.set_state(host.name, "planning")
             offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
-            deadline = int(time.time() + offset + fr.duration + s.teardown_slack)
+            deadline = s.deadline(offset, fr.duration)
             plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets)
         except BaseException:
             if runner is not None:
@@ -575,7 +580,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         obs.set_state(host.name, "probing")
         # After a long build the planned deadline may be near: probes get the whole duration.
         plan = fr.plans[host.name] = with_later_deadline(
-            plan, time.time() + (out.clock_offset or 0.0) + fr.duration + fr.settings.teardown_slack)
+            plan, fr.settings.deadline(out.clock_offset or 0.0, fr.duration))
         probe_runner, runner = runner, None
         await _probe(fr, session, probe_runner, facts, plan, out, loads)
     except HostError as exc:
@@ -1056,7 +1061,7 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
     async def work(host: Host, session: Session) -> tuple[HostFacts, HostPlan | None]:
         facts, offset, error = await gather_facts(session, playbook, mount=False, timeout=settings.setup_timeout)
         uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
-        deadline = int(time.time() + offset + duration + settings.teardown_slack)
+        deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
                 plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo))
 
