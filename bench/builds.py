@@ -18,8 +18,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fleetprobe.build import bundled_modules_dir, load_module_source, plan_builds
+from fleetprobe.build import load_module_source, plan_builds
 from fleetprobe.facts import Facts
+from fleetprobe.shipped import shipped_dir
 
 FACTS_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "facts"
 
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     stored = [Facts.from_json(json.loads(p.read_text())) for p in sorted(FACTS_DIR.glob("*.json"))]
     fleet = [replace(stored[i % len(stored)], host=f"h{i:05d}") for i in range(n)]
     distinct = {(f.arch, f.endian, f.kernel_release) for f in fleet}
-    mod = load_module_source(bundled_modules_dir() / "fp_kprobe")
+    modules = shipped_dir("modules")
+    assert modules is not None, "fleetprobe was installed without its modules"
+    mod = load_module_source(modules / "fp_kprobe")
     t0 = time.process_time()
     groups = plan_builds(fleet, [mod], have_program=lambda name: False)
     cpu = time.process_time() - t0

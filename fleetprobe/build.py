@@ -92,11 +92,6 @@ def load_module_source(path: Path | str, name: str | None = None) -> ModuleSourc
                         source_hash=digest.hexdigest()[:16])
 
 
-def bundled_modules_dir() -> Path:
-    """The ``modules/`` folder shipped next to the package (a source checkout)."""
-    return Path(__file__).resolve().parent.parent / "modules"
-
-
 # --------------------------------------------------------------------------
 # Targets: uname -m + endianness -> Debian architecture, compiler, ELF machine
 
