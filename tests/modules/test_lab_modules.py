@@ -97,6 +97,33 @@ async def vm_session(lab: Any, vm: Any) -> AsyncsshSession:
     return await connect(host, options)
 
 
+async def read_kmsg(stream: Any, collectors: list[KmsgCollector], probe: str,
+                    seconds: float = 60) -> list[list[TraceEvent]]:
+    """Feed /dev/kmsg to every collector until each has ``probe``'s final record (unregistered or failed).
+
+    Ends quietly at ``seconds`` or end of stream: the caller says what was missing, with the
+    kernel's log. Returns each collector's events.
+    """
+    def done(c: KmsgCollector) -> bool:
+        st = c.status.get(probe)
+        return bool(st and (st.unregistered or st.failed))
+
+    events: list[list[TraceEvent]] = [[] for _ in collectors]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(map(done, collectors)):
+        try:
+            chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if not chunk:
+            break
+        for c, got in zip(collectors, events):
+            got += c.feed(chunk)
+    for c, got in zip(collectors, events):
+        got += c.flush()
+    return events
+
+
 async def load_fork_unload(session: AsyncsshSession, ko: bytes, module: str, params: str,
                            collector: KmsgCollector, probe: str) -> tuple[list[TraceEvent], str, str]:
     """insmod, fork a few times, rmmod, while streaming /dev/kmsg; return (events, insmod output, /proc/modules)."""
@@ -110,18 +137,7 @@ async def load_fork_unload(session: AsyncsshSession, ko: bytes, module: str, par
                   f"grep -q '^{module} ' /proc/modules && rmmod {module}; rm -f {shlex.quote(path)}")
         res = await session.run(script, timeout=120)
         insmod_out = res.stdout.decode(errors="replace")
-        deadline = time.monotonic() + 60
-        st = collector.status.get(probe)
-        while time.monotonic() < deadline and not (st and (st.unregistered or st.failed)):
-            try:
-                chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                break  # the caller says what was missing, with the kernel's log
-            if not chunk:
-                break
-            events += collector.feed(chunk)
-            st = collector.status.get(probe)
-        events += collector.flush()
+        events += (await read_kmsg(stream, [collector], probe))[0]
     finally:
         stream.close()
         # Whatever happened above, leave no module and no file behind.
@@ -287,17 +303,7 @@ def test_one_module_loaded_twice_under_run_names(arch: str, lab_vms: Any, tmp_pa
             assert "insmod-failed" not in out and "rmmod-failed" not in out, out
             for n, r in zip(names, runs):
                 assert f"{n}={r}" in out.split(), out  # each kernel module is its own run's
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not all(c.status.get("statfs") and c.status["statfs"].unregistered
-                                                          for c in cols):
-                try:
-                    chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    break
-                if not chunk:
-                    break
-                for c in cols:
-                    c.feed(chunk)
+            await read_kmsg(stream, cols, "statfs")
         finally:
             stream.close()
             await session.run("; ".join(f"rmmod {n} 2>/dev/null; rm -f /tmp/{n}.ko" for n in names) + "; true",
