@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hostcheck import ensure_tracefs, fleetprobe_leftovers  # noqa: E402
+from hostcheck import OWN_RUN_IDS, ensure_tracefs, fleetprobe_leftovers  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -35,11 +35,29 @@ def _isolated_home() -> Iterator[None]:
 
 
 @pytest.fixture
-def clean_tracefs() -> Iterator[None]:
-    """Fail the test if it leaves any fleetprobe group, event or instance in this machine's tracefs."""
+def clean_tracefs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail the test if it leaves any group, event or instance of its OWN runs in this machine's tracefs.
+
+    Another fleetprobe run may be live on the same machine (another checkout's tests, another
+    operator): its names come and go during the test and are none of this test's business.  So
+    only names carrying a run id this process used count: every run id that reaches
+    ``plan.names_for`` in-process, and those handed to child processes via ``own_run_id``.
+    """
     if not ensure_tracefs():
         pytest.skip("needs root and tracefs")
+    import fleetprobe.plan as plan
+
+    used: set[str] = set()
+    real = plan.names_for
+
+    def recording(run_id: str, host: str, deadline: int) -> tuple[str, str]:
+        used.add(run_id)
+        return real(run_id, host, deadline)
+
+    monkeypatch.setattr(plan, "names_for", recording)
     before = set(fleetprobe_leftovers())
     yield
-    after = [x for x in fleetprobe_leftovers() if x not in before]
+    ours = used | OWN_RUN_IDS
+    after = [x for x in fleetprobe_leftovers()
+             if x not in before and any(f"fp_{rid}_" in x for rid in ours)]
     assert not after, f"fleetprobe left these behind: {after}"

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
+
+#: Run ids this test process chose itself (tests that start the CLI as a child pass ``--run-id``).
+OWN_RUN_IDS: set[str] = set()
+
+
+def own_run_id(prefix: str = "t") -> str:
+    """A fresh run id, recorded as this test process's own for ``clean_tracefs``."""
+    rid = prefix + uuid.uuid4().hex[:8]
+    OWN_RUN_IDS.add(rid)
+    return rid
 
 
 def fleetprobe_leftovers() -> list[str]:

@@ -20,6 +20,11 @@ import yaml
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
+#: The first two octets of the namespaces' veth addresses (SUBNET.<index>.1/30 outside, .2 inside).
+#: Two test runs live on one machine at once (two checkouts, two users) set different values, so
+#: their root-namespace veth addresses never collide.
+SUBNET = os.environ.get("FLEETPROBE_TEST_SUBNET", "10.231")
+
 
 def make_key(path: Path) -> str:
     """Write an ed25519 private key (OpenSSH format) and its .pub; return the public key line."""
@@ -145,7 +150,7 @@ class Fleet:
 
     def add_netns_host(self, name: str, index: int, *, tracefs: bool = True,
                        keys_dir: Path | None = None) -> SshdHost:
-        """A host in its own network namespace, reached over a veth pair at 10.231.<index>.2.
+        """A host in its own network namespace, reached over a veth pair at SUBNET.<index>.2.
 
         ``ip netns exec`` gives the host a fresh /sys without tracefs, like a
         host that never mounted it; ``tracefs=True`` mounts it there, as a
@@ -159,12 +164,12 @@ class Fleet:
         subprocess.run(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner], check=True)
         self.veths.append(outer)
         subprocess.run(["ip", "link", "set", inner, "netns", ns], check=True)
-        subprocess.run(["ip", "addr", "add", f"10.231.{index}.1/30", "dev", outer], check=True)
+        subprocess.run(["ip", "addr", "add", f"{SUBNET}.{index}.1/30", "dev", outer], check=True)
         subprocess.run(["ip", "link", "set", outer, "up"], check=True)
-        for c in ([ "ip", "addr", "add", f"10.231.{index}.2/30", "dev", inner],
+        for c in ([ "ip", "addr", "add", f"{SUBNET}.{index}.2/30", "dev", inner],
                   ["ip", "link", "set", inner, "up"], ["ip", "link", "set", "lo", "up"]):
             subprocess.run(["ip", "netns", "exec", ns, *c], check=True)
-        return self.start_sshd(name, f"10.231.{index}.2", 22, netns=ns, mount_tracefs=tracefs, keys_dir=keys_dir)
+        return self.start_sshd(name, f"{SUBNET}.{index}.2", 22, netns=ns, mount_tracefs=tracefs, keys_dir=keys_dir)
 
     def stop(self) -> None:
         """Stop every sshd (and its sessions) and remove every namespace and veth."""

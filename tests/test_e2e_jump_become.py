@@ -25,7 +25,7 @@ from rich.console import Console
 
 from fleetprobe.cli import main
 from hostcheck import ensure_tracefs
-from sshhosts import Fleet, new_fleet
+from sshhosts import SUBNET, Fleet, new_fleet
 
 pytestmark = [pytest.mark.sshd, pytest.mark.netns]
 
@@ -111,10 +111,10 @@ def test_proxyjump_from_an_ansible_inventory(jump_fleet: tuple[Fleet, str], tmp_
         "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(fl.client_key),
                  "fleetprobe_known_hosts": str(kh)},
         "hosts": {"inner": {"ansible_host": "10.232.0.2",
-                            "ansible_ssh_common_args": "-o ProxyJump=root@10.231.31.2"}}}}))
+                            "ansible_ssh_common_args": f"-o ProxyJump=root@{SUBNET}.31.2"}}}}))
     # Without the jump the host is unreachable from here (no route): the test is not vacuous.
     direct = subprocess.run(["ip", "route", "get", "10.232.0.2"], capture_output=True, text=True)
-    assert "10.231.31" not in direct.stdout
+    assert f"{SUBNET}.31." not in direct.stdout
     console = Console(record=True, width=200)
     rc = main(["run", str(pb), "-i", str(inv), "--no-live", "--ssh-config", "none", "--no-agent",
                "--json", str(tmp_path / "r.json")], console)

@@ -25,7 +25,8 @@ from rich.console import Console
 
 from hostcheck import ensure_tracefs, fleetprobe_leftovers
 from fleetprobe.cli import main
-from sshhosts import Fleet, free_port, new_fleet
+from hostcheck import own_run_id
+from sshhosts import SUBNET, Fleet, free_port, new_fleet
 
 pytestmark = [pytest.mark.sshd, pytest.mark.netns]
 
@@ -82,7 +83,7 @@ def _wait_for(pred: object, timeout: float, what: str) -> None:
 
 def _run_id() -> str:
     """A run id of this test's own, so it watches only its own names in the shared tracefs."""
-    return "e2e" + uuid.uuid4().hex[:8]
+    return own_run_id("e2e")
 
 
 def _our_instances(run_id: str) -> list[str]:
@@ -181,7 +182,7 @@ def test_unknown_host_key_fails_strictly_then_accept_new_records_it(fleet: Fleet
     rc = main(["facts", "-i", str(inv), "--limit", "web1", "--accept-new-host-keys"], console)
     assert rc == 0, console.export_text()
     recorded = (tmp_path / "empty_known_hosts").read_text()
-    assert "10.231.1.2" in recorded and fleet.hosts[0].host_key_pub.split()[1] in recorded
+    assert f"{SUBNET}.1.2" in recorded and fleet.hosts[0].host_key_pub.split()[1] in recorded
 
 
 def _runner_pids(netns: str) -> list[int]:
