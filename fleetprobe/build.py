@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -770,6 +771,16 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
                          trees: Path, debian_cache: Path) -> KernelTree:
     """prepare_debian_tree's work, under its lock."""
     headers = f"linux-headers-{release}"
+    target = _TARGETS[debian_arch]
+    cross = controller_debian_arch() != debian_arch
+    # A tree unpacked once serves every later build of that kernel without asking the archive:
+    # Debian keeps only the newest build of each kernel line, so the headers of a host that has
+    # not been upgraded leave the archive while the host (and our cached tree) stays on them.
+    cached = _cached_tree(trees / debian_arch, release, package_version)
+    if cached is not None:
+        tree, version = cached
+        _fix_makefile(tree / "Makefile")  # trees prepared by older fleetprobes used an absolute include
+        return KernelTree(tree, release, version, _kernel_cc(tree, target.triplet, cross))
     spec = f"{headers}={package_version}" if package_version else headers
     try:
         (ref,) = debian.resolve([spec], debian_arch, debian_cache)
@@ -783,12 +794,7 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     dest = trees / debian_arch / f"{release}_{ref.version}"
     marker = dest / ".fleetprobe-ready"
     host_arch = controller_debian_arch()
-    cross = host_arch != debian_arch
     tree = dest / "usr/src" / headers
-    target = _TARGETS[debian_arch]
-    if marker.is_file():
-        _fix_makefile(tree / "Makefile")  # trees prepared by older fleetprobes used an absolute include
-        return KernelTree(tree, release, ref.version, _kernel_cc(tree, target.triplet, cross))
     deps = debian.depends_names(ref.depends)
     common = [d for d in deps if d.startswith("linux-headers-") and d.endswith("-common")]
     kbuild = [d for d in deps if d.startswith("linux-kbuild-")]
@@ -812,6 +818,27 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return KernelTree(tree, release, ref.version, _kernel_cc(tree, target.triplet, cross))
+
+
+def _cached_tree(arch_dir: Path, release: str, package_version: str | None) -> tuple[Path, str] | None:
+    """(tree, package version) of a complete unpacked tree for ``release``, or None.
+
+    With a ``package_version`` (from ``uname -v``) only a tree of that source version counts
+    (a binNMU suffix ``+bN`` aside); without one, the most recently unpacked tree of that release.
+    """
+    found: list[tuple[float, str, Path]] = []
+    for d in arch_dir.glob(f"{glob.escape(release)}_*") if arch_dir.is_dir() else ():
+        version = d.name[len(release) + 1:]
+        marker = d / ".fleetprobe-ready"
+        if not marker.is_file():
+            continue
+        if package_version and version.split("+")[0] != package_version:
+            continue
+        found.append((marker.stat().st_mtime, version, d / "usr/src" / f"linux-headers-{release}"))
+    if not found:
+        return None
+    _, version, tree = max(found)
+    return tree, version
 
 
 async def build_on_controller(group: BuildGroup, *, trees: Path, debian_cache: Path,

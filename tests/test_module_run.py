@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fleetprobe.build import ModuleCache, default_cache_dir, load_module_source
+from fleetprobe import debian
+from fleetprobe.build import (ModuleCache, debian_package_version, default_cache_dir, load_module_source,
+                              prepare_debian_tree)
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.kmsg import KmsgCollector, MarkerSplitter
@@ -48,6 +50,23 @@ def stored_facts(name: str, host: str) -> Facts:
     """Facts stored from a real host (tests/data/facts), renamed."""
     data = json.loads((DATA / "facts" / name).read_text())
     return replace(Facts.from_json(data.get("facts", data)), host=host)
+
+
+def served_kernel_facts(host: str) -> Facts:
+    """A Debian bookworm amd64 host running the kernel Debian's archive serves TODAY.
+
+    The stored facts (tests/data/facts/x86_64-debian-6.1.json) pin the kernel of the day they were
+    captured (6.1.0-56-amd64, 6.1.192-2); the archive keeps only the newest build of a line, so a
+    test that fetches headers for the stored release fails once Debian moves on. The release and
+    version are taken from what linux-image-amd64 depends on now, the way the lab picks its kernel.
+    """
+    try:
+        image, release = debian.kernel_for_metapackage("linux-image-amd64", "amd64", default_cache_dir() / "debian")
+    except debian.DebianError as exc:
+        pytest.skip(f"cannot ask the Debian archive which amd64 kernel it serves: {exc}")
+    base = stored_facts("x86_64-debian-6.1.json", host)
+    return replace(base, kernel_release=release,
+                   kernel_version=f"#1 SMP PREEMPT_DYNAMIC Debian {image.version} (2026-01-01)")
 
 
 def split_in_chunks(data: bytes, size: int) -> tuple[bytes, bytes]:
@@ -158,9 +177,10 @@ def module_cache(tmp_path: Path) -> ModuleCache:
 @pytest.mark.skipif(not shutil.which("x86_64-linux-gnu-gcc-12") or not shutil.which("make"),
                     reason="needs gcc-12 and make (apt-get install gcc-12 make)")
 def test_hosts_of_one_kernel_share_one_controller_build(module_cache: ModuleCache) -> None:
-    """Four hosts of Debian 6.1.0-56-amd64 ask at once: one real cross-build, four identical modules."""
+    """Four hosts of the archive's current amd64 kernel ask at once: one real cross-build, four identical modules."""
     source = load_module_source(FP_KPROBE)
-    hosts = [stored_facts("x86_64-debian-6.1.json", f"x86-{i}") for i in range(4)]
+    hosts = [served_kernel_facts(f"x86-{i}") for i in range(4)]
+    release = hosts[0].kernel_release
 
     async def go(builds: ModuleBuilds) -> list[object]:
         ready = asyncio.Event()
@@ -171,16 +191,47 @@ def test_hosts_of_one_kernel_share_one_controller_build(module_cache: ModuleCach
     modules = asyncio.run(go(builds))
     assert len(builds.results) == 1, "one build for the group, not one per host"
     assert len({id(m) for m in modules}) == 1
-    entries = list((module_cache.root / "amd64" / "6.1.0-56-amd64").iterdir())
+    entries = list((module_cache.root / "amd64" / release).iterdir())
     assert len(entries) == 1
     meta = json.loads((entries[0] / "build.json").read_text())
-    assert meta["where"] == "controller" and meta["vermagic"].startswith("6.1.0-56-amd64 SMP")
+    assert meta["where"] == "controller" and meta["vermagic"].startswith(f"{release} SMP")
     assert "built on the controller" in builds.describe(modules[0])  # type: ignore[arg-type]
     assert builds.describe(modules[0]).endswith("build 1 of this run")  # type: ignore[arg-type]
     # The next run finds it in the cache: no build at all.
     again = ModuleBuilds("controller", module_cache)
     (cached, *_) = asyncio.run(go(again))
     assert "from the controller's module cache" in again.describe(cached)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not shutil.which("x86_64-linux-gnu-gcc-12") or not shutil.which("make"),
+                    reason="needs gcc-12 and make (apt-get install gcc-12 make)")
+def test_a_cached_header_tree_still_builds_once_the_archive_dropped_its_version(tmp_path: Path) -> None:
+    """A host not yet upgraded keeps a kernel whose headers Debian no longer serves: the cached tree serves it.
+
+    The archive's current tree is unpacked once (shared cache), then copied into a fresh cache under
+    a source version the archive never served, with no apt lists at all. A controller build for a
+    host of that version must come from the tree alone; asking the archive would fail.
+    """
+    facts = served_kernel_facts("x86-old")
+    release = facts.kernel_release
+    usual = default_cache_dir()
+    served = prepare_debian_tree(release, "amd64", debian_package_version(facts.kernel_version),
+                                 trees=usual / "kernel-trees", debian_cache=usual / "debian")
+    gone = "6.1.0~fleetprobe.gone-1"
+    tree_root = served.path.parents[2]  # <trees>/amd64/<release>_<version>/usr/src/linux-headers-<release>
+    shutil.copytree(tree_root, tmp_path / "kernel-trees" / "amd64" / f"{release}_{gone}", symlinks=True)
+    (tmp_path / "debian").mkdir()
+    old = replace(facts, kernel_version=f"#1 SMP PREEMPT_DYNAMIC Debian {gone} (2025-01-01)")
+    builds = ModuleBuilds("controller", ModuleCache(tmp_path / "modules"))
+
+    async def go() -> object:
+        ready = asyncio.Event()
+        ready.set()
+        return await builds.module_for(old, load_module_source(FP_KPROBE), ready)
+
+    module = asyncio.run(go())
+    assert module.modinfo.vermagic.startswith(f"{release} SMP")  # type: ignore[attr-defined]
+    assert not any((tmp_path / "debian").iterdir()), "the archive was never asked"
 
 
 def test_a_host_nobody_can_build_for_waits_for_the_fleet_then_fails_with_the_reason(tmp_path: Path) -> None:
@@ -212,12 +263,13 @@ def test_a_failed_build_fails_every_host_of_its_group_once(tmp_path: Path) -> No
     (bad / "Kbuild").write_text("obj-m := fp_broken.o\n")
     (bad / "fp_broken.c").write_text("#include <linux/module.h>\nthis is not C;\n")
     usual = default_cache_dir()
-    if not (usual / "kernel-trees" / "amd64").is_dir() or not shutil.which("x86_64-linux-gnu-gcc-12"):
-        pytest.skip("needs the unpacked 6.1.0-56-amd64 headers (run the controller build test once) and gcc-12")
+    if not shutil.which("x86_64-linux-gnu-gcc-12") or not shutil.which("make"):
+        pytest.skip("needs gcc-12 and make (apt-get install gcc-12 make)")
     for part in ("debian", "kernel-trees"):
+        (usual / part).mkdir(parents=True, exist_ok=True)
         (tmp_path / part).symlink_to(usual / part)
     source = load_module_source(bad)
-    hosts = [stored_facts("x86_64-debian-6.1.json", f"x86-{i}") for i in range(3)]
+    hosts = [served_kernel_facts(f"x86-{i}") for i in range(3)]
     builds = ModuleBuilds("controller", ModuleCache(tmp_path / "modules"))
 
     async def go() -> list[BaseException | object]:
