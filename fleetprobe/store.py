@@ -1,7 +1,7 @@
 """Store: every run's history in one SQLite file, safe for several audits writing at once.
 
 What a run keeps: its playbook text (deduplicated by sha256), the inventory
-it ran against, each host's outcome and facts, the merged report (the same
+it ran against (secret variables redacted: :mod:`fleetprobe.redact`), each host's outcome and facts, the merged report (the same
 JSON ``--json`` writes, zlib-compressed) and the raw events (JSON lines,
 zlib-compressed in chunks so neither writing nor reading holds them all in
 memory).  Raw events are the bulky part and have their own retention.
@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from fleetprobe.errors import InputError
+from fleetprobe.redact import redact_secrets
 from fleetprobe.merge import FleetReport
 
 SCHEMA_VERSION = 1
@@ -120,6 +121,27 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _private_store_files(path: Path, *, default: bool) -> None:
+    """Create the store's folder (0700) and database file (0600) whatever the umask.
+
+    The history holds what hosts printed (typed lines, paths) and the inventory: readable by
+    the operator only. The default folder is fleetprobe's own and is made 0700 even if an
+    older fleetprobe created it 0755; a folder the user named is created 0700 when missing
+    and otherwise left as it is (it may be shared on purpose).
+    """
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        os.chmod(folder, 0o700)
+    elif default:
+        os.chmod(folder, 0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class Store:
     """A history database; use as a context manager (or call :meth:`close`)."""
 
@@ -128,7 +150,7 @@ class Store:
         self.path = Path(path) if path is not None else default_path()
         self._db = sqlite3.connect(":memory:")  # replaced below; lets close() work on every path
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_store_files(self.path, default=path is None)
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a
             # writer takes the write lock up front (and waits busy_timeout for
             # it) instead of failing with SQLITE_BUSY half-way through.
@@ -152,6 +174,10 @@ class Store:
             self._db.close()
             raise InputError(f"cannot open the history store: {exc}", where=str(self.path),
                              hint="check the path and its permissions, or pass --store PATH / --no-store") from None
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure of it
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
         if mode.lower() != "wal":
             self._db.close()
             # WAL needs shared memory: not available on some network filesystems.
@@ -205,6 +231,8 @@ class Store:
         ``facts`` maps host name to its facts as JSON (``Facts.to_json()``).
         """
         run = report.run
+        if inventory_text is not None:
+            inventory_text = redact_secrets(inventory_text)
         report_blob = zlib.compress(json.dumps(report.to_json(), separators=(",", ":"),
                                                allow_nan=False).encode(), 6)
         events = sum(o.events for o in report.hosts)
