@@ -44,9 +44,15 @@ probes:
 
 # The VM's initramfs modules are all loaded at boot, so the change loads nls_ascii (no
 # dependencies, harmless, unloadable) taken from the VM's own kernel package, then runs a
-# copy of busybox named fp-forbidden a few times.
+# copy of busybox named fp-forbidden a few times. It starts once the audit's probes are live
+# (its instance has module_load enabled), not after a fixed sleep: on a loaded machine the
+# audit's connect and plan took longer than 4 s and the insmod went unseen.
 CHANGE = r"""
-sleep 4
+n=0
+until cat /sys/kernel/tracing/instances/fp_*/events/module/module_load/enable 2>/dev/null | grep -q 1; do
+  n=$((n+1)); [ $n -lt 600 ] || { echo "the audit's probes never went live" >&2; exit 1; }
+  sleep 0.1
+done
 insmod /tmp/nls_ascii.ko && echo "loaded nls_ascii"
 cp /bin/sh /tmp/fp-forbidden  # busybox ash prints a bare applet name for `command -v busybox`
 i=0; while [ $i -lt 10 ]; do /tmp/fp-forbidden true; i=$((i+1)); sleep 0.3; done
