@@ -30,7 +30,7 @@ _EXPORTS = {
     "HostPlan": "plan", "plan_host": "plan",
     "Playbook": "playbook", "load_playbook": "playbook",
     "load_json": "report", "write_json": "report",
-    "SSHOptions": "transport",
+    "SSHOptions": "connectors.asyncssh",
 }
 
 
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host
     from .playbook import Playbook, load_playbook
+    from .connectors.asyncssh import SSHOptions
     from .report import load_json, write_json
-    from .transport import SSHOptions
 
 __all__ = [
     "__version__",

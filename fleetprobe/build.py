@@ -584,7 +584,7 @@ class ModuleCache:
 
 
 class CommandResultLike(Protocol):
-    """What a session's ``run`` returns (fleetprobe.transport.CommandResult)."""
+    """What a session's ``run`` returns (fleetprobe.connectors.asyncssh.CommandResult)."""
 
     @property
     def exit_status(self) -> int: ...
@@ -595,7 +595,7 @@ class CommandResultLike(Protocol):
 
 
 class BuildSession(Protocol):
-    """The part of a host session a host build needs (fleetprobe.transport.Session provides it)."""
+    """The part of a host session a host build needs (fleetprobe.connectors.asyncssh.Session provides it)."""
 
     async def run(self, cmd: str, *, input: bytes | None = None,
                   timeout: float | None = None) -> CommandResultLike: ...

@@ -168,7 +168,7 @@ def _add_build_option(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> RunSettings:
     """RunSettings from parsed options."""
     from .orchestrate import RunSettings
-    from .transport import SSHOptions
+    from .connectors.asyncssh import SSHOptions
 
     ssh_config: tuple[str, ...] | None = None
     if args.ssh_config is not None:

@@ -41,7 +41,7 @@ from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetReport
 from fleetprobe.orchestrate import RunSettings, run_playbook
 from fleetprobe.playbook import Playbook, load_playbook
-from fleetprobe.transport import CommandResult, Session, SSHOptions, Stream, get_file, put_file
+from fleetprobe.connectors.asyncssh import CommandResult, Session, SSHOptions, Stream, get_file, put_file
 
 #: stderr kept per stream (the tail of a long error is rarely needed).
 STDERR_LIMIT = 65536
@@ -290,7 +290,7 @@ def _connection(host: Host, options: SSHOptions, address: str, port: int | None,
 
 def _open(host: Host, options: SSHOptions) -> fabric.Connection:
     """Blocking: open a Connection to ``host`` (through its ProxyJump chain), keepalives on."""
-    from fleetprobe.transport import _parse_jump
+    from fleetprobe.connectors.asyncssh import _parse_jump
 
     gateway: fabric.Connection | None = None
     for hop in (host.jump.split(",") if host.jump else []):

@@ -200,7 +200,7 @@ def _modules_imported(code: str) -> set[str]:
 def test_help_imports_no_ssh_no_rich_no_builder() -> None:
     """`fleetprobe --help` builds the parsers only: SSH, rendering and the module builder load when used."""
     mods = _modules_imported("from fleetprobe.cli import main\nassert main(['--help']) == 0")
-    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.transport", "fleetprobe.build",
+    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.connectors.asyncssh", "fleetprobe.build",
              "fleetprobe.html", "fleetprobe.report"}
     assert not heavy & mods, heavy & mods
     assert "fleetprobe.history_cli" in mods  # the check sees what --help does import
@@ -217,9 +217,10 @@ def test_package_names_load_on_first_use() -> None:
     """`import fleetprobe` is cheap; every name in __all__ still resolves (to its module's object)."""
     assert "asyncssh" not in _modules_imported("import fleetprobe")
     import fleetprobe
-    from fleetprobe import orchestrate, transport
+    from fleetprobe import orchestrate
+    from fleetprobe.connectors import asyncssh as ssh_connector
 
-    assert fleetprobe.run_playbook is orchestrate.run_playbook and fleetprobe.SSHOptions is transport.SSHOptions
+    assert fleetprobe.run_playbook is orchestrate.run_playbook and fleetprobe.SSHOptions is ssh_connector.SSHOptions
     for name in fleetprobe.__all__:
         assert getattr(fleetprobe, name) is not None
     with pytest.raises(AttributeError):

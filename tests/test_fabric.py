@@ -17,7 +17,7 @@ from fleetprobe.fabric import FabricSession, connect, harden, run_playbook_on
 from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import RunSettings
 from fleetprobe.report import load_json
-from fleetprobe.transport import SSHOptions, shell_command
+from fleetprobe.connectors.asyncssh import SSHOptions, shell_command
 from reports import leftovers_of, tracefs_ready
 from sshhosts import Fleet, free_port, make_key, new_fleet
 

@@ -34,7 +34,7 @@ from fleetprobe.build import (
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
-from fleetprobe.transport import SSHOptions, connect
+from fleetprobe.connectors.asyncssh import SSHOptions, connect
 
 from typing import TYPE_CHECKING
 

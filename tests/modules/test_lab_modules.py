@@ -34,7 +34,7 @@ from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.kmsg import KmsgCollector
 from fleetprobe.parse import TraceEvent
-from fleetprobe.transport import AsyncsshSession, SSHOptions, connect
+from fleetprobe.connectors.asyncssh import AsyncsshSession, SSHOptions, connect
 
 pytestmark = pytest.mark.lab
 

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from .errors import TransportError
-from .inventory import Host
+from ..errors import TransportError
+from ..inventory import Host
 
 
 @dataclass(frozen=True)
