@@ -210,7 +210,7 @@ class RunExtras:
         """The run's settings with this run id, the chosen transport, and facts collection."""
         connect = settings.connect
         if getattr(self.args, "transport", "asyncssh") == "fabric":
-            from fleetprobe import fabric
+            from fleetprobe.connectors import fabric
 
             connect = fabric.connect
         return replace(settings, run_id=self.run_id, connect=connect, on_facts=self._on_facts)

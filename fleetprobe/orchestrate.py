@@ -76,7 +76,7 @@ class RunSettings:
         return int(time.time() + clock_offset + duration + self.teardown_slack)
 
     #: Opens a Session to a host; None is asyncssh (transport.connect). ``--transport fabric`` sets
-    #: fleetprobe.fabric.connect. One hook, so no stage branches on the transport.
+    #: fleetprobe.connectors.fabric.connect. One hook, so no stage branches on the transport.
     connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
     #: Called with each host's facts as they are gathered (the history store keeps them).
     on_facts: Callable[[str, Facts], None] | None = None

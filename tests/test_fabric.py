@@ -13,7 +13,7 @@ from rich.console import Console
 
 from fleetprobe.cli import main
 from fleetprobe.errors import TransportError
-from fleetprobe.fabric import FabricSession, connect, harden, run_playbook_on
+from fleetprobe.connectors.fabric import FabricSession, connect, harden, run_playbook_on
 from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import RunSettings
 from fleetprobe.report import load_json

@@ -350,7 +350,7 @@ def run_playbook_on(target: fabric.Connection | Iterable[fabric.Connection], pla
     caller's).  Call from a Fabric task; blocks until the run ends::
 
         from fabric import task
-        from fleetprobe.fabric import run_playbook_on, harden
+        from fleetprobe.connectors.fabric import run_playbook_on, harden
 
         @task
         def modload(c):
