@@ -33,7 +33,7 @@ from .outcome import HostOutcome, LossCounters
 from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
-from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
+from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
                      sweep_directives, teardown_directives)
 from .connectors.asyncssh import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
 

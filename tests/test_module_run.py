@@ -6,7 +6,7 @@ qemu lab's ppc64le guest (Debian 6.1.0-50-powerpc64le, busybox ash) loading fp_k
 control lines, clock markers and the kernel log records the runner forwarded through the run's
 trace_marker (``tracing_mark_write: fpk <record>``).  Captured with::
 
-    { printf '%s\\n#fleetprobe-script-end\\n' "$(cat fleetprobe/runner.sh)"; cat plan; sleep 9; } |
+    { printf '%s\\n#fleetprobe-script-end\\n' "$(cat fleetprobe/runner/runner.sh)"; cat plan; sleep 9; } |
         ssh lab-ppc64le-1 's=; while IFS= read -r l; do ...; done; eval "$s"'
 
 with the plan ``module fp_kprobe /tmp/fp_capt01_beef_fp_kprobe.ko run=capt01 probe=fork
@@ -36,7 +36,7 @@ from fleetprobe.merge import FleetAggregate
 from fleetprobe.orchestrate import ModuleBuilds
 from fleetprobe.parse import TraceStream
 from fleetprobe.plan import HostPlan, PlannedProbe
-from fleetprobe.runner import ModuleLoad, RunnerReport, plan_directives, teardown_directives
+from fleetprobe.runner.runner import ModuleLoad, RunnerReport, plan_directives, teardown_directives
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"

@@ -1,6 +1,6 @@
 """The runner's control-line protocol: real captured runner output, directive order, clock samples.
 
-The captures in tests/data/runner were made by running fleetprobe/runner.sh on
+The captures in tests/data/runner were made by running fleetprobe/runner/runner.sh on
 this machine (see the README there).  Other tests run the runner again now,
 as the controller sends it (the bootstrap reading the compacted script on stdin),
 under dash and busybox sh: facts first, then a ping, then EOF before any plan;
@@ -23,7 +23,7 @@ from fleetprobe.facts import Facts, facts_args, parse_facts
 from fleetprobe.parse import CONTROL_PREFIX, EventBatch, TraceStream
 from fleetprobe.plan import HostPlan, plan_host
 from fleetprobe.playbook import parse_playbook
-from fleetprobe.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
+from fleetprobe.runner.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
 from fleetprobe.connectors.asyncssh import BOOTSTRAP, script_input
 
 DATA = Path(__file__).parent / "data"
