@@ -29,7 +29,7 @@ _EXPORTS = {
     "TraceEvent": "parse",
     "HostPlan": "plan", "plan_host": "plan",
     "Playbook": "playbook", "load_playbook": "playbook",
-    "load_json": "report", "write_json": "report",
+    "load_json": "render.terminal", "write_json": "render.terminal",
     "SSHOptions": "connectors.asyncssh",
 }
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .plan import HostPlan, plan_host
     from .playbook import Playbook, load_playbook
     from .connectors.asyncssh import SSHOptions
-    from .report import load_json, write_json
+    from .render.terminal import load_json, write_json
 
 __all__ = [
     "__version__",

@@ -431,9 +431,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe run``: probe, stream, merge, report."""
     from rich.markup import escape
 
-    from .live import LiveView
+    from .render.live import LiveView
     from .orchestrate import run_playbook
-    from .report import render_summary, write_json
+    from .render.terminal import render_summary, write_json
 
     pb = _load_playbook_checked(args)
     inv = _inventory(args)

@@ -280,9 +280,9 @@ def write_reports(args: argparse.Namespace, report: FleetReport, console: Consol
     """Write --html / --markdown (and --json where the command has it) for a report."""
     from rich.markup import escape
 
-    from fleetprobe.html import write_html
-    from fleetprobe.markdown import write_markdown
-    from fleetprobe.report import write_json
+    from fleetprobe.render.html import write_html
+    from fleetprobe.render.markdown import write_markdown
+    from fleetprobe.render.terminal import write_json
 
     if getattr(args, "html", None):
         write_html(report, args.html, audit_result)
@@ -346,7 +346,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe show RUN``: the stored report, rendered again (with its audit verdict)."""
     from rich.markup import escape
 
-    from fleetprobe.report import render_summary
+    from fleetprobe.render.terminal import render_summary
 
     with open_store(args) as store:
         run_id = store.resolve(args.run)
@@ -422,7 +422,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe merge A.json B.json -o merged.json``."""
     from rich.markup import escape
 
-    from fleetprobe.report import render_summary, write_json
+    from fleetprobe.render.terminal import render_summary, write_json
     from fleetprobe.shard import merge_files
 
     report = merge_files(args.reports)
@@ -443,7 +443,7 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe audit``: run the playbook, store the run, judge it; exit 0 passed / 4 failed."""
     from fleetprobe.cli import _inventory, _load_playbook_checked, _raise_fd_limit, _settings, _with_interrupt
     from fleetprobe.orchestrate import run_playbook
-    from fleetprobe.report import render_summary
+    from fleetprobe.render.terminal import render_summary
 
     args.run_id = None
     pb = _load_playbook_checked(args)

@@ -1140,7 +1140,7 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
     started = time.time()
     writer = None
     if events_path:
-        from .report import EventWriter  # report imports rich: only when there is an event file
+        from .render.terminal import EventWriter  # report imports rich: only when there is an event file
 
         writer = EventWriter(events_path)
     try:

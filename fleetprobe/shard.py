@@ -81,7 +81,7 @@ def merge_reports(reports: Sequence[FleetReport]) -> FleetReport:
 
 def merge_files(paths: Sequence[str | os.PathLike[str]]) -> FleetReport:
     """Read shard reports written by ``--json`` and merge them; errors name the file."""
-    from fleetprobe.report import load_json
+    from fleetprobe.render.terminal import load_json
 
     reports = []
     for p in paths:

@@ -201,7 +201,7 @@ def test_help_imports_no_ssh_no_rich_no_builder() -> None:
     """`fleetprobe --help` builds the parsers only: SSH, rendering and the module builder load when used."""
     mods = _modules_imported("from fleetprobe.cli import main\nassert main(['--help']) == 0")
     heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.connectors.asyncssh", "fleetprobe.build",
-             "fleetprobe.html", "fleetprobe.report"}
+             "fleetprobe.render.html", "fleetprobe.render.terminal"}
     assert not heavy & mods, heavy & mods
     assert "fleetprobe.history_cli" in mods  # the check sees what --help does import
 
@@ -210,7 +210,7 @@ def test_orchestrator_imports_no_builder_and_no_rendering() -> None:
     """A tracefs run needs neither the module builder nor rich: they load for module playbooks / output."""
     mods = _modules_imported("import fleetprobe.orchestrate")
     assert "asyncssh" in mods
-    assert not {"fleetprobe.build", "fleetprobe.debian", "fleetprobe.elf", "fleetprobe.report", "rich"} & mods
+    assert not {"fleetprobe.build", "fleetprobe.debian", "fleetprobe.elf", "fleetprobe.render.terminal", "rich"} & mods
 
 
 def test_package_names_load_on_first_use() -> None:

@@ -23,11 +23,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetprobe import report
+from fleetprobe.render import terminal as report
 from fleetprobe.clock import ClockMap
 from fleetprobe.orchestrate import _HostCap
 from fleetprobe.parse import EventBatch, TraceEvent, TraceStream
-from fleetprobe.report import EventWriter
+from fleetprobe.render.terminal import EventWriter
 
 NAMES = {"fp_x_open": "open", "fp_x_open_ret": "open_ret", "sched_process_exec": "exec", "tp": "tp"}
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.audit import audit
-from fleetprobe.html import render_html, write_html
-from fleetprobe.markdown import render_markdown
+from fleetprobe.render.html import render_html, write_html
+from fleetprobe.render.markdown import render_markdown
 from fleetprobe.merge import FleetReport
 from fleetprobe.playbook import parse_playbook
 from reports import build_report, extra_exec, host_text, real_lines

@@ -13,8 +13,8 @@ from rich.console import Console
 from fleetprobe.merge import FleetAggregate, FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome, LossCounters
 from fleetprobe.parse import TraceEvent, TraceStream
-from fleetprobe.report import EventWriter, format_ns, load_json, render_summary, write_json
-from fleetprobe.live import LiveView
+from fleetprobe.render.terminal import EventWriter, format_ns, load_json, render_summary, write_json
+from fleetprobe.render.live import LiveView
 
 DATA = Path(__file__).parent / "data" / "trace"
 SCHEMA = Path(__file__).parent.parent / "fleetprobe" / "data" / "report.schema.json"
