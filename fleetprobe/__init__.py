@@ -22,14 +22,14 @@ _EXPORTS = {
     "PlaybookError": "errors", "TransportError": "errors",
     "Facts": "facts",
     "Host": "inventory", "Inventory": "inventory", "load_inventory": "inventory",
-    "FleetAggregate": "merge", "FleetReport": "merge", "RunInfo": "merge",
+    "FleetAggregate": "merge", "FleetReport": "results", "RunInfo": "results",
     "RunSettings": "orchestrate", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
     "plan_fleet": "orchestrate", "run_playbook": "orchestrate",
     "HostOutcome": "outcome", "LossCounters": "outcome",
     "TraceEvent": "parse",
     "HostPlan": "plan", "plan_host": "plan",
     "Playbook": "playbook", "load_playbook": "playbook",
-    "load_json": "render.terminal", "write_json": "render.terminal",
+    "load_json": "results", "write_json": "results",
     "SSHOptions": "connectors.asyncssh",
 }
 
@@ -54,14 +54,15 @@ if TYPE_CHECKING:
     from .errors import FleetprobeError, HostError, InputError, InventoryError, PlaybookError, TransportError
     from .facts import Facts
     from .inventory import Host, Inventory, load_inventory
-    from .merge import FleetAggregate, FleetReport, RunInfo
+    from .merge import FleetAggregate
+    from .results import FleetReport, RunInfo
     from .orchestrate import RunSettings, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
     from .outcome import HostOutcome, LossCounters
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host
     from .playbook import Playbook, load_playbook
     from .connectors.asyncssh import SSHOptions
-    from .render.terminal import load_json, write_json
+    from .results import load_json, write_json
 
 __all__ = [
     "__version__",

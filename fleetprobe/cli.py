@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .build import BuildGroup
     from .inventory import Inventory
-    from .merge import FleetReport
+    from .results import FleetReport
     from .orchestrate import HostFacts, RunSettings
     from .outcome import HostOutcome
     from .plan import HostPlan
@@ -433,7 +433,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     from .render.live import LiveView
     from .orchestrate import run_playbook
-    from .render.terminal import render_summary, write_json
+    from .render.terminal import render_summary
+    from .results import write_json
 
     pb = _load_playbook_checked(args)
     inv = _inventory(args)

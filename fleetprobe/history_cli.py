@@ -28,7 +28,7 @@ from fleetprobe.audit import AuditResult, Finding, Thresholds, audit, diff_repor
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host, Inventory
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport
 from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
 from fleetprobe.shard import Shard, parse_shard, select_hosts
@@ -282,7 +282,7 @@ def write_reports(args: argparse.Namespace, report: FleetReport, console: Consol
 
     from fleetprobe.render.html import write_html
     from fleetprobe.render.markdown import write_markdown
-    from fleetprobe.render.terminal import write_json
+    from fleetprobe.results import write_json
 
     if getattr(args, "html", None):
         write_html(report, args.html, audit_result)
@@ -422,7 +422,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe merge A.json B.json -o merged.json``."""
     from rich.markup import escape
 
-    from fleetprobe.render.terminal import render_summary, write_json
+    from fleetprobe.render.terminal import render_summary
+    from fleetprobe.results import write_json
     from fleetprobe.shard import merge_files
 
     report = merge_files(args.reports)

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
+from .events import EventWriter
 from .facts import Facts, facts_args, facts_script, parse_facts
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
-from .merge import FleetAggregate, FleetReport, RunInfo
+from .merge import FleetAggregate
+from .results import FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
 from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
@@ -471,7 +473,7 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
 
     Events go to ``aggregate.add_line`` as they arrive and, when given, to
     ``on_event`` as parsed TraceEvents, or to ``events`` (the raw-event file, see
-    report.EventWriter) as the rows the kernel printed: one of the two, not both.
+    events.EventWriter) as the rows the kernel printed: one of the two, not both.
     """
     if on_event is not None and events is not None:
         raise ValueError("run_fleet: pass on_event or events, not both")
@@ -1140,8 +1142,6 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
     started = time.time()
     writer = None
     if events_path:
-        from .render.terminal import EventWriter  # report imports rich: only when there is an event file
-
         writer = EventWriter(events_path)
     try:
         outcomes = await run_fleet(hosts, playbook, settings, aggregate,

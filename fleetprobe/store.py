@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from fleetprobe.errors import InputError
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport
 
 SCHEMA_VERSION = 1
 #: Seconds a writer waits for another writer's transaction before giving up.

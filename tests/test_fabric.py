@@ -16,7 +16,7 @@ from fleetprobe.errors import TransportError
 from fleetprobe.connectors.fabric import FabricSession, connect, harden, run_playbook_on
 from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import RunSettings
-from fleetprobe.render.terminal import load_json
+from fleetprobe.results import load_json
 from fleetprobe.connectors.asyncssh import SSHOptions, shell_command
 from reports import leftovers_of, tracefs_ready
 from sshhosts import Fleet, free_port, make_key, new_fleet

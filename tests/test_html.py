@@ -19,7 +19,7 @@ import pytest
 from fleetprobe.audit import audit
 from fleetprobe.render.html import render_html, write_html
 from fleetprobe.render.markdown import render_markdown
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport
 from fleetprobe.playbook import parse_playbook
 from reports import build_report, extra_exec, host_text, real_lines
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.errors import InputError
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport
 from fleetprobe.store import Store, default_path
 from reports import build_report, extra_exec, host_text, real_lines
 

@@ -38,7 +38,7 @@ import paramiko
 
 from fleetprobe.errors import TransportError
 from fleetprobe.inventory import Host
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport
 from fleetprobe.orchestrate import RunSettings, run_playbook
 from fleetprobe.playbook import Playbook, load_playbook
 from fleetprobe.connectors.asyncssh import CommandResult, Session, SSHOptions, Stream, get_file, put_file

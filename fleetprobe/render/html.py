@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fleetprobe.audit import AuditResult
-from fleetprobe.merge import FleetReport, Latency, bucket_range_ns
+from fleetprobe.results import FleetReport
+from fleetprobe.sketches import Latency, bucket_range_ns
 from fleetprobe.render.terminal import format_ns, value_text
 
 #: Hosts drawn as timeline lanes / heatmap rows before "N more".
