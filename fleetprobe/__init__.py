@@ -11,7 +11,7 @@ The Python API in one call::
         print(host.host, host.status, host.hits)
 """
 
-__version__ = "0.1.0"
+from fleetprobe.version import __version__
 
 from typing import TYPE_CHECKING, Any
 

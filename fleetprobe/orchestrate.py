@@ -31,6 +31,7 @@ from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
+from .version import __version__
 from .outcome import HostOutcome, LossCounters
 from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
@@ -1134,8 +1135,6 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
 
     Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory.
     """
-    from . import __version__
-
     aggregate = FleetAggregate(pairs=playbook_pairs(playbook))
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)

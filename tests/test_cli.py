@@ -13,7 +13,9 @@ from rich.console import Console
 from simhosts import SimFleet
 
 from fleetprobe import elf
-from fleetprobe.cli import Exit, exit_status, main, parse_duration
+from fleetprobe.cli.main import main
+from fleetprobe.cli.options import Exit, parse_duration
+from fleetprobe.cli.run import exit_status
 from fleetprobe.outcome import HostOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,11 +201,11 @@ def _modules_imported(code: str) -> set[str]:
 
 def test_help_imports_no_ssh_no_rich_no_builder() -> None:
     """`fleetprobe --help` builds the parsers only: SSH, rendering and the module builder load when used."""
-    mods = _modules_imported("from fleetprobe.cli import main\nassert main(['--help']) == 0")
+    mods = _modules_imported("from fleetprobe.cli.main import main\nassert main(['--help']) == 0")
     heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.connectors.asyncssh", "fleetprobe.build",
-             "fleetprobe.render.html", "fleetprobe.render.terminal"}
+             "fleetprobe.render.html", "fleetprobe.render.terminal", "fleetprobe.cli.run", "fleetprobe.cli.history"}
     assert not heavy & mods, heavy & mods
-    assert "fleetprobe.history_cli" in mods  # the check sees what --help does import
+    assert "fleetprobe.cli.options" in mods  # the check sees what --help does import
 
 
 def test_orchestrator_imports_no_builder_and_no_rendering() -> None:
@@ -228,6 +230,7 @@ def test_package_names_load_on_first_use() -> None:
 
 
 def test_where_choices_match_the_builder() -> None:
-    from fleetprobe import build, cli
+    from fleetprobe import build
+    from fleetprobe.cli import options
 
-    assert cli.WHERE_CHOICES == build.WHERE_CHOICES
+    assert options.WHERE_CHOICES == build.WHERE_CHOICES

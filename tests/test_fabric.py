@@ -11,7 +11,7 @@ import fabric
 import pytest
 from rich.console import Console
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from fleetprobe.errors import TransportError
 from fleetprobe.connectors.fabric import FabricSession, connect, harden, run_playbook_on
 from fleetprobe.inventory import Host

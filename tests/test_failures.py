@@ -27,7 +27,7 @@ from rich.console import Console
 
 from simhosts import SimFleet, refused_port
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 
 pytestmark = [pytest.mark.tracefs]
 

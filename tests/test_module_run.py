@@ -275,7 +275,7 @@ def _run_id() -> str:
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    from fleetprobe.cli import main
+    from fleetprobe.cli.main import main
 
     console = Console(record=True, width=250)
     rc = main(args, console)

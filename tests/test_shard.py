@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from fleetprobe.errors import InputError
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.results import load_json, write_json

@@ -30,7 +30,7 @@ import pytest
 from rich.console import Console
 
 from fleetprobe.build import default_cache_dir
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from labssh import is_mips, ssh
 
 if TYPE_CHECKING:
