@@ -30,7 +30,7 @@ _EXPORTS = {
     "HostPlan": "plan", "plan_host": "plan",
     "Playbook": "playbook", "load_playbook": "playbook",
     "load_json": "results", "write_json": "results",
-    "SSHOptions": "connectors.asyncssh",
+    "SSHOptions": "session",
 }
 
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host
     from .playbook import Playbook, load_playbook
-    from .connectors.asyncssh import SSHOptions
+    from .session import SSHOptions
     from .results import load_json, write_json
 
 __all__ = [

@@ -38,7 +38,8 @@ from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
                      sweep_directives, teardown_directives)
-from .connectors.asyncssh import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
+from .connectors.asyncssh import connect
+from .session import Session, SSHOptions, Stream, script_command, script_input, shell_command
 
 if TYPE_CHECKING:
     # Module builds (build, debian) and ELF reading (uprobes) are imported where a run needs

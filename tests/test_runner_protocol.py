@@ -24,7 +24,7 @@ from fleetprobe.parse import CONTROL_PREFIX, EventBatch, TraceStream
 from fleetprobe.plan import HostPlan, plan_host
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.runner.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
-from fleetprobe.connectors.asyncssh import BOOTSTRAP, script_input
+from fleetprobe.session import BOOTSTRAP, script_input
 
 DATA = Path(__file__).parent / "data"
 RUNNER = DATA / "runner"

@@ -37,7 +37,7 @@ from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport
 from fleetprobe.shard import Shard, select_hosts
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, Store
-from fleetprobe.connectors.asyncssh import SSHOptions
+from fleetprobe.session import SSHOptions
 from fleetprobe.inventory import load_inventory
 from fleetprobe.orchestrate import RunSettings
 from fleetprobe.orchestrate import cleanup_fleet

@@ -34,7 +34,8 @@ from fleetprobe.build import (
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
-from fleetprobe.connectors.asyncssh import SSHOptions, connect
+from fleetprobe.connectors.asyncssh import connect
+from fleetprobe.session import SSHOptions
 
 from typing import TYPE_CHECKING
 

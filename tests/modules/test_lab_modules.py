@@ -34,7 +34,8 @@ from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.kmsg import KmsgCollector
 from fleetprobe.parse import TraceEvent
-from fleetprobe.connectors.asyncssh import AsyncsshSession, SSHOptions, connect
+from fleetprobe.connectors.asyncssh import AsyncsshSession, connect
+from fleetprobe.session import SSHOptions
 
 pytestmark = pytest.mark.lab
 
