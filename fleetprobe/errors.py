@@ -71,3 +71,11 @@ class HostError(FleetprobeError):
 
 class TransportError(HostError):
     """SSH-level failure (connect, auth, host key, dropped link), translated at the transport boundary."""
+
+
+class BuildError(FleetprobeError):
+    """A group's build failed; ``evidence`` holds the compiler's or tool's own words."""
+
+    def __init__(self, message: str, *, where: str, evidence: str = "", hint: str | None = None) -> None:
+        super().__init__(message, where=where, hint=hint)
+        self.evidence = evidence

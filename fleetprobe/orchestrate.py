@@ -44,7 +44,10 @@ from .session import Session, SSHOptions, Stream, script_command, script_input, 
 if TYPE_CHECKING:
     # Module builds (build, debian) and ELF reading (uprobes) are imported where a run needs
     # them: a tracefs run, `facts` and `cleanup` never do (start-up cost, issue 5).
-    from .build import BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource
+    from .kmod.cache import ModuleCache
+    from .kmod.compile import BuiltModule, GroupResult
+    from .kmod.plan import BuildGroup, BuildKey
+    from .kmod.source import ModuleSource
 
 T = TypeVar("T")
 
@@ -85,7 +88,7 @@ class RunSettings:
     #: Called with each host's facts as they are gathered (the history store keeps them).
     on_facts: Callable[[str, Facts], None] | None = None
     #: Where kernel modules are built: ``auto`` (a host of the group that can, else the controller for
-    #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.build).
+    #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.kmod.plan).
     build_at: str = "auto"
     #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (build.ModuleCache).
     module_cache: Path | None = None
@@ -358,14 +361,14 @@ class ModuleBuilds:
     def cache(self) -> ModuleCache:
         """The build cache, opened when a run first needs a module."""
         if self._cache is None:
-            from .build import ModuleCache
+            from .kmod.cache import ModuleCache
 
             self._cache = ModuleCache()
         return self._cache
 
     def source(self, path: str) -> ModuleSource:
         """The module folder's source, read and hashed once per run."""
-        from .build import load_module_source
+        from .kmod.source import load_module_source
 
         src = self._sources.get(path)
         if src is None:
@@ -380,12 +383,13 @@ class ModuleBuilds:
         return 0
 
     async def module_for(self, facts: Facts, source: ModuleSource, everyone_set_up: asyncio.Event,
-                         session: BuildSession | None = None) -> BuiltModule:
+                         session: Session | None = None) -> BuiltModule:
         """This host's built module (shared with its group), or a HostError (stage ``build``) saying why not.
 
         ``session`` is the host's own, used when the host is the one that builds.
         """
-        from .build import build_group, plan_builds
+        from .kmod.compile import build_group
+        from .kmod.plan import plan_builds
 
         host = facts.host
         kwargs = {"have_program": self.have_program} if self.have_program else {}
@@ -621,7 +625,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
 
 def _module_load_blocker(facts: Facts) -> str | None:
     """build.module_load_blocker, imported only for module playbooks."""
-    from .build import module_load_blocker
+    from .kmod.plan import module_load_blocker
 
     return module_load_blocker(facts)
 
@@ -630,7 +634,7 @@ def _module_cache(path: Path | None) -> ModuleCache | None:
     """The build cache at ``path`` (None: the default, opened when first needed)."""
     if not path:
         return None
-    from .build import ModuleCache
+    from .kmod.cache import ModuleCache
 
     return ModuleCache(path)
 
@@ -655,7 +659,8 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
     Each failure is this host's HostError with the compiler's or kernel's words:
     no build tree or compiler, a build error, a vermagic mismatch.
     """
-    from .build import verify_on_host, with_module_name
+    from .kmod.deploy import verify_on_host
+    from .kmod.ko import with_module_name
 
     host = session.host.name
     loads: list[ModuleLoad] = []
@@ -1076,7 +1081,8 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
 def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
                        where: str = "auto") -> list[BuildGroup]:
     """The build groups a run of these plans would build (``fleetprobe plan`` shows them); pure."""
-    from .build import load_module_source, plan_builds
+    from .kmod.plan import plan_builds
+    from .kmod.source import load_module_source
 
     facts: dict[str, Facts] = {}
     wanted: dict[str, list[ModuleSource]] = {}

@@ -202,7 +202,7 @@ def _modules_imported(code: str) -> set[str]:
 def test_help_imports_no_ssh_no_rich_no_builder() -> None:
     """`fleetprobe --help` builds the parsers only: SSH, rendering and the module builder load when used."""
     mods = _modules_imported("from fleetprobe.cli.main import main\nassert main(['--help']) == 0")
-    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.connectors.asyncssh", "fleetprobe.build",
+    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.connectors.asyncssh", "fleetprobe.kmod.compile",
              "fleetprobe.render.html", "fleetprobe.render.terminal", "fleetprobe.cli.run", "fleetprobe.cli.history"}
     assert not heavy & mods, heavy & mods
     assert "fleetprobe.cli.options" in mods  # the check sees what --help does import
@@ -212,7 +212,8 @@ def test_orchestrator_imports_no_builder_and_no_rendering() -> None:
     """A tracefs run needs neither the module builder nor rich: they load for module playbooks / output."""
     mods = _modules_imported("import fleetprobe.orchestrate")
     assert "asyncssh" in mods
-    assert not {"fleetprobe.build", "fleetprobe.debian", "fleetprobe.elf", "fleetprobe.render.terminal", "rich"} & mods
+    assert not {"fleetprobe.kmod.compile", "fleetprobe.kmod.debian", "fleetprobe.kmod.ko", "fleetprobe.elf",
+                "fleetprobe.render.terminal", "rich"} & mods
 
 
 def test_package_names_load_on_first_use() -> None:
@@ -230,7 +231,7 @@ def test_package_names_load_on_first_use() -> None:
 
 
 def test_where_choices_match_the_builder() -> None:
-    from fleetprobe import build
     from fleetprobe.cli import options
+    from fleetprobe.kmod import plan
 
-    assert options.WHERE_CHOICES == build.WHERE_CHOICES
+    assert options.WHERE_CHOICES == plan.WHERE_CHOICES

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fleetprobe.build import ModuleCache, default_cache_dir, load_module_source
+from fleetprobe.kmod.cache import ModuleCache, default_cache_dir
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.kmsg import KmsgCollector, MarkerSplitter

@@ -18,7 +18,7 @@ from fleetprobe.store import DEFAULT_EVENTS_DAYS, default_path
 from fleetprobe.version import __version__
 
 
-#: build.WHERE_CHOICES (tests/test_cli.py checks they agree), without importing the builder for --help.
+#: kmod.plan.WHERE_CHOICES (tests/test_cli.py checks they agree), without importing the builder for --help.
 WHERE_CHOICES = ("auto", "host", "controller")
 
 

@@ -52,7 +52,7 @@ from fleetprobe.results import write_json
 from fleetprobe.shard import shard_inventory
 
 if TYPE_CHECKING:
-    from fleetprobe.build import BuildGroup  # the module builder loads only for module playbooks
+    from fleetprobe.kmod.plan import BuildGroup
     from fleetprobe.orchestrate import HostFacts, RunSettings
     from fleetprobe.outcome import HostOutcome
     from fleetprobe.plan import HostPlan

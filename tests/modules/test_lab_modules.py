@@ -20,16 +20,12 @@ from typing import Any
 
 import pytest
 
-from fleetprobe.build import (
-    ModuleCache,
-    build_groups,
-    default_cache_dir,
-    load_module_source,
-    plan_builds,
-    read_host_vermagic,
-    verify_on_host,
-    with_module_name,
-)
+from fleetprobe.kmod.cache import ModuleCache, default_cache_dir
+from fleetprobe.kmod.compile import build_groups, read_host_vermagic
+from fleetprobe.kmod.deploy import verify_on_host
+from fleetprobe.kmod.ko import with_module_name
+from fleetprobe.kmod.plan import plan_builds
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.kmsg import KmsgCollector
