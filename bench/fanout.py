@@ -147,7 +147,7 @@ def _hosts(spec: dict[str, Any]) -> list[Any]:
 
 def _settings(spec: dict[str, Any]) -> Any:
     """RunSettings that trust only the throwaway known_hosts and key."""
-    from fleetprobe.orchestrate import RunSettings
+    from fleetprobe.settings import RunSettings
     from fleetprobe.session import SSHOptions
     ssh = SSHOptions(known_hosts=(spec["known_hosts"],), ssh_config=(), use_agent=False,
                      connect_timeout=60.0)

@@ -23,7 +23,7 @@ _EXPORTS = {
     "Facts": "facts",
     "Host": "inventory", "Inventory": "inventory", "load_inventory": "inventory",
     "FleetAggregate": "merge", "FleetReport": "results", "RunInfo": "results",
-    "RunSettings": "orchestrate", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
+    "RunSettings": "settings", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
     "plan_fleet": "orchestrate", "run_playbook": "orchestrate",
     "HostOutcome": "outcome", "LossCounters": "outcome",
     "TraceEvent": "parse",
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from .inventory import Host, Inventory, load_inventory
     from .merge import FleetAggregate
     from .results import FleetReport, RunInfo
-    from .orchestrate import RunSettings, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+    from .orchestrate import cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+    from .settings import RunSettings
     from .outcome import HostOutcome, LossCounters
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host

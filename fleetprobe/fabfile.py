@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from fleetprobe.connectors.fabric import harden, open_sessions, sessions_of
 from fleetprobe.inventory import Host
-from fleetprobe.orchestrate import RunSettings, run_playbook
+from fleetprobe.orchestrate import run_playbook
+from fleetprobe.settings import RunSettings
 from fleetprobe.playbook import Playbook, load_playbook
 from fleetprobe.results import FleetReport
 from fleetprobe.session import Session, SSHOptions

@@ -13,7 +13,7 @@ from fleetprobe.arches import target_for
 from fleetprobe.errors import BuildError
 from fleetprobe.kmod.cache import ModuleCache
 from fleetprobe.kmod.compile import check_module, compiler_messages, BuiltModule, GroupResult
-from fleetprobe.kmod.debian import debian_package_version, is_debian_kernel
+from fleetprobe.kmod.plan import debian_package_version, is_debian_kernel
 from fleetprobe.kmod.deploy import host_module_error, results_by_host
 from fleetprobe.kmod.ko import ModInfo, read_elf_info, read_modinfo, vermagic_problem, ElfFormatError
 from fleetprobe.kmod.plan import BuildKey, plan_builds

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fleetprobe import events
 from fleetprobe.clock import ClockMap
-from fleetprobe.orchestrate import _HostCap
+from fleetprobe.ingest import _HostCap
 from fleetprobe.parse import EventBatch, TraceEvent, TraceStream
 from fleetprobe.events import EventWriter
 

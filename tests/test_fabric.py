@@ -16,7 +16,7 @@ from fleetprobe.errors import TransportError
 from fleetprobe.connectors.fabric import FabricSession, connect, harden
 from fleetprobe.fabfile import run_playbook_on
 from fleetprobe.inventory import Host
-from fleetprobe.orchestrate import RunSettings
+from fleetprobe.settings import RunSettings
 from fleetprobe.results import load_json
 from fleetprobe.session import SSHOptions, shell_command
 from reports import leftovers_of, tracefs_ready

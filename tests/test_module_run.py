@@ -34,7 +34,7 @@ from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.kmsg import KmsgCollector, MarkerSplitter
 from fleetprobe.merge import FleetAggregate
-from fleetprobe.orchestrate import ModuleBuilds
+from fleetprobe.kmod.builds import ModuleBuilds
 from fleetprobe.parse import TraceStream
 from fleetprobe.plan import HostPlan, PlannedProbe
 from fleetprobe.runner.runner import ModuleLoad, RunnerReport, plan_directives, teardown_directives

@@ -314,7 +314,7 @@ def test_busybox_runner_stops_on_eof_and_cleans() -> None:
 
 def test_runner_silent_judges_in_trace_time_not_read_time() -> None:
     """A controller behind a busy stream reads markers late: that is not a dead runner."""
-    from fleetprobe.orchestrate import HEARTBEAT_TIMEOUT as T, runner_silent
+    from fleetprobe.runner.channel import HEARTBEAT_TIMEOUT as T, runner_silent
     # Markers every 5 s of trace time, read late: the events read so far are within T of the last one.
     assert not runner_silent(0.1, 1000.0, 1000.0 + T - 1)
     # Events stream on T past the last marker: the runner stopped writing them.

@@ -39,10 +39,11 @@ from fleetprobe.shard import Shard, select_hosts
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, Store
 from fleetprobe.session import SSHOptions
 from fleetprobe.inventory import load_inventory
-from fleetprobe.orchestrate import RunSettings
+from fleetprobe.settings import RunSettings
 from fleetprobe.orchestrate import cleanup_fleet
 from fleetprobe.orchestrate import facts_fleet
-from fleetprobe.orchestrate import plan_fleet, plan_module_builds
+from fleetprobe.kmod.builds import plan_module_builds
+from fleetprobe.orchestrate import plan_fleet
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.plan import group_of_instance, is_stale_instance
 from fleetprobe.playbook import load_playbook
@@ -53,7 +54,8 @@ from fleetprobe.shard import shard_inventory
 
 if TYPE_CHECKING:
     from fleetprobe.kmod.plan import BuildGroup
-    from fleetprobe.orchestrate import HostFacts, RunSettings
+    from fleetprobe.runner.channel import HostFacts
+    from fleetprobe.settings import RunSettings
     from fleetprobe.outcome import HostOutcome
     from fleetprobe.plan import HostPlan
 

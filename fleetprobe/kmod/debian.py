@@ -348,28 +348,3 @@ def kernel_for_metapackage(meta: str, arch: str, cache: Path) -> tuple[PackageRe
         (image,) = state.resolve([images[0]])
     release = image.name.removeprefix("linux-image-").removesuffix("-unsigned")
     return image, release
-
-
-# --- Debian kernels: is a host's kernel one whose headers Debian's archive has? ---------------------------
-
-_DEBIAN_RELEASE = re.compile(r"^\d+\.\d+\.\d+-\d+(?:-[a-z0-9][a-z0-9-]*)?$")
-
-
-_DEBIAN_VERSION = re.compile(r"\bDebian (\d[\w.+~:-]*)")
-
-
-def debian_package_version(kernel_version: str) -> str | None:
-    """The Debian source version from ``uname -v`` (``... Debian 6.1.176-1 (2025-06-01)``)."""
-    m = _DEBIAN_VERSION.search(kernel_version)
-    return m.group(1) if m else None
-
-
-def is_debian_kernel(release: str, kernel_version: str) -> bool:
-    """True if ``uname -r``/``uname -v`` say this is a Debian kernel (headers in Debian's archive).
-
-    Ubuntu's releases look the same (``5.15.0-91-generic``) but its ``uname -v``
-    says Ubuntu, so ``uname -v`` must name Debian when the facts have it.
-    """
-    if not _DEBIAN_RELEASE.match(release):
-        return False
-    return not kernel_version or "Debian" in kernel_version

@@ -6,16 +6,15 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from fleetprobe.errors import FleetprobeError
 from fleetprobe.arches import Target, cross_compiler_package, target_for
+from fleetprobe.errors import FleetprobeError
 from fleetprobe.facts import Facts, kernel_arch
-from fleetprobe.kmod.debian import debian_package_version, is_debian_kernel
 from fleetprobe.kmod.source import ModuleSource
-
 
 WHERE_CHOICES = ("auto", "host", "controller")
 
@@ -177,3 +176,26 @@ def _plan_group(key: BuildKey, mod: ModuleSource, target: Target, hosts: list[Fa
     hint = ("install the kernel headers, make and gcc on one host of this kernel, "
             f"or install {cross_compiler_package(target.debian_arch)} on the controller (Debian kernels only)")
     return replace(base, reason="cannot build", error="; ".join(reasons), hint=hint)
+
+
+_DEBIAN_RELEASE = re.compile(r"^\d+\.\d+\.\d+-\d+(?:-[a-z0-9][a-z0-9-]*)?$")
+
+
+_DEBIAN_VERSION = re.compile(r"\bDebian (\d[\w.+~:-]*)")
+
+
+def debian_package_version(kernel_version: str) -> str | None:
+    """The Debian source version from ``uname -v`` (``... Debian 6.1.176-1 (2025-06-01)``)."""
+    m = _DEBIAN_VERSION.search(kernel_version)
+    return m.group(1) if m else None
+
+
+def is_debian_kernel(release: str, kernel_version: str) -> bool:
+    """True if ``uname -r``/``uname -v`` say this is a Debian kernel (headers in Debian's archive).
+
+    Ubuntu's releases look the same (``5.15.0-91-generic``) but its ``uname -v``
+    says Ubuntu, so ``uname -v`` must name Debian when the facts have it.
+    """
+    if not _DEBIAN_RELEASE.match(release):
+        return False
+    return not kernel_version or "Debian" in kernel_version
