@@ -218,7 +218,7 @@ class SimHost:
                 try:
                     await asyncio.wait_for(stop.wait(), duration)
                     reason = "stop-or-eof"
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     reason = "duration"
             elif stop.is_set():
                 reason = "stop-or-eof"

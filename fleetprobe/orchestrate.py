@@ -431,7 +431,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         parser.close()
         try:
             status = await stream.wait(5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status = -1
     finally:
         guard.cancel()
@@ -565,7 +565,7 @@ async def _on_each_host(hosts: Iterable[Host], settings: RunSettings,
                 return result
             except HostError as exc:
                 error = exc
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
             finally:
                 if session is not None:

@@ -41,7 +41,7 @@ class ElfOffsets:
                 try:
                     data = await session.get(path)
                 except HostError as exc:
-                    for k, f in futs.items():
+                    for f in futs.values():
                         f.set_result(f"cannot read {path}: {exc.evidence or exc.message}")
                 else:
                     from fleetprobe import elf  # the ELF reader loads only for playbooks with uprobes

@@ -406,7 +406,7 @@ class SimFleet:
             for c in conns:
                 try:
                     await asyncio.wait_for(c.wait_closed(), 5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             await asyncio.sleep(0.1)
 

@@ -177,7 +177,7 @@ class FabricStream:
             if self._chan.closed and not self._chan.exit_status_ready():
                 return -1
             if deadline is not None and time.monotonic() > deadline:
-                raise asyncio.TimeoutError()
+                raise TimeoutError()
             await asyncio.sleep(POLL)
         # Let the stderr thread catch up with what arrived before the exit status.
         await asyncio.get_running_loop().run_in_executor(None, self._err_done.wait, 1.0)
@@ -234,7 +234,7 @@ class FabricSession:
 
         try:
             status = await asyncio.wait_for(collect(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             stream.close()
             return CommandResult(124, bytes(out), stream.stderr() + b"\n(timed out)")
         finally:

@@ -110,7 +110,7 @@ async def _run_local(argv: list[str], *, cwd: Path | None = None, timeout: float
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         return -1, f"timed out after {timeout:.0f}s: {' '.join(argv)}"

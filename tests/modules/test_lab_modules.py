@@ -110,7 +110,7 @@ async def read_kmsg(stream: Any, collectors: list[KmsgCollector], probe: str,
     while time.monotonic() < deadline and not all(map(done, collectors)):
         try:
             chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if not chunk:
             break
@@ -258,7 +258,7 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
             oopses = int((await session.run("cat /sys/kernel/oops_count", timeout=60)).stdout) - oops_before
             if arch.startswith("mips") and oopses:
                 warnings.warn(f"{vm.name}: the kernel oopsed {oopses} time(s) under the module's kprobe "
-                              "(known MIPS single-step fault in the lab)")
+                              "(known MIPS single-step fault in the lab)", stacklevel=1)
             else:
                 assert oopses == 0, f"the kernel oopsed {oopses} time(s): see dmesg on {vm.name}"
         finally:
@@ -288,7 +288,7 @@ def test_one_module_loaded_twice_under_run_names(arch: str, lab_vms: Any, tmp_pa
         stream = await session.stream("exec cat /dev/kmsg")
         cols = [KmsgCollector(vm.name, r) for r in runs]
         try:
-            for n, r in zip(names, runs):
+            for n, _r in zip(names, runs):
                 await session.put(with_module_name(ko, n), f"/tmp/{n}.ko")
             script = "; ".join(
                 [f"insmod /tmp/{n}.ko run={r} probe=statfs symbol=user_statfs 2>&1 || echo insmod-failed"
