@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any
 
 
@@ -160,7 +161,6 @@ def kernel_arch(machine: str) -> str:
 @functools.cache
 def facts_script() -> str:
     """The on-host facts script (POSIX sh, busybox-compatible); read once per process, not once per host."""
-    from importlib.resources import files
     return files("fleetprobe").joinpath("facts.sh").read_text()
 
 

@@ -13,17 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fleetprobe.facts import Facts, SymbolFacts
-from fleetprobe.playbook import (
-    ArgSpec,
-    Deref,
-    Fetch,
-    KernelTarget,
-    Playbook,
-    ProbeSpec,
-    RawFetch,
-    RetvalRef,
-    UserTarget,
-)
+from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
+from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
 @dataclass(frozen=True)
