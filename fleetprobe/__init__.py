@@ -11,9 +11,10 @@ The Python API in one call::
         print(host.host, host.status, host.hits)
 """
 
-from fleetprobe.version import __version__
-
+import importlib
 from typing import TYPE_CHECKING, Any
+
+from fleetprobe.version import __version__
 
 #: Where each public name lives.  They are imported on first use (PEP 562), so ``import fleetprobe``
 #: and ``fleetprobe --help`` do not pay for asyncssh, yaml and the rest (issue 5).
@@ -39,8 +40,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fleetprobe' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
