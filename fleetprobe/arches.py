@@ -1,15 +1,18 @@
 """Arches: every per-architecture table fleetprobe needs, in one place.
 
 ``uname -m`` + endianness -> Debian architecture, kernel ``ARCH``, GNU triplet and ELF header
-values (what a module is built for and checked against), and the controller's own Debian arch.
+values (what a module is built for and checked against), the controller's own Debian arch, and
+the function-argument registers and syscall ``pt_regs`` offsets that ``argN`` lowers to.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fleetprobe.facts import Facts
+if TYPE_CHECKING:
+    from fleetprobe.facts import Facts
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,84 @@ def cross_compiler_package(debian_arch: str, gcc_version: str = "12") -> str:
     if debian_arch == controller_debian_arch():
         return f"gcc-{gcc_version}"
     return f"gcc-{gcc_version}-{target.triplet.replace('_', '-')}"
+
+
+# --- uname -m -> the kernel's ARCH --------------------------------------------
+
+_KERNEL_ARCH = {
+    "x86_64": "x86", "i386": "x86", "i486": "x86", "i586": "x86", "i686": "x86",
+    "ppc64le": "powerpc", "ppc64": "powerpc", "ppc": "powerpc", "ppcle": "powerpc",
+    "mips": "mips", "mips64": "mips", "mipsel": "mips", "mips64el": "mips",
+    "aarch64": "arm64", "arm64": "arm64", "riscv64": "riscv", "s390x": "s390",
+}
+
+
+def kernel_arch(machine: str) -> str:
+    """Map ``uname -m`` to the kernel's ARCH name; arm* maps to arm."""
+    if machine in _KERNEL_ARCH:
+        return _KERNEL_ARCH[machine]
+    if machine.startswith("arm"):
+        return "arm"
+    return machine
+
+
+# --- argument registers ----------------------------------------------------
+
+# Function-argument registers by calling convention, named as tracefs accepts
+# them (regs_query_register_offset() of each arch).  The kernel and user-space
+# conventions match except on i386: the kernel is built with -mregparm=3,
+# user space passes every argument on the stack (cdecl).
+_X86_64 = ("%di", "%si", "%dx", "%cx", "%r8", "%r9")
+_I386_KERNEL = ("%ax", "%dx", "%cx")
+_PPC = tuple(f"%r{i}" for i in range(3, 11))           # r3..r10; %a0/$argN rejected on 6.1 (LAB.md)
+_MIPS_N64 = tuple(f"%r{i}" for i in range(4, 12))      # a0..a7 = r4..r11; %a0 is rejected
+_MIPS_O32 = tuple(f"%r{i}" for i in range(4, 8))       # a0..a3 = r4..r7
+_ARM64 = tuple(f"%x{i}" for i in range(0, 8))
+_ARM = tuple(f"%r{i}" for i in range(0, 4))            # AAPCS r0..r3 (not lab-verified)
+_RISCV = tuple(f"%a{i}" for i in range(0, 8))          # riscv names its pt_regs a0..a7 (not lab-verified)
+_S390 = tuple(f"%r{i}" for i in range(2, 7))           # s390x r2..r6 (not lab-verified)
+I386_MACHINES = ("i386", "i486", "i586", "i686")
+
+# x86_64 syscall entry points since 4.17 (commit fa697140f9a2, "syscalls/x86:
+# Use 'struct pt_regs' based syscall calling convention") take one
+# struct pt_regs * in %di; the real arguments live in it.  Offsets from
+# arch/x86/include/asm/ptrace.h struct pt_regs (64-bit): r10=56 r9=64 r8=72
+# dx=96 si=104 di=112.  The 4th syscall argument is r10, not cx.
+X64_SYSCALL_PT_REGS = (112, 104, 96, 56, 72, 64)
+# arm64 does the same since 4.19 (__arm64_sys_*): struct pt_regs begins with
+# regs[31] (arch/arm64/include/asm/ptrace.h), so argument N is regs[N-1].
+ARM64_SYSCALL_PT_REGS = (0, 8, 16, 24, 32, 40)
+
+
+def kernel_arg_registers(facts: Facts) -> tuple[str, ...] | None:
+    """The kernel's function-argument registers on this host, or None when unknown."""
+    machine = facts.arch
+    if machine == "x86_64":
+        return _X86_64
+    if machine in I386_MACHINES:
+        return _I386_KERNEL
+    if machine.startswith("ppc"):
+        return _PPC
+    if machine.startswith("mips"):
+        # uname -m says mips64 for a 64-bit kernel (n64); mips is a 32-bit (o32) kernel.
+        return _MIPS_N64 if machine.startswith("mips64") else _MIPS_O32
+    if machine in ("aarch64", "arm64"):
+        return _ARM64
+    if machine.startswith("arm"):
+        return _ARM
+    if machine == "riscv64":
+        return _RISCV
+    if machine == "s390x":
+        return _S390
+    return None
+
+
+def user_arg_registers(facts: Facts) -> tuple[str, ...] | None:
+    """User-space function-argument registers on this host; None when arguments are on the stack or unknown."""
+    machine = facts.arch
+    if machine in I386_MACHINES:
+        return None
+    if machine.startswith("mips"):
+        # The userland ABI follows the host's binaries: ELF32 => o32 (n32 is not told apart).
+        return _MIPS_O32 if facts.elf_class == 32 else _MIPS_N64
+    return kernel_arg_registers(facts)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL_PT_REGS, kernel_arg_registers,
+                              user_arg_registers)
 from fleetprobe.facts import Facts, SymbolFacts
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
@@ -140,68 +142,6 @@ def is_stale_instance(name: str, now: float, grace: float) -> bool:
     return m is not None and int(m.group(2)) + grace < now
 
 
-# --- argument registers ----------------------------------------------------
-
-# Function-argument registers by calling convention, named as tracefs accepts
-# them (regs_query_register_offset() of each arch).  The kernel and user-space
-# conventions match except on i386: the kernel is built with -mregparm=3,
-# user space passes every argument on the stack (cdecl).
-_X86_64 = ("%di", "%si", "%dx", "%cx", "%r8", "%r9")
-_I386_KERNEL = ("%ax", "%dx", "%cx")
-_PPC = tuple(f"%r{i}" for i in range(3, 11))           # r3..r10; %a0/$argN rejected on 6.1 (LAB.md)
-_MIPS_N64 = tuple(f"%r{i}" for i in range(4, 12))      # a0..a7 = r4..r11; %a0 is rejected
-_MIPS_O32 = tuple(f"%r{i}" for i in range(4, 8))       # a0..a3 = r4..r7
-_ARM64 = tuple(f"%x{i}" for i in range(0, 8))
-_ARM = tuple(f"%r{i}" for i in range(0, 4))            # AAPCS r0..r3 (not lab-verified)
-_RISCV = tuple(f"%a{i}" for i in range(0, 8))          # riscv names its pt_regs a0..a7 (not lab-verified)
-_S390 = tuple(f"%r{i}" for i in range(2, 7))           # s390x r2..r6 (not lab-verified)
-_I386_MACHINES = ("i386", "i486", "i586", "i686")
-
-# x86_64 syscall entry points since 4.17 (commit fa697140f9a2, "syscalls/x86:
-# Use 'struct pt_regs' based syscall calling convention") take one
-# struct pt_regs * in %di; the real arguments live in it.  Offsets from
-# arch/x86/include/asm/ptrace.h struct pt_regs (64-bit): r10=56 r9=64 r8=72
-# dx=96 si=104 di=112.  The 4th syscall argument is r10, not cx.
-_X64_SYSCALL_PT_REGS = (112, 104, 96, 56, 72, 64)
-# arm64 does the same since 4.19 (__arm64_sys_*): struct pt_regs begins with
-# regs[31] (arch/arm64/include/asm/ptrace.h), so argument N is regs[N-1].
-_ARM64_SYSCALL_PT_REGS = (0, 8, 16, 24, 32, 40)
-
-
-def kernel_arg_registers(facts: Facts) -> tuple[str, ...] | None:
-    """The kernel's function-argument registers on this host, or None when unknown."""
-    machine = facts.arch
-    if machine == "x86_64":
-        return _X86_64
-    if machine in _I386_MACHINES:
-        return _I386_KERNEL
-    if machine.startswith("ppc"):
-        return _PPC
-    if machine.startswith("mips"):
-        # uname -m says mips64 for a 64-bit kernel (n64); mips is a 32-bit (o32) kernel.
-        return _MIPS_N64 if machine.startswith("mips64") else _MIPS_O32
-    if machine in ("aarch64", "arm64"):
-        return _ARM64
-    if machine.startswith("arm"):
-        return _ARM
-    if machine == "riscv64":
-        return _RISCV
-    if machine == "s390x":
-        return _S390
-    return None
-
-
-def user_arg_registers(facts: Facts) -> tuple[str, ...] | None:
-    """User-space function-argument registers on this host; None when arguments are on the stack or unknown."""
-    machine = facts.arch
-    if machine in _I386_MACHINES:
-        return None
-    if machine.startswith("mips"):
-        # The userland ABI follows the host's binaries: ELF32 => o32 (n32 is not told apart).
-        return _MIPS_O32 if facts.elf_class == 32 else _MIPS_N64
-    return kernel_arg_registers(facts)
-
-
 # --- lowering --------------------------------------------------------------
 
 class _Unplaceable(Exception):
@@ -239,16 +179,16 @@ class _Lowering:
         """Lower ``argN``."""
         f = self.facts
         if self.user:
-            if f.arch in _I386_MACHINES:
+            if f.arch in I386_MACHINES:
                 # cdecl: at the first instruction the return address is $stack0.
                 return f"$stack{n}"
             regs = user_arg_registers(f)
         else:
             sym = self.symbol or ""
             if sym.startswith("__x64_sys_") and f.arch == "x86_64":
-                return self._syscall_arg(n, "%di", _X64_SYSCALL_PT_REGS)
+                return self._syscall_arg(n, "%di", X64_SYSCALL_PT_REGS)
             if sym.startswith("__arm64_sys_") and f.arch in ("aarch64", "arm64"):
-                return self._syscall_arg(n, "%x0", _ARM64_SYSCALL_PT_REGS)
+                return self._syscall_arg(n, "%x0", ARM64_SYSCALL_PT_REGS)
             if self.entry and "arg_n" in f.features:
                 return f"$arg{n}"
             regs = kernel_arg_registers(f)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 from fleetprobe.arches import Target, cross_compiler_package, target_for
 from fleetprobe.errors import FleetprobeError
-from fleetprobe.facts import Facts, kernel_arch
+from fleetprobe.arches import kernel_arch
+from fleetprobe.facts import Facts
 from fleetprobe.kmod.source import ModuleSource
 
 WHERE_CHOICES = ("auto", "host", "controller")
