@@ -547,10 +547,16 @@ def _event_name(p: object) -> str:
 
 # --- facts, plan and cleanup across the fleet ------------------------------------------------
 
-async def _on_each_host(hosts: Iterable[Host], settings: RunSettings,
-                        work: Callable[[Host, Session], Awaitable[T]],
-                        failed: Callable[[Host, HostError], T], observer: Observer | None = None) -> list[T]:
-    """One short job per host over one connection each, ``forks`` at a time; a failure is a value."""
+async def fan_out(hosts: Iterable[Host], settings: RunSettings, stage: str,
+                  work: Callable[[Host, Session], Awaitable[T]],
+                  failed: Callable[[Host, HostError], T], observer: Observer | None = None) -> list[T]:
+    """One short job per host over one connection each, ``forks`` at a time; a failure is a value.
+
+    Whatever goes wrong on one host (a HostError, no answer in time, or an exception nobody
+    expected: a bug in a connector or a parser) becomes that host's HostError, passed to
+    ``failed``; the other hosts go on. ``stage`` names the job (facts, plan, teardown) in
+    the error of an unexpected exception after the host was connected.
+    """
     slots = asyncio.Semaphore(max(1, settings.forks))
     obs = observer or NullObserver()
 
@@ -567,6 +573,11 @@ async def _on_each_host(hosts: Iterable[Host], settings: RunSettings,
                 error = exc
             except TimeoutError:
                 error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
+            except Exception as exc:  # noqa: BLE001 - one host's bug must never end the command for the fleet
+                error = HostError(host.name, "connect" if session is None else stage,
+                                  f"internal error: {type(exc).__name__}: {exc}",
+                                  evidence=traceback.format_exc()[-2000:],
+                                  hint="this is a fleetprobe bug: report it with the evidence")
             finally:
                 if session is not None:
                     await session.close()
@@ -587,7 +598,7 @@ async def facts_fleet(hosts: Iterable[Host], settings: RunSettings, playbook: Pl
                                                   timeout=settings.setup_timeout)
         return HostFacts(host, facts, clock_offset=offset, clock_error=error)
 
-    return await _on_each_host(hosts, settings, work, lambda host, exc: HostFacts(host, error=exc), obs)
+    return await fan_out(hosts, settings, "facts", work, lambda host, exc: HostFacts(host, error=exc), obs)
 
 
 async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings,
@@ -604,8 +615,8 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
                 plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo))
 
-    return await _on_each_host(hosts, settings, work, lambda host, exc: (HostFacts(host, error=exc), None),
-                               observer)
+    return await fan_out(hosts, settings, "plan", work, lambda host, exc: (HostFacts(host, error=exc), None),
+                         observer)
 
 
 @dataclass
@@ -636,7 +647,8 @@ async def cleanup_fleet(hosts: Iterable[Host], settings: RunSettings, *, force: 
             res.error = "; ".join(rep.unclean)
         return res
 
-    return await _on_each_host(hosts, settings, work, lambda host, exc: CleanupResult(host.name, error=str(exc)))
+    return await fan_out(hosts, settings, "teardown", work,
+                         lambda host, exc: CleanupResult(host.name, error=str(exc)))
 
 
 def playbook_pairs(playbook: Playbook) -> dict[str, str]:

@@ -45,7 +45,7 @@ class RunSettings:
         """The host's epoch second by which a run of ``duration`` starting now is over, teardown slack included."""
         return int(time.time() + clock_offset + duration + self.teardown_slack)
 
-    #: Opens a Session to a host; None is asyncssh (transport.connect). ``--transport fabric`` sets
+    #: Opens a Session to a host; None is asyncssh (connectors.asyncssh.connect). ``--transport fabric`` sets
     #: fleetprobe.connectors.fabric.connect. One hook, so no stage branches on the transport.
     connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
     #: Called with each host's facts as they are gathered (the history store keeps them).
@@ -53,7 +53,7 @@ class RunSettings:
     #: Where kernel modules are built: ``auto`` (a host of the group that can, else the controller for
     #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.kmod.plan).
     build_at: str = "auto"
-    #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (build.ModuleCache).
+    #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (kmod.cache.ModuleCache).
     module_cache: Path | None = None
 
     async def open_session(self, host: Host) -> Session:
