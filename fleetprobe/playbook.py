@@ -40,8 +40,8 @@ _PROBE_NAME_MAX = 32
 _PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RUN_REF = re.compile(r"[a-z0-9]{1,32}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # [MOD:]SYM[+OFF]; SYM may name a GCC clone (foo.isra.0) explicitly.
 _KSYM = re.compile(r"(?:(?P<mod>[A-Za-z_][A-Za-z0-9_]*):)?(?P<sym>[A-Za-z_.][A-Za-z0-9_.]*)"
                    r"(?:\+(?P<off>0x[0-9a-fA-F]+|\d+))?")
@@ -197,6 +197,18 @@ class Playbook:
 
 
 # --- loading ---------------------------------------------------------------
+
+def parse_duration(text: str) -> float | None:
+    """``500ms``, ``10s``, ``5m``, ``1h`` or plain seconds -> seconds (> 0); None when it is not one.
+
+    The one duration grammar: the playbook's ``duration:`` and the command line's ``--duration``,
+    ``--connect-timeout`` and ``--setup-timeout`` both use it.
+    """
+    m = _DURATION.match(text)
+    if not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
 
 def load_playbook(path: str | Path) -> Playbook:
     """Read and validate a playbook file, or a shipped playbook by name (``opensnoop``)."""
@@ -383,9 +395,7 @@ class _Reader:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             seconds = float(value)
         elif isinstance(value, str):
-            m = _DURATION.fullmatch(value.strip())
-            if m:
-                seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            seconds = parse_duration(value)
         if seconds is None or not seconds > 0:
             raise self.error(node, "duration", f"duration {_describe(node)} is not a positive duration; "
                              "write e.g. 500ms, 10s, 5m, 1h or a number of seconds")

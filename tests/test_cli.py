@@ -37,6 +37,26 @@ def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text", ["500ms", "10s", "5m", "1h", "2.5", " 3s ", "0", "-1s", "10 minutes", "1d", "s"])
+def test_one_duration_grammar_for_options_and_playbooks(text: str) -> None:
+    """--duration and a playbook's quoted ``duration:`` accept and refuse the same texts, with the same value."""
+    import argparse
+
+    from fleetprobe.errors import PlaybookError
+    from fleetprobe.playbook import parse_playbook
+
+    try:
+        option: float | None = parse_duration(text)
+    except argparse.ArgumentTypeError:
+        option = None
+    try:
+        in_playbook: float | None = parse_playbook(f"name: d\nduration: '{text}'\nprobes: [{{name: e, tracepoint: a/b}}]\n",
+                                                   "d.yml").duration
+    except PlaybookError:
+        in_playbook = None
+    assert option == in_playbook
+
+
 @pytest.mark.parametrize("text", ["", "0", "-1s", "10 minutes", "1d", "s"])
 def test_parse_duration_rejects(text: str) -> None:
     """Anything else is refused with an example of what works."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import enum
-import re
 from typing import Any
 
 from fleetprobe.audit import Thresholds
 from fleetprobe.errors import InputError
+from fleetprobe.playbook import parse_duration as playbook_duration
 from fleetprobe.shard import Shard, parse_shard
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, default_path
 from fleetprobe.version import __version__
@@ -33,18 +33,12 @@ class Exit(enum.IntEnum):
     INTERRUPTED = 130
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
 def parse_duration(text: str) -> float:
     """``500ms``, ``10s``, ``5m``, ``1h`` or plain seconds -> seconds."""
-    m = _DURATION.match(text)
-    if not m or float(m.group(1)) <= 0:
+    seconds = playbook_duration(text)
+    if seconds is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 500ms, 10s, 5m, 1h)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return seconds
 
 
 def _positive_int(text: str) -> int:
