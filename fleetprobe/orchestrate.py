@@ -138,7 +138,8 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
             obs.set_state(host.name, "planning")
             offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
             deadline = s.deadline(offset, fr.duration)
-            plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets)
+            plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets,
+                             duration=fr.duration)
         except BaseException:
             if runner is not None:
                 runner.stream.close()
@@ -325,9 +326,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
                          on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock)
-    deadline = int(plan.instance.rsplit("_", 1)[1])
-    directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
-                                 deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
+    directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=plan.duration,
+                                 deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
     splitter = MarkerSplitter() if modules else None
     kmsg = KmsgCollector(host, fr.run_id)
@@ -613,7 +613,7 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
         uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
         deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
-                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo))
+                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration))
 
     return await fan_out(hosts, settings, "plan", work, lambda host, exc: (HostFacts(host, error=exc), None),
                          observer)

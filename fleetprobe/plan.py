@@ -67,7 +67,9 @@ class HostPlan:
     and ``instance`` the tracefs instance (private ring buffer) they are enabled in;
     both carry the run id and a per-host part so they never collide.
     ``failed`` is set when a probe with ``on_missing: fail`` cannot be placed:
-    the host is then not probed at all.
+    the host is then not probed at all.  ``duration`` is how long the probes run (seconds) and
+    ``deadline`` the host's epoch second by which the run is over, teardown slack included (also
+    in the instance name, for sweeps by other runs; the run itself reads these fields).
     """
 
     host: str
@@ -78,6 +80,8 @@ class HostPlan:
     skipped: tuple[SkippedProbe, ...] = ()
     failed: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    duration: float = 0.0
+    deadline: int = 0
 
 
 # --- names -----------------------------------------------------------------
@@ -124,10 +128,12 @@ def with_later_deadline(plan: HostPlan, deadline: float) -> HostPlan:
     build would start its probes with less time before its on-host timer and
     other runs' sweeps treat it as dead. Called again just before the probes start.
     """
-    group, instance = names_for(plan.run_id, plan.host, int(deadline))
-    if group != plan.group or int(instance.rsplit("_", 1)[1]) <= int(plan.instance.rsplit("_", 1)[1]):
+    if int(deadline) <= plan.deadline:
         return plan
-    return replace(plan, instance=instance)
+    group, instance = names_for(plan.run_id, plan.host, int(deadline))
+    if group != plan.group:
+        return plan
+    return replace(plan, instance=instance, deadline=int(deadline))
 
 
 def group_of_instance(name: str) -> str | None:
@@ -238,11 +244,12 @@ class _Lowering:
 # --- planning --------------------------------------------------------------
 
 def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
-              uprobe_offsets: Mapping[tuple[str, str], int | str]) -> HostPlan:
+              uprobe_offsets: Mapping[tuple[str, str], int | str], duration: float | None = None) -> HostPlan:
     """Decide exactly what to place on one host: a pure function of (playbook, facts).
 
     ``uprobe_offsets`` maps (path, symbol) to the symbol's file offset in this
-    host's binary, or to a reason it could not be resolved.
+    host's binary, or to a reason it could not be resolved.  ``duration`` defaults to the
+    playbook's (the CLI's ``--duration`` overrides it).
     """
     group, instance = names_for(run_id, facts.host, deadline)
     probes: list[PlannedProbe] = []
@@ -274,7 +281,8 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
     if not probes and not failed:
         notes.append("no probe can be placed on this host")
     return HostPlan(host=facts.host, run_id=run_id, group=group, instance=instance,
-                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes))
+                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes),
+                    duration=playbook.duration if duration is None else duration, deadline=int(deadline))
 
 
 def _host_blocks_tracefs(facts: Facts) -> str:
