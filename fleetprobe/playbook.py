@@ -35,6 +35,8 @@ _TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "b
 _PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
                "max_per_host", "pair_with", "params")
 
+#: What a module parameter's value may be (the runner hands it to insmod as one word).
+MODULE_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
 _PROBE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _PROBE_NAME_MAX = 32
 _PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -611,6 +613,11 @@ class _Reader:
                     text = str(value)
                 if any(c.isspace() for c in text):
                     raise self.error(vnode, f"{key}.{name}", f"module parameter {name!r} must not contain spaces")
+                if not MODULE_PARAM_VALUE.fullmatch(text):
+                    # The runner passes parameters to insmod as words: refuse here, once, at the
+                    # user's line, rather than failing every host at its build stage.
+                    raise self.error(vnode, f"{key}.{name}", f"module parameter {name}={text!r} must be letters, "
+                                     "digits and _ . + -")
                 # A parameter called 'symbol' names a kernel symbol: check it like a kprobe target.
                 out.append(ModuleParam(name=name, value=None, alternatives=(text,)) if name == "symbol"
                            else ModuleParam(name=name, value=text))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from fleetprobe.session import Session
 from fleetprobe.kmod.cache import ModuleCache
 from fleetprobe.kmod.plan import BuildGroup, BuildKey, plan_builds
 from fleetprobe.kmod.source import ModuleSource, load_module_source
+from fleetprobe.playbook import MODULE_PARAM_VALUE
 
 if TYPE_CHECKING:
     # kmod.compile (and with it kmod.debian) is imported only when a module is built.
@@ -128,7 +128,9 @@ def _module_cache(path: Path | None) -> ModuleCache | None:
 
 #: What a module name, run id, probe name and parameter must look like: the modules print them as
 #: key=value tokens (fp_kprobe refuses others) and the runner splits its directives at blanks.
-_MODULE_WORD = re.compile(r"[A-Za-z0-9_.+-]+")
+#: The playbook's rule for a module parameter (checked there at file:line); the run checks again
+#: what it adds itself (run id, probe name) and what an API caller built without the reader.
+_MODULE_WORD = MODULE_PARAM_VALUE
 
 
 def load_name(group: str, probe: str) -> str:
