@@ -28,7 +28,7 @@ from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
 from .version import __version__
-from .outcome import HostOutcome, LossCounters
+from .outcome import HostOutcome, LossCounters, Stage, Status
 from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
@@ -120,13 +120,13 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
     obs = fr.observer
     async with fr.setup_slots:
         if fr.interrupted.is_set():
-            out.status, out.reason = "interrupted", "interrupted before connecting"
+            out.status, out.reason = Status.INTERRUPTED, "interrupted before connecting"
             return None
         obs.set_state(host.name, "connecting")
         session = await s.open_session(host)
         runner: RunnerChannel | None = None
         try:
-            out.stage = "facts"
+            out.stage = Stage.FACTS
             obs.set_state(host.name, "facts")
             runner, facts, offset, error = await start_runner(session, fr.playbook, mount=s.mount_tracefs,
                                                               timeout=s.setup_timeout)
@@ -134,7 +134,7 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
             out.clock_offset, out.clock_error = offset, error
             if s.on_facts is not None:
                 s.on_facts(host.name, facts)
-            out.stage = "plan"
+            out.stage = Stage.PLAN
             obs.set_state(host.name, "planning")
             offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
             deadline = s.deadline(offset, fr.duration)
@@ -174,15 +174,15 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         out.skipped_probes = {sp.name: sp.reason for sp in plan.skipped}
         if fr.playbook.needs_module_consent() and (blocker := module_load_blocker(facts)):
             # A module playbook on a host that can never load one is a failure, not a quiet skip.
-            out.stage = "build"
+            out.stage = Stage.BUILD
             raise HostError(host.name, "build", f"cannot load kernel modules: {blocker}",
                             hint="run tracefs probes on this host instead (drop it from the module playbook)")
         if plan.failed:
-            out.status, out.reason = "failed", plan.failed
+            out.status, out.reason = Status.FAILED, plan.failed
             obs.set_state(host.name, "failed", plan.failed)
             return out
         if not plan.probes:
-            out.status = "skipped"
+            out.status = Status.SKIPPED
             out.reason = "no probe can be placed: " + "; ".join(f"{k}: {v}" for k, v in out.skipped_probes.items())
             obs.set_state(host.name, "skipped", out.reason)
             return out
@@ -191,10 +191,10 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
                             hint="mount it (mount -t tracefs nodev /sys/kernel/tracing) or pass --mount-tracefs")
         loads: tuple[ModuleLoad, ...] = ()
         if any(p.kind == "module" for p in plan.probes):
-            out.stage = "build"
+            out.stage = Stage.BUILD
             obs.set_state(host.name, "building")
             loads = await _prepare_modules(fr, session, facts, plan, out)
-        out.stage = "probe"
+        out.stage = Stage.PROBE
         obs.set_state(host.name, "probing")
         # After a long build the planned deadline may be near: probes get the whole duration.
         plan = fr.plans[host.name] = with_later_deadline(
@@ -202,18 +202,18 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         probe_runner, runner = runner, None
         await _probe(fr, session, probe_runner, facts, plan, out, loads)
     except HostError as exc:
-        out.status = "unreachable" if isinstance(exc, TransportError) and exc.stage == "connect" else "failed"
+        out.status = Status.UNREACHABLE if isinstance(exc, TransportError) and exc.stage == "connect" else Status.FAILED
         if isinstance(exc, TransportError) and out.stage == "probe":
-            out.status = "failed"
+            out.status = Status.FAILED
         out.stage = exc.stage if out.stage in ("connect",) else out.stage
         out.reason = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
         out.evidence = exc.evidence or ""
         obs.set_state(host.name, out.status, exc.message)
     except asyncio.CancelledError:
-        out.status, out.reason = "interrupted", "cancelled"
+        out.status, out.reason = Status.INTERRUPTED, "cancelled"
         raise
     except Exception as exc:  # noqa: BLE001 - one host's bug must never end the whole run
-        out.status, out.reason = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        out.status, out.reason = Status.FAILED, f"internal error: {type(exc).__name__}: {exc}"
         out.evidence = traceback.format_exc()[-2000:]
         obs.set_state(host.name, "failed", out.reason)
     finally:
@@ -498,8 +498,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     if report.enabled == 0 and not report.loaded:
         raise HostError(host, "probe", "the kernel refused every probe",
                         evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)
-    out.status = "interrupted" if fr.interrupted.is_set() else "ok"
-    out.stage = "done"
+    out.status = Status.INTERRUPTED if fr.interrupted.is_set() else Status.OK
+    out.stage = Stage.DONE
     fr.observer.set_state(host, "done" if out.status == "ok" else out.status, f"{counter.accepted} events")
 
 
