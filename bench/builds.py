@@ -4,7 +4,7 @@
 
 Takes the stored real facts (tests/data/facts/*.json: x86_64 4.19/6.1/6.18,
 aarch64, i686, ppc64le, mips64el, mipsel), deals them round-robin to N
-named hosts, and asks :func:`fleetprobe.build.plan_builds` to group them for
+named hosts, and asks :func:`fleetprobe.kmod.plan.plan_builds` to group them for
 the bundled fp_kprobe module.  Builds must equal the number of distinct
 (arch, kernel release) pairs, never the number of hosts.
 """
@@ -18,7 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fleetprobe.build import load_module_source, plan_builds
+from fleetprobe.kmod.plan import plan_builds
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.facts import Facts
 from fleetprobe.shipped import shipped_dir
 

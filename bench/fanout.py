@@ -147,8 +147,8 @@ def _hosts(spec: dict[str, Any]) -> list[Any]:
 
 def _settings(spec: dict[str, Any]) -> Any:
     """RunSettings that trust only the throwaway known_hosts and key."""
-    from fleetprobe.orchestrate import RunSettings
-    from fleetprobe.transport import SSHOptions
+    from fleetprobe.settings import RunSettings
+    from fleetprobe.session import SSHOptions
     ssh = SSHOptions(known_hosts=(spec["known_hosts"],), ssh_config=(), use_agent=False,
                      connect_timeout=60.0)
     return RunSettings(ssh=ssh, forks=spec["forks"], duration=spec.get("duration", 1.0),
@@ -205,7 +205,7 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         keys = asyncssh.load_keypairs([spec["key"]])
         extra: dict[str, Any] = {}
         if kind == "asyncssh-gcm":
-            from fleetprobe.transport import PREFERRED_CIPHERS
+            from fleetprobe.session import PREFERRED_CIPHERS
             extra["encryption_algs"] = PREFERRED_CIPHERS
 
         async def one(port: int) -> None:
@@ -242,7 +242,7 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 #: What each Python client imports before its measured section starts.
 PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"), "fp-facts": ("fleetprobe.orchestrate",),
-           "asyncssh-gcm": ("fleetprobe.transport",)}
+           "asyncssh-gcm": ("fleetprobe.connectors.asyncssh",)}
 
 
 def client_main(kind: str, spec_path: str) -> int:

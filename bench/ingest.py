@@ -24,7 +24,7 @@ import time
 from fleetprobe.clock import ClockMap
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.parse import TraceStream
-from fleetprobe.report import EventWriter
+from fleetprobe.events import EventWriter
 
 COMMS = ["sshd", "bash", "systemd-journal", "nginx", "postgres", "python3", "cron", "kworker/u8:2",
          "containerd", "node"]

@@ -96,7 +96,7 @@ async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str 
                 samples.append((time.monotonic() - t0, rss_mib(), counter.events))
                 try:
                     await asyncio.wait_for(done.wait(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
         sampler = asyncio.ensure_future(sample())

@@ -147,7 +147,7 @@ class SimHost:
         self.counters.sessions[kind] = self.counters.sessions.get(kind, 0) + 1
 
     async def runner(self, process: asyncssh.SSHServerProcess[bytes], with_facts: bool) -> None:
-        """The runner protocol (fleetprobe/runner.sh), without touching any kernel."""
+        """The runner protocol (fleetprobe/runner/runner.sh), without touching any kernel."""
         out = process.stdout
         if with_facts:
             out.write(self.facts_output())
@@ -218,7 +218,7 @@ class SimHost:
                 try:
                     await asyncio.wait_for(stop.wait(), duration)
                     reason = "stop-or-eof"
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     reason = "duration"
             elif stop.is_set():
                 reason = "stop-or-eof"

@@ -11,9 +11,10 @@ The Python API in one call::
         print(host.host, host.status, host.hits)
 """
 
-__version__ = "0.1.0"
-
+import importlib
 from typing import TYPE_CHECKING, Any
+
+from fleetprobe.version import __version__
 
 #: Where each public name lives.  They are imported on first use (PEP 562), so ``import fleetprobe``
 #: and ``fleetprobe --help`` do not pay for asyncssh, yaml and the rest (issue 5).
@@ -22,15 +23,15 @@ _EXPORTS = {
     "PlaybookError": "errors", "TransportError": "errors",
     "Facts": "facts",
     "Host": "inventory", "Inventory": "inventory", "load_inventory": "inventory",
-    "FleetAggregate": "merge", "FleetReport": "merge", "RunInfo": "merge",
-    "RunSettings": "orchestrate", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
+    "FleetAggregate": "merge", "FleetReport": "results", "RunInfo": "results",
+    "RunSettings": "settings", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
     "plan_fleet": "orchestrate", "run_playbook": "orchestrate",
     "HostOutcome": "outcome", "LossCounters": "outcome",
     "TraceEvent": "parse",
     "HostPlan": "plan", "plan_host": "plan",
     "Playbook": "playbook", "load_playbook": "playbook",
-    "load_json": "report", "write_json": "report",
-    "SSHOptions": "transport",
+    "load_json": "results", "write_json": "results",
+    "SSHOptions": "session",
 }
 
 
@@ -39,8 +40,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fleetprobe' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
@@ -54,14 +53,16 @@ if TYPE_CHECKING:
     from .errors import FleetprobeError, HostError, InputError, InventoryError, PlaybookError, TransportError
     from .facts import Facts
     from .inventory import Host, Inventory, load_inventory
-    from .merge import FleetAggregate, FleetReport, RunInfo
-    from .orchestrate import RunSettings, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+    from .merge import FleetAggregate
+    from .results import FleetReport, RunInfo
+    from .orchestrate import cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+    from .settings import RunSettings
     from .outcome import HostOutcome, LossCounters
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host
     from .playbook import Playbook, load_playbook
-    from .report import load_json, write_json
-    from .transport import SSHOptions
+    from .session import SSHOptions
+    from .results import load_json, write_json
 
 __all__ = [
     "__version__",

@@ -1,5 +1,5 @@
 """``python -m fleetprobe``."""
 
-from fleetprobe.cli import entry
+from fleetprobe.cli.main import entry
 
 entry()

@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fleetprobe.merge import COMM_FIELD, FleetReport, Value
+from fleetprobe.merge import COMM_FIELD
+from fleetprobe.results import FleetReport
+from fleetprobe.sketches import Value
 from fleetprobe.playbook import Playbook
 
 #: Finding kinds and their default severity.

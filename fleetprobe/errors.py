@@ -7,6 +7,8 @@ fail one host, are recorded in its outcome, and never stop the other hosts.
 
 from __future__ import annotations
 
+import difflib
+
 
 class FleetprobeError(Exception):
     """Base class: a message plus an optional location and hint."""
@@ -71,3 +73,17 @@ class HostError(FleetprobeError):
 
 class TransportError(HostError):
     """SSH-level failure (connect, auth, host key, dropped link), translated at the transport boundary."""
+
+
+class BuildError(FleetprobeError):
+    """A group's build failed; ``evidence`` holds the compiler's or tool's own words."""
+
+    def __init__(self, message: str, *, where: str, evidence: str = "", hint: str | None = None) -> None:
+        super().__init__(message, where=where, hint=hint)
+        self.evidence = evidence
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """A ' (did you mean X?)' suffix when ``word`` is close to one of ``choices``."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any
+
+from fleetprobe.arches import kernel_arch
 
 
 @dataclass(frozen=True)
@@ -138,29 +141,11 @@ class Facts:
         return cls(**d)
 
 
-_KERNEL_ARCH = {
-    "x86_64": "x86", "i386": "x86", "i486": "x86", "i586": "x86", "i686": "x86",
-    "ppc64le": "powerpc", "ppc64": "powerpc", "ppc": "powerpc", "ppcle": "powerpc",
-    "mips": "mips", "mips64": "mips", "mipsel": "mips", "mips64el": "mips",
-    "aarch64": "arm64", "arm64": "arm64", "riscv64": "riscv", "s390x": "s390",
-}
-
-
-def kernel_arch(machine: str) -> str:
-    """Map ``uname -m`` to the kernel's ARCH name; arm* maps to arm."""
-    if machine in _KERNEL_ARCH:
-        return _KERNEL_ARCH[machine]
-    if machine.startswith("arm"):
-        return "arm"
-    return machine
-
-
 # --- gathering: one script, one round trip, one pure parser --------------------------------
 
 @functools.cache
 def facts_script() -> str:
     """The on-host facts script (POSIX sh, busybox-compatible); read once per process, not once per host."""
-    from importlib.resources import files
     return files("fleetprobe").joinpath("facts.sh").read_text()
 
 

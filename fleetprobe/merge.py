@@ -1,4 +1,4 @@
-"""Merge: a fleet's events folded into one bounded, mergeable aggregate, and the run's report value.
+"""Merge: a fleet's events folded into one bounded, mergeable aggregate (:class:`FleetAggregate`).
 
 Memory does not grow with the number of events: counts are integers, value
 tables are Misra-Gries summaries (exact until a table reaches its cap, then
@@ -34,8 +34,8 @@ from typing import Any
 from fleetprobe.errors import InputError
 from fleetprobe.outcome import HostOutcome
 from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_args, split_event
+from fleetprobe.sketches import BUCKETS, EventSample, Latency, TopValues, Value
 
-SCHEMA_VERSION = 1
 #: Distinct argument texts counted per (host, probe) before they are parsed into field tables.
 ARGS_CACHE = 4096
 #: Distinct values a host part keeps per table; the fleet keeps ``FLEET_CAP_FACTOR`` x top_k.
@@ -43,11 +43,6 @@ PART_CAP_FACTOR = 16
 FLEET_CAP_FACTOR = 200
 #: Entries a return probe may wait for at most, per (host, entry probe).
 PENDING_CAP = 65536
-#: log2 latency buckets: bucket b holds durations in [2**(b-1), 2**b) ns; b = 0 is 0 ns.
-BUCKETS = 64
-# Per host: the report of a 2000-host run carries 2000 x 40 sampled events (~20 MB of JSON).
-SAMPLE_FIRST = 20
-SAMPLE_RESERVOIR = 20
 COMM_FIELD = "comm"
 # Columns of a parse.Row.
 _COMM = itemgetter(0)
@@ -56,188 +51,6 @@ _TS = itemgetter(3)
 _EVENT_TEXT = itemgetter(4)
 # A host part's comm table once it outgrew a plain dict (not a field name the kernel can print).
 _SPILLED_COMMS = "\0comm"
-
-
-Value = int | str
-
-
-@dataclass
-class TopValues:
-    """Counts per value, bounded: a Misra-Gries summary (Agarwal et al., "Mergeable summaries", 2012).
-
-    Exact while fewer than ``cap`` distinct values were seen (``error == 0``).
-    After a prune, each kept count is a lower bound and the true count is at
-    most ``count + error``; a value not kept occurred at most ``error`` times.
-    ``hosts`` counts the hosts that saw a value (a lower bound after a prune).
-    """
-
-    cap: int
-    counts: dict[Value, int] = field(default_factory=dict)
-    hosts: dict[Value, int] = field(default_factory=dict)
-    error: int = 0
-    total: int = 0
-
-    def add(self, value: Value, n: int, hosts: int = 0) -> None:
-        """Count ``value`` ``n`` more times (seen on ``hosts`` more hosts)."""
-        self.counts[value] = self.counts.get(value, 0) + n
-        if hosts:
-            self.hosts[value] = self.hosts.get(value, 0) + hosts
-        self.total += n
-        if len(self.counts) > self.cap:
-            self.prune(self.cap // 2)
-
-    def add_all(self, values: Iterable[tuple[Value, int]]) -> None:
-        """:meth:`add` each (value, n) in turn, without a call per value."""
-        counts, cap = self.counts, self.cap
-        for value, n in values:
-            counts[value] = counts.get(value, 0) + n
-            self.total += n
-            if len(counts) > cap:
-                self.prune(cap // 2)
-                counts = self.counts
-
-    def prune(self, keep: int) -> None:
-        """Keep at most ``keep`` values: subtract the (keep+1)-th largest count from all (Misra-Gries)."""
-        if len(self.counts) <= keep:
-            return
-        cut = sorted(self.counts.values(), reverse=True)[keep]
-        self.error += cut
-        self.counts = {v: c - cut for v, c in self.counts.items() if c > cut}
-        self.hosts = {v: h for v, h in self.hosts.items() if v in self.counts}
-
-    def merged(self, other: TopValues) -> TopValues:
-        """Counts and host counts add; errors add (the mergeable-summaries bound)."""
-        out = TopValues(max(self.cap, other.cap), dict(self.counts), dict(self.hosts),
-                        self.error + other.error, self.total + other.total)
-        for v, c in other.counts.items():
-            out.counts[v] = out.counts.get(v, 0) + c
-        for v, h in other.hosts.items():
-            out.hosts[v] = out.hosts.get(v, 0) + h
-        if len(out.counts) > out.cap:
-            out.prune(out.cap // 2)
-        return out
-
-    def absorb_host(self, part: TopValues, cap: int) -> None:
-        """In place: ``merged`` with one host's table (each of its values seen on 1 host), then capped at ``cap``.
-
-        The fleet folds every host into its tables: copying a fleet table (up to
-        ``FLEET_CAP_FACTOR`` x top_k values) per host and field, as ``merged`` does,
-        made the fold O(hosts x fleet table) (issue 5).  Same result as
-        ``merged(TopValues(part.cap, part.counts, {v: 1 ...}, ...))`` with ``cap`` set after.
-        """
-        counts, hosts = self.counts, self.hosts
-        for v, c in part.counts.items():
-            counts[v] = counts.get(v, 0) + c
-            hosts[v] = hosts.get(v, 0) + 1
-        self.error += part.error
-        self.total += part.total
-        self.cap = max(self.cap, part.cap)
-        if len(self.counts) > self.cap:
-            self.prune(self.cap // 2)
-        self.cap = cap
-        if len(self.counts) > cap:
-            self.prune(cap // 2)
-
-    def copy(self) -> TopValues:
-        """An independent copy."""
-        return TopValues(self.cap, dict(self.counts), dict(self.hosts), self.error, self.total)
-
-    def top(self, k: int) -> list[tuple[Value, int, int]]:
-        """The ``k`` most frequent (value, count, hosts), ties broken by value for a stable order."""
-        items = sorted(self.counts.items(), key=lambda vc: (-vc[1], type(vc[0]).__name__, str(vc[0])))
-        return [(v, c, self.hosts.get(v, 0)) for v, c in items[:k]]
-
-    @property
-    def exact(self) -> bool:
-        """True if no count was ever pruned."""
-        return self.error == 0
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict; values keep their type (int or str) via a tagged list."""
-        return {"cap": self.cap, "error": self.error, "total": self.total,
-                "values": [[v, c, self.hosts.get(v, 0)]
-                           for v, c in sorted(self.counts.items(),
-                                              key=lambda vc: (-vc[1], type(vc[0]).__name__, str(vc[0])))]}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TopValues:
-        """Inverse of :meth:`to_json`."""
-        t = cls(int(d["cap"]), error=int(d["error"]), total=int(d["total"]))
-        for v, c, h in d["values"]:
-            t.counts[v] = int(c)
-            if h:
-                t.hosts[v] = int(h)
-        return t
-
-
-def bucket_of(seconds: float) -> int:
-    """The log2 bucket of a duration: b such that 2**(b-1) <= ns < 2**b (0 for 0 ns)."""
-    ns = int(round(seconds * 1e9))
-    return min(max(ns, 0).bit_length(), BUCKETS - 1)
-
-
-def bucket_range_ns(b: int) -> tuple[int, int]:
-    """[low, high) nanoseconds of bucket ``b``."""
-    return (0, 1) if b == 0 else (1 << (b - 1), 1 << b)
-
-
-@dataclass
-class Latency:
-    """Entry->return durations of one return probe, log2 buckets, plus what could not be paired."""
-
-    buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
-    unmatched: int = 0
-    evicted: int = 0
-    pending_at_end: int = 0
-
-    @property
-    def count(self) -> int:
-        """Number of paired durations."""
-        return sum(self.buckets)
-
-    def merged(self, other: Latency) -> Latency:
-        """Buckets and counters add."""
-        return Latency([a + b for a, b in zip(self.buckets, other.buckets)],
-                       self.unmatched + other.unmatched, self.evicted + other.evicted,
-                       self.pending_at_end + other.pending_at_end)
-
-    def caveats(self) -> list[str]:
-        """What limits the histogram: returns with no entry, entries evicted, entries still open."""
-        notes = []
-        if self.unmatched:
-            notes.append(f"{self.unmatched} returns without an entry")
-        if self.evicted:
-            notes.append(f"{self.evicted} entries evicted from the pending table")
-        if self.pending_at_end:
-            notes.append(f"{self.pending_at_end} entries still open at the end")
-        return notes
-
-    def quantile(self, q: float) -> int | None:
-        """Upper edge (ns) of the bucket holding quantile ``q``, or None with no data."""
-        n = self.count
-        if n == 0:
-            return None
-        rank = max(1, math.ceil(q * n))
-        seen = 0
-        for b, c in enumerate(self.buckets):
-            seen += c
-            if seen >= rank:
-                return bucket_range_ns(b)[1]
-        return None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (only non-empty buckets, keyed by bucket number)."""
-        return {"buckets": {str(b): c for b, c in enumerate(self.buckets) if c},
-                "unmatched": self.unmatched, "evicted": self.evicted, "pending_at_end": self.pending_at_end}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Latency:
-        """Inverse of :meth:`to_json`."""
-        lat = cls(unmatched=int(d["unmatched"]), evicted=int(d["evicted"]),
-                  pending_at_end=int(d["pending_at_end"]))
-        for b, c in d["buckets"].items():
-            lat.buckets[int(b)] = int(c)
-        return lat
 
 
 class _ProbeState:
@@ -282,61 +95,6 @@ class _ProbeState:
                 table = self.fields[name] = TopValues(cap)
             table.add_all(values)
         self.args = {}
-
-
-@dataclass
-class EventSample:
-    """A bounded sample of one host's events for the timeline: the first N and a reservoir of M.
-
-    The reservoir is Vitter's algorithm R with a per-host seeded generator so a
-    run is reproducible.  Events are stored as their JSON dicts.
-    """
-
-    first: list[dict[str, Any]] = field(default_factory=list)
-    reservoir: list[dict[str, Any]] = field(default_factory=list)
-    seen: int = 0
-    # Li's algorithm L: the index of the next event to take, so the hot path
-    # pays one comparison per event instead of a random draw.
-    next_pick: int = 1
-    weight: float = 1.0
-
-    def offer(self, rng: random.Random, event: dict[str, Any]) -> None:
-        """Take event number ``seen`` (called only when ``seen >= next_pick``)."""
-        if len(self.first) < SAMPLE_FIRST:
-            self.first.append(event)
-            self.next_pick = self.seen + 1
-            return
-        if len(self.reservoir) < SAMPLE_RESERVOIR:
-            self.reservoir.append(event)
-            if len(self.reservoir) < SAMPLE_RESERVOIR:
-                self.next_pick = self.seen + 1
-                return
-            self.weight = math.exp(math.log(1.0 - rng.random()) / SAMPLE_RESERVOIR)
-        else:
-            self.reservoir[rng.randrange(SAMPLE_RESERVOIR)] = event
-            self.weight *= math.exp(math.log(1.0 - rng.random()) / SAMPLE_RESERVOIR)
-        skip = math.floor(math.log(1.0 - rng.random()) / math.log1p(-self.weight)) if self.weight < 1.0 else 0
-        self.next_pick = self.seen + skip + 1
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"first": self.first, "reservoir": self.reservoir, "seen": self.seen}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> EventSample:
-        """Inverse of :meth:`to_json`."""
-        return cls(list(d["first"]), list(d["reservoir"]), int(d["seen"]), next_pick=int(d["seen"]) + 1)
-
-    def merged(self, other: EventSample) -> EventSample:
-        """Union of two samples of the same host: earliest N first, reservoir resampled by weight."""
-        both = sorted(self.first + other.first, key=lambda e: float(e["trace_ts"]))
-        first, spill = both[:SAMPLE_FIRST], both[SAMPLE_FIRST:]
-        pool = self.reservoir + other.reservoir + spill
-        rng = random.Random(len(pool) * 7919 + self.seen + other.seen)
-        reservoir = pool if len(pool) <= SAMPLE_RESERVOIR else rng.sample(pool, SAMPLE_RESERVOIR)
-        seen = self.seen + other.seen
-        return EventSample(first, sorted(reservoir, key=lambda e: float(e["trace_ts"])), seen,
-                           next_pick=seen + 1)
 
 
 class _HostPart:
@@ -837,92 +595,6 @@ def _sample_dict(host: str, probe: str, trace_ts: float, time: float, cpu: int, 
     site, values = parse_fields(args)
     return {"host": host, "probe": probe, "time": time, "trace_ts": trace_ts, "cpu": cpu, "pid": pid,
             "comm": comm, "site": site, "fields": values}
-
-
-@dataclass
-class RunInfo:
-    """What was run, when and how: enough to reproduce or audit a report."""
-
-    run_id: str
-    playbook: str
-    playbook_path: str = ""
-    playbook_sha256: str = ""
-    started: float = 0.0
-    ended: float = 0.0
-    inventory: str = ""
-    argv: list[str] = field(default_factory=list)
-    version: str = ""
-    shards: list[str] = field(default_factory=list)
-
-    @property
-    def duration(self) -> float:
-        """Seconds from start to end."""
-        return max(0.0, self.ended - self.started)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"run_id": self.run_id, "playbook": self.playbook, "playbook_path": self.playbook_path,
-                "playbook_sha256": self.playbook_sha256, "started": self.started, "ended": self.ended,
-                "duration": self.duration, "inventory": self.inventory, "argv": list(self.argv),
-                "version": self.version, "shards": list(self.shards)}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> RunInfo:
-        """Inverse of :meth:`to_json`."""
-        keys = ("run_id", "playbook", "playbook_path", "playbook_sha256", "started", "ended",
-                "inventory", "argv", "version", "shards")
-        return cls(**{k: d[k] for k in keys if k in d})
-
-
-@dataclass
-class FleetReport:
-    """A run's report: what ran, what every host did, and what the fleet saw."""
-
-    run: RunInfo
-    aggregate: FleetAggregate
-    hosts: list[HostOutcome] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        """Give the aggregate every outcome it has not seen; ``hosts`` lists them all, by name."""
-        for o in self.hosts:
-            if o.host not in self.aggregate.outcomes:
-                self.aggregate.add_host(o)
-        self.hosts = [self.aggregate.outcomes[h] for h in sorted(self.aggregate.outcomes)]
-
-    def merge(self, other: FleetReport) -> FleetReport:
-        """The report of both shards: one run spanning both host sets.
-
-        The merged run keeps the first shard's id/playbook, spans both time
-        ranges, and lists the shard run ids.  Shards of different playbooks
-        (by sha256) are refused.
-        """
-        a, b = self.run, other.run
-        if a.playbook_sha256 and b.playbook_sha256 and a.playbook_sha256 != b.playbook_sha256:
-            raise InputError(f"reports ran different playbooks ({a.playbook} {a.playbook_sha256[:12]} vs "
-                             f"{b.playbook} {b.playbook_sha256[:12]})", hint="merge shards of one playbook")
-        first, second = (a, b) if (a.started, a.run_id) <= (b.started, b.run_id) else (b, a)
-        shards = sorted(set(first.shards or [first.run_id]) | set(second.shards or [second.run_id]))
-        run = RunInfo(first.run_id, first.playbook, first.playbook_path, first.playbook_sha256,
-                      min(a.started, b.started), max(a.ended, b.ended), first.inventory,
-                      list(first.argv), first.version, shards if len(shards) > 1 else [])
-        return FleetReport(run, self.aggregate.merge(other.aggregate))
-
-    def to_json(self) -> dict[str, Any]:
-        """The report as written by ``--json`` (validates against data/report.schema.json)."""
-        agg = self.aggregate.to_json()
-        outcomes = agg.pop("outcomes")
-        return {"schema": SCHEMA_VERSION, "run": self.run.to_json(),
-                "hosts": [outcomes[o.host] for o in self.hosts], "aggregate": agg}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> FleetReport:
-        """Inverse of :meth:`to_json`; refuses a report written by a newer fleetprobe."""
-        if int(d.get("schema", 0)) > SCHEMA_VERSION:
-            raise InputError(f"report schema {d.get('schema')} is newer than this fleetprobe's "
-                             f"({SCHEMA_VERSION})", hint="upgrade fleetprobe to read it")
-        agg_d = dict(d["aggregate"])
-        agg_d["outcomes"] = {o["host"]: o for o in d["hosts"]}
-        return cls(RunInfo.from_json(d["run"]), FleetAggregate.from_json(agg_d))
 
 
 def aggregate_events(events: Iterable[TraceEvent], pairs: Mapping[str, str] | None = None,

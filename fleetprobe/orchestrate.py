@@ -13,418 +13,35 @@ itself, with the controller's part in ``finally`` blocks.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import time
 import traceback
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TypeVar
 
 from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
-from .facts import Facts, facts_args, facts_script, parse_facts
+from .events import EventWriter
+from .facts import Facts
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
-from .merge import FleetAggregate, FleetReport, RunInfo
-from .outcome import HostOutcome, LossCounters
+from .merge import FleetAggregate
+from .results import FleetReport, RunInfo
+from .version import __version__
+from .outcome import HostOutcome, LossCounters, Stage, Status
 from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
-from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
-                     sweep_directives, teardown_directives)
-from .transport import Session, SSHOptions, Stream, connect, script_command, script_input, shell_command
-
-if TYPE_CHECKING:
-    # Module builds (build, debian) and ELF reading (uprobes) are imported where a run needs
-    # them: a tracefs run, `facts` and `cleanup` never do (start-up cost, issue 5).
-    from .build import BuildGroup, BuildKey, BuildSession, BuiltModule, GroupResult, ModuleCache, ModuleSource
+from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
+from .session import Session
+from .ingest import _HostCap
+from .kmod.builds import ModuleBuilds, _MODULE_WORD, _module_cache, load_name
+from .runner.channel import HEARTBEAT_TIMEOUT, HostFacts, RunnerChannel, _oopses_since, _runner_once, _teardown_for_dead_runner, gather_facts, runner_silent, start_runner
+from .kmod.plan import module_load_blocker
+from .settings import NullObserver, Observer, RunSettings
+from .uprobes import ElfOffsets
 
 T = TypeVar("T")
-
-#: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
-TEARDOWN_SLACK = 30
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How a run behaves; the CLI fills it from its options.
-
-    ``grace`` is how long past its deadline a dead run's leftovers are kept
-    before the watchdog or a sweep removes them.  ``setup_timeout`` bounds
-    connect + facts + plan per host; the probe phase gets the duration plus
-    ``teardown_timeout``.
-    """
-
-    ssh: SSHOptions = field(default_factory=SSHOptions)
-    duration: float | None = None
-    event_cap: int | None = None
-    forks: int = 200
-    setup_timeout: float = 60.0
-    teardown_timeout: float = 30.0
-    grace: int = 60
-    mount_tracefs: bool = False
-    allow_modules: bool = False
-    buffer_kb: int | None = None
-    run_id: str | None = None
-    teardown_slack: int = TEARDOWN_SLACK
-
-    def deadline(self, clock_offset: float, duration: float) -> int:
-        """The host's epoch second by which a run of ``duration`` starting now is over, teardown slack included."""
-        return int(time.time() + clock_offset + duration + self.teardown_slack)
-
-    #: Opens a Session to a host; None is asyncssh (transport.connect). ``--transport fabric`` sets
-    #: fleetprobe.fabric.connect. One hook, so no stage branches on the transport.
-    connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
-    #: Called with each host's facts as they are gathered (the history store keeps them).
-    on_facts: Callable[[str, Facts], None] | None = None
-    #: Where kernel modules are built: ``auto`` (a host of the group that can, else the controller for
-    #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.build).
-    build_at: str = "auto"
-    #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (build.ModuleCache).
-    module_cache: Path | None = None
-
-    async def open_session(self, host: Host) -> Session:
-        """Connect to ``host`` with the configured transport."""
-        return await (self.connect or connect)(host, self.ssh)
-
-
-class Observer(Protocol):
-    """Receives progress for the live view (must be cheap: called from the event loop)."""
-
-    def set_state(self, host: str, state: str, detail: str = "") -> None: ...
-    def add_events(self, host: str, n: int) -> None: ...
-
-
-class NullObserver:
-    """An observer that ignores everything."""
-
-    def set_state(self, host: str, state: str, detail: str = "") -> None:
-        """Ignore."""
-
-    def add_events(self, host: str, n: int) -> None:
-        """Ignore."""
-
-
-class _HostCap:
-    """Counts one host's events per probe and enforces the playbook's event cap.
-
-    Sits between the stream and the fleet aggregate (the hot path: batches of
-    rows per chunk), so an event over the cap is counted as ``capped`` and
-    neither aggregated nor written.
-    """
-
-    __slots__ = ("aggregate", "cap", "accepted", "capped", "counts", "written")
-
-    def __init__(self, aggregate: LineSink, cap: int) -> None:
-        self.aggregate = aggregate
-        self.cap = cap
-        self.accepted = 0
-        self.capped = 0
-        self.counts: Counter[str] = Counter()
-        self.written = 0
-
-    def add_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
-        """Count and forward a batch, cut at the cap."""
-        room = max(self.cap - self.accepted, 0)
-        if len(batch) > room:
-            self.capped += len(batch) - room
-            batch = batch.head(room)
-        if not len(batch):
-            return
-        self.accepted += len(batch)
-        for name, n in batch.counts.items():
-            self.counts[probes[name]] += n
-        add_batch = getattr(self.aggregate, "add_batch", None)
-        if add_batch is not None:
-            add_batch(host, batch, probes)
-        else:
-            for event in batch.events(probes):
-                self.aggregate.add_line(host, *event)
-
-    def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
-                 comm: str, args: str) -> None:
-        """Count and forward one event unless the cap is reached."""
-        if self.accepted >= self.cap:
-            self.capped += 1
-            return
-        self.accepted += 1
-        self.counts[probe] += 1
-        self.aggregate.add_line(host, probe, trace_ts, time, cpu, pid, comm, args)
-
-    def keep_for_writer(self) -> bool:
-        """Whether the raw-event writer may write the next event (the same first ``cap`` events)."""
-        if self.written >= self.cap:
-            return False
-        self.written += 1
-        return True
-
-    def take_for_writer(self, n: int) -> int:
-        """How many of the next ``n`` events the writer may write (keep_for_writer for a whole batch)."""
-        k = min(n, max(self.cap - self.written, 0))
-        self.written += k
-        return k
-
-
-@dataclass
-class HostFacts:
-    """Facts of one host with the measured clock offset (host realtime minus controller realtime)."""
-
-    host: Host
-    facts: Facts | None = None
-    error: HostError | None = None
-    clock_offset: float | None = None
-    clock_error: float | None = None
-
-
-def _facts_words(playbook: Playbook | None, mount: bool) -> tuple[list[str], list[str]]:
-    """The kernel symbols a playbook names, and the facts script's arguments for it."""
-    symbols = playbook.kernel_symbols() if playbook else []
-    tps = playbook.tracepoints() if playbook else []
-    binaries = playbook.user_binaries() if playbook else []
-    return symbols, facts_args(symbols, tps, binaries, mount=mount)
-
-
-async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bool,
-                       timeout: float) -> tuple[Facts, float, float]:
-    """Run the facts script once; return facts and the clock offset with its uncertainty.
-
-    The script prints the host's realtime first: the time its line arrives,
-    against the time we asked, bounds the offset the way NTP does.
-    """
-    symbols, words = _facts_words(playbook, mount)
-    stream = await session.stream(script_command(session.host, "fleetprobe-facts", *words))
-    stream.write(script_input(facts_script()))
-    stream.write_eof()
-    facts, offset, error, _ = await _read_facts(stream, session.host.name, symbols, timeout, keep_open=False)
-    return facts, offset, error
-
-
-@dataclass
-class RunnerChannel:
-    """A host's runner, started for its facts and kept waiting for the plan (one channel per run).
-
-    ``rest``: what the runner printed after its facts, before it was sent anything (normally nothing).
-    """
-
-    stream: Stream
-    rest: bytes = b""
-
-
-async def start_runner(session: Session, playbook: Playbook, *, mount: bool,
-                       timeout: float) -> tuple[RunnerChannel, Facts, float, float]:
-    """Start the runner and read the host's facts from it; it then waits for its plan on the same channel.
-
-    One channel instead of a facts channel and a runner channel: each channel costs the
-    controller a dozen SSH packets to encrypt or decrypt (issue 5).  The offset and error are
-    the facts' NTP-style estimate; the ping sent with the plan usually replaces them.
-    """
-    symbols, words = _facts_words(playbook, mount)
-    stream = await session.stream(script_command(session.host, "fleetprobe-runner", "facts", *words))
-    stream.write(script_input(runner_script()))
-    try:
-        facts, offset, error, rest = await _read_facts(stream, session.host.name, symbols, timeout,
-                                                       keep_open=True)
-    except BaseException:
-        stream.close()
-        raise
-    return RunnerChannel(stream, rest), facts, offset, error
-
-
-#: The line that ends the facts output.
-_FACTS_END = b"\n@@end\n"
-
-
-async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: float, *,
-                      keep_open: bool) -> tuple[Facts, float, float, bytes]:
-    """Read facts output from a script just sent on ``stream``: facts, clock offset, its error, bytes after them.
-
-    The facts script exits after ``@@end``; the runner (``keep_open``) stays, waiting for its plan.
-    """
-    # Measured from when the script is sent: the channel's set-up round trip is not part of the error.
-    t0 = time.time()
-    buf = bytearray()
-    t_line: float | None = None
-    end = -1
-    status = 0
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                chunk = await stream.read(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if t_line is None and buf.count(b"\n") >= 2:
-                    t_line = time.time()
-                if keep_open and (end := buf.find(_FACTS_END)) >= 0:
-                    break
-            if end < 0:
-                status = await stream.wait(timeout)
-    except TimeoutError:
-        stream.close()
-        raise HostError(host, "facts", f"facts script did not finish in {timeout:.0f}s") from None
-    rest = b""
-    if end >= 0:
-        rest = bytes(buf[end + len(_FACTS_END):])
-        del buf[end + len(_FACTS_END):]
-    text = buf.decode("utf-8", "replace")
-    if status != 0 or "@@end" not in text:
-        raise HostError(host, "facts", f"facts script failed (exit {status})",
-                        evidence=stream.stderr().decode("utf-8", "replace")[-600:] or text[-300:],
-                        hint="is the login shell POSIX sh compatible, and (with become) is sudo -n allowed?")
-    facts = parse_facts(host, text, symbols)
-    t_line = t_line or time.time()
-    offset = facts.realtime - (t0 + t_line) / 2 if facts.realtime else 0.0
-    error = (t_line - t0) / 2 + (1.0 if facts.realtime == int(facts.realtime) else 0.0)
-    return facts, offset, error, rest
-
-
-class ElfOffsets:
-    """Resolves uprobe (binary, symbol) to file offsets, fetching each distinct binary once per run.
-
-    Hosts with the same binary (same md5) share one fetch and one ELF parse:
-    a fleet of 300 identical hosts costs one transfer, not 300.
-    """
-
-    def __init__(self) -> None:
-        self._results: dict[tuple[str, str], asyncio.Future[int | str]] = {}
-
-    async def resolve(self, session: Session, facts: Facts,
-                      targets: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | str]:
-        """Offsets (or reasons) for this host's uprobe targets."""
-        out: dict[tuple[str, str], int | str] = {}
-        by_path: dict[str, list[str]] = {}
-        for path, symbol in targets:
-            by_path.setdefault(path, []).append(symbol)
-        for path, symbols in by_path.items():
-            ff = facts.files.get(path)
-            if ff is None or not ff.exists:
-                for s in symbols:
-                    out[(path, s)] = f"{path} does not exist on this host"
-                continue
-            keys = [(ff.md5, s) for s in symbols]
-            if any(k not in self._results for k in keys):
-                loop = asyncio.get_running_loop()
-                futs = {k: loop.create_future() for k in keys if k not in self._results}
-                self._results.update(futs)
-                try:
-                    data = await session.get(path)
-                except HostError as exc:
-                    for k, f in futs.items():
-                        f.set_result(f"cannot read {path}: {exc.evidence or exc.message}")
-                else:
-                    from . import elf
-
-                    for (_, sym), f in futs.items():
-                        try:
-                            f.set_result(elf.symbol_file_offset(data, sym))
-                        except ValueError as exc:
-                            f.set_result(str(exc))
-            for (md5, s) in keys:
-                out[(path, s)] = await self._results[(md5, s)]
-        return out
-
-
-class ModuleBuilds:
-    """Builds each (arch, kernel release, module source) once per run; every host of that group awaits it.
-
-    The first host of a group to arrive starts the build (on the controller,
-    or on itself when it is the chosen build host) under an asyncio future;
-    the others await the same future, so N hosts of one kernel cost one build
-    (or one cache hit).  A host that can neither build nor have the controller
-    build for it waits until every host has finished its setup, in case a host
-    of its kernel that can build turns up, and then fails with the planner's
-    reason.  ``results`` lists the group results in the order builds started:
-    a result's position + 1 is its build number in this run.
-    """
-
-    def __init__(self, where: str = "auto", cache: ModuleCache | None = None,
-                 have_program: Callable[[str], bool] | None = None) -> None:
-        """Build at ``where`` (auto/host/controller) into ``cache``; ``have_program`` as in plan_builds."""
-        self.where = where
-        self._cache = cache
-        self.have_program = have_program
-        self.results: list[GroupResult] = []
-        self._sources: dict[str, ModuleSource] = {}
-        self._builds: dict[BuildKey, asyncio.Future[GroupResult]] = {}
-
-    @property
-    def cache(self) -> ModuleCache:
-        """The build cache, opened when a run first needs a module."""
-        if self._cache is None:
-            from .build import ModuleCache
-
-            self._cache = ModuleCache()
-        return self._cache
-
-    def source(self, path: str) -> ModuleSource:
-        """The module folder's source, read and hashed once per run."""
-        from .build import load_module_source
-
-        src = self._sources.get(path)
-        if src is None:
-            src = self._sources[path] = load_module_source(path)
-        return src
-
-    def build_number(self, key: BuildKey) -> int:
-        """1-based position of ``key``'s build in this run (0: none)."""
-        for i, r in enumerate(self.results):
-            if r.group.key == key:
-                return i + 1
-        return 0
-
-    async def module_for(self, facts: Facts, source: ModuleSource, everyone_set_up: asyncio.Event,
-                         session: BuildSession | None = None) -> BuiltModule:
-        """This host's built module (shared with its group), or a HostError (stage ``build``) saying why not.
-
-        ``session`` is the host's own, used when the host is the one that builds.
-        """
-        from .build import build_group, plan_builds
-
-        host = facts.host
-        kwargs = {"have_program": self.have_program} if self.have_program else {}
-        (group,) = plan_builds([facts], [source], where=self.where, **kwargs)
-        key = group.key
-        fut = self._builds.get(key)
-        if fut is None and group.where == "none" and not group.blocked:
-            await everyone_set_up.wait()
-            fut = self._builds.get(key)
-        if fut is None:
-            if group.where == "none":
-                raise HostError(host, "build", f"cannot build {key}: {group.error or group.reason}",
-                                hint=group.hint)
-            fut = asyncio.get_running_loop().create_future()
-            self._builds[key] = fut
-            try:
-                result = await build_group(group, cache=self.cache, session=session)
-            except BaseException as exc:
-                # Waiters must not hang on a build that died (a dropped link, a bug): they get its error.
-                fut.set_exception(HostError(host, "build", f"the build of {key} on {host} broke off: {exc}"))
-                fut.exception()  # mark retrieved: a group nobody else awaits must not warn
-                raise
-            self.results.append(result)
-            fut.set_result(result)
-        result = await asyncio.shield(fut)
-        if result.module is None:
-            err = result.error
-            message = f"{err.where}: {err.message}" if err else f"build of {key} failed"
-            raise HostError(host, "build", message, evidence=(err.evidence if err else None) or None,
-                            hint=err.hint if err else None)
-        return result.module
-
-    def describe(self, module: BuiltModule) -> str:
-        """Where a host's module came from, for its outcome: ``built on the controller, build 2 of this run``."""
-        if module.where == "cache":
-            how = "from the controller's module cache"
-        elif module.where == "host":
-            group = next((r.group for r in self.results if r.group.key == module.key), None)
-            how = f"built on {group.build_host if group else 'a host'} in {module.seconds:.1f}s"
-        else:
-            how = f"built on the controller in {module.seconds:.1f}s"
-        return f"{module.key.module}@{module.key.source_hash[:8]} {how}, build {self.build_number(module.key)} of this run"
-
 
 @dataclass
 class FleetRun:
@@ -471,7 +88,7 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
 
     Events go to ``aggregate.add_line`` as they arrive and, when given, to
     ``on_event`` as parsed TraceEvents, or to ``events`` (the raw-event file, see
-    report.EventWriter) as the rows the kernel printed: one of the two, not both.
+    events.EventWriter) as the rows the kernel printed: one of the two, not both.
     """
     if on_event is not None and events is not None:
         raise ValueError("run_fleet: pass on_event or events, not both")
@@ -503,13 +120,13 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
     obs = fr.observer
     async with fr.setup_slots:
         if fr.interrupted.is_set():
-            out.status, out.reason = "interrupted", "interrupted before connecting"
+            out.status, out.reason = Status.INTERRUPTED, "interrupted before connecting"
             return None
         obs.set_state(host.name, "connecting")
         session = await s.open_session(host)
         runner: RunnerChannel | None = None
         try:
-            out.stage = "facts"
+            out.stage = Stage.FACTS
             obs.set_state(host.name, "facts")
             runner, facts, offset, error = await start_runner(session, fr.playbook, mount=s.mount_tracefs,
                                                               timeout=s.setup_timeout)
@@ -517,11 +134,12 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
             out.clock_offset, out.clock_error = offset, error
             if s.on_facts is not None:
                 s.on_facts(host.name, facts)
-            out.stage = "plan"
+            out.stage = Stage.PLAN
             obs.set_state(host.name, "planning")
             offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
             deadline = s.deadline(offset, fr.duration)
-            plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets)
+            plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets,
+                             duration=fr.duration)
         except BaseException:
             if runner is not None:
                 runner.stream.close()
@@ -554,17 +172,17 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
             return out
         session, runner, facts, plan = setup.session, setup.runner, setup.facts, setup.plan
         out.skipped_probes = {sp.name: sp.reason for sp in plan.skipped}
-        if fr.playbook.needs_module_consent() and (blocker := _module_load_blocker(facts)):
+        if fr.playbook.needs_module_consent() and (blocker := module_load_blocker(facts)):
             # A module playbook on a host that can never load one is a failure, not a quiet skip.
-            out.stage = "build"
+            out.stage = Stage.BUILD
             raise HostError(host.name, "build", f"cannot load kernel modules: {blocker}",
                             hint="run tracefs probes on this host instead (drop it from the module playbook)")
         if plan.failed:
-            out.status, out.reason = "failed", plan.failed
+            out.status, out.reason = Status.FAILED, plan.failed
             obs.set_state(host.name, "failed", plan.failed)
             return out
         if not plan.probes:
-            out.status = "skipped"
+            out.status = Status.SKIPPED
             out.reason = "no probe can be placed: " + "; ".join(f"{k}: {v}" for k, v in out.skipped_probes.items())
             obs.set_state(host.name, "skipped", out.reason)
             return out
@@ -573,10 +191,10 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
                             hint="mount it (mount -t tracefs nodev /sys/kernel/tracing) or pass --mount-tracefs")
         loads: tuple[ModuleLoad, ...] = ()
         if any(p.kind == "module" for p in plan.probes):
-            out.stage = "build"
+            out.stage = Stage.BUILD
             obs.set_state(host.name, "building")
             loads = await _prepare_modules(fr, session, facts, plan, out)
-        out.stage = "probe"
+        out.stage = Stage.PROBE
         obs.set_state(host.name, "probing")
         # After a long build the planned deadline may be near: probes get the whole duration.
         plan = fr.plans[host.name] = with_later_deadline(
@@ -584,18 +202,18 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         probe_runner, runner = runner, None
         await _probe(fr, session, probe_runner, facts, plan, out, loads)
     except HostError as exc:
-        out.status = "unreachable" if isinstance(exc, TransportError) and exc.stage == "connect" else "failed"
+        out.status = Status.UNREACHABLE if isinstance(exc, TransportError) and exc.stage == "connect" else Status.FAILED
         if isinstance(exc, TransportError) and out.stage == "probe":
-            out.status = "failed"
+            out.status = Status.FAILED
         out.stage = exc.stage if out.stage in ("connect",) else out.stage
         out.reason = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
         out.evidence = exc.evidence or ""
         obs.set_state(host.name, out.status, exc.message)
     except asyncio.CancelledError:
-        out.status, out.reason = "interrupted", "cancelled"
+        out.status, out.reason = Status.INTERRUPTED, "cancelled"
         raise
     except Exception as exc:  # noqa: BLE001 - one host's bug must never end the whole run
-        out.status, out.reason = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        out.status, out.reason = Status.FAILED, f"internal error: {type(exc).__name__}: {exc}"
         out.evidence = traceback.format_exc()[-2000:]
         obs.set_state(host.name, "failed", out.reason)
     finally:
@@ -615,35 +233,6 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     return out
 
 
-def _module_load_blocker(facts: Facts) -> str | None:
-    """build.module_load_blocker, imported only for module playbooks."""
-    from .build import module_load_blocker
-
-    return module_load_blocker(facts)
-
-
-def _module_cache(path: Path | None) -> ModuleCache | None:
-    """The build cache at ``path`` (None: the default, opened when first needed)."""
-    if not path:
-        return None
-    from .build import ModuleCache
-
-    return ModuleCache(path)
-
-
-#: What a module name, run id, probe name and parameter must look like: the modules print them as
-#: key=value tokens (fp_kprobe refuses others) and the runner splits its directives at blanks.
-_MODULE_WORD = re.compile(r"[A-Za-z0-9_.+-]+")
-
-
-def load_name(group: str, probe: str) -> str:
-    """The kernel module name of ``probe``'s module in the run and host of ``group`` (fp_<run>_<host>)."""
-    name = f"{group}_{probe}"
-    if len(name) > 55:  # MODULE_NAME_LEN - 1 on 64-bit kernels
-        name = f"{group}_{hashlib.sha256(probe.encode()).hexdigest()[:8]}"
-    return name
-
-
 async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan,
                            out: HostOutcome) -> tuple[ModuleLoad, ...]:
     """Build (once per group), check and copy this host's modules; what the runner must insmod.
@@ -651,7 +240,10 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
     Each failure is this host's HostError with the compiler's or kernel's words:
     no build tree or compiler, a build error, a vermagic mismatch.
     """
-    from .build import verify_on_host, with_module_name
+    # The builder (kmod.compile, kmod.debian) and the .ko reader load only for module playbooks:
+    # a tracefs run, `facts` and `cleanup` never need them (start-up cost, issue 5).
+    from .kmod.deploy import verify_on_host
+    from .kmod.ko import with_module_name
 
     host = session.host.name
     loads: list[ModuleLoad] = []
@@ -734,9 +326,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
                          on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock)
-    deadline = int(plan.instance.rsplit("_", 1)[1])
-    directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=fr.duration,
-                                 deadline=deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
+    directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=plan.duration,
+                                 deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
     splitter = MarkerSplitter() if modules else None
     kmsg = KmsgCollector(host, fr.run_id)
@@ -840,7 +431,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         parser.close()
         try:
             status = await stream.wait(5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status = -1
     finally:
         guard.cancel()
@@ -907,8 +498,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     if report.enabled == 0 and not report.loaded:
         raise HostError(host, "probe", "the kernel refused every probe",
                         evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)
-    out.status = "interrupted" if fr.interrupted.is_set() else "ok"
-    out.stage = "done"
+    out.status = Status.INTERRUPTED if fr.interrupted.is_set() else Status.OK
+    out.stage = Stage.DONE
     fr.observer.set_state(host, "done" if out.status == "ok" else out.status, f"{counter.accepted} events")
 
 
@@ -948,58 +539,6 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
     return failures
 
 
-#: Seconds without the runner's 5-second clock marker before it is presumed dead.
-HEARTBEAT_TIMEOUT = 20
-
-
-def runner_silent(idle: float, last_marker_ts: float | None, last_trace_ts: float) -> bool:
-    """Has the runner stopped writing its 5-second clock markers for HEARTBEAT_TIMEOUT?
-
-    Judged in the host's trace time, not by when the controller happens to read:
-    a controller behind a busy stream reads old data, markers included, late.
-    Dead when events read go HEARTBEAT_TIMEOUT (trace time) past the last marker
-    (the killed runner's reader still streams), or when nothing at all arrived
-    for that long (``idle``, controller seconds: a live runner always writes
-    markers, so silence cannot be backlog).
-    """
-    if idle > HEARTBEAT_TIMEOUT:
-        return True
-    return last_marker_ts is not None and last_trace_ts - last_marker_ts > HEARTBEAT_TIMEOUT
-
-
-async def _runner_once(session: Session, directives: str, timeout: float) -> RunnerReport:
-    """Run the runner for one directive (a sweep, a dead run's teardown) and read what it said."""
-    r = await session.run(script_command(session.host, "fleetprobe-runner"),
-                          input=script_input(runner_script()) + directives.encode(), timeout=timeout)
-    rep = RunnerReport()
-    for line in r.stdout.decode("utf-8", "replace").splitlines():
-        if line.startswith("@@fp "):
-            rep.handle(line[5:])
-    return rep
-
-
-async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
-                                   modules: tuple[str, ...] = ()) -> str:
-    """Remove a run's modules, group and instance over the same connection when its runner died."""
-    try:
-        rep = await _runner_once(session, teardown_directives(plan, facts.tracefs or "/sys/kernel/tracing",
-                                                              modules), timeout=60)
-    except HostError as exc:
-        return f"timer (controller teardown failed: {exc.message})"
-    return "controller" if rep.clean else "timer (controller teardown incomplete)"
-
-
-async def _oopses_since(session: Session, start: dict[str, int]) -> tuple[int, int] | None:
-    """After a runner died: the kernel's oops/warn counts since its start snapshot (None if unknown)."""
-    try:
-        r = await session.run(shell_command(session.host, "cat /sys/kernel/oops_count /sys/kernel/warn_count"),
-                              timeout=15)
-        oops, warn = (int(x) for x in r.stdout.split()[:2])
-    except (HostError, ValueError):
-        return None
-    return oops - start.get("oops", oops), warn - start.get("warn", warn)
-
-
 def _event_name(p: object) -> str:
     """The dynamic event name a planned probe defines (the runner reports refusals by it)."""
     event = getattr(p, "event", "") or ""
@@ -1008,10 +547,16 @@ def _event_name(p: object) -> str:
 
 # --- facts, plan and cleanup across the fleet ------------------------------------------------
 
-async def _on_each_host(hosts: Iterable[Host], settings: RunSettings,
-                        work: Callable[[Host, Session], Awaitable[T]],
-                        failed: Callable[[Host, HostError], T], observer: Observer | None = None) -> list[T]:
-    """One short job per host over one connection each, ``forks`` at a time; a failure is a value."""
+async def fan_out(hosts: Iterable[Host], settings: RunSettings, stage: str,
+                  work: Callable[[Host, Session], Awaitable[T]],
+                  failed: Callable[[Host, HostError], T], observer: Observer | None = None) -> list[T]:
+    """One short job per host over one connection each, ``forks`` at a time; a failure is a value.
+
+    Whatever goes wrong on one host (a HostError, no answer in time, or an exception nobody
+    expected: a bug in a connector or a parser) becomes that host's HostError, passed to
+    ``failed``; the other hosts go on. ``stage`` names the job (facts, plan, teardown) in
+    the error of an unexpected exception after the host was connected.
+    """
     slots = asyncio.Semaphore(max(1, settings.forks))
     obs = observer or NullObserver()
 
@@ -1026,8 +571,13 @@ async def _on_each_host(hosts: Iterable[Host], settings: RunSettings,
                 return result
             except HostError as exc:
                 error = exc
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 error = HostError(host.name, "connect", f"no answer within {settings.setup_timeout:.0f}s")
+            except Exception as exc:  # noqa: BLE001 - one host's bug must never end the command for the fleet
+                error = HostError(host.name, "connect" if session is None else stage,
+                                  f"internal error: {type(exc).__name__}: {exc}",
+                                  evidence=traceback.format_exc()[-2000:],
+                                  hint="this is a fleetprobe bug: report it with the evidence")
             finally:
                 if session is not None:
                     await session.close()
@@ -1048,7 +598,7 @@ async def facts_fleet(hosts: Iterable[Host], settings: RunSettings, playbook: Pl
                                                   timeout=settings.setup_timeout)
         return HostFacts(host, facts, clock_offset=offset, clock_error=error)
 
-    return await _on_each_host(hosts, settings, work, lambda host, exc: HostFacts(host, error=exc), obs)
+    return await fan_out(hosts, settings, "facts", work, lambda host, exc: HostFacts(host, error=exc), obs)
 
 
 async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings,
@@ -1063,29 +613,10 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
         uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
         deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
-                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo))
+                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration))
 
-    return await _on_each_host(hosts, settings, work, lambda host, exc: (HostFacts(host, error=exc), None),
-                               observer)
-
-
-def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
-                       where: str = "auto") -> list[BuildGroup]:
-    """The build groups a run of these plans would build (``fleetprobe plan`` shows them); pure."""
-    from .build import load_module_source, plan_builds
-
-    facts: dict[str, Facts] = {}
-    wanted: dict[str, list[ModuleSource]] = {}
-    sources: dict[str, ModuleSource] = {}
-    for hf, plan in results:
-        if hf.facts is None or plan is None:
-            continue
-        for p in plan.probes:
-            if p.kind == "module" and p.module:
-                src = sources.get(p.module) or sources.setdefault(p.module, load_module_source(p.module))
-                facts[hf.host.name] = hf.facts
-                wanted.setdefault(hf.host.name, []).append(src)
-    return plan_builds(facts, wanted, where=where) if facts else []
+    return await fan_out(hosts, settings, "plan", work, lambda host, exc: (HostFacts(host, error=exc), None),
+                         observer)
 
 
 @dataclass
@@ -1116,7 +647,8 @@ async def cleanup_fleet(hosts: Iterable[Host], settings: RunSettings, *, force: 
             res.error = "; ".join(rep.unclean)
         return res
 
-    return await _on_each_host(hosts, settings, work, lambda host, exc: CleanupResult(host.name, error=str(exc)))
+    return await fan_out(hosts, settings, "teardown", work,
+                         lambda host, exc: CleanupResult(host.name, error=str(exc)))
 
 
 def playbook_pairs(playbook: Playbook) -> dict[str, str]:
@@ -1132,16 +664,12 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
 
     Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory.
     """
-    from . import __version__
-
     aggregate = FleetAggregate(pairs=playbook_pairs(playbook))
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
     started = time.time()
     writer = None
     if events_path:
-        from .report import EventWriter  # report imports rich: only when there is an event file
-
         writer = EventWriter(events_path)
     try:
         outcomes = await run_fleet(hosts, playbook, settings, aggregate,

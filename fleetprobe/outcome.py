@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
+
+class Status(StrEnum):
+    """How a host's run ended (a str: equal to its value, written as it in JSON and the store)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+    SKIPPED = "skipped"
+    INTERRUPTED = "interrupted"
+
+
+class Stage(StrEnum):
+    """The last stage a host reached; for a failed host, where it failed."""
+
+    CONNECT = "connect"
+    FACTS = "facts"
+    PLAN = "plan"
+    BUILD = "build"
+    PROBE = "probe"
+    TEARDOWN = "teardown"
+    DONE = "done"
+
+
 #: Host statuses, in report order.
-STATUSES = ("ok", "failed", "unreachable", "skipped", "interrupted")
+STATUSES = tuple(Status)
 
 
 @dataclass
@@ -45,21 +69,21 @@ class LossCounters:
 class HostOutcome:
     """One host's result in one run.
 
-    ``status`` is one of :data:`STATUSES`; ``stage`` is the last stage reached
-    (connect, facts, plan, build, probe, teardown, done) and, for a failed host,
-    where it failed; ``reason`` says why in one line and ``evidence`` holds what
-    the host said.  ``cleanup`` says how the host was left: ``clean`` (the runner
-    removed everything), ``swept`` (a later sweep did), ``timer`` (left to the
-    on-host timer because the link dropped), ``not-needed`` (nothing was placed),
-    or ``failed: ...``.  ``unparsed_lines`` counts lines of the runner's stream that were
+    ``status`` is a :class:`Status`; ``stage`` the last :class:`Stage` reached and,
+    for a failed host, where it failed; ``reason`` says why in one line and ``evidence``
+    holds what the host said.  ``cleanup`` says how the host was left: ``clean`` (the
+    runner removed everything), ``controller`` (the runner died and the controller's
+    teardown over the same connection removed it), ``timer`` or ``timer (...why)`` (left
+    to the on-host timer: the link dropped, or the controller's teardown failed),
+    ``not-needed`` (nothing was placed), or ``failed: ...`` (what the runner could not remove).  ``unparsed_lines`` counts lines of the runner's stream that were
     neither an event, a marker, a loss line nor a control line (garbage a login
     script or a broken host printed); the events around them still count.  ``clock_offset`` is host realtime minus controller
     realtime in seconds, ``clock_error`` its uncertainty (half the round trip).
     """
 
     host: str
-    status: str = "ok"
-    stage: str = "connect"
+    status: str = Status.OK
+    stage: str = Stage.CONNECT
     reason: str = ""
     evidence: str = ""
     arch: str = ""

@@ -12,18 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL_PT_REGS, kernel_arg_registers,
+                              user_arg_registers)
 from fleetprobe.facts import Facts, SymbolFacts
-from fleetprobe.playbook import (
-    ArgSpec,
-    Deref,
-    Fetch,
-    KernelTarget,
-    Playbook,
-    ProbeSpec,
-    RawFetch,
-    RetvalRef,
-    UserTarget,
-)
+from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
+from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,9 @@ class HostPlan:
     and ``instance`` the tracefs instance (private ring buffer) they are enabled in;
     both carry the run id and a per-host part so they never collide.
     ``failed`` is set when a probe with ``on_missing: fail`` cannot be placed:
-    the host is then not probed at all.
+    the host is then not probed at all.  ``duration`` is how long the probes run (seconds) and
+    ``deadline`` the host's epoch second by which the run is over, teardown slack included (also
+    in the instance name, for sweeps by other runs; the run itself reads these fields).
     """
 
     host: str
@@ -85,6 +80,8 @@ class HostPlan:
     skipped: tuple[SkippedProbe, ...] = ()
     failed: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    duration: float = 0.0
+    deadline: int = 0
 
 
 # --- names -----------------------------------------------------------------
@@ -131,10 +128,12 @@ def with_later_deadline(plan: HostPlan, deadline: float) -> HostPlan:
     build would start its probes with less time before its on-host timer and
     other runs' sweeps treat it as dead. Called again just before the probes start.
     """
-    group, instance = names_for(plan.run_id, plan.host, int(deadline))
-    if group != plan.group or int(instance.rsplit("_", 1)[1]) <= int(plan.instance.rsplit("_", 1)[1]):
+    if int(deadline) <= plan.deadline:
         return plan
-    return replace(plan, instance=instance)
+    group, instance = names_for(plan.run_id, plan.host, int(deadline))
+    if group != plan.group:
+        return plan
+    return replace(plan, instance=instance, deadline=int(deadline))
 
 
 def group_of_instance(name: str) -> str | None:
@@ -147,68 +146,6 @@ def is_stale_instance(name: str, now: float, grace: float) -> bool:
     """True for a fleetprobe instance whose deadline + grace has passed (never for other names)."""
     m = _INSTANCE.fullmatch(name)
     return m is not None and int(m.group(2)) + grace < now
-
-
-# --- argument registers ----------------------------------------------------
-
-# Function-argument registers by calling convention, named as tracefs accepts
-# them (regs_query_register_offset() of each arch).  The kernel and user-space
-# conventions match except on i386: the kernel is built with -mregparm=3,
-# user space passes every argument on the stack (cdecl).
-_X86_64 = ("%di", "%si", "%dx", "%cx", "%r8", "%r9")
-_I386_KERNEL = ("%ax", "%dx", "%cx")
-_PPC = tuple(f"%r{i}" for i in range(3, 11))           # r3..r10; %a0/$argN rejected on 6.1 (LAB.md)
-_MIPS_N64 = tuple(f"%r{i}" for i in range(4, 12))      # a0..a7 = r4..r11; %a0 is rejected
-_MIPS_O32 = tuple(f"%r{i}" for i in range(4, 8))       # a0..a3 = r4..r7
-_ARM64 = tuple(f"%x{i}" for i in range(0, 8))
-_ARM = tuple(f"%r{i}" for i in range(0, 4))            # AAPCS r0..r3 (not lab-verified)
-_RISCV = tuple(f"%a{i}" for i in range(0, 8))          # riscv names its pt_regs a0..a7 (not lab-verified)
-_S390 = tuple(f"%r{i}" for i in range(2, 7))           # s390x r2..r6 (not lab-verified)
-_I386_MACHINES = ("i386", "i486", "i586", "i686")
-
-# x86_64 syscall entry points since 4.17 (commit fa697140f9a2, "syscalls/x86:
-# Use 'struct pt_regs' based syscall calling convention") take one
-# struct pt_regs * in %di; the real arguments live in it.  Offsets from
-# arch/x86/include/asm/ptrace.h struct pt_regs (64-bit): r10=56 r9=64 r8=72
-# dx=96 si=104 di=112.  The 4th syscall argument is r10, not cx.
-_X64_SYSCALL_PT_REGS = (112, 104, 96, 56, 72, 64)
-# arm64 does the same since 4.19 (__arm64_sys_*): struct pt_regs begins with
-# regs[31] (arch/arm64/include/asm/ptrace.h), so argument N is regs[N-1].
-_ARM64_SYSCALL_PT_REGS = (0, 8, 16, 24, 32, 40)
-
-
-def kernel_arg_registers(facts: Facts) -> tuple[str, ...] | None:
-    """The kernel's function-argument registers on this host, or None when unknown."""
-    machine = facts.arch
-    if machine == "x86_64":
-        return _X86_64
-    if machine in _I386_MACHINES:
-        return _I386_KERNEL
-    if machine.startswith("ppc"):
-        return _PPC
-    if machine.startswith("mips"):
-        # uname -m says mips64 for a 64-bit kernel (n64); mips is a 32-bit (o32) kernel.
-        return _MIPS_N64 if machine.startswith("mips64") else _MIPS_O32
-    if machine in ("aarch64", "arm64"):
-        return _ARM64
-    if machine.startswith("arm"):
-        return _ARM
-    if machine == "riscv64":
-        return _RISCV
-    if machine == "s390x":
-        return _S390
-    return None
-
-
-def user_arg_registers(facts: Facts) -> tuple[str, ...] | None:
-    """User-space function-argument registers on this host; None when arguments are on the stack or unknown."""
-    machine = facts.arch
-    if machine in _I386_MACHINES:
-        return None
-    if machine.startswith("mips"):
-        # The userland ABI follows the host's binaries: ELF32 => o32 (n32 is not told apart).
-        return _MIPS_O32 if facts.elf_class == 32 else _MIPS_N64
-    return kernel_arg_registers(facts)
 
 
 # --- lowering --------------------------------------------------------------
@@ -248,16 +185,16 @@ class _Lowering:
         """Lower ``argN``."""
         f = self.facts
         if self.user:
-            if f.arch in _I386_MACHINES:
+            if f.arch in I386_MACHINES:
                 # cdecl: at the first instruction the return address is $stack0.
                 return f"$stack{n}"
             regs = user_arg_registers(f)
         else:
             sym = self.symbol or ""
             if sym.startswith("__x64_sys_") and f.arch == "x86_64":
-                return self._syscall_arg(n, "%di", _X64_SYSCALL_PT_REGS)
+                return self._syscall_arg(n, "%di", X64_SYSCALL_PT_REGS)
             if sym.startswith("__arm64_sys_") and f.arch in ("aarch64", "arm64"):
-                return self._syscall_arg(n, "%x0", _ARM64_SYSCALL_PT_REGS)
+                return self._syscall_arg(n, "%x0", ARM64_SYSCALL_PT_REGS)
             if self.entry and "arg_n" in f.features:
                 return f"$arg{n}"
             regs = kernel_arg_registers(f)
@@ -307,11 +244,12 @@ class _Lowering:
 # --- planning --------------------------------------------------------------
 
 def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
-              uprobe_offsets: Mapping[tuple[str, str], int | str]) -> HostPlan:
+              uprobe_offsets: Mapping[tuple[str, str], int | str], duration: float | None = None) -> HostPlan:
     """Decide exactly what to place on one host: a pure function of (playbook, facts).
 
     ``uprobe_offsets`` maps (path, symbol) to the symbol's file offset in this
-    host's binary, or to a reason it could not be resolved.
+    host's binary, or to a reason it could not be resolved.  ``duration`` defaults to the
+    playbook's (the CLI's ``--duration`` overrides it).
     """
     group, instance = names_for(run_id, facts.host, deadline)
     probes: list[PlannedProbe] = []
@@ -343,7 +281,8 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
     if not probes and not failed:
         notes.append("no probe can be placed on this host")
     return HostPlan(host=facts.host, run_id=run_id, group=group, instance=instance,
-                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes))
+                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes),
+                    duration=playbook.duration if duration is None else duration, deadline=int(deadline))
 
 
 def _host_blocks_tracefs(facts: Facts) -> str:

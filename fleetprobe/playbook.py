@@ -10,7 +10,6 @@ the line, the key and what is allowed.
 
 from __future__ import annotations
 
-import difflib
 import errno
 import hashlib
 import re
@@ -21,7 +20,8 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from fleetprobe.errors import PlaybookError
+from fleetprobe.errors import PlaybookError, did_you_mean
+from fleetprobe.fetchargs import (ArgSpec, parse_arg)
 from fleetprobe.shipped import shipped_dir, shipped_playbook, shipped_playbooks
 
 #: Probe kinds: the key that names the probe's target decides its kind.
@@ -35,13 +35,15 @@ _TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "b
 _PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
                "max_per_host", "pair_with", "params")
 
+#: What a module parameter's value may be (the runner hands it to insmod as one word).
+MODULE_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
 _PROBE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _PROBE_NAME_MAX = 32
 _PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RUN_REF = re.compile(r"[a-z0-9]{1,32}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # [MOD:]SYM[+OFF]; SYM may name a GCC clone (foo.isra.0) explicitly.
 _KSYM = re.compile(r"(?:(?P<mod>[A-Za-z_][A-Za-z0-9_]*):)?(?P<sym>[A-Za-z_.][A-Za-z0-9_.]*)"
                    r"(?:\+(?P<off>0x[0-9a-fA-F]+|\d+))?")
@@ -51,78 +53,6 @@ _UOFF = re.compile(r"0x[0-9a-fA-F]+|\d+")
 _RESERVED_ARG_NAMES = ("common_type", "common_flags", "common_preempt_count", "common_pid")
 # MAX_TRACE_ARGS in kernel/trace/trace_probe.h (128 since 4.x).
 _MAX_ARGS = 128
-# MAX_ARRAY_LEN in kernel/trace/trace_probe.h.
-_MAX_ARRAY_LEN = 64
-
-_INT_TYPE = re.compile(r"[usx](8|16|32|64)")
-_BITFIELD_TYPE = re.compile(r"b(\d+)@(\d+)/(8|16|32|64)")
-_ARRAY_TYPE = re.compile(r"(?P<base>[a-z0-9@/]+)\[(?P<n>\d+)\]")
-_STRING_TYPES = ("string", "ustring", "symstr")
-_ALL_TYPES_TEXT = ("u8..u64, s8..s64, x8..x64, string, ustring, symbol, symstr, "
-                   "b<width>@<offset>/<container>, TYPE[N]")
-
-
-# --- fetch arguments -------------------------------------------------------
-
-@dataclass(frozen=True)
-class ArgRef:
-    """The Nth function argument (1-based), lowered per host to $argN or a register."""
-
-    n: int
-
-
-@dataclass(frozen=True)
-class RetvalRef:
-    """The function's return value (return probes only)."""
-
-
-@dataclass(frozen=True)
-class RawFetch:
-    """A fetch arg in tracefs syntax (%di, $comm, $stack0, @sym) passed through unchanged."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Deref:
-    """``+OFF(inner)`` (kernel memory) or ``+uOFF(inner)`` (user memory)."""
-
-    offset: int
-    user: bool
-    inner: Fetch
-
-
-Fetch = ArgRef | RetvalRef | RawFetch | Deref
-
-
-@dataclass(frozen=True)
-class ArgSpec:
-    """One named argument a probe records: ``name=fetch[:type]`` as written in the playbook."""
-
-    name: str
-    fetch: Fetch
-    type: str | None
-    text: str
-    line: int
-
-    def uses_argn(self) -> bool:
-        """True when the fetch refers to a portable ``argN`` anywhere inside it."""
-        return _fetch_has(self.fetch, ArgRef)
-
-    def uses_retval(self) -> bool:
-        """True when the fetch refers to ``retval`` anywhere inside it."""
-        return _fetch_has(self.fetch, RetvalRef)
-
-
-def _fetch_has(fetch: Fetch, kind: type) -> bool:
-    """Whether ``fetch`` or anything it dereferences is of ``kind``."""
-    if isinstance(fetch, kind):
-        return True
-    if isinstance(fetch, Deref):
-        return _fetch_has(fetch.inner, kind)
-    return False
-
-
 # --- targets ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -270,6 +200,18 @@ class Playbook:
 
 # --- loading ---------------------------------------------------------------
 
+def parse_duration(text: str) -> float | None:
+    """``500ms``, ``10s``, ``5m``, ``1h`` or plain seconds -> seconds (> 0); None when it is not one.
+
+    The one duration grammar: the playbook's ``duration:`` and the command line's ``--duration``,
+    ``--connect-timeout`` and ``--setup-timeout`` both use it.
+    """
+    m = _DURATION.match(text)
+    if not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def load_playbook(path: str | Path) -> Playbook:
     """Read and validate a playbook file, or a shipped playbook by name (``opensnoop``)."""
     p = Path(path)
@@ -364,18 +306,12 @@ def _check_cross_references(reader: _Reader, probes: tuple[ProbeSpec, ...]) -> N
         target = seen.get(p.pair_with)
         if target is None:
             raise PlaybookError(f"pair_with names {p.pair_with!r}, which is not a probe in this playbook"
-                                + _did_you_mean(p.pair_with, list(seen)),
+                                + did_you_mean(p.pair_with, list(seen)),
                                 file=reader.source, line=p.line, key=f"probes.{p.name}.pair_with")
         if target.is_return or target.kind in ("tracepoint", "module"):
             raise PlaybookError(f"pair_with must name an entry probe (kprobe, uprobe or raw 'p' line); "
                                 f"{target.name!r} is a {target.kind}", file=reader.source, line=p.line,
                                 key=f"probes.{p.name}.pair_with")
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    """A ' (did you mean X?)' suffix when ``word`` is close to one of ``choices``."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _line(node: Node) -> int:
@@ -405,7 +341,7 @@ class _Reader:
             k = str(knode.value)
             if k not in allowed:
                 raise self.error(knode, f"{key}.{k}" if key != "playbook" else k,
-                                 f"unknown key {k!r}{_did_you_mean(k, list(allowed))}; allowed: "
+                                 f"unknown key {k!r}{did_you_mean(k, list(allowed))}; allowed: "
                                  + ", ".join(allowed))
             if k in out:
                 raise self.error(knode, k, f"key {k!r} appears twice (first at line {_line(out[k][0])})")
@@ -461,9 +397,7 @@ class _Reader:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             seconds = float(value)
         elif isinstance(value, str):
-            m = _DURATION.fullmatch(value.strip())
-            if m:
-                seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            seconds = parse_duration(value)
         if seconds is None or not seconds > 0:
             raise self.error(node, "duration", f"duration {_describe(node)} is not a positive duration; "
                              "write e.g. 500ms, 10s, 5m, 1h or a number of seconds")
@@ -560,7 +494,7 @@ class _Reader:
         """One of a fixed set of words."""
         value = self.string(node, key)
         if value not in allowed:
-            raise self.error(node, key, f"{value!r} is not allowed{_did_you_mean(value, list(allowed))}; "
+            raise self.error(node, key, f"{value!r} is not allowed{did_you_mean(value, list(allowed))}; "
                              f"use one of: {', '.join(allowed)}")
         return value
 
@@ -679,6 +613,11 @@ class _Reader:
                     text = str(value)
                 if any(c.isspace() for c in text):
                     raise self.error(vnode, f"{key}.{name}", f"module parameter {name!r} must not contain spaces")
+                if not MODULE_PARAM_VALUE.fullmatch(text):
+                    # The runner passes parameters to insmod as words: refuse here, once, at the
+                    # user's line, rather than failing every host at its build stage.
+                    raise self.error(vnode, f"{key}.{name}", f"module parameter {name}={text!r} must be letters, "
+                                     "digits and _ . + -")
                 # A parameter called 'symbol' names a kernel symbol: check it like a kprobe target.
                 out.append(ModuleParam(name=name, value=None, alternatives=(text,)) if name == "symbol"
                            else ModuleParam(name=name, value=text))
@@ -737,81 +676,3 @@ def _describe(node: Node) -> str:
 
 # --- fetch-arg grammar -----------------------------------------------------
 
-def parse_arg(name: str, text: str, line: int = 0) -> ArgSpec:
-    """Parse ``FETCH[:TYPE]``; ValueError says what is wrong and what is allowed."""
-    if not text:
-        raise ValueError("empty fetch arg")
-    fetch_text, type_text = _split_type(text)
-    fetch = parse_fetch(fetch_text)
-    if type_text is not None:
-        check_type(type_text)
-        base = type_text.split("[", 1)[0]
-        needs_memory = base in ("string", "ustring") or "[" in type_text
-        if needs_memory and isinstance(fetch, (ArgRef, RetvalRef)):
-            raise ValueError(f"{text!r}: type {type_text} reads memory, so the fetch must be a dereference "
-                             f"(write +0({fetch_text}):{type_text} for the string {fetch_text} points to)")
-    return ArgSpec(name=name, fetch=fetch, type=type_text, text=text, line=line)
-
-
-def _split_type(text: str) -> tuple[str, str | None]:
-    """Split ``FETCH:TYPE`` at the last ':' outside parentheses."""
-    depth = 0
-    cut = -1
-    for i, c in enumerate(text):
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == ":" and depth == 0:
-            cut = i
-    if depth != 0:
-        raise ValueError(f"{text!r}: unbalanced parentheses")
-    if cut < 0:
-        return text, None
-    return text[:cut], text[cut + 1:]
-
-
-_DEREF = re.compile(r"(?P<sign>[+-])(?P<user>u?)(?P<off>0x[0-9a-fA-F]+|\d+)\((?P<inner>.*)\)")
-_RAW = re.compile(r"%[A-Za-z][A-Za-z0-9]*|\$(?:stack\d*|comm|arg\d+|retval)|@[A-Za-z0-9_.+\-]+|\\.+")
-_FETCH_HELP = ("allowed: argN (N >= 1), retval, +OFF(FETCH), +uOFF(FETCH) (user memory), or tracefs "
-               "syntax passed through unchanged (%reg, $comm, $stackN, @symbol)")
-
-
-def parse_fetch(text: str) -> Fetch:
-    """Parse a fetch expression (without its type)."""
-    text = text.strip()
-    m = _DEREF.fullmatch(text)
-    if m:
-        off = int(m.group("off"), 0) * (-1 if m.group("sign") == "-" else 1)
-        return Deref(offset=off, user=bool(m.group("user")), inner=parse_fetch(m.group("inner")))
-    am = re.fullmatch(r"arg(\d+)", text)
-    if am:
-        n = int(am.group(1))
-        if n < 1:
-            raise ValueError(f"{text!r}: arguments count from 1 (arg1 is the first)")
-        return ArgRef(n)
-    if text == "retval":
-        return RetvalRef()
-    if _RAW.fullmatch(text):
-        return RawFetch(text)
-    raise ValueError(f"{text!r} is not a fetch arg; {_FETCH_HELP}")
-
-
-def check_type(type_text: str) -> None:
-    """ValueError unless ``type_text`` is a tracefs fetch type."""
-    m = _ARRAY_TYPE.fullmatch(type_text)
-    base = m.group("base") if m else type_text
-    if m:
-        n = int(m.group("n"))
-        if not 1 <= n <= _MAX_ARRAY_LEN:
-            raise ValueError(f"array length {n} in {type_text!r} must be 1..{_MAX_ARRAY_LEN}")
-    if _INT_TYPE.fullmatch(base) or base in ("string", "ustring", "symbol", "symstr"):
-        return
-    b = _BITFIELD_TYPE.fullmatch(base)
-    if b:
-        width, offset, container = (int(x) for x in b.groups())
-        if width < 1 or width + offset > container:
-            raise ValueError(f"bitfield {type_text!r}: width + offset must fit the {container}-bit container")
-        return
-    raise ValueError(f"unknown type {type_text!r}{_did_you_mean(base, ['u8', 'u16', 'u32', 'u64', 's32', 'x32', 'x64', 'string', 'ustring', 'symbol', 'symstr'])}; "
-                     f"allowed: {_ALL_TYPES_TEXT}")

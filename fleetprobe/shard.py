@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fleetprobe.errors import InputError
 from fleetprobe.inventory import Host, Inventory
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport, load_json
 
 _SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
@@ -81,8 +81,6 @@ def merge_reports(reports: Sequence[FleetReport]) -> FleetReport:
 
 def merge_files(paths: Sequence[str | os.PathLike[str]]) -> FleetReport:
     """Read shard reports written by ``--json`` and merge them; errors name the file."""
-    from fleetprobe.report import load_json
-
     reports = []
     for p in paths:
         try:

@@ -29,7 +29,7 @@ from typing import Any
 
 from fleetprobe.errors import InputError
 from fleetprobe.redact import redact_secrets
-from fleetprobe.merge import FleetReport
+from fleetprobe.results import FleetReport
 
 SCHEMA_VERSION = 1
 #: Seconds a writer waits for another writer's transaction before giving up.

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Static checks first: they take seconds and a type or lint error fails the run like a test.
+.venv/bin/mypy fleetprobe
+.venv/bin/ruff check fleetprobe tests bench
 # The qemu lab and the module builds cache Debian packages, images and built modules here,
 # inside the checkout (ignored by git), so every test that needs the lab shares one set of VMs.
 export FLEETPROBE_LAB_DIR=${FLEETPROBE_LAB_DIR:-$PWD/.lab}

@@ -13,7 +13,8 @@ import shlex
 from pathlib import Path
 
 from fleetprobe.clock import ClockMap
-from fleetprobe.merge import FleetAggregate, FleetReport, RunInfo
+from fleetprobe.merge import FleetAggregate
+from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome
 from fleetprobe.parse import TraceStream
 

@@ -25,7 +25,7 @@ right key, a different key (a host whose key changed), or no line at all (a
 host never seen before).
 
 The servers run on their own event loop in a background thread, so code under
-test can call ``asyncio.run`` (as ``fleetprobe.cli.main`` does) or run in a
+test can call ``asyncio.run`` (as ``fleetprobe.cli.main.main`` does) or run in a
 subprocess.  :meth:`SimFleet.stop` closes every server and waits for every
 command's process group to exit (killing what is left after a grace period),
 so no test leaves a process behind.
@@ -406,7 +406,7 @@ class SimFleet:
             for c in conns:
                 try:
                     await asyncio.wait_for(c.wait_closed(), 5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             await asyncio.sleep(0.1)
 

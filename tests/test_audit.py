@@ -22,7 +22,7 @@ import pytest
 from rich.console import Console
 
 from fleetprobe.audit import AuditResult, Thresholds, audit, check_rules, diff_reports
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.store import Store
 from reports import build_report, expand_exec_start, extra_exec, host_text, leftovers_of, real_lines, tracefs_ready

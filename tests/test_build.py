@@ -9,27 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe.build import (
-    BuildKey,
-    ModuleCache,
-    ModInfo,
-    check_module,
-    compiler_messages,
-    debian_package_version,
-    host_module_error,
-    is_debian_kernel,
-    load_module_source,
-    plan_builds,
-    read_elf_info,
-    read_modinfo,
-    results_by_host,
-    target_for,
-    vermagic_problem,
-    BuildError,
-    BuiltModule,
-    GroupResult,
-    ElfFormatError,
-)
+from fleetprobe.arches import target_for
+from fleetprobe.errors import BuildError
+from fleetprobe.kmod.cache import ModuleCache
+from fleetprobe.kmod.compile import check_module, compiler_messages, BuiltModule, GroupResult
+from fleetprobe.kmod.plan import debian_package_version, is_debian_kernel
+from fleetprobe.kmod.deploy import host_module_error, results_by_host
+from fleetprobe.kmod.ko import ModInfo, read_elf_info, read_modinfo, vermagic_problem, ElfFormatError
+from fleetprobe.kmod.plan import BuildKey, plan_builds
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 

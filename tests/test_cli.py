@@ -13,7 +13,9 @@ from rich.console import Console
 from simhosts import SimFleet
 
 from fleetprobe import elf
-from fleetprobe.cli import Exit, exit_status, main, parse_duration
+from fleetprobe.cli.main import main
+from fleetprobe.cli.options import Exit, parse_duration
+from fleetprobe.cli.run import exit_status
 from fleetprobe.outcome import HostOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,26 @@ def cli(args: list[str]) -> tuple[int, str]:
 def test_parse_duration(text: str, seconds: float) -> None:
     """Durations with units, as operators type them."""
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["500ms", "10s", "5m", "1h", "2.5", " 3s ", "0", "-1s", "10 minutes", "1d", "s"])
+def test_one_duration_grammar_for_options_and_playbooks(text: str) -> None:
+    """--duration and a playbook's quoted ``duration:`` accept and refuse the same texts, with the same value."""
+    import argparse
+
+    from fleetprobe.errors import PlaybookError
+    from fleetprobe.playbook import parse_playbook
+
+    try:
+        option: float | None = parse_duration(text)
+    except argparse.ArgumentTypeError:
+        option = None
+    try:
+        in_playbook: float | None = parse_playbook(f"name: d\nduration: '{text}'\nprobes: [{{name: e, tracepoint: a/b}}]\n",
+                                                   "d.yml").duration
+    except PlaybookError:
+        in_playbook = None
+    assert option == in_playbook
 
 
 @pytest.mark.parametrize("text", ["", "0", "-1s", "10 minutes", "1d", "s"])
@@ -199,27 +221,29 @@ def _modules_imported(code: str) -> set[str]:
 
 def test_help_imports_no_ssh_no_rich_no_builder() -> None:
     """`fleetprobe --help` builds the parsers only: SSH, rendering and the module builder load when used."""
-    mods = _modules_imported("from fleetprobe.cli import main\nassert main(['--help']) == 0")
-    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.transport", "fleetprobe.build",
-             "fleetprobe.html", "fleetprobe.report"}
+    mods = _modules_imported("from fleetprobe.cli.main import main\nassert main(['--help']) == 0")
+    heavy = {"asyncssh", "rich", "fleetprobe.orchestrate", "fleetprobe.connectors.asyncssh", "fleetprobe.kmod.compile",
+             "fleetprobe.render.html", "fleetprobe.render.terminal", "fleetprobe.cli.run", "fleetprobe.cli.history"}
     assert not heavy & mods, heavy & mods
-    assert "fleetprobe.history_cli" in mods  # the check sees what --help does import
+    assert "fleetprobe.cli.options" in mods  # the check sees what --help does import
 
 
 def test_orchestrator_imports_no_builder_and_no_rendering() -> None:
     """A tracefs run needs neither the module builder nor rich: they load for module playbooks / output."""
     mods = _modules_imported("import fleetprobe.orchestrate")
     assert "asyncssh" in mods
-    assert not {"fleetprobe.build", "fleetprobe.debian", "fleetprobe.elf", "fleetprobe.report", "rich"} & mods
+    assert not {"fleetprobe.kmod.compile", "fleetprobe.kmod.debian", "fleetprobe.kmod.ko", "fleetprobe.elf",
+                "fleetprobe.render.terminal", "rich"} & mods
 
 
 def test_package_names_load_on_first_use() -> None:
     """`import fleetprobe` is cheap; every name in __all__ still resolves (to its module's object)."""
     assert "asyncssh" not in _modules_imported("import fleetprobe")
     import fleetprobe
-    from fleetprobe import orchestrate, transport
+    from fleetprobe import orchestrate
+    from fleetprobe.connectors import asyncssh as ssh_connector
 
-    assert fleetprobe.run_playbook is orchestrate.run_playbook and fleetprobe.SSHOptions is transport.SSHOptions
+    assert fleetprobe.run_playbook is orchestrate.run_playbook and fleetprobe.SSHOptions is ssh_connector.SSHOptions
     for name in fleetprobe.__all__:
         assert getattr(fleetprobe, name) is not None
     with pytest.raises(AttributeError):
@@ -227,6 +251,7 @@ def test_package_names_load_on_first_use() -> None:
 
 
 def test_where_choices_match_the_builder() -> None:
-    from fleetprobe import build, cli
+    from fleetprobe.cli import options
+    from fleetprobe.kmod import plan
 
-    assert cli.WHERE_CHOICES == build.WHERE_CHOICES
+    assert options.WHERE_CHOICES == plan.WHERE_CHOICES

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from hostcheck import ensure_tracefs
 from sshhosts import SUBNET, Fleet, new_fleet
 

@@ -24,7 +24,7 @@ import pytest
 from rich.console import Console
 
 from hostcheck import ensure_tracefs, fleetprobe_leftovers
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from hostcheck import own_run_id
 from sshhosts import SUBNET, Fleet, free_port, new_fleet
 

@@ -23,11 +23,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetprobe import report
+from fleetprobe import events
 from fleetprobe.clock import ClockMap
-from fleetprobe.orchestrate import _HostCap
+from fleetprobe.ingest import _HostCap
 from fleetprobe.parse import EventBatch, TraceEvent, TraceStream
-from fleetprobe.report import EventWriter
+from fleetprobe.events import EventWriter
 
 NAMES = {"fp_x_open": "open", "fp_x_open_ret": "open_ret", "sched_process_exec": "exec", "tp": "tp"}
 
@@ -110,12 +110,12 @@ def test_batch_writer_equals_event_writer(tmp_path_factory: pytest.TempPathFacto
     data, cuts = case
     d = tmp_path_factory.mktemp("ev")
     reference_file(d / "want.jsonl", data, cuts)
-    size = report.EVENT_TAIL_CACHE
-    report.EVENT_TAIL_CACHE = 3
+    size = events.EVENT_TAIL_CACHE
+    events.EVENT_TAIL_CACHE = 3
     try:
         n = batch_file(d / "got.jsonl", data, cuts)
     finally:
-        report.EVENT_TAIL_CACHE = size
+        events.EVENT_TAIL_CACHE = size
     want = (d / "want.jsonl").read_bytes()
     assert (d / "got.jsonl").read_bytes() == want
     assert n == want.count(b"\n")

@@ -11,13 +11,14 @@ import fabric
 import pytest
 from rich.console import Console
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from fleetprobe.errors import TransportError
-from fleetprobe.fabric import FabricSession, connect, harden, run_playbook_on
+from fleetprobe.connectors.fabric import FabricSession, connect, harden
+from fleetprobe.fabfile import run_playbook_on
 from fleetprobe.inventory import Host
-from fleetprobe.orchestrate import RunSettings
-from fleetprobe.report import load_json
-from fleetprobe.transport import SSHOptions, shell_command
+from fleetprobe.settings import RunSettings
+from fleetprobe.results import load_json
+from fleetprobe.session import SSHOptions, shell_command
 from reports import leftovers_of, tracefs_ready
 from sshhosts import Fleet, free_port, make_key, new_fleet
 

@@ -10,6 +10,7 @@ be probing this kernel at the same time).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -27,7 +28,14 @@ from rich.console import Console
 
 from simhosts import SimFleet, refused_port
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
+from fleetprobe.connectors.asyncssh import connect
+from fleetprobe.errors import HostError
+from fleetprobe.inventory import Host, load_inventory
+from fleetprobe.orchestrate import cleanup_fleet, facts_fleet, plan_fleet
+from fleetprobe.playbook import parse_playbook
+from fleetprobe.session import Session, SSHOptions
+from fleetprobe.settings import RunSettings
 
 pytestmark = [pytest.mark.tracefs]
 
@@ -345,3 +353,42 @@ def test_killed_runner_is_noticed_by_its_stopped_markers_and_torn_down(sim: SimF
     assert healthy["status"] == "ok" and healthy["cleanup"] == "clean", healthy
     assert rc == 2, text
     assert leftovers(run_id) == []
+
+
+
+def test_an_unexpected_exception_on_one_host_is_its_error_for_facts_plan_and_cleanup(
+        sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """A bug that raises something no stage expects (here: in a connector) fails that host only, every command."""
+    sim.add("good")
+    sim.add("buggy")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    hosts = load_inventory(str(sim.inventory(tmp_path / "inventory.yml", kh))).hosts
+
+    async def connect_or_break(host: Host, options: SSHOptions) -> Session:
+        if host.name == "buggy":
+            raise RuntimeError("connector bug")
+        return await connect(host, options)
+
+    settings = RunSettings(ssh=SSHOptions(ssh_config=(), use_agent=False, connect_timeout=5), setup_timeout=15,
+                           connect=connect_or_break, run_id=run_id)
+    playbook = parse_playbook(PLAYBOOK, "simfleet.yml")
+
+    def check(error: HostError | str | None) -> None:
+        assert error is not None
+        text = str(error)
+        assert "buggy" in text and "internal error: RuntimeError: connector bug" in text, text
+
+    facts = {hf.host.name: hf for hf in asyncio.run(facts_fleet(hosts, settings))}
+    assert facts["good"].facts is not None and facts["good"].error is None, facts["good"].error
+    check(facts["buggy"].error)
+    assert facts["buggy"].error is not None and facts["buggy"].error.stage == "connect"
+    assert "Traceback" in (facts["buggy"].error.evidence or "")
+
+    plans = {hf.host.name: (hf, plan) for hf, plan in asyncio.run(plan_fleet(hosts, playbook, settings))}
+    assert plans["good"][1] is not None and not plans["good"][1].failed
+    assert plans["buggy"][1] is None
+    check(plans["buggy"][0].error)
+
+    cleaned = {r.host: r for r in asyncio.run(cleanup_fleet(hosts, settings))}
+    assert cleaned["good"].error == "", cleaned["good"].error
+    check(cleaned["buggy"].error)

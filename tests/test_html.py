@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.audit import audit
-from fleetprobe.html import render_html, write_html
-from fleetprobe.markdown import render_markdown
-from fleetprobe.merge import FleetReport
+from fleetprobe.render.html import render_html, write_html
+from fleetprobe.render.markdown import render_markdown
+from fleetprobe.results import FleetReport
 from fleetprobe.playbook import parse_playbook
 from reports import build_report, extra_exec, host_text, real_lines
 
@@ -159,7 +159,7 @@ def test_timeline_opens_zoomed_to_the_window_in_the_link(tmp_path: Path) -> None
     expected_in = [t for t, e in marks if not (t + e < a or t - e > b)]
     assert len(inside) == len(expected_in) and 0 < len(inside) < len(marks)
     assert all(t + e < a or t - e > b for t, e in outside)
-    for t, x, w in inside:
+    for _t, x, w in inside:
         assert x0 - 0.01 <= x and x + w <= x0 + pw + 0.01
     # Zoomed in, the same marks spread further apart than on the whole-run axis.
     xs = sorted(x for _, x, _ in inside)

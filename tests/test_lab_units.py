@@ -12,7 +12,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from fleetprobe import debian
+from fleetprobe.kmod import debian
 from fleetprobe.errors import InputError
 from fleetprobe.lab import fleet, image, keys
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, lab_arch

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetprobe.errors import InputError
-from fleetprobe.merge import (BUCKETS, FleetAggregate, FleetReport, Latency, RunInfo, TopValues, bucket_of,
-                              bucket_range_ns)
+from fleetprobe.merge import FleetAggregate
+from fleetprobe.results import FleetReport, RunInfo
+from fleetprobe.sketches import BUCKETS, Latency, TopValues, bucket_of, bucket_range_ns
 from fleetprobe.outcome import HostOutcome, LossCounters
 from fleetprobe.parse import TraceEvent, TraceStream
 

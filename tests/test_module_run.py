@@ -6,7 +6,7 @@ qemu lab's ppc64le guest (Debian 6.1.0-50-powerpc64le, busybox ash) loading fp_k
 control lines, clock markers and the kernel log records the runner forwarded through the run's
 trace_marker (``tracing_mark_write: fpk <record>``).  Captured with::
 
-    { printf '%s\\n#fleetprobe-script-end\\n' "$(cat fleetprobe/runner.sh)"; cat plan; sleep 9; } |
+    { printf '%s\\n#fleetprobe-script-end\\n' "$(cat fleetprobe/runner/runner.sh)"; cat plan; sleep 9; } |
         ssh lab-ppc64le-1 's=; while IFS= read -r l; do ...; done; eval "$s"'
 
 with the plan ``module fp_kprobe /tmp/fp_capt01_beef_fp_kprobe.ko run=capt01 probe=fork
@@ -28,17 +28,19 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fleetprobe import debian
-from fleetprobe.build import (ModuleCache, debian_package_version, default_cache_dir, load_module_source,
-                              prepare_debian_tree)
+from fleetprobe.kmod import debian
+from fleetprobe.kmod.cache import ModuleCache, default_cache_dir
+from fleetprobe.kmod.compile import prepare_debian_tree
+from fleetprobe.kmod.plan import debian_package_version
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.kmsg import KmsgCollector, MarkerSplitter
 from fleetprobe.merge import FleetAggregate
-from fleetprobe.orchestrate import ModuleBuilds
+from fleetprobe.kmod.builds import ModuleBuilds
 from fleetprobe.parse import TraceStream
 from fleetprobe.plan import HostPlan, PlannedProbe
-from fleetprobe.runner import ModuleLoad, RunnerReport, plan_directives, teardown_directives
+from fleetprobe.runner.runner import ModuleLoad, RunnerReport, plan_directives, teardown_directives
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -327,7 +329,7 @@ def _run_id() -> str:
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    from fleetprobe.cli import main
+    from fleetprobe.cli.main import main
 
     console = Console(record=True, width=250)
     rc = main(args, console)

@@ -334,6 +334,17 @@ def test_deadline_moves_later_only_and_keeps_everything_else() -> None:
     assert (later.group, later.probes, later.skipped, later.run_id) == (hp.group, hp.probes, hp.skipped, hp.run_id)
     assert group_of_instance(later.instance) == hp.group
     assert with_later_deadline(hp, DEADLINE - 5) is hp and with_later_deadline(hp, DEADLINE) is hp
+    # The run reads its deadline and duration from the plan's fields, never back out of the name.
+    assert (hp.deadline, later.deadline, later.duration) == (DEADLINE, DEADLINE + 300, hp.duration)
+
+
+def test_plan_carries_duration_and_deadline() -> None:
+    """The playbook's duration unless the run overrides it; the deadline it was planned with."""
+    pb = load_playbook(ROOT / "playbooks" / "execsnoop.yml")
+    host = facts(FACTS_FILES[0].stem)
+    assert plan_host(pb, host, run_id="abc123", deadline=DEADLINE, uprobe_offsets={}).duration == pb.duration
+    hp = plan_host(pb, host, run_id="abc123", deadline=DEADLINE, uprobe_offsets={}, duration=2.5)
+    assert (hp.duration, hp.deadline) == (2.5, DEADLINE)
 
 
 @pytest.mark.parametrize("bad", ["", "ABC", "a_b", "a" * 17, "a-b"])

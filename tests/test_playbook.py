@@ -8,17 +8,8 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.errors import PlaybookError
-from fleetprobe.playbook import (
-    ArgRef,
-    Deref,
-    KernelTarget,
-    RawFetch,
-    RetvalRef,
-    UserTarget,
-    load_playbook,
-    parse_arg,
-    parse_playbook,
-)
+from fleetprobe.fetchargs import ArgRef, Deref, RawFetch, RetvalRef, parse_arg
+from fleetprobe.playbook import KernelTarget, UserTarget, load_playbook, parse_playbook
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "playbooks").glob("*.yml"))

@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from fleetprobe.merge import FleetAggregate, FleetReport, RunInfo
+from fleetprobe.merge import FleetAggregate
+from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome, LossCounters
 from fleetprobe.parse import TraceEvent, TraceStream
-from fleetprobe.report import EventWriter, format_ns, load_json, render_summary, write_json
-from fleetprobe.live import LiveView
+from fleetprobe.events import EventWriter
+from fleetprobe.render.terminal import format_ns, render_summary
+from fleetprobe.results import load_json, write_json
+from fleetprobe.render.live import LiveView
 
 DATA = Path(__file__).parent / "data" / "trace"
 SCHEMA = Path(__file__).parent.parent / "fleetprobe" / "data" / "report.schema.json"

@@ -1,6 +1,6 @@
 """The runner's control-line protocol: real captured runner output, directive order, clock samples.
 
-The captures in tests/data/runner were made by running fleetprobe/runner.sh on
+The captures in tests/data/runner were made by running fleetprobe/runner/runner.sh on
 this machine (see the README there).  Other tests run the runner again now,
 as the controller sends it (the bootstrap reading the compacted script on stdin),
 under dash and busybox sh: facts first, then a ping, then EOF before any plan;
@@ -23,8 +23,8 @@ from fleetprobe.facts import Facts, facts_args, parse_facts
 from fleetprobe.parse import CONTROL_PREFIX, EventBatch, TraceStream
 from fleetprobe.plan import HostPlan, plan_host
 from fleetprobe.playbook import parse_playbook
-from fleetprobe.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
-from fleetprobe.transport import BOOTSTRAP, script_input
+from fleetprobe.runner.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script
+from fleetprobe.session import BOOTSTRAP, script_input
 
 DATA = Path(__file__).parent / "data"
 RUNNER = DATA / "runner"
@@ -314,7 +314,7 @@ def test_busybox_runner_stops_on_eof_and_cleans() -> None:
 
 def test_runner_silent_judges_in_trace_time_not_read_time() -> None:
     """A controller behind a busy stream reads markers late: that is not a dead runner."""
-    from fleetprobe.orchestrate import HEARTBEAT_TIMEOUT as T, runner_silent
+    from fleetprobe.runner.channel import HEARTBEAT_TIMEOUT as T, runner_silent
     # Markers every 5 s of trace time, read late: the events read so far are within T of the last one.
     assert not runner_silent(0.1, 1000.0, 1000.0 + T - 1)
     # Events stream on T past the last marker: the runner stopped writing them.

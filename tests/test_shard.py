@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from fleetprobe.errors import InputError
 from fleetprobe.inventory import Host, Inventory
-from fleetprobe.report import load_json, write_json
+from fleetprobe.results import load_json, write_json
 from fleetprobe.shard import Shard, merge_files, parse_shard, shard_inventory, shard_of
 from reports import build_report, extra_exec, host_text, real_lines
 

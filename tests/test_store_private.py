@@ -19,7 +19,8 @@ from rich.console import Console
 
 from simhosts import SimFleet
 
-from fleetprobe.cli import Exit, main
+from fleetprobe.cli.main import main
+from fleetprobe.cli.options import Exit
 from fleetprobe.redact import REDACTED, redact_secrets
 from fleetprobe.store import Store
 

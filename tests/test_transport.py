@@ -18,7 +18,8 @@ from simhosts import SimFleet, refused_port
 
 from fleetprobe.errors import TransportError
 from fleetprobe.inventory import Host
-from fleetprobe.transport import SSHOptions, connect, shell_command
+from fleetprobe.connectors.asyncssh import connect
+from fleetprobe.session import SSHOptions, shell_command
 
 NASTY = ["plain", "two words", "it's", 'say "hi"', "$HOME", "`id`", "$(id)", "back\\slash", "semi;colon",
          "glob*?[a]", "new\nline", "", "-n", "tab\there", "ünïcødé"]

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fleetprobe import debian
+from fleetprobe.kmod import debian
 from fleetprobe.errors import InputError
 from fleetprobe.lab import image as lab_image
 from fleetprobe.lab import keys, vm

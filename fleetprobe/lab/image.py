@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fleetprobe import debian
+from fleetprobe.kmod import debian
 from fleetprobe.errors import FleetprobeError
 from fleetprobe.lab.arches import LabArch
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe import debian
+from fleetprobe.kmod import debian
 from fleetprobe.lab import keys
 
 pytestmark = pytest.mark.lab

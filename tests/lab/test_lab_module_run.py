@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rich.console import Console
 
-from fleetprobe.build import default_cache_dir
-from fleetprobe.cli import main
+from fleetprobe.kmod.cache import default_cache_dir
+from fleetprobe.cli.main import main
 from labssh import is_mips, ssh
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rich.console import Console
 
-from fleetprobe.cli import main
+from fleetprobe.cli.main import main
 from labssh import is_mips, ssh
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe import debian
-from fleetprobe.build import default_cache_dir
+from fleetprobe.kmod import debian
+from fleetprobe.kmod.cache import default_cache_dir
 from fleetprobe.lab.arches import ARCHES
 
 

@@ -1,7 +1,7 @@
 """Real builds of modules/fp_kprobe and fp_kretprobe for the lab's Debian kernels.
 
 Cross-built on this controller against Debian's linux-headers (fetched into a
-private cache by fleetprobe.debian; the first run downloads ~15 MB per arch),
+private cache by fleetprobe.kmod.debian; the first run downloads ~15 MB per arch),
 plus one host build over real SSH to a loopback sshd.
 """
 
@@ -16,25 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe.build import (
-    BuildGroup,
-    ModuleCache,
-    build_groups,
-    default_cache_dir,
-    cross_compiler_package,
-    load_module_source,
-    plan_builds,
-    prepare_debian_tree,
-    read_host_vermagic,
-    read_modinfo,
-    results_by_host,
-    target_for,
-    with_module_name,
-)
+from fleetprobe.arches import cross_compiler_package, target_for
+from fleetprobe.kmod.cache import ModuleCache, default_cache_dir
+from fleetprobe.kmod.compile import build_groups, prepare_debian_tree, read_host_vermagic
+from fleetprobe.kmod.deploy import results_by_host
+from fleetprobe.kmod.ko import read_modinfo, with_module_name
+from fleetprobe.kmod.plan import BuildGroup, plan_builds
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.errors import HostError
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
-from fleetprobe.transport import SSHOptions, connect
+from fleetprobe.connectors.asyncssh import connect
+from fleetprobe.session import SSHOptions
 
 from typing import TYPE_CHECKING
 

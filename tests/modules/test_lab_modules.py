@@ -20,21 +20,18 @@ from typing import Any
 
 import pytest
 
-from fleetprobe.build import (
-    ModuleCache,
-    build_groups,
-    default_cache_dir,
-    load_module_source,
-    plan_builds,
-    read_host_vermagic,
-    verify_on_host,
-    with_module_name,
-)
+from fleetprobe.kmod.cache import ModuleCache, default_cache_dir
+from fleetprobe.kmod.compile import build_groups, read_host_vermagic
+from fleetprobe.kmod.deploy import verify_on_host
+from fleetprobe.kmod.ko import with_module_name
+from fleetprobe.kmod.plan import plan_builds
+from fleetprobe.kmod.source import load_module_source
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.kmsg import KmsgCollector
 from fleetprobe.parse import TraceEvent
-from fleetprobe.transport import AsyncsshSession, SSHOptions, connect
+from fleetprobe.connectors.asyncssh import AsyncsshSession, connect
+from fleetprobe.session import SSHOptions
 
 pytestmark = pytest.mark.lab
 
@@ -113,7 +110,7 @@ async def read_kmsg(stream: Any, collectors: list[KmsgCollector], probe: str,
     while time.monotonic() < deadline and not all(map(done, collectors)):
         try:
             chunk = await asyncio.wait_for(stream.read(65536), max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if not chunk:
             break
@@ -261,7 +258,7 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
             oopses = int((await session.run("cat /sys/kernel/oops_count", timeout=60)).stdout) - oops_before
             if arch.startswith("mips") and oopses:
                 warnings.warn(f"{vm.name}: the kernel oopsed {oopses} time(s) under the module's kprobe "
-                              "(known MIPS single-step fault in the lab)")
+                              "(known MIPS single-step fault in the lab)", stacklevel=1)
             else:
                 assert oopses == 0, f"the kernel oopsed {oopses} time(s): see dmesg on {vm.name}"
         finally:
@@ -291,7 +288,7 @@ def test_one_module_loaded_twice_under_run_names(arch: str, lab_vms: Any, tmp_pa
         stream = await session.stream("exec cat /dev/kmsg")
         cols = [KmsgCollector(vm.name, r) for r in runs]
         try:
-            for n, r in zip(names, runs):
+            for n, _r in zip(names, runs):
                 await session.put(with_module_name(ko, n), f"/tmp/{n}.ko")
             script = "; ".join(
                 [f"insmod /tmp/{n}.ko run={r} probe=statfs symbol=user_statfs 2>&1 || echo insmod-failed"

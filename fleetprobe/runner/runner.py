@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from importlib.resources import files
 
-from .facts import facts_script
-from .outcome import LossCounters
-from .plan import HostPlan
+from ..facts import facts_script
+from ..outcome import LossCounters
+from ..plan import HostPlan
 
 
 @functools.cache
@@ -29,7 +29,7 @@ def runner_script() -> str:
     instead of opening a second one: a channel costs the controller about as much as the facts.
     """
     return ("fp_facts() (\n" + facts_script().rstrip("\n") + "\n)\n"
-            + files("fleetprobe").joinpath("runner.sh").read_text())
+            + files("fleetprobe.runner").joinpath("runner.sh").read_text())
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from fleetprobe.audit import AuditResult
-from fleetprobe.merge import FleetReport
-from fleetprobe.report import format_ns, value_text
+from fleetprobe.results import FleetReport
+from fleetprobe.render.terminal import format_ns, value_text
 
 #: Hosts listed per table before "N more".
 ROWS = 25

@@ -1,175 +1,67 @@
-"""The ``fleetprobe`` command line: the only module that writes to the terminal.
+"""Commands that talk to hosts: ``facts``, ``plan``, ``cleanup``, ``run`` and ``audit``.
 
-``main(argv, console) -> int``; exit statuses are :class:`Exit`.  Errors
-print one clear line and a hint; ``--traceback`` shows the Python traceback.
+Also :class:`RunExtras`, what ``run`` and ``audit`` do around a run: pick the shard and the
+transport, keep each host's facts, store the run, and write the HTML and Markdown reports.
+
+Audit exit statuses (for schedulers): 0 passed, 1 bad input or unusable store, 4 the audit failed
+(a rule broke, a host could not be audited, or with ``--strict`` anything changed), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import enum
-import gc
 import json
-import re
+import os
 import resource
 import signal
 import sys
+import tempfile
 import time
-import traceback
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, history_cli
-from .errors import FleetprobeError, InputError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fleetprobe.audit import AuditResult, audit
+from fleetprobe.cli.history import open_store, print_audit, write_reports
+from fleetprobe.cli.options import Exit, _thresholds
+from fleetprobe.errors import InputError
+from fleetprobe.facts import Facts
+from fleetprobe.inventory import Host, Inventory
+from fleetprobe.plan import new_run_id
+from fleetprobe.playbook import Playbook
+from fleetprobe.results import FleetReport
+from fleetprobe.shard import Shard, select_hosts
+from fleetprobe.store import DEFAULT_EVENTS_DAYS, Store
+from fleetprobe.session import SSHOptions
+from fleetprobe.inventory import load_inventory
+from fleetprobe.settings import RunSettings
+from fleetprobe.orchestrate import cleanup_fleet
+from fleetprobe.orchestrate import facts_fleet
+from fleetprobe.kmod.builds import plan_module_builds
+from fleetprobe.orchestrate import plan_fleet
+from fleetprobe.orchestrate import run_playbook
+from fleetprobe.plan import group_of_instance, is_stale_instance
+from fleetprobe.playbook import load_playbook
+from fleetprobe.render.live import LiveView
+from fleetprobe.render.terminal import render_summary
+from fleetprobe.results import write_json
+from fleetprobe.shard import shard_inventory
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
-    from .build import BuildGroup
-    from .inventory import Inventory
-    from .merge import FleetReport
-    from .orchestrate import HostFacts, RunSettings
-    from .outcome import HostOutcome
-    from .plan import HostPlan
-    from .playbook import Playbook
-
-# What a command does not use it does not import: SSH (asyncssh) and the stages are imported by the
-# commands that talk to hosts, rich when something is rendered, module builds only for module playbooks.
-# `fleetprobe --help` imported all of it, ~0.1 s of CPU before anything happened (issue 5).
-
-#: build.WHERE_CHOICES (tests/test_cli.py checks they agree), without importing the builder for --help.
-WHERE_CHOICES = ("auto", "host", "controller")
-
-
-class Exit(enum.IntEnum):
-    """Exit statuses, for schedulers and scripts."""
-
-    OK = 0            # every host ok
-    BAD_INPUT = 1     # bad playbook, inventory or option: nothing was touched
-    SOME_FAILED = 2   # some hosts failed or were unreachable
-    NONE_OK = 3       # no host was probed successfully
-    AUDIT_FAILED = 4  # `fleetprobe audit`: a rule broke or the run differs from its baseline
-    INTERRUPTED = 130
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """``500ms``, ``10s``, ``5m``, ``1h`` or plain seconds -> seconds."""
-    m = _DURATION.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 500ms, 10s, 5m, 1h)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def _positive_int(text: str) -> int:
-    """An int > 0 for argparse."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return v
-
-
-def _add_connection_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that talks to hosts (defined once)."""
-    g = p.add_argument_group("hosts and SSH")
-    g.add_argument("-i", "--inventory", required=True,
-                   help="Ansible-style YAML inventory, or hosts as host1,user@host2:2222")
-    g.add_argument("-l", "--limit", help="Ansible host pattern: group, host, glob, a:b, a:&b, a:!b")
-    g.add_argument("-f", "--forks", type=_positive_int, default=200,
-                   help="hosts connecting/gathering facts at once (default 200); probing is not limited")
-    g.add_argument("--connect-timeout", type=parse_duration, default=15.0, help="per connection (default 15s)")
-    g.add_argument("--setup-timeout", type=parse_duration, default=60.0,
-                   help="per host for connect + facts + plan (default 60s)")
-    g.add_argument("--known-hosts", action="append", default=[], metavar="FILE",
-                   help="known_hosts file to trust (repeatable; default: your OpenSSH ones)")
-    g.add_argument("--ssh-config", action="append", default=None, metavar="FILE",
-                   help="OpenSSH config file to read (repeatable; 'none' for none; default ~/.ssh/config)")
-    g.add_argument("--identity", action="append", default=[], metavar="KEY", help="private key to offer")
-    g.add_argument("--accept-new-host-keys", action="store_true",
-                   help="trust and record the key of a host not yet in known_hosts (a changed key still fails)")
-    g.add_argument("--no-agent", action="store_true", help="do not use ssh-agent")
-    g.add_argument("--mount-tracefs", action="store_true",
-                   help="mount tracefs on hosts where it is not mounted")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="fleetprobe",
-        description="Run kernel probes across a fleet over SSH and merge what they see into one report.")
-    parser.add_argument("--version", action="version", version=f"fleetprobe {__version__}")
-    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("facts", help="what each host can probe (arch, kernel, tracefs, kprobes, lockdown ...)")
-    _add_connection_options(p)
-    p.add_argument("--json", metavar="FILE", help="write the facts as JSON ('-' for stdout)")
-    history_cli.add_shard_option(p)
-
-    p = sub.add_parser("plan", help="per host: the exact tracefs lines a run would write; changes nothing")
-    p.add_argument("playbook")
-    _add_connection_options(p)
-    p.add_argument("--json", metavar="FILE", help="write the plans as JSON ('-' for stdout)")
-    _add_build_option(p)
-    history_cli.add_shard_option(p)
-
-    p = sub.add_parser("run", help="probe the fleet and print one merged report")
-    p.add_argument("playbook")
-    _add_connection_options(p)
-    p.add_argument("-d", "--duration", type=parse_duration, help="how long to probe (default: the playbook's)")
-    p.add_argument("--event-cap", type=_positive_int, help="events per host (default: the playbook's)")
-    p.add_argument("--json", metavar="FILE", help="write the merged report as JSON")
-    p.add_argument("--events", metavar="FILE", help="write every event as a JSON line")
-    p.add_argument("--grace", type=int, default=60,
-                   help="seconds past a run's deadline before its on-host timer or a sweep removes it")
-    p.add_argument("--teardown-slack", type=int, default=30,
-                   help="seconds after the planned end before a host's on-host timer may remove the run "
-                        "(the timer fires at end + slack + grace)")
-    p.add_argument("--buffer-kb", type=_positive_int, help="per-CPU ring buffer of the run's instance")
-    p.add_argument("--allow-modules", action="store_true", help="allow playbooks to load kernel modules")
-    _add_build_option(p)
-    p.add_argument("--run-id", help=argparse.SUPPRESS)
-    p.add_argument("--no-live", action="store_true", help="no live progress view")
-    history_cli.add_run_options(p)
-    history_cli.add_store_option(p, allow_none=True)
-    history_cli.add_shard_option(p)
-
-    p = sub.add_parser("cleanup", help="find and remove anything fleetprobe left on hosts")
-    _add_connection_options(p)
-    p.add_argument("--grace", type=int, default=60, help="keep runs whose deadline passed less than this ago")
-    p.add_argument("--force", action="store_true", help="also remove runs that are still live")
-
-    try:
-        from .lab.cli import add_lab_parser
-    except ImportError:  # pragma: no cover - the lab is part of the package
-        pass
-    else:
-        add_lab_parser(sub)
-    history_cli.add_parsers(sub)
-    return parser
-
-
-def _add_build_option(p: argparse.ArgumentParser) -> None:
-    """``--build-at`` for the commands that plan or run module probes."""
-    p.add_argument("--build-at", choices=WHERE_CHOICES, default="auto",
-                   help="where kernel modules are built, once per (arch, kernel release, source): auto (a host "
-                        "of the group with headers, make and cc, else the controller for a Debian kernel with "
-                        "a cross compiler), host, or controller (default: auto)")
+    from fleetprobe.kmod.plan import BuildGroup
+    from fleetprobe.runner.channel import HostFacts
+    from fleetprobe.settings import RunSettings
+    from fleetprobe.outcome import HostOutcome
+    from fleetprobe.plan import HostPlan
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
     """RunSettings from parsed options."""
-    from .orchestrate import RunSettings
-    from .transport import SSHOptions
-
     ssh_config: tuple[str, ...] | None = None
     if args.ssh_config is not None:
         ssh_config = tuple(c for c in args.ssh_config if c != "none")
@@ -187,9 +79,6 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 
 def _inventory(args: argparse.Namespace) -> Inventory:
     """The inventory, limited by --limit and --shard."""
-    from .inventory import load_inventory
-    from .shard import shard_inventory
-
     return shard_inventory(load_inventory(args.inventory).limit(args.limit), getattr(args, "shard", None))
 
 
@@ -215,8 +104,6 @@ def _yes(v: bool) -> str:
 
 def render_facts(results: list[HostFacts], console: Console) -> None:
     """The facts table."""
-    from rich.table import Table
-
     t = Table(title="fleetprobe facts", title_justify="left")
     for col in ("host", "arch", "kernel", "tracefs", "kprobes", "uprobes", "lockdown", "modules",
                 "clock", "leftovers"):
@@ -272,8 +159,6 @@ def render_builds(groups: list[BuildGroup], console: Console) -> None:
     """Module build groups: one build per (arch, kernel release, module source), and where it happens."""
     if not groups:
         return
-    from rich.markup import escape
-
     console.print(f"[bold]module builds[/] ({len(groups)}, one per arch, kernel release and module source)")
     for g in groups:
         colour = "red" if g.where == "none" else "green"
@@ -314,8 +199,6 @@ def exit_status(outcomes: list[HostOutcome], interrupted: bool) -> Exit:
 
 def _load_playbook_checked(args: argparse.Namespace) -> Playbook:
     """Load and validate the playbook before any connection; refuse modules without consent."""
-    from .playbook import load_playbook
-
     pb = load_playbook(args.playbook)
     if pb.needs_module_consent():
         pb.check_module_dirs()
@@ -354,8 +237,6 @@ async def _with_interrupt(coro_factory: Any) -> tuple[Any, bool]:
 
 def cmd_facts(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe facts``."""
-    from .orchestrate import facts_fleet
-
     inv = _inventory(args)
     results = asyncio.run(facts_fleet(inv.hosts, _settings(args)))
     if args.json:
@@ -370,8 +251,6 @@ def cmd_facts(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe plan``: facts + plan per host; writes nothing on any host."""
-    from .orchestrate import plan_fleet, plan_module_builds
-
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
     results = asyncio.run(plan_fleet(inv.hosts, pb, _settings(args)))
@@ -392,8 +271,6 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 def _stale(leftovers: list[str], grace: int, now: float) -> tuple[list[str], list[str]]:
     """Split what a host still holds after a sweep into (stale, live): live runs are kept on purpose."""
     live_groups = set()
-    from .plan import group_of_instance, is_stale_instance
-
     live: list[str] = []
     for item in leftovers:
         kind, _, name = item.partition(" ")
@@ -408,10 +285,6 @@ def _stale(leftovers: list[str], grace: int, now: float) -> tuple[list[str], lis
 
 def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe cleanup``: sweep leftovers of dead runs (all fleetprobe runs with --force)."""
-    from rich.table import Table
-
-    from .orchestrate import cleanup_fleet
-
     inv = _inventory(args)
     results = asyncio.run(cleanup_fleet(inv.hosts, _settings(args), force=args.force))
     t = Table(title="fleetprobe cleanup", title_justify="left")
@@ -429,16 +302,10 @@ def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe run``: probe, stream, merge, report."""
-    from rich.markup import escape
-
-    from .live import LiveView
-    from .orchestrate import run_playbook
-    from .report import render_summary, write_json
-
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
-    # Store, shard, transport, HTML/Markdown: see history_cli.RunExtras.
-    extras = history_cli.RunExtras(args, pb)
+    # Store, shard, transport, HTML/Markdown: see RunExtras.
+    extras = RunExtras(args, pb)
     try:
         hosts = extras.hosts(inv)
         _raise_fd_limit()
@@ -467,56 +334,153 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return int(exit_status(report.hosts, interrupted))
 
 
-COMMANDS = {"facts": cmd_facts, "plan": cmd_plan, "run": cmd_run, "cleanup": cmd_cleanup}
+# --- what run and audit do around a run ----------------------------------------------------------
+
+class RunExtras:
+    """Around one run: the shard's hosts, the transport, facts per host, the store and the report files.
+
+    Use: ``x = RunExtras(args, playbook)``; ``x.hosts(inv)``; ``x.settings(s)``;
+    ``x.begin()`` before the run; ``x.finish(report, console)`` after it
+    (and ``x.close()`` in ``finally``).
+    """
+
+    def __init__(self, args: argparse.Namespace, playbook: Playbook, *, store: bool | None = None) -> None:
+        """Open the store now (before any host is touched) unless ``--no-store``."""
+        self.args = args
+        self.playbook = playbook
+        keep = not getattr(args, "no_store", False) if store is None else store
+        self.store: Store | None = open_store(args) if keep else None
+        self.facts: dict[str, dict[str, Any]] = {}
+        self.run_id = getattr(args, "run_id", None) or new_run_id()
+        self._tmp_events: Path | None = None
+        user_events = getattr(args, "events", None)
+        if user_events:
+            self.events_path: str | None = str(user_events)
+        elif self.store is not None:
+            _remove_stale_event_files(self.store.path.parent)
+            # Raw events are streamed to a file next to the store, then compressed into it.
+            fd, name = tempfile.mkstemp(prefix=f".events-{self.run_id}-", suffix=".jsonl",
+                                        dir=self.store.path.parent)
+            os.close(fd)
+            self._tmp_events = Path(name)
+            self.events_path = name
+        else:
+            self.events_path = None
+
+    def hosts(self, inventory: Inventory) -> tuple[Host, ...]:
+        """This shard's hosts (all of them without ``--shard``); an empty shard is an input error."""
+        shard: Shard | None = getattr(self.args, "shard", None)
+        hosts = select_hosts(inventory.hosts, shard)
+        if not hosts:
+            raise InputError(f"shard {shard} of this inventory has no hosts" if shard else "the inventory has no hosts",
+                             where=str(getattr(self.args, "inventory", "")),
+                             hint="use fewer shards than hosts" if shard else "check the inventory and --limit")
+        return hosts
+
+    def settings(self, settings: RunSettings) -> RunSettings:
+        """The run's settings with this run id, the chosen transport, and facts collection."""
+        connect = settings.connect
+        if getattr(self.args, "transport", "asyncssh") == "fabric":
+            from fleetprobe.connectors import fabric
+
+            connect = fabric.connect
+        return replace(settings, run_id=self.run_id, connect=connect, on_facts=self._on_facts)
+
+    def _on_facts(self, host: str, facts: Facts) -> None:
+        """Keep a host's facts for the store."""
+        self.facts[host] = facts.to_json()
+
+    def begin(self) -> None:
+        """Record the run as started (a killed run then shows as ``killed`` in the history)."""
+        if self.store is not None:
+            self.store.begin_run(self.run_id, self.playbook.name, inventory_path=str(self.args.inventory))
+
+    def finish(self, report: FleetReport, console: Console, audit_result: AuditResult | None = None) -> None:
+        """Store the run, apply event retention, write the HTML/Markdown reports."""
+        if self.store is not None:
+            self.store.save_run(report, playbook_text=_read_text(self.playbook.source),
+                                inventory_text=_inventory_text(str(self.args.inventory)), facts=self.facts,
+                                events_path=self.events_path if self.events_path and
+                                Path(self.events_path).exists() else None)
+            keep = getattr(self.args, "keep_events_days", DEFAULT_EVENTS_DAYS)
+            self.store.prune(events_days=keep)
+            console.print(f"run {report.run.run_id} stored in {escape(str(self.store.path))}", highlight=False)
+        write_reports(self.args, report, console, audit_result)
+
+    def close(self) -> None:
+        """Remove the temporary events file and close the store."""
+        if self._tmp_events is not None:
+            self._tmp_events.unlink(missing_ok=True)
+        if self.store is not None:
+            self.store.close()
 
 
-def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    parser = build_parser()
+#: A temporary events file older than this belongs to a run that was killed (no run lasts this long).
+STALE_EVENTS_SECONDS = 2 * 86400
+
+
+def _remove_stale_event_files(folder: Path) -> None:
+    """Delete temporary raw-event files that killed runs left next to the store."""
+    cutoff = time.time() - STALE_EVENTS_SECONDS
+    for path in folder.glob(".events-*.jsonl"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass  # another audit removed it first
+
+
+def _read_text(path: str) -> str | None:
+    """A file's text, or None when it cannot be read."""
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as exc:
-        # argparse exits 2 on a usage error, which would read as "some hosts failed": it is bad input.
-        # --help and --version exit 0.
-        return int(Exit.OK) if exc.code in (0, None) else int(Exit.BAD_INPUT)
-    if not args.command:
-        parser.print_help()
-        return int(Exit.BAD_INPUT)
-    from rich.console import Console
-    from rich.markup import escape
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
-    console = console or Console(stderr=False)
-    if argv is None:
-        # The command line, not the API (tests call main() in-process): everything imported so
-        # far lives as long as the process, so the collector's full passes need not walk it
-        # again while a run keeps thousands of connections alive (gen-2 GC time of fp-run at
-        # 500 hosts: 54 -> 31 ms).
-        gc.freeze()
+
+def _inventory_text(spec: str) -> str:
+    """The inventory as it was: the file's text, or the ad-hoc host list itself."""
+    text = _read_text(spec) if os.path.isfile(spec) else None
+    return text if text is not None else spec
+
+
+def _baseline_ref(args: argparse.Namespace, playbook: Playbook) -> str | None:
+    """The pinned baseline: --baseline, else the playbook's ``baseline:`` (None: the previous run)."""
+    return str(args.baseline) if args.baseline else playbook.baseline
+
+
+def cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    """``fleetprobe audit``: run the playbook, store the run, judge it; exit 0 passed / 4 failed."""
+    args.run_id = None
+    pb = _load_playbook_checked(args)
+    thresholds = _thresholds(args)
+    inv = _inventory(args)
+    extras = RunExtras(args, pb, store=True)
     try:
-        if args.command == "lab":
-            from .lab.cli import run_lab
-            return int(run_lab(args, console))
-        status = history_cli.run_command(args, console)
-        if status is not None:
-            return status
-        return COMMANDS[args.command](args, console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        assert extras.store is not None
+        pinned = _baseline_ref(args, pb)
+        # Resolve a pinned baseline before touching any host: a typo must not cost a run.
+        baseline_id = extras.store.resolve(pinned) if pinned else None
+        hosts = extras.hosts(inv)
+        settings = extras.settings(_settings(args))
+        _raise_fd_limit()
+        extras.begin()
+
+        async def go(interrupted: asyncio.Event) -> FleetReport:
+            return await run_playbook(hosts, pb, settings, events_path=extras.events_path, interrupted=interrupted,
+                                      inventory=args.inventory, argv=sys.argv)
+
+        report, interrupted = asyncio.run(_with_interrupt(go))
+        if baseline_id is None:
+            baseline_id = extras.store.previous_run(pb.name, before=report.run.run_id)
+        baseline = extras.store.load_report(baseline_id) if baseline_id else None
+        result = audit(report, pb, baseline, thresholds, strict=args.strict)
+        render_summary(report, console)
+        extras.finish(report, console, result)
+        extras.store.set_audit(report.run.run_id, result.passed, result.to_json())
+    finally:
+        extras.close()
+    print_audit(result, console)
+    if interrupted:
         return int(Exit.INTERRUPTED)
-    except FleetprobeError as exc:
-        if args.traceback:
-            console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
-        return int(Exit.BAD_INPUT if isinstance(exc, InputError) else Exit.NONE_OK)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
-        if args.traceback:
-            raise
-        console.print(f"[red]error[/]: {type(exc).__name__}: {escape(str(exc))}\n"
-                      "hint: rerun with --traceback and report it", highlight=False)
-        return int(Exit.NONE_OK)
-
-
-def entry() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
-
+    return int(Exit.OK if result.passed else Exit.AUDIT_FAILED)

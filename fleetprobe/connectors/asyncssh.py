@@ -1,7 +1,7 @@
-"""Transport: the only module that knows SSH.
+"""The asyncssh connector (the default): keys, known_hosts, retries, error translation.
 
-Everything else talks to :class:`Session` (``run``, ``stream``, ``put``,
-``get``, ``close``) and gets :class:`CommandResult` back; asyncssh's errors
+It implements :class:`fleetprobe.session.Session` (``run``, ``stream``, ``put``,
+``get``, ``close``) and returns :class:`~fleetprobe.session.CommandResult`; asyncssh's errors
 are translated here into :class:`fleetprobe.errors.TransportError` with a
 message that says what to do.  One connection per host carries every step
 of a run as channels on it.
@@ -14,134 +14,18 @@ import functools
 import os
 import random
 import re
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncssh
 
-from .errors import TransportError
-from .inventory import Host
+from ..errors import TransportError
+from ..inventory import Host
+from ..session import (parse_jump, CommandResult, SSHOptions, Stream,
+                       get_file, put_file)
 
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a remote command did: exit status and its raw output."""
-
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_status == 0
-
-    def stderr_text(self, limit: int = 600) -> str:
-        """stderr decoded and trimmed for an error message."""
-        text = self.stderr.decode("utf-8", "replace").strip()
-        return text if len(text) <= limit else text[:limit] + " ..."
-
-
-#: AES-GCM ahead of asyncssh's default order (chacha20-poly1305 first); "^" puts these first and keeps
-#: the rest, so a host without them still negotiates.  asyncssh builds three ChaCha20 contexts and a
-#: Poly1305 per packet where AES-GCM is one call: bare asyncssh connect + one command costs 2.1 ms of
-#: controller CPU instead of 2.9 (bench/fanout.py hosts, issue 5), and fleetprobe's runs send and
-#: receive ~40 packets per host.  Both are AEAD ciphers OpenSSH enables by default.
-PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
-
-
-@dataclass(frozen=True)
-class SSHOptions:
-    """How to reach hosts, shared by the whole fleet (per-host settings live on Host).
-
-    ``known_hosts``: files to trust instead of the user's OpenSSH defaults.
-    ``ssh_config``: OpenSSH config files to read (None: the user's default;
-    an empty tuple: none).  ``accept_new_host_keys`` accepts and records the key
-    of a host that has none in known_hosts (a changed key is always refused).
-    ``ciphers``: the cipher preference in OpenSSH's ``Ciphers`` syntax, used
-    unless an OpenSSH config in use sets ``Ciphers`` itself (None: asyncssh's order).
-    """
-
-    known_hosts: tuple[str, ...] | None = None
-    ssh_config: tuple[str, ...] | None = None
-    identities: tuple[str, ...] = ()
-    accept_new_host_keys: bool = False
-    connect_timeout: float = 15.0
-    keepalive_interval: float = 10.0
-    keepalive_count_max: int = 3
-    retries: int = 1
-    retry_backoff: float = 1.0
-    use_agent: bool = True
-    ciphers: str | None = PREFERRED_CIPHERS
-
-
-class Stream(Protocol):
-    """A long-running remote command: read its stdout in chunks, write its stdin."""
-
-    async def read(self, n: int = 65536) -> bytes: ...
-    def write(self, data: bytes) -> None: ...
-    def write_eof(self) -> None: ...
-    async def wait(self, timeout: float | None = None) -> int: ...
-    def stderr(self) -> bytes: ...
-    def close(self) -> None: ...
-
-
-class Session(Protocol):
-    """One connected host."""
-
-    host: Host
-
-    async def run(self, cmd: str, *, input: bytes | None = None,
-                  timeout: float | None = None) -> CommandResult: ...
-    async def stream(self, cmd: str) -> Stream: ...
-    async def put(self, data: bytes, path: str, mode: int = 0o644) -> None: ...
-    async def get(self, path: str) -> bytes: ...
-    async def close(self) -> None: ...
-
-
-def shell_command(host: Host, script: str, *args: str, zero: str = "fleetprobe") -> str:
-    """The command line that runs a short ``script`` under POSIX sh on ``host``, as root when asked.
-
-    Data goes on stdin, never through ``echo``; every argument is quoted.
-    A non-root login with ``become`` runs under ``sudo -n`` (never prompts).
-    Long scripts go on stdin instead: :func:`script_command`.
-    """
-    words = ["sh", "-c", script, zero, *args]
-    if host.become and (host.user or "") != host.become_user:
-        words = ["sudo", "-n", "-u", host.become_user, "--", *words]
-    return "exec " + " ".join(shlex.quote(w) for w in words)
-
-
-#: Marks the end of a script sent on stdin to :data:`BOOTSTRAP`.
-SCRIPT_END = "#fleetprobe-script-end"
-
-#: Reads a script from stdin up to SCRIPT_END and runs it.  Scripts travel on stdin,
-#: not on the command line, because dropbear (embedded hosts, the lab) refuses exec
-#: commands over 9000 bytes (MAX_CMD_LEN).  The shell's ``read`` takes a pipe one
-#: byte at a time, so whatever follows the script on stdin is left for the script.
-BOOTSTRAP = (f's=; while IFS= read -r l; do [ "$l" = "{SCRIPT_END}" ] && break; s="$s$l\n"; done; '
-             'eval "$s"')
-
-
-def script_command(host: Host, name: str, *args: str) -> str:
-    """The command line that runs a script sent on stdin (see :func:`script_input`); ``$0`` is ``name``."""
-    return shell_command(host, BOOTSTRAP, *args, zero=name)
-
-
-@functools.lru_cache(maxsize=16)
-def script_input(script: str) -> bytes:
-    """What to send first on stdin to a :func:`script_command`: the script without its comments.
-
-    Comment lines, blank lines and indentation are dropped (computed once per script, not per
-    host): they are 45% of the runner, and every byte is encrypted by the controller for every
-    host and read one at a time by the host's bootstrap.  So a line of a multi-line string or
-    here-document in a script must not start with ``#`` or a blank.
-    """
-    lines = (line.lstrip(" \t") for line in script.splitlines())
-    body = "\n".join(line for line in lines if line and not line.startswith("#"))
-    return (body + "\n" + SCRIPT_END + "\n").encode()
 
 
 class _AsyncsshStream:
@@ -204,22 +88,6 @@ class _AsyncsshStream:
         """Close the channel."""
         self._proc.close()
         self._err_task.cancel()
-
-
-async def put_file(session: Session, data: bytes, path: str, mode: int = 0o644) -> None:
-    """Write a file through ``cat`` on stdin: works on any transport and on busybox hosts without sftp."""
-    script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
-    res = await session.run(shell_command(session.host, script, path), input=data)
-    if not res.ok:
-        raise TransportError(session.host.name, "put", f"cannot write {path}", evidence=res.stderr_text())
-
-
-async def get_file(session: Session, path: str) -> bytes:
-    """Read a file through ``cat``."""
-    res = await session.run(shell_command(session.host, 'cat -- "$1"', path))
-    if not res.ok:
-        raise TransportError(session.host.name, "get", f"cannot read {path}", evidence=res.stderr_text())
-    return res.stdout
 
 
 def _as_bytes(data: bytes | str | None) -> bytes:
@@ -532,30 +400,12 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
             raise _translate(host, exc, "connect") from None
 
 
-def _parse_jump(spec: str) -> tuple[str | None, str, int | None]:
-    """``user@host:port`` -> (user, host, port)."""
-    user = None
-    if "@" in spec:
-        user, spec = spec.rsplit("@", 1)
-    port = None
-    if spec.startswith("["):
-        addr, _, rest = spec[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif spec.count(":") == 1:
-        addr, p = spec.split(":")
-        port = int(p)
-    else:
-        addr = spec
-    return user, addr, port
-
-
 async def _connect_jump(host: Host, options: SSHOptions) -> asyncssh.SSHClientConnection:
     """Open the ProxyJump chain for host (each hop verified like any host)."""
     assert host.jump
     conn: asyncssh.SSHClientConnection | None = None
     for hop in host.jump.split(","):
-        user, addr, port = _parse_jump(hop.strip())
+        user, addr, port = parse_jump(hop.strip())
         jh = Host(name=f"{host.name} (jump {hop})", address=addr, port=port, user=user or host.user,
                   key_file=host.key_file, known_hosts=host.known_hosts)
         files = _known_files(jh, options) or [_default_known_hosts()]

@@ -2,10 +2,10 @@
 
 Two ways in:
 
-* From a fabfile: :func:`run_playbook_on` takes a Fabric ``Connection`` or
-  ``Group`` the user already has and runs a playbook through those very
-  connections, returning the same :class:`~fleetprobe.merge.FleetReport` as
-  ``fleetprobe run``.
+* From a fabfile (fleetprobe/fabfile.py): ``run_playbook_on`` takes a Fabric
+  ``Connection`` or ``Group`` the user already has and runs a playbook through
+  those very connections (:func:`sessions_of` wraps them), returning the same
+  :class:`~fleetprobe.results.FleetReport` as ``fleetprobe run``.
 * ``fleetprobe run --transport fabric``: :func:`connect` opens a
   :class:`FabricSession` per host from the inventory; it plugs into
   ``RunSettings.connect`` and the rest of the pipeline does not change.
@@ -25,7 +25,6 @@ Connection.
 from __future__ import annotations
 
 import asyncio
-import shlex
 import socket
 import threading
 import time
@@ -38,10 +37,7 @@ import paramiko
 
 from fleetprobe.errors import TransportError
 from fleetprobe.inventory import Host
-from fleetprobe.merge import FleetReport
-from fleetprobe.orchestrate import RunSettings, run_playbook
-from fleetprobe.playbook import Playbook, load_playbook
-from fleetprobe.transport import CommandResult, Session, SSHOptions, Stream, get_file, put_file
+from fleetprobe.session import CommandResult, Session, SSHOptions, Stream, get_file, parse_jump, put_file
 
 #: stderr kept per stream (the tail of a long error is rarely needed).
 STDERR_LIMIT = 65536
@@ -181,7 +177,7 @@ class FabricStream:
             if self._chan.closed and not self._chan.exit_status_ready():
                 return -1
             if deadline is not None and time.monotonic() > deadline:
-                raise asyncio.TimeoutError()
+                raise TimeoutError()
             await asyncio.sleep(POLL)
         # Let the stderr thread catch up with what arrived before the exit status.
         await asyncio.get_running_loop().run_in_executor(None, self._err_done.wait, 1.0)
@@ -238,7 +234,7 @@ class FabricSession:
 
         try:
             status = await asyncio.wait_for(collect(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             stream.close()
             return CommandResult(124, bytes(out), stream.stderr() + b"\n(timed out)")
         finally:
@@ -290,11 +286,9 @@ def _connection(host: Host, options: SSHOptions, address: str, port: int | None,
 
 def _open(host: Host, options: SSHOptions) -> fabric.Connection:
     """Blocking: open a Connection to ``host`` (through its ProxyJump chain), keepalives on."""
-    from fleetprobe.transport import _parse_jump
-
     gateway: fabric.Connection | None = None
     for hop in (host.jump.split(",") if host.jump else []):
-        user, addr, port = _parse_jump(hop.strip())
+        user, addr, port = parse_jump(hop.strip())
         gateway = _connection(host, options, addr, port, user or host.user, gateway)
     conn = _connection(host, options, host.address, host.port, host.user, gateway)
     conn.open()
@@ -342,35 +336,10 @@ def sessions_of(target: fabric.Connection | Iterable[fabric.Connection]) -> dict
     return out
 
 
-def run_playbook_on(target: fabric.Connection | Iterable[fabric.Connection], playbook: str | Path | Playbook, *,
-                    settings: RunSettings | None = None, events_path: str | None = None) -> FleetReport:
-    """Run a playbook through a fabfile's Connection or Group and return the merged report.
-
-    The connections are opened if needed and left open (they are the
-    caller's).  Call from a Fabric task; blocks until the run ends::
-
-        from fabric import task
-        from fleetprobe.fabric import run_playbook_on, harden
-
-        @task
-        def modload(c):
-            report = run_playbook_on(harden(c), "playbooks/modload.yml")
-            print(report.aggregate.hits("load"))
-    """
-    pb = playbook if isinstance(playbook, Playbook) else load_playbook(playbook)
-    sessions = sessions_of(target)
+def open_sessions(sessions: dict[str, FabricSession]) -> None:
+    """Open each borrowed session's Connection if it is not open yet; a failure is a TransportError."""
     for s in sessions.values():
         try:
             s.conn.open()
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise _translate(s.host, exc, "connect") from None
-
-    async def borrowed(host: Host, options: SSHOptions) -> Session:
-        return sessions[host.name]
-
-    base = settings or RunSettings()
-    from dataclasses import replace
-
-    hosts = [s.host for s in sessions.values()]
-    return asyncio.run(run_playbook(hosts, pb, replace(base, connect=borrowed), events_path=events_path,
-                                    inventory="fabric: " + ", ".join(shlex.quote(h.name) for h in hosts)))

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from fleetprobe.audit import AuditResult
-from fleetprobe.merge import FleetReport, Latency, bucket_range_ns
-from fleetprobe.report import format_ns, value_text
+from fleetprobe.results import FleetReport
+from fleetprobe.sketches import Latency, bucket_range_ns
+from fleetprobe.render.terminal import format_ns, value_text
 
 #: Hosts drawn as timeline lanes / heatmap rows before "N more".
 MAX_HOSTS = 60

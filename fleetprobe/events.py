@@ -1,0 +1,222 @@
+"""Events: the raw-event sink (``--events``): every event a run kept, one JSON object per line.
+
+Hot path: :meth:`EventWriter.write_batch` formats a whole batch of the stream's rows at once from
+the strings the kernel printed, with caches; ``tests/test_event_writer_equivalence.py`` checks it
+writes the same bytes as the exact one-event-at-a-time path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from itertools import repeat
+from operator import itemgetter
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_event
+
+#: JSON exactly as ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` writes it, without
+#: building an encoder per call.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: A str as a JSON string literal, as that encoder writes it (C-accelerated).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+#: Trace timestamps whose float repr is the text without trailing zeros: >= 1, at most 15 digits.
+_PLAIN_TS = re.compile(r"(?:[1-9][0-9]{0,8}\.[0-9]{1,6}\n)*[1-9][0-9]{0,8}\.[0-9]{1,6}")
+_COMM = itemgetter(0)
+_PID_TEXT = itemgetter(1)
+_CPU_TEXT = itemgetter(2)
+_TS_TEXT = itemgetter(3)
+_EVENT_TEXT = itemgetter(4)
+#: Distinct event texts (and comms) whose JSON a writer remembers.
+EVENT_TAIL_CACHE = 4096
+
+
+def _fields_json(values: Mapping[str, int | str]) -> str:
+    """``fields`` as _encode_json writes it: parse_value gives only ints (repr) and strs."""
+    return "{" + ",".join([f"{_encode_str(k)}:{v}" if isinstance(v, int) else f"{_encode_str(k)}:{_encode_str(v)}"
+                           for k, v in values.items()]) + "}"
+
+
+class _Tokens(dict[str, "tuple[str, str] | None"]):
+    """One ``name=value`` token -> (name, its JSON member ``"name":value``), None if not that simple; bounded."""
+
+    def __missing__(self, tok: str) -> tuple[str, str] | None:
+        """Convert a token not seen lately, as split_args and parse_value would."""
+        if len(self) >= EVENT_TAIL_CACHE:
+            self.clear()
+        name, eq, value = tok.partition("=")
+        member: tuple[str, str] | None = None
+        if eq and name:
+            if value.isdigit() and value.isascii() and value[0] != "0" and len(value) < 20:
+                # A pid or a count: parse_value's int, which JSON writes as printed.
+                member = (name, f"{_encode_str(name)}:{value}")
+            else:
+                v = parse_value(value)
+                member = (name, f"{_encode_str(name)}:{v}" if isinstance(v, int) else
+                          f"{_encode_str(name)}:{_encode_str(v)}")
+        self[tok] = member
+        return member
+
+
+_NAME = itemgetter(0)
+_MEMBER = itemgetter(1)
+
+
+class _EventTails(dict[str, str]):
+    """Event text (``name: args``) -> the end of its JSON line (site and fields), bounded like parse's names.
+
+    Texts with a pid or an address in them are all different; their tokens
+    (``filename=/bin/sh``, ``pid=7``) repeat, so a text of plain distinct
+    ``name=value`` tokens is put together from remembered tokens, and any
+    other text (quotes, a value with a space, a name twice) is parsed whole.
+    """
+
+    def __init__(self) -> None:
+        """Empty caches."""
+        super().__init__()
+        self._tokens = _Tokens()
+
+    def __missing__(self, text: str) -> str:
+        """Parse and encode a text not seen lately."""
+        if len(self) >= EVENT_TAIL_CACHE:
+            self.clear()
+        tail = self[text] = f"{self._fields(split_event(text)[1])}}}\n"
+        return tail
+
+    def _fields(self, args: str) -> str:
+        """``,"site":...,"fields":{...}`` for one argument text (see parse.split_args)."""
+        site = ""
+        rest = args
+        if args.startswith("("):
+            close = args.find(") ")
+            if close >= 0:
+                site, rest = args[1:close], args[close + 2:]
+            else:
+                rest = '"'  # the rare forms: the whole parse below
+        if '"' not in rest:
+            if not rest:
+                return f',"site":{_encode_str(site)},"fields":{{}}'
+            members = list(map(self._tokens.__getitem__, rest.split(" ")))
+            if None not in members:
+                names = list(map(_NAME, members))  # type: ignore[arg-type]
+                if len(set(names)) == len(names):
+                    return (f',"site":{_encode_str(site)},"fields":{{'
+                            f'{",".join(map(_MEMBER, members))}}}')  # type: ignore[arg-type]
+        site, values = parse_fields(args)
+        return f',"site":{_encode_str(site)},"fields":{_fields_json(values)}'
+
+
+class _Encoded(dict[str, str]):
+    """str -> its JSON string literal, for columns whose values repeat (comms); bounded."""
+
+    def __missing__(self, text: str) -> str:
+        """Encode a string not seen lately."""
+        if len(self) >= EVENT_TAIL_CACHE:
+            self.clear()
+        literal = self[text] = _encode_str(text)
+        return literal
+
+
+class _IntText(dict[str, str]):
+    """A column of decimal digits (cpu) -> how JSON writes the int (no leading zeros, ASCII digits)."""
+
+    def __missing__(self, digits: str) -> str:
+        """Convert digits not seen yet (a host has few cpus; bounded anyway)."""
+        if len(self) >= EVENT_TAIL_CACHE:
+            self.clear()
+        text = self[digits] = str(int(digits))
+        return text
+
+
+class EventWriter:
+    """Every event as one JSON line, written as it comes (raw events go to disk, never kept in memory).
+
+    Use as a context manager; pass :meth:`write_batch` as a TraceStream's
+    ``on_batch`` (or :meth:`write` as its ``on_event``).  A line is
+    ``json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False)``
+    whichever way the event came; from a batch it is built from the strings
+    the kernel printed, and an argument text seen lately is parsed and
+    encoded only once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open ``path`` for writing (truncates)."""
+        self.path = Path(path)
+        self.count = 0
+        self._f: IO[str] | None = open(self.path, "w", encoding="utf-8", buffering=1 << 20)
+        self._tails = _EventTails()
+        self._comms = _Encoded()
+        self._cpus = _IntText()
+
+    def write(self, ev: TraceEvent) -> None:
+        """Append one event."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: event writer is closed")
+        self._f.write(_encode_json(ev.to_json()) + "\n")
+        self.count += 1
+
+    def write_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
+        """Append every row of ``host``'s batch, in order (one write for the batch)."""
+        if self._f is None:
+            raise ValueError(f"{self.path}: event writer is closed")
+        rows = batch.rows
+        if not rows:
+            return
+        slope, intercept = batch.slope, batch.intercept
+        trace_ts = list(map(float, map(_TS_TEXT, rows)))
+        times = [ts * slope + intercept for ts in trace_ts]
+        if not math.isfinite(sum(trace_ts) + sum(times)):
+            # inf/nan (or sums past the float range): the encoder spells those its own way.
+            for ev in batch.events(probes):
+                self.write(_row_event(host, ev))
+            return
+        heads = {name: f'{{"host":{_encode_str(host)},"probe":{_encode_str(probes[name])},"time":'
+                 for name in batch.counts}
+        ts_texts = list(map(_TS_TEXT, rows))
+        if _PLAIN_TS.fullmatch("\n".join(ts_texts)):
+            # At most 15 significant digits and >= 1: the float's repr is the printed number without its
+            # trailing zeros (DBL_DIG = 15 digits round-trip; no shorter string reads as the same float).
+            stripped = "\n".join(map(str.rstrip, ts_texts, repeat("0"))).replace(".\n", ".0\n")
+            ts_json = (stripped + "0" if stripped.endswith(".") else stripped).split("\n")
+        else:
+            ts_json = list(map(repr, trace_ts))
+        # Before the first clock marker an event's time is its trace timestamp (ts * 1.0 + 0.0 == ts).
+        time_json = ts_json if slope == 1.0 and intercept == 0.0 else list(map(repr, times))
+        pids = list(map(_PID_TEXT, rows))
+        joined = "\n" + "\n".join(pids)
+        if "\n0" in joined or not joined.isascii():
+            # A pid printed with leading zeros or in other digits: JSON has the int.
+            pids = list(map(str, map(int, pids)))
+        tails, comms, cpus = self._tails, self._comms, self._cpus
+        self._f.write("".join([
+            f'{head}{time},"trace_ts":{ts},"cpu":{cpus[cpu]},"pid":{pid},"comm":{comms[comm]}{tails[text]}'
+            for head, time, ts, (comm, _, cpu, _, text), pid
+            in zip(map(heads.__getitem__, batch.names), time_json, ts_json, rows, pids)]))
+        self.count += len(rows)
+
+    def close(self) -> None:
+        """Flush and close (idempotent)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> EventWriter:
+        """Context manager entry."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Close on exit."""
+        self.close()
+
+
+def _row_event(host: str, ev: tuple[str, float, float, int, int, str, str]) -> TraceEvent:
+    """A TraceEvent from one of :meth:`EventBatch.events`'s tuples (the writer's rare exact path)."""
+    probe, trace_ts, time, cpu, pid, comm, args = ev
+    site, values = parse_fields(args)
+    return TraceEvent(host, probe, time, trace_ts, cpu, pid, comm, values, site, args)

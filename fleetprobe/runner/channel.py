@@ -1,0 +1,184 @@
+"""Channel: the controller's I/O with one host's runner: start it, read its facts, heartbeat, dead-runner teardown.
+
+The facts script alone (``fleetprobe facts``) also runs through here (:func:`gather_facts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from fleetprobe.errors import HostError
+from fleetprobe.facts import Facts, facts_args, facts_script, parse_facts
+from fleetprobe.inventory import Host
+from fleetprobe.plan import HostPlan
+from fleetprobe.playbook import Playbook
+from fleetprobe.runner.runner import (RunnerReport, runner_script,
+                                      teardown_directives)
+from fleetprobe.session import Session, Stream, script_command, script_input, shell_command
+
+
+@dataclass
+class HostFacts:
+    """Facts of one host with the measured clock offset (host realtime minus controller realtime)."""
+
+    host: Host
+    facts: Facts | None = None
+    error: HostError | None = None
+    clock_offset: float | None = None
+    clock_error: float | None = None
+
+
+def _facts_words(playbook: Playbook | None, mount: bool) -> tuple[list[str], list[str]]:
+    """The kernel symbols a playbook names, and the facts script's arguments for it."""
+    symbols = playbook.kernel_symbols() if playbook else []
+    tps = playbook.tracepoints() if playbook else []
+    binaries = playbook.user_binaries() if playbook else []
+    return symbols, facts_args(symbols, tps, binaries, mount=mount)
+
+
+async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bool,
+                       timeout: float) -> tuple[Facts, float, float]:
+    """Run the facts script once; return facts and the clock offset with its uncertainty.
+
+    The script prints the host's realtime first: the time its line arrives,
+    against the time we asked, bounds the offset the way NTP does.
+    """
+    symbols, words = _facts_words(playbook, mount)
+    stream = await session.stream(script_command(session.host, "fleetprobe-facts", *words))
+    stream.write(script_input(facts_script()))
+    stream.write_eof()
+    facts, offset, error, _ = await _read_facts(stream, session.host.name, symbols, timeout, keep_open=False)
+    return facts, offset, error
+
+
+@dataclass
+class RunnerChannel:
+    """A host's runner, started for its facts and kept waiting for the plan (one channel per run).
+
+    ``rest``: what the runner printed after its facts, before it was sent anything (normally nothing).
+    """
+
+    stream: Stream
+    rest: bytes = b""
+
+
+async def start_runner(session: Session, playbook: Playbook, *, mount: bool,
+                       timeout: float) -> tuple[RunnerChannel, Facts, float, float]:
+    """Start the runner and read the host's facts from it; it then waits for its plan on the same channel.
+
+    One channel instead of a facts channel and a runner channel: each channel costs the
+    controller a dozen SSH packets to encrypt or decrypt (issue 5).  The offset and error are
+    the facts' NTP-style estimate; the ping sent with the plan usually replaces them.
+    """
+    symbols, words = _facts_words(playbook, mount)
+    stream = await session.stream(script_command(session.host, "fleetprobe-runner", "facts", *words))
+    stream.write(script_input(runner_script()))
+    try:
+        facts, offset, error, rest = await _read_facts(stream, session.host.name, symbols, timeout,
+                                                       keep_open=True)
+    except BaseException:
+        stream.close()
+        raise
+    return RunnerChannel(stream, rest), facts, offset, error
+
+
+#: The line that ends the facts output.
+_FACTS_END = b"\n@@end\n"
+
+
+async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: float, *,
+                      keep_open: bool) -> tuple[Facts, float, float, bytes]:
+    """Read facts output from a script just sent on ``stream``: facts, clock offset, its error, bytes after them.
+
+    The facts script exits after ``@@end``; the runner (``keep_open``) stays, waiting for its plan.
+    """
+    # Measured from when the script is sent: the channel's set-up round trip is not part of the error.
+    t0 = time.time()
+    buf = bytearray()
+    t_line: float | None = None
+    end = -1
+    status = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await stream.read(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if t_line is None and buf.count(b"\n") >= 2:
+                    t_line = time.time()
+                if keep_open and (end := buf.find(_FACTS_END)) >= 0:
+                    break
+            if end < 0:
+                status = await stream.wait(timeout)
+    except TimeoutError:
+        stream.close()
+        raise HostError(host, "facts", f"facts script did not finish in {timeout:.0f}s") from None
+    rest = b""
+    if end >= 0:
+        rest = bytes(buf[end + len(_FACTS_END):])
+        del buf[end + len(_FACTS_END):]
+    text = buf.decode("utf-8", "replace")
+    if status != 0 or "@@end" not in text:
+        raise HostError(host, "facts", f"facts script failed (exit {status})",
+                        evidence=stream.stderr().decode("utf-8", "replace")[-600:] or text[-300:],
+                        hint="is the login shell POSIX sh compatible, and (with become) is sudo -n allowed?")
+    facts = parse_facts(host, text, symbols)
+    t_line = t_line or time.time()
+    offset = facts.realtime - (t0 + t_line) / 2 if facts.realtime else 0.0
+    error = (t_line - t0) / 2 + (1.0 if facts.realtime == int(facts.realtime) else 0.0)
+    return facts, offset, error, rest
+
+
+#: Seconds without the runner's 5-second clock marker before it is presumed dead.
+HEARTBEAT_TIMEOUT = 20
+
+
+def runner_silent(idle: float, last_marker_ts: float | None, last_trace_ts: float) -> bool:
+    """Has the runner stopped writing its 5-second clock markers for HEARTBEAT_TIMEOUT?
+
+    Judged in the host's trace time, not by when the controller happens to read:
+    a controller behind a busy stream reads old data, markers included, late.
+    Dead when events read go HEARTBEAT_TIMEOUT (trace time) past the last marker
+    (the killed runner's reader still streams), or when nothing at all arrived
+    for that long (``idle``, controller seconds: a live runner always writes
+    markers, so silence cannot be backlog).
+    """
+    if idle > HEARTBEAT_TIMEOUT:
+        return True
+    return last_marker_ts is not None and last_trace_ts - last_marker_ts > HEARTBEAT_TIMEOUT
+
+
+async def _runner_once(session: Session, directives: str, timeout: float) -> RunnerReport:
+    """Run the runner for one directive (a sweep, a dead run's teardown) and read what it said."""
+    r = await session.run(script_command(session.host, "fleetprobe-runner"),
+                          input=script_input(runner_script()) + directives.encode(), timeout=timeout)
+    rep = RunnerReport()
+    for line in r.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("@@fp "):
+            rep.handle(line[5:])
+    return rep
+
+
+async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
+                                   modules: tuple[str, ...] = ()) -> str:
+    """Remove a run's modules, group and instance over the same connection when its runner died."""
+    try:
+        rep = await _runner_once(session, teardown_directives(plan, facts.tracefs or "/sys/kernel/tracing",
+                                                              modules), timeout=60)
+    except HostError as exc:
+        return f"timer (controller teardown failed: {exc.message})"
+    return "controller" if rep.clean else "timer (controller teardown incomplete)"
+
+
+async def _oopses_since(session: Session, start: dict[str, int]) -> tuple[int, int] | None:
+    """After a runner died: the kernel's oops/warn counts since its start snapshot (None if unknown)."""
+    try:
+        r = await session.run(shell_command(session.host, "cat /sys/kernel/oops_count /sys/kernel/warn_count"),
+                              timeout=15)
+        oops, warn = (int(x) for x in r.stdout.split()[:2])
+    except (HostError, ValueError):
+        return None
+    return oops - start.get("oops", oops), warn - start.get("warn", warn)

@@ -1,0 +1,78 @@
+"""Settings: how a run behaves (:class:`RunSettings`, filled by the CLI), and who watches it (:class:`Observer`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from fleetprobe.connectors.asyncssh import connect
+from fleetprobe.facts import Facts
+from fleetprobe.inventory import Host
+from fleetprobe.session import Session, SSHOptions
+
+
+#: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
+TEARDOWN_SLACK = 30
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run behaves; the CLI fills it from its options.
+
+    ``grace`` is how long past its deadline a dead run's leftovers are kept
+    before the watchdog or a sweep removes them.  ``setup_timeout`` bounds
+    connect + facts + plan per host; the probe phase gets the duration plus
+    ``teardown_timeout``.
+    """
+
+    ssh: SSHOptions = field(default_factory=SSHOptions)
+    duration: float | None = None
+    event_cap: int | None = None
+    forks: int = 200
+    setup_timeout: float = 60.0
+    teardown_timeout: float = 30.0
+    grace: int = 60
+    mount_tracefs: bool = False
+    allow_modules: bool = False
+    buffer_kb: int | None = None
+    run_id: str | None = None
+    teardown_slack: int = TEARDOWN_SLACK
+
+    def deadline(self, clock_offset: float, duration: float) -> int:
+        """The host's epoch second by which a run of ``duration`` starting now is over, teardown slack included."""
+        return int(time.time() + clock_offset + duration + self.teardown_slack)
+
+    #: Opens a Session to a host; None is asyncssh (connectors.asyncssh.connect). ``--transport fabric`` sets
+    #: fleetprobe.connectors.fabric.connect. One hook, so no stage branches on the transport.
+    connect: Callable[[Host, SSHOptions], Awaitable[Session]] | None = None
+    #: Called with each host's facts as they are gathered (the history store keeps them).
+    on_facts: Callable[[str, Facts], None] | None = None
+    #: Where kernel modules are built: ``auto`` (a host of the group that can, else the controller for
+    #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.kmod.plan).
+    build_at: str = "auto"
+    #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (kmod.cache.ModuleCache).
+    module_cache: Path | None = None
+
+    async def open_session(self, host: Host) -> Session:
+        """Connect to ``host`` with the configured transport."""
+        return await (self.connect or connect)(host, self.ssh)
+
+
+class Observer(Protocol):
+    """Receives progress for the live view (must be cheap: called from the event loop)."""
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None: ...
+    def add_events(self, host: str, n: int) -> None: ...
+
+
+class NullObserver:
+    """An observer that ignores everything."""
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None:
+        """Ignore."""
+
+    def add_events(self, host: str, n: int) -> None:
+        """Ignore."""
