@@ -51,6 +51,13 @@ class TracepointFormat:
     id: int | None = None
     fields: tuple[str, ...] = ()
     print_fmt: str = ""
+    #: Each field's C declaration as the format file gives it (``const char * pathname``): hist keys
+    #: need the type (a string it holds, a user pointer, a signed number).
+    decls: tuple[str, ...] = ()
+
+    def decl_of(self) -> dict[str, str]:
+        """{field: declaration} (empty for facts stored before declarations were kept)."""
+        return dict(zip(self.fields, self.decls)) if len(self.decls) == len(self.fields) else {}
 
     @property
     def is_syscall(self) -> bool:
@@ -166,7 +173,7 @@ class Facts:
             "oops_count": self.oops_count, "warn_count": self.warn_count,
             # Absent when empty: facts stored before formats were gathered read back unchanged.
             **({"tracepoint_formats": {k: {"name": v.name, "id": v.id, "fields": list(v.fields),
-                                           "print_fmt": v.print_fmt}
+                                           "print_fmt": v.print_fmt, **({"decls": list(v.decls)} if v.decls else {})}
                                        for k, v in self.tracepoint_formats.items()}}
                if self.tracepoint_formats else {}),
         }
@@ -182,7 +189,8 @@ class Facts:
                         for k, v in d.get("symbols", {}).items()}
         d["tracepoint_formats"] = {k: TracepointFormat(name=str(v.get("name", "")), id=v.get("id"),
                                                        fields=tuple(v.get("fields", ())),
-                                                       print_fmt=str(v.get("print_fmt", "")))
+                                                       print_fmt=str(v.get("print_fmt", "")),
+                                                       decls=tuple(v.get("decls", ())))
                                    for k, v in d.get("tracepoint_formats", {}).items()}
         d["files"] = {k: FileFacts(path=k, exists=v["exists"], size=v.get("size", 0), md5=v.get("md5", ""))
                       for k, v in d.get("files", {}).items()}
@@ -247,6 +255,16 @@ _README_FEATURES = {
     "eprobe": "e[:[<group>/][<event>]]",
     "fprobe": "f[:[<group>/][<event>]]",
     "comm": "$comm",
+    # Hist triggers and what they can do (see fleetprobe.hist): each is its own line in the README.
+    "hist_log2": ".log2",
+    "hist_buckets": ".buckets=",
+    "hist_usecs": ".usecs",
+    "hist_execname": ".execname",
+    "common_timestamp": "common_timestamp",
+    "hist_onmatch": "onmatch(",
+    # 5.x spells a synthetic event's action trace(NAME,...); older kernels NAME(...).
+    "hist_trace_action": "trace(<synthetic_event>",
+    "synthetic_events": "synthetic_events",
 }
 
 
@@ -291,7 +309,7 @@ def _tracepoint_formats(lines: list[str]) -> dict[str, TracepointFormat]:
         key, _, value = rest.partition(" ")
         if not tp or not key:
             continue
-        d = parts.setdefault(tp, {"name": "", "id": None, "fields": [], "print_fmt": ""})
+        d = parts.setdefault(tp, {"name": "", "id": None, "fields": [], "print_fmt": "", "decls": []})
         if key == "name":
             d["name"] = value.strip()
         elif key == "id" and value.strip().isdigit():
@@ -304,7 +322,9 @@ def _tracepoint_formats(lines: list[str]) -> dict[str, TracepointFormat]:
             word = word.split("[", 1)[0]
             if word and not word.startswith("common_"):
                 d["fields"].append(word)
-    return {tp: TracepointFormat(d["name"], d["id"], tuple(d["fields"]), d["print_fmt"]) for tp, d in parts.items()}
+                d["decls"].append(" ".join(value.split()))
+    return {tp: TracepointFormat(d["name"], d["id"], tuple(d["fields"]), d["print_fmt"], tuple(d["decls"]))
+            for tp, d in parts.items()}
 
 
 def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts:

@@ -77,6 +77,7 @@ sec leftovers
 if [ -n "$T" ]; then
   ls "$T/instances" 2>/dev/null | grep '^fp_' | sed 's/^/instance /'
   cat "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null | sed -n 's/^[^:]*:\(fp_[A-Za-z0-9_]*\)\/.*/group \1/p' | sort -u
+  sed -n 's/^\(fp_[A-Za-z0-9_]*\).*/synthetic \1/p' "$T/synthetic_events" 2>/dev/null
 fi
 grep '^fp_' /proc/modules 2>/dev/null | cut -d' ' -f1 | sed 's/^/module /'
 sec end
