@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fleetprobe.facts import Facts, SymbolFacts
+from fleetprobe.hist import AggPlan, plan_host_aggregates
 from fleetprobe.playbook import (
     ArgSpec,
     Deref,
@@ -56,6 +57,9 @@ class PlannedProbe:
     #: Uprobes: the binary and the file offset probed.
     path: str | None = None
     offset: int | None = None
+    #: False when the kernel aggregates every table of this probe: its event is not enabled for
+    #: streaming (its hist triggers alone run it).
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class HostPlan:
     skipped: tuple[SkippedProbe, ...] = ()
     failed: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: In-kernel aggregation (hist triggers) or its controller-side fallback, per aggregating probe.
+    aggregates: tuple[AggPlan, ...] = ()
 
 
 # --- names -----------------------------------------------------------------
@@ -340,10 +346,20 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
             notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
         elif entry.symbol != p.symbol:
             notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    aggregates: tuple[AggPlan, ...] = ()
+    if any(spec.aggregate for spec in playbook.probes):
+        placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes)
+        probes = list(placed_list)
+        for name, reason in agg_skipped:
+            skipped.append(SkippedProbe(name, reason))
+            spec = playbook.probe(name)
+            if spec.on_missing == "fail" and failed is None:
+                failed = f"probe {name!r} (on_missing: fail) cannot be placed: {reason}"
     if not probes and not failed:
         notes.append("no probe can be placed on this host")
     return HostPlan(host=facts.host, run_id=run_id, group=group, instance=instance,
-                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes))
+                    probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes),
+                    aggregates=aggregates)
 
 
 def _host_blocks_tracefs(facts: Facts) -> str:
