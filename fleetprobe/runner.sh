@@ -80,6 +80,68 @@ kill_readers() {
   done
 }
 
+# ---- hist triggers: in-kernel aggregation (fleetprobe/hist.py plans them) ----------------------
+# Directives: "notrace_self"; "synth LINE" (append to synthetic_events); "trigger EVENT LINE"
+# (append LINE to instances/I/events/EVENT/trigger); "histread EVENT" (print its hist at the end).
+# A trigger soft-enables its event: an event whose tables are all in the kernel is never enabled.
+HIST_NONE=
+hist_place() {
+  case $1 in
+    notrace_self)
+      # Not observing ourselves: this shell, its children (event-fork), the watchdog and the SSH
+      # server process serving us are filtered out of the instance, triggers included (5.8+).
+      echo 1 > "$T/instances/$I/options/event-fork" 2>/dev/null
+      { echo "$$ $PPID $WD" > "$T/instances/$I/set_event_notrace_pid"; } 2>/dev/null || say "notrace unsupported";;
+    synth)
+      if _hx=$( { echo "$2" >> "$T/synthetic_events"; } 2>&1 ); then say "placed synth ${2%% *}"
+      else say "synthfail ${2%% *} :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"; fi;;
+    trigger)
+      _he=${2%% *}; _ht=${2#* }
+      if [ ! -d "$T/instances/$I/events/$_he" ]; then
+        say "trigfail $_he $_ht :: no such event"
+      elif ! _hx=$( { echo "$_ht" >> "$T/instances/$I/events/$_he/trigger"; } 2>&1 ); then
+        say "trigfail $_he $_ht :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"
+      fi;;
+  esac
+}
+# The tables, once, at the end: every line prefixed and with '%' and '[' escaped, so that no key a
+# user chose (a comm, a path) can pass for a trace line, a control line or another entry.
+hist_read() {
+  for _he in $(printf '%s\n' "$PLAN" | sed -n 's/^histread //p'); do
+    say "hist $_he"
+    sed 's/%/%25/g; s/\[/%5B/g; s/^/@@fp hl /' "$T/instances/$I/events/$_he/hist" 2>/dev/null || say "histfail $_he"
+  done
+  say "hist end"
+}
+# Remove every trigger of instance $2 (dependents first: a trigger whose variable another uses is
+# busy until that one is gone, so a few passes), then the synthetic events of group $1 (after
+# the triggers that generate or read them). Before the group's events go: a triggered event is busy.
+hist_unplace() {
+  if [ -n "$2" ] && [ -d "$T/instances/$2" ] && ! { [ "$2" = "$I" ] && [ -n "$HIST_NONE" ]; }; then
+    _hp=0
+    while [ $_hp -lt 4 ]; do
+      _hx=$(grep -v '^#' "$T/instances/$2"/events/*/*/trigger 2>/dev/null | sed 's/ \[[a-z]*\]$//')
+      [ -z "$_hx" ] && break
+      printf '%s\n' "$_hx" | while IFS= read -r _hl; do { echo "!${_hl#*:}" >> "${_hl%%:*}"; } 2>/dev/null; done
+      _hp=$((_hp + 1))
+    done
+    [ $_hp -ge 4 ] && say "unclean triggers in $2"
+  fi
+  [ -n "$1" ] && [ -w "$T/synthetic_events" ] || return 0
+  for _hs in $(sed -n "s/^\\($1_[A-Za-z0-9_]*\\)[ 	].*/\\1/p" "$T/synthetic_events" 2>/dev/null); do
+    { echo "!$_hs" >> "$T/synthetic_events"; } 2>/dev/null || say "unclean synthetic $_hs busy"
+  done
+}
+# Synthetic events of fp_ groups that have no instance left (their run is gone).
+hist_sweep() {
+  [ -r "$T/synthetic_events" ] || return 0
+  for _hg in $(sed -n 's/^\(fp_[a-z0-9]*_[0-9a-f][0-9a-f][0-9a-f][0-9a-f]\)_.*/\1/p' "$T/synthetic_events" | sort -u); do
+    _live=
+    for _d in "$T/instances/${_hg}"_*; do [ -d "$_d" ] && _live=1; done
+    [ -z "$_live" ] && { hist_unplace "$_hg" ""; say "swept synthetic $_hg"; }
+  done
+}
+
 # Disable, delete and remove everything of group $1 / instance $2 (either may be empty).
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
@@ -90,6 +152,7 @@ teardown_group() {
       [ -f "$_e" ] && echo 0 > "$_e" 2>/dev/null
     done
   fi
+  hist_unplace "$_g" "$_i"
   if [ -n "$_g" ]; then
     for _f in kprobe_events uprobe_events; do
       [ -w "$T/$_f" ] || continue
@@ -224,6 +287,7 @@ sweep() {
     for _d in "$T/instances/${_g}"_*; do [ -d "$_d" ] && _live=1; done
     [ -z "$_live" ] && { teardown_group "$_g" ""; say "swept $_g"; }
   done
+  hist_sweep
   sweep_modules
 }
 
@@ -289,7 +353,7 @@ while IFS= read -r line <&3; do
     go) GO=1; break;;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
-    def|filter|enable|module) PLAN="${PLAN:+$PLAN
+    def|filter|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
     # The controller's own teardown of a run whose runner died (killed by an oops, say).
@@ -328,6 +392,7 @@ kernel_counts start
 sweep
 
 MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' ')
+printf '%s\n' "$PLAN" | grep -q '^trigger ' || HIST_NONE=1
 # Detached from our stdio so it never holds the SSH channel open; it knows MODS from the plan.
 (watchdog) </dev/null >/dev/null 2>&1 &
 WD=$!
@@ -366,6 +431,7 @@ while IFS= read -r line; do
         hold
       fi
       rm -f "$mp";;
+    synth|trigger|notrace_self) hist_place "$kind" "$rest";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
       # The kernel explains a refused filter in the filter file itself ("parse_error: Field not found"),
@@ -435,6 +501,7 @@ hold
 say "stopping $STOP"
 snapshot end
 release
+[ -z "$HIST_NONE" ] && hist_read
 hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
