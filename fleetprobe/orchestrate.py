@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .facts import Facts, facts_args, facts_script, parse_facts
+from .hist import AggResults, StreamTables, StreamTap, add_host_tables
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
@@ -704,7 +705,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     names = {p.trace_name: p.name for p in plan.probes if p.kind != "module"}
     report = RunnerReport()
     clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
-    counter = _HostCap(fr.aggregate, fr.event_cap)
+    # aggregate: tables the kernel cannot compute here are computed from the stream (fleetprobe.hist).
+    stream_tables = StreamTables(plan.aggregates) if plan.aggregates else None
+    counter = _HostCap(StreamTap(fr.aggregate, stream_tables) if stream_tables and stream_tables.probes
+                       else fr.aggregate, fr.event_cap)
     sink = fr.events
     write = sink.write if sink is not None else fr.on_event
 
@@ -852,6 +856,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     loss.lost_lines = parser.stats.lost_events
     loss.capped = counter.capped
     module_failures = _module_results(plan, modules, report, kmsg, out, loss)
+    results = getattr(fr.aggregate, "aggregates", None)
+    if plan.aggregates and isinstance(results, AggResults):
+        loss.hist_dropped = add_host_tables(results, host, plan, report, stream_tables, loss.capped, out.hits)
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
