@@ -258,10 +258,14 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
             elif p.kind == "module":
                 params = " ".join(f"{k}={v}" for k, v in p.params)
                 console.print(f"  insmod {p.module} {params}", markup=False, highlight=False)
-            else:
+            elif p.stream:
                 console.print(f"  enable {p.event}", markup=False, highlight=False)
             if p.filter:
                 console.print(f"    filter: {p.filter}", markup=False, highlight=False)
+        from .hist import plan_lines
+
+        for line in plan_lines(plan):
+            console.print(f"  {line}", markup=False, highlight=False)
         for sp in plan.skipped:
             console.print(f"  [yellow]skip[/] {sp.name}: {sp.reason}")
         for note in plan.notes:
@@ -287,6 +291,8 @@ def render_builds(groups: list[BuildGroup], console: Console) -> None:
 
 def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[str, Any]]:
     """Plans as JSON."""
+    from .hist import plan_json
+
     out = []
     for hf, plan in results:
         item: dict[str, Any] = {"host": hf.host.name, "error": str(hf.error) if hf.error else None}
@@ -296,7 +302,7 @@ def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[st
                                      "definition": p.definition, "filter": p.filter, "symbol": p.symbol}
                                     for p in plan.probes],
                          "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
-                         "notes": list(plan.notes)})
+                         "notes": list(plan.notes), "aggregates": plan_json(plan)})
         out.append(item)
     return out
 
@@ -402,7 +408,8 @@ def _stale(leftovers: list[str], grace: int, now: float) -> tuple[list[str], lis
             group = group_of_instance(name)
             if group:
                 live_groups.add(group)
-    stale = [x for x in leftovers if x not in live and not (x.startswith("group ") and x[6:] in live_groups)]
+    stale = [x for x in leftovers if x not in live and not (x.startswith("group ") and x[6:] in live_groups)
+             and not (x.startswith("synthetic ") and any(x[10:].startswith(g + "_") for g in live_groups))]
     return stale, [x for x in leftovers if x not in stale]
 
 
