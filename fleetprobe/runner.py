@@ -124,6 +124,8 @@ class RunnerReport:
     hello: bool = False
     started: bool = False
     enabled: int = 0
+    #: hist triggers placed (in-kernel aggregation runs a probe without enabling its event).
+    triggers: int = 0
     stop_reason: str = ""
     clean: bool | None = None
     unclean: list[str] = field(default_factory=list)
@@ -154,6 +156,8 @@ class RunnerReport:
             self.started = True
             m = re.search(r"enabled=(\d+)", rest)
             self.enabled = int(m.group(1)) if m else 0
+            m = re.search(r"triggers=(\d+)", rest)
+            self.triggers = int(m.group(1)) if m else 0
         elif word == "stopping":
             self.stop_reason = rest.strip()
         elif word == "clean":

@@ -84,7 +84,7 @@ kill_readers() {
 # Directives: "notrace_self"; "synth LINE" (append to synthetic_events); "trigger EVENT LINE"
 # (append LINE to instances/I/events/EVENT/trigger); "histread EVENT" (print its hist at the end).
 # A trigger soft-enables its event: an event whose tables are all in the kernel is never enabled.
-HIST_NONE=
+HIST_NONE=; HIST_PLACED=0
 hist_place() {
   case $1 in
     notrace_self)
@@ -97,10 +97,19 @@ hist_place() {
       else say "synthfail ${2%% *} :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"; fi;;
     trigger)
       _he=${2%% *}; _ht=${2#* }
+      # The kernel runs unconditional triggers before it looks at set_event_notrace_pid: a filter
+      # keeps this shell, the SSH server process serving it and the watchdog out of the tables.
+      _hf="common_pid != $$ && common_pid != $PPID && common_pid != ${WD:-0}"
+      case $_ht in
+        *" if "*) _hw="${_ht%% if *} if (${_ht#* if }) && $_hf";;
+        *) _hw="$_ht if $_hf";;
+      esac
       if [ ! -d "$T/instances/$I/events/$_he" ]; then
         say "trigfail $_he $_ht :: no such event"
-      elif ! _hx=$( { echo "$_ht" >> "$T/instances/$I/events/$_he/trigger"; } 2>&1 ); then
+      elif ! _hx=$( { echo "$_hw" >> "$T/instances/$I/events/$_he/trigger"; } 2>&1 ); then
         say "trigfail $_he $_ht :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"
+      else
+        HIST_PLACED=$((HIST_PLACED + 1))
       fi;;
   esac
 }
@@ -460,7 +469,7 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
     say "enablefail $ev"
   fi
 done
-say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR"
+say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR triggers=$HIST_PLACED"
 release
 
 # dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
@@ -473,7 +482,7 @@ READER=$!
 ( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -USR1 $$ 2>/dev/null ) <&3 &
 WATCH=$!
 END=$(( $(now) + ${DUR%.*} ))
-[ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && STOP=nothing-placed
+[ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && [ "$HIST_PLACED" -eq 0 ] && STOP=nothing-placed
 TICK=0
 while [ -z "$STOP" ]; do
   kill -0 "$READER" 2>/dev/null || { STOP=reader-exit; break; }
