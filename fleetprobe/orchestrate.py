@@ -911,7 +911,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
         raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
-    if report.enabled == 0 and not report.loaded:
+    if report.enabled == 0 and not report.loaded and not report.triggers:
         raise HostError(host, "probe", "the kernel refused every probe",
                         evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)
     out.status = "interrupted" if fr.interrupted.is_set() else "ok"
