@@ -764,7 +764,8 @@ class FleetAggregate:
         out: dict[str, str] = {}
         for h in sorted(set(self.outcomes) | set(self.hosts)):
             s = self.hosts.get(h)
-            if s is not None and s.events:
+            if s is not None and (s.events or any(s.hits.values())):
+                # Hits without events: the host's kernel counted them (in-kernel aggregation).
                 continue
             o = self.outcomes.get(h)
             if o is None or o.status == "ok":
