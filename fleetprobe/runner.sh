@@ -335,8 +335,10 @@ watchdog() {
   while :; do
     sleep 2
     if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
-    if [ "$(now)" -ge $((DEADLINE + GRACE)) ]; then
-      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko
+    # A runner tearing down by itself (reading its hist tables, then removing them) gets a minute more.
+    _wl=$((DEADLINE + GRACE)); [ -e "/tmp/${G}_teardown" ] && _wl=$((_wl + 60))
+    if [ "$(now)" -ge "$_wl" ]; then
+      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
       echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
       exit 0
     fi
@@ -372,7 +374,7 @@ while IFS= read -r line <&3; do
       # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
       unload_modules "$*"
       kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
-      rm -f /tmp/"$G"_*.ko
+      rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
@@ -495,6 +497,7 @@ while [ -z "$STOP" ]; do
 done
 
 # ---- teardown ----------------------------------------------------------------------------
+: > "/tmp/${G}_teardown" 2>/dev/null
 sync_marker
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
 # Modules go first, while the kernel log still flows: rmmod prints their totals (hits, missed).
@@ -514,7 +517,7 @@ release
 hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
-rm -f /tmp/"$G"_*.ko    # copied modules that never reached insmod
+rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
