@@ -723,16 +723,19 @@ def _keys_of(line: str) -> str:
 
 # --- the stream fallback ----------------------------------------------------------------------
 
-_SYSCALL_ENTER = re.compile(r"sys_\w+\((.*)\)\s*\Z", re.S)
-_SYSCALL_EXIT = re.compile(r"sys_\w+ -> (\S+)\s*\Z")
+_SYSCALL_ENTER = re.compile(r"(?:sys_\w+\()?((?:[A-Za-z_]\w*: [^,]*, )*[A-Za-z_]\w*: [^,]*)\)\s*\Z", re.S)
+_SYSCALL_EXIT = re.compile(r"(?:sys_\w+ -> )?(-?(?:0x)?[0-9a-fA-F]+)\s*\Z")
 
 
 def event_values(args: str) -> dict[str, str]:
     """Raw field texts of one event's printed argument text: ``name=value`` pairs, or a syscall's.
 
     Syscall tracepoints print ``sys_statfs(pathname: 7ffd.., buf: ..)`` on entry and
-    ``sys_statfs -> 0x0`` on exit (kernel/trace/trace_syscalls.c).
+    ``sys_statfs -> 0x0`` on exit (kernel/trace/trace_syscalls.c); the text may come with
+    or without its ``sys_NAME(`` / ``sys_NAME -> `` head (a parser that splits it off).
     """
+    if "=" in args and not args.startswith("sys_"):
+        return split_args(args)[1]
     m = _SYSCALL_ENTER.match(args)
     if m:
         out: dict[str, str] = {}

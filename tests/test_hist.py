@@ -208,6 +208,9 @@ def test_event_values_of_syscall_and_kprobe_lines() -> None:
     assert event_values("sys_read(fd: 3, buf: 7ffd5c1e, count: 3e8)") == {"fd": "0x3", "buf": "0x7ffd5c1e",
                                                                           "count": "0x3e8"}
     assert event_values("sys_statfs -> 0xfffffffffffffffe") == {"ret": "0xfffffffffffffffe"}
+    # The same with the head split off (as a parser that keys syscall lines by their name does).
+    assert event_values("fd: 3, buf: 7ffd5c1e, count: 3e8)") == {"fd": "0x3", "buf": "0x7ffd5c1e", "count": "0x3e8"}
+    assert event_values("0x0") == {"ret": "0x0"}
     assert event_values('(user_statfs+0x0/0xa0) comm="stat" path="/tmp"') == {"comm": '"stat"', "path": '"/tmp"'}
 
 
