@@ -68,3 +68,18 @@ def test_count_histogram_latency_exact_on_every_arch(lab_fleet: LabForTests, tmp
     # SIGQUIT is 3 (2^1 < 3 <= 2^2); the filter keeps only it, in the kernel and in the stream.
     assert tables[("sig", "histogram", "sig")] == {(2,): (signals * n, n)}
     assert "in kernel on" in out
+
+
+def test_cleanup_removes_stale_triggers_and_synthetic_events(lab_fleet: LabForTests) -> None:
+    """A dead aggregating run's triggers (in dependency order), synthetic events, events and instance go."""
+    lab = lab_fleet
+    vm = next(v for v in lab.vms if v.uname_m == "x86_64")
+    script = (Path(__file__).parent / "stale_hist_run.sh").read_text()
+    placed = ssh(lab, vm, script + "\necho 'fp_zz8stale_abcd_x u64 lat; int pid' >> /sys/kernel/tracing/synthetic_events")
+    assert placed.stdout.split()[0] == "5", placed.stdout        # five triggers in place
+    inv = lab.inventory
+    rc, out = _run(["cleanup", "-i", str(inv), "--limit", vm.name, "--connect-timeout", "60s"])
+    assert rc == 0, out
+    left = ssh(lab, vm, "cd /sys/kernel/tracing; grep zz kprobe_events synthetic_events; ls instances | grep zz; "
+                        "true").stdout.strip()
+    assert left == "", left
