@@ -326,3 +326,37 @@ def test_runner_report_reads_hist_lines_and_refusals() -> None:
     assert r.hist == {"G/opens": ["# trigger info: hist:keys=comm:vals=hitcount [active]",
                                   "{ comm: a%5Bb[ } hitcount:          3"]}
     assert r.trigger_refused[("G/opens", "hist:keys=comm,path:vals=hitcount")].startswith("trigger refused: Invalid")
+
+
+def _shard(host: str, mode: str, run_id: str) -> FleetReport:
+    agg = FleetAggregate()
+    t = AggTable("io", "histogram", "nr_sector", ("comm",))
+    t.add(("postgres", 3), 4)
+    t.add((host, 8), 1)
+    agg.aggregates.add_host(host, t.table_id, HostTable(mode, "no hist triggers" if mode == "stream" else "",
+                                                        hits=5), t)
+    agg.add_host(HostOutcome(host, hits={"io": 5}))
+    return FleetReport(RunInfo(run_id, "biosize", playbook_sha256="ab" * 32, started=1.0, ended=2.0), agg)
+
+
+def test_shards_merge_through_files_and_the_history_keeps_the_tables(tmp_path: Path) -> None:
+    from fleetprobe.report import write_json
+    from fleetprobe.shard import merge_files
+    from fleetprobe.store import Store
+
+    paths = []
+    for i, (host, mode) in enumerate((("db1", "kernel"), ("web1", "stream"))):
+        paths.append(tmp_path / f"{host}.json")
+        write_json(_shard(host, mode, f"r{i}"), paths[-1])
+    merged = merge_files(paths)
+    table = merged.aggregate.aggregates.tables["io:histogram:nr_sector"]
+    assert table.histograms()[("postgres",)] == {3: 8}
+    assert table.hosts[("postgres", 3)] == 2
+    assert merged.aggregate.aggregates.modes("io:histogram:nr_sector") == {"kernel": ["db1"], "stream": ["web1"]}
+    with pytest.raises(InputError, match="db1"):
+        merge_files([paths[0], paths[0]])
+    with Store(tmp_path / "h.sqlite3") as store:
+        store.save_run(merged)
+        back = store.load_report(merged.run.run_id)
+    assert back.aggregate.aggregates == merged.aggregate.aggregates
+    assert back.aggregate.hits("io") == {"db1": 5, "web1": 5}
