@@ -43,7 +43,7 @@ from fleetprobe.transport import SSHOptions
 PLAYBOOK = """\
 name: aggbench
 description: vfs_read sizes per comm (kprobe), in the kernel or streamed
-duration: 600s
+duration: 1800s
 event_cap: 5000000
 probes:
   - name: rd
@@ -151,7 +151,7 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{'us/event':>8} {'counted':>8} {'streamed':>8} {'lost':>6} status", flush=True)
     for n in sizes:
         base, _ = storm(host, n)
-        for stream in (False, True):
+        for stream in [m == "stream" for m in args.modes.split(",")]:
             r = await one_run(host, settings, n, stream, counter)
             extra = r["guest_busy"] - base
             print(f"{n:>8} {r['mode']:>7} {r['bytes']:>10} {r['controller_cpu']:>9.3f} {r['guest_busy']:>8.2f} "
@@ -163,6 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="lab-x86_64-1")
     p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--modes", default="kernel,stream", help="kernel, stream or both (in that order)")
     p.add_argument("--lab-dir", default=str(Path.home() / ".cache/fleetprobe/lab"))
     asyncio.run(main_async(p.parse_args()))
 
