@@ -32,6 +32,7 @@ from operator import add, itemgetter, mul, sub
 from typing import Any
 
 from fleetprobe.errors import InputError
+from fleetprobe.hist import AggResults
 from fleetprobe.outcome import HostOutcome
 from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_args, split_event
 from fleetprobe.sketches import BUCKETS, EventSample, Latency, TopValues, Value
@@ -173,6 +174,8 @@ class FleetAggregate:
         self.hosts: dict[str, HostSummary] = {}
         self.values: dict[tuple[str, str], TopValues] = {}
         self._parts: dict[str, _HostPart] = {}
+        #: ``aggregate:`` tables (in-kernel hist triggers or their stream fallback), see fleetprobe.hist.
+        self.aggregates = AggResults()
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -395,7 +398,10 @@ class FleetAggregate:
         """Record a host's outcome and fold its events into the fleet tables (call once per host, at its end)."""
         self.outcomes[outcome.host] = outcome
         self._fold(outcome.host)
-        self.hosts.setdefault(outcome.host, HostSummary())
+        summary = self.hosts.setdefault(outcome.host, HostSummary())
+        for probe, n in outcome.hits.items():
+            # Probes the kernel aggregated stream nothing: their hits are the kernel's count.
+            summary.hits.setdefault(probe, n)
 
     def finish(self) -> None:
         """Fold every host still open (its stream ended without an outcome)."""
@@ -466,6 +472,7 @@ class FleetAggregate:
         out.values = {key: table.copy() for key, table in self.values.items()}
         for key, table in other.values.items():
             out.values[key] = out.values[key].merged(table) if key in out.values else table.copy()
+        out.aggregates = self.aggregates.merged(other.aggregates)
         return out
 
     # -- questions the report asks ----------------------------------------------------------
@@ -515,7 +522,8 @@ class FleetAggregate:
         out: dict[str, str] = {}
         for h in sorted(set(self.outcomes) | set(self.hosts)):
             s = self.hosts.get(h)
-            if s is not None and s.events:
+            if s is not None and (s.events or any(s.hits.values())):
+                # Hits without events: the host's kernel counted them (in-kernel aggregation).
                 continue
             o = self.outcomes.get(h)
             if o is None or o.status == "ok":
@@ -535,6 +543,7 @@ class FleetAggregate:
             "hosts": {h: s.to_json() for h, s in sorted(self.hosts.items())},
             "values": [{"probe": p, "field": n, **t.to_json()} for (p, n), t in sorted(self.values.items())],
             "outcomes": {h: o.to_json() for h, o in sorted(self.outcomes.items())},
+            **({"aggregates": self.aggregates.to_json()} if self.aggregates else {}),
         }
 
     @classmethod
@@ -544,6 +553,7 @@ class FleetAggregate:
         agg.hosts = {h: HostSummary.from_json(s) for h, s in d["hosts"].items()}
         agg.values = {(v["probe"], v["field"]): TopValues.from_json(v) for v in d["values"]}
         agg.outcomes = {h: HostOutcome.from_json(o) for h, o in d["outcomes"].items()}
+        agg.aggregates = AggResults.from_json(d.get("aggregates"))
         return agg
 
     def __eq__(self, other: object) -> bool:

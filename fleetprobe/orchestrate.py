@@ -23,6 +23,7 @@ from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .events import EventWriter
 from .facts import Facts
+from .hist import AggResults, StreamTables, StreamTap, add_host_tables
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate
@@ -296,7 +297,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     names = {p.trace_name: p.name for p in plan.probes if p.kind != "module"}
     report = RunnerReport()
     clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
-    counter = _HostCap(fr.aggregate, fr.event_cap)
+    # aggregate: tables the kernel cannot compute here are computed from the stream (fleetprobe.hist).
+    stream_tables = StreamTables(plan.aggregates) if plan.aggregates else None
+    counter = _HostCap(StreamTap(fr.aggregate, stream_tables) if stream_tables and stream_tables.probes
+                       else fr.aggregate, fr.event_cap)
     sink = fr.events
     write = sink.write if sink is not None else fr.on_event
 
@@ -443,6 +447,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     loss.lost_lines = parser.stats.lost_events
     loss.capped = counter.capped
     module_failures = _module_results(plan, modules, report, kmsg, out, loss)
+    results = getattr(fr.aggregate, "aggregates", None)
+    if plan.aggregates and isinstance(results, AggResults):
+        loss.hist_dropped = add_host_tables(results, host, plan, report, stream_tables, loss.capped, out.hits)
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
@@ -495,7 +502,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
         raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
-    if report.enabled == 0 and not report.loaded:
+    if report.enabled == 0 and not report.loaded and not report.triggers:
         raise HostError(host, "probe", "the kernel refused every probe",
                         evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)
     out.status = Status.INTERRUPTED if fr.interrupted.is_set() else Status.OK

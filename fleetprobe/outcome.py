@@ -41,7 +41,9 @@ class LossCounters:
     ``lost_lines`` sums ``[LOST n EVENTS]`` lines seen in trace_pipe;
     ``probe_misses`` is the kprobe_profile miss count delta per probe;
     ``kmsg_gaps`` counts kernel-log records lost (sequence gaps);
-    ``capped`` counts events discarded after the playbook's event cap.
+    ``capped`` counts events discarded after the playbook's event cap;
+    ``hist_dropped`` counts events in-kernel aggregation could not count (a hist
+    table full: its ``Dropped:``, per-task timestamp tables of latencies included).
     """
 
     overrun: int = 0
@@ -50,11 +52,12 @@ class LossCounters:
     probe_misses: dict[str, int] = field(default_factory=dict)
     kmsg_gaps: int = 0
     capped: int = 0
+    hist_dropped: int = 0
 
     @property
     def total(self) -> int:
         return (self.overrun + self.dropped + self.lost_lines + sum(self.probe_misses.values())
-                + self.kmsg_gaps + self.capped)
+                + self.kmsg_gaps + self.capped + self.hist_dropped)
 
     def merge(self, other: LossCounters) -> LossCounters:
         misses = dict(self.probe_misses)
@@ -62,7 +65,8 @@ class LossCounters:
             misses[k] = misses.get(k, 0) + v
         return LossCounters(self.overrun + other.overrun, self.dropped + other.dropped,
                             self.lost_lines + other.lost_lines, misses,
-                            self.kmsg_gaps + other.kmsg_gaps, self.capped + other.capped)
+                            self.kmsg_gaps + other.kmsg_gaps, self.capped + other.capped,
+                            self.hist_dropped + other.hist_dropped)
 
 
 @dataclass

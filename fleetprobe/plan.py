@@ -16,6 +16,7 @@ from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL
                               user_arg_registers)
 from fleetprobe.facts import Facts, SymbolFacts
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
+from fleetprobe.hist import AggPlan, plan_host_aggregates
 from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
@@ -49,6 +50,9 @@ class PlannedProbe:
     #: Uprobes: the binary and the file offset probed.
     path: str | None = None
     offset: int | None = None
+    #: False when the kernel aggregates every table of this probe: its event is not enabled for
+    #: streaming (its hist triggers alone run it).
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class HostPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     duration: float = 0.0
     deadline: int = 0
+    #: In-kernel aggregation (hist triggers) or its controller-side fallback, per aggregating probe.
+    aggregates: tuple[AggPlan, ...] = ()
 
 
 # --- names -----------------------------------------------------------------
@@ -278,11 +284,21 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
             notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
         elif entry.symbol != p.symbol:
             notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    aggregates: tuple[AggPlan, ...] = ()
+    if any(spec.aggregate for spec in playbook.probes):
+        placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes)
+        probes = list(placed_list)
+        for name, reason in agg_skipped:
+            skipped.append(SkippedProbe(name, reason))
+            spec = playbook.probe(name)
+            if spec.on_missing == "fail" and failed is None:
+                failed = f"probe {name!r} (on_missing: fail) cannot be placed: {reason}"
     if not probes and not failed:
         notes.append("no probe can be placed on this host")
     return HostPlan(host=facts.host, run_id=run_id, group=group, instance=instance,
                     probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes),
-                    duration=playbook.duration if duration is None else duration, deadline=int(deadline))
+                    duration=playbook.duration if duration is None else duration, deadline=int(deadline),
+                    aggregates=aggregates)
 
 
 def _host_blocks_tracefs(facts: Facts) -> str:

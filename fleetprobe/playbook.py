@@ -21,7 +21,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleetprobe.errors import PlaybookError, did_you_mean
-from fleetprobe.fetchargs import (ArgSpec, parse_arg)
+from fleetprobe.fetchargs import _STRING_TYPES, ArgSpec, parse_arg
 from fleetprobe.shipped import shipped_dir, shipped_playbook, shipped_playbooks
 
 #: Probe kinds: the key that names the probe's target decides its kind.
@@ -33,7 +33,7 @@ KERNEL_DYNAMIC_KINDS = ("kprobe", "kretprobe", "raw")
 
 _TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "baseline", "probes")
 _PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
-               "max_per_host", "pair_with", "params")
+               "max_per_host", "pair_with", "params", "aggregate")
 
 #: What a module parameter's value may be (the runner hands it to insmod as one word).
 MODULE_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -87,6 +87,35 @@ class ModuleParam:
         return bool(self.alternatives)
 
 
+#: Names every event can be aggregated by: the task name and the pid (the kernel's common_pid).
+AGG_SPECIAL_FIELDS = ("comm", "pid")
+_AGG_KEYS = ("count", "histogram", "latency", "by", "top", "size")
+_AGG_KINDS = ("count", "histogram", "latency")
+# TRACING_MAP_BITS_MIN / _MAX in kernel/trace/tracing_map.h: a hist table holds 2^7..2^17 entries.
+_AGG_SIZE_MIN, _AGG_SIZE_MAX = 1 << 7, 1 << 17
+_AGG_MAX_KEYS = 8
+_AGG_MAX_TOP = 10_000
+
+
+@dataclass(frozen=True)
+class AggregateSpec:
+    """What a probe asks to be aggregated (``aggregate:`` in the playbook), per host then fleet-wide.
+
+    ``kind`` is ``count`` (hits per value of each field in ``fields``, one table per
+    field), ``histogram`` (log2 buckets of the numeric field ``value``, per value of
+    the ``fields`` it is split ``by``) or ``latency`` (log2 buckets of entry->return
+    nanoseconds of a return probe and the entry it pairs with, split ``by``).
+    ``top`` is how many keys the report shows, ``size`` the kernel table's entries.
+    """
+
+    kind: str
+    fields: tuple[str, ...] = ()
+    value: str | None = None
+    top: int = 20
+    size: int = 2048
+    line: int = 0
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
     """One probe as the playbook wrote it (validated, not yet lowered for any host).
@@ -117,6 +146,8 @@ class ProbeSpec:
     params: tuple[ModuleParam, ...] = ()
     #: Audit rule: more hits than this on any one host fails ``fleetprobe audit``.
     max_per_host: int | None = None
+    #: In-kernel (or, where the kernel cannot, controller-side) aggregation instead of events.
+    aggregate: AggregateSpec | None = None
 
     @property
     def is_return(self) -> bool:
@@ -308,6 +339,13 @@ def _check_cross_references(reader: _Reader, probes: tuple[ProbeSpec, ...]) -> N
             raise PlaybookError(f"pair_with names {p.pair_with!r}, which is not a probe in this playbook"
                                 + did_you_mean(p.pair_with, list(seen)),
                                 file=reader.source, line=p.line, key=f"probes.{p.name}.pair_with")
+        if p.kind == "tracepoint":
+            # An exit tracepoint (syscalls/sys_exit_X) pairs with its enter tracepoint, by pid.
+            if target.kind != "tracepoint" or target is p:
+                raise PlaybookError(f"a tracepoint pairs with another tracepoint (its enter event); "
+                                    f"{target.name!r} is a {target.kind}", file=reader.source, line=p.line,
+                                    key=f"probes.{p.name}.pair_with")
+            continue
         if target.is_return or target.kind in ("tracepoint", "module"):
             raise PlaybookError(f"pair_with must name an entry probe (kprobe, uprobe or raw 'p' line); "
                                 f"{target.name!r} is a {target.kind}", file=reader.source, line=p.line,
@@ -454,7 +492,7 @@ class _Reader:
                 raise self.error(n, f"{where}.filter", "filter must be one line (it is written to the "
                                  "event's filter file)")
         for key, allowed_kinds in (("params", ("module",)), ("args", ("kprobe", "kretprobe", "uprobe", "uretprobe")),
-                                   ("pair_with", RETURN_KINDS + ("raw",))):
+                                   ("pair_with", RETURN_KINDS + ("raw", "tracepoint"))):
             if key in items and kind not in allowed_kinds:
                 raise self.error(items[key][0], f"{where}.{key}",
                                  f"{key!r} is not allowed on a {kind} probe (only on {', '.join(allowed_kinds)})",
@@ -486,9 +524,99 @@ class _Reader:
             spec_kw.update(module=module, module_path=self.module_dir(kind_node, module, f"{where}.module"))
             if (n := value_of("params")) is not None:
                 spec_kw["params"] = self.params(n, f"{where}.params")
+        aggregate = None
+        if (n := value_of("aggregate")) is not None:
+            known = tuple(a.name for a in args) if kind != "raw" else spec_kw.get("raw_fields", ())
+            aggregate = self.aggregate(n, f"{where}.aggregate", kind=kind, known=known, args=args,
+                                       pair_with=pair_with)
         return ProbeSpec(name=name, kind=kind, line=line, file=self.source, args=args, filter=filter_text,
                          on_missing=on_missing, expect=expect, pair_with=pair_with,
-                         description=description, max_per_host=max_per_host, **spec_kw)
+                         description=description, max_per_host=max_per_host, aggregate=aggregate, **spec_kw)
+
+    def aggregate(self, node: Node, key: str, *, kind: str, known: tuple[str, ...], args: tuple[ArgSpec, ...],
+                  pair_with: str | None) -> AggregateSpec:
+        """``aggregate: {count: [F...] | histogram: F | latency: true, by: [F...], top: N, size: N}``."""
+        items = self.mapping(node, key, _AGG_KEYS)
+        kinds = [k for k in _AGG_KINDS if k in items]
+        if len(kinds) != 1:
+            raise self.error(node, key, "aggregate needs exactly one of count, histogram, latency "
+                             f"(found: {', '.join(kinds) or 'none'})",
+                             hint="e.g. {count: [comm, path]}, {histogram: nr_sector, by: [comm]}, "
+                                  "{latency: true, by: [comm]}")
+        agg_kind = kinds[0]
+        if kind == "module":
+            raise self.error(node, key, "a module probe's lines come from the kernel log; it cannot be "
+                             "aggregated in the kernel", hint="aggregate a tracefs probe instead")
+        # Tracepoint fields are known only from the host's format file: checked when planning.
+        checkable = kind != "tracepoint"
+
+        def field_name(n: Node, k: str) -> str:
+            name = self.string(n, k)
+            if not _IDENT.fullmatch(name):
+                raise self.error(n, k, f"field {name!r} must be an identifier")
+            if checkable and name not in AGG_SPECIAL_FIELDS and name not in known:
+                allowed = ", ".join((*AGG_SPECIAL_FIELDS, *known))
+                raise self.error(n, k, f"{name!r} is not a field of this probe{did_you_mean(name, [*AGG_SPECIAL_FIELDS, *known])}; "
+                                 f"allowed: {allowed}", hint="aggregate by one of the probe's args, comm or pid")
+            return name
+
+        def field_list(n: Node, k: str) -> tuple[str, ...]:
+            nodes = n.value if isinstance(n, SequenceNode) else [n]
+            if not nodes:
+                raise self.error(n, k, f"{k} must name at least one field")
+            if len(nodes) > _AGG_MAX_KEYS:
+                raise self.error(n, k, f"at most {_AGG_MAX_KEYS} fields")
+            out = tuple(field_name(x, k) for x in nodes)
+            if len(set(out)) != len(out):
+                raise self.error(n, k, f"a field is named twice in {list(out)}")
+            return out
+
+        knode, vnode = items[agg_kind]
+        fields: tuple[str, ...] = ()
+        value: str | None = None
+        if agg_kind == "count":
+            fields = field_list(vnode, f"{key}.count")
+            if "by" in items:
+                raise self.error(items["by"][0], f"{key}.by", "'by' splits a histogram or a latency; a count "
+                                 "already counts per value of each field it names")
+        else:
+            if agg_kind == "histogram":
+                value = field_name(vnode, f"{key}.histogram")
+                arg = next((a for a in args if a.name == value), None)
+                if value == "comm" or (arg is not None and (arg.type or "").split("[", 1)[0] in _STRING_TYPES):
+                    raise self.error(vnode, f"{key}.histogram", f"{value!r} is a string; a histogram needs a "
+                                     "number", hint="count strings with {count: [FIELD]}")
+            else:
+                if not self.boolean(vnode, f"{key}.latency"):
+                    raise self.error(vnode, f"{key}.latency", "latency: false asks for nothing; leave it out")
+                if kind not in RETURN_KINDS and not (kind in ("raw", "tracepoint") and pair_with is not None):
+                    raise self.error(knode, f"{key}.latency", f"latency is measured on a return probe; this is a {kind}",
+                                     hint="put it on the kretprobe/uretprobe that pairs with the entry")
+                if pair_with is None:
+                    raise self.error(knode, f"{key}.latency", "latency needs pair_with (the entry probe it is "
+                                     "measured from)")
+            if "by" in items:
+                fields = field_list(items["by"][1], f"{key}.by")
+                if agg_kind == "latency" and (bad := [f for f in fields if f not in AGG_SPECIAL_FIELDS]):
+                    raise self.error(items["by"][1], f"{key}.by", f"a latency can be split by comm or pid only "
+                                     f"(not {', '.join(bad)}): the kernel carries only those from the return "
+                                     "to the latency's synthetic event")
+                if value is not None and value in fields:
+                    raise self.error(items["by"][1], f"{key}.by", f"{value!r} is both the histogram and a key")
+        top = 20
+        if "top" in items:
+            top = self.positive_int(items["top"][1], f"{key}.top")
+            if top > _AGG_MAX_TOP:
+                raise self.error(items["top"][1], f"{key}.top", f"top must be at most {_AGG_MAX_TOP}")
+        size = 2048
+        if "size" in items:
+            size = self.positive_int(items["size"][1], f"{key}.size")
+            if size & (size - 1) or not _AGG_SIZE_MIN <= size <= _AGG_SIZE_MAX:
+                raise self.error(items["size"][1], f"{key}.size", f"size {size} must be a power of two from "
+                                 f"{_AGG_SIZE_MIN} to {_AGG_SIZE_MAX} (the kernel's hist table sizes)")
+            if size < top:
+                raise self.error(items["size"][1], f"{key}.size", f"size {size} is smaller than top {top}")
+        return AggregateSpec(kind=agg_kind, fields=fields, value=value, top=top, size=size, line=_line(node))
 
     def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
         """One of a fixed set of words."""

@@ -31,6 +31,7 @@ from fleetprobe.cli.history import open_store, print_audit, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
+from fleetprobe.hist import plan_json, plan_lines
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
@@ -145,10 +146,12 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
             elif p.kind == "module":
                 params = " ".join(f"{k}={v}" for k, v in p.params)
                 console.print(f"  insmod {p.module} {params}", markup=False, highlight=False)
-            else:
+            elif p.stream:
                 console.print(f"  enable {p.event}", markup=False, highlight=False)
             if p.filter:
                 console.print(f"    filter: {p.filter}", markup=False, highlight=False)
+        for line in plan_lines(plan):
+            console.print(f"  {line}", markup=False, highlight=False)
         for sp in plan.skipped:
             console.print(f"  [yellow]skip[/] {sp.name}: {sp.reason}")
         for note in plan.notes:
@@ -181,7 +184,7 @@ def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[st
                                      "definition": p.definition, "filter": p.filter, "symbol": p.symbol}
                                     for p in plan.probes],
                          "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
-                         "notes": list(plan.notes)})
+                         "notes": list(plan.notes), "aggregates": plan_json(plan)})
         out.append(item)
     return out
 
@@ -279,7 +282,8 @@ def _stale(leftovers: list[str], grace: int, now: float) -> tuple[list[str], lis
             group = group_of_instance(name)
             if group:
                 live_groups.add(group)
-    stale = [x for x in leftovers if x not in live and not (x.startswith("group ") and x[6:] in live_groups)]
+    stale = [x for x in leftovers if x not in live and not (x.startswith("group ") and x[6:] in live_groups)
+             and not (x.startswith("synthetic ") and any(x[10:].startswith(g + "_") for g in live_groups))]
     return stale, [x for x in leftovers if x not in stale]
 
 

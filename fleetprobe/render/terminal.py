@@ -60,6 +60,10 @@ def render_summary(report: FleetReport, console: Console) -> None:
     _render_hits(report, console)
     _render_values(report, console)
     _render_latency(report, console)
+    if agg.aggregates:
+        from fleetprobe.aggreport import render_aggregates
+
+        render_aggregates(agg.aggregates, console)
     _render_quiet(report, console)
     _render_loss(report, console)
     _render_clocks(report, console)
@@ -247,12 +251,12 @@ def _render_loss(report: FleetReport, console: Console) -> None:
         console.print("no events lost")
         return
     table = Table(title="events lost", title_justify="left")
-    for col in ("host", "overrun", "dropped", "LOST lines", "probe misses", "kmsg gaps", "capped"):
+    for col in ("host", "overrun", "dropped", "LOST lines", "probe misses", "kmsg gaps", "capped", "hist full"):
         table.add_column(col, justify="left" if col == "host" else "right")
     for o in sorted(lossy, key=lambda o: -o.loss.total)[:LIST_ROWS]:
         lc = o.loss
         table.add_row(o.host, str(lc.overrun), str(lc.dropped), str(lc.lost_lines),
-                      str(sum(lc.probe_misses.values())), str(lc.kmsg_gaps), str(lc.capped))
+                      str(sum(lc.probe_misses.values())), str(lc.kmsg_gaps), str(lc.capped), str(lc.hist_dropped))
     console.print(table)
     if len(lossy) > LIST_ROWS:
         console.print(f"... and {len(lossy) - LIST_ROWS} more hosts lost events")

@@ -65,13 +65,36 @@ def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: 
     for p in plan.probes:
         if p.filter and p.event:
             lines.append(f"filter {p.event} {p.filter}")
+    lines += aggregate_directives(plan)
     for p in plan.probes:
-        if p.event and p.kind != "module":
+        if p.event and p.kind != "module" and p.stream:
             lines.append(f"enable {p.event}")
     for line in lines:
         if "\n" in line or "\r" in line:
             raise ValueError(f"a runner directive may not contain a newline: {line!r}")
     return "\n".join(lines) + "\ngo\n"
+
+
+def aggregate_directives(plan: HostPlan) -> list[str]:
+    """Synthetic events, then hist triggers in dependency order, then the hist files to read at the end.
+
+    A filter on an aggregating probe goes onto its triggers (``hist:... if FILTER``):
+    the event's own filter file only filters what reaches the ring buffer.
+    """
+    if not plan.aggregates:
+        return []
+    filters = {p.event: p.filter for p in plan.probes if p.filter}
+    lines = ["notrace_self"]
+    for ap in plan.aggregates:
+        lines += [f"synth {s}" for s in ap.synthetic]
+    reads: list[str] = []
+    for ap in plan.aggregates:
+        for t in ap.triggers:
+            f = filters.get(t.event)
+            lines.append(f"trigger {t.event} {t.line}" + (f" if {f}" if f else ""))
+            if t.table and t.event not in reads:
+                reads.append(t.event)
+    return lines + [f"histread {e}" for e in reads]
 
 
 def teardown_directives(plan: HostPlan, tracefs: str, modules: tuple[str, ...] = ()) -> str:
@@ -85,6 +108,12 @@ def sweep_directives(tracefs: str, grace: int) -> str:
 
 
 _STATS_FIELD = re.compile(r"(\w+)=(\d+)")
+_HIST_UNESCAPE = re.compile(r"%(25|5B)")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    """``%25`` -> ``%``, ``%5B`` -> ``[`` (runner.sh hist_read escapes them), in one pass."""
+    return "%" if m.group(1) == "25" else "["
 _DEF_NAME = re.compile(r"^[pr]\d*:([^/\s]+)/(\S+)")
 
 
@@ -95,6 +124,8 @@ class RunnerReport:
     hello: bool = False
     started: bool = False
     enabled: int = 0
+    #: hist triggers placed (in-kernel aggregation runs a probe without enabling its event).
+    triggers: int = 0
     stop_reason: str = ""
     clean: bool | None = None
     unclean: list[str] = field(default_factory=list)
@@ -109,6 +140,12 @@ class RunnerReport:
     stats: dict[str, dict[str, dict[str, int]]] = field(default_factory=lambda: {"start": {}, "end": {}})
     kev: dict[str, list[str]] = field(default_factory=lambda: {"start": [], "end": []})
     kprof: dict[str, list[str]] = field(default_factory=lambda: {"start": [], "end": []})
+    #: Hist files read at the end ({event: text}), triggers and synthetic events the kernel refused.
+    hist: dict[str, list[str]] = field(default_factory=dict)
+    trigger_refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    synth_refused: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _hist_event: str | None = None
 
     def handle(self, text: str) -> None:
         """Take one control line (without its ``@@fp `` prefix)."""
@@ -119,6 +156,8 @@ class RunnerReport:
             self.started = True
             m = re.search(r"enabled=(\d+)", rest)
             self.enabled = int(m.group(1)) if m else 0
+            m = re.search(r"triggers=(\d+)", rest)
+            self.triggers = int(m.group(1)) if m else 0
         elif word == "stopping":
             self.stop_reason = rest.strip()
         elif word == "clean":
@@ -151,6 +190,24 @@ class RunnerReport:
             cpu, _, values = tail.partition(" ")
             if phase in self.stats:
                 self.stats[phase][cpu] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
+        elif word == "hl":
+            if self._hist_event is not None:
+                # The runner escaped '%' and '[' so that no key can look like a trace line.
+                self.hist[self._hist_event].append(_HIST_UNESCAPE.sub(_unescape, rest))
+        elif word == "hist":
+            ev = rest.strip()
+            self._hist_event = None if ev == "end" else ev
+            if self._hist_event is not None:
+                self.hist.setdefault(self._hist_event, [])
+        elif word == "trigfail":
+            what, _, why = rest.partition(" :: ")
+            ev, _, line = what.partition(" ")
+            self.trigger_refused[(ev, line.strip())] = "trigger refused: " + " ".join(why.split())
+        elif word == "synthfail":
+            what, _, why = rest.partition(" :: ")
+            self.synth_refused[what.strip()] = "synthetic event refused: " + " ".join(why.split())
+        elif word in ("notrace", "histfail"):
+            self.notes.append(text)
         elif word in ("kev", "kprof"):
             phase, _, line = rest.partition(" ")
             target = self.kev if word == "kev" else self.kprof

@@ -80,6 +80,77 @@ kill_readers() {
   done
 }
 
+# ---- hist triggers: in-kernel aggregation (fleetprobe/hist.py plans them) ----------------------
+# Directives: "notrace_self"; "synth LINE" (append to synthetic_events); "trigger EVENT LINE"
+# (append LINE to instances/I/events/EVENT/trigger); "histread EVENT" (print its hist at the end).
+# A trigger soft-enables its event: an event whose tables are all in the kernel is never enabled.
+HIST_NONE=; HIST_PLACED=0
+hist_place() {
+  case $1 in
+    notrace_self)
+      # Not observing ourselves: this shell, its children (event-fork), the watchdog and the SSH
+      # server process serving us are filtered out of the instance, triggers included (5.8+).
+      echo 1 > "$T/instances/$I/options/event-fork" 2>/dev/null
+      { echo "$$ $PPID $WD" > "$T/instances/$I/set_event_notrace_pid"; } 2>/dev/null || say "notrace unsupported";;
+    synth)
+      if _hx=$( { echo "$2" >> "$T/synthetic_events"; } 2>&1 ); then say "placed synth ${2%% *}"
+      else say "synthfail ${2%% *} :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"; fi;;
+    trigger)
+      _he=${2%% *}; _ht=${2#* }
+      # The kernel runs unconditional triggers before it looks at set_event_notrace_pid: a filter
+      # keeps this shell, the SSH server process serving it and the watchdog out of the tables.
+      _hf="common_pid != $$ && common_pid != $PPID && common_pid != ${WD:-0}"
+      case $_ht in
+        *" if "*) _hw="${_ht%% if *} if (${_ht#* if }) && $_hf";;
+        *) _hw="$_ht if $_hf";;
+      esac
+      if [ ! -d "$T/instances/$I/events/$_he" ]; then
+        say "trigfail $_he $_ht :: no such event"
+      elif ! _hx=$( { echo "$_hw" >> "$T/instances/$I/events/$_he/trigger"; } 2>&1 ); then
+        say "trigfail $_he $_ht :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"
+      else
+        HIST_PLACED=$((HIST_PLACED + 1))
+      fi;;
+  esac
+}
+# The tables, once, at the end: every line prefixed and with '%' and '[' escaped, so that no key a
+# user chose (a comm, a path) can pass for a trace line, a control line or another entry.
+hist_read() {
+  for _he in $(printf '%s\n' "$PLAN" | sed -n 's/^histread //p'); do
+    say "hist $_he"
+    sed 's/%/%25/g; s/\[/%5B/g; s/^/@@fp hl /' "$T/instances/$I/events/$_he/hist" 2>/dev/null || say "histfail $_he"
+  done
+  say "hist end"
+}
+# Remove every trigger of instance $2 (dependents first: a trigger whose variable another uses is
+# busy until that one is gone, so a few passes), then the synthetic events of group $1 (after
+# the triggers that generate or read them). Before the group's events go: a triggered event is busy.
+hist_unplace() {
+  if [ -n "$2" ] && [ -d "$T/instances/$2" ] && ! { [ "$2" = "$I" ] && [ -n "$HIST_NONE" ]; }; then
+    _hp=0
+    while [ $_hp -lt 4 ]; do
+      _hx=$(grep -v '^#' "$T/instances/$2"/events/*/*/trigger 2>/dev/null | sed 's/ \[[a-z]*\]$//')
+      [ -z "$_hx" ] && break
+      printf '%s\n' "$_hx" | while IFS= read -r _hl; do { echo "!${_hl#*:}" >> "${_hl%%:*}"; } 2>/dev/null; done
+      _hp=$((_hp + 1))
+    done
+    [ $_hp -ge 4 ] && say "unclean triggers in $2"
+  fi
+  [ -n "$1" ] && [ -w "$T/synthetic_events" ] || return 0
+  for _hs in $(sed -n "s/^\\($1_[A-Za-z0-9_]*\\)[ 	].*/\\1/p" "$T/synthetic_events" 2>/dev/null); do
+    { echo "!$_hs" >> "$T/synthetic_events"; } 2>/dev/null || say "unclean synthetic $_hs busy"
+  done
+}
+# Synthetic events of fp_ groups that have no instance left (their run is gone).
+hist_sweep() {
+  [ -r "$T/synthetic_events" ] || return 0
+  for _hg in $(sed -n 's/^\(fp_[a-z0-9]*_[0-9a-f][0-9a-f][0-9a-f][0-9a-f]\)_.*/\1/p' "$T/synthetic_events" | sort -u); do
+    _live=
+    for _d in "$T/instances/${_hg}"_*; do [ -d "$_d" ] && _live=1; done
+    [ -z "$_live" ] && { hist_unplace "$_hg" ""; say "swept synthetic $_hg"; }
+  done
+}
+
 # Disable, delete and remove everything of group $1 / instance $2 (either may be empty).
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
@@ -90,6 +161,7 @@ teardown_group() {
       [ -f "$_e" ] && echo 0 > "$_e" 2>/dev/null
     done
   fi
+  hist_unplace "$_g" "$_i"
   if [ -n "$_g" ]; then
     for _f in kprobe_events uprobe_events; do
       [ -w "$T/$_f" ] || continue
@@ -224,6 +296,7 @@ sweep() {
     for _d in "$T/instances/${_g}"_*; do [ -d "$_d" ] && _live=1; done
     [ -z "$_live" ] && { teardown_group "$_g" ""; say "swept $_g"; }
   done
+  hist_sweep
   sweep_modules
 }
 
@@ -262,8 +335,10 @@ watchdog() {
   while :; do
     sleep 2
     if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
-    if [ "$(now)" -ge $((DEADLINE + GRACE)) ]; then
-      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko
+    # A runner tearing down by itself (reading its hist tables, then removing them) gets a minute more.
+    _wl=$((DEADLINE + GRACE)); [ -e "/tmp/${G}_teardown" ] && _wl=$((_wl + 60))
+    if [ "$(now)" -ge "$_wl" ]; then
+      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
       echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
       exit 0
     fi
@@ -289,7 +364,7 @@ while IFS= read -r line <&3; do
     go) GO=1; break;;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
-    def|filter|enable|module) PLAN="${PLAN:+$PLAN
+    def|filter|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
     # The controller's own teardown of a run whose runner died (killed by an oops, say).
@@ -299,7 +374,7 @@ while IFS= read -r line <&3; do
       # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
       unload_modules "$*"
       kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
-      rm -f /tmp/"$G"_*.ko
+      rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
@@ -328,6 +403,7 @@ kernel_counts start
 sweep
 
 MODS=$(printf '%s\n' "$PLAN" | sed -n 's/^module \([^ ]*\) .*/\1/p' | tr '\n' ' ')
+printf '%s\n' "$PLAN" | grep -q '^trigger ' || HIST_NONE=1
 # Detached from our stdio so it never holds the SSH channel open; it knows MODS from the plan.
 (watchdog) </dev/null >/dev/null 2>&1 &
 WD=$!
@@ -366,6 +442,7 @@ while IFS= read -r line; do
         hold
       fi
       rm -f "$mp";;
+    synth|trigger|notrace_self) hist_place "$kind" "$rest";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
       # The kernel explains a refused filter in the filter file itself ("parse_error: Field not found"),
@@ -394,7 +471,7 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
     say "enablefail $ev"
   fi
 done
-say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR"
+say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR triggers=$HIST_PLACED"
 release
 
 # dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
@@ -407,7 +484,7 @@ READER=$!
 ( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -USR1 $$ 2>/dev/null ) <&3 &
 WATCH=$!
 END=$(( $(now) + ${DUR%.*} ))
-[ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && STOP=nothing-placed
+[ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && [ "$HIST_PLACED" -eq 0 ] && STOP=nothing-placed
 TICK=0
 while [ -z "$STOP" ]; do
   kill -0 "$READER" 2>/dev/null || { STOP=reader-exit; break; }
@@ -420,6 +497,7 @@ while [ -z "$STOP" ]; do
 done
 
 # ---- teardown ----------------------------------------------------------------------------
+: > "/tmp/${G}_teardown" 2>/dev/null
 sync_marker
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
 # Modules go first, while the kernel log still flows: rmmod prints their totals (hits, missed).
@@ -435,10 +513,11 @@ hold
 say "stopping $STOP"
 snapshot end
 release
+[ -z "$HIST_NONE" ] && hist_read
 hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
-rm -f /tmp/"$G"_*.ko    # copied modules that never reached insmod
+rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"

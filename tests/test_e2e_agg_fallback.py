@@ -1,0 +1,125 @@
+"""aggregate: on this machine's kernel (no hist triggers): the same tables, computed from the stream.
+
+Two hosts (OpenSSH sshd in two network namespaces) share this machine's kernel,
+so each sees every event: a uniquely named process doing N statfs(2) calls must
+count N on each host, fleet-wide 2N on 2 hosts, with the same report shape a
+kernel-aggregating host gives (the lab tests check that side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fleetprobe.cli.main import main
+from fleetprobe.facts import readme_features
+from hostcheck import TRACEFS, ensure_tracefs, own_run_id
+from sshhosts import Fleet, new_fleet
+
+pytestmark = [pytest.mark.sshd, pytest.mark.netns]
+
+if os.geteuid() != 0 or not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
+    pytest.skip("needs root and OpenSSH sshd (apt-get install openssh-server)", allow_module_level=True)
+
+PLAYBOOK = """\
+name: aggfallback
+description: execs counted, signals histogrammed, a bash function timed (in the kernel where it can)
+duration: 6s
+probes:
+  - name: exec
+    tracepoint: sched/sched_process_exec
+    filter: 'filename ~ "*/fptrue*"'
+    aggregate: {count: [comm, filename]}
+  - name: sig
+    tracepoint: signal/signal_generate
+    filter: 'comm ~ "fpsleep*"'
+    aggregate: {histogram: sig, by: [comm]}
+  - name: gsv
+    uprobe: BASH:get_string_value
+  - name: gsv_ret
+    uretprobe: BASH:get_string_value
+    pair_with: gsv
+    aggregate: {latency: true, by: [comm]}
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    if not ensure_tracefs():
+        pytest.skip("needs tracefs")
+    if not (TRACEFS / "events/syscalls/sys_enter_statfs").is_dir():
+        pytest.skip("this kernel has no syscall tracepoints")
+    fl = new_fleet(tmp_path_factory.mktemp("agg-fleet"))
+    try:
+        for i in (1, 2):
+            fl.add_netns_host(f"agg{i}", i)
+        yield fl
+    finally:
+        fl.stop()
+
+
+def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp_path: Path,
+                                                                clean_tracefs: None) -> None:
+    features = readme_features((TRACEFS / "README").read_text().splitlines())
+    if "hist" in features:
+        pytest.skip("this kernel has hist triggers: the fallback is not what would run")
+    tag = uuid.uuid4().hex[:6]
+    # comm is the executable's name: unique to this test, so other processes on the machine cannot count.
+    true, sleeper, bash = tmp_path / f"fptrue{tag}", tmp_path / f"fpsleep{tag}", tmp_path / f"fpbash{tag}"
+    shutil.copy("/bin/true", true)
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", sleeper)
+    shutil.copy("/bin/bash", bash)
+    execs, signals = 6, 5
+    # SIGCONT (18) to a running process: generated (and ignored) each time; 2^4 < 18 <= 2^5.
+    run_id = own_run_id("agg")
+    # Other tests share this kernel (and its exec and signal tracepoints): the filters keep the
+    # runs' buffers to this test's events, so nothing is lost to an overrun. The workload starts
+    # once both hosts' instances exist (setup time varies with the machine's load).
+    wait = (f"n=0; until [ $(ls /sys/kernel/tracing/instances | grep -c fp_{run_id}_) -ge 2 ] || [ $n -ge 100 ]; "
+            "do sleep 0.2; n=$((n+1)); done; sleep 2; ")
+    workload = (wait + f"{sleeper} 20 & s=$!; i=0; while [ $i -lt {execs} ]; do {true}; i=$((i+1)); done; "
+                f"i=0; while [ $i -lt {signals} ]; do kill -CONT $s; i=$((i+1)); done; "
+                f"{bash} -c 'for i in 1 2 3; do x=$HOME$i; done'; kill $s")
+    pb = tmp_path / "agg.yml"
+    pb.write_text(PLAYBOOK.replace("BASH", str(bash)))
+    report_path = tmp_path / "report.json"
+    bg = subprocess.Popen(["bash", "-c", workload])
+    try:
+        console = Console(record=True, width=200)
+        rc = main(["run", str(pb), "-i", str(fleet.inventory()), "--duration", "10s", "--json", str(report_path),
+                   "--no-live", "--run-id", run_id], console)
+    finally:
+        bg.wait(30)
+    out = console.export_text()
+    assert rc == 0, out
+    report = json.loads(report_path.read_text())
+    aggs = report["aggregate"]["aggregates"]
+    tables = {t["probe"] + ":" + t["kind"] + ":" + t["field"]: t for t in aggs["tables"]}
+    assert set(tables) == {"exec:count:comm", "exec:count:filename", "sig:histogram:sig", "gsv_ret:latency:ns"}
+    for h in ("agg1", "agg2"):
+        parts = aggs["hosts"][h]
+        assert {p["mode"] for p in parts.values()} == {"stream"}, parts
+        assert all("no hist triggers" in p["reason"] for p in parts.values()), parts
+    for h in report["hosts"]:
+        assert h["loss"]["overrun"] == h["loss"]["lost_lines"] == 0, h["loss"]
+    rows = {tuple(k): (n, hosts) for k, n, hosts in tables["exec:count:comm"]["rows"]}
+    assert rows[(true.name,)] == (2 * execs, 2)
+    rows = {tuple(k): (n, hosts) for k, n, hosts in tables["exec:count:filename"]["rows"]}
+    assert rows[(str(true),)] == (2 * execs, 2)
+    hist = {tuple(k): (n, hosts) for k, n, hosts in tables["sig:histogram:sig"]["rows"]}
+    assert hist[(sleeper.name, 5)] == (2 * signals, 2), hist
+    # Every return of the bash copy's get_string_value was timed against its entry, on both hosts.
+    hosts = {h["host"]: h for h in report["hosts"]}
+    lat = sum(n for k, n, _ in tables["gsv_ret:latency:ns"]["rows"] if k[0] == bash.name)
+    assert lat == sum(hosts[h]["hits"]["gsv_ret"] for h in hosts) > 0
+    assert lat == sum(hosts[h]["hits"]["gsv"] for h in hosts)
+    # The report says which way each host computed them.
+    assert "streamed on agg1, agg2: no hist triggers" in out
