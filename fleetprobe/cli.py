@@ -80,9 +80,14 @@ def _positive_int(text: str) -> int:
 def _add_connection_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that talks to hosts (defined once)."""
     g = p.add_argument_group("hosts and SSH")
-    g.add_argument("-i", "--inventory", required=True,
-                   help="Ansible-style YAML inventory, or hosts as host1,user@host2:2222")
-    g.add_argument("-l", "--limit", help="Ansible host pattern: group, host, glob, a:b, a:&b, a:!b")
+    g.add_argument("-i", "--inventory", default=None,
+                   help="Ansible inventory (YAML, INI, directory, script, --list JSON), or hosts as host1,host2:2222, "
+                        "(default: ANSIBLE_INVENTORY, ansible.cfg's inventory, /etc/ansible/hosts)")
+    g.add_argument("--inventory-reader", choices=("builtin", "ansible"), default="builtin",
+                   help="builtin: fleetprobe reads the static formats (refuses Jinja and vault); ansible: the "
+                        "installed ansible-core reads the inventory (Jinja, vault, plugins)")
+    g.add_argument("-l", "--limit", help="Ansible host pattern, exactly as ansible --limit: group, host, glob, ~regex, "
+                                         "a:b, a:&b, a:!b, g[0], g[1:3], @file")
     g.add_argument("-f", "--forks", type=_positive_int, default=200,
                    help="hosts connecting/gathering facts at once (default 200); probing is not limited")
     g.add_argument("--connect-timeout", type=parse_duration, default=15.0, help="per connection (default 15s)")
@@ -190,7 +195,10 @@ def _inventory(args: argparse.Namespace) -> Inventory:
     from .inventory import load_inventory
     from .shard import shard_inventory
 
-    return shard_inventory(load_inventory(args.inventory).limit(args.limit), getattr(args, "shard", None))
+    inv = load_inventory(args.inventory, reader=getattr(args, "inventory_reader", "builtin"))
+    if args.inventory is None:
+        args.inventory = inv.source  # what Ansible's defaults chose, for the report and the history
+    return shard_inventory(inv.limit(args.limit), getattr(args, "shard", None))
 
 
 def _raise_fd_limit() -> None:
