@@ -152,11 +152,18 @@ class _Ctx:
     final: bool = False
 
 
+#: Keywords whose value is the rest of the line as written (readconf.c keeps it unsplit, quotes and all).
+_RAW = {"proxycommand", "localcommand", "remotecommand", "knownhostscommand"}
+
+
 def _words(line: str, where: str, host: str) -> list[str]:
-    """A config line's keyword and arguments (``key=value`` or ``key value``, quotes, trailing comment)."""
+    """A config line's keyword and arguments (``key=value`` or ``key value``, quotes, trailing comment);
+    for a command keyword, its one argument is the rest of the line unsplit, as ssh keeps it."""
     m = re.match(r"^\s*([A-Za-z0-9]+)\s*(?:=\s*|\s+|$)(.*)$", line)
     if not m:
         raise SSHConfigError(host, f"{where}: cannot parse {line.strip()!r}")
+    if m.group(1).lower() in _RAW:
+        return [m.group(1), m.group(2).strip()] if m.group(2).strip() else [m.group(1)]
     try:
         rest = shlex.split(m.group(2), comments=True)
     except ValueError as exc:

@@ -15,6 +15,8 @@ import os
 import random
 import re
 import shlex
+import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +240,7 @@ class AsyncsshSession:
         self.host = host
         self._conn = conn
         self._tunnel = tunnel
+        self.proxies: list[asyncio.subprocess.Process] = []
 
     async def run(self, cmd: str, *, input: bytes | None = None,
                   timeout: float | None = None) -> CommandResult:
@@ -277,6 +280,12 @@ class AsyncsshSession:
             pass
         if self._tunnel is not None:
             self._tunnel.close()
+        for proc in self.proxies:  # a ProxyCommand ends when its connection does; reap it
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
 
 
 def _stat(path: str) -> os.stat_result | None:
@@ -433,8 +442,12 @@ def _where(host: Host, r: sshconfig.Resolved | None) -> str:
     return f" ({r.describe()})"
 
 
-def _translate(host: Host, exc: BaseException, stage: str, r: sshconfig.Resolved | None = None) -> TransportError:
+def _translate(host: Host, exc: BaseException, stage: str, r: sshconfig.Resolved | None = None,
+               evidence: str | None = None) -> TransportError:
     """Turn an asyncssh/OS error into one clear TransportError (the host named once: by the error itself)."""
+    if evidence:
+        err = _translate(host, exc, stage, r)
+        return TransportError(err.host, err.stage, err.message, evidence=evidence, hint=err.hint)
     name = host.name
     at = _where(host, r)
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
@@ -477,10 +490,13 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
         async with asyncio.timeout(options.connect_timeout):
             while True:
                 tunnels: list[asyncssh.SSHClientConnection] = []
+                proxies: list[asyncio.subprocess.Process] = []
                 try:
-                    conn = await _open(host, r, options, tunnels)
+                    conn = await _open(host, r, options, tunnels, proxies)
                     # closing the first hop (the direct connection) closes the whole chain
-                    return AsyncsshSession(host, conn, tunnels[0] if tunnels else None)
+                    session = AsyncsshSession(host, conn, tunnels[0] if tunnels else None)
+                    session.proxies = proxies
+                    return session
                 except _RETRYABLE:
                     for t in tunnels:
                         t.close()
@@ -496,26 +512,68 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
         raise _translate(host, exc, "connect", r) from None
 
 
-async def _open(host: Host, r: sshconfig.Resolved, options: SSHOptions,
-                tunnels: list[asyncssh.SSHClientConnection]) -> asyncssh.SSHClientConnection:
+async def _open(host: Host, r: sshconfig.Resolved, options: SSHOptions, tunnels: list[asyncssh.SSHClientConnection],
+                proxies: list[asyncio.subprocess.Process]) -> asyncssh.SSHClientConnection:
     """Open r's connection: its jump chain first (each hop verified like any host), or its ProxyCommand."""
     client = _Client(r)
     kw = _connect_kwargs(r, options, client)
     if r.jump is not None:
-        hop = await _open(host, r.jump, options, tunnels)
+        hop = await _open(host, r.jump, options, tunnels, proxies)
         tunnels.append(hop)
         kw["tunnel"] = hop
-    elif r.proxy_command is not None:
-        # as ssh runs it: through the shell, with exec
-        kw["proxy_command"] = ["/bin/sh", "-c", "exec " + r.proxy_command]
+    proxy: tuple[asyncio.subprocess.Process, str] | None = None
+    if r.proxy_command is not None and r.jump is None:
+        sock, proxy = await start_proxy(r.proxy_command)
+        kw["sock"] = sock
+        proxies.append(proxy[0])
     try:
         return await asyncssh.connect(r.hostname, **kw)
     except asyncssh.HostKeyNotVerifiable as exc:
         raise _host_key_error(host, r, client.verdict, exc) from None
-    except _RETRYABLE:
-        raise
     except (asyncssh.Error, OSError) as exc:
-        raise _translate(host, exc, "connect", r) from None
+        evidence = None
+        if proxy is not None:
+            if proxy[0].returncode is None:
+                proxy[0].kill()
+            evidence = _tail(proxy[1])
+        if isinstance(exc, _RETRYABLE) and proxy is None:
+            raise
+        raise _translate(host, exc, "connect", r, evidence=evidence) from None
+    finally:
+        if proxy is not None:
+            os.unlink(proxy[1])  # the running proxy keeps writing to its open file
+
+
+async def start_proxy(command: str) -> tuple[socket.socket, tuple[asyncio.subprocess.Process, str]]:
+    """Start a ProxyCommand as ssh does (``exec COMMAND`` in sh, stdin and stdout its connection).
+
+    The command talks over one end of a socket pair and the SSH connection runs over the other
+    (asyncssh's own proxy_command reads the proxy's stderr as if it were the SSH stream).  stderr
+    goes to a log file, for the error message when the proxy fails.  The proxy ends when the
+    connection closes its end (stdin EOF), as under ssh.
+    """
+    ours, theirs = socket.socketpair()
+    log = tempfile.NamedTemporaryFile(prefix="fleetprobe-proxy-", suffix=".log", delete=False)
+    try:
+        proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", "exec " + command, stdin=theirs.fileno(),
+                                                    stdout=theirs.fileno(), stderr=log, start_new_session=True)
+    except OSError:
+        ours.close()
+        os.unlink(log.name)
+        raise
+    finally:
+        theirs.close()
+        log.close()
+    return ours, (proc, log.name)
+
+
+def _tail(path: str) -> str | None:
+    """The end of what a proxy command wrote to stderr."""
+    try:
+        text = Path(path).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text[-600:] or None
 
 
 def _host_key_error(host: Host, r: sshconfig.Resolved, verdict: str, exc: BaseException) -> TransportError:

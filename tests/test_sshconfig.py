@@ -144,6 +144,7 @@ def test_resolution_matches_ssh_G(cfg: Path, name: str, fields: dict[str, object
     ("-o UserKnownHostsFile=none", None, None),
     ("-J hop1,root@hop2:2201", None, None),
     ("-o ProxyCommand='nc %h %p'", None, None),
+    ("""-o 'ProxyCommand sh -c "exec nc %h %p" 2>/dev/null'""", None, None),
     ("-o 'ProxyJump none'", None, None),
     ("-i /k/extra -o IdentityFile=/k/more", None, None),
     ("-o HostKeyAlias=aliased -C -q", None, None),
