@@ -661,10 +661,15 @@ def add_source(inv: InventoryData, source: str) -> None:
 
 def _add_file(inv: InventoryData, path: Path) -> None:
     where = str(path)
+    if path.suffix == ".toml":
+        raise InventoryError("TOML inventories are read by ansible-core only", where=where, hint=_WAY_OUT)
     if _is_script(path):
         parse_list_json(inv, run_script(path), where)
     elif path.suffix in YAML_EXTS:
         data = read_yaml(path)
+        if isinstance(data, dict) and isinstance(data.get("plugin"), str):
+            raise InventoryError(f"an inventory plugin configuration (plugin: {data['plugin']}) needs ansible-core",
+                                 where=where, hint=_WAY_OUT)
         if is_list_json(data):
             parse_list_json(inv, data, where)
         else:

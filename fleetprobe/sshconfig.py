@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import getpass
 import glob
 import hashlib
@@ -159,16 +160,25 @@ _RAW = {"proxycommand", "localcommand", "remotecommand", "knownhostscommand"}
 def _words(line: str, where: str, host: str) -> list[str]:
     """A config line's keyword and arguments (``key=value`` or ``key value``, quotes, trailing comment);
     for a command keyword, its one argument is the rest of the line unsplit, as ssh keeps it."""
+    words = _split_line(line)
+    if isinstance(words, str):
+        raise SSHConfigError(host, f"{where}: {words}")
+    return list(words)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_line(line: str) -> tuple[str, ...] | str:
+    """:func:`_words` without the host (cached: every host of a fleet reads the same lines), or the error."""
     m = re.match(r"^\s*([A-Za-z0-9]+)\s*(?:=\s*|\s+|$)(.*)$", line)
     if not m:
-        raise SSHConfigError(host, f"{where}: cannot parse {line.strip()!r}")
+        return f"cannot parse {line.strip()!r}"
     if m.group(1).lower() in _RAW:
-        return [m.group(1), m.group(2).strip()] if m.group(2).strip() else [m.group(1)]
+        return (m.group(1), m.group(2).strip()) if m.group(2).strip() else (m.group(1),)
     try:
         rest = shlex.split(m.group(2), comments=True)
     except ValueError as exc:
-        raise SSHConfigError(host, f"{where}: {exc} in {line.strip()!r}") from None
-    return [m.group(1), *rest]
+        return f"{exc} in {line.strip()!r}"
+    return (m.group(1), *rest)
 
 
 def _glob(name: str, pattern: str) -> bool:
@@ -193,6 +203,22 @@ def _match_pattern_list(name: str, patterns: list[str]) -> bool:
     return got
 
 
+#: Config file texts by (path, mtime, size, inode): every host of a fleet reads the same files.
+_TEXT_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
+def _config_text(path: str) -> str:
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    text = _TEXT_CACHE.get(key)
+    if text is None:
+        text = Path(path).read_text(errors="replace")
+        if len(_TEXT_CACHE) >= 64:
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[key] = text
+    return text
+
+
 class _Reader:
     """Reads OpenSSH config files into _Options for one host (readconf.c's semantics)."""
 
@@ -204,7 +230,7 @@ class _Reader:
         if depth > 16:
             raise SSHConfigError(self.ctx.host.name, f"{path}: Include nested too deep")
         try:
-            text = Path(path).read_text(errors="replace")
+            text = _config_text(path)
         except FileNotFoundError:
             if required:
                 raise SSHConfigError(self.ctx.host.name, f"ssh config file {path} does not exist") from None
@@ -678,36 +704,72 @@ def _host_matches(field_: str, name: str) -> bool:
     return _match_pattern_list(name, [field_])
 
 
+@dataclass
+class _ParsedKnownHosts:
+    """One known_hosts file: entries by plain host name, and the others (patterns, hashed) to scan."""
+
+    exact: dict[str, list[tuple[str | None, str, str]]] = field(default_factory=dict)
+    scan: list[tuple[str, str | None, str, str]] = field(default_factory=list)
+
+
+#: Parsed known_hosts files by (path, mtime, size, inode): a fleet's connections look up one file
+#: again and again, and parsing it for each would cost O(hosts^2) (bench/fanout.py, issue 5).
+_KH_CACHE: dict[tuple[str, int, int, int], _ParsedKnownHosts] = {}
+
+
+def _parsed(path: str) -> _ParsedKnownHosts | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a file that does not exist (yet) holds nothing, as for ssh
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    got = _KH_CACHE.get(key)
+    if got is not None:
+        return got
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    parsed = _ParsedKnownHosts()
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        marker = None
+        if parts[0].startswith("@"):
+            marker, parts = parts[0], parts[1:]
+        if len(parts) < 3:
+            continue
+        names = parts[0]
+        if names.startswith("|") or any(c in names for c in "*?!"):
+            parsed.scan.append((names, marker, parts[1], parts[2]))
+        else:
+            for n in names.split(","):
+                parsed.exact.setdefault(n.lower(), []).append((marker, parts[1], parts[2]))
+    if len(_KH_CACHE) >= 64:
+        _KH_CACHE.clear()
+    _KH_CACHE[key] = parsed
+    return parsed
+
+
 def lookup(files: tuple[str, ...], name: str) -> KnownKeys:
     """Every entry for ``name`` in ``files`` (files that do not exist hold nothing)."""
     keys: list[tuple[str, str]] = []
     cas: list[tuple[str, str]] = []
     revoked: list[tuple[str, str]] = []
     for f in files:
-        try:
-            text = Path(f).read_text(errors="replace")
-        except FileNotFoundError:
+        parsed = _parsed(f)
+        if parsed is None:
             continue
-        except OSError:
-            continue
-        for line in text.splitlines():
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            marker = None
-            if parts[0].startswith("@"):
-                marker, parts = parts[0], parts[1:]
-            if len(parts) < 3:
-                continue
-            if not _host_matches(parts[0], name):
-                continue
-            entry = (parts[1], parts[2])
+        hits = list(parsed.exact.get(name.lower(), []))
+        hits += [(m, t, k) for names, m, t, k in parsed.scan if _host_matches(names, name)]
+        for marker, kind, b64 in hits:
             if marker == "@revoked":
-                revoked.append(entry)
+                revoked.append((kind, b64))
             elif marker == "@cert-authority":
-                cas.append(entry)
+                cas.append((kind, b64))
             elif marker is None:
-                keys.append(entry)
+                keys.append((kind, b64))
     return KnownKeys(tuple(keys), tuple(cas), tuple(revoked))
 
 

@@ -328,3 +328,33 @@ def test_default_inventory_from_ansible_cfg_and_environment(tmp_path: Path, monk
     assert find_ansible_cfg(proj) != proj / "ansible.cfg"
     os.chmod(proj, 0o755)
     assert find_ansible_cfg(proj) == proj / "ansible.cfg"
+
+
+def test_cli_typo_in_i_and_default_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-i invntory``: exit 1 naming it (never a host called invntory); no -i: ansible.cfg's inventory."""
+    from rich.console import Console
+
+    from fleetprobe.cli import Exit, main
+
+    monkeypatch.chdir(tmp_path)
+    console = Console(record=True, width=200)
+    assert main(["facts", "-i", "invntory"], console) == Exit.BAD_INPUT
+    assert "invntory: inventory source not found" in console.export_text()
+    (tmp_path / "hosts").write_text("[web]\nweb1\n")
+    (tmp_path / "ansible.cfg").write_text("[defaults]\ninventory = hosts\n")
+    os.chmod(tmp_path, 0o755)
+    monkeypatch.delenv("ANSIBLE_CONFIG", raising=False)
+    monkeypatch.delenv("ANSIBLE_INVENTORY", raising=False)
+    console = Console(record=True, width=200)
+    # the default inventory is found and --limit applies to it (nothing is connected: it matches no host)
+    assert main(["facts", "--limit", "db"], console) == Exit.BAD_INPUT
+    assert f"{tmp_path / 'hosts'}: --limit 'db' matches no host" in console.export_text()
+
+
+@pytest.mark.parametrize("name,text", [("aws.yml", "plugin: amazon.aws.aws_ec2\nregions: [eu-west-1]\n"),
+                                       ("inv.toml", "[web.hosts.web1]\n")])
+def test_plugin_configs_need_ansible_core(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InventoryError) as ei:
+        load_inventory(str(tmp_path / name))
+    assert str(tmp_path / name) in str(ei.value) and "--inventory-reader ansible" in str(ei.value)
