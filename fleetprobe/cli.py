@@ -94,9 +94,11 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--setup-timeout", type=parse_duration, default=60.0,
                    help="per host for connect + facts + plan (default 60s)")
     g.add_argument("--known-hosts", action="append", default=[], metavar="FILE",
-                   help="known_hosts file to trust (repeatable; default: your OpenSSH ones)")
+                   help="known_hosts file to trust instead of UserKnownHostsFile (repeatable; default: what your "
+                        "OpenSSH config says)")
     g.add_argument("--ssh-config", action="append", default=None, metavar="FILE",
-                   help="OpenSSH config file to read (repeatable; 'none' for none; default ~/.ssh/config)")
+                   help="OpenSSH config file to read instead of ~/.ssh/config and /etc/ssh/ssh_config, like ssh -F "
+                        "(repeatable; 'none' for none)")
     g.add_argument("--identity", action="append", default=[], metavar="KEY", help="private key to offer")
     g.add_argument("--accept-new-host-keys", action="store_true",
                    help="trust and record the key of a host not yet in known_hosts (a changed key still fails)")

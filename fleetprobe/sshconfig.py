@@ -109,19 +109,18 @@ _IGNORED = {"forwardagent", "forwardx11", "forwardx11trusted", "forwardx11timeou
             "passwordauthentication", "kbdinteractiveauthentication", "challengeresponseauthentication",
             "kbdinteractivedevices", "gssapiauthentication", "gssapidelegatecredentials", "hostbasedauthentication",
             "enablesshkeysign", "numberofpasswordprompts", "updatehostkeys", "visualhostkey", "requesttty",
-            "escapechar", "ipqos", "rekeylimit", "serveralivecountmax_", "usekeychain", "protocol",
+            "escapechar", "ipqos", "rekeylimit", "usekeychain", "protocol",
             "useroaming", "pubkeyacceptedalgorithms", "pubkeyacceptedkeytypes", "hostbasedacceptedalgorithms",
             "hostbasedkeytypes", "casignaturealgorithms", "exitonforwardfailure", "clearallforwardings",
             "gatewayports", "streamlocalbindmask", "streamlocalbindunlink", "obscurekeystroketiming",
             "channeltimeout", "requiredrsasize", "sessiontype", "stdinnull", "forkafterauthentication",
             "enableescapecommandline", "permitlocalcommand", "localcommand", "tag", "fingerprinthash",
             "nohostauthenticationforlocalhost", "permitremoteopen", "canonicaldomains",
-            "canonicalizefallbacklocal", "canonicalizemaxdots", "canonicalizepermittedcnames",
-            "identityfile_", "securitykeyprovider_", "verifyhostkeydns_", "checkhostip_", "revokedhostkeys"}
+            "canonicalizefallbacklocal", "canonicalizemaxdots", "canonicalizepermittedcnames"}
 #: Keywords refused whatever their value, and those refused unless they have their default value.
 _REFUSED = {"localforward", "remoteforward", "dynamicforward", "remotecommand", "knownhostscommand",
             "bindaddress", "bindinterface", "certificatefile", "pkcs11provider", "securitykeyprovider",
-            "proxyusefdpass"}
+            "proxyusefdpass", "revokedhostkeys"}
 _DEFAULT_ONLY = {"checkhostip": ("no",), "verifyhostkeydns": ("no",), "canonicalizehostname": ("no",),
                  "tunnel": ("no",), "addressfamily": ("any",), "proxyusefdpass": ("no",)}
 _MULTI = {"identityfile"}
@@ -335,9 +334,12 @@ class _Reader:
                     ok = _match_pattern_list(self.ctx.local_user, [arg])
                 else:
                     cmd = self._tokens_partial(arg)
-                    ok = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        timeout=30).returncode == 0
+                    try:
+                        ok = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            timeout=30).returncode == 0
+                    except subprocess.TimeoutExpired:
+                        raise SSHConfigError(host, f"{where}: Match exec {arg!r} did not finish within 30s") from None
             elif crit in ("canonical", "final"):
                 # fleetprobe never canonicalises host names, so there is no second (final) pass.
                 raise SSHConfigError(host, f"{where}: Match {crit} is not supported by fleetprobe")

@@ -13,12 +13,11 @@ import asyncio
 import functools
 import os
 import random
-import re
 import shlex
 import socket
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,12 +58,14 @@ PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 class SSHOptions:
     """How to reach hosts, shared by the whole fleet (per-host settings live on Host).
 
-    ``known_hosts``: files to trust instead of the user's OpenSSH defaults.
-    ``ssh_config``: OpenSSH config files to read (None: the user's default;
-    an empty tuple: none).  ``accept_new_host_keys`` accepts and records the key
-    of a host that has none in known_hosts (a changed key is always refused).
+    ``known_hosts``: files to trust instead of ``UserKnownHostsFile`` (for every host and jump host).
+    ``ssh_config``: OpenSSH config files to read instead of ~/.ssh/config and the system's
+    ssh_config, like ``ssh -F`` (None: those two; an empty tuple: none).  ``accept_new_host_keys``
+    accepts and records the key of a host that has none in known_hosts, like
+    ``-o StrictHostKeyChecking=accept-new`` (a changed key is always refused).  Everything is
+    resolved as ssh resolves it: :mod:`fleetprobe.sshconfig`.
     ``ciphers``: the cipher preference in OpenSSH's ``Ciphers`` syntax, used
-    unless an OpenSSH config in use sets ``Ciphers`` itself (None: asyncssh's order).
+    unless the host's OpenSSH settings name ``Ciphers`` (None: asyncssh's order).
     """
 
     known_hosts: tuple[str, ...] | None = None
@@ -299,29 +300,6 @@ def _stat(path: str) -> os.stat_result | None:
 def _version(path: str, st: os.stat_result | None) -> tuple[str, int, int, int]:
     """What identifies one version of a file: path, mtime, size, inode (zeros when it does not exist)."""
     return (path, st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else (path, 0, 0, 0)
-
-
-#: Parsed known_hosts by the versions of its files; see _read_known_hosts.
-_KNOWN_HOSTS_CACHE: dict[tuple[tuple[str, int, int, int], ...], asyncssh.SSHKnownHosts] = {}
-
-
-def _read_known_hosts(files: list[tuple[str, os.stat_result]]) -> asyncssh.SSHKnownHosts:
-    """The parsed known_hosts files (with their stat), parsed again only when one of them changes.
-
-    Given paths, asyncssh re-reads and re-parses every file on every
-    connection: with one line per host that is O(hosts^2) over a fleet
-    (bench/fanout.py measured 12 ms per connection at 300 hosts, most of the
-    controller's CPU).  Accept-new appends change the size, so the next
-    connection sees the new key.  Raises OSError/ValueError like asyncssh would.
-    """
-    key = tuple(_version(f, st) for f, st in files)
-    known = _KNOWN_HOSTS_CACHE.get(key)
-    if known is None:
-        known = asyncssh.read_known_hosts([f for f, _ in files])
-        if len(_KNOWN_HOSTS_CACHE) >= 16:
-            _KNOWN_HOSTS_CACHE.clear()
-        _KNOWN_HOSTS_CACHE[key] = known
-    return known
 
 
 #: Loaded client key pairs by the versions of the key files and their certificates.
