@@ -254,7 +254,7 @@ class _Reader:
         if not active:
             return active
         if key == "include":
-            base = Path("~/.ssh").expanduser() if user_config else Path(system_dir())
+            base = Path(os.path.expanduser("~/.ssh")) if user_config else Path(system_dir())
             for arg in args:
                 pat = os.path.expanduser(arg)
                 pat = pat if os.path.isabs(pat) else str(base / pat)
@@ -376,10 +376,15 @@ def _expand_hostname(value: str, original: str) -> str:
     return value.replace("%%", "\0").replace("%h", original).replace("\0", "%")
 
 
+@functools.lru_cache(maxsize=1)
+def _local_hostname() -> str:
+    return socket.gethostname()
+
+
 def _token_map(hostname: str, original: str, port: str, user: str, local_user: str,
                alias: str | None) -> dict[str, str]:
-    long_host = socket.gethostname()
-    home = str(Path("~").expanduser())
+    long_host = _local_hostname()
+    home = os.path.expanduser("~")
     c = hashlib.sha1(f"{long_host}{hostname}{port}{user}".encode()).hexdigest()
     return {"%": "%", "h": hostname, "n": original, "p": port, "r": user, "u": local_user, "d": home,
             "l": long_host, "L": long_host.split(".")[0], "i": str(os.getuid()), "C": c,
@@ -548,8 +553,8 @@ def _resolve(host: Host, name: str, cmdline: list[tuple[str, list[str]]], files:
         else:
             reader.setting(key, args, "command line")
     if files is None:
-        reader.read_file(str(Path("~/.ssh/config").expanduser()), user_config=True)
-        reader.read_file(str(Path(system_dir()) / "ssh_config"), user_config=False)
+        reader.read_file(os.path.expanduser("~/.ssh/config"), user_config=True)
+        reader.read_file(os.path.join(system_dir(), "ssh_config"), user_config=False)
     else:
         for f in files:
             reader.read_file(os.path.expanduser(f), user_config=True, required=True)
@@ -574,10 +579,10 @@ def _resolve(host: Host, name: str, cmdline: list[tuple[str, list[str]]], files:
             return ()
         return tuple(_path(x, tokens, host.name, key_name(key)) for x in v)
 
-    user_kh = listing("userknownhostsfile", (str(Path("~/.ssh/known_hosts").expanduser()),
-                                             str(Path("~/.ssh/known_hosts2").expanduser())))
-    global_kh = listing("globalknownhostsfile", (str(Path(system_dir()) / "ssh_known_hosts"),
-                                                 str(Path(system_dir()) / "ssh_known_hosts2")))
+    user_kh = listing("userknownhostsfile", (os.path.expanduser("~/.ssh/known_hosts"),
+                                             os.path.expanduser("~/.ssh/known_hosts2")))
+    global_kh = listing("globalknownhostsfile", (os.path.join(system_dir(), "ssh_known_hosts"),
+                                                 os.path.join(system_dir(), "ssh_known_hosts2")))
     strict = (opts.get("stricthostkeychecking") or "ask").lower()
     strict = {"ask": "yes", "true": "yes", "false": "no", "off": "no", "on": "yes"}.get(strict, strict)
     if strict not in ("yes", "accept-new", "no"):
