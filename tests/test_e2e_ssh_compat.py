@@ -65,10 +65,14 @@ def plain_ssh(cfg: Path, name: str, *args: str, cmd: str = "true") -> subprocess
                           text=True, stdin=subprocess.DEVNULL, timeout=30)
 
 
+@pytest.mark.parametrize("how", ["accept-new", "no", "--accept-new-host-keys"])
 @pytest.mark.parametrize("kind", TRANSPORTS)
-def test_accept_new_writes_what_ssh_accepts(sshd: tuple[Fleet, SshdHost], tmp_path: Path, kind: str) -> None:
+def test_accept_new_writes_what_ssh_accepts(sshd: tuple[Fleet, SshdHost], tmp_path: Path, kind: str,
+                                            how: str) -> None:
     """HostName/Port from an Included config, a per-host UserKnownHostsFile that does not exist yet,
-    HashKnownHosts: the key is recorded hashed as [127.0.0.1]:PORT in that file; ssh and the next run accept it."""
+    HashKnownHosts: the key is recorded hashed as [127.0.0.1]:PORT in that file; ssh and the next run accept it.
+    First-seen keys are allowed by StrictHostKeyChecking accept-new or no in the config, or by the flag
+    (then with the config in ~/.ssh/config, where ssh looks by default)."""
     fl, h = sshd
     connect = TRANSPORTS[kind]
     kh = tmp_path / "kh" / f"port{h.port}_known"
@@ -79,14 +83,24 @@ def test_accept_new_writes_what_ssh_accepts(sshd: tuple[Fleet, SshdHost], tmp_pa
     strict = tmp_path / "strict.conf"
     strict.write_text(f"Include {tmp_path}/conf.d/*.conf\nHost *\n  StrictHostKeyChecking yes\n")
     accept = tmp_path / "accept.conf"
-    accept.write_text(f"Include {tmp_path}/conf.d/*.conf\nHost *\n  StrictHostKeyChecking accept-new\n")
+    accept.write_text(f"Include {tmp_path}/conf.d/*.conf\nHost *\n  StrictHostKeyChecking {how}\n")
+    user_config = Path("~/.ssh/config").expanduser()
+    if how == "--accept-new-host-keys":
+        user_config.parent.mkdir(exist_ok=True)
+        user_config.write_text(strict.read_text())
+        first = SSHOptions(use_agent=False, accept_new_host_keys=True)
+    else:
+        first = SSHOptions(ssh_config=(str(accept),), use_agent=False)
     web1 = Host(name="web1", address="web1")
-    # strict, and the file does not exist yet: "not verified", naming the file (not "No such file")
-    e = fail(connect, web1, SSHOptions(ssh_config=(str(strict),), use_agent=False))
-    assert "host key not verified" in e.message and str(kh) in e.message and "No such file" not in str(e)
-    assert str(e).count("web1") == 1, str(e)
-    assert not kh.exists()
-    assert run(connect, web1, SSHOptions(ssh_config=(str(accept),), use_agent=False)) == "ok\n"
+    try:
+        # strict, and the file does not exist yet: "not verified", naming the file (not "No such file")
+        e = fail(connect, web1, SSHOptions(ssh_config=(str(strict),), use_agent=False))
+        assert "host key not verified" in e.message and str(kh) in e.message and "No such file" not in str(e)
+        assert str(e).count("web1") == 1, str(e)
+        assert not kh.exists()
+        assert run(connect, web1, first) == "ok\n"
+    finally:
+        user_config.unlink(missing_ok=True)
     lines = kh.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("|1|") and h.host_key_pub.split()[1] in lines[0]
     found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{h.port}", "-f", str(kh)], capture_output=True)

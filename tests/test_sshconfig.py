@@ -291,3 +291,23 @@ def test_known_hosts_none_trusts_nothing(tmp_path: Path) -> None:
     r = resolve(host("web1"), ConfigSources(files=(str(cfg),)))
     assert r.user_known_hosts == () and sshconfig.check_host_key(r, "ssh-ed25519", KEY) == "untrusted"
     assert not sshconfig.may_record(r)
+
+
+def _ansible_cmdline(h: Host) -> list[str]:
+    """What Ansible's ssh connection puts before the user's args: -o Port, -o IdentityFile, -o User."""
+    out: list[str] = []
+    if h.port is not None:
+        out += ["-o", f"Port={h.port}"]
+    if h.key_file:
+        out += ["-o", f"IdentityFile={h.key_file}"]
+    if h.user:
+        out += ["-o", f"User={h.user}"]
+    return out + list(h.ssh_args)
+
+
+def test_the_projects_own_inventory_resolves_as_ssh_G() -> None:
+    """Every host of tests/data/inventory/fleet.yml (-J, UserKnownHostsFile, StrictHostKeyChecking in its
+    ssh args): where and how fleetprobe connects is what ssh -G says for the command line Ansible runs."""
+    inv = load_inventory(str(Path(__file__).parent / "data" / "inventory" / "fleet.yml"))
+    for h in inv.hosts:
+        agrees(resolve(h, ConfigSources(files=())), ssh_g(["-F", "none", *_ansible_cmdline(h)], h.address))
