@@ -42,7 +42,7 @@ from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetReport
 from fleetprobe.orchestrate import RunSettings, run_playbook
 from fleetprobe.playbook import Playbook, load_playbook
-from fleetprobe.transport import CommandResult, Session, SSHOptions, Stream, _where, get_file, put_file
+from fleetprobe.transport import CommandResult, Session, SSHOptions, Stream, get_file, put_file
 
 #: stderr kept per stream (the tail of a long error is rarely needed).
 STDERR_LIMIT = 65536
@@ -84,7 +84,7 @@ def harden(conn: fabric.Connection, known_hosts: Iterable[str] = (), *, accept_n
 def _translate(host: Host, exc: BaseException, stage: str) -> TransportError:
     """A paramiko/socket error as one clear TransportError (same wording as the asyncssh transport)."""
     name = host.name
-    at = _where(host, None)  # the host's name is already in front of the message
+    at = sshconfig.where(host, None)  # the host's name is already in front of the message
     if isinstance(exc, paramiko.BadHostKeyException):
         return TransportError(name, "connect", "host key CHANGED", evidence=str(exc),
                               hint="check with the host's owner before trusting the new key")
@@ -325,9 +325,7 @@ def _connection(host: Host, r: sshconfig.Resolved, options: SSHOptions) -> fabri
 
 def _open(host: Host, options: SSHOptions) -> fabric.Connection:
     """Blocking: open a Connection to ``host`` as OpenSSH would reach it (proxies, known_hosts), keepalives on."""
-    from fleetprobe.transport import sources_of
-
-    r = sshconfig.resolve(host, sources_of(options))
+    r = sshconfig.resolve(host, sshconfig.sources_of(options))
     _refuse_unsupported(host, r)
     conn = _connection(host, r, options)
     conn.open()

@@ -31,6 +31,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from .errors import TransportError
 from .inventory import Host
@@ -493,6 +494,37 @@ class ConfigSources:
     extra_known_hosts: tuple[str, ...] = ()     # --known-hosts, fleetprobe_known_hosts: replace UserKnownHostsFile
     identities: tuple[str, ...] = ()            # --identity: like -i
     accept_new: bool = False                    # --accept-new-host-keys: like -o StrictHostKeyChecking=accept-new
+
+
+class _OptionsLike(Protocol):
+    """The fields of the transports' SSHOptions that say which settings apply."""
+
+    @property
+    def ssh_config(self) -> tuple[str, ...] | None: ...
+    @property
+    def known_hosts(self) -> tuple[str, ...] | None: ...
+    @property
+    def identities(self) -> tuple[str, ...]: ...
+    @property
+    def accept_new_host_keys(self) -> bool: ...
+
+
+def sources_of(options: _OptionsLike) -> ConfigSources:
+    """The config files and fleetprobe-wide settings (--ssh-config, --known-hosts, --identity,
+    --accept-new-host-keys) that :func:`resolve` applies, from a transport's SSHOptions."""
+    return ConfigSources(files=options.ssh_config, extra_known_hosts=tuple(options.known_hosts or ()),
+                         identities=options.identities, accept_new=options.accept_new_host_keys)
+
+
+def where(host: Host, r: Resolved | None) -> str:
+    """`` (user@address:port via ...)`` for an error message, never repeating the host's name (the
+    error already starts with it): empty when there is nothing to add."""
+    if r is None:
+        return "" if host.target == host.name else f" ({host.target})"
+    if r.hostname == host.name:
+        via = f", via {r.jump.describe()}" if r.jump else ", via ProxyCommand" if r.proxy_command else ""
+        return f" (user {r.user}, port {r.port}{via})"
+    return f" ({r.describe()})"
 
 
 def resolve(host: Host, sources: ConfigSources | None = None) -> Resolved:

@@ -367,12 +367,6 @@ def _trusted(r: sshconfig.Resolved) -> tuple[list[asyncssh.SSHKey], list[asyncss
     return keys(known.keys), keys(known.ca_keys), keys(known.revoked)
 
 
-def sources_of(options: SSHOptions) -> sshconfig.ConfigSources:
-    """The config files and fleetprobe-wide settings sshconfig.resolve applies."""
-    return sshconfig.ConfigSources(files=options.ssh_config, extra_known_hosts=tuple(options.known_hosts or ()),
-                                   identities=options.identities, accept_new=options.accept_new_host_keys)
-
-
 def _connect_kwargs(r: sshconfig.Resolved, options: SSHOptions, client: _Client) -> dict[str, Any]:
     """asyncssh.connect keyword arguments for one resolved connection (nothing left for asyncssh to read)."""
     kw: dict[str, Any] = {
@@ -410,16 +404,6 @@ def _connect_kwargs(r: sshconfig.Resolved, options: SSHOptions, client: _Client)
     return kw
 
 
-def _where(host: Host, r: sshconfig.Resolved | None) -> str:
-    """`` (user@address:port via ...)`` for a message, or nothing: the host's name is already in front of it."""
-    if r is None:
-        return "" if host.target == host.name else f" ({host.target})"
-    if r.hostname == host.name:
-        via = f", via {r.jump.describe()}" if r.jump else ", via ProxyCommand" if r.proxy_command else ""
-        return f" (user {r.user}, port {r.port}{via})"
-    return f" ({r.describe()})"
-
-
 def _translate(host: Host, exc: BaseException, stage: str, r: sshconfig.Resolved | None = None,
                evidence: str | None = None) -> TransportError:
     """Turn an asyncssh/OS error into one clear TransportError (the host named once: by the error itself)."""
@@ -427,7 +411,7 @@ def _translate(host: Host, exc: BaseException, stage: str, r: sshconfig.Resolved
         err = _translate(host, exc, stage, r)
         return TransportError(err.host, err.stage, err.message, evidence=evidence, hint=err.hint)
     name = host.name
-    at = _where(host, r)
+    at = sshconfig.where(host, r)
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         return TransportError(name, "connect", "host key not verified", evidence=str(exc),
                               hint="check the key with the host's owner and add it to known_hosts, "
@@ -462,7 +446,7 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
     connection reset by the host is retried within that budget.  A setting fleetprobe cannot
     apply fails the host before anything is connected.
     """
-    r = sshconfig.resolve(host, sources_of(options))
+    r = sshconfig.resolve(host, sshconfig.sources_of(options))
     attempt = 0
     try:
         async with asyncio.timeout(options.connect_timeout):
