@@ -46,7 +46,8 @@ SCRIPT_TIMEOUT = 60.0
 USED_VARS = ("ansible_host", "ansible_ssh_host", "ansible_port", "ansible_ssh_port", "ansible_user",
              "ansible_ssh_user", "ansible_ssh_private_key_file", "ansible_private_key_file", "ansible_password",
              "ansible_ssh_pass", "ansible_ssh_common_args", "ansible_ssh_extra_args", "ansible_become",
-             "ansible_become_user", "become", "fleetprobe_known_hosts", "fleetprobe_jump", "ansible_connection")
+             "ansible_become_user", "become", "fleetprobe_known_hosts", "fleetprobe_jump", "ansible_connection",
+             "ansible_ssh_args", "ansible_host_key_checking", "ansible_ssh_host_key_checking")
 
 _WAY_OUT = ("read it with ansible-core instead: --inventory-reader ansible (needs ansible-core installed), "
             "or export it once: ansible-inventory -i SOURCE --list > inventory.json")
@@ -706,6 +707,23 @@ class AnsibleConfig:
     inventory: tuple[str, ...]
     remote_user: str | None
     private_key_file: str | None
+    #: [ssh_connection] ssh_args, ssh_common_args, ssh_extra_args and host_key_checking (None: not set)
+    ssh_args: str | None = None
+    ssh_common_args: str | None = None
+    ssh_extra_args: str | None = None
+    host_key_checking: bool | None = None
+
+    def defaults(self) -> dict[str, Any]:
+        """These settings as the host variables that override them (the lowest precedence: any
+        inventory variable of the same name wins, as in Ansible)."""
+        out: dict[str, Any] = {}
+        for key, value in (("ansible_user", self.remote_user), ("ansible_ssh_private_key_file", self.private_key_file),
+                           ("ansible_ssh_args", self.ssh_args), ("ansible_ssh_common_args", self.ssh_common_args),
+                           ("ansible_ssh_extra_args", self.ssh_extra_args),
+                           ("ansible_host_key_checking", self.host_key_checking)):
+            if value is not None:
+                out[key] = value
+        return out
 
 
 def find_ansible_cfg(cwd: Path | None = None) -> Path | None:
@@ -740,6 +758,7 @@ def ansible_config(cwd: Path | None = None) -> AnsibleConfig:
     """inventory, remote_user and private_key_file from the environment and ansible.cfg, as ansible-core reads them."""
     cfg_path = find_ansible_cfg(cwd)
     section: dict[str, str] = {}
+    ssh: dict[str, str] = {}
     if cfg_path is not None:
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
         try:
@@ -748,6 +767,8 @@ def ansible_config(cwd: Path | None = None) -> AnsibleConfig:
             raise InventoryError(f"not a valid ansible.cfg: {exc}", where=str(cfg_path)) from None
         if parser.has_section("defaults"):
             section = dict(parser.items("defaults"))
+        if parser.has_section("ssh_connection"):
+            ssh = dict(parser.items("ssh_connection"))
     base = cfg_path.parent if cfg_path is not None else Path.cwd()
     inventory: tuple[str, ...]
     env_inv = os.environ.get("ANSIBLE_INVENTORY")
@@ -763,7 +784,20 @@ def ansible_config(cwd: Path | None = None) -> AnsibleConfig:
     key = os.environ.get("ANSIBLE_PRIVATE_KEY_FILE") or section.get("private_key_file") or None
     if key:
         key = _cfg_path(key, Path.cwd() if os.environ.get("ANSIBLE_PRIVATE_KEY_FILE") else base)
-    return AnsibleConfig(str(cfg_path) if cfg_path else None, inventory, user, key)
+    checking = (os.environ.get("ANSIBLE_HOST_KEY_CHECKING") or os.environ.get("ANSIBLE_SSH_HOST_KEY_CHECKING")
+                or ssh.get("host_key_checking") or section.get("host_key_checking"))
+    return AnsibleConfig(str(cfg_path) if cfg_path else None, inventory, user, key,
+                         ssh_args=os.environ.get("ANSIBLE_SSH_ARGS") or ssh.get("ssh_args") or None,
+                         ssh_common_args=os.environ.get("ANSIBLE_SSH_COMMON_ARGS") or ssh.get("ssh_common_args") or None,
+                         ssh_extra_args=os.environ.get("ANSIBLE_SSH_EXTRA_ARGS") or ssh.get("ssh_extra_args") or None,
+                         host_key_checking=None if checking is None else ansible_bool(checking))
+
+
+def ansible_bool(value: Any) -> bool:
+    """ansible-core's boolean(): yes/on/1/true/t/y are true, everything else false."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("y", "yes", "on", "1", "true", "t", "1.0")
 
 
 # --- ansible-core's own reading -----------------------------------------------------------------

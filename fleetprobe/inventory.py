@@ -30,8 +30,9 @@ class Host:
     and its jump hosts (``fleetprobe_known_hosts``; None: what OpenSSH's config
     says); ``jump`` a ProxyJump spec (``fleetprobe_jump``: ``user@bastion:22``,
     comma-separated for a chain).  ``ssh_args`` are the words of
-    ``ansible_ssh_common_args`` and ``ansible_ssh_extra_args``, applied as ssh
-    applies them (:mod:`fleetprobe.sshconfig`).  ``connection`` is
+    ``ansible_ssh_common_args`` and ``ansible_ssh_extra_args``, ``ssh_pre_args``
+    those of ``ansible_ssh_args`` (ansible.cfg's ``ssh_args``) and host_key_checking,
+    applied as ssh applies them (:mod:`fleetprobe.sshconfig`).  ``connection`` is
     ``ansible_connection``.  ``become`` runs the on-host part under ``sudo -n``
     when the login user is not root.
     """
@@ -50,6 +51,7 @@ class Host:
     vars: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     ssh_args: tuple[str, ...] = ()
     connection: str | None = None
+    ssh_pre_args: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -145,11 +147,7 @@ def load_inventory(source: str | Sequence[str] | None = None, *, reader: str = "
                              hint="builtin or ansible")
     if reader == "builtin" and len(sources) == 1 and ansible_inventory.looks_like_host_list(sources[0]):
         return parse_adhoc(sources[0])
-    defaults: dict[str, Any] = {}
-    if cfg.remote_user:
-        defaults["ansible_user"] = cfg.remote_user
-    if cfg.private_key_file:
-        defaults["ansible_ssh_private_key_file"] = cfg.private_key_file
+    defaults = cfg.defaults()
     if reader == "ansible":
         for s in sources:
             if not ansible_inventory.looks_like_host_list(s) and not Path(s).expanduser().exists():
@@ -211,10 +209,11 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def ssh_args_of(name: str, hv: dict[str, Any], source: str) -> tuple[str, ...]:
+def ssh_args_of(name: str, hv: dict[str, Any], source: str,
+                keys: tuple[str, ...] = ("ansible_ssh_common_args", "ansible_ssh_extra_args")) -> tuple[str, ...]:
     """The words of ``ansible_ssh_common_args`` then ``ansible_ssh_extra_args``, as Ansible's ssh plugin adds them."""
     words: list[str] = []
-    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+    for key in keys:
         value = hv.get(key)
         if value in (None, ""):
             continue
@@ -223,6 +222,17 @@ def ssh_args_of(name: str, hv: dict[str, Any], source: str) -> tuple[str, ...]:
         except ValueError as exc:
             raise InventoryError(f"{key} of host {name!r} cannot be split into words: {exc}", where=source,
                                  hint="check its quotes") from None
+    return tuple(words)
+
+
+def _pre_args(name: str, hv: dict[str, Any], source: str) -> tuple[str, ...]:
+    """What Ansible's ssh plugin puts before its own -o Port/-o User: ``ssh_args`` (ansible.cfg, or
+    ``ansible_ssh_args``; its default ``-C -o ControlMaster=auto -o ControlPersist=60s`` changes nothing
+    for fleetprobe), then ``-o StrictHostKeyChecking=no`` when host_key_checking is off."""
+    words = list(ssh_args_of(name, hv, source, ("ansible_ssh_args",)))
+    checking = hv.get("ansible_host_key_checking", hv.get("ansible_ssh_host_key_checking"))
+    if checking is not None and not ansible_inventory.ansible_bool(checking):
+        words += ["-o", "StrictHostKeyChecking=no"]
     return tuple(words)
 
 
@@ -251,6 +261,7 @@ def _host_from_vars(name: str, hv: dict[str, Any], groups: tuple[str, ...], sour
         groups=groups,
         vars=hv,
         ssh_args=ssh_args_of(name, hv, source),
+        ssh_pre_args=_pre_args(name, hv, source),
         connection=str(hv["ansible_connection"]) if hv.get("ansible_connection") else None,
     )
 

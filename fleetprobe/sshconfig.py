@@ -429,10 +429,10 @@ class _CommandLine:
     config_file: str | None = None
 
 
-def _parse_ssh_args(host: Host, words: tuple[str, ...]) -> _CommandLine:
+def _parse_ssh_args(host: Host, words: tuple[str, ...],
+                    setting: str = "ansible_ssh_common_args/ansible_ssh_extra_args") -> _CommandLine:
     """``ansible_ssh_common_args`` + ``ansible_ssh_extra_args`` words as ssh's getopt reads them."""
     cl = _CommandLine()
-    setting = "ansible_ssh_common_args/ansible_ssh_extra_args"
     i = 0
     while i < len(words):
         w = words[i]
@@ -533,6 +533,7 @@ def resolve(host: Host, sources: ConfigSources | None = None) -> Resolved:
     if host.connection not in (None, "ssh", "smart", "paramiko", "ansible.builtin.ssh", "ansible.builtin.paramiko_ssh"):
         raise SSHConfigError(host.name, f"ansible_connection={host.connection} is not supported by fleetprobe",
                              hint="fleetprobe reaches every host over SSH")
+    pre = _parse_ssh_args(host, host.ssh_pre_args, "ansible_ssh_args/ssh_args (ansible.cfg)")
     cl = _parse_ssh_args(host, host.ssh_args)
     opts: list[tuple[str, list[str]]] = []
     known = list(sources.extra_known_hosts) + ([host.known_hosts] if host.known_hosts else [])
@@ -542,6 +543,7 @@ def resolve(host: Host, sources: ConfigSources | None = None) -> Resolved:
         opts.append(("stricthostkeychecking", ["accept-new"]))
     if host.jump:
         opts.append(("-J", [host.jump]))
+    opts += pre.options
     # Ansible's ssh plugin: -o Port, -o IdentityFile, -o User before the user's args.
     if host.port is not None:
         opts.append(("port", [str(host.port)]))
@@ -553,8 +555,9 @@ def resolve(host: Host, sources: ConfigSources | None = None) -> Resolved:
     for ident in sources.identities:
         opts.append(("-i", [ident]))
     files = sources.files
-    if cl.config_file is not None:
-        files = () if cl.config_file == "none" else (cl.config_file,)
+    config_file = cl.config_file if cl.config_file is not None else pre.config_file  # ssh: the last -F counts
+    if config_file is not None:
+        files = () if config_file == "none" else (config_file,)
     return _resolve(host, host.address, opts, files, sources, inherited_key=host.key_file, depth=0)
 
 

@@ -383,3 +383,33 @@ def test_the_lab_inventory_reads_as_ansible_core(tmp_path: Path) -> None:
     path = tmp_path / "inventory.yml"
     path.write_text(yaml.safe_dump(inventory_data(vms, tmp_path / "id", tmp_path / "kh")))
     _compare(path, tmp_path)
+
+
+def test_ansible_cfg_ssh_connection_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ansible.cfg's [ssh_connection] ssh_args (a -F there is a common bastion setup), ssh_common_args and
+    host_key_checking take effect as for Ansible: read as ansible-config reads them, applied as ssh would."""
+    from fleetprobe import sshconfig
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    os.chmod(proj, 0o755)
+    (proj / "ansible.cfg").write_text("[defaults]\ninventory = hosts\nhost_key_checking = False\n"
+                                      "[ssh_connection]\nssh_args = -C -o ControlMaster=auto -F ssh.cfg\n"
+                                      "ssh_common_args = -o Port=2299\n")
+    (proj / "hosts").write_text("web1\nweb2 ansible_ssh_common_args='-o Port=2300'\n")
+    (proj / "ssh.cfg").write_text("Host web*\n  HostName 192.0.2.10\n  ProxyJump bastion\n")
+    monkeypatch.chdir(proj)
+    for var in ("ANSIBLE_CONFIG", "ANSIBLE_INVENTORY", "ANSIBLE_SSH_ARGS", "ANSIBLE_HOST_KEY_CHECKING"):
+        monkeypatch.delenv(var, raising=False)
+    env = {k: v for k, v in _env(proj).items() if k != "ANSIBLE_CONFIG"}
+    res = subprocess.run([_tool("ansible-config"), "dump", "--only-changed", "-t", "connection", "-f", "json"],
+                         capture_output=True, text=True, env=env, cwd=proj, check=True)
+    ssh_opts = {o["name"]: o["value"] for d in json.loads(res.stdout) for k, v in d.items() if k == "ssh" for o in v}
+    assert ssh_opts == {"host_key_checking": False, "ssh_args": "-C -o ControlMaster=auto -F ssh.cfg",
+                        "ssh_common_args": "-o Port=2299"}
+    hosts = {h.name: h for h in load_inventory(None).hosts}
+    web1 = sshconfig.resolve(hosts["web1"])
+    web2 = sshconfig.resolve(hosts["web2"])  # its own ansible_ssh_common_args replaces the cfg's
+    assert (web1.hostname, web1.port, web1.strict) == ("192.0.2.10", 2299, "no")
+    assert (web2.hostname, web2.port) == ("192.0.2.10", 2300)
+    assert web1.jump is not None and web1.jump.hostname == "bastion"   # never straight to 192.0.2.10
