@@ -773,8 +773,8 @@ def ansible_config(cwd: Path | None = None) -> AnsibleConfig:
     inventory: tuple[str, ...]
     env_inv = os.environ.get("ANSIBLE_INVENTORY")
     if env_inv:
-        inventory = tuple(_cfg_path(s.strip(), Path.cwd()) if not looks_like_host_list(env_inv) else s
-                          for s in ([env_inv] if looks_like_host_list(env_inv) else env_inv.split(",")) if s.strip())
+        # a list of paths, as ansible-core reads it (DEFAULT_HOST_LIST is a pathlist: commas separate paths)
+        inventory = tuple(_cfg_path(s.strip(), Path.cwd()) for s in env_inv.split(",") if s.strip())
     elif section.get("inventory") or section.get("hostfile"):
         raw = section.get("inventory") or section.get("hostfile") or ""
         inventory = tuple(_cfg_path(s.strip(), base) for s in raw.split(",") if s.strip())

@@ -324,6 +324,10 @@ def test_default_inventory_from_ansible_cfg_and_environment(tmp_path: Path, monk
     other.write_text("db1\n")
     monkeypatch.setenv("ANSIBLE_INVENTORY", str(other))
     assert [h.name for h in load_inventory(None).hosts] == ["db1"]
+    third = tmp_path / "third.yml"
+    third.write_text("all:\n  hosts:\n    q1:\n")
+    monkeypatch.setenv("ANSIBLE_INVENTORY", f"{other},{third}")  # a list of paths, as for ansible-core
+    assert {h.name for h in load_inventory(None).hosts} == {"db1", "q1"}
     # a world-writable directory's ansible.cfg is ignored, as ansible-core ignores it
     monkeypatch.delenv("ANSIBLE_INVENTORY")
     os.chmod(proj, 0o777)
