@@ -222,3 +222,28 @@ def test_proxyjump_from_ssh_args_reaches_a_host_only_the_bastion_can(jump_fleet:
     # and not over a route of this namespace (never tried directly: that would leave the machine)
     direct = subprocess.run(["ip", "route", "get", "10.232.0.2"], capture_output=True, text=True)
     assert f"{SUBNET}.31." not in direct.stdout
+
+
+def test_facts_through_an_ini_inventory_with_group_and_host_vars(sshd: tuple[Fleet, SshdHost], tmp_path: Path) -> None:
+    """As a new user would: ``fleetprobe facts -i hosts`` where the address, port, user and key come only
+    from group_vars/ and host_vars/ beside an INI file (ignored, the host would go to web1:22)."""
+    import json
+
+    from rich.console import Console
+
+    from fleetprobe.cli import main
+
+    fl, h = sshd
+    inv = tmp_path / "inv"
+    (inv / "group_vars").mkdir(parents=True)
+    (inv / "host_vars").mkdir()
+    (inv / "hosts").write_text("[web]\nweb1\n")
+    (inv / "group_vars" / "web.yml").write_text(f"ansible_user: root\nansible_ssh_private_key_file: {fl.client_key}\n"
+                                                f"fleetprobe_known_hosts: {fl.write_known_hosts()}\n")
+    (inv / "host_vars" / "web1").write_text(f"ansible_host: 127.0.0.1\nansible_port: {h.port}\n")
+    console = Console(record=True, width=200)
+    out = tmp_path / "facts.json"
+    rc = main(["facts", "-i", str(inv / "hosts"), "--ssh-config", "none", "--no-agent", "--json", str(out)], console)
+    assert rc == 0, console.export_text()
+    facts = json.loads(out.read_text())
+    assert [f["host"] for f in facts] == ["web1"] and facts[0]["facts"]["arch"] == os.uname().machine
