@@ -80,7 +80,10 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 
 def _inventory(args: argparse.Namespace) -> Inventory:
     """The inventory, limited by --limit and --shard."""
-    return shard_inventory(load_inventory(args.inventory).limit(args.limit), getattr(args, "shard", None))
+    inv = load_inventory(args.inventory, reader=getattr(args, "inventory_reader", "builtin"))
+    if args.inventory is None:
+        args.inventory = inv.source  # what Ansible's defaults chose, for the report and the history
+    return shard_inventory(inv.limit(args.limit), getattr(args, "shard", None))
 
 
 def _raise_fd_limit() -> None:
