@@ -85,9 +85,12 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
 def _add_build_option(p: argparse.ArgumentParser) -> None:
     """``--build-at`` for the commands that plan or run module probes."""
     p.add_argument("--build-at", choices=WHERE_CHOICES, default="auto",
-                   help="where kernel modules are built, once per (arch, kernel release, source): auto (a host "
-                        "of the group with headers, make and cc, else the controller for a Debian kernel with "
-                        "a cross compiler), host, or controller (default: auto)")
+                   help="where kernel modules are built, once per (arch, kernel release, source): auto (the "
+                        "controller for a Debian kernel with a cross compiler, else each host with headers, make "
+                        "and cc, for itself), host, or controller (default: auto)")
+    p.add_argument("--trust-build-host", action="append", default=[], metavar="HOST",
+                   help="let other hosts of HOST's kernel load the module HOST builds, and keep it in the "
+                        "module cache (repeatable; default: a host's build is loaded by that host only)")
 
 
 def _shard_arg(text: str) -> Shard:

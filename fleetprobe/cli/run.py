@@ -75,7 +75,8 @@ def _settings(args: argparse.Namespace) -> RunSettings:
                        allow_modules=getattr(args, "allow_modules", False),
                        buffer_kb=getattr(args, "buffer_kb", None), run_id=getattr(args, "run_id", None),
                        teardown_slack=getattr(args, "teardown_slack", 30),
-                       build_at=getattr(args, "build_at", "auto"))
+                       build_at=getattr(args, "build_at", "auto"),
+                       trusted_build_hosts=tuple(getattr(args, "trust_build_host", ())))
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
@@ -260,7 +261,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
     results = asyncio.run(plan_fleet(inv.hosts, pb, _settings(args)))
-    builds = plan_module_builds(results, args.build_at)
+    builds = plan_module_builds(results, args.build_at, args.trust_build_host)
     if args.json:
         data = _plan_json(results)
         for item in data:
