@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import IO
 
 from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_event
+from fleetprobe.outfiles import open_private
 
 #: JSON exactly as ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` writes it, without
 #: building an encoder per call.
@@ -148,7 +149,7 @@ class EventWriter:
         """Open ``path`` for writing (truncates)."""
         self.path = Path(path)
         self.count = 0
-        self._f: IO[str] | None = open(self.path, "w", encoding="utf-8", buffering=1 << 20)
+        self._f: IO[str] | None = open_private(self.path, buffering=1 << 20)
         self._tails = _EventTails()
         self._comms = _Encoded()
         self._cpus = _IntText()

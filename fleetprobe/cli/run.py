@@ -52,6 +52,7 @@ from fleetprobe.render.live import LiveView
 from fleetprobe.render.terminal import render_summary
 from fleetprobe.results import write_json
 from fleetprobe.shard import shard_inventory
+from fleetprobe.outfiles import write_text_atomic
 
 if TYPE_CHECKING:
     from fleetprobe.kmod.plan import BuildGroup
@@ -100,7 +101,7 @@ def _write_json(path: str, data: Any, console: Console) -> None:
     if path == "-":
         console.print_json(text) if console.is_terminal else print(text)
     else:
-        Path(path).write_text(text + "\n")
+        write_text_atomic(path, text + "\n")
 
 
 def _yes(v: bool) -> str:
