@@ -39,6 +39,48 @@ class SymbolFacts:
 
 
 @dataclass(frozen=True)
+class TracepointFormat:
+    """What the host's ``events/SUBSYS/NAME/format`` file says a tracepoint is.
+
+    ``fields`` are the event's own field names (the ``common_*`` ones left out),
+    ``print_fmt`` the format's ``print fmt:`` text.  Trace lines are attributed to
+    a probe by :func:`printed_key` of this, not by guessing from the probe's name.
+    """
+
+    name: str
+    id: int | None = None
+    fields: tuple[str, ...] = ()
+    print_fmt: str = ""
+
+    @property
+    def is_syscall(self) -> bool:
+        """A syscall tracepoint (CONFIG_FTRACE_SYSCALLS): its record starts with ``__syscall_nr``."""
+        return "__syscall_nr" in self.fields
+
+
+def printed_key(tracepoint: str, fmt: TracepointFormat | None) -> str:
+    """The key :func:`fleetprobe.parse.split_event` gives the lines this tracepoint prints.
+
+    Most events print ``NAME: args`` (trace_raw_output_prep: the event's name).
+    Syscall events print through print_syscall_enter/exit (kernel/trace/trace_syscalls.c)
+    under their syscall's metadata name, ``sys`` + the event name's tail
+    (sys_enter_openat -> ``sys_openat(dfd: ...)``, sys_exit_openat -> ``sys_openat -> 0x3``).
+    Without the host's format (facts of an older fleetprobe), the subsystem and name decide.
+    """
+    subsystem, _, name = tracepoint.partition("/")
+    if fmt is not None:
+        name = fmt.name or name
+        syscall = fmt.is_syscall
+    else:
+        syscall = subsystem == "syscalls"
+    if syscall:
+        for prefix, form in (("sys_enter_", "("), ("sys_exit_", " ->")):
+            if name.startswith(prefix):
+                return f"sys_{name[len(prefix):]}{form}"
+    return name
+
+
+@dataclass(frozen=True)
 class FileFacts:
     """A user-space binary named by a uprobe: exists on the host, and its content hash."""
 
@@ -83,6 +125,8 @@ class Facts:
     kprobes_enabled: bool = True
     symbols: dict[str, SymbolFacts] = field(default_factory=dict)
     tracepoints: dict[str, bool] = field(default_factory=dict)
+    #: What the host's format file says each asked tracepoint is (absent in older stored facts).
+    tracepoint_formats: dict[str, TracepointFormat] = field(default_factory=dict)
     files: dict[str, FileFacts] = field(default_factory=dict)
     build_dir: str | None = None
     make: bool = False
@@ -120,6 +164,11 @@ class Facts:
             "build_dir": self.build_dir, "make": self.make, "cc": self.cc,
             "leftovers": list(self.leftovers), "problems": list(self.problems),
             "oops_count": self.oops_count, "warn_count": self.warn_count,
+            # Absent when empty: facts stored before formats were gathered read back unchanged.
+            **({"tracepoint_formats": {k: {"name": v.name, "id": v.id, "fields": list(v.fields),
+                                           "print_fmt": v.print_fmt}
+                                       for k, v in self.tracepoint_formats.items()}}
+               if self.tracepoint_formats else {}),
         }
 
     @classmethod
@@ -131,6 +180,10 @@ class Facts:
                                        in_kallsyms=v["in_kallsyms"], blacklisted=v["blacklisted"],
                                        clones=tuple(v.get("clones", ())))
                         for k, v in d.get("symbols", {}).items()}
+        d["tracepoint_formats"] = {k: TracepointFormat(name=str(v.get("name", "")), id=v.get("id"),
+                                                       fields=tuple(v.get("fields", ())),
+                                                       print_fmt=str(v.get("print_fmt", "")))
+                                   for k, v in d.get("tracepoint_formats", {}).items()}
         d["files"] = {k: FileFacts(path=k, exists=v["exists"], size=v.get("size", 0), md5=v.get("md5", ""))
                       for k, v in d.get("files", {}).items()}
         d["leftovers"] = tuple(d.get("leftovers", ()))
@@ -230,6 +283,30 @@ def _realtime(lines: list[str]) -> float:
         return 0.0
 
 
+def _tracepoint_formats(lines: list[str]) -> dict[str, TracepointFormat]:
+    """The ``tpformat`` section (``TP name|id|field|fmt VALUE`` lines) -> {tracepoint: format}."""
+    parts: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        tp, _, rest = line.partition(" ")
+        key, _, value = rest.partition(" ")
+        if not tp or not key:
+            continue
+        d = parts.setdefault(tp, {"name": "", "id": None, "fields": [], "print_fmt": ""})
+        if key == "name":
+            d["name"] = value.strip()
+        elif key == "id" and value.strip().isdigit():
+            d["id"] = int(value)
+        elif key == "fmt":
+            d["print_fmt"] = value
+        elif key == "field":
+            # "unsigned long flags", "__data_loc char[] filename", "char comm[16]": the last word.
+            word = value.split()[-1] if value.split() else ""
+            word = word.split("[", 1)[0]
+            if word and not word.startswith("common_"):
+                d["fields"].append(word)
+    return {tp: TracepointFormat(d["name"], d["id"], tuple(d["fields"]), d["print_fmt"]) for tp, d in parts.items()}
+
+
 def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts:
     """Parse the facts script's output; ``symbols`` lists the names that were asked about."""
     s = split_sections(text)
@@ -274,6 +351,7 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         parts = line.split()
         if len(parts) == 2:
             tracepoints[parts[0]] = parts[1] == "1"
+    formats = _tracepoint_formats(s.get("tpformat", []))
     files: dict[str, FileFacts] = {}
     for line in s.get("files", []):
         parts = line.split(" ", 3)
@@ -302,7 +380,7 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         instances=tf_files.get("instances") == "d",
         lockdown=lockdown, modules_disabled=first_int("modules_disabled", 0) == 1,
         kprobes_enabled=first_int("kprobes_enabled", 1) == 1,
-        symbols=sym_facts, tracepoints=tracepoints, files=files,
+        symbols=sym_facts, tracepoints=tracepoints, tracepoint_formats=formats, files=files,
         build_dir=build.get("build_dir"), make=build.get("make") == "yes", cc=build.get("cc"),
         leftovers=tuple(line.strip() for line in s.get("leftovers", []) if line.strip()),
         problems=tuple(problems), oops_count=oops, warn_count=warn,

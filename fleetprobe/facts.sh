@@ -49,6 +49,15 @@ sec tracepoints
 for w in "$@"; do
   case $w in t:*) tp=${w#t:}; if [ -n "$T" ] && [ -d "$T/events/$tp" ]; then echo "$tp 1"; else echo "$tp 0"; fi;; esac
 done
+# What the host says each tracepoint is (name, ID, fields, print fmt): the controller attributes
+# trace lines by it, because some events print under another name (syscalls: "sys_openat(...)").
+sec tpformat
+for w in "$@"; do
+  case $w in t:*) tp=${w#t:}
+    case $tp in *[!A-Za-z0-9_/]*|*/*/*|'') continue;; esac
+    [ -n "$T" ] && [ -r "$T/events/$tp/format" ] && sed -n "s|^name: |$tp name |p; s|^ID: |$tp id |p; s|^print fmt: |$tp fmt |p; s|^[ 	]*field:\([^;]*\);.*|$tp field \1|p" "$T/events/$tp/format" 2>/dev/null;;
+  esac
+done
 sec files
 for w in "$@"; do
   case $w in f:*) p=${w#f:}
