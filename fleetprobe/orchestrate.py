@@ -854,6 +854,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     module_failures = _module_results(plan, modules, report, kmsg, out, loss)
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
+    out.unattributed_lines = parser.stats.unknown_lines
+    out.unattributed = dict(parser.stats.unknown)
+    out.unattributed_examples = list(parser.stats.unknown_examples)
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:
