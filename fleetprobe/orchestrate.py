@@ -30,7 +30,7 @@ from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate, FleetReport, RunInfo
 from .outcome import HostOutcome, LossCounters
-from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
+from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script,
@@ -722,6 +722,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     def on_control(text: str) -> None:
         report.handle(text)
+        if text.startswith("ownfilter") and report.own_pids:
+            # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
+            parser.exclude_pids(set(report.own_pids))
         if len(report.pongs) == 1 and text.startswith("pong"):
             # The ping travels with the plan and the runner answers it before reading the rest:
             # one small round trip on an idle shell, the clock offset for free (NTP's min-RTT rule
@@ -745,6 +748,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         """Module lines of this run into the same cap, aggregate and event file as tracefs events."""
         for ev in kmsg.feed(data) if data else kmsg.flush():
             if ev.probe not in module_probes:
+                continue
+            if ev.pid in report.own_pids:
+                # A module's probe sees the runner's own forks and execs (no kernel filter reaches it).
+                parser.stats.own_events += 1
                 continue
             # Printk time + (host realtime - printk clock) is host realtime; minus the host's
             # offset from the controller puts it on the controller's axis like trace events.
@@ -777,17 +784,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             stream.write(b"stop\n")
 
     last_read = time.monotonic()
-    last_marker_ts: float | None = None
     runner_dead = False
-
-    def on_marker(marker: Marker) -> None:
-        nonlocal last_marker_ts
-        last_marker_ts = marker.trace_ts
-
-    parser.on_marker = on_marker
-
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
+    next_tick = t0 + TICK_SECONDS
     guard: asyncio.TimerHandle
 
     def watchdog() -> None:
@@ -799,17 +799,22 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         timer callback, not a task: a task per host costs a future and two
         wake-ups per second (issue 5).
         """
-        nonlocal runner_dead, guard
+        nonlocal runner_dead, guard, next_tick
         now = time.monotonic()
         if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
             return
-        if report.started and not report.stop_reason and runner_silent(now - last_read, last_marker_ts,
+        if report.started and not report.stop_reason and runner_silent(now - last_read, parser.last_beat_ts,
                                                                        parser.last_trace_ts):
             runner_dead = True
             stream.close()
             return
+        if report.started and not stop_sent and now >= next_tick:
+            # The runner forks nothing while it runs (issue 9): it sleeps until this wakes it to
+            # write its heartbeat marker.
+            next_tick = now + TICK_SECONDS
+            stream.write(b"tick\n")
         guard = loop.call_later(1, watchdog)
 
     guard = loop.call_later(1, watchdog)
@@ -857,6 +862,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     out.unattributed_lines = parser.stats.unknown_lines
     out.unattributed = dict(parser.stats.unknown)
     out.unattributed_examples = list(parser.stats.unknown_examples)
+    out.own_pids, out.own_unfiltered = list(report.own_pids), dict(report.own_unfiltered)
+    out.own_events = parser.stats.own_events
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:
@@ -884,7 +891,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         if deltas[1] > 0:
             out.alerts.append(f"the kernel logged {deltas[1]} WARNING(s) during the run; see dmesg")
     if (runner_dead or not report.bye) and link_error is None:
-        out.cleanup = await _teardown_for_dead_runner(session, plan, facts, tuple(m.name for m in modules))
+        out.cleanup = await _teardown_for_dead_runner(session, plan, facts, tuple(m.name for m in modules),
+                                                      tuple(report.own_processes))
     if runner_dead:
         raise HostError(host, "probe", f"the runner stopped responding (no heartbeat for {HEARTBEAT_TIMEOUT}s)",
                         evidence="; ".join(out.alerts) or None)
@@ -953,6 +961,8 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
 
 #: Seconds without the runner's 5-second clock marker before it is presumed dead.
 HEARTBEAT_TIMEOUT = 20
+#: How often the controller wakes the runner for its heartbeat marker ("tick" on its stdin).
+TICK_SECONDS = 5
 
 
 def runner_silent(idle: float, last_marker_ts: float | None, last_trace_ts: float) -> bool:
@@ -982,11 +992,11 @@ async def _runner_once(session: Session, directives: str, timeout: float) -> Run
 
 
 async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
-                                   modules: tuple[str, ...] = ()) -> str:
-    """Remove a run's modules, group and instance over the same connection when its runner died."""
+                                   modules: tuple[str, ...] = (), processes: tuple[str, ...] = ()) -> str:
+    """Remove a run's modules, group, instance and left processes over the same connection when its runner died."""
     try:
         rep = await _runner_once(session, teardown_directives(plan, facts.tracefs or "/sys/kernel/tracing",
-                                                              modules), timeout=60)
+                                                              modules, processes), timeout=60)
     except HostError as exc:
         return f"timer (controller teardown failed: {exc.message})"
     return "controller" if rep.clean else "timer (controller teardown incomplete)"
