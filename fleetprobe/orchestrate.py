@@ -810,7 +810,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             runner_dead = True
             stream.close()
             return
-        if report.started and not stop_sent and now >= next_tick:
+        if report.started and not stop_sent and not report.stop_reason and now >= next_tick:
             # The runner forks nothing while it runs (issue 9): it sleeps until this wakes it to
             # write its heartbeat marker.
             next_tick = now + TICK_SECONDS
