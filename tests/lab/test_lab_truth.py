@@ -65,7 +65,7 @@ def test_opensnoop_paths_read_on_every_arch(lab_fleet: LabForTests, tmp_path: Pa
     report_path, events_path = tmp_path / "r.json", tmp_path / "e.jsonl"
     try:
         rc, out = _run(["run", str(REPO / "playbooks/opensnoop.yml"), "-i", str(lab.inventory), "--duration",
-                        "20s", "--json", str(report_path), "--events", str(events_path), *COMMON])
+                        "15s", "--json", str(report_path), "--events", str(events_path), *COMMON])
     finally:
         for vm in lab.vms:
             ssh(lab, vm, f"touch {stop}", 60)
@@ -109,7 +109,7 @@ def test_an_idle_host_shows_nothing_of_fleetprobe(lab_fleet: LabForTests, tmp_pa
     vm = next(v for v in lab.vms if v.uname_m == "x86_64")
     report_path, events_path = tmp_path / "r.json", tmp_path / "e.jsonl"
     rc, out = _run(["run", str(REPO / "playbooks" / f"{playbook}.yml"), "-i", str(lab.inventory), "--limit",
-                    vm.name, "--duration", "7s", "--json", str(report_path), "--events", str(events_path), *COMMON])
+                    vm.name, "--duration", "6s", "--json", str(report_path), "--events", str(events_path), *COMMON])
     assert rc == 0, out
     (h,) = json.loads(report_path.read_text())["hosts"]
     own = set(h["own_pids"])
