@@ -120,7 +120,8 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
     out: dict[str, Any] = {"events": [], "control": [], "loss": [], "markers": []}
     stats: dict[str, Any] = {"bytes": len(data), "lines": 0, "events": 0, "markers": 0, "control": 0,
                              "loss_lines": 0, "lost_events": 0, "unparsed": 0, "unsynced": 0, "unknown": {},
-                             "unparsed_examples": [], "unknown_lines": 0, "unknown_examples": []}
+                             "unparsed_examples": [], "unknown_lines": 0, "unknown_examples": [],
+                             "own_events": 0}
     for line in data.decode("utf-8", "replace").split("\n"):
         if not line:
             continue
