@@ -118,7 +118,7 @@ teardown_group() {
 # The start time (clock ticks since boot, field 22 of /proc/PID/stat) of process $1; our own
 # processes' comm (sh, dash, busybox, sleep, dd) never holds a blank, which would shift the fields.
 starttime() {
-  read -r _1 _2 _3 _4 _5 _6 _7 _8 _9 _10 _11 _12 _13 _14 _15 _16 _17 _18 _19 _20 _21 _22 _r < "/proc/$1/stat" 2>/dev/null &&
+  { read -r _1 _2 _3 _4 _5 _6 _7 _8 _9 _10 _11 _12 _13 _14 _15 _16 _17 _18 _19 _20 _21 _22 _r < "/proc/$1/stat"; } 2>/dev/null &&
     echo "$_22"
 }
 
@@ -128,23 +128,23 @@ starttime() {
 # sshd): the watchdog's and timer's sleeps outlive a watchdog killed with the shell. While any
 # member lives, the kernel gives no new process that group's id, so they can only be the run's.
 kill_own() {
-  _lead=
+  _lead=; KILLED=
   for _w in $1; do
     _p=${_w%%:*}; _s=${_w#*:}
     case $_p in ''|*[!0-9]*) continue;; esac
     [ -z "$_lead" ] && _lead=$_p
     [ "$_p" = "$$" ] && continue
     [ -n "$_s" ] && [ "$(starttime "$_p")" = "$_s" ] || continue
-    kill -TERM "$_p" 2>/dev/null; kill -CONT "$_p" 2>/dev/null
+    kill -TERM "$_p" 2>/dev/null && KILLED=1; kill -CONT "$_p" 2>/dev/null
   done
   # Only when the shell is gone (or a zombie): a live process with its pid leads someone else's group.
   [ -n "$_lead" ] && [ "$_lead" != "$$" ] || return 0
-  if read -r _l < "/proc/$_lead/stat" 2>/dev/null; then
+  if { read -r _l < "/proc/$_lead/stat"; } 2>/dev/null; then
     set -f; set -- ${_l##*) }; set +f
     [ "$1" = Z ] || return 0
   fi
   for _f in /proc/[0-9]*/stat; do
-    read -r _l < "$_f" 2>/dev/null || continue
+    { read -r _l < "$_f"; } 2>/dev/null || continue
     # After the last ")": comm (anything a user named a process) is behind us.
     set -f; set -- ${_l##*) }; set +f
     [ "$3" = "$_lead" ] || continue
@@ -340,8 +340,11 @@ while IFS= read -r line <&3; do
       RUN=${G#fp_}; RUN=${RUN%_*}; shift
       # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
       unload_modules "$*"
+      # Its reader is one of its own processes: stopping those spares the scan of every process's
+      # fds (a fork per fd: seconds on a busy host), which stays the fallback.
       kill_own "$OWNK"
-      kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
+      if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
+      teardown_group "$G" "$I"
       rm -f /tmp/"$G"_*.ko
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
