@@ -14,7 +14,7 @@ from typing import Any
 
 from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL_PT_REGS, kernel_arg_registers,
                               user_arg_registers)
-from fleetprobe.facts import Facts, SymbolFacts
+from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.hist import AggPlan, plan_host_aggregates
 from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
@@ -268,7 +268,14 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
         try:
             if spec.kind != "module" and host_block:
                 raise _Unplaceable(host_block)
-            probes.append(_plan_probe(spec, facts, group, uprobe_offsets, probe_notes))
+            planned = _plan_probe(spec, facts, group, uprobe_offsets, probe_notes)
+            twin = next((p for p in probes if p.kind != "module" and planned.kind != "module"
+                         and p.trace_name == planned.trace_name), None)
+            if twin is not None:
+                # Lines are attributed by what they print: two probes printing alike cannot be told apart.
+                raise _Unplaceable(f"its events print as {planned.trace_name!r} like those of probe "
+                                   f"{twin.name!r}, so their lines could not be told apart")
+            probes.append(planned)
             notes.extend(probe_notes)
         except _Unplaceable as e:
             reason = str(e)
@@ -359,7 +366,11 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
             raise _Unplaceable(f"tracepoint {tp} was not checked on this host (facts lack it)")
         if not exists:
             raise _Unplaceable(f"tracepoint {tp} does not exist on this kernel ({facts.kernel_release})")
-        return _planned(spec, kind="tracepoint", event=tp, trace_name=tp.split("/", 1)[1])
+        fmt = facts.tracepoint_formats.get(tp)
+        if fmt is None and facts.tracepoint_formats:
+            notes.append(f"{spec.name}: the host did not say what {tp} prints (no format file read); "
+                         "its lines are attributed by the event's name")
+        return _planned(spec, kind="tracepoint", event=tp, trace_name=printed_key(tp, fmt))
     return _plan_module(spec, facts, notes)
 
 

@@ -104,26 +104,26 @@ def test_every_shipped_playbook_plans_on_every_host(playbook: Path, facts_file: 
 
 def test_opensnoop_x86_64_61_uses_argn() -> None:
     hp = plan("opensnoop", "x86_64-debian-6.1")
-    assert definition(hp, "open") == (f"p:{hp.group}/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring")
+    # The name from the kernel's own copy (struct filename's first member), never the user's pointer.
+    assert definition(hp, "open") == (f"p:{hp.group}/open do_filp_open dfd=$arg1:s32 path=+0(+0($arg2)):string")
     assert definition(hp, "open_ret") == f"r:{hp.group}/open_ret do_sys_openat2 ret=$retval:s32"
-    assert hp.notes == ()
+    assert hp.notes == ("open_ret: pairs do_filp_open (entry) with do_sys_openat2 (return): different functions",)
 
 
 def test_opensnoop_ppc64le_uses_r3_r4() -> None:
     hp = plan("opensnoop", "ppc64le-6.1")
-    assert definition(hp, "open").endswith("do_sys_openat2 dfd=%r3:s32 path=+0(%r4):ustring")
+    assert definition(hp, "open").endswith("do_filp_open dfd=%r3:s32 path=+0(+0(%r4)):string")
 
 
 def test_opensnoop_mips64_uses_r4_r5() -> None:
     hp = plan("opensnoop", "mips64el-6.1")
-    assert definition(hp, "open").endswith("do_sys_openat2 dfd=%r4:s32 path=+0(%r5):ustring")
+    assert definition(hp, "open").endswith("do_filp_open dfd=%r4:s32 path=+0(+0(%r5)):string")
 
 
-def test_opensnoop_old_x86_picks_do_sys_open_and_string() -> None:
+def test_opensnoop_old_x86_picks_do_sys_open_for_the_result() -> None:
     hp = plan("opensnoop", "x86_64-4.19")
-    assert definition(hp, "open").endswith("do_sys_open dfd=%di:s32 path=+0(%si):string")
+    assert definition(hp, "open").endswith("do_filp_open dfd=%di:s32 path=+0(+0(%si)):string")
     assert definition(hp, "open_ret").endswith("do_sys_open ret=$retval:s32")
-    assert any("ustring unsupported" in n for n in hp.notes)
 
 
 def test_fork_alternatives_follow_the_kernel() -> None:
