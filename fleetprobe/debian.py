@@ -348,6 +348,52 @@ def resolve(packages: list[str], arch: str, cache: Path, suites: tuple[str, ...]
         return state.resolve(packages)
 
 
+#: Debian kernel lines and the suites that serve each, the release's own first
+#: (fleetprobe.lab.lines builds on this; the module builder looks headers up here).
+KERNEL_LINE_SUITES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "5.10": (("bullseye", "bullseye-security"),),
+    "6.1": (("bookworm", "bookworm-security"),),
+    "6.12": (("trixie", "trixie-security"), ("bookworm-backports",)),
+}
+
+#: Debian release numbers in kernel ABI names (``6.12.118+deb13-amd64``) and their codenames.
+_CODENAMES = {"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
+
+
+def release_suites(release: str) -> tuple[tuple[str, ...], ...]:
+    """Suite sets that may carry kernel ``release`` (``uname -r``), most likely first.
+
+    From 6.12 Debian names the ABI after the release it was built for:
+    ``+deb13`` is trixie's own, ``+deb12`` bookworm's backport.  Older names
+    (``5.10.0-46-amd64``) are looked up by line.  Unknown: no suites.
+    """
+    m = re.search(r"\+deb(\d+)", release)
+    if m and m.group(1) in _CODENAMES:
+        name = _CODENAMES[m.group(1)]
+        own = (name, f"{name}-security")
+        return (own, (f"{name}-backports",)) if name == "trixie" else ((f"{name}-backports",), own)
+    line = re.match(r"(\d+\.\d+)\.", release)
+    return KERNEL_LINE_SUITES.get(line.group(1), ()) if line else ()
+
+
+def resolve_in_suites(packages: list[str], arch: str, cache: Path,
+                      candidates: tuple[tuple[str, ...], ...]) -> tuple[list[PackageRef], tuple[str, ...]]:
+    """Resolve ``packages`` from the machine's sources, else from the first candidate suite set that has them all.
+
+    Returns the refs and the suites they came from (``()``: the machine's), so
+    the caller downloads from the same place.  The error lists every answer.
+    """
+    errors: list[str] = []
+    for suites in ((), *candidates):
+        try:
+            return resolve(packages, arch, cache, suites), suites
+        except DebianError as exc:
+            errors.append(f"{'+'.join(suites) or 'the machine sources'}: {exc.message}")
+    raise DebianError(f"no suite has {', '.join(packages)} for {arch}: " + "; ".join(errors),
+                      hint="the package may be gone from the archive (try snapshot.debian.org in "
+                           "/etc/apt/sources.list.d)")
+
+
 def extract(pkg: DebPackage, dest: Path) -> None:
     """Unpack a .deb's data into ``dest`` with ``dpkg-deb -x`` (no maintainer scripts run)."""
     require_tools({"dpkg-deb": "dpkg"})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fleetprobe.debian import KERNEL_LINE_SUITES
 from fleetprobe.errors import InputError
 
 
@@ -37,11 +38,8 @@ class KernelLine:
 
 # The release's own suite first (what a host of that release runs), then
 # backports of the release before (what a not-yet-upgraded host gets).
-LINES: dict[str, KernelLine] = {ln.name: ln for ln in (
-    KernelLine("5.10", (("bullseye", "bullseye-security"),)),
-    KernelLine("6.1", (("bookworm", "bookworm-security"),)),
-    KernelLine("6.12", (("trixie", "trixie-security"), ("bookworm-backports",))),
-)}
+LINES: dict[str, KernelLine] = {name: KernelLine(name, sources)
+                                for name, sources in KERNEL_LINE_SUITES.items()}
 
 #: A single suite named instead of a line (``--kernel trixie-backports``): its line is
 #: read from the kernel version found there.
