@@ -182,7 +182,8 @@ def cross_compiler_package(debian_arch: str, gcc_version: str = "12") -> str:
 # --------------------------------------------------------------------------
 # Debian kernels
 
-_DEBIAN_RELEASE = re.compile(r"^\d+\.\d+\.\d+-\d+(?:-[a-z0-9][a-z0-9-]*)?$")
+# 6.1.0-50-amd64 (up to bookworm), 6.12.118+deb13-amd64 / 6.12.95+deb12-amd64 (trixie, bookworm-backports).
+_DEBIAN_RELEASE = re.compile(r"^\d+\.\d+\.\d+(?:-\d+|\+deb\d+)(?:-[a-z0-9][a-z0-9-]*)?$")
 _DEBIAN_VERSION = re.compile(r"\bDebian (\d[\w.+~:-]*)")
 
 
@@ -771,13 +772,16 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     """prepare_debian_tree's work, under its lock."""
     headers = f"linux-headers-{release}"
     spec = f"{headers}={package_version}" if package_version else headers
+    # Headers of a kernel from another suite (bullseye's 5.10, trixie's 6.12) are not in the
+    # machine's sources: release_suites says where else to look.
+    candidates = debian.release_suites(release)
     try:
-        (ref,) = debian.resolve([spec], debian_arch, debian_cache)
+        (ref,), suites = debian.resolve_in_suites([spec], debian_arch, debian_cache, candidates)
     except debian.DebianError as exc:
         if not package_version:
             raise
         # uname -v names the source version; an arch may carry a later binNMU: take what exists.
-        (ref,) = debian.resolve([headers], debian_arch, debian_cache)
+        (ref,), suites = debian.resolve_in_suites([headers], debian_arch, debian_cache, candidates)
         if ref.version.split("+")[0] != package_version:
             raise exc from None
     dest = trees / debian_arch / f"{release}_{ref.version}"
@@ -795,8 +799,8 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     if not common or not kbuild:
         raise debian.DebianError(f"{headers} {ref.version} does not depend on a -common and a linux-kbuild package",
                                  hint=f"Depends was {ref.depends!r}; is this a Debian kernel?")
-    pkgs = debian.fetch([ref.spec, f"{common[0]}={ref.version}"], debian_arch, debian_cache)
-    pkgs += debian.fetch([f"{kbuild[0]}={ref.version}"], host_arch, debian_cache)
+    pkgs = debian.fetch([ref.spec, f"{common[0]}={ref.version}"], debian_arch, debian_cache, suites)
+    pkgs += debian.fetch([f"{kbuild[0]}={ref.version}"], host_arch, debian_cache, suites)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{release}-", dir=dest.parent))
     try:
