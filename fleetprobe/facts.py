@@ -189,7 +189,9 @@ _README_FEATURES = {
     "symstr": "symstr",
     "return_suffix": "%return",
     "user_deref": "[u]<offset>",
-    "btf_args": "BTF",
+    # CONFIG_PROBE_EVENTS_BTF_ARGS (6.6+) adds this fetcharg line; the README never says "BTF"
+    # (trace.c; seen on the lab's trixie 6.12 guests).
+    "btf_args": "<argname>[->field",
     "hist": "hist:",
     "eprobe": "e[:[<group>/][<event>]]",
     "fprobe": "f[:[<group>/][<event>]]",

@@ -112,6 +112,18 @@ def test_readme_features_need_the_exact_text() -> None:
     assert readme_features(["kernel 6.18"]) == frozenset()
 
 
+READMES = Path(__file__).parent / "data" / "readme"
+
+
+def test_readme_features_of_real_debian_kernels() -> None:
+    """The tracefs READMEs of the lab's bullseye 5.10 and trixie 6.12 guests (captured from the guests)."""
+    old = readme_features((READMES / "x86_64-5.10.0-46-amd64.txt").read_text().splitlines())
+    new = readme_features((READMES / "x86_64-6.12.118+deb13-amd64.txt").read_text().splitlines())
+    assert old == {"arg_n", "comm", "return_suffix", "user_deref", "ustring"}
+    assert new == {"arg_n", "btf_args", "comm", "eprobe", "fprobe", "hist", "return_suffix", "symstr",
+                   "user_deref", "ustring"}
+
+
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
 def test_script_runs_here_and_parses(shell: str) -> None:
     """The shipped script, run now under each shell with facts_args, parses without problems."""
