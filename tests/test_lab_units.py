@@ -141,6 +141,9 @@ def test_kernel_line_table() -> None:
     assert LINES["6.12"].group == "lab_linux_6_12"
     assert line_of_version("6.12.95-1~bpo12+1") == "6.12" and line_of_version("5.10.262-1") == "5.10"
     assert vm_name("x86_64", "6.12", 2) == "lab-x86_64-6.12-2"
+    # A listed but unserved security upload falls back to the release's own suite, then the next set.
+    assert image.source_sets(LINES["6.12"]) == (("trixie", "trixie-security"), ("trixie",), ("bookworm-backports",))
+    assert image.source_sets(LINES["5.10"]) == (("bullseye", "bullseye-security"), ("bullseye",))
 
 
 def test_suite_sources_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -248,6 +248,29 @@ def _plan_all(spec: FleetSpec, cache: Path) -> dict[tuple[str, str], list[lab_im
     return plans
 
 
+def _build(cache_dir: Path, cache: Path, plan: lab_image.ImagePlan) -> lab_image.LabImage:
+    """Build ``plan``'s image; if the mirror lists its kernel but does not serve it, take the line's next source."""
+    failures: list[str] = []
+    wanted = plan.line
+    while True:
+        try:
+            image = lab_image.build_image(cache_dir, plan)
+        except lab_image.KernelDownloadError as exc:
+            if not plan.request:
+                raise
+            failures.append(exc.message)
+            try:
+                plan = lab_image.plan_image(plan.arch, cache, kernel_line(plan.request), after=plan.kernel_suites)
+            except lab_image.ImageError as none_left:
+                raise lab_image.ImageError("; ".join(failures) + "; " + none_left.message,
+                                           where=plan.arch.name, hint=exc.hint) from None
+            continue
+        if image.line != wanted:
+            raise lab_image.ImageError(f"{image.kernel_package} {image.kernel_version} is line {image.line}, "
+                                       f"wanted {wanted}: " + "; ".join(failures), where=plan.arch.name)
+        return image
+
+
 def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = None,
        lab_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
        cache_dir: Path | None = None, kernels: dict[str, tuple[str, ...]] | None = None) -> LabFleet:
@@ -284,7 +307,7 @@ def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = 
         # Images: one per (arch, line), built in parallel (downloads and xz are the cost).
         need = sorted({(arch.name, line) for arch, line, _n in to_start})
         with ThreadPoolExecutor(max_workers=max(1, len(need))) as pool:
-            images = dict(zip(need, pool.map(lambda k: lab_image.build_image(cache_dir, plans[k]), need)))
+            images = dict(zip(need, pool.map(lambda k: _build(cache_dir, cache, plans[k]), need)))
 
         client_public = keys.load_or_create_client_key(lab_dir / "id_ed25519")
         new: list[LabVM] = []

@@ -356,6 +356,7 @@ class ImagePlan:
     userland: tuple[debian.PackageRef, ...]
     line: str = DEFAULT_LINE                 # the kernel line, e.g. 6.12 (from the kernel's version)
     kernel_suites: tuple[str, ...] = ()      # where the kernel came from; () = the machine's sources
+    request: str = ""                        # the --kernel value this plan answers (a line or a suite)
 
     @property
     def key(self) -> str:
@@ -367,15 +368,40 @@ class ImagePlan:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def resolve_kernel(arch: LabArch, line: KernelLine, cache: Path) -> tuple[debian.PackageRef, str, tuple[str, ...]]:
+class KernelDownloadError(ImageError):
+    """The archive's index names a kernel package whose .deb it does not serve (a mirror gap)."""
+
+
+def source_sets(line: KernelLine) -> tuple[tuple[str, ...], ...]:
+    """The line's suite sets in order, each followed by its first suite alone.
+
+    ``bullseye+bullseye-security`` picks the security upload; when a mirror
+    lists that upload but does not serve its .deb (seen here: arm64's
+    5.10.262-1 in bullseye-security answers 404), the release's own suite is
+    the next best kernel of the same line.
+    """
+    out: list[tuple[str, ...]] = []
+    for suites in line.sources:
+        for candidate in (suites, suites[:1]):
+            if candidate not in out:
+                out.append(candidate)
+    return tuple(out)
+
+
+def resolve_kernel(arch: LabArch, line: KernelLine, cache: Path,
+                   after: tuple[str, ...] | None = None) -> tuple[debian.PackageRef, str, tuple[str, ...]]:
     """The kernel image package (exact version), its release and its suites for ``line`` on ``arch``.
 
-    Each of the line's source sets is asked in turn; the first that has the
+    Each of the line's source sets is asked in turn (only those after
+    ``after``, when a download from that one failed); the first that has the
     arch's kernel metapackage on this line wins.  Errors say what every
     source set answered.
     """
     tried: list[str] = []
-    for suites in line.sources:
+    sets = source_sets(line)
+    if after is not None:
+        sets = sets[sets.index(after) + 1:] if after in sets else ()
+    for suites in sets:
         try:
             image, release = debian.kernel_for_metapackage(arch.kernel_meta, arch.debian_arch, cache, suites)
         except debian.DebianError as exc:
@@ -385,15 +411,17 @@ def resolve_kernel(arch: LabArch, line: KernelLine, cache: Path) -> tuple[debian
             tried.append(f"{'+'.join(suites)}: {image.name} {image.version} is not on line {line.name}")
             continue
         return image, release, suites
-    raise ImageError(f"Debian serves no {line.name} kernel for {arch.name} ({arch.debian_arch}): "
-                     + "; ".join(tried), where=arch.name,
+    raise ImageError(f"Debian serves no {line.name} kernel for {arch.name} ({arch.debian_arch})"
+                     + (f" after {'+'.join(after)}" if after else "") + ": " + "; ".join(tried), where=arch.name,
                      hint="choose another line with --kernel; the README's lab table lists what each arch has")
 
 
-def plan_image(arch: LabArch, cache: Path, line: KernelLine | None = None) -> ImagePlan:
+def plan_image(arch: LabArch, cache: Path, line: KernelLine | None = None,
+               after: tuple[str, ...] | None = None) -> ImagePlan:
     """Resolve the exact kernel and userland versions for ``arch`` (apt lists only, no .debs).
 
     ``line`` None: the arch's kernel from the machine's own apt sources (bookworm's 6.1 here).
+    ``after``: skip the line's source sets up to and including this one (see resolve_kernel).
     The userland (busybox, dropbear) always comes from the machine's sources:
     it is the same small system whatever kernel runs under it.
     """
@@ -401,10 +429,11 @@ def plan_image(arch: LabArch, cache: Path, line: KernelLine | None = None) -> Im
         image, release = debian.kernel_for_metapackage(arch.kernel_meta, arch.debian_arch, cache)
         suites: tuple[str, ...] = ()
     else:
-        image, release, suites = resolve_kernel(arch, line, cache)
+        image, release, suites = resolve_kernel(arch, line, cache, after)
     userland = debian.resolve(list(USERLAND_PACKAGES), arch.debian_arch, cache)
     return ImagePlan(arch=arch, kernel=image, kernel_release=release, userland=tuple(userland),
-                     line=line_of_version(image.version), kernel_suites=suites)
+                     line=line_of_version(image.version), kernel_suites=suites,
+                     request=line.name if line else "")
 
 
 def image_dir(lab_dir: Path, plan: ImagePlan) -> Path:
@@ -493,8 +522,13 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
         work = Path(tmp)
         kstage, ustage, root = work / "kernel", work / "userland", work / "root"
         kstate = debian.AptState(arch.debian_arch, cache, plan.kernel_suites)
-        with kstate.locked():
-            debs = kstate.download([plan.kernel])
+        try:
+            with kstate.locked():
+                debs = kstate.download([plan.kernel])
+        except debian.DebianError as exc:
+            raise KernelDownloadError(f"{plan.kernel.spec} is listed in {'+'.join(plan.kernel_suites) or 'the apt lists'} "
+                                      f"but could not be downloaded: {exc.message}", where=arch.name,
+                                      hint=exc.hint) from None
         state = debian.AptState(arch.debian_arch, cache)
         with state.locked():
             debs += state.download(list(plan.userland))
