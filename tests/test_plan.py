@@ -175,6 +175,16 @@ def test_kitchen_sink_symstr_falls_back_to_symbol_before_62() -> None:
     assert definition(plan(pb, new), "open_ret").endswith("ret=$retval:s32 sym=$retval:symstr")
 
 
+def test_symstr_follows_the_real_debian_readmes() -> None:
+    """Facts captured from the lab's guests: bullseye's 5.10 has no symstr, bookworm's 6.1 and trixie's 6.12 do."""
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    old = plan(pb, "lab-x86_64-5.10")
+    assert definition(old, "open_ret").endswith("sym=$retval:symbol")
+    assert any("symstr unsupported on 5.10.0-46-amd64 (not in its tracefs README)" in n for n in old.notes)
+    for name in ("lab-x86_64-6.1", "lab-x86_64-6.12", "lab-arm64-6.1", "lab-arm64-6.12"):
+        assert definition(plan(pb, name), "open_ret").endswith("sym=$retval:symstr"), name
+
+
 def test_kitchen_sink_4_19_drops_user_deref() -> None:
     hp = plan(load_playbook(GOOD / "kitchen-sink.yml"), "x86_64-4.19")
     assert "upath=+0(%si):string" in definition(hp, "open")
