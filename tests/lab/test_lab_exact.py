@@ -34,16 +34,18 @@ WAIT_ENABLED = ("t=0; until [ \"$(cat /sys/kernel/tracing/instances/fp_*/events/
 
 
 def expected_first_arg(lab: LabForTests, vm: Any) -> str:
-    """What fleetprobe must write for arg1 on this guest: $arg1 if its README lists $arg<N>, else the register."""
-    r = ssh(lab, vm, "grep -c '[$]arg<N>' /sys/kernel/tracing/README; true")
+    """What fleetprobe must write for arg1 on this guest: $arg1 if its README lists $arg<N> as a fetcharg, else the register."""
+    # The fetcharg list's "$comm, $arg<N>,": 6.12 prints "$arg<N>" in its return-probe line on every arch.
+    r = ssh(lab, vm, "grep -c 'comm, [$]arg<N>' /sys/kernel/tracing/README; true")
     assert r.returncode == 0, (vm.name, r.stderr)
     return "$arg1" if int(r.stdout.strip() or 0) > 0 else FIRST_ARG_REGISTER[vm.uname_m]
 
 
-def check_exact_statfs(lab: LabForTests, tmp_path: Path, calls: int = 10) -> dict[str, Any]:
+def check_exact_statfs(lab: LabForTests, tmp_path: Path, calls: int = 10, duration: str = "20s") -> dict[str, Any]:
     """One run of the statfs playbook on every VM of ``lab``: exact counts, strings, retvals, teardown.
 
-    Returns the report.
+    The calls must all fall inside the run's ``duration``: 10 rounds of two busybox execs take
+    ~6 s on an idle TCG guest, ~20 s on the MIPS guests when the machine is loaded.  Returns the report.
     """
     marker = f"/tmp/fp-statfs-{uuid.uuid4().hex[:8]}"  # absent: statfs fails with -ENOENT
     first_arg = {vm.name: expected_first_arg(lab, vm) for vm in lab.vms}
@@ -54,13 +56,14 @@ def check_exact_statfs(lab: LabForTests, tmp_path: Path, calls: int = 10) -> dic
     report_path = tmp_path / "statfs.json"
     rc, out = _run(["run", str(REPO / "tests/data/playbooks/lab/statfs.yml"), "-i", str(lab.inventory),
                     "--limit", ",".join(vm.name for vm in lab.vms),
-                    "--duration", "20s", "--json", str(report_path), *COMMON])
+                    "--duration", duration, "--json", str(report_path), *COMMON])
     for t in threads:
         t.join(150)
     assert rc == 0, out
     report = json.loads(report_path.read_text())
     hosts = {h["host"]: h for h in report["hosts"]}
     assert set(hosts) == {vm.name for vm in lab.vms}
+    no_profile: list[str] = []   # checked last, so a failure still shows every other result first
     for vm in lab.vms:
         h = hosts[vm.name]
         assert h["status"] == "ok", h
@@ -69,7 +72,8 @@ def check_exact_statfs(lab: LabForTests, tmp_path: Path, calls: int = 10) -> dic
         assert h["hits"] == {"statfs": 2 * calls, "statfs_ret": 2 * calls}, (vm.name, h["hits"])
         assert h["cleanup"] == "clean" and h["kernel_oopses"] == 0
         assert {"overrun", "dropped", "lost_lines", "probe_misses", "capped"} <= set(h["loss"])
-        assert set(h["loss"]["probe_misses"]) == {"statfs", "statfs_ret"}, ("kprobe_profile was read", vm.name, h["loss"])
+        if set(h["loss"]["probe_misses"]) != {"statfs", "statfs_ret"}:
+            no_profile.append(vm.name)
     values = {(v["probe"], v["field"]): {val: (n, k) for val, n, k in v["values"]} for v in report["aggregate"]["values"]}
     n = len(lab.vms)
     assert values[("statfs", "path")][marker] == (calls * n, n)
@@ -80,6 +84,8 @@ def check_exact_statfs(lab: LabForTests, tmp_path: Path, calls: int = 10) -> dic
         lat = report["aggregate"]["hosts"][vm.name]["latency"]["statfs_ret"]
         assert sum(lat["buckets"].values() if isinstance(lat["buckets"], dict) else lat["buckets"]) == 2 * calls
         assert leftovers(lab, vm) == "", vm.name
+    assert not no_profile, f"no kprobe_profile misses in the report of {no_profile}: " + "; ".join(
+        f"{n}: loss {hosts[n]['loss']}, unparsed lines {hosts[n]['unparsed_lines']}" for n in no_profile)
     return report
 
 
