@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -37,8 +38,8 @@ MARKERS = {
     "return_suffix": "<symbol>[+<offset>]%return",
 }
 
-WAIT_RCU_ENABLED = ("t=0; until [ \"$(cat /sys/kernel/tracing/instances/fp_*/events/*/rcu/enable 2>/dev/null)\" = 1 ]; "
-                    "do sleep 0.2; t=$((t+1)); [ $t -gt 1200 ] && break; done;")
+WAIT_ENABLED = ("t=0; until [ \"$(cat /sys/kernel/tracing/instances/fp_*/events/*/caller/enable 2>/dev/null)\" = 1 ]; "
+                "do sleep 0.2; t=$((t+1)); [ $t -gt 1200 ] && break; done;")
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +93,20 @@ def test_facts_follow_each_guests_readme(two_lines: LabForTests, tmp_path: Path)
 
 
 def test_symstr_is_used_where_the_readme_lists_it(two_lines: LabForTests, tmp_path: Path) -> None:
-    """arg2:symstr of call_rcu: `symstr` on 6.12 (bare name), `symbol` with a note on 5.10 (name+off/size)."""
+    """$stack0:symstr at user_statfs: `symstr` on 6.12, `symbol` with the planner's note on 5.10; both decode."""
     vms = _by_line(two_lines)
     names = ",".join(v.name for v in vms.values())
+    calls = 5
     threads = [threading.Thread(
-        target=ssh, args=(two_lines, vm, WAIT_RCU_ENABLED + " for i in $(seq 20); do /bin/true; sleep 0.1; done", 300),
+        target=ssh, args=(two_lines, vm, WAIT_ENABLED + f" for i in $(seq {calls}); do stat -f /proc >/dev/null; "
+                                                         "sleep 0.2; done", 300),
         daemon=True) for vm in vms.values()]
     for t in threads:
         t.start()
-    report_path, events_path = tmp_path / "rcu.json", tmp_path / "rcu.jsonl"
-    rc, out = _run(["run", str(REPO / "tests/data/playbooks/lab/rcu-symstr.yml"), "-i", str(two_lines.inventory),
-                    "--limit", names, "--duration", "15s", "--json", str(report_path),
-                    "--events", str(events_path), *COMMON])
+    report_path, events_path = tmp_path / "caller.json", tmp_path / "caller.jsonl"
+    rc, out = _run(["run", str(REPO / "tests/data/playbooks/lab/statfs-caller-symstr.yml"),
+                    "-i", str(two_lines.inventory), "--limit", names, "--duration", "30s",
+                    "--json", str(report_path), "--events", str(events_path), *COMMON])
     for t in threads:
         t.join(300)
     assert rc == 0, out
@@ -111,17 +114,17 @@ def test_symstr_is_used_where_the_readme_lists_it(two_lines: LabForTests, tmp_pa
     hosts = {h["host"]: h for h in report["hosts"]}
     old, new = hosts[vms["5.10"].name], hosts[vms["6.12"].name]
     for h in (old, new):
-        assert h["status"] == "ok" and h["cleanup"] == "clean" and h["hits"].get("rcu", 0) > 0, h
-    assert new["placed_probes"]["rcu"].endswith("fn=$arg2:symstr"), new["placed_probes"]
-    assert old["placed_probes"]["rcu"].endswith("fn=$arg2:symbol"), old["placed_probes"]
+        assert h["status"] == "ok" and h["cleanup"] == "clean" and h["hits"] == {"caller": calls}, h
+    assert new["placed_probes"]["caller"].endswith("caller=$stack0:symstr"), new["placed_probes"]
+    assert old["placed_probes"]["caller"].endswith("caller=$stack0:symbol"), old["placed_probes"]
     assert "symstr unsupported on " + vms["5.10"].kernel_release in out, out
-    # What each kernel printed for the same callback: symstr the bare name, symbol name+off/size.
-    fns: dict[str, set[str]] = {}
+    # Both kernels decode the return address to the statfs syscall (symbol+off/size).
+    callers: dict[str, set[str]] = {}
     for line in events_path.read_text().splitlines():
         e = json.loads(line)
-        fns.setdefault(e["host"], set()).add(str(e["fields"]["fn"]))
-    assert "delayed_put_task_struct" in fns[new["host"]], sorted(fns[new["host"]])[:20]
-    assert all("+0x" not in v for v in fns[new["host"]]), sorted(fns[new["host"]])[:20]
-    assert any(v.startswith("delayed_put_task_struct+0x0/0x") for v in fns[old["host"]]), sorted(fns[old["host"]])[:20]
+        callers.setdefault(e["host"], set()).add(str(e["fields"]["caller"]))
+    for h in (old, new):
+        assert callers[h["host"]] and all(re.fullmatch(r"__(do|x64)_sys_statfs\+0x[0-9a-f]+/0x[0-9a-f]+", c)
+                                          for c in callers[h["host"]]), (h["host"], callers[h["host"]])
     for vm in vms.values():
         assert leftovers(two_lines, vm) == "", vm.name
