@@ -35,8 +35,10 @@ def lab_fleet() -> Iterator[LabForTests]:
         fleet = lab.up(arches, counts, lab_dir=lab_dir, kernels=lines,
                        timeout_s=float(os.environ.get("FLEETPROBE_LAB_TIMEOUT", "300")))
         try:
+            # Only the fleet asked for: other VMs may be running in a shared lab directory.
+            names = set(fleet.started) | set(fleet.reused)
             yield LabForTests(lab_dir=fleet.lab_dir, inventory=fleet.inventory, key=fleet.key,
-                              known_hosts=fleet.known_hosts, vms=fleet.vms,
+                              known_hosts=fleet.known_hosts, vms=[v for v in fleet.vms if v.name in names],
                               up_seconds=time.monotonic() - t0)
         finally:
             lab.down(fleet.lab_dir, names=fleet.started)
