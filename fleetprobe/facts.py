@@ -230,12 +230,17 @@ def split_sections(text: str) -> dict[str, list[str]]:
 
 #: What the tracefs README advertises, and the text that proves it (as perf does: never a version check).
 _README_FEATURES = {
-    "arg_n": "$arg<N>",
+    # The fetcharg list's "$comm, $arg<N>," (HAVE_FUNCTION_ARG_ACCESS_API), not any "$arg<N>": 6.12
+    # also prints "kernel return probes support: $retval, $arg<N>, $comm" on arches that have no
+    # $argN at all (mips64el 6.12 refuses $arg1: "Invalid $-valiable specified").
+    "arg_n": "$comm, $arg<N>",
     "ustring": "ustring",
     "symstr": "symstr",
     "return_suffix": "%return",
     "user_deref": "[u]<offset>",
-    "btf_args": "BTF",
+    # CONFIG_PROBE_EVENTS_BTF_ARGS (6.6+) adds this fetcharg line; the README never says "BTF"
+    # (trace.c; seen on the lab's trixie 6.12 guests).
+    "btf_args": "<argname>[->field",
     "hist": "hist:",
     "eprobe": "e[:[<group>/][<event>]]",
     "fprobe": "f[:[<group>/][<event>]]",

@@ -232,7 +232,8 @@ class _Lowering:
                          "using string, which reads user memory on those kernels")
             base = "string"
         elif base == "symstr" and "symstr" not in feats:
-            notes.append(f"{self.probe}: symstr unsupported on {self.facts.kernel_release} (before 6.2): "
+            # Not "before 6.2": Debian's 6.1 lists symstr (a stable backport; seen in the lab).
+            notes.append(f"{self.probe}: symstr unsupported on {self.facts.kernel_release} (not in its tracefs README): "
                          "using symbol")
             base = "symbol"
         return base + bracket + rest

@@ -64,3 +64,17 @@ def clean_tracefs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     after = [x for x in fleetprobe_leftovers()
              if x not in before and any(f"fp_{rid}_" in x for rid in ours)]
     assert not after, f"fleetprobe left these behind: {after}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``lab_matrix`` tests (every arch x kernel line, many VMs) run only when ``-m`` names them.
+
+    The default run (and ``-m lab``) leaves them out: CI time stays bounded; run them with
+    ``scripts/test.sh -m lab_matrix``.
+    """
+    if "lab_matrix" in (config.getoption("markexpr") or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("lab_matrix") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("lab_matrix")])
+        items[:] = keep

@@ -100,6 +100,46 @@ def test_every_shipped_playbook_plans_on_every_host(playbook: Path, facts_file: 
             assert p.kind == "module" and p.module and p.symbol
 
 
+#: Facts captured from a real lab guest of every (arch, kernel line) Debian serves for it
+#: (tests/lab/capture_facts.py): bullseye's 5.10 (only amd64 and arm64 are still served),
+#: bookworm's 6.1, trixie's 6.12 (bookworm-backports' for mips64el; none for mipsel).
+LAB_PAIRS = {"x86_64": ("5.10", "6.1", "6.12"), "arm64": ("5.10", "6.1", "6.12"), "ppc64le": ("6.1", "6.12"),
+             "mips64el": ("6.1", "6.12"), "mipsel": ("6.1",)}
+LAB_FACTS = sorted(f"lab-{arch}-{line}" for arch, lines in LAB_PAIRS.items() for line in lines)
+#: Where the second argument lands when the README lists no $arg<N>.
+SECOND_ARG_REGISTER = {"ppc64le": "%r4", "mips64": "%r5", "mips": "%r5", "x86_64": "%si", "aarch64": "%x1"}
+
+
+def test_lab_facts_cover_every_arch_and_kernel_line() -> None:
+    """One stored file per (arch, line), each really of that line and arch, from a lab guest."""
+    stems = {p.stem for p in FACTS_FILES}
+    assert set(LAB_FACTS) <= stems, set(LAB_FACTS) - stems
+    uname = {"x86_64": "x86_64", "arm64": "aarch64", "ppc64le": "ppc64le", "mips64el": "mips64", "mipsel": "mips"}
+    for name in LAB_FACTS:
+        f = facts(name)
+        arch, line = name.removeprefix("lab-").rsplit("-", 1)
+        assert f.host == f"{name}-1" and f.arch == uname[arch], name
+        version = f.kernel_version.split(" Debian ", 1)[1]
+        assert version.startswith(line + "."), (name, f.kernel_version)
+        assert f.kprobe_events and f.kprobes_enabled and not f.problems, name
+
+
+@pytest.mark.parametrize("name", LAB_FACTS)
+def test_opensnoop_argn_follows_each_lab_kernels_readme(name: str) -> None:
+    """$arg2 where the guest's README listed $arg<N>, else the arch's register: per (arch, line).
+
+    The guests' facts were captured when opensnoop probed do_sys_openat2 (checked on each of
+    them); opensnoop now reads do_filp_open's kernel copy of the path, so the lowering is checked
+    on the same user-pointer fetch of do_sys_openat2 those facts cover.
+    """
+    f = facts(name)
+    pb = parse_playbook("name: argn\nprobes:\n  - name: open\n    kprobe: do_sys_openat2\n"
+                        "    args: {path: '+0(arg2):ustring'}\n", "argn.yml")
+    hp = plan(pb, f)
+    want = "$arg2" if "arg_n" in f.features else SECOND_ARG_REGISTER[f.arch]
+    assert f"path=+0({want}):ustring" in definition(hp, "open"), (name, definition(hp, "open"))
+
+
 # --- per-arch lowering -------------------------------------------------------
 
 def test_opensnoop_x86_64_61_uses_argn() -> None:
@@ -173,6 +213,16 @@ def test_kitchen_sink_symstr_falls_back_to_symbol_before_62() -> None:
     # 6.18 has symstr, but no kprobe_events: check the lowering with kprobes switched on.
     new = dataclasses.replace(facts("x86_64-6.18-controller"), kprobe_events=True)
     assert definition(plan(pb, new), "open_ret").endswith("ret=$retval:s32 sym=$retval:symstr")
+
+
+def test_symstr_follows_the_real_debian_readmes() -> None:
+    """Facts captured from the lab's guests: bullseye's 5.10 has no symstr, bookworm's 6.1 and trixie's 6.12 do."""
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    old = plan(pb, "lab-x86_64-5.10")
+    assert definition(old, "open_ret").endswith("sym=$retval:symbol")
+    assert any("symstr unsupported on 5.10.0-46-amd64 (not in its tracefs README)" in n for n in old.notes)
+    for name in ("lab-x86_64-6.1", "lab-x86_64-6.12", "lab-arm64-6.1", "lab-arm64-6.12"):
+        assert definition(plan(pb, name), "open_ret").endswith("sym=$retval:symstr"), name
 
 
 def test_kitchen_sink_4_19_drops_user_deref() -> None:

@@ -72,20 +72,32 @@ ARCHES: dict[str, LabArch] = {
             machine_args=("-M", "malta", "-cpu", "24Kf"),
             memory_mib=256, console="ttyS0",
         ),
+        LabArch(
+            name="arm64", debian_arch="arm64", uname_m="aarch64",
+            kernel_meta="linux-image-arm64", kernel_file="boot/vmlinuz-{release}",
+            qemu_binary="qemu-system-aarch64", qemu_package="qemu-system-arm",
+            # virt + -kernel: qemu builds the device tree and enters the (gzip'd)
+            # Image directly, no UEFI firmware.  cortex-a57 rather than `max`:
+            # TCG emulating pointer authentication (max) makes every function
+            # prologue costly.
+            machine_args=("-M", "virt", "-accel", "tcg", "-cpu", "cortex-a57"),
+            memory_mib=512, console="ttyAMA0",
+        ),
     )
 }
 
 # `fleetprobe lab up` with no arguments: three hosts sharing one kernel (the
-# usual fleet case) plus one of each foreign arch (a second kernel release).
-DEFAULT_FLEET: dict[str, int] = {"x86_64": 3, "ppc64le": 1, "mips64el": 1}
+# usual fleet case) plus one of each foreign arch (a second kernel release),
+# all on the default kernel line (fleetprobe.lab.lines.DEFAULT_LINE).
+DEFAULT_FLEET: dict[str, int] = {"x86_64": 3, "ppc64le": 1, "mips64el": 1, "arm64": 1}
 
 
 def lab_arch(name: str) -> LabArch:
-    """Look up an arch by its lab name, accepting Debian's name too (amd64, ppc64el)."""
+    """Look up an arch by its lab name, accepting Debian's name (amd64, ppc64el) and aarch64 too."""
     if name in ARCHES:
         return ARCHES[name]
     for arch in ARCHES.values():
-        if arch.debian_arch == name:
+        if arch.debian_arch == name or (arch.uname_m == name and name not in ("mips", "mips64")):
             return arch
     raise InputError(f"unknown lab architecture {name!r}",
                      hint="choose from " + ", ".join(ARCHES))
