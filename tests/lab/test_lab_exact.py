@@ -39,7 +39,15 @@ def test_exact_hits_and_decoded_arguments_on_every_arch(lab_fleet: LabForTests, 
     hosts = {h["host"]: h for h in report["hosts"]}
     assert set(hosts) == {vm.name for vm in lab.vms}
     first_arg = {"x86_64": "$arg1", "ppc64le": "%r3", "mips64": "%r4", "mips": "%r4"}
-    for vm in lab.vms:
+    # A MIPS kernel that kprobes are known to oops (no RCU callback offloading: the lab's mipsel
+    # flavour lacks CONFIG_RCU_NOCB_CPU) is refused at plan time, with the reason, and left intact.
+    refused = [vm for vm in lab.vms if vm.uname_m in ("mips64", "mips")
+               and hosts[vm.name]["status"] == "skipped"]
+    for vm in refused:
+        h = hosts[vm.name]
+        assert "kprobes oops this MIPS kernel" in h["skipped_probes"]["statfs"], h
+        assert h["kernel_oopses"] == 0 and h["hits"] == {} and leftovers(lab, vm) == ""
+    for vm in (vm for vm in lab.vms if vm not in refused):
         h = hosts[vm.name]
         assert h["status"] == "ok", h
         assert h["arch"] == vm.uname_m and h["kernel_release"] == vm.kernel_release
@@ -48,12 +56,13 @@ def test_exact_hits_and_decoded_arguments_on_every_arch(lab_fleet: LabForTests, 
         assert h["cleanup"] == "clean" and h["kernel_oopses"] == 0
         assert {"overrun", "dropped", "lost_lines", "probe_misses", "capped"} <= set(h["loss"])
         assert set(h["loss"]["probe_misses"]) == {"statfs", "statfs_ret"}, "kprobe_profile was read"
+    probed = [vm for vm in lab.vms if vm not in refused]
     values = {(v["probe"], v["field"]): {val: (n, k) for val, n, k in v["values"]} for v in report["aggregate"]["values"]}
-    assert values[("statfs", "path")][marker] == (calls * len(lab.vms), len(lab.vms))
-    assert values[("statfs", "path")]["/proc"] == (calls * len(lab.vms), len(lab.vms))
-    assert values[("statfs_ret", "ret")][-2] == (calls * len(lab.vms), len(lab.vms)), "kretprobe values"
-    assert values[("statfs_ret", "ret")][0] == (calls * len(lab.vms), len(lab.vms))
-    for vm in lab.vms:
+    assert values[("statfs", "path")][marker] == (calls * len(probed), len(probed))
+    assert values[("statfs", "path")]["/proc"] == (calls * len(probed), len(probed))
+    assert values[("statfs_ret", "ret")][-2] == (calls * len(probed), len(probed)), "kretprobe values"
+    assert values[("statfs_ret", "ret")][0] == (calls * len(probed), len(probed))
+    for vm in probed:
         lat = report["aggregate"]["hosts"][vm.name]["latency"]["statfs_ret"]
         assert sum(lat["buckets"].values() if isinstance(lat["buckets"], dict) else lat["buckets"]) == 2 * calls
         assert leftovers(lab, vm) == "", vm.name
