@@ -21,13 +21,21 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.lab
 
+# Shell prefix: wait (at most 60 s) until both statfs probes of a fleetprobe run are enabled in its instance.
+_EV = "/sys/kernel/tracing/instances/fp_*/events/fp_*"
+ARMED = (f"n=0; until grep -qs 1 {_EV}/statfs/enable && grep -qs 1 {_EV}/statfs_ret/enable "
+         "|| [ $n -ge 300 ]; do sleep 0.2; n=$((n+1)); done; sleep 1; ")
+
 
 def test_exact_hits_and_decoded_arguments_on_every_arch(lab_fleet: LabForTests, tmp_path: Path) -> None:
     """argN lowered per arch (x86 $argN, ppc %r3, mips %r4), strings decoded, retvals, exact counts."""
     lab = lab_fleet
     marker = f"/tmp/fp-statfs-{uuid.uuid4().hex[:8]}"  # absent: statfs fails with -ENOENT
     calls = 10
-    threads = _background(lab, f"sleep 12; i=0; while [ $i -lt {calls} ]; do stat -f {marker} >/dev/null 2>&1; "
+    # The calls start once this run's probes are enabled on the host, not after a fixed sleep: on a
+    # loaded machine arming an emulated guest took longer than 12 s and calls went unseen (16 of 20,
+    # 0 of 20 in a loop of this test's workload), which is no loss of fleetprobe's.
+    threads = _background(lab, f"{ARMED}i=0; while [ $i -lt {calls} ]; do stat -f {marker} >/dev/null 2>&1; "
                                "stat -f /proc >/dev/null; i=$((i+1)); sleep 0.3; done")
     report_path = tmp_path / "statfs.json"
     rc, out = _run(["run", str(REPO / "tests/data/playbooks/lab/statfs.yml"), "-i", str(lab.inventory),
