@@ -145,6 +145,10 @@ class Facts:
     problems: tuple[str, ...] = ()
     oops_count: int | None = None
     warn_count: int | None = None
+    #: MIPS only: the kernel has kprobe_flush_task (an RCU callback that can clear the CPU's
+    #: current kprobe mid-probe), and the CPUs whose RCU callbacks run in rcuo kthreads.
+    kprobe_flush_task: bool = False
+    rcu_offloaded_cpus: frozenset[int] = frozenset()
 
     @property
     def can_build_modules(self) -> bool:
@@ -174,6 +178,8 @@ class Facts:
             "build_dir": self.build_dir, "make": self.make, "cc": self.cc,
             "leftovers": list(self.leftovers), "problems": list(self.problems),
             "oops_count": self.oops_count, "warn_count": self.warn_count,
+            "kprobe_flush_task": self.kprobe_flush_task,
+            "rcu_offloaded_cpus": sorted(self.rcu_offloaded_cpus),
             # Absent when empty: facts stored before formats were gathered read back unchanged.
             **({"tracepoint_formats": {k: {"name": v.name, "id": v.id, "fields": list(v.fields),
                                            "print_fmt": v.print_fmt, **({"decls": list(v.decls)} if v.decls else {})}
@@ -199,6 +205,7 @@ class Facts:
                       for k, v in d.get("files", {}).items()}
         d["leftovers"] = tuple(d.get("leftovers", ()))
         d["problems"] = tuple(d.get("problems", ()))
+        d["rcu_offloaded_cpus"] = frozenset(d.get("rcu_offloaded_cpus", ()))
         return cls(**d)
 
 
@@ -373,6 +380,10 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
     counts = [int(line) for line in s.get("kernel_counts", []) if line.strip().isdigit()]
     oops, warn = (counts[0], counts[1]) if len(counts) == 2 else (None, None)
 
+    mips_kprobe = [line.split() for line in s.get("mips_kprobe", [])]
+    offloaded = frozenset(int(w[1]) for w in mips_kprobe
+                          if len(w) == 2 and w[0] == "nocb" and w[1].isdigit() and len(w[1]) < 6)
+
     def first_int(key: str, default: int) -> int:
         for line in s.get(key, []):
             if line.strip().lstrip("-").isdigit():
@@ -394,4 +405,6 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         build_dir=build.get("build_dir"), make=build.get("make") == "yes", cc=build.get("cc"),
         leftovers=tuple(line.strip() for line in s.get("leftovers", []) if line.strip()),
         problems=tuple(problems), oops_count=oops, warn_count=warn,
+        kprobe_flush_task=["kprobe_flush_task"] in mips_kprobe,
+        rcu_offloaded_cpus=offloaded,
     )

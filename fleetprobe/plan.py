@@ -383,6 +383,8 @@ def _plan_module(spec: ProbeSpec, facts: Facts, notes: list[str]) -> PlannedProb
         raise _Unplaceable(f"kernel lockdown is '{facts.lockdown}': only signed modules load")
     if not facts.kprobes_enabled:
         raise _Unplaceable("kprobes are globally disabled (debugfs kprobes/enabled = 0)")
+    # A module may hold kprobes of its own: the same kernel bug applies.
+    _refuse_known_kprobe_oops(facts)
     params: list[tuple[str, str]] = []
     symbol: str | None = None
     for param in spec.params:
@@ -411,6 +413,41 @@ def _require_kprobes(facts: Facts) -> None:
         raise _Unplaceable("no kprobe_events in tracefs (kernel without CONFIG_KPROBE_EVENTS)")
     if not facts.kprobes_enabled:
         raise _Unplaceable("kprobes are globally disabled (debugfs kprobes/enabled = 0)")
+    _refuse_known_kprobe_oops(facts)
+
+
+def mips_kprobe_oops(facts: Facts) -> str:
+    """Why a kprobe would knowingly oops this host ('' when no known cause applies).
+
+    MIPS takes the kprobe break with interrupts enabled (handle_bp), so a timer
+    tick between a probe hit and its single-step break can run RCU callbacks in
+    softirq; delayed_put_task_struct -> kprobe_flush_task then sets the CPU's
+    current kprobe to NULL, and the single-step break oopses the task ("Break
+    instruction in kernel code" in the kprobe slot).  Measured on Debian 6.1 and
+    6.12 malta kernels: about one oops per 100-300 hits on a host where
+    processes exit, on every qemu CPU model tried; none in 6000 hits with RCU
+    callbacks offloaded to rcuo kthreads on every CPU (rcu_nocbs=, which needs
+    CONFIG_RCU_NOCB_CPU: Debian's 5kc-malta has it, 4kc-malta does not).
+    README, "Known kernel problem (MIPS)".
+    """
+    if facts.kernel_arch != "mips" or not facts.kprobe_flush_task:
+        return ""
+    missing = sorted(set(range(facts.ncpus)) - facts.rcu_offloaded_cpus)
+    if not missing:
+        return ""
+    cpus = f"0-{facts.ncpus - 1}" if facts.ncpus > 1 else "0"
+    shown = ",".join(str(c) for c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    return (f"kprobes oops this MIPS kernel ({facts.kernel_release}): kprobe_flush_task can clear the "
+            f"CPU's current kprobe from an RCU callback mid-probe, and RCU callbacks of CPU {shown} are "
+            f"not offloaded to kthreads; a kernel with CONFIG_RCU_NOCB_CPU booted with rcu_nocbs={cpus} "
+            "can be probed (README: Known kernel problem (MIPS))")
+
+
+def _refuse_known_kprobe_oops(facts: Facts) -> None:
+    """Raise _Unplaceable on a host where a kprobe (event or module) is known to oops the kernel."""
+    reason = mips_kprobe_oops(facts)
+    if reason:
+        raise _Unplaceable(reason)
 
 
 def _choose_symbol(targets: tuple[KernelTarget, ...], facts: Facts, probe: str,

@@ -555,6 +555,10 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
                                    kstage / "usr/lib/modules" / plan.kernel_release) if d.is_dir()),
                       kstage / "lib/modules" / plan.kernel_release)
         moddst = root / "lib/modules" / plan.kernel_release
+        # Debian's 6.x kernels after bookworm's 6.1 ship modules xz-compressed
+        # (*.ko.xz); busybox insmod loads only plain .ko, so unpack them here.
+        for packed in modsrc.rglob("*.ko.xz"):
+            packed.with_suffix("").write_bytes(lzma.decompress(packed.read_bytes()))
         order = module_load_order(list(arch.nic_modules), modsrc)
         stored: list[str] = []
         for rel in order:
