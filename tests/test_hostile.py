@@ -1,0 +1,148 @@
+"""Issue 11: hostile hosts and hostile users, through real SSH (in-process asyncssh hosts that lie,
+running the real facts script and runner against this machine's tracefs).
+
+Each test names the finding it reproduces.  The CLI runs as a subprocess with stdout a pipe, as
+the operator's own ``fleetprobe`` would: rich writes no styles to a pipe, so any ESC byte in what
+it printed came from a host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.simhosts import SimFleet
+
+pytestmark = [pytest.mark.tracefs]
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACEFS = Path("/sys/kernel/tracing")
+
+#: A terminal title change (OSC 0), a clear screen (CSI 2J), an OSC 52 clipboard write, a C1 CSI,
+#: a right-to-left override; and rich markup that raises MarkupError if read as markup.
+CONTROLS = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b31m\u202e"
+MARKUP = "[/]"
+
+PLAYBOOK = """\
+name: hostile
+description: Program executions, seen by every simulated host (they share this kernel).
+duration: 2s
+probes:
+  - name: exec
+    tracepoint: sched/sched_process_exec
+"""
+
+
+@pytest.fixture
+def run_id() -> str:
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture
+def sim(tmp_path: Path, run_id: str) -> Iterator[SimFleet]:
+    """A sim fleet; afterwards every command it ran ended by itself and tracefs holds nothing of the run."""
+    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
+        pytest.skip("needs root and tracefs")
+    fleet = SimFleet(tmp_path / "sim")
+    try:
+        yield fleet
+    finally:
+        killed = fleet.stop(grace=15)
+    assert killed == [], f"processes started by sim hosts did not end by themselves: {killed}"
+    prefix = f"fp_{run_id}_"
+    assert not [p for p in (TRACEFS / "instances").iterdir() if p.name.startswith(prefix)]
+
+
+def fleetprobe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """``python -m fleetprobe ARGS`` with stdout and stderr pipes (bytes, as a terminal would get them)."""
+    env = {**os.environ, "COLUMNS": "250", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fleetprobe", *args], capture_output=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def ssh_args(inventory: Path) -> list[str]:
+    return ["-i", str(inventory), "--ssh-config", "none", "--no-agent", "--connect-timeout", "3",
+            "--setup-timeout", "10"]
+
+
+def assert_terminal_safe(out: bytes) -> str:
+    """Nothing a host said drives the terminal: no ESC, no C1, no bidi override; returns the text."""
+    text = out.decode("utf-8")
+    assert "\x1b" not in text and "\x9b" not in text and "\u202e" not in text, text[-3000:]
+    return text
+
+
+def test_facts_and_plan_show_a_lying_kernel_release_as_text(sim: SimFleet, tmp_path: Path) -> None:
+    """Findings 3 and 9: a kernel release of ``[/]`` + terminal controls is shown, escaped, by facts
+    and plan (it crashed both with MarkupError), and kept raw in the JSON."""
+    liar = sim.add("liar")
+    honest = sim.add("honest")
+    release = MARKUP + CONTROLS
+    arch = os.uname().machine
+    liar.fake_facts = {"uname": [arch, release, "#1 SMP [bold]x[/bold]"]}
+    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "known_hosts"))
+    out = tmp_path / "facts.json"
+    r = fleetprobe("facts", *ssh_args(inv), "--json", str(out))
+    text = assert_terminal_safe(r.stdout + r.stderr)
+    assert r.returncode == 0, text
+    assert "[/]\\x1b]0;pwned\\x07\\x1b[2J" in text and "\\x9b31m\\u202e" in text, text
+    facts = {item["host"]: item["facts"] for item in json.loads(out.read_text())}
+    assert facts["liar"]["kernel_release"] == release           # raw in the machine output
+    assert facts["honest"]["kernel_release"] == os.uname().release
+    pb = tmp_path / "pb.yml"
+    pb.write_text(PLAYBOOK)
+    r = fleetprobe("plan", str(pb), *ssh_args(inv))
+    text = assert_terminal_safe(r.stdout + r.stderr)
+    assert r.returncode == 0, text
+    assert f"{arch} [/]\\x1b]0;pwned" in text and "honest" in text, text
+
+
+def test_run_shows_hostile_process_and_path_names_and_writes_every_output(sim: SimFleet, tmp_path: Path,
+                                                                           run_id: str) -> None:
+    """Findings 3 and 9: an unprivileged user execs a file named ``a[/]`` + terminal controls.
+    The run's summary used to raise MarkupError before JSON, HTML, Markdown and the store were
+    written (the whole run lost); now every output is written, the terminal gets escapes only,
+    and the JSON keeps the raw name."""
+    sim.add("h1")
+    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "known_hosts"))
+    # pytest's tmp_path is in root's 0700 folder: the user's file lives where that user can reach it.
+    evil_dir = Path(tempfile.mkdtemp(prefix="fp-hostile-names-"))
+    # "a[/]...": directory "a[", file "]..." (the kernel prints the whole path it was given).
+    evil = evil_dir / ("a" + MARKUP + CONTROLS)
+    evil.parent.mkdir()
+    evil.symlink_to("/bin/true")
+    pb = tmp_path / "pb.yml"
+    pb.write_text(PLAYBOOK)
+    # As nobody (uid 65534), not root: any user on a host chooses these names.
+    os.chmod(evil_dir, 0o755)
+    os.chmod(evil.parent, 0o755)
+    loop = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                             'while :; do "$0"; sleep 0.01; done', str(evil)], start_new_session=True)
+    try:
+        paths = {k: tmp_path / f"report.{k}" for k in ("json", "html", "md")}
+        r = fleetprobe("run", str(pb), *ssh_args(inv), "--no-live", "--run-id", run_id,
+                       "--json", str(paths["json"]), "--html", str(paths["html"]), "--markdown",
+                       str(paths["md"]), "--store", str(tmp_path / "store.db"), "--events",
+                       str(tmp_path / "events.jsonl"))
+    finally:
+        os.killpg(loop.pid, 9)
+        loop.wait()
+        shutil.rmtree(evil_dir)
+    text = assert_terminal_safe(r.stdout + r.stderr)
+    assert r.returncode == 0, text
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert any(e["fields"].get("filename") == str(evil) for e in events)   # raw value kept in JSON
+    report = json.loads(paths["json"].read_text())
+    assert report["hosts"][0]["status"] == "ok"
+    assert "[/]\\x1b]0;pwned\\x07" in text, text           # shown, escaped, in the summary
+    assert (tmp_path / "store.db").exists()
