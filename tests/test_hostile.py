@@ -146,3 +146,35 @@ def test_run_shows_hostile_process_and_path_names_and_writes_every_output(sim: S
     assert report["hosts"][0]["status"] == "ok"
     assert "[/]\\x1b]0;pwned\\x07" in text, text           # shown, escaped, in the summary
     assert (tmp_path / "store.db").exists()
+
+
+@pytest.mark.parametrize("lie", [
+    {"realtime": ["nan"]}, {"realtime": ["inf"]}, {"realtime": ["1" + "0" * 400]},
+    {"uid": ["9" * 5000], "ncpus": ["9" * 5000], "kernel_counts": ["9" * 5000, "1"]},
+], ids=["nan-clock", "inf-clock", "400-digit-clock", "5000-digit-ints"])
+def test_one_hosts_absurd_facts_are_its_own_bad_facts(sim: SimFleet, tmp_path: Path, lie: dict[str, list[str]]) -> None:
+    """Finding 10: 5000-digit integers and a nan/inf clock in one host's facts are parsed defensively
+    (the value is not used; the clock offset is not measured) and fail neither facts nor plan for
+    that host or any other (on main: an internal error, or the whole command)."""
+    liar = sim.add("liar")
+    sim.add("honest")
+    liar.fake_facts = dict(lie)
+    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "known_hosts"))
+    out = tmp_path / "facts.json"
+    r = fleetprobe("facts", *ssh_args(inv), "--json", str(out))
+    text = assert_terminal_safe(r.stdout + r.stderr)
+    assert r.returncode == 0, text
+    items = {item["host"]: item for item in json.loads(out.read_text())}
+    assert items["honest"]["error"] is None and items["liar"]["error"] is None, items
+    f = items["liar"]["facts"]
+    if "realtime" in lie:
+        assert f["realtime"] == 0.0 and any("is not a time" in p for p in f["problems"]), f["problems"]
+        assert items["liar"]["clock_offset"] == 0.0
+    else:
+        assert (f["uid"], f["ncpus"], f["oops_count"]) == (-1, 1, None)
+    pb = tmp_path / "pb.yml"
+    pb.write_text(PLAYBOOK)
+    r = fleetprobe("plan", str(pb), *ssh_args(inv), "--json", str(tmp_path / "plan.json"))
+    assert r.returncode == 0, r.stdout.decode()
+    plans = {item["host"]: item for item in json.loads((tmp_path / "plan.json").read_text())}
+    assert plans["liar"]["error"] is None and plans["honest"]["error"] is None
