@@ -178,3 +178,63 @@ def test_one_hosts_absurd_facts_are_its_own_bad_facts(sim: SimFleet, tmp_path: P
     assert r.returncode == 0, r.stdout.decode()
     plans = {item["host"]: item for item in json.loads((tmp_path / "plan.json").read_text())}
     assert plans["liar"]["error"] is None and plans["honest"]["error"] is None
+
+
+def _bomb(levels: int = 8) -> str:
+    """A YAML inventory of 1 kB whose aliases expand to 10^levels nodes."""
+    text = "x0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, levels + 1):
+        text += f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize("case", [
+    "playbook-duration-inf", "playbook-duration-huge", "filter-cr", "filter-esc", "raw-nul",
+    "duration-1e400s", "duration-huge", "grace-negative", "teardown-slack-negative", "grace-huge",
+    "limit-bad-regex", "range-unbounded", "alias-bomb",
+])
+def test_bad_input_is_refused_before_connecting(sim: SimFleet, tmp_path: Path, case: str) -> None:
+    """Finding 12: each is exit 1 with a message naming what is wrong, and no host is connected to
+    (on main: .inf, the filter's \\r, the negative grace and slack connected and ran)."""
+    from fleetprobe.cli.main import main
+    from fleetprobe.render.safe import SafeConsole
+
+    host = sim.add("h1")
+    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "known_hosts"))
+    pb = tmp_path / "pb.yml"
+    probe = "  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+    pb.write_text("name: bad\nduration: 1s\nprobes:\n" + probe)
+    cmd = ["plan", str(pb)]
+    extra: list[str] = []
+    expect = ""
+    if case.startswith("playbook-duration"):
+        pb.write_text("name: bad\nduration: " + (".inf" if case.endswith("inf") else "99999999999999999999h")
+                      + "\nprobes:\n" + probe)
+        expect = "duration"
+    elif case.startswith("filter") or case == "raw-nul":
+        bad = {"filter-cr": "pid > 1\\r", "filter-esc": "pid > 1\\e[2J", "raw-nul": "pid > 1\\0"}[case]
+        pb.write_text("name: bad\nduration: 1s\nprobes:\n" + probe + f'    filter: "{bad}"\n')
+        expect = "control character"
+    elif case.startswith(("duration", "grace", "teardown")):
+        cmd = ["run", str(pb)]
+        opt, value = {"duration-1e400s": ("--duration", "1e400s"), "duration-huge": ("--duration", "9999999h"),
+                      "grace-negative": ("--grace", "-5"), "grace-huge": ("--grace", "99999999999"),
+                      "teardown-slack-negative": ("--teardown-slack", "-5")}[case]
+        extra = [opt, value, "--no-store", "--no-live"]
+        expect = ""   # argparse's own message (exit 1 is checked)
+    elif case == "limit-bad-regex":
+        extra = ["--limit", "~("]
+        expect = "--limit"
+    elif case == "range-unbounded":
+        inv.write_text(inv.read_text().replace(
+            "    sim:\n      hosts:\n", "    sim:\n      hosts:\n        web[1:99999999999]: {}\n"))
+        expect = "expands to more than"
+    elif case == "alias-bomb":
+        inv.write_text(_bomb() + inv.read_text())
+        expect = "aliases expand"
+    console = SafeConsole(record=True, width=250)
+    rc = main([*cmd, *ssh_args(inv), *extra], console)
+    text = console.export_text()
+    assert rc == 1, text
+    assert expect in text, text
+    assert host.connections == 0, "refused input must not connect to any host"
