@@ -85,7 +85,7 @@ def test_facts_and_plan_show_a_lying_kernel_release_as_text(sim: SimFleet, tmp_p
     """Findings 3 and 9: a kernel release of ``[/]`` + terminal controls is shown, escaped, by facts
     and plan (it crashed both with MarkupError), and kept raw in the JSON."""
     liar = sim.add("liar")
-    honest = sim.add("honest")
+    sim.add("honest")
     release = MARKUP + CONTROLS
     arch = os.uname().machine
     liar.fake_facts = {"uname": [arch, release, "#1 SMP [bold]x[/bold]"]}
@@ -238,3 +238,119 @@ def test_bad_input_is_refused_before_connecting(sim: SimFleet, tmp_path: Path, c
     assert rc == 1, text
     assert expect in text, text
     assert host.connections == 0, "refused input must not connect to any host"
+
+
+RUNNER = ROOT / "fleetprobe" / "runner" / "runner.sh"
+
+
+def _module_checks(*commands: str) -> subprocess.CompletedProcess[str]:
+    """The runner's own module-file checks (the block between its markers), then ``commands``, in sh."""
+    text = RUNNER.read_text()
+    start = text.index("# --- module file checks")
+    end = text.index("# --- end of module file checks ---")
+    return subprocess.run(["sh", "-c", text[start:end] + "\n" + "\n".join(commands)], capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory made as put_private makes one (mktemp -d under /tmp, fp_ name), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the runner runs as root)")
+    d = Path(subprocess.run(["mktemp", "-d", "/tmp/fp_ttest_0000_mod.mod.XXXXXXXXXX"], capture_output=True,
+                            text=True, check=True).stdout.strip())
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("trap", ["none", "symlink", "other-owner", "group-writable", "hard-link", "dir-0755",
+                                  "dir-symlink", "not-ours"])
+def test_module_file_checks_refuse_what_a_user_planted(private_dir: Path, tmp_path: Path, trap: str) -> None:
+    """Finding 6: before insmod the runner checks the file is what the controller wrote (regular, one
+    link, ours, writable by no one else, in our 0700 directory).  Only the checks run here: insmod is
+    never reached and no module is ever loaded on this machine."""
+    ko = private_dir / "fp_ttest_0000_mod.ko"
+    ko.write_bytes(b"\x7fELF not a module")
+    ko.chmod(0o600)
+    target = ko
+    victim = tmp_path / "victim"
+    victim.write_text("root's file")
+    if trap == "symlink":
+        ko.unlink()
+        ko.symlink_to(victim)
+    elif trap == "other-owner":
+        os.chown(ko, 65534, 65534)
+    elif trap == "group-writable":
+        ko.chmod(0o660)
+    elif trap == "hard-link":
+        os.link(ko, private_dir / "other")
+    elif trap == "dir-0755":
+        private_dir.chmod(0o755)
+    elif trap == "dir-symlink":
+        link = Path(str(private_dir) + "-link")
+        link.symlink_to(private_dir)
+        target = link / ko.name
+    elif trap == "not-ours":
+        target = victim
+    try:
+        r = _module_checks(f'module_file_ok "{target}"; echo "rc=$?"')
+    finally:
+        if trap == "dir-symlink":
+            Path(str(private_dir) + "-link").unlink()
+    assert r.stdout.strip().endswith("rc=0" if trap == "none" else "rc=1"), (r.stdout, r.stderr)
+    assert victim.read_text() == "root's file"
+
+
+def test_module_dirs_removed_are_only_ours(private_dir: Path) -> None:
+    """Finding 6: teardown removes the run's private module directories, not a look-alike a user made."""
+    theirs = Path(str(private_dir).replace(".mod.", ".mod.user"))
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    try:
+        r = _module_checks('remove_module_dirs fp_ttest_0000')
+        assert r.returncode == 0, r.stderr
+        assert not private_dir.exists() and theirs.exists()
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
+
+
+def test_put_private_writes_a_fresh_0700_directory_and_follows_no_planted_link(sim: SimFleet, tmp_path: Path) -> None:
+    """Finding 6, the controller's half, through real SSH: the module goes to a new mktemp -d directory;
+    a symlink planted at the old predictable path /tmp/NAME.ko is never written through."""
+    import asyncio
+
+    from fleetprobe.connectors.asyncssh import connect
+    from fleetprobe.inventory import load_inventory
+    from fleetprobe.session import SSHOptions, put_private
+
+    sim.add("h1")
+    inv = load_inventory(str(sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))))
+    name = "fp_ttest_0001_mod"
+    victim = tmp_path / "victim"
+    victim.write_text("root's file")
+    planted = Path(f"/tmp/{name}.ko")
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(victim)
+
+    async def go() -> str:
+        session = await connect(inv.hosts[0], SSHOptions(ssh_config=(), use_agent=False, connect_timeout=5))
+        try:
+            return await put_private(session, b"\x7fELF module bytes", name)
+        finally:
+            await session.close()
+
+    try:
+        path = Path(asyncio.run(go()))
+        try:
+            assert path.parent.name.startswith(f"{name}.mod.") and path.read_bytes() == b"\x7fELF module bytes"
+            st = path.parent.stat()
+            assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+            assert path.stat().st_mode & 0o077 == 0
+            assert _module_checks(f'module_file_ok "{path}"; echo "rc=$?"').stdout.strip().endswith("rc=0")
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
+    finally:
+        planted.unlink()
+    assert victim.read_text() == "root's file"

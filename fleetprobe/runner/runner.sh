@@ -54,6 +54,39 @@ $HELD"; PING_RX=; }
   HELD=
 }
 now() { date +%s; }
+
+# --- module file checks (tests/test_hostile.py runs this block by itself) ---
+# A module file is loaded only if it is exactly what the controller wrote (kmod: put_private):
+# a regular file, not a symlink, one link, owned by us (root) and writable by no one else, in a
+# directory that is not a symlink, owned by us, mode 0700 (mktemp -d).  Any user of the host
+# can plant a symlink or a file of their own in /tmp; none of those reaches insmod.
+module_file_ok() {
+  _f=$1; _d=${1%/*}
+  case $_d in /tmp/fp_*) ;; *) echo "$_d is not a fleetprobe module directory"; return 1;; esac
+  if [ -L "$_d" ] || [ ! -d "$_d" ]; then echo "$_d is not a directory"; return 1; fi
+  if [ -L "$_f" ] || [ ! -f "$_f" ]; then echo "$_f is not a regular file"; return 1; fi
+  _me=$(id -u)
+  # ls -ldn: mode, links, uid (busybox and coreutils alike).
+  set -- $(ls -ldn "$_d"); _dm=$1; _du=$3
+  set -- $(ls -ln "$_f"); _fm=$1; _fl=$2; _fu=$3
+  case $_dm in drwx------*) _dok=1;; *) _dok=;; esac   # a trailing . or + is an SELinux label or ACL
+  if [ "$_du" != "$_me" ] || [ -z "$_dok" ]; then
+    echo "$_d is owned by uid $_du with mode $_dm, not by uid $_me with drwx------"; return 1
+  fi
+  if [ "$_fu" != "$_me" ] || [ "$_fl" != 1 ]; then
+    echo "$_f is owned by uid $_fu with $_fl link(s), not by uid $_me with 1"; return 1
+  fi
+  case $_fm in -????-??-*) ;; *) echo "$_f has mode $_fm (writable by others)"; return 1;; esac
+  return 0
+}
+# Remove module directories of group $1 (ours only: owned by us, not symlinks).
+remove_module_dirs() {
+  for _d in /tmp/"$1"_*.mod.*; do
+    [ -d "$_d" ] && [ ! -L "$_d" ] && [ -O "$_d" ] && rm -rf -- "$_d"
+  done
+  return 0
+}
+# --- end of module file checks ---
 # CLOCK_REALTIME with a fraction. busybox date prints "%N" literally; its adjtimex
 # applet reports tv_usec; failing both, whole seconds with a 1 s uncertainty.
 rt() {
@@ -336,9 +369,9 @@ watchdog() {
     sleep 2
     if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
     # A runner tearing down by itself (reading its hist tables, then removing them) gets a minute more.
-    _wl=$((DEADLINE + GRACE)); [ -e "/tmp/${G}_teardown" ] && _wl=$((_wl + 60))
+    _wl=$((DEADLINE + GRACE)); [ -d "/tmp/${G}_teardown" ] && _wl=$((_wl + 60))
     if [ "$(now)" -ge "$_wl" ]; then
-      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
+      unload_modules "$MODS"; teardown_group "$G" "$I"; remove_module_dirs "$G"; rmdir "/tmp/${G}_teardown" 2>/dev/null
       echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
       exit 0
     fi
@@ -374,7 +407,7 @@ while IFS= read -r line <&3; do
       # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
       unload_modules "$*"
       kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
-      rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
+      remove_module_dirs "$G"; rmdir "/tmp/${G}_teardown" 2>/dev/null
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
@@ -437,11 +470,12 @@ while IFS= read -r line; do
       else
         # A module can take the kernel (and us) down: what was placed so far goes out first.
         release
-        if out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
+        if ! why=$(module_file_ok "$mp"); then say "modfail $mn :: refused $mp: $why"
+        elif out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
         else say "modfail $mn :: $(echo $out)"; fi
         hold
       fi
-      rm -f "$mp";;
+      rm -f -- "$mp"; rmdir -- "${mp%/*}" 2>/dev/null;;
     synth|trigger|notrace_self) hist_place "$kind" "$rest";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
@@ -497,7 +531,8 @@ while [ -z "$STOP" ]; do
 done
 
 # ---- teardown ----------------------------------------------------------------------------
-: > "/tmp/${G}_teardown" 2>/dev/null
+# A directory, not a file: mkdir follows no symlink a user planted under this name.
+mkdir "/tmp/${G}_teardown" 2>/dev/null
 sync_marker
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
 # Modules go first, while the kernel log still flows: rmmod prints their totals (hits, missed).
@@ -517,7 +552,7 @@ release
 hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
-rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"    # copied modules that never reached insmod
+remove_module_dirs "$G"; rmdir "/tmp/${G}_teardown" 2>/dev/null    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
