@@ -613,12 +613,21 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
                      observer: Observer | None = None) -> list[tuple[HostFacts, HostPlan | None]]:
     """Facts and a plan for every host, changing nothing on any host."""
     run_id = settings.run_id or new_run_id()
-    offsets = ElfOffsets()
+    offsets = ElfOffsets(fetch_timeout=settings.setup_timeout)
     duration = settings.duration if settings.duration is not None else playbook.duration
+    # plan has a deadline: facts, then every binary's fetch, each bounded, and the whole as well
+    # (a host that answers slowly to everything must not hold the command for ever).
+    limit = settings.setup_timeout * 3
 
     async def work(host: Host, session: Session) -> tuple[HostFacts, HostPlan | None]:
-        facts, offset, error = await gather_facts(session, playbook, mount=False, timeout=settings.setup_timeout)
-        uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
+        try:
+            async with asyncio.timeout(limit):
+                facts, offset, error = await gather_facts(session, playbook, mount=False,
+                                                          timeout=settings.setup_timeout)
+                uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
+        except TimeoutError:
+            raise HostError(host.name, "plan", f"no plan within {limit:.0f}s (facts and binaries to read)",
+                            hint="raise --setup-timeout for slow hosts or links") from None
         deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
                 plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration))
