@@ -123,6 +123,9 @@ class SimHost:
     hostile_injected: int = 0
     #: Facts sections this host lies about: section name -> the lines it prints instead.
     fake_facts: dict[str, list[str]] = field(default_factory=dict)
+    #: Files this host lies about when asked to read them (any command naming the path):
+    #: the bytes it sends instead, or None for a read that never ends.
+    fake_files: dict[str, bytes | None] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -212,6 +215,10 @@ class _Session:
             return
         if p.kind == "slow" and p.delay > 0:
             await asyncio.sleep(p.delay)
+        fake = next((path for path in host.fake_files if log.kind == "other" and path in command), None)
+        if fake is not None:
+            await self._send_fake(process, host.fake_files[fake])
+            return
         log.begun = time.time()
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -281,6 +288,22 @@ class _Session:
             if int(stat[2]) == pgid and "fleetprobe-runner" not in cmdline(stat[1]):
                 os.kill(int(entry.name), signal.SIGKILL)
                 self.host.killed.append(int(entry.name))
+
+    async def _send_fake(self, process: asyncssh.SSHServerProcess[bytes], data: bytes | None) -> None:
+        """Answer a read with ``data`` and exit 0, or (None) stream zeros until the client gives up."""
+        try:
+            if data is not None:
+                process.stdout.write(data)
+                await process.stdout.drain()
+                process.exit(0)
+                return
+            chunk = b"\0" * 65536
+            while not process.is_closing():
+                process.stdout.write(chunk)
+                await process.stdout.drain()
+                await asyncio.sleep(0.01)
+        except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
+            pass
 
     async def _pump_lies(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes]) -> None:
         """The facts script's whole output with the sections in ``fake_facts`` replaced."""

@@ -354,3 +354,80 @@ def test_put_private_writes_a_fresh_0700_directory_and_follows_no_planted_link(s
     finally:
         planted.unlink()
     assert victim.read_text() == "root's file"
+
+
+UPROBE_PLAYBOOK = """\
+name: hostile-uprobe
+description: bash's shell_execve, on hosts whose binaries may be forged.
+duration: 2s
+probes:
+  - name: execve
+    uprobe: /bin/bash:shell_execve
+"""
+
+
+def _forged(data: bytes, how: str) -> bytes | None:
+    """bash's bytes as a hostile host sends them."""
+    import struct
+
+    from fleetprobe import elf
+
+    if how == "truncated":
+        return data[:5000]
+    if how == "endless":
+        return None
+    h = elf._header(data)
+    secs = elf._sections(data, h)
+    out = bytearray(data)
+    fmt = h.endian + ("IIQQQQIIQQ" if h.is64 else "IIIIIIIIII")
+    shsize = struct.calcsize(fmt)
+    for i, sec in enumerate(secs):
+        if sec.type not in (2, 11):
+            continue
+        if how == "entsize-1":
+            # sh_entsize = 1: a table of millions of "symbols" that used to cost gigabytes
+            off = h.shoff + i * h.shentsize + (shsize - 8 if h.is64 else shsize - 4)
+            struct.pack_into(h.endian + ("Q" if h.is64 else "I"), out, off, 1)
+            continue
+        strtab = secs[sec.link]
+        for j in range(1, sec.size // sec.entsize):
+            off = sec.offset + j * sec.entsize
+            st_name = struct.unpack_from(h.endian + "I", data, off)[0]
+            if elf._cstr(data, strtab.offset + st_name) == "shell_execve":
+                value_at = off + (8 if h.is64 else 4)
+                fmt_v = h.endian + ("Q" if h.is64 else "I")
+                struct.pack_into(fmt_v, out, value_at, struct.unpack_from(fmt_v, data, value_at)[0] + 0x11)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("how", ["lying-md5", "truncated", "endless", "entsize-1"])
+def test_a_hosts_forged_binary_is_its_own_problem(sim: SimFleet, tmp_path: Path, how: str) -> None:
+    """Finding 4: a host that sends forged bytes for /bin/bash (its facts claim the real md5; the
+    bytes put shell_execve elsewhere, are truncated, never end, or have a 1-byte symbol entsize) gets
+    an error for its own uprobe; the honest host, planning after it, gets the offset of the real
+    bytes; plan ends within its deadline.  (On main the liar's parse was shared by claimed md5.)"""
+    from fleetprobe import elf
+
+    real = Path("/bin/bash").read_bytes()
+    try:
+        offset = elf.symbol_file_offset(real, "shell_execve")
+    except ValueError:
+        pytest.skip("this machine's bash has no shell_execve symbol")
+    liar = sim.add("liar")
+    sim.add("honest", "slow", 2.0)   # plans after the liar's fetch began
+    liar.fake_files = {"/bin/bash": _forged(real, "entsize-1" if how == "entsize-1" else
+                                            "symbol" if how == "lying-md5" else how)}
+    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "known_hosts"))
+    pb = tmp_path / "pb.yml"
+    pb.write_text(UPROBE_PLAYBOOK)
+    out = tmp_path / "plan.json"
+    r = fleetprobe("plan", str(pb), *ssh_args(inv), "--setup-timeout", "8", "--json", str(out), timeout=90)
+    assert r.returncode in (0, 2), (r.stdout + r.stderr).decode()
+    plans = {item["host"]: item for item in json.loads(out.read_text())}
+    honest = plans["honest"]
+    assert honest["error"] is None, honest
+    assert [p["definition"] for p in honest["probes"]] and all(
+        f"/bin/bash:{offset:#x}" in p["definition"] for p in honest["probes"]), honest
+    liar_text = json.dumps(plans["liar"])
+    assert f"/bin/bash:{offset + 0x11:#x}" not in (json.dumps(honest))
+    assert not [p for p in plans["liar"]["probes"] if f"/bin/bash:{offset:#x}" not in p["definition"]], liar_text
