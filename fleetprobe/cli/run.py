@@ -34,7 +34,7 @@ from fleetprobe.facts import Facts
 from fleetprobe.hist import plan_json, plan_lines
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.plan import new_run_id
-from fleetprobe.render.safe import visible
+from fleetprobe.render.safe import visible, visible_lines
 from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport
 from fleetprobe.shard import Shard, select_hosts
@@ -132,7 +132,9 @@ def render_facts(results: list[HostFacts], console: Console) -> None:
     console.print(t)
     failed = [hf for hf in results if hf.error]
     for hf in failed:
-        console.print(Text.assemble((visible(hf.host.name), "red"), ": ", visible(hf.error)))
+        # An error is fleetprobe's own text over several lines (message, evidence, hint): its line
+        # breaks stay, every other non-printable is shown.
+        console.print(Text.assemble((visible(hf.host.name), "red"), ": ", visible_lines(str(hf.error))))
 
 
 def _line(*parts: str | tuple[str, str]) -> Text:
@@ -147,7 +149,8 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
     through visible() in a Text, never as markup."""
     for hf, plan in results:
         if plan is None:
-            console.print(_line((hf.host.name, "bold"), ": ", ("cannot plan", "red"), f": {hf.error}"))
+            console.print(Text.assemble((visible(hf.host.name), "bold"), ": ", ("cannot plan", "red"), ": ",
+                                        visible_lines(str(hf.error))))
             continue
         f = hf.facts
         head = f"{f.arch} {f.kernel_release}" if f else ""
