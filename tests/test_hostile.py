@@ -431,3 +431,27 @@ def test_a_hosts_forged_binary_is_its_own_problem(sim: SimFleet, tmp_path: Path,
     liar_text = json.dumps(plans["liar"])
     assert f"/bin/bash:{offset + 0x11:#x}" not in (json.dumps(honest))
     assert not [p for p in plans["liar"]["probes"] if f"/bin/bash:{offset:#x}" not in p["definition"]], liar_text
+
+
+@pytest.mark.parametrize("console_kind", ["safe", "plain-rich"])
+def test_live_view_shows_host_details_as_text(console_kind: str) -> None:
+    """Findings 3 and 9 in the live view: a host's failure detail holding markup and terminal
+    controls is shown escaped on a terminal, through fleetprobe's console and through a plain
+    rich Console an API user might pass (the renderer itself makes host text visible)."""
+    import io
+
+    from rich.console import Console
+
+    from fleetprobe.render.live import LiveView
+    from fleetprobe.render.safe import SafeConsole
+
+    out = io.StringIO()
+    kind = SafeConsole if console_kind == "safe" else Console
+    console = kind(file=out, force_terminal=True, width=200, color_system=None)
+    view = LiveView(console, ["h1", "h2"])
+    view.set_state("h1", "failed", "runner said " + MARKUP + CONTROLS)
+    view.set_state("h2", "probing")
+    console.print(view.render())
+    text = out.getvalue()
+    assert "\x1b]" not in text and "\x9b" not in text and "\u202e" not in text
+    assert "[/]\\x1b]0;pwned\\x07" in text, text
