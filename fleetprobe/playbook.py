@@ -414,7 +414,8 @@ class _Reader:
         if isinstance(value, bool):
             raise self.error(node, key, f"{key} must be a string, got {value!r} (quote it)")
         text = str(value)
-        pattern = _CONTROL if key.endswith("description") else _CONTROL_ONE_LINE
+        # A description may span lines; a filter's line breaks get their own message (below).
+        pattern = _CONTROL if key.endswith(("description", "filter")) else _CONTROL_ONE_LINE
         if (bad := pattern.search(text)) is not None:
             raise self.error(node, key, f"{key} holds the control character {bad.group(0)!r}",
                              hint="write it as text; fleetprobe writes playbook strings to tracefs and "
@@ -506,6 +507,9 @@ class _Reader:
             if "\n" in filter_text:
                 raise self.error(n, f"{where}.filter", "filter must be one line (it is written to the "
                                  "event's filter file)")
+            if "\t" in filter_text:
+                raise self.error(n, f"{where}.filter", "filter holds the control character '\\t'",
+                                 hint="write spaces")
         for key, allowed_kinds in (("params", ("module",)), ("args", ("kprobe", "kretprobe", "uprobe", "uretprobe")),
                                    ("pair_with", RETURN_KINDS + ("raw", "tracepoint"))):
             if key in items and kind not in allowed_kinds:
