@@ -84,7 +84,9 @@ class ElfOffsets:
             if claimed and md5 != claimed:
                 # The host's facts named other bytes than it sent: its offsets are its own, unshared.
                 return {s: f"{path}: the facts said md5 {claimed[:40]!r}, the bytes fetched have md5 {md5} "
-                           "(the binary changed during the run, or the host lies)" for s in symbols}
+                           "(the binary changed during the run, or the host lies)"
+                           + (f"; and they do not parse: {results[s]}" if isinstance(results[s], str) else "")
+                        for s in symbols}
             return {s: results[s] for s in symbols}
         finally:
             if claimed and self._inflight.get(claimed) is event:
