@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
+
+from fleetprobe.render.safe import add_row, plain
 
 from fleetprobe.hist import AggResults, AggTable, bucket_label
 
@@ -72,9 +73,9 @@ def _render_table(results: AggResults, tid: str, t: AggTable, console: Console) 
         head += f", {dropped} the kernel could not count (table full)"
     if t.error:
         head += f" (approximate: counts may be low by up to {t.error})"
-    console.print(Text(head, style="bold"))
+    console.print(plain(head, style="bold"))
     for line in mode_lines(results, tid):
-        console.print(f"  {line}", highlight=False)
+        console.print(plain(f"  {line}"))
     if t.kind == "count":
         table = Table(show_edge=False, box=None, pad_edge=False)
         table.add_column(t.field, overflow="fold")
@@ -82,19 +83,19 @@ def _render_table(results: AggResults, tid: str, t: AggTable, console: Console) 
         table.add_column("hosts", justify="right")
         rows = t.rows()
         for key, c, h in rows[:t.top]:
-            table.add_row(value_text(key[0]), str(c), str(h))
+            add_row(table, value_text(key[0]), str(c), str(h))
         console.print(table)
         if len(rows) > t.top:
-            console.print(f"  ... and {len(rows) - t.top} more values (see the JSON report)", highlight=False)
+            console.print(plain(f"  ... and {len(rows) - t.top} more values (see the JSON report)"))
         return
     unit = "ns" if t.kind == "latency" else ""
     hists = t.histograms()
     for i, (by, buckets) in enumerate(hists.items()):
         if i >= t.top:
-            console.print(f"  ... and {len(hists) - t.top} more (see the JSON report)", highlight=False)
+            console.print(plain(f"  ... and {len(hists) - t.top} more (see the JSON report)"))
             break
         if t.by:
             label = ", ".join(f"{f}={value_text(v)}" for f, v in zip(t.by, by))
-            console.print(f"  {label}: {sum(buckets.values())}", highlight=False)
+            console.print(plain(f"  {label}: {sum(buckets.values())}"))
         for line in bucket_lines(buckets, unit):
-            console.print(f"  {line}", highlight=False)
+            console.print(plain(f"  {line}"))

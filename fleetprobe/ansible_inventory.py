@@ -63,8 +63,42 @@ class Vaulted:
         return "<!vault value>"
 
 
+#: Nodes a YAML inventory file may hold with every alias expanded.  Aliases share one parsed node,
+#: but everything after the parse (vars merging, copying per host) walks the expansion: ten levels of
+#: ten aliases is 10^10 nodes from a 1 kB file (MemoryError, or a segfault in deep copies).
+MAX_YAML_NODES = 1_000_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` is once every alias in it is expanded (each shared node counted
+    once per use, computed once: linear in the parsed size)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a recursive alias (&a [*a]) counts once, not for ever
+        if isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded_size(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        if memo[key] > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"aliases expand to more than {MAX_YAML_NODES} nodes")
+    return memo[key]
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML as Ansible reads it: ``!vault`` kept as a marker, ``!unsafe`` a plain (never templated) string."""
+    """YAML as Ansible reads it: ``!vault`` kept as a marker, ``!unsafe`` a plain (never templated) string.
+
+    A document whose aliases expand past :data:`MAX_YAML_NODES` is refused before it is constructed.
+    """
+
+    def compose_document(self) -> yaml.Node | None:
+        node: yaml.Node | None = super().compose_document()
+        if node is not None:
+            try:
+                _expanded_size(node, {})
+            except yaml.YAMLError as exc:
+                raise InventoryError(f"not accepted: {exc}", where=f"{self.name}:{node.start_mark.line + 1}",
+                                     hint="use fewer nested aliases") from None
+        return node
 
 
 class Unsafe(str):

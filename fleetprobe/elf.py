@@ -88,9 +88,21 @@ def _header(data: bytes) -> _Header:
     return _Header(is64, e, machine, flags, phoff, phentsize, phnum, shoff, shentsize, shnum)
 
 
+def _table_in_file(data: bytes, what: str, offset: int, entsize: int, count: int, need: int) -> None:
+    """Refuse a table (headers, symbols) whose entries are smaller than their struct or that does not
+    lie wholly inside the file.  The bytes come from a host that may lie: an entsize of 1 over a
+    21 MB "table" made 21 million symbols (3.6 GiB); every count is bounded by the file this way."""
+    if count and entsize < need:
+        raise ValueError(f"{what}: entry size {entsize} is smaller than the {need} bytes of one entry")
+    if offset < 0 or offset + entsize * count > len(data):
+        raise ValueError(f"{what} ({count} x {entsize} bytes at {offset:#x}) lies outside the "
+                         f"{len(data)}-byte file (truncated or forged ELF)")
+
+
 def _sections(data: bytes, h: _Header) -> list[_Section]:
     """All section headers (empty when the file has none, e.g. a stripped-by-sstrip binary)."""
     fmt = h.endian + ("IIQQQQIIQQ" if h.is64 else "IIIIIIIIII")
+    _table_in_file(data, "section header table", h.shoff, h.shentsize, h.shnum, struct.calcsize(fmt))
     out = []
     for i in range(h.shnum):
         off = h.shoff + i * h.shentsize
@@ -103,6 +115,7 @@ def _sections(data: bytes, h: _Header) -> list[_Section]:
 
 def _load_segments(data: bytes, h: _Header) -> list[tuple[int, int, int, int]]:
     """PT_LOAD segments as (p_vaddr, p_offset, p_filesz, p_memsz)."""
+    _table_in_file(data, "program header table", h.phoff, h.phentsize, h.phnum, 56 if h.is64 else 32)
     out = []
     for i in range(h.phnum):
         off = h.phoff + i * h.phentsize
@@ -117,10 +130,11 @@ def _load_segments(data: bytes, h: _Header) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _cstr(data: bytes, offset: int) -> str:
-    """A NUL-terminated string from a string table."""
-    end = data.find(b"\0", offset)
-    return data[offset:end if end >= 0 else len(data)].decode("utf-8", "replace")
+def _cstr(data: bytes, offset: int, limit: int | None = None) -> str:
+    """A NUL-terminated string from a string table (that ends at ``limit``)."""
+    limit = len(data) if limit is None else limit
+    end = data.find(b"\0", offset, limit)
+    return data[offset:end if end >= 0 else limit].decode("utf-8", "replace")
 
 
 def symbols(data: bytes) -> list[ElfSymbol]:
@@ -135,7 +149,10 @@ def symbols(data: bytes) -> list[ElfSymbol]:
             if sec.type != table_type or sec.link >= len(secs):
                 continue
             strtab = secs[sec.link]
-            count = sec.size // (sec.entsize or size)
+            entsize = sec.entsize or size
+            count = sec.size // entsize
+            _table_in_file(data, table_name, sec.offset, entsize, count, size)
+            _table_in_file(data, f"{table_name}'s string table", strtab.offset, 1, strtab.size, 1)
             for i in range(1, count):  # entry 0 is the reserved null symbol
                 off = sec.offset + i * (sec.entsize or size)
                 if off + size > len(data):
@@ -144,7 +161,10 @@ def symbols(data: bytes) -> list[ElfSymbol]:
                     st_name, st_info, st_other, st_shndx, st_value, st_size = struct.unpack_from(fmt, data, off)
                 else:
                     st_name, st_value, st_size, st_info, st_other, st_shndx = struct.unpack_from(fmt, data, off)
-                name = _cstr(data, strtab.offset + st_name)
+                if st_name >= strtab.size:
+                    raise ValueError(f"{table_name} entry {i} names byte {st_name} of a {strtab.size}-byte "
+                                     "string table (forged ELF)")
+                name = _cstr(data, strtab.offset + st_name, strtab.offset + strtab.size)
                 if name:
                     out.append(ElfSymbol(name, st_value, st_size, st_info & 0xF, st_info >> 4, st_other,
                                          st_shndx, table_name))
@@ -190,6 +210,13 @@ def symbol_file_offset(data: bytes, symbol: str) -> int:
     (stripped), symbol absent (with near names), undefined (imported from a
     library: probe the library instead), or outside every PT_LOAD segment.
     """
+    try:
+        return _symbol_file_offset(data, symbol)
+    except struct.error as exc:  # a table check missed: still this binary's error, never the fleet's
+        raise ValueError(f"malformed ELF: {exc}") from None
+
+
+def _symbol_file_offset(data: bytes, symbol: str) -> int:
     h = _header(data)
     syms = symbols(data)
     if not syms:

@@ -281,21 +281,52 @@ def _base_symbol(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+#: Facts numbers are the host's word: at most this many digits (Python refuses to parse 4301), and each
+#: within its own range, or it is not used.  A lying host's 5000-digit uid is one bad fact, not a crash.
+_MAX_DIGITS = 19
+#: A realtime past this (the year 2242) or not finite is not a clock: treated as absent.
+_MAX_REALTIME = float(1 << 33)
+
+
+def bounded_int(text: str, lo: int, hi: int) -> int | None:
+    """``text`` as a decimal integer in [lo, hi], or None (not a number, too long, out of range)."""
+    t = text.strip()
+    digits = t[1:] if t.startswith("-") else t
+    if not digits.isascii() or not digits.isdigit() or len(digits) > _MAX_DIGITS:
+        return None
+    value = int(t)
+    return value if lo <= value <= hi else None
+
+
+def _finite_time(text: str) -> float | None:
+    """A seconds-since-epoch value, or None for anything else (nan, inf, 1e400, negative, a word)."""
+    t = text.strip()
+    if not t or len(t) > 40 or not all(c in "0123456789." for c in t):
+        return None
+    try:
+        value = float(t)
+    except ValueError:
+        return None
+    return value if 0.0 <= value < _MAX_REALTIME else None
+
+
 def _realtime(lines: list[str]) -> float:
-    """The host's realtime: ``date +%s.%N``, else busybox adjtimex's tv_sec/tv_usec, else whole seconds."""
+    """The host's realtime: ``date +%s.%N``, else busybox adjtimex's tv_sec/tv_usec, else whole seconds.
+
+    0.0 (unknown: the clock offset is then not measured) for anything that is not a plain finite
+    time: ``float()`` would take ``nan``, ``inf`` and ``1e400`` from a host that lies.
+    """
     first = lines[0].strip() if lines else ""
-    try:
-        return float(first)
-    except ValueError:
-        pass
+    value = _finite_time(first)
+    if value is not None:
+        return value
     adj = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:]) if v}
-    if adj.get("time.tv_sec", "").isdigit() and adj.get("time.tv_usec", "").isdigit():
-        return int(adj["time.tv_sec"]) + int(adj["time.tv_usec"]) / 1e6
-    try:
-        # busybox date without %N prints "1764120000.%N": keep the whole seconds.
-        return float(first.split(".")[0])
-    except ValueError:
-        return 0.0
+    sec = bounded_int(adj.get("time.tv_sec", ""), 0, int(_MAX_REALTIME))
+    usec = bounded_int(adj.get("time.tv_usec", ""), 0, 999_999)
+    if sec is not None and usec is not None:
+        return sec + usec / 1e6
+    # busybox date without %N prints "1764120000.%N": keep the whole seconds.
+    return _finite_time(first.split(".")[0]) or 0.0
 
 
 def _tracepoint_formats(lines: list[str]) -> dict[str, TracepointFormat]:
@@ -309,8 +340,8 @@ def _tracepoint_formats(lines: list[str]) -> dict[str, TracepointFormat]:
         d = parts.setdefault(tp, {"name": "", "id": None, "fields": [], "print_fmt": "", "decls": []})
         if key == "name":
             d["name"] = value.strip()
-        elif key == "id" and value.strip().isdigit():
-            d["id"] = int(value)
+        elif key == "id" and (tp_id := bounded_int(value, 0, 1 << 32)) is not None:
+            d["id"] = tp_id
         elif key == "fmt":
             d["print_fmt"] = value
         elif key == "field":
@@ -332,10 +363,12 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         problems.append("facts output was cut short")
     uname = s.get("uname", []) + ["", "", ""]
     realtime = _realtime(s.get("realtime", []))
+    if s.get("realtime") and not realtime:
+        problems.append(f"the host's realtime {s['realtime'][0][:40]!r} is not a time: clock offset not measured")
     ncpus = 1
     for line in s.get("ncpus", []):
-        if line.strip().isdigit() and int(line) > 0:
-            ncpus = int(line)
+        if (n := bounded_int(line, 1, 1 << 20)) is not None:
+            ncpus = n
             break
     endian, elf_class = "little", 64
     elf = "".join(s.get("elf", [])).split()
@@ -374,10 +407,10 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         parts = line.split(" ", 3)
         if len(parts) == 4:
             files[parts[3]] = FileFacts(path=parts[3], exists=parts[0] == "1",
-                                        size=int(parts[1]) if parts[1].isdigit() else 0,
+                                        size=bounded_int(parts[1], 0, 1 << 62) or 0,
                                         md5="" if parts[2] == "-" else parts[2])
     build = dict(line.split(" ", 1) for line in s.get("build", []) if " " in line)
-    counts = [int(line) for line in s.get("kernel_counts", []) if line.strip().isdigit()]
+    counts = [n for line in s.get("kernel_counts", []) if (n := bounded_int(line, 0, 1 << 62)) is not None]
     oops, warn = (counts[0], counts[1]) if len(counts) == 2 else (None, None)
 
     mips_kprobe = [line.split() for line in s.get("mips_kprobe", [])]
@@ -386,8 +419,8 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
 
     def first_int(key: str, default: int) -> int:
         for line in s.get(key, []):
-            if line.strip().lstrip("-").isdigit():
-                return int(line)
+            if (n := bounded_int(line, -(1 << 31), 1 << 32)) is not None:
+                return n
         return default
 
     return Facts(

@@ -34,7 +34,7 @@ from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
-from .session import Session
+from .session import Session, put_private
 from .ingest import _HostCap
 from .kmod.builds import ModuleBuilds, _MODULE_WORD, _module_cache, load_name
 from .runner.channel import HEARTBEAT_TIMEOUT, TICK_SECONDS, HostFacts, RunnerChannel, _oopses_since, _runner_once, _teardown_for_dead_runner, gather_facts, runner_silent, start_runner
@@ -267,9 +267,10 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
             raise problem
         # The kernel holds one module per name: each load gets the run's, host's and probe's
         # (two operators, two probes of one module, a module stuck by an oops never collide).
-        # The .ko goes to a path as unique; the runner deletes it right after insmod.
+        # The .ko goes to a fresh private directory (see put_private); the runner checks it is still
+        # what we wrote, loads it and deletes it right after insmod.
         name = load_name(plan.group, p.name)
-        remote = f"/tmp/{name}.ko"
+        remote = f"/tmp/{name}.mod.*/{name}.ko"
         try:
             ko = with_module_name(module.data(), name, name=str(module.path))
         except ValueError as exc:  # ElfFormatError too: a .ko fleetprobe cannot rename
@@ -277,7 +278,7 @@ async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: H
                             hint="is the module built by the kernel's Kbuild (a struct module in "
                                  ".gnu.linkonce.this_module)?") from None
         try:
-            await session.put(ko, remote, 0o600)
+            remote = await put_private(session, ko, name)
         except HostError as exc:
             raise HostError(host, "build", f"cannot copy {source.name}.ko to {remote}: {exc.message}",
                             evidence=exc.evidence) from None
@@ -624,12 +625,21 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
                      observer: Observer | None = None) -> list[tuple[HostFacts, HostPlan | None]]:
     """Facts and a plan for every host, changing nothing on any host."""
     run_id = settings.run_id or new_run_id()
-    offsets = ElfOffsets()
+    offsets = ElfOffsets(fetch_timeout=settings.setup_timeout)
     duration = settings.duration if settings.duration is not None else playbook.duration
+    # plan has a deadline: facts, then every binary's fetch, each bounded, and the whole as well
+    # (a host that answers slowly to everything must not hold the command for ever).
+    limit = settings.setup_timeout * 3
 
     async def work(host: Host, session: Session) -> tuple[HostFacts, HostPlan | None]:
-        facts, offset, error = await gather_facts(session, playbook, mount=False, timeout=settings.setup_timeout)
-        uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
+        try:
+            async with asyncio.timeout(limit):
+                facts, offset, error = await gather_facts(session, playbook, mount=False,
+                                                          timeout=settings.setup_timeout)
+                uo = await offsets.resolve(session, facts, playbook.uprobe_targets())
+        except TimeoutError:
+            raise HostError(host.name, "plan", f"no plan within {limit:.0f}s (facts and binaries to read)",
+                            hint="raise --setup-timeout for slow hosts or links") from None
         deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
                 plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration))

@@ -44,6 +44,13 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RUN_REF = re.compile(r"[a-z0-9]{1,32}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+#: The longest duration or timeout fleetprobe takes (a week): more is a typo or an attack
+#: (``.inf``, ``1e400s``, ``99999999h``), and it would put a run's deadline past any clock.
+MAX_DURATION = 7 * 86400.0
+#: A control character (C0, DEL, C1) in a playbook string; newline and tab only where text may
+#: span lines (a description).  A ``\r`` in a filter rewrites what the operator reads.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f]")
 # [MOD:]SYM[+OFF]; SYM may name a GCC clone (foo.isra.0) explicitly.
 _KSYM = re.compile(r"(?:(?P<mod>[A-Za-z_][A-Za-z0-9_]*):)?(?P<sym>[A-Za-z_.][A-Za-z0-9_.]*)"
                    r"(?:\+(?P<off>0x[0-9a-fA-F]+|\d+))?")
@@ -238,9 +245,10 @@ def parse_duration(text: str) -> float | None:
     ``--connect-timeout`` and ``--setup-timeout`` both use it.
     """
     m = _DURATION.match(text)
-    if not m or float(m.group(1)) <= 0:
+    if not m or len(m.group(1)) > 20 or float(m.group(1)) <= 0:
         return None
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return seconds if seconds <= MAX_DURATION else None
 
 
 def load_playbook(path: str | Path) -> Playbook:
@@ -405,7 +413,14 @@ class _Reader:
             raise self.error(node, key, f"{key} must not be empty")
         if isinstance(value, bool):
             raise self.error(node, key, f"{key} must be a string, got {value!r} (quote it)")
-        return str(value)
+        text = str(value)
+        # A description may span lines; a filter's line breaks get their own message (below).
+        pattern = _CONTROL if key.endswith(("description", "filter")) else _CONTROL_ONE_LINE
+        if (bad := pattern.search(text)) is not None:
+            raise self.error(node, key, f"{key} holds the control character {bad.group(0)!r}",
+                             hint="write it as text; fleetprobe writes playbook strings to tracefs and "
+                                  "the terminal, where control characters change what is done or read")
+        return text
 
     def boolean(self, node: Node, key: str) -> bool:
         """A true/false scalar."""
@@ -436,8 +451,9 @@ class _Reader:
             seconds = float(value)
         elif isinstance(value, str):
             seconds = parse_duration(value)
-        if seconds is None or not seconds > 0:
-            raise self.error(node, "duration", f"duration {_describe(node)} is not a positive duration; "
+        if seconds is None or not 0 < seconds <= MAX_DURATION:
+            raise self.error(node, "duration", f"duration {_describe(node)} is not a positive duration of "
+                             f"at most {MAX_DURATION / 86400:.0f} days; "
                              "write e.g. 500ms, 10s, 5m, 1h or a number of seconds")
         return seconds
 
@@ -491,6 +507,9 @@ class _Reader:
             if "\n" in filter_text:
                 raise self.error(n, f"{where}.filter", "filter must be one line (it is written to the "
                                  "event's filter file)")
+            if "\t" in filter_text:
+                raise self.error(n, f"{where}.filter", "filter holds the control character '\\t'",
+                                 hint="write spaces")
         for key, allowed_kinds in (("params", ("module",)), ("args", ("kprobe", "kretprobe", "uprobe", "uretprobe")),
                                    ("pair_with", RETURN_KINDS + ("raw", "tracepoint"))):
             if key in items and kind not in allowed_kinds:

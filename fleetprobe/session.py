@@ -146,6 +146,24 @@ async def put_file(session: Session, data: bytes, path: str, mode: int = 0o644) 
         raise TransportError(session.host.name, "put", f"cannot write {path}", evidence=res.stderr_text())
 
 
+#: Writes stdin to a new file in a new private directory; prints the file's path.  mktemp -d makes
+#: the directory (0700, a name no one can predict or have planted); noclobber (O_EXCL) makes the
+#: file.  Anything else on the host may be a user's trap: nothing else is written.
+_PUT_PRIVATE = ('umask 077; d=$(mktemp -d "/tmp/$1.mod.XXXXXXXXXX") || exit 1; set -C; '
+                'cat > "$d/$1.ko" || { rm -rf -- "$d"; exit 1; }; printf "%s\\n" "$d/$1.ko"')
+
+
+async def put_private(session: Session, data: bytes, name: str) -> str:
+    """Write ``data`` as ``NAME.ko`` in a fresh root-owned 0700 directory ``/tmp/NAME.mod.XXXXXXXXXX``
+    on the host; returns the file's path (the runner checks it again before insmod, then removes it)."""
+    res = await session.run(shell_command(session.host, _PUT_PRIVATE, name), input=data)
+    path = res.stdout.decode("utf-8", "replace").strip()
+    if not res.ok or not path.startswith(f"/tmp/{name}.mod.") or not path.endswith(f"/{name}.ko"):
+        raise TransportError(session.host.name, "put", f"cannot write {name}.ko in a private directory",
+                             evidence=res.stderr_text() or path[:300])
+    return path
+
+
 async def get_file(session: Session, path: str) -> bytes:
     """Read a file through ``cat``."""
     res = await session.run(shell_command(session.host, 'cat -- "$1"', path))

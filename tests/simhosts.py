@@ -20,6 +20,10 @@ way a real host misbehaves:
                 invalid UTF-8, NUL bytes, a 1 MB line, a fake ``@@fp error`` line.
 ``auth_fail``   accepts no client key.
 
+Any host can also lie in its facts: :attr:`SimHost.fake_facts` replaces whole sections of
+the real facts script's output (``{"uname": ["x86_64", "[/]", "#1"]}``), as a compromised
+host that prints what it likes would.
+
 Host keys: :meth:`SimFleet.known_hosts_for` writes a known_hosts file with the
 right key, a different key (a host whose key changed), or no line at all (a
 host never seen before).
@@ -117,6 +121,11 @@ class SimHost:
     pgids: set[int] = field(default_factory=set)
     open_connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)
     hostile_injected: int = 0
+    #: Facts sections this host lies about: section name -> the lines it prints instead.
+    fake_facts: dict[str, list[str]] = field(default_factory=dict)
+    #: Files this host lies about when asked to read them (any command naming the path):
+    #: the bytes it sends instead, or None for a read that never ends.
+    fake_files: dict[str, bytes | None] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -206,6 +215,10 @@ class _Session:
             return
         if p.kind == "slow" and p.delay > 0:
             await asyncio.sleep(p.delay)
+        fake = next((path for path in host.fake_files if log.kind == "other" and path in command), None)
+        if fake is not None:
+            await self._send_fake(process, host.fake_files[fake])
+            return
         log.begun = time.time()
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -219,8 +232,10 @@ class _Session:
         if p.kind == "kill_runner" and log.kind == "runner":
             dropper = asyncio.ensure_future(self._kill_runner(proc.pid, p.delay))
         hostile = p.kind == "hostile" and log.kind == "runner"
+        out = (self._pump_lies(proc.stdout, process.stdout) if log.kind == "facts" and host.fake_facts
+               else self._pump_out(proc.stdout, process.stdout, hostile))
         pumps = [asyncio.ensure_future(_pump_in(process, proc)),
-                 asyncio.ensure_future(self._pump_out(proc.stdout, process.stdout, hostile)),
+                 asyncio.ensure_future(out),
                  asyncio.ensure_future(self._pump_out(proc.stderr, process.stderr, False))]
         status = await proc.wait()
         log.exit_status = status
@@ -273,6 +288,43 @@ class _Session:
             if int(stat[2]) == pgid and "fleetprobe-runner" not in cmdline(stat[1]):
                 os.kill(int(entry.name), signal.SIGKILL)
                 self.host.killed.append(int(entry.name))
+
+    async def _send_fake(self, process: asyncssh.SSHServerProcess[bytes], data: bytes | None) -> None:
+        """Answer a read with ``data`` and exit 0, or (None) stream zeros until the client gives up."""
+        try:
+            if data is not None:
+                process.stdout.write(data)
+                await process.stdout.drain()
+                process.exit(0)
+                return
+            chunk = b"\0" * 65536
+            while not process.is_closing():
+                process.stdout.write(chunk)
+                await process.stdout.drain()
+                await asyncio.sleep(0.01)
+        except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
+            pass
+
+    async def _pump_lies(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes]) -> None:
+        """The facts script's whole output with the sections in ``fake_facts`` replaced."""
+        assert src is not None
+        lines = (await src.read()).decode("utf-8", "surrogateescape").split("\n")
+        out: list[str] = []
+        skipping = False
+        for line in lines:
+            if line.startswith("@@") and " " not in line:
+                skipping = line[2:] in self.host.fake_facts
+                out.append(line)
+                if skipping:
+                    out.extend(self.host.fake_facts[line[2:]])
+                continue
+            if not skipping:
+                out.append(line)
+        try:
+            dst.write("\n".join(out).encode("utf-8", "surrogateescape"))
+            await dst.drain()
+        except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
+            pass
 
     async def _pump_out(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes],
                         hostile: bool) -> None:

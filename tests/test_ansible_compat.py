@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from fleetprobe.render.safe import SafeConsole
 from fleetprobe.ansible_inventory import find_ansible_cfg
 from fleetprobe.errors import InventoryError
 from fleetprobe.inventory import load_inventory, select_ordered
@@ -338,13 +339,12 @@ def test_default_inventory_from_ansible_cfg_and_environment(tmp_path: Path, monk
 
 def test_cli_typo_in_i_and_default_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``-i invntory``: exit 1 naming it (never a host called invntory); no -i: ansible.cfg's inventory."""
-    from rich.console import Console
 
     from fleetprobe.cli.main import main
     from fleetprobe.cli.options import Exit
 
     monkeypatch.chdir(tmp_path)
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     assert main(["facts", "-i", "invntory"], console) == Exit.BAD_INPUT
     assert "invntory: inventory source not found" in console.export_text()
     (tmp_path / "hosts").write_text("[web]\nweb1\n")
@@ -352,7 +352,7 @@ def test_cli_typo_in_i_and_default_inventory(tmp_path: Path, monkeypatch: pytest
     os.chmod(tmp_path, 0o755)
     monkeypatch.delenv("ANSIBLE_CONFIG", raising=False)
     monkeypatch.delenv("ANSIBLE_INVENTORY", raising=False)
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     # the default inventory is found and --limit applies to it (nothing is connected: it matches no host)
     assert main(["facts", "--limit", "db"], console) == Exit.BAD_INPUT
     assert f"{tmp_path / 'hosts'}: --limit 'db' matches no host" in console.export_text()

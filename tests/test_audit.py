@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.audit import AuditResult, Thresholds, audit, check_rules, diff_reports
 from fleetprobe.cli.main import main
@@ -247,19 +248,19 @@ probes:
     assert "newly-failing" in (state / "last-audit.md").read_text()
 
     # history / show / diff over the same store, in-process.
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     store_args = ["--store", str(state / "history.sqlite3")]
     assert main(["history", *store_args], console) == 0
     listing = console.export_text()
     assert listing.count("execaudit") == 3 and "FAIL" in listing and "pass" in listing
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     assert main(["show", second_id, *store_args, "--markdown", str(tmp_path / "show.md")], console) == 0
     assert "audit FAILED" in console.export_text()
     assert "fp-forbidden" in (tmp_path / "show.md").read_text()
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     assert main(["diff", "last~2", second_id, *store_args], console) == 4
     assert "new-host-hitting: alpha: probe 'forbidden'" in console.export_text()
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     assert main(["diff", second_id, second_id, *store_args], console) == 0
     assert console.export_text().endswith(f"changes from run {second_id} to run {second_id}: none\n")
 
@@ -279,7 +280,7 @@ def test_run_stores_shards_and_writes_reports(tmp_path: Path, sshd_fleet: object
     from fleetprobe.shard import shard_of
 
     owner = {h.name: shard_of(h.name, 2) for h in sshd_fleet.hosts}
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["run", str(playbook), "-i", inv, "--no-live", "--shard", f"{owner['alpha']}/2", "--store", store,
                "--json", str(tmp_path / "a.json"), "--no-agent", "--ssh-config", "none"], console)
     assert rc == 0, console.export_text()
@@ -289,7 +290,7 @@ def test_run_stores_shards_and_writes_reports(tmp_path: Path, sshd_fleet: object
         assert {o.host for o in report.hosts} == {h for h, i in owner.items() if i == owner["alpha"]}
         assert leftovers_of([row.run_id]) == []
     rc = main(["run", str(playbook), "-i", inv, "--no-live", "--no-store", "--store", store,
-               "--no-agent", "--ssh-config", "none"], Console(record=True, width=200))
+               "--no-agent", "--ssh-config", "none"], SafeConsole(record=True, width=200))
     assert rc == 0
     with Store(store) as s:
         assert len(s.runs()) == 1

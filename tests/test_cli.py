@@ -7,7 +7,8 @@ import secrets
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from simhosts import SimFleet
 
@@ -24,7 +25,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 
 def cli(args: list[str]) -> tuple[int, str]:
     """Run fleetprobe in-process; exit status and what it printed."""
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(args, console=console)
     return rc, console.export_text()
 

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from fleetprobe.facts import readme_features
@@ -93,7 +94,7 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
     report_path = tmp_path / "report.json"
     bg = subprocess.Popen(["bash", "-c", workload])
     try:
-        console = Console(record=True, width=200)
+        console = SafeConsole(record=True, width=200)
         rc = main(["run", str(pb), "-i", str(fleet.inventory()), "--duration", "10s", "--json", str(report_path),
                    "--no-live", "--run-id", run_id], console)
     finally:

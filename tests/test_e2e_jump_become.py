@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from hostcheck import ensure_tracefs
@@ -115,7 +116,7 @@ def test_proxyjump_from_an_ansible_inventory(jump_fleet: tuple[Fleet, str], tmp_
     # Without the jump the host is unreachable from here (no route): the test is not vacuous.
     direct = subprocess.run(["ip", "route", "get", "10.232.0.2"], capture_output=True, text=True)
     assert f"{SUBNET}.31." not in direct.stdout
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["run", str(pb), "-i", str(inv), "--no-live", "--ssh-config", "none", "--no-agent",
                "--json", str(tmp_path / "r.json")], console)
     assert rc == 0, console.export_text()
@@ -152,14 +153,14 @@ def test_become_runs_the_on_host_part_under_sudo(sudo_user: str, tmp_path: Path)
         pb = tmp_path / "pb.yml"
         pb.write_text(PLAYBOOK)
         inv = fl.inventory(extra_vars={"ansible_user": sudo_user, "ansible_become": True})
-        console = Console(record=True, width=200)
+        console = SafeConsole(record=True, width=200)
         rc = main(["run", str(pb), "-i", str(inv), "--no-live", "--json", str(tmp_path / "r.json")], console)
         assert rc == 0, console.export_text()
         h = json.loads((tmp_path / "r.json").read_text())["hosts"][0]
         assert h["status"] == "ok" and h["cleanup"] == "clean" and h["events"] > 0, h
         # and without become the same user cannot touch tracefs: a clear failure, not a hang
         inv2 = fl.inventory("inv2.yml", extra_vars={"ansible_user": sudo_user})
-        console = Console(record=True, width=200)
+        console = SafeConsole(record=True, width=200)
         rc = main(["run", str(pb), "-i", str(inv2), "--no-live", "--json", str(tmp_path / "r2.json")], console)
         h2 = json.loads((tmp_path / "r2.json").read_text())["hosts"][0]
         assert rc == 3 and h2["status"] in ("failed", "skipped"), h2

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetprobe.render.safe import SafeConsole
 from fleetprobe.connectors import fabric as fp_fabric
 from fleetprobe.connectors import asyncssh as transport
 from fleetprobe.errors import TransportError
@@ -229,7 +230,6 @@ def test_facts_through_an_ini_inventory_with_group_and_host_vars(sshd: tuple[Fle
     from group_vars/ and host_vars/ beside an INI file (ignored, the host would go to web1:22)."""
     import json
 
-    from rich.console import Console
 
     from fleetprobe.cli.main import main
 
@@ -241,7 +241,7 @@ def test_facts_through_an_ini_inventory_with_group_and_host_vars(sshd: tuple[Fle
     (inv / "group_vars" / "web.yml").write_text(f"ansible_user: root\nansible_ssh_private_key_file: {fl.client_key}\n"
                                                 f"fleetprobe_known_hosts: {fl.write_known_hosts()}\n")
     (inv / "host_vars" / "web1").write_text(f"ansible_host: 127.0.0.1\nansible_port: {h.port}\n")
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     out = tmp_path / "facts.json"
     rc = main(["facts", "-i", str(inv / "hosts"), "--ssh-config", "none", "--no-agent", "--json", str(out)], console)
     assert rc == 0, console.export_text()

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from hostcheck import ensure_tracefs, fleetprobe_leftovers
 from fleetprobe.cli.main import main
@@ -104,7 +105,7 @@ def test_run_five_hosts_one_merged_report(fleet: Fleet, marker: Path, tmp_path: 
     report_path, events_path = tmp_path / "report.json", tmp_path / "events.jsonl"
     trigger = _trigger_while_running(marker, 12)
     try:
-        console = Console(record=True, width=200)
+        console = SafeConsole(record=True, width=200)
         rc = main(["run", str(pb), "-i", str(inv), "--duration", "4s", "--json", str(report_path),
                    "--events", str(events_path), "--no-live"], console)
     finally:
@@ -144,7 +145,7 @@ def test_plan_changes_nothing(fleet: Fleet, tmp_path: Path, clean_tracefs: None)
     pb = tmp_path / "e2e.yml"
     pb.write_text(PLAYBOOK)
     before = Path("/sys/kernel/tracing/uprobe_events").read_text()
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["plan", str(pb), "-i", str(fleet.inventory()), "--json", str(tmp_path / "plan.json")], console)
     assert rc == 0, console.export_text()
     plans = json.loads((tmp_path / "plan.json").read_text())
@@ -159,7 +160,7 @@ def test_plan_changes_nothing(fleet: Fleet, tmp_path: Path, clean_tracefs: None)
 
 
 def test_facts_table(fleet: Fleet, tmp_path: Path) -> None:
-    console = Console(record=True, width=250)
+    console = SafeConsole(record=True, width=250)
     rc = main(["facts", "-i", str(fleet.inventory()), "--json", str(tmp_path / "facts.json")], console)
     assert rc == 0
     facts = json.loads((tmp_path / "facts.json").read_text())
@@ -174,11 +175,11 @@ def test_facts_table(fleet: Fleet, tmp_path: Path) -> None:
 
 def test_unknown_host_key_fails_strictly_then_accept_new_records_it(fleet: Fleet, tmp_path: Path) -> None:
     inv = fleet.inventory(extra_vars={"fleetprobe_known_hosts": str(tmp_path / "empty_known_hosts")})
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["facts", "-i", str(inv), "--limit", "web1"], console)
     assert rc == 3
     assert "host key not verified" in console.export_text()
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["facts", "-i", str(inv), "--limit", "web1", "--accept-new-host-keys"], console)
     assert rc == 0, console.export_text()
     recorded = (tmp_path / "empty_known_hosts").read_text()
@@ -298,7 +299,7 @@ def test_sweep_removes_stale_leftovers_and_spares_live_ones(fleet: Fleet, tmp_pa
                 os.write(fd, f"p:{g}/rl /bin/bash:{offset}\n".encode())
             finally:
                 os.close(fd)
-        console = Console(record=True, width=200)
+        console = SafeConsole(record=True, width=200)
         rc = main(["cleanup", "-i", str(fleet.inventory()), "--limit", "web4"], console)
         assert rc in (0, 2), console.export_text()
         left = fleetprobe_leftovers()
@@ -320,7 +321,7 @@ def test_loopback_sshd_and_adhoc_inventory(tmp_path: Path, clean_tracefs: None) 
         kh = fl.write_known_hosts()
         pb = tmp_path / "e2e.yml"
         pb.write_text(PLAYBOOK.replace("duration: 4s", "duration: 2s"))
-        console = Console(record=True, width=200)
+        console = SafeConsole(record=True, width=200)
         rc = main(["run", str(pb), "-i", f"root@127.0.0.1:{h.port},", "--known-hosts", str(kh),
                    "--identity", str(fl.client_key), "--ssh-config", "none", "--no-agent", "--no-live",
                    "--json", str(tmp_path / "r.json")], console)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import fabric
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from fleetprobe.errors import TransportError
@@ -125,7 +126,7 @@ def test_run_with_transport_fabric(fleet: Fleet, tmp_path: Path) -> None:
     playbook = tmp_path / "forks.yml"
     playbook.write_text(PLAYBOOK)
     out = tmp_path / "r.json"
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["run", str(playbook), "-i", str(fleet.inventory()), "--transport", "fabric", "--no-live",
                "--no-store", "--json", str(out), "--no-agent", "--ssh-config", "none"], console)
     assert rc == 0, console.export_text()

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from simhosts import SimFleet, refused_port
 
@@ -111,7 +112,7 @@ def write_playbook(tmp_path: Path, text: str = PLAYBOOK) -> Path:
 
 def run_cli(args: list[str]) -> tuple[int, str, float]:
     """fleetprobe in-process: exit status, everything it printed, seconds taken."""
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     t0 = time.monotonic()
     rc = main(args, console=console)
     return rc, console.export_text(), time.monotonic() - t0

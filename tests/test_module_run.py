@@ -26,7 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.kmod import debian
 from fleetprobe.kmod.cache import ModuleCache, default_cache_dir
@@ -406,7 +407,7 @@ def _run_id() -> str:
 def _cli(args: list[str]) -> tuple[int, str]:
     from fleetprobe.cli.main import main
 
-    console = Console(record=True, width=250)
+    console = SafeConsole(record=True, width=250)
     rc = main(args, console)
     return rc, console.export_text()
 

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from fleetprobe.render.safe import SafeConsole
+
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome, LossCounters
@@ -51,7 +53,7 @@ def _real_report(extra_hosts: int = 0) -> FleetReport:
 
 def _text(report: FleetReport, width: int = 140) -> str:
     """render_summary into a recording console, as plain text."""
-    console = Console(record=True, width=width, file=io.StringIO(), color_system=None)
+    console = SafeConsole(record=True, width=width, file=io.StringIO(), color_system=None)
     render_summary(report, console)
     return console.export_text()
 
@@ -190,7 +192,7 @@ def test_format_ns(ns: int, text: str) -> None:
 
 def _live_text(view: LiveView) -> str:
     """Render a live view once into plain text."""
-    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
+    console = SafeConsole(record=True, width=120, file=io.StringIO(), color_system=None)
     console.print(view.render())
     return console.export_text()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from fleetprobe.errors import InputError
@@ -90,7 +91,7 @@ def test_merge_command_writes_the_merged_report(tmp_path: Path) -> None:
     write_json(a, tmp_path / "a.json")
     write_json(b, tmp_path / "b.json")
     out = tmp_path / "merged.json"
-    console = Console(record=True, width=120)
+    console = SafeConsole(record=True, width=120)
     rc = main(["merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(out),
                "--html", str(tmp_path / "m.html"), "--markdown", str(tmp_path / "m.md")], console)
     assert rc == 0, console.export_text()
@@ -101,7 +102,7 @@ def test_merge_command_writes_the_merged_report(tmp_path: Path) -> None:
     assert merged.run.shards == ["sa", "sb"]
     assert "insmod" in (tmp_path / "m.md").read_text() and "web-2" in (tmp_path / "m.html").read_text()
     # The same shard twice is refused, naming the files.
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(["merge", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "-o", str(out)], console)
     assert rc == 1
     text = console.export_text()

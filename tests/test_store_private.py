@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from simhosts import SimFleet
 
@@ -48,7 +49,7 @@ def test_a_stored_run_keeps_no_secret_and_is_private_whatever_the_umask(sim: Sim
     try:
         rc = main(["run", str(ROOT / "playbooks" / "execsnoop.yml"), "-i", str(inv), "--ssh-config", "none",
                    "--no-agent", "--connect-timeout", "5", "--duration", "1s", "--no-live", "--store", str(store)],
-                  console=Console(record=True, width=200))
+                  console=SafeConsole(record=True, width=200))
     finally:
         os.umask(old)
     assert rc in (Exit.OK, Exit.SOME_FAILED), rc

@@ -10,7 +10,6 @@ import json
 import time
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -20,6 +19,7 @@ from fleetprobe.results import FleetReport
 from fleetprobe.store import Store
 from fleetprobe.render.html import write_html
 from fleetprobe.render.markdown import write_markdown
+from fleetprobe.render.safe import visible
 from fleetprobe.render.terminal import render_summary
 from fleetprobe.results import write_json
 from fleetprobe.shard import merge_files
@@ -34,18 +34,30 @@ def open_store(args: argparse.Namespace) -> Store:
     return Store(getattr(args, "store", None) or None)
 
 
-def write_reports(args: argparse.Namespace, report: FleetReport, console: Console,
-                  audit_result: AuditResult | None = None) -> None:
-    """Write --html / --markdown (and --json where the command has it) for a report."""
+def write_reports(args: argparse.Namespace, report: FleetReport,
+                  audit_result: AuditResult | None = None) -> list[str]:
+    """Write --html / --markdown (and --json where the command has it) for a report, printing nothing.
+
+    Returns the lines to print once everything is written (:func:`print_written`): the files
+    are written before anything is rendered, so a rendering bug can never cost a report.
+    """
+    written: list[str] = []
     if getattr(args, "html", None):
         write_html(report, args.html, audit_result)
-        console.print(f"HTML report written to {escape(args.html)}", highlight=False)
+        written.append(f"HTML report written to {args.html}")
     if getattr(args, "markdown", None):
         write_markdown(report, args.markdown, audit_result)
-        console.print(f"Markdown summary written to {escape(args.markdown)}", highlight=False)
+        written.append(f"Markdown summary written to {args.markdown}")
     if getattr(args, "json", None) and args.command in ("show", "audit"):
         write_json(report, args.json)
-        console.print(f"report written to {escape(args.json)}", highlight=False)
+        written.append(f"report written to {args.json}")
+    return written
+
+
+def print_written(lines: list[str], console: Console) -> None:
+    """The "... written to" lines of :func:`write_reports`, as plain text."""
+    for line in lines:
+        console.print(Text(visible(line)))
 
 
 def _when(t: float | None) -> str:
@@ -58,7 +70,7 @@ def cmd_history(args: argparse.Namespace, console: Console) -> int:
     with open_store(args) as store:
         if args.prune:
             events, runs = store.prune(events_days=args.keep_events_days, runs_days=args.keep_runs_days)
-            console.print(f"pruned raw events of {events} chunk(s) and {runs} run(s)", highlight=False)
+            console.print(Text(f"pruned raw events of {events} chunk(s) and {runs} run(s)"))
         rows = store.runs(playbook=args.playbook, limit=args.limit)
     if args.json:
         data = [r.__dict__ for r in rows]
@@ -67,14 +79,15 @@ def cmd_history(args: argparse.Namespace, console: Console) -> int:
             print(text)
             return 0
         write_text_atomic(args.json, text + "\n")
-    t = Table(title=f"fleetprobe history ({escape(str(store.path))})", title_justify="left")
+    t = Table(title=Text(visible(f"fleetprobe history ({store.path})")), title_justify="left")
     for col in ("run", "playbook", "started", "took", "state", "hosts ok", "events", "audit", "raw events"):
         t.add_column(col, justify="right" if col in ("took", "events") else "left")
     for r in rows:
         took = f"{r.ended - r.started:.1f}s" if r.ended else "-"
-        state = {"killed": "[red]killed[/]", "running": "[yellow]running[/]"}.get(r.state, r.state)
-        audit_text = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]"}.get(r.audit or "", "-")
-        t.add_row(r.run_id, escape(r.playbook), _when(r.started), took, state, f"{r.hosts_ok}/{r.hosts}",
+        state = Text(visible(r.state), style={"killed": "red", "running": "yellow"}.get(r.state, ""))
+        audit_text = {"pass": Text("pass", style="green"), "fail": Text("FAIL", style="red")}.get(r.audit or "",
+                                                                                                 Text("-"))
+        t.add_row(visible(r.run_id), Text(visible(r.playbook)), _when(r.started), took, state, f"{r.hosts_ok}/{r.hosts}",
                   str(r.events), audit_text, "kept" if r.has_events else "-")
     console.print(t)
     if not rows:
@@ -95,12 +108,13 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
                 for ev in store.events(run_id):
                     f.write(json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n")
                     n += 1
-            console.print(f"{n} raw events written to {escape(args.events)}"
-                          + ("" if n else " (none stored, or dropped by retention)"), highlight=False)
+            console.print(Text(visible(f"{n} raw events written to {args.events}"
+                                       + ("" if n else " (none stored, or dropped by retention)"))))
+    written = write_reports(args, report, result)
     render_summary(report, console)
     if result is not None:
         print_audit(result, console)
-    write_reports(args, report, console, result)
+    print_written(written, console)
     return 0
 
 
@@ -109,8 +123,8 @@ def print_findings(findings: list[Finding], console: Console, failing: set[int] 
     for i, f in enumerate(findings):
         sev = "FAIL" if failing is None and f.severity == "fail" or failing is not None and i in failing else "note"
         line = Text(f"  {sev:<4} ", style=_SEVERITY_STYLE["fail" if sev == "FAIL" else "note"])
-        line.append(f"{f.kind}: ", style="bold")
-        line.append(f.message)
+        line.append(visible(f"{f.kind}: "), style="bold")
+        line.append(visible(f.message))
         console.print(line, highlight=False)
 
 
@@ -121,7 +135,8 @@ def print_audit(result: AuditResult, console: Console) -> None:
         console.print(Text(f"audit PASSED {base}", style="bold green"))
     else:
         hosts = result.failed_hosts()
-        console.print(Text(f"audit FAILED {base}" + (f": {', '.join(hosts)}" if hosts else ""), style="bold red"))
+        console.print(Text(visible(f"audit FAILED {base}" + (f": {', '.join(hosts)}" if hosts else "")),
+                           style="bold red"))
     failing = {i for i, f in enumerate(result.findings) if f in result.failures}
     print_findings(result.findings, console, failing)
 
@@ -132,8 +147,9 @@ def cmd_diff(args: argparse.Namespace, console: Console) -> int:
         a, b = store.resolve(args.run_a), store.resolve(args.run_b)
         ra, rb = store.load_report(a), store.load_report(b)
     if ra.run.playbook != rb.run.playbook:
-        console.print(f"[yellow]note[/]: the runs ran different playbooks ({escape(ra.run.playbook)} and "
-                      f"{escape(rb.run.playbook)}); only probes with the same name compare")
+        console.print(Text.assemble(("note", "yellow"), visible(
+            f": the runs ran different playbooks ({ra.run.playbook} and {rb.run.playbook}); "
+            "only probes with the same name compare")))
     findings = diff_reports(ra, rb, _thresholds(args))
     if args.json:
         text = json.dumps({"from": a, "to": b, "changes": [f.to_json() for f in findings]}, indent=1)
@@ -151,8 +167,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe merge A.json B.json -o merged.json``."""
     report = merge_files(args.reports)
     write_json(report, args.output)
+    written = write_reports(args, report)
     render_summary(report, console)
-    console.print(f"merged {len(args.reports)} report(s) ({len(report.hosts)} hosts) into {escape(args.output)}",
-                  highlight=False)
-    write_reports(args, report, console)
+    console.print(Text(visible(f"merged {len(args.reports)} report(s) ({len(report.hosts)} hosts) into {args.output}")))
+    print_written(written, console)
     return 0

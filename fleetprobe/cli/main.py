@@ -53,10 +53,12 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         parser.print_help()
         return int(Exit.BAD_INPUT)
     # rich (and below, the command's module) load only once a command runs: --help renders nothing.
-    from rich.console import Console
-    from rich.markup import escape
+    from rich.text import Text
 
-    console = console or Console(stderr=False)
+    from fleetprobe.render.safe import SafeConsole, visible_lines
+
+    # No markup, no emoji codes, no terminal controls: everything printed may hold a host's text.
+    console = console or SafeConsole(stderr=False)
     if argv is None:
         # The command line, not the API (tests call main() in-process): everything imported so
         # far lives as long as the process, so the collector's full passes need not walk it
@@ -66,18 +68,18 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
     try:
         return int(_command(args.command)(args, console))
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        console.print(Text("interrupted", style="yellow"))
         return int(Exit.INTERRUPTED)
     except FleetprobeError as exc:
         if args.traceback:
-            console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
+            console.print(Text(visible_lines(traceback.format_exc())), markup=False, highlight=False)
+        console.print(Text.assemble(("error", "red"), ": ", visible_lines(str(exc))))
         return int(Exit.BAD_INPUT if isinstance(exc, InputError) else Exit.NONE_OK)
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
         if args.traceback:
             raise
-        console.print(f"[red]error[/]: {type(exc).__name__}: {escape(str(exc))}\n"
-                      "hint: rerun with --traceback and report it", highlight=False)
+        console.print(Text.assemble(("error", "red"), f": {type(exc).__name__}: ", visible_lines(str(exc)),
+                                    "\nhint: rerun with --traceback and report it"))
         return int(Exit.NONE_OK)
 
 

@@ -37,7 +37,7 @@ def parse_duration(text: str) -> float:
     """``500ms``, ``10s``, ``5m``, ``1h`` or plain seconds -> seconds."""
     seconds = playbook_duration(text)
     if seconds is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 500ms, 10s, 5m, 1h)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration of at most 7 days (e.g. 500ms, 10s, 5m, 1h)")
     return seconds
 
 
@@ -49,6 +49,22 @@ def _positive_int(text: str) -> int:
         v = 0
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return v
+
+
+#: The longest --grace / --teardown-slack (a day): a run's on-host timer and sweeps use them.
+MAX_GRACE = 86400
+
+
+def _grace_seconds(text: str) -> int:
+    """Whole seconds in [0, MAX_GRACE] for argparse: a negative grace made a sweep remove another
+    operator's live probes, a huge one leaves a dead run's probes on a host for ever."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= MAX_GRACE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds from 0 to {MAX_GRACE}")
     return v
 
 
@@ -179,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-cap", type=_positive_int, help="events per host (default: the playbook's)")
     p.add_argument("--json", metavar="FILE", help="write the merged report as JSON")
     p.add_argument("--events", metavar="FILE", help="write every event as a JSON line")
-    p.add_argument("--grace", type=int, default=60,
+    p.add_argument("--grace", type=_grace_seconds, default=60,
                    help="seconds past a run's deadline before its on-host timer or a sweep removes it")
-    p.add_argument("--teardown-slack", type=int, default=30,
+    p.add_argument("--teardown-slack", type=_grace_seconds, default=30,
                    help="seconds after the planned end before a host's on-host timer may remove the run "
                         "(the timer fires at end + slack + grace)")
     p.add_argument("--buffer-kb", type=_positive_int, help="per-CPU ring buffer of the run's instance")
@@ -195,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="find and remove anything fleetprobe left on hosts")
     _add_connection_options(p)
-    p.add_argument("--grace", type=int, default=60, help="keep runs whose deadline passed less than this ago")
+    p.add_argument("--grace", type=_grace_seconds, default=60, help="keep runs whose deadline passed less than this ago")
     p.add_argument("--force", action="store_true", help="also remove runs that are still live")
 
     try:
@@ -239,7 +255,7 @@ def _add_history_parsers(sub: Any) -> None:
     add_shard_option(p)
     p.add_argument("-d", "--duration", type=parse_duration, help="how long to probe (default: the playbook's)")
     p.add_argument("--event-cap", type=_positive_int, help="events per host (default: the playbook's)")
-    p.add_argument("--grace", type=int, default=60, help="seconds past the deadline before on-host cleanup")
+    p.add_argument("--grace", type=_grace_seconds, default=60, help="seconds past the deadline before on-host cleanup")
     p.add_argument("--buffer-kb", type=_positive_int, help="per-CPU ring buffer of the run's instance")
     p.add_argument("--allow-modules", action="store_true", help="allow playbooks to load kernel modules")
     add_store_option(p, allow_none=False)

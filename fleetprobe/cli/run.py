@@ -23,17 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fleetprobe.audit import AuditResult, audit
-from fleetprobe.cli.history import open_store, print_audit, write_reports
+from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
 from fleetprobe.hist import plan_json, plan_lines
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.plan import new_run_id
+from fleetprobe.render.safe import visible, visible_lines
 from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport
 from fleetprobe.shard import Shard, select_hosts
@@ -104,12 +105,13 @@ def _write_json(path: str, data: Any, console: Console) -> None:
         write_text_atomic(path, text + "\n")
 
 
-def _yes(v: bool) -> str:
-    return "[green]yes[/]" if v else "[red]no[/]"
+def _yes(v: bool) -> Text:
+    return Text("yes", style="green") if v else Text("no", style="red")
 
 
 def render_facts(results: list[HostFacts], console: Console) -> None:
-    """The facts table."""
+    """The facts table.  Every value a host reported is shown through visible(): it is the host's
+    word (a kernel release of ``[/]`` or ``\x1b]0;...``), never markup or a terminal command."""
     t = Table(title="fleetprobe facts", title_justify="left")
     for col in ("host", "arch", "kernel", "tracefs", "kprobes", "uprobes", "lockdown", "modules",
                 "clock", "leftovers"):
@@ -117,65 +119,77 @@ def render_facts(results: list[HostFacts], console: Console) -> None:
     for hf in results:
         f = hf.facts
         if f is None:
-            t.add_row(hf.host.name, "[red]failed[/]", str(hf.error.message if hf.error else ""), "", "", "",
-                      "", "", "", "")
+            t.add_row(Text(visible(hf.host.name)), Text("failed", style="red"),
+                      Text(visible(hf.error.message if hf.error else "")), "", "", "", "", "", "", "")
             continue
-        arch = f.arch + ("" if f.endian == "little" else " (be)")
-        modules = ("[red]disabled[/]" if f.modules_disabled else
-                   "build here" if f.can_build_modules else "load only")
+        arch = visible(f.arch) + ("" if f.endian == "little" else " (be)")
+        modules = (Text("disabled", style="red") if f.modules_disabled else
+                   Text("build here" if f.can_build_modules else "load only"))
         clock = (f"{(hf.clock_offset or 0) * 1000:+.1f}±{(hf.clock_error or 0) * 1000:.1f}ms"
                  if hf.clock_offset is not None else "")
-        t.add_row(hf.host.name, arch, f.kernel_release, f.tracefs or "[red]none[/]",
-                  _yes(f.kprobe_events), _yes(f.uprobe_events), f.lockdown, modules, clock,
-                  ", ".join(f.leftovers) or "-")
+        t.add_row(Text(visible(hf.host.name)), Text(arch), Text(visible(f.kernel_release)),
+                  Text(visible(f.tracefs)) if f.tracefs else Text("none", style="red"),
+                  _yes(f.kprobe_events), _yes(f.uprobe_events), Text(visible(f.lockdown)), modules,
+                  Text(clock), Text(visible(", ".join(f.leftovers) or "-")))
     console.print(t)
     failed = [hf for hf in results if hf.error]
     for hf in failed:
-        console.print(f"[red]{hf.host.name}[/]: {hf.error}")
+        # An error is fleetprobe's own text over several lines (message, evidence, hint): its line
+        # breaks stay, every other non-printable is shown.
+        console.print(Text.assemble((visible(hf.host.name), "red"), ": ", visible_lines(str(hf.error))))
+
+
+def _line(*parts: str | tuple[str, str]) -> Text:
+    """One output line of plain parts and (text, style) parts, every text made visible()."""
+    return Text.assemble(*((visible(p[0]), p[1]) if isinstance(p, tuple) else visible(p) for p in parts))
 
 
 def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Console) -> None:
-    """Per host: the exact lines a run would write, and what is skipped and why."""
+    """Per host: the exact lines a run would write, and what is skipped and why.
+
+    Symbols, paths, releases and reasons come from the host's facts: each is shown
+    through visible() in a Text, never as markup."""
     for hf, plan in results:
         if plan is None:
-            console.print(f"[bold]{hf.host.name}[/]: [red]cannot plan[/]: {hf.error}")
+            console.print(Text.assemble((visible(hf.host.name), "bold"), ": ", ("cannot plan", "red"), ": ",
+                                        visible_lines(str(hf.error))))
             continue
         f = hf.facts
         head = f"{f.arch} {f.kernel_release}" if f else ""
-        console.print(f"[bold]{hf.host.name}[/] ({head}) group {plan.group}, instance {plan.instance}")
+        console.print(_line((hf.host.name, "bold"), f" ({head}) group {plan.group}, instance {plan.instance}"))
         if plan.failed:
-            console.print(f"  [red]fails[/]: {plan.failed}")
+            console.print(_line("  ", ("fails", "red"), f": {plan.failed}"))
         for p in plan.probes:
             if p.definition:
-                console.print(f"  {p.events_file} >> {p.definition}", markup=False, highlight=False)
+                console.print(_line(f"  {p.events_file} >> {p.definition}"))
             elif p.kind == "module":
                 params = " ".join(f"{k}={v}" for k, v in p.params)
-                console.print(f"  insmod {p.module} {params}", markup=False, highlight=False)
+                console.print(_line(f"  insmod {p.module} {params}"))
             elif p.stream:
-                console.print(f"  enable {p.event}", markup=False, highlight=False)
+                console.print(_line(f"  enable {p.event}"))
             if p.filter:
-                console.print(f"    filter: {p.filter}", markup=False, highlight=False)
+                console.print(_line(f"    filter: {p.filter}"))
         for line in plan_lines(plan):
-            console.print(f"  {line}", markup=False, highlight=False)
+            console.print(_line(f"  {line}"))
         for sp in plan.skipped:
-            console.print(f"  [yellow]skip[/] {sp.name}: {sp.reason}")
+            console.print(_line("  ", ("skip", "yellow"), f" {sp.name}: {sp.reason}"))
         for note in plan.notes:
-            console.print(f"  [dim]note: {note}[/]")
+            console.print(_line("  ", (f"note: {note}", "dim")))
 
 
 def render_builds(groups: list[BuildGroup], console: Console) -> None:
     """Module build groups: one build per (arch, kernel release, module source), and where it happens."""
     if not groups:
         return
-    console.print(f"[bold]module builds[/] ({len(groups)}, one per arch, kernel release and module source)")
+    console.print(_line(("module builds", "bold"), f" ({len(groups)}, one per arch, kernel release and module source)"))
     for g in groups:
         colour = "red" if g.where == "none" else "green"
-        console.print(f"  [{colour}]{escape(g.describe())}[/]")
-        console.print(f"    hosts: {', '.join(g.hosts) or '-'}", markup=False, highlight=False)
+        console.print(_line("  ", (g.describe(), colour)))
+        console.print(_line(f"    hosts: {', '.join(g.hosts) or '-'}"))
         for host, why in g.blocked:
-            console.print(f"    {host} cannot load modules: {why}", markup=False, highlight=False)
+            console.print(_line(f"    {host} cannot load modules: {why}"))
         if g.where == "none" and g.hint:
-            console.print(f"    hint: {g.hint}", markup=False, highlight=False)
+            console.print(_line(f"    hint: {g.hint}"))
 
 
 def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[str, Any]]:
@@ -302,8 +316,8 @@ def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
     bad = 0
     for r in results:
         stale, live = _stale(r.remaining, args.grace, time.time())
-        t.add_row(r.host, ", ".join(r.removed) or "-", ", ".join(stale) or "-", ", ".join(live) or "-",
-                  r.error or "")
+        t.add_row(*(Text(visible(x)) for x in (r.host, ", ".join(r.removed) or "-", ", ".join(stale) or "-",
+                                                ", ".join(live) or "-", r.error or "")))
         bad += bool(r.error or stale)
     console.print(t)
     return int(Exit.OK if bad == 0 else Exit.NONE_OK if bad == len(results) else Exit.SOME_FAILED)
@@ -331,13 +345,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                                           interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
 
         report, interrupted = asyncio.run(_with_interrupt(go))
-        render_summary(report, console)
+        # Every machine output first (JSON, store, HTML, Markdown; the events file is already
+        # written): the summary is rendered from host text, and a bug there must cost no data.
+        written = []
         if args.json:
             write_json(report, args.json)
-            console.print(f"report written to {escape(args.json)}")
+            written.append(f"report written to {args.json}")
         if args.events:
-            console.print(f"events written to {escape(args.events)}")
-        extras.finish(report, console)
+            written.append(f"events written to {args.events}")
+        written += extras.finish(report)
+        render_summary(report, console)
+        print_written(written, console)
     finally:
         extras.close()
     return int(exit_status(report.hosts, interrupted))
@@ -349,7 +367,7 @@ class RunExtras:
     """Around one run: the shard's hosts, the transport, facts per host, the store and the report files.
 
     Use: ``x = RunExtras(args, playbook)``; ``x.hosts(inv)``; ``x.settings(s)``;
-    ``x.begin()`` before the run; ``x.finish(report, console)`` after it
+    ``x.begin()`` before the run; ``x.finish(report)`` after it, before anything is rendered
     (and ``x.close()`` in ``finally``).
     """
 
@@ -404,8 +422,11 @@ class RunExtras:
         if self.store is not None:
             self.store.begin_run(self.run_id, self.playbook.name, inventory_path=str(self.args.inventory))
 
-    def finish(self, report: FleetReport, console: Console, audit_result: AuditResult | None = None) -> None:
-        """Store the run, apply event retention, write the HTML/Markdown reports."""
+    def finish(self, report: FleetReport, audit_result: AuditResult | None = None) -> list[str]:
+        """Store the run, apply event retention, write the HTML/Markdown reports; print nothing.
+
+        Returns the lines saying what was written, to print after the summary."""
+        written: list[str] = []
         if self.store is not None:
             self.store.save_run(report, playbook_text=_read_text(self.playbook.source),
                                 inventory_text=_inventory_text(str(self.args.inventory)), facts=self.facts,
@@ -413,8 +434,8 @@ class RunExtras:
                                 Path(self.events_path).exists() else None)
             keep = getattr(self.args, "keep_events_days", DEFAULT_EVENTS_DAYS)
             self.store.prune(events_days=keep)
-            console.print(f"run {report.run.run_id} stored in {escape(str(self.store.path))}", highlight=False)
-        write_reports(self.args, report, console, audit_result)
+            written.append(f"run {report.run.run_id} stored in {self.store.path}")
+        return written + write_reports(self.args, report, audit_result)
 
     def close(self) -> None:
         """Remove the temporary events file and close the store."""
@@ -484,9 +505,11 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
             baseline_id = extras.store.previous_run(pb.name, before=report.run.run_id)
         baseline = extras.store.load_report(baseline_id) if baseline_id else None
         result = audit(report, pb, baseline, thresholds, strict=args.strict)
-        render_summary(report, console)
-        extras.finish(report, console, result)
+        # Stored and written before anything is rendered (see cmd_run).
+        written = extras.finish(report, result)
         extras.store.set_audit(report.run.run_id, result.passed, result.to_json())
+        render_summary(report, console)
+        print_written(written, console)
     finally:
         extras.close()
     print_audit(result, console)

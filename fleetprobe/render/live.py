@@ -18,7 +18,8 @@ from types import TracebackType
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
-from rich.text import Text
+
+from fleetprobe.render.safe import add_row, plain
 
 #: States in pipeline order (the order the counts line shows them).
 STATES = ("waiting", "connecting", "facts", "planning", "building", "probing", "teardown",
@@ -102,7 +103,7 @@ class LiveView:
             counts[s.state] = counts.get(s.state, 0) + 1
         # A rate over less than a second is noise.
         rate = f" ({total / elapsed:,.0f}/s)" if elapsed >= 1.0 else ""
-        head = Text(f"{len(hosts)} hosts  {elapsed:.0f}s  {total:,} events{rate}  ")
+        head = plain(f"{len(hosts)} hosts  {elapsed:.0f}s  {total:,} events{rate}  ")
         for i, state in enumerate(s for s in STATES if s in counts):
             if i:
                 head.append("  ")
@@ -116,20 +117,20 @@ class LiveView:
             table.add_column("detail", overflow="ellipsis", no_wrap=True)
             for h, s in hosts.items():
                 state = f"{s.state} {s.events}" if s.state == "probing" else s.state
-                table.add_row(h, Text(state, style=_STYLE.get(s.state, "")), f"{s.events:,}", s.detail)
+                add_row(table, h, plain(state, style=_STYLE.get(s.state, "")), f"{s.events:,}", s.detail)
             return Group(head, table)
         parts: list[RenderableType] = [head]
         if recent:
-            parts.append(Text("recent: " + "; ".join(_change(h, st, d) for h, st, d in recent[-4:]),
+            parts.append(plain("recent: " + "; ".join(_change(h, st, d) for h, st, d in recent[-4:]),
                               overflow="ellipsis", no_wrap=True))
         if failures:
-            parts.append(Text(f"failures ({counts.get('failed', 0) + counts.get('unreachable', 0)} hosts):",
+            parts.append(plain(f"failures ({counts.get('failed', 0) + counts.get('unreachable', 0)} hosts):",
                               style="red"))
             for h, st, d in failures:
-                parts.append(Text(f"  {_change(h, st, d)}", overflow="ellipsis", no_wrap=True))
+                parts.append(plain(f"  {_change(h, st, d)}", overflow="ellipsis", no_wrap=True))
         busiest = sorted(((s.events, h) for h, s in hosts.items() if s.events), reverse=True)[:3]
         if busiest:
-            parts.append(Text("busiest: " + ", ".join(f"{h} {n:,}" for n, h in busiest)))
+            parts.append(plain("busiest: " + ", ".join(f"{h} {n:,}" for n, h in busiest)))
         return Group(*parts)
 
     def __rich__(self) -> RenderableType:

@@ -11,6 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetprobe import caveats
+from fleetprobe.render.safe import add_row, plain, visible
+
 from fleetprobe.results import FleetReport
 from fleetprobe.sketches import Latency, bucket_range_ns
 
@@ -54,7 +56,7 @@ def render_summary(report: FleetReport, console: Console) -> None:
     run = report.run
     agg = report.aggregate
     agg.finish()
-    console.print(Text(f"fleetprobe run {run.run_id}: {run.playbook} on {len(report.hosts)} host(s), "
+    console.print(plain(f"fleetprobe run {run.run_id}: {run.playbook} on {len(report.hosts)} host(s), "
                        f"{run.duration:.1f}s", style="bold"))
     _render_status(report, console)
     _render_alerts(report, console)
@@ -74,17 +76,18 @@ def render_summary(report: FleetReport, console: Console) -> None:
 def _render_caveats(report: FleetReport, console: Console) -> None:
     """Lines no probe could claim, and fleetprobe's own events left out (caveats.py): never a silent zero."""
     for host, text in caveats.fleet_caveats(report.hosts)[:LIST_ROWS * 2]:
-        console.print(Text.assemble(("WARNING ", "bold yellow"), (f"{host}: ", "bold"), text))
+        # The text quotes a line the host printed: chosen by any user there, shown as text.
+        console.print(Text.assemble(("WARNING ", "bold yellow"), (visible(f"{host}: "), "bold"), visible(text)))
     summary = caveats.own_filter_summary(report.hosts)
     if summary:
-        console.print(summary, highlight=False)
+        console.print(plain(summary))
 
 
 def _render_alerts(report: FleetReport, console: Console) -> None:
     """What an operator must hear about even on hosts that ended ok (an oops during the run ...)."""
     for o in report.hosts:
         for alert in o.alerts:
-            console.print(Text.assemble(("ALERT ", "bold red"), (f"{o.host}: ", "bold"), alert))
+            console.print(Text.assemble(("ALERT ", "bold red"), (visible(f"{o.host}: "), "bold"), visible(alert)))
 
 
 def _render_status(report: FleetReport, console: Console) -> None:
@@ -92,7 +95,7 @@ def _render_status(report: FleetReport, console: Console) -> None:
     counts: dict[str, int] = {}
     for o in report.hosts:
         counts[o.status] = counts.get(o.status, 0) + 1
-    line = Text("hosts: ")
+    line = plain("hosts: ")
     for i, (status, n) in enumerate(sorted(counts.items())):
         if i:
             line.append(", ")
@@ -105,11 +108,11 @@ def _render_status(report: FleetReport, console: Console) -> None:
     for col in ("host", "status", "stage", "reason", "cleanup"):
         table.add_column(col, overflow="fold")
     for o in bad[:LIST_ROWS]:
-        table.add_row(o.host, Text(o.status, style=_STATUS_STYLE.get(o.status, "")), o.stage,
+        add_row(table, o.host, plain(o.status, style=_STATUS_STYLE.get(o.status, "")), o.stage,
                       o.reason or "-", o.cleanup)
     console.print(table)
     if len(bad) > LIST_ROWS:
-        console.print(f"... and {len(bad) - LIST_ROWS} more hosts that did not finish (see the JSON report)")
+        console.print(plain(f"... and {len(bad) - LIST_ROWS} more hosts that did not finish (see the JSON report)"))
 
 
 def _render_hits(report: FleetReport, console: Console) -> None:
@@ -117,7 +120,7 @@ def _render_hits(report: FleetReport, console: Console) -> None:
     agg = report.aggregate
     probes = agg.probes()
     if not probes:
-        console.print("no probes were placed or hit")
+        console.print(plain("no probes were placed or hit"))
         return
     # Hosts that failed before probing are listed above; zero columns for them say nothing.
     hosts = [o.host for o in report.hosts
@@ -126,14 +129,14 @@ def _render_hits(report: FleetReport, console: Console) -> None:
         table = Table(title="hits per probe and host", title_justify="left")
         table.add_column("probe")
         for h in hosts:
-            table.add_column(h, justify="right")
+            table.add_column(plain(h), justify="right")
         table.add_column("total", justify="right")
         table.add_column("misses", justify="right")
         outcomes = {o.host: o for o in report.hosts}
         for p in probes:
             per = agg.hits(p)
-            table.add_row(p, *[caveats.hit_text(outcomes.get(h), p, per.get(h, 0)) for h in hosts],
-                          str(agg.total_hits(p)), str(agg.probe_misses(p)))
+            add_row(table, p, *[caveats.hit_text(outcomes.get(h), p, per.get(h, 0)) for h in hosts],
+                    str(agg.total_hits(p)), str(agg.probe_misses(p)))
         console.print(table)
         return
     table = Table(title="hits per probe", title_justify="left")
@@ -146,7 +149,7 @@ def _render_hits(report: FleetReport, console: Console) -> None:
             top += f", {len(ranked) - 3} more"
         if skipped := caveats.skipped_on(report.hosts, p):
             top += f"{'; ' if top else ''}{caveats.SKIPPED} on {len(skipped)} host(s)"
-        table.add_row(p, str(agg.total_hits(p)), str(agg.probe_misses(p)), f"{len(ranked)}/{len(hosts)}",
+        add_row(table, p, str(agg.total_hits(p)), str(agg.probe_misses(p)), f"{len(ranked)}/{len(hosts)}",
                       top or "-")
     console.print(table)
 
@@ -155,7 +158,7 @@ def _render_values(report: FleetReport, console: Console) -> None:
     """Top values per probe, one table per probe and a section per field: which comm, which filename."""
     agg = report.aggregate
     for p in agg.probes():
-        table = Table(title=f"{p}: top values", title_justify="left")
+        table = Table(title=plain(f"{p}: top values"), title_justify="left")
         for col, right in (("field", False), ("value", False), ("count", True), ("hosts", True),
                            ("share", True)):
             table.add_column(col, justify="right" if right else "left", overflow="fold")
@@ -177,7 +180,7 @@ def _render_values(report: FleetReport, console: Console) -> None:
             for i, (value, count, nhosts) in enumerate(top):
                 share = f"{100 * count / values.total:.1f}%" if values.total else "-"
                 last = i == len(top) - 1
-                table.add_row(name if i == 0 else "", value_text(value), str(count), str(nhosts), share,
+                add_row(table, name if i == 0 else "", value_text(value), str(count), str(nhosts), share,
                               end_section=last)
             more = len(values.counts) - len(top)
             extra = []
@@ -193,7 +196,7 @@ def _render_values(report: FleetReport, console: Console) -> None:
                 table.caption_justify = "left"
             console.print(table)
         elif notes:
-            console.print(f"{p}: " + "; ".join(notes), highlight=False)
+            console.print(plain(f"{p}: " + "; ".join(notes)))
 
 
 def latency_lines(lat: Latency) -> list[str]:
@@ -223,9 +226,9 @@ def _render_latency(report: FleetReport, console: Console) -> None:
         if p50 is not None and p99 is not None:
             head += f", p50 <= {format_ns(p50)}, p99 <= {format_ns(p99)}"
         notes = lat.caveats()
-        console.print(Text(head + (f" ({'; '.join(notes)})" if notes else ""), style="bold"))
+        console.print(plain(head + (f" ({'; '.join(notes)})" if notes else ""), style="bold"))
         for line in latency_lines(lat):
-            console.print(line, highlight=False)
+            console.print(plain(line))
 
 
 def _render_quiet(report: FleetReport, console: Console) -> None:
@@ -233,22 +236,22 @@ def _render_quiet(report: FleetReport, console: Console) -> None:
     agg = report.aggregate
     quiet = agg.quiet_hosts()
     if quiet:
-        console.print(Text(f"{len(quiet)} host(s) contributed no events:", style="bold"))
+        console.print(plain(f"{len(quiet)} host(s) contributed no events:", style="bold"))
         for h, why in list(quiet.items())[:LIST_ROWS]:
-            console.print(f"  {h}: {why}", highlight=False)
+            console.print(plain(f"  {h}: {why}"))
         if len(quiet) > LIST_ROWS:
-            console.print(f"  ... and {len(quiet) - LIST_ROWS} more")
+            console.print(plain(f"  ... and {len(quiet) - LIST_ROWS} more"))
     skipped: dict[tuple[str, str], list[str]] = {}
     for o in report.hosts:
         for probe, reason in o.skipped_probes.items():
             skipped.setdefault((probe, reason), []).append(o.host)
     for (probe, reason), hosts in sorted(skipped.items()):
-        console.print(f"probe {probe} skipped on {_host_list(hosts)}: {reason}", highlight=False)
+        console.print(plain(f"probe {probe} skipped on {_host_list(hosts)}: {reason}"))
     for probe in agg.probes():
         placed = [o.host for o in report.hosts if probe in o.placed_probes]
         silent = [h for h in placed if not agg.hosts.get(h) or not agg.hosts[h].hits.get(probe)]
         if placed and silent and len(silent) == len(placed):
-            console.print(f"probe {probe} was placed on {_host_list(placed)} and never fired", highlight=False)
+            console.print(plain(f"probe {probe} was placed on {_host_list(placed)} and never fired"))
 
 
 def _host_list(hosts: list[str], limit: int = 5) -> str:
@@ -262,18 +265,18 @@ def _render_loss(report: FleetReport, console: Console) -> None:
     """Loss counters of hosts that lost anything (ring buffer overrun, LOST lines, misses, cap)."""
     lossy = [o for o in report.hosts if o.loss.total]
     if not lossy:
-        console.print("no events lost")
+        console.print(plain("no events lost"))
         return
     table = Table(title="events lost", title_justify="left")
     for col in ("host", "overrun", "dropped", "LOST lines", "probe misses", "kmsg gaps", "capped", "hist full"):
         table.add_column(col, justify="left" if col == "host" else "right")
     for o in sorted(lossy, key=lambda o: -o.loss.total)[:LIST_ROWS]:
         lc = o.loss
-        table.add_row(o.host, str(lc.overrun), str(lc.dropped), str(lc.lost_lines),
+        add_row(table, o.host, str(lc.overrun), str(lc.dropped), str(lc.lost_lines),
                       str(sum(lc.probe_misses.values())), str(lc.kmsg_gaps), str(lc.capped), str(lc.hist_dropped))
     console.print(table)
     if len(lossy) > LIST_ROWS:
-        console.print(f"... and {len(lossy) - LIST_ROWS} more hosts lost events")
+        console.print(plain(f"... and {len(lossy) - LIST_ROWS} more hosts lost events"))
 
 
 def _render_clocks(report: FleetReport, console: Console) -> None:
@@ -283,8 +286,8 @@ def _render_clocks(report: FleetReport, console: Console) -> None:
         return
     clocked.sort(key=lambda o: -abs(o.clock_offset or 0.0))
     worst = max(o.clock_error or 0.0 for o in clocked)
-    console.print(Text(f"clock offsets vs controller ({len(clocked)} hosts; worst uncertainty "
+    console.print(plain(f"clock offsets vs controller ({len(clocked)} hosts; worst uncertainty "
                        f"+/-{worst * 1e3:.1f} ms):", style="bold"))
     for o in clocked[:5 if len(clocked) > MATRIX_HOSTS else MATRIX_HOSTS]:
-        console.print(f"  {o.host}: {(o.clock_offset or 0.0) * 1e3:+.1f} ms "
-                      f"+/- {(o.clock_error or 0.0) * 1e3:.1f} ms", highlight=False)
+        console.print(plain(f"  {o.host}: {(o.clock_offset or 0.0) * 1e3:+.1f} ms "
+                            f"+/- {(o.clock_error or 0.0) * 1e3:.1f} ms"))

@@ -54,6 +54,39 @@ $HELD"; PING_RX=; }
   HELD=
 }
 now() { date +%s; }
+
+# --- module file checks (tests/test_hostile.py runs this block by itself) ---
+# A module file is loaded only if it is exactly what the controller wrote (kmod: put_private):
+# a regular file, not a symlink, one link, owned by us (root) and writable by no one else, in a
+# directory that is not a symlink, owned by us, mode 0700 (mktemp -d).  Any user of the host
+# can plant a symlink or a file of their own in /tmp; none of those reaches insmod.
+module_file_ok() {
+  _f=$1; _d=${1%/*}
+  case $_d in /tmp/fp_*) ;; *) echo "$_d is not a fleetprobe module directory"; return 1;; esac
+  if [ -L "$_d" ] || [ ! -d "$_d" ]; then echo "$_d is not a directory"; return 1; fi
+  if [ -L "$_f" ] || [ ! -f "$_f" ]; then echo "$_f is not a regular file"; return 1; fi
+  _me=$(id -u)
+  # ls -ldn: mode, links, uid (busybox and coreutils alike).
+  set -- $(ls -ldn "$_d"); _dm=$1; _du=$3
+  set -- $(ls -ln "$_f"); _fm=$1; _fl=$2; _fu=$3
+  case $_dm in drwx------*) _dok=1;; *) _dok=;; esac   # a trailing . or + is an SELinux label or ACL
+  if [ "$_du" != "$_me" ] || [ -z "$_dok" ]; then
+    echo "$_d is owned by uid $_du with mode $_dm, not by uid $_me with drwx------"; return 1
+  fi
+  if [ "$_fu" != "$_me" ] || [ "$_fl" != 1 ]; then
+    echo "$_f is owned by uid $_fu with $_fl link(s), not by uid $_me with 1"; return 1
+  fi
+  case $_fm in -????-??-*) ;; *) echo "$_f has mode $_fm (writable by others)"; return 1;; esac
+  return 0
+}
+# Remove module directories of group $1 (ours only: owned by us, not symlinks).
+remove_module_dirs() {
+  for _d in /tmp/"$1"_*.mod.*; do
+    [ -d "$_d" ] && [ ! -L "$_d" ] && [ -O "$_d" ] && rm -rf -- "$_d"
+  done
+  return 0
+}
+# --- end of module file checks ---
 # CLOCK_REALTIME with a fraction. busybox date prints "%N" literally; its adjtimex
 # applet reports tv_usec; failing both, whole seconds with a 1 s uncertainty.
 rt() {
@@ -379,7 +412,7 @@ watchdog() {
   wait "$_s"
   unload_modules "$MODS"
   [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null || exit 0
-  teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko
+  teardown_group "$G" "$I"; remove_module_dirs "$G"
   echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
   exit 0
 }
@@ -418,7 +451,7 @@ while IFS= read -r line <&3; do
       kill_own "$OWNK"
       if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
       teardown_group "$G" "$I"
-      rm -f /tmp/"$G"_*.ko
+      remove_module_dirs "$G"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
@@ -481,11 +514,12 @@ while IFS= read -r line; do
       else
         # A module can take the kernel (and us) down: what was placed so far goes out first.
         release
-        if out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
+        if ! why=$(module_file_ok "$mp"); then say "modfail $mn :: refused $mp: $why"
+        elif out=$(insmod "$mp" "$@" 2>&1); then LOADED="$LOADED $mn"; say "loaded $mn"
         else say "modfail $mn :: $(echo $out)"; fi
         hold
       fi
-      rm -f "$mp";;
+      rm -f -- "$mp"; rmdir -- "${mp%/*}" 2>/dev/null;;
     synth|notrace_self) hist_place "$kind" "$rest";;
     # Triggers wait until every process of ours exists: their filter names all of them.
     trigger) HIST_Q="${HIST_Q:+$HIST_Q
@@ -634,7 +668,7 @@ release
 hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
-rm -f /tmp/"$G"_*.ko    # copied modules that never reached insmod
+remove_module_dirs "$G"    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"

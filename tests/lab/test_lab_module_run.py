@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.kmod.cache import default_cache_dir
 from fleetprobe.cli.main import main
@@ -63,7 +64,7 @@ def fresh_module_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 def test_fork_module_across_the_lab(lab_fleet: LabForTests, tmp_path: Path, fresh_module_cache: Path) -> None:
     lab = lab_fleet
     report_path, events_path = tmp_path / "report.json", tmp_path / "events.jsonl"
-    console = Console(record=True, width=220)
+    console = SafeConsole(record=True, width=220)
     rc = main(["run", str(REPO / "playbooks/fork-module.yml"), "-i", str(lab.inventory), "--allow-modules",
                "--duration", "15s", "--json", str(report_path), "--events", str(events_path), *COMMON], console)
     out = console.export_text()
@@ -154,7 +155,7 @@ def test_insmod_failure_is_that_hosts_failure_with_the_kernels_words(lab_fleet: 
                   "    params:\n      symbol: [kernel_clone, _do_fork, do_fork]\n      offset: \"1\"\n")
     targets = [vm for vm in lab.vms if vm.uname_m in ("x86_64", "ppc64le")][:2]
     report_path = tmp_path / "report.json"
-    console = Console(record=True, width=220)
+    console = SafeConsole(record=True, width=220)
     rc = main(["run", str(pb), "-i", str(lab.inventory), "--limit", ",".join(vm.name for vm in targets),
                "--json", str(report_path), *COMMON], console)
     out = console.export_text()
@@ -180,7 +181,7 @@ def test_cleanup_removes_the_module_of_a_dead_run(lab_fleet: LabForTests, fresh_
     # Build it through fleetprobe (a plan-less run would need a playbook): reuse the lab run's cache entry,
     # or build it now with a short run.
     rc = main(["run", str(REPO / "playbooks/fork-module.yml"), "-i", str(lab.inventory), "--limit", vm.name,
-               "--duration", "2s", *COMMON], Console(record=True, width=200))
+               "--duration", "2s", *COMMON], SafeConsole(record=True, width=200))
     assert rc == 0
     (ko,) = (fresh_module_cache / "modules").glob(f"amd64/{vm.kernel_release}/fp_kprobe-*/fp_kprobe.ko")
     subprocess.run(["ssh", "-F", "/dev/null", "-i", str(lab.key), "-o", "IdentitiesOnly=yes",
@@ -188,7 +189,7 @@ def test_cleanup_removes_the_module_of_a_dead_run(lab_fleet: LabForTests, fresh_
                     "root@127.0.0.1", "cat > /tmp/dead.ko && insmod /tmp/dead.ko run=dead0 probe=fork post=0 rate=1; "
                     "rm -f /tmp/dead.ko"], input=ko.read_bytes(), capture_output=True, timeout=60, check=True)
     assert ssh(lab, vm, "cat /sys/module/fp_kprobe/parameters/run").stdout.strip() == "dead0"
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     main(["cleanup", "-i", str(lab.inventory), "--limit", vm.name, "--connect-timeout", "60s"], console)
     assert "module fp_kprobe" in console.export_text(), console.export_text()
     assert ssh(lab, vm, "grep '^fp_' /proc/modules; true").stdout.strip() == ""
@@ -208,7 +209,7 @@ def test_one_module_source_for_two_probes_loads_twice(lab_fleet: LabForTests, tm
                                                   ">/dev/null; sleep 0.3; done", 120), daemon=True) for vm in vms]
     for t in threads:
         t.start()
-    console = Console(record=True, width=220)
+    console = SafeConsole(record=True, width=220)
     rc = main(["run", str(REPO / "tests/data/playbooks/lab/statfs-two-modules.yml"), "-i", str(lab.inventory),
                "--limit", ":".join(sorted({f"lab_{vm.arch}" for vm in vms})), "--duration", "20s",
                "--json", str(report_path), *COMMON], console)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from rich.console import Console
+
+from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from labssh import is_mips, ssh
@@ -76,7 +77,7 @@ COMMON = ["--no-live", "--connect-timeout", "60s", "--setup-timeout", "120s", "-
 
 
 def _run(args: list[str]) -> tuple[int, str]:
-    console = Console(record=True, width=200)
+    console = SafeConsole(record=True, width=200)
     rc = main(args, console)
     return rc, console.export_text()
 
