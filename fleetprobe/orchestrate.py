@@ -13,6 +13,7 @@ itself, with the controller's part in ``finally`` blocks.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,7 +31,7 @@ from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
-from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream
+from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream, control_prefix
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
@@ -328,10 +329,14 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
                 out.clock_offset, out.clock_error = sample
                 clock.offset, clock.error = sample
 
+    # Per host and run: the runner's control lines carry it, a user's file name cannot (issue 11).
+    secret = secrets.token_hex(16)
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
-                         on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock)
+                         on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock,
+                         control_prefix=control_prefix(secret))
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=plan.duration,
-                                 deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
+                                 deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules,
+                                 secret=secret)
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
     splitter = MarkerSplitter() if modules else None
     kmsg = KmsgCollector(host, fr.run_id)

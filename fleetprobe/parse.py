@@ -107,6 +107,15 @@ class Control:
 Parsed = TraceEvent | Marker | Loss | Control | None
 
 CONTROL_PREFIX = "@@fp "
+
+
+def control_prefix(secret: str) -> str:
+    """The prefix of the runner's own lines in a run with ``secret`` (runner.sh ``secret`` directive).
+
+    The secret is sent with the plan; neither the kernel nor a user on the host sees it, so
+    a printed file name cannot start a line with it.
+    """
+    return f"@@fp:{secret} "
 MARKER_EVENT = "tracing_mark_write"
 MARKER_WORD = "fpsync"
 
@@ -349,16 +358,24 @@ class StreamStats:
     unsynced: int = 0
     unknown: dict[str, int] = field(default_factory=dict)
     unparsed_examples: list[str] = field(default_factory=list)
+    #: Lines longer than MAX_LINE_BYTES, dropped without being kept.
+    overlong: int = 0
+    #: Events whose text went on over more than one line (a newline in a string the kernel printed).
+    multiline: int = 0
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict."""
         return {"bytes": self.bytes, "lines": self.lines, "events": self.events, "markers": self.markers,
                 "control": self.control, "loss_lines": self.loss_lines, "lost_events": self.lost_events,
                 "unparsed": self.unparsed, "unsynced": self.unsynced, "unknown": dict(self.unknown),
-                "unparsed_examples": list(self.unparsed_examples)}
+                "unparsed_examples": list(self.unparsed_examples), "overlong": self.overlong,
+                "multiline": self.multiline}
 
 
 MAX_UNKNOWN_NAMES = 64
+#: The longest line a stream keeps (bytes or characters). The kernel prints an event into one
+#: page-sized buffer (trace_seq, 8 KiB on 6.x); a line past this is a host's attack, not an event.
+MAX_LINE_BYTES = 256 * 1024
 MAX_UNPARSED_EXAMPLES = 5
 
 
@@ -485,9 +502,17 @@ class TraceStream:
                  on_control: Callable[[str], None] | None = None,
                  on_marker: Callable[[Marker], None] | None = None,
                  on_loss: Callable[[Loss], None] | None = None,
-                 clock: ClockLike | None = None) -> None:
-        """Set up a stream for ``host``; ``names`` maps trace event names to probe names."""
+                 clock: ClockLike | None = None,
+                 control_prefix: str = CONTROL_PREFIX) -> None:
+        """Set up a stream for ``host``; ``names`` maps trace event names to probe names.
+
+        ``control_prefix`` starts the runner's own lines: ``@@fp:<secret> `` with the
+        run's secret (see :func:`control_prefix`), so that no text the kernel prints
+        (a file name a user chose) can pass for one.
+        """
         self.host = host
+        self.control_prefix = control_prefix
+        self._prefix_bytes = control_prefix.encode()
         self.names = dict(names)
         self.aggregate = aggregate
         self.on_event = on_event
@@ -508,30 +533,82 @@ class TraceStream:
         self._rows: list[Row] = []
         self._row_names: list[str] = []
         self._counts: dict[str, int] = {}
-        self._tail = b""
+        # The partial last line, as pieces (appending to one bytes object would copy it again per
+        # chunk: quadratic in a line that never ends); _tail_len bytes in all.
+        self._tail: list[bytes] = []
+        self._tail_len = 0
+        # Dropping an overlong line up to its newline.
+        self._discarding = False
+        # The last event line read: the next chunk may go on with its text (a newline in a string).
+        self._pending: Row | None = None
+        self._pending_joined = False
         self._slope = 1.0
         self._intercept = 0.0
         self._synced = False
         self._sync()
 
     def feed(self, data: bytes) -> None:
-        """Consume one chunk of the channel's bytes."""
+        """Consume one chunk of the channel's bytes.
+
+        Linear in the bytes fed: only the new chunk is searched for newlines. A line longer
+        than :data:`MAX_LINE_BYTES` is dropped whole (counted in ``stats.overlong``), never
+        kept. The chunk's last event waits for the next chunk, which may continue its text
+        (see :meth:`_continued`).
+        """
         if not data:
             return
         self.stats.bytes += len(data)
-        buf = self._tail + data if self._tail else data
-        cut = buf.rfind(b"\n")
+        if self._discarding:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return
+            self._discarding = False
+            data = data[nl + 1:]
+        cut = data.rfind(b"\n")
         if cut < 0:
-            self._tail = buf
+            self._keep(data)
             return
-        self._tail = buf[cut + 1:]
-        self._text(buf[:cut].decode("utf-8", "replace"))
+        if self._tail:
+            first = data.find(b"\n")
+            if self._tail_len + first > MAX_LINE_BYTES:
+                self._overlong()
+                data = data[first + 1:]
+                cut -= first + 1
+            else:
+                data = b"".join(self._tail) + data
+                cut += self._tail_len
+            self._tail, self._tail_len = [], 0
+        self._keep(data[cut + 1:])
+        if cut >= 0:
+            self._text(data[:cut].decode("utf-8", "replace"), final=False)
+
+    def _keep(self, data: bytes) -> None:
+        """Keep a partial line for the next chunk, unless it grew past the cap."""
+        if not data:
+            return
+        if self._tail_len + len(data) > MAX_LINE_BYTES:
+            self._overlong()
+            self._tail, self._tail_len = [], 0
+            self._discarding = True
+            return
+        self._tail.append(data)
+        self._tail_len += len(data)
+
+    def _overlong(self) -> None:
+        """Count a line dropped for its length."""
+        self.stats.overlong += 1
+        self.stats.lines += 1
 
     def close(self) -> None:
-        """End of stream: parse a last line that had no newline."""
-        if self._tail:
-            tail, self._tail = self._tail, b""
-            self._text(tail.decode("utf-8", "replace"))
+        """End of stream: parse a last line that had no newline, and the event held for continuation."""
+        tail = b"".join(self._tail)
+        self._tail, self._tail_len, self._discarding = [], 0, False
+        if tail:
+            self._text(tail.decode("utf-8", "replace"), final=True)
+        elif self._pending is not None:
+            rows, self._pending = [self._pending], None
+            self._events(rows)
+            self._flush()
 
     def _sync(self) -> None:
         """Refresh the cached linear map from trace time to controller time."""
@@ -539,12 +616,27 @@ class TraceStream:
             self._slope, self._intercept = self.clock.linear()
             self._synced = True
 
-    def _text(self, text: str) -> None:
-        """Whole lines (joined by "\n"): events in runs, the other lines one by one, in order."""
+    def _text(self, text: str, *, final: bool) -> None:
+        """Whole lines (joined by "\n"): events in runs, the other lines one by one, in order.
+
+        Unless ``final``, the last line, if it is an event, is held back (``_pending``) for
+        the next text, whose first lines may continue it.
+        """
         rows: list[Row] = (_ASCII_LINES_RE if text.isascii() else _LINES_RE).findall(text)
+        joined = False
+        if self._pending is not None:
+            rows.insert(0, self._pending)
+            self._pending, joined = None, self._pending_joined
         if all(map(_PID, rows)):
+            if len(text) > MAX_LINE_BYTES:
+                rows = self._capped(rows)
+            if not final and rows:
+                self._pending, self._pending_joined = rows.pop(), False
             self._events(rows)
         else:
+            rows, joined = self._continued(rows, joined)
+            if not final and rows and rows[-1][1]:
+                self._pending, self._pending_joined = rows.pop(), joined
             start = 0
             for i in [i for i, row in enumerate(rows) if not row[1]]:
                 self._events(rows[start:i])
@@ -552,6 +644,53 @@ class TraceStream:
                 start = i + 1
             self._events(rows[start:])
         self._flush()
+
+    def _capped(self, rows: list[Row]) -> list[Row]:
+        """Rows without the ones whose text is longer than the line cap (counted)."""
+        kept = [row for row in rows if len(row[4]) <= MAX_LINE_BYTES]
+        for _ in range(len(rows) - len(kept)):
+            self._overlong()
+        return kept
+
+    def _continued(self, rows: list[Row], joined: bool) -> tuple[list[Row], bool]:
+        """Fold every line that is neither a trace header nor a control or loss line into the event before it.
+
+        The kernel prints ``%s`` fields raw: a file name with a newline in it goes on over
+        several lines, and whatever follows the newline (a user's choice) must stay part of
+        that event's text, escaped as ``\\n``, never become an event or a control line of
+        its own. A line after no event at all is garbage (unparsed). Each event whose text
+        held a newline is counted once (``stats.multiline``); ``joined`` says whether the
+        first row (an event held from the last chunk) was already continued, and the
+        result's second item whether the last event was.
+        """
+        out: list[Row] = []
+        prefix = self.control_prefix
+        last = -1          # index in out of the event the next stray line continues, or -1
+        for row in rows:
+            if row[1]:
+                if out:
+                    joined = False
+                out.append(row)
+                last = len(out) - 1
+                continue
+            line = row[4]
+            if line.startswith(prefix) or (line.startswith("CPU:") and _LOSS_RE.match(line)):
+                out.append(row)
+                last = -1
+                continue
+            if last < 0:
+                out.append(row)
+                continue
+            comm, pid, cpu, ts, ev_text = out[last]
+            if len(ev_text) + len(line) > MAX_LINE_BYTES:
+                # The event stays as it was; what would make it overlong is dropped and counted.
+                self._overlong()
+                continue
+            out[last] = (comm, pid, cpu, ts, ev_text + "\\n" + line)
+            if not joined:
+                self.stats.multiline += 1
+                joined = True
+        return out, joined and last == len(out) - 1
 
     def _events(self, rows: list[Row]) -> None:
         """A run of event lines: the run's own events join the batch; markers and others' events are counted."""
@@ -632,11 +771,12 @@ class TraceStream:
     def _other(self, line: str) -> None:
         """A line that is not an event: control, loss, blank or garbage."""
         stats = self.stats
-        if line.startswith(CONTROL_PREFIX):
+        prefix = self.control_prefix
+        if line.startswith(prefix):
             stats.lines += 1
             stats.control += 1
             if self.on_control is not None:
-                self.on_control(line[len(CONTROL_PREFIX):])
+                self.on_control(line[len(prefix):])
             return
         if not line.strip():
             return

@@ -120,8 +120,11 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
     out: dict[str, Any] = {"events": [], "control": [], "loss": [], "markers": []}
     stats: dict[str, Any] = {"bytes": len(data), "lines": 0, "events": 0, "markers": 0, "control": 0,
                              "loss_lines": 0, "lost_events": 0, "unparsed": 0, "unsynced": 0, "unknown": {},
-                             "unparsed_examples": []}
-    for line in data.decode("utf-8", "replace").split("\n"):
+                             "unparsed_examples": [], "overlong": 0, "multiline": 0}
+    lines = data.decode("utf-8", "replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()    # the end of the last line, not a line
+    for line in _continued(lines, stats):
         if not line:
             continue
         m = _LINE_RE.match(line)
@@ -162,6 +165,28 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
             stats["unknown"][name] = stats["unknown"].get(name, 0) + 1
     out["stats"] = stats
     out["aggregate"] = json.dumps(agg.to_json(), sort_keys=True)
+    return out
+
+
+def _continued(lines: list[str], stats: dict[str, Any]) -> list[str]:
+    """Lines as the stream must see them: a line that is not a trace header, a control line or a
+    loss line goes on with the event line before it (joined by an escaped newline), if any."""
+    out: list[str] = []
+    event = False
+    for line in lines:
+        if _LINE_RE.match(line):
+            out.append(line)
+            event, joined = True, False
+        elif line.startswith(CONTROL_PREFIX) or _LOSS_RE.match(line):
+            out.append(line)
+            event = False
+        elif event:
+            out[-1] += "\\n" + line
+            if not joined:
+                stats["multiline"] += 1
+                joined = True
+        else:
+            out.append(line)
     return out
 
 

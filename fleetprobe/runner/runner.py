@@ -46,13 +46,16 @@ class ModuleLoad:
 
 
 def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: int, grace: int,
-                    buffer_kb: int | None = None, modules: tuple[ModuleLoad, ...] = ()) -> str:
-    """The runner's stdin up to ``go``: definitions first, then modules, filters, enables.
+                    buffer_kb: int | None = None, modules: tuple[ModuleLoad, ...] = (),
+                    secret: str = "") -> str:
+    """The runner's stdin up to ``go``: the secret, definitions, then modules, filters, enables.
 
     Order matters: a dynamic event appears under the instance once defined, so
-    its filter and enable must come after its definition.
+    its filter and enable must come after its definition. ``secret`` (hex) frames every
+    control line the runner prints from then on (:func:`fleetprobe.parse.control_prefix`).
     """
-    lines = [f"tracefs {tracefs}", f"group {plan.group}", f"instance {plan.instance}",
+    lines = [f"secret {secret}"] if secret else []
+    lines += [f"tracefs {tracefs}", f"group {plan.group}", f"instance {plan.instance}",
              f"duration {max(1, int(duration + 0.999))}", f"deadline {deadline}", f"grace {grace}"]
     if buffer_kb:
         lines.append(f"buffer_kb {buffer_kb}")
