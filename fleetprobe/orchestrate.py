@@ -457,6 +457,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         loss.hist_dropped = add_host_tables(results, host, plan, report, stream_tables, loss.capped, out.hits)
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
+    out.multiline_events = parser.stats.multiline
+    out.overlong_lines = parser.stats.overlong
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:

@@ -110,6 +110,11 @@ class HostOutcome:
     #: Things an operator must hear about even when the host is "ok" (an oops during the run ...).
     alerts: list[str] = field(default_factory=list)
     unparsed_lines: int = 0
+    #: Events whose text went on over several lines (a newline in a string the kernel printed raw:
+    #: a file name a user chose); each is one event, its text with the newlines escaped.
+    multiline_events: int = 0
+    #: Lines dropped unread for their length (parse.MAX_LINE_BYTES).
+    overlong_lines: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
