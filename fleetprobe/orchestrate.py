@@ -401,6 +401,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         """
         nonlocal runner_dead, guard
         now = time.monotonic()
+        if flush_due is not None:
+            # At least once a second on disk, whole lines: a killed controller keeps what it had (issue 11 #16).
+            flush_due()
         if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
@@ -412,6 +415,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             return
         guard = loop.call_later(1, watchdog)
 
+    flush_due: Callable[[], None] | None = getattr(sink, "flush_due", None)
     guard = loop.call_later(1, watchdog)
     last_seen = 0
     link_error: TransportError | None = None
@@ -446,6 +450,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         guard.cancel()
         if fr.interrupted.is_set() and not report.bye:
             stop()
+        host_flush: Callable[[], None] | None = getattr(sink, "flush", None)
+        if host_flush is not None:
+            host_flush()
     out.events = counter.accepted
     out.hits = dict(counter.counts)
     loss = report.loss(plan.group)
@@ -695,4 +702,7 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
     run = RunInfo(run_id=run_id, playbook=playbook.name, playbook_path=playbook.source,
                   playbook_sha256=playbook.sha256, started=started, ended=time.time(),
                   inventory=inventory, argv=list(argv or []), version=__version__)
+    if writer is not None:
+        run.events_written = writer.written
+        run.events_truncated = writer.error
     return FleetReport(run, aggregate, outcomes)

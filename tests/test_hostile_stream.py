@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,6 +23,8 @@ from simhosts import SimFleet
 from test_failures import common_args, hosts_by_name, run_cli, run_id, sim, write_playbook  # noqa: F401
 
 pytestmark = [pytest.mark.tracefs]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EXEC_PLAYBOOK = """\
 name: hostile-exec
@@ -118,3 +121,107 @@ def test_a_users_file_name_cannot_forge_a_whole_event(sim: SimFleet, tmp_path: P
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     forged_events = [e for e in events if e["pid"] == 1 and "backdoor" in str(e["fields"].get("filename"))]
     assert not forged_events, forged_events[:3]
+
+
+BUSY_PLAYBOOK = """\
+name: hostile-busy
+description: Program executions and forks, many of them.
+duration: 3s
+probes:
+  - name: exec
+    tracepoint: sched/sched_process_exec
+  - name: fork
+    tracepoint: sched/sched_process_fork
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs of the test's own, unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "fp-test-small", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def busy_loop(stop: threading.Event) -> None:
+    """Exec and fork, over and over, until stopped."""
+    while not stop.is_set():
+        subprocess.run(["/bin/true"], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
+def test_a_full_disk_for_events_truncates_them_and_the_run_finishes(sim: SimFleet, tmp_path: Path, run_id: str,
+                                                                    small_disk: Path) -> None:
+    """--events on a 64 KiB file system: the events stop (whole lines), the report says so, the run ends ok."""
+    sim.add("busy")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    report, events = tmp_path / "report.json", small_disk / "events.jsonl"
+    stop = threading.Event()
+    load = threading.Thread(target=busy_loop, args=(stop,))
+    load.start()
+    try:
+        rc, text, _ = run_cli(["run", str(write_playbook(tmp_path, BUSY_PLAYBOOK)), *common_args(inv, run_id),
+                               "--json", str(report), "--events", str(events)])
+    finally:
+        stop.set()
+        load.join()
+    assert rc == 0, text
+    data = json.loads(report.read_text())
+    host = data["hosts"][0]
+    assert host["status"] == "ok" and host["events"] > 0, host
+    run = data["run"]
+    assert "No space left on device" in run["events_truncated"], run
+    lines = events.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])   # whole lines only
+    assert run["events_written"] == len(lines) - 1 < host["events"], (run, host["events"])
+    assert "events TRUNCATED" in text
+
+
+def test_kill_9_of_the_controller_keeps_the_events_of_the_last_second(sim: SimFleet, tmp_path: Path,
+                                                                     run_id: str) -> None:
+    """SIGKILL mid-run: the events file holds what came until about a second before, in whole lines."""
+    sim.add("busy")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    pb = write_playbook(tmp_path, BUSY_PLAYBOOK.replace("duration: 3s", "duration: 60s"))
+    events = tmp_path / "events.jsonl"
+    stop = threading.Event()
+    load = threading.Thread(target=busy_loop, args=(stop,))
+    load.start()
+    proc = subprocess.Popen([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, run_id),
+                             "--events", str(events)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None and not _probing(run_id):
+            time.sleep(0.1)
+        assert _probing(run_id), "the run never created its instance"
+        time.sleep(4)                                        # probing, events arriving
+        proc.kill()
+        proc.wait()
+    finally:
+        stop.set()
+        load.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    data = events.read_bytes()
+    assert data, "nothing on disk after 4 s of probing"
+    lines = data.split(b"\n")
+    assert lines[-1] == b"", "a half line at the end"
+    assert len(lines) > 10 and all(json.loads(line)["probe"] in ("exec", "fork") for line in lines[:-1])
+    # The killed controller's runner saw the link drop and removed its probes itself.
+    assert sim.wait_quiet(20) == []
+
+
+def _probing(run_id: str) -> bool:
+    """Has the run's instance appeared in this machine's tracefs?"""
+    return any(p.name.startswith(f"fp_{run_id}_") for p in Path("/sys/kernel/tracing/instances").iterdir())

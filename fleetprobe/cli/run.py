@@ -330,7 +330,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             write_json(report, args.json)
             console.print(f"report written to {escape(args.json)}")
-        if args.events:
+        if args.events and report.run.events_truncated:
+            console.print(f"[yellow]events TRUNCATED: {escape(report.run.events_truncated)}; "
+                          f"{report.run.events_written} events kept in {escape(args.events)}, the run went on[/]")
+        elif args.events:
             console.print(f"events written to {escape(args.events)}")
         extras.finish(report, console)
     finally:
