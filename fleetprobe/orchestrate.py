@@ -317,8 +317,13 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     ping_sent = 0.0
 
+    # Controller time when the runner said its probes were on, and when it said it was stopping.
+    window: list[float] = []
+
     def on_control(text: str) -> None:
         report.handle(text)
+        if text.startswith(("started", "stopping")) and len(window) < 2:
+            window.append(time.time())
         if len(report.pongs) == 1 and text.startswith("pong"):
             # The ping travels with the plan and the runner answers it before reading the rest:
             # one small round trip on an idle shell, the clock offset for free (NTP's min-RTT rule
@@ -516,6 +521,16 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
         raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
+    if len(window) == 2:
+        out.probed_seconds = round(window[1] - window[0], 3)
+    if report.stop_reason == "reader-exit":
+        # The trace reader ended by itself: someone removed the run's instance (another operator's
+        # "fleetprobe cleanup --force", a negative grace): what the run did not see is not "nothing".
+        covered = f"{out.probed_seconds:.1f} s" if out.probed_seconds is not None else "an unknown part"
+        raise HostError(host, "probe", f"the probes were removed under the run: it saw {covered} of its "
+                        f"{plan.duration:.0f} s", evidence="runner: stopping reader-exit",
+                        hint="another fleetprobe run or 'fleetprobe cleanup --force' on this host removed "
+                             "the run's tracefs instance; rerun when it is alone")
     if report.enabled == 0 and not report.loaded and not report.triggers:
         raise HostError(host, "probe", "the kernel refused every probe",
                         evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)

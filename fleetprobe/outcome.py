@@ -113,6 +113,8 @@ class HostOutcome:
     #: Events whose text went on over several lines (a newline in a string the kernel printed raw:
     #: a file name a user chose); each is one event, its text with the newlines escaped.
     multiline_events: int = 0
+    #: Seconds between the runner's "started" and "stopping" (controller clock): the window probed.
+    probed_seconds: float | None = None
     #: Lines dropped unread for their length (parse.MAX_LINE_BYTES).
     overlong_lines: int = 0
 

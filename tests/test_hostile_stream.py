@@ -225,3 +225,59 @@ def test_kill_9_of_the_controller_keeps_the_events_of_the_last_second(sim: SimFl
 def _probing(run_id: str) -> bool:
     """Has the run's instance appeared in this machine's tracefs?"""
     return any(p.name.startswith(f"fp_{run_id}_") for p in Path("/sys/kernel/tracing/instances").iterdir())
+
+
+def _remove_instance_like_cleanup_force(run_id: str) -> list[str]:
+    """What a sweep with a negative grace (``cleanup --force``) does to this run only: stop its
+    instance's readers, disable its events, remove it. Only our run's names: other test sessions
+    may be probing this kernel."""
+    removed = []
+    for inst in Path("/sys/kernel/tracing/instances").iterdir():
+        if not inst.name.startswith(f"fp_{run_id}_"):
+            continue
+        for fd in Path("/proc").glob("[0-9]*/fd/*"):
+            try:
+                if os.readlink(fd).startswith(str(inst) + "/"):
+                    os.kill(int(fd.parts[2]), 15)
+            except OSError:
+                continue
+        (inst / "events" / "enable").write_text("0\n")
+        for _ in range(50):
+            try:
+                inst.rmdir()
+                removed.append(inst.name)
+                break
+            except OSError:
+                time.sleep(0.1)
+    return removed
+
+
+def test_probes_removed_under_the_run_fail_the_host_with_the_window_seen(sim: SimFleet, tmp_path: Path,
+                                                                         run_id: str) -> None:
+    """Another operator removes the run's instance 2 s in: the host fails, saying how much it saw."""
+    sim.add("victim")
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    report = tmp_path / "report.json"
+    pb = write_playbook(tmp_path, BUSY_PLAYBOOK.replace("duration: 3s", "duration: 30s"))
+    removed: list[str] = []
+
+    def remover() -> None:
+        deadline = time.monotonic() + 30
+        while not _probing(run_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)
+        removed.extend(_remove_instance_like_cleanup_force(run_id))
+
+    t = threading.Thread(target=remover)
+    t.start()
+    try:
+        rc, text, took = run_cli(["run", str(pb), *common_args(inv, run_id), "--json", str(report)])
+    finally:
+        t.join()
+    assert removed, "the test never found the run's instance"
+    host = hosts_by_name(report)["victim"]
+    assert rc != 0 and host["status"] == "failed", host
+    assert "removed under the run" in host["reason"] and "of its 30 s" in host["reason"], host
+    assert host["probed_seconds"] is not None and 1 < host["probed_seconds"] < 10, host
+    assert took < 25, took
