@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from itertools import repeat
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_event
+from fleetprobe.outfiles import PRIVATE
 
 #: JSON exactly as ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` writes it, without
 #: building an encoder per call.
@@ -158,7 +160,7 @@ class EventWriter:
         self.error = ""
         #: Events dropped after ``error``.
         self.dropped = 0
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._fd: int | None = _open_private_fd(self.path)
         # Our own buffer of whole lines (an io buffer would write a half line when it fills: a killed
         # controller would leave one, and a full disk another): flushed at FLUSH_BYTES, every
         # FLUSH_SECONDS (see flush_due) and at every host's end.
@@ -272,6 +274,20 @@ class EventWriter:
                  tb: TracebackType | None) -> None:
         """Close on exit."""
         self.close()
+
+
+def _open_private_fd(path: Path) -> int:
+    """A raw descriptor for :func:`fleetprobe.outfiles.open_private`'s file (0600, never through a
+    symlink; ``-`` is standard output): the writer buffers whole lines itself."""
+    if str(path) == "-":
+        return os.dup(sys.stdout.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE)
+    try:
+        os.fchmod(fd, PRIVATE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _row_event(host: str, ev: tuple[str, float, float, int, int, str, str]) -> TraceEvent:

@@ -99,7 +99,8 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
                   observer=observer or NullObserver(),
                   run_id=settings.run_id or new_run_id(), interrupted=interrupted or asyncio.Event(),
                   setup_slots=asyncio.Semaphore(max(1, settings.forks)),
-                  modules=ModuleBuilds(settings.build_at, _module_cache(settings.module_cache)),
+                  modules=ModuleBuilds(settings.build_at, _module_cache(settings.module_cache),
+                                       trusted=settings.trusted_build_hosts),
                   in_setup=len(hosts))
     if not hosts:
         fr.everyone_set_up.set()

@@ -6,12 +6,12 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fleetprobe.errors import InputError
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.outcome import HostOutcome
+from fleetprobe.outfiles import write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -108,13 +108,12 @@ class FleetReport:
 
 
 def write_json(report: FleetReport, path: str | os.PathLike[str]) -> None:
-    """Write the report as JSON atomically (a reader never sees half a file)."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write the report as JSON atomically (a reader never sees half a file), mode 0600 (``-``: stdout)."""
+    def write(f: IO[str]) -> None:
         json.dump(report.to_json(), f, indent=1, sort_keys=False, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, target)
+
+    write_atomic(path, write)
 
 
 def load_json(path: str | os.PathLike[str]) -> FleetReport:

@@ -47,12 +47,14 @@ PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 class SSHOptions:
     """How to reach hosts, shared by the whole fleet (per-host settings live on Host).
 
-    ``known_hosts``: files to trust instead of the user's OpenSSH defaults.
-    ``ssh_config``: OpenSSH config files to read (None: the user's default;
-    an empty tuple: none).  ``accept_new_host_keys`` accepts and records the key
-    of a host that has none in known_hosts (a changed key is always refused).
+    ``known_hosts``: files to trust instead of ``UserKnownHostsFile`` (for every host and jump host).
+    ``ssh_config``: OpenSSH config files to read instead of ~/.ssh/config and the system's
+    ssh_config, like ``ssh -F`` (None: those two; an empty tuple: none).  ``accept_new_host_keys``
+    accepts and records the key of a host that has none in known_hosts, like
+    ``-o StrictHostKeyChecking=accept-new`` (a changed key is always refused).  Everything is
+    resolved as ssh resolves it: :mod:`fleetprobe.sshconfig`.
     ``ciphers``: the cipher preference in OpenSSH's ``Ciphers`` syntax, used
-    unless an OpenSSH config in use sets ``Ciphers`` itself (None: asyncssh's order).
+    unless the host's OpenSSH settings name ``Ciphers`` (None: asyncssh's order).
     """
 
     known_hosts: tuple[str, ...] | None = None

@@ -53,6 +53,8 @@ class RunSettings:
     #: Where kernel modules are built: ``auto`` (a host of the group that can, else the controller for
     #: a Debian kernel with a cross compiler), ``host`` or ``controller`` (see fleetprobe.kmod.plan).
     build_at: str = "auto"
+    #: Hosts whose own module builds other hosts of their kernel may load (``--trust-build-host``).
+    trusted_build_hosts: tuple[str, ...] = ()
     #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (kmod.cache.ModuleCache).
     module_cache: Path | None = None
 

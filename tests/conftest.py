@@ -25,6 +25,9 @@ def _isolated_home() -> Iterator[None]:
         os.environ.pop(var, None)
     with tempfile.TemporaryDirectory(prefix="fleetprobe-home-") as home:
         os.environ["HOME"] = home
+        # This machine's /etc/ssh (ssh_config, ssh_known_hosts) is no test's business either.
+        os.makedirs(os.path.join(home, "etc-ssh"))
+        os.environ["FLEETPROBE_SSH_ETC"] = os.path.join(home, "etc-ssh")
         try:
             yield
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.arches import target_for
-from fleetprobe.errors import BuildError
+from fleetprobe.errors import BuildError, FleetprobeError
 from fleetprobe.kmod.cache import ModuleCache
 from fleetprobe.kmod.compile import check_module, compiler_messages, BuiltModule, GroupResult
 from fleetprobe.kmod.plan import debian_package_version, is_debian_kernel
@@ -146,15 +147,59 @@ def test_per_host_module_lists(sources: list) -> None:
     assert by_mod == {"fp_kprobe": ("a", "b"), "fp_kretprobe": ("b",)}
 
 
-def test_a_host_that_can_build_is_preferred(sources: list) -> None:
+def test_the_controller_builds_for_everyone_and_a_host_only_for_itself_unless_trusted(sources: list) -> None:
+    """A host's build is loaded by other hosts only if the user trusts that host (issue 11, finding 1)."""
     plain = stored_facts("x86_64-debian-6.1.json", "x1")
     builder = replace(stored_facts("x86_64-debian-6.1.json", "x2"),
                       build_dir="/lib/modules/6.1.0-56-amd64/build", make=True, cc="gcc")
+    # auto: the controller's build (from Debian's archive) serves every host of the kernel.
     (g,) = plan_builds([plain, builder], sources[:1], have_program=always)
-    assert (g.where, g.build_host, g.build_dir) == ("host", "x2", "/lib/modules/6.1.0-56-amd64/build")
-    assert g.hosts == ("x1", "x2")
+    assert (g.where, g.hosts, g.key.built_by) == ("controller", ("x1", "x2"), "")
+    # No controller build possible: x2 builds for itself only; x1 is told why and how to trust x2.
+    own, rest = plan_builds([plain, builder], sources[:1], have_program=never)
+    assert (own.where, own.build_host, own.hosts, own.key.built_by) == ("host", "x2", ("x2",), "x2")
+    assert own.build_dir == "/lib/modules/6.1.0-56-amd64/build"
+    assert rest.where == "none" and rest.hosts == ("x1",)
+    assert "loaded only by itself" in (rest.error or "") and rest.hint == "--trust-build-host x2 to load its build " \
+        "on the other hosts of this kernel"
+    # Trusted: one build on x2 for both, under the shareable key.
+    (g,) = plan_builds([plain, builder], sources[:1], have_program=never, trusted={"x2"})
+    assert (g.where, g.build_host, g.hosts, g.key.built_by) == ("host", "x2", ("x1", "x2"), "")
     (g,) = plan_builds([plain, builder], sources[:1], where="controller", have_program=always)
     assert g.where == "controller"
+    (own, rest) = plan_builds([plain, builder], sources[:1], where="host", have_program=always)
+    assert own.key.built_by == "x2" and rest.where == "none"
+
+
+def test_a_release_that_names_a_path_is_never_built_or_cached(sources: list, tmp_path: Path) -> None:
+    """A lying host's uname -r becomes part of the cache path: ``../..`` must not leave the cache."""
+    liar = replace(stored_facts("x86_64-debian-6.1.json", "liar"), kernel_release="../../../../etc/cron.d/x",
+                   build_dir="/tmp/b", make=True, cc="gcc")
+    (g,) = plan_builds([liar], sources[:1], have_program=always, trusted={"liar"})
+    assert g.where == "none" and "not a plain release name" in (g.error or "")
+    cache = ModuleCache(tmp_path / "modules")
+    for release in ("../../x", "6.1.0-1/../../x", "..", "6.1.0/evil"):
+        with pytest.raises(FleetprobeError):
+            cache.entry(BuildKey("amd64", release, "fp_kprobe", "ab" * 8))
+    with pytest.raises(FleetprobeError, match="never cached"):
+        cache.entry(BuildKey("amd64", "6.1.0-57-amd64", "fp_kprobe", "ab" * 8, built_by="h1"))
+
+
+def test_the_cache_refuses_a_host_built_entry_unless_its_builder_is_trusted(tmp_path: Path) -> None:
+    data = (DATA / "build" / "fp_kretprobe-ppc64el.ko").read_bytes()
+    cache = ModuleCache(tmp_path / "modules")
+    key = BuildKey("ppc64el", "6.1.0-50-powerpc64le", "fp_kretprobe", "cd" * 8)
+    path = cache.store(key, data, "log", {"where": "host", "build_host": "db-7"})
+    assert cache.lookup(key) is None, "a host's build is not reused by default"
+    assert cache.lookup(key, trusted={"db-9"}) is None
+    assert cache.lookup(key, trusted={"db-7"}) == path
+    meta = json.loads((path.parent / "build.json").read_text())
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    path.write_bytes(data + b"tampered")
+    assert cache.lookup(key, trusted={"db-7"}) is None, "bytes that are not the recorded build are not used"
+    ctl = BuildKey("ppc64el", "6.1.0-50-powerpc64le", "fp_kretprobe", "ef" * 8)
+    cpath = cache.store(ctl, data, "log", {"where": "controller", "build_host": None})
+    assert cache.lookup(ctl) == cpath
 
 
 def test_cannot_build_says_why_and_what_to_install(sources: list) -> None:

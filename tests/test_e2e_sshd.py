@@ -321,7 +321,7 @@ def test_loopback_sshd_and_adhoc_inventory(tmp_path: Path, clean_tracefs: None) 
         pb = tmp_path / "e2e.yml"
         pb.write_text(PLAYBOOK.replace("duration: 4s", "duration: 2s"))
         console = Console(record=True, width=200)
-        rc = main(["run", str(pb), "-i", f"root@127.0.0.1:{h.port}", "--known-hosts", str(kh),
+        rc = main(["run", str(pb), "-i", f"root@127.0.0.1:{h.port},", "--known-hosts", str(kh),
                    "--identity", str(fl.client_key), "--ssh-config", "none", "--no-agent", "--no-live",
                    "--json", str(tmp_path / "r.json")], console)
         assert rc == 0, console.export_text()

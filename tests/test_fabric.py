@@ -115,7 +115,7 @@ def test_host_keys_are_verified(fleet: Fleet, tmp_path: Path) -> None:
 
 def test_refused_port_is_a_clear_error(fleet: Fleet) -> None:
     port = free_port()
-    with pytest.raises(TransportError, match=f"connection refused by root@127.0.0.1:{port}"):
+    with pytest.raises(TransportError, match=rf"connection refused \(root@127.0.0.1:{port}\)"):
         asyncio.run(connect(_host(fleet, port=port), OPTIONS))
 
 

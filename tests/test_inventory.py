@@ -24,10 +24,11 @@ def by_name(inv: Inventory) -> dict[str, object]:
 
 
 def test_hosts_in_inventory_order_with_ranges(fleet: Inventory) -> None:
-    """Ranges expand with zero padding kept; letter ranges too; order is the file's order."""
+    """Ranges expand with zero padding kept; letter ranges too; order is ansible-core's
+    (``ansible all --list-hosts``: all's own hosts, then its child groups level by level)."""
     assert [h.name for h in fleet.hosts] == [
-        "bastion.example.net", "db01.example.net", "db02.example.net", "db03.example.net", "db07.example.net",
-        "web-a.example.net", "web-b.example.net", "web-c.example.net", "stage1"]
+        "bastion.example.net", "stage1", "db02.example.net", "db01.example.net", "db03.example.net",
+        "db07.example.net", "web-a.example.net", "web-b.example.net", "web-c.example.net"]
 
 
 def test_group_membership_nested(fleet: Inventory) -> None:
@@ -53,17 +54,18 @@ def test_variable_precedence_host_child_parent_all(fleet: Inventory) -> None:
 
 
 def test_connection_variables(fleet: Inventory) -> None:
-    """Port, user, key, become, ProxyJump and UserKnownHostsFile from Ansible's variables and ssh args."""
+    """Port, user, key, become and the ssh args (resolved as ssh resolves them: tests/test_sshconfig.py)."""
     h = {x.name: x for x in fleet.hosts}
     db07 = h["db07.example.net"]
     assert (db07.address, db07.port, db07.user) == ("db07.example.net", 2207, "deploy")
     assert db07.key_file == str(Path("~/keys/db07").expanduser())
-    assert db07.jump == "jump@bastion.example.net:2222"
-    assert db07.known_hosts == str(Path("~/fleet/known_hosts").expanduser())
+    assert db07.ssh_args == ("-J", "jump@bastion.example.net:2222", "-o", "UserKnownHostsFile=~/fleet/known_hosts",
+                             "-o", "StrictHostKeyChecking=yes")
+    assert db07.jump is None and db07.known_hosts is None  # fleetprobe_jump / fleetprobe_known_hosts only
     assert db07.become and db07.become_user == "root"
     assert db07.target == "deploy@db07.example.net:2207"
     web = h["web-b.example.net"]
-    assert web.jump is None and web.known_hosts == "/etc/fleet/web_known_hosts" and web.become
+    assert web.ssh_args == ("-o", "UserKnownHostsFile=/etc/fleet/web_known_hosts") and web.become
     stage = h["stage1"]
     assert (stage.address, stage.user, stage.port, stage.become) == ("10.0.0.5", "root", 22, False)
     assert not h["bastion.example.net"].become
@@ -98,7 +100,7 @@ def test_limit_patterns(fleet: Inventory, pattern: str, expected: set[str]) -> N
 
 def test_limit_keeps_order_and_all(fleet: Inventory) -> None:
     """--limit keeps inventory order; 'all' and None select everything."""
-    assert [h.name for h in fleet.limit("stage1:db01.example.net").hosts] == ["db01.example.net", "stage1"]
+    assert [h.name for h in fleet.limit("db01.example.net:stage1").hosts] == ["stage1", "db01.example.net"]
     assert fleet.limit("all") is fleet and fleet.limit(None) is fleet
 
 
@@ -111,17 +113,17 @@ def test_limit_matching_nothing_names_groups(fleet: Inventory) -> None:
 
 
 @pytest.mark.parametrize("spec,expected", [
-    ("db1", [("db1", "db1", None, None)]),
+    ("db1,", [("db1", "db1", None, None)]),
     ("db1,root@db2:2222", [("db1", "db1", None, None), ("db2:2222", "db2", 2222, "root")]),
     ("[::1]:2200,admin@[fe80::1]", [("::1:2200", "::1", 2200, None), ("fe80::1", "fe80::1", None, "admin")]),
     ("web1,", [("web1", "web1", None, None)]),
-    ("a@b@c", [("c", "c", None, "a@b")]),
+    ("a@b@c,", [("c", "c", None, "a@b")]),
 ])
 def test_adhoc_forms(spec: str, expected: list[tuple[str, str, int | None, str | None]]) -> None:
     """-i host1,user@host2:2222,[v6]:port and a trailing comma for one host."""
     inv = load_inventory(spec)
     assert [(h.name, h.address, h.port, h.user) for h in inv.hosts] == expected
-    assert inv.groups == {"ungrouped": tuple(h.name for h in inv.hosts)}
+    assert inv.groups == {"all": tuple(h.name for h in inv.hosts), "ungrouped": tuple(h.name for h in inv.hosts)}
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -162,10 +164,12 @@ def test_yaml_error_has_line() -> None:
     assert ei.value.where == f"{DATA / 'bad-yaml.yml'}:5"
 
 
-def test_missing_file() -> None:
-    """A path that does not exist is not mistaken for a host name."""
-    with pytest.raises(InventoryError, match="inventory file not found"):
-        load_inventory("inventories/prod.yml")
+@pytest.mark.parametrize("spec", ["inventories/prod.yml", "invntory", "db1"])
+def test_missing_file(spec: str) -> None:
+    """Without a comma -i is a path, as for Ansible: a typo is an error, never a host name."""
+    with pytest.raises(InventoryError, match="inventory source not found") as ei:
+        load_inventory(spec)
+    assert f"-i {spec}," in str(ei.value)
 
 
 @pytest.mark.parametrize("pattern,names", [

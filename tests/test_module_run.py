@@ -236,6 +236,81 @@ def test_a_cached_header_tree_still_builds_once_the_archive_dropped_its_version(
     assert not any((tmp_path / "debian").iterdir()), "the archive was never asked"
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("make") or not shutil.which("gcc-12"),
+                    reason="needs root (simulated hosts), make and gcc-12")
+def test_auto_builds_on_the_host_when_the_controller_cannot_get_its_headers(tmp_path: Path) -> None:
+    """Headers gone from the archive: with --build-at auto the host that has them builds, for itself only.
+
+    Two hosts of one kernel whose Debian version the archive no longer serves. b1 is a real SSH
+    host (simulated: every command runs here for real) with the kernel's build tree, make and gcc;
+    b2 has none. The controller's build fails to fetch the headers; b1 then builds over SSH with
+    real make and gets a module checked against its release. b2 is not given b1's build (a host's
+    build is loaded by that host alone) unless the user trusts b1; then b1's build serves b2 too,
+    and the untrusted build never entered the module cache.
+    """
+    from simhosts import SimFleet
+
+    from fleetprobe.connectors.asyncssh import connect
+    from fleetprobe.inventory import Host
+    from fleetprobe.session import SSHOptions
+
+    served = served_kernel_facts("b1")
+    release = served.kernel_release
+    usual = default_cache_dir()
+    tree = prepare_debian_tree(release, "amd64", debian_package_version(served.kernel_version),
+                               trees=usual / "kernel-trees", debian_cache=usual / "debian")
+    host_tree = tmp_path / "lib-modules" / release / "build"
+    shutil.copytree(tree.path.parents[2], tmp_path / "lib-modules" / "tree", symlinks=True)
+    host_tree.parent.mkdir(parents=True, exist_ok=True)
+    host_tree.symlink_to(tmp_path / "lib-modules" / "tree" / "usr" / "src" / f"linux-headers-{release}")
+    gone = "6.1.0~fleetprobe.gone-1"
+    old = replace(served, kernel_version=f"#1 SMP PREEMPT_DYNAMIC Debian {gone} (2025-01-01)")
+    b1 = replace(old, host="b1", build_dir=str(host_tree), make=True, cc="gcc")
+    b2 = replace(old, host="b2")
+    for part in ("kernel-trees", "debian"):
+        (tmp_path / part).mkdir()  # an empty controller cache: the archive is all it has
+    source = load_module_source(FP_KPROBE)
+    sim = SimFleet(tmp_path / "sim")
+    try:
+        h = sim.add("b1")
+        known = sim.known_hosts_for(tmp_path / "known_hosts")
+        host = Host("b1", "127.0.0.1", port=h.port, user="root", key_file=str(sim.client_key_path),
+                    known_hosts=str(known))
+
+        async def go(trusted: tuple[str, ...]) -> tuple[ModuleBuilds, list[object]]:
+            session = await connect(host, SSHOptions(ssh_config=(), use_agent=False))
+            try:
+                builds = ModuleBuilds("auto", ModuleCache(tmp_path / "modules"), trusted=trusted)
+                ready = asyncio.Event()
+                mine = await builds.module_for(b1, source, ready, session)
+                ready.set()
+                try:
+                    theirs: object = await builds.module_for(b2, source, ready)
+                except HostError as exc:
+                    theirs = exc
+                return builds, [mine, theirs]
+            finally:
+                await session.close()
+
+        builds, (mine, theirs) = asyncio.run(go(()))
+        assert mine.where == "host" and mine.key.built_by == "b1"  # type: ignore[attr-defined]
+        assert mine.modinfo.vermagic.startswith(f"{release} SMP")  # type: ignore[attr-defined]
+        assert "cannot get the kernel headers" in str(builds.results[0].error)
+        assert isinstance(theirs, HostError) and "cannot get the kernel headers" in str(theirs)
+        assert not (tmp_path / "modules").exists() or not any((tmp_path / "modules").rglob("*.ko")), \
+            "a host's own build never enters the shared cache"
+        assert any("make -C" in c.command for c in h.ran("other"))
+        # Trusted: b1's build serves b2 as well, and is cached with who built it.
+        builds, (mine, theirs) = asyncio.run(go(("b1",)))
+        assert not isinstance(theirs, HostError), theirs
+        assert theirs.data() == mine.data()  # type: ignore[attr-defined]
+        (meta_file,) = (tmp_path / "modules").rglob("build.json")
+        meta = json.loads(meta_file.read_text())
+        assert (meta["where"], meta["build_host"]) == ("host", "b1")
+    finally:
+        assert sim.stop() == []
+
+
 def test_a_host_nobody_can_build_for_waits_for_the_fleet_then_fails_with_the_reason(tmp_path: Path) -> None:
     """Not a Debian kernel, no build tree: it waits until every host is set up (one might build), then fails."""
     facts = replace(stored_facts("x86_64-6.18-controller.json", "odd-1"), modules_disabled=False)

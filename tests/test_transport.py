@@ -169,13 +169,15 @@ def test_connect_errors_are_translated(sim: SimFleet, tmp_path: Path) -> None:
 
     async def go() -> None:
         e = await error(sim_host(sim, "nokey", kh))
-        assert (e.stage, e.message) == ("connect", "authentication failed as root") and e.hint
+        assert e.stage == "connect" and e.message.startswith("authentication failed as root (") and e.hint
         e = await error(sim_host(sim, "ok", kh, port=refused_port()))
-        assert e.message.startswith("connection refused by root@127.0.0.1:") and "ansible_port" in (e.hint or "")
+        assert e.message.startswith("connection refused (root@127.0.0.1:") and "ansible_port" in (e.hint or "")
+        # a changed key is never "accept it as new": the message says CHANGED and the hint does not offer that
         e = await error(sim_host(sim, "changed", kh))
-        assert e.message == "host key not verified" and "--accept-new-host-keys" in (e.hint or "")
+        assert e.message.startswith("host key not verified: it CHANGED for [127.0.0.1]:") and str(kh) in e.message
+        assert "owner" in (e.hint or "") and "--accept-new-host-keys" not in (e.hint or "")
         e = await error(sim_host(sim, "changed", kh), accept_new_host_keys=True)
-        assert e.message == "host key not verified"
+        assert e.message.startswith("host key not verified: it CHANGED")
 
     asyncio.run(go())
 
@@ -220,4 +222,5 @@ def test_silent_server_times_out(tmp_path: Path) -> None:
             c.close()
         listener.close()
     assert "timed out" in ei.value.message and "--connect-timeout" in (ei.value.hint or "")
-    assert took < 6, took
+    # the timeout the user set, not a multiple of it: no hidden retry or longer login timeout (issue 12)
+    assert 1.0 <= took < 1.5, took

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +23,7 @@ from fleetprobe.render.markdown import write_markdown
 from fleetprobe.render.terminal import render_summary
 from fleetprobe.results import write_json
 from fleetprobe.shard import merge_files
+from fleetprobe.outfiles import open_private, write_text_atomic
 
 
 _SEVERITY_STYLE = {"fail": "red", "note": "yellow"}
@@ -66,7 +66,7 @@ def cmd_history(args: argparse.Namespace, console: Console) -> int:
         if args.json == "-":
             print(text)
             return 0
-        Path(args.json).write_text(text + "\n")
+        write_text_atomic(args.json, text + "\n")
     t = Table(title=f"fleetprobe history ({escape(str(store.path))})", title_justify="left")
     for col in ("run", "playbook", "started", "took", "state", "hosts ok", "events", "audit", "raw events"):
         t.add_column(col, justify="right" if col in ("took", "events") else "left")
@@ -91,7 +91,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         result = AuditResult.from_json(stored) if stored else None
         if args.events:
             n = 0
-            with open(args.events, "w", encoding="utf-8") as f:
+            with open_private(args.events) as f:
                 for ev in store.events(run_id):
                     f.write(json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n")
                     n += 1
@@ -140,7 +140,7 @@ def cmd_diff(args: argparse.Namespace, console: Console) -> int:
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            write_text_atomic(args.json, text + "\n")
     if args.json != "-":
         console.print(Text(f"changes from run {a} to run {b}: {len(findings) or 'none'}", style="bold"))
         print_findings(findings, console)

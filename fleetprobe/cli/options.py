@@ -55,18 +55,25 @@ def _positive_int(text: str) -> int:
 def _add_connection_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that talks to hosts (defined once)."""
     g = p.add_argument_group("hosts and SSH")
-    g.add_argument("-i", "--inventory", required=True,
-                   help="Ansible-style YAML inventory, or hosts as host1,user@host2:2222")
-    g.add_argument("-l", "--limit", help="Ansible host pattern: group, host, glob, a:b, a:&b, a:!b")
+    g.add_argument("-i", "--inventory", default=None,
+                   help="Ansible inventory (YAML, INI, directory, script, --list JSON), or hosts as host1,host2:2222, "
+                        "(default: ANSIBLE_INVENTORY, ansible.cfg's inventory, /etc/ansible/hosts)")
+    g.add_argument("--inventory-reader", choices=("builtin", "ansible"), default="builtin",
+                   help="builtin: fleetprobe reads the static formats (refuses Jinja and vault); ansible: the "
+                        "installed ansible-core reads the inventory (Jinja, vault, plugins)")
+    g.add_argument("-l", "--limit", help="Ansible host pattern, exactly as ansible --limit: group, host, glob, ~regex, "
+                                         "a:b, a:&b, a:!b, g[0], g[1:3], @file")
     g.add_argument("-f", "--forks", type=_positive_int, default=200,
                    help="hosts connecting/gathering facts at once (default 200); probing is not limited")
     g.add_argument("--connect-timeout", type=parse_duration, default=15.0, help="per connection (default 15s)")
     g.add_argument("--setup-timeout", type=parse_duration, default=60.0,
                    help="per host for connect + facts + plan (default 60s)")
     g.add_argument("--known-hosts", action="append", default=[], metavar="FILE",
-                   help="known_hosts file to trust (repeatable; default: your OpenSSH ones)")
+                   help="known_hosts file to trust instead of UserKnownHostsFile (repeatable; default: what your "
+                        "OpenSSH config says)")
     g.add_argument("--ssh-config", action="append", default=None, metavar="FILE",
-                   help="OpenSSH config file to read (repeatable; 'none' for none; default ~/.ssh/config)")
+                   help="OpenSSH config file to read instead of ~/.ssh/config and /etc/ssh/ssh_config, like ssh -F "
+                        "(repeatable; 'none' for none)")
     g.add_argument("--identity", action="append", default=[], metavar="KEY", help="private key to offer")
     g.add_argument("--accept-new-host-keys", action="store_true",
                    help="trust and record the key of a host not yet in known_hosts (a changed key still fails)")
@@ -78,9 +85,12 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
 def _add_build_option(p: argparse.ArgumentParser) -> None:
     """``--build-at`` for the commands that plan or run module probes."""
     p.add_argument("--build-at", choices=WHERE_CHOICES, default="auto",
-                   help="where kernel modules are built, once per (arch, kernel release, source): auto (a host "
-                        "of the group with headers, make and cc, else the controller for a Debian kernel with "
-                        "a cross compiler), host, or controller (default: auto)")
+                   help="where kernel modules are built, once per (arch, kernel release, source): auto (the "
+                        "controller for a Debian kernel with a cross compiler, else each host with headers, make "
+                        "and cc, for itself), host, or controller (default: auto)")
+    p.add_argument("--trust-build-host", action="append", default=[], metavar="HOST",
+                   help="let other hosts of HOST's kernel load the module HOST builds, and keep it in the "
+                        "module cache (repeatable; default: a host's build is loaded by that host only)")
 
 
 def _shard_arg(text: str) -> Shard:

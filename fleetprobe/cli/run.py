@@ -52,6 +52,7 @@ from fleetprobe.render.live import LiveView
 from fleetprobe.render.terminal import render_summary
 from fleetprobe.results import write_json
 from fleetprobe.shard import shard_inventory
+from fleetprobe.outfiles import write_text_atomic
 
 if TYPE_CHECKING:
     from fleetprobe.kmod.plan import BuildGroup
@@ -75,12 +76,16 @@ def _settings(args: argparse.Namespace) -> RunSettings:
                        allow_modules=getattr(args, "allow_modules", False),
                        buffer_kb=getattr(args, "buffer_kb", None), run_id=getattr(args, "run_id", None),
                        teardown_slack=getattr(args, "teardown_slack", 30),
-                       build_at=getattr(args, "build_at", "auto"))
+                       build_at=getattr(args, "build_at", "auto"),
+                       trusted_build_hosts=tuple(getattr(args, "trust_build_host", ())))
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
     """The inventory, limited by --limit and --shard."""
-    return shard_inventory(load_inventory(args.inventory).limit(args.limit), getattr(args, "shard", None))
+    inv = load_inventory(args.inventory, reader=getattr(args, "inventory_reader", "builtin"))
+    if args.inventory is None:
+        args.inventory = inv.source  # what Ansible's defaults chose, for the report and the history
+    return shard_inventory(inv.limit(args.limit), getattr(args, "shard", None))
 
 
 def _raise_fd_limit() -> None:
@@ -96,7 +101,7 @@ def _write_json(path: str, data: Any, console: Console) -> None:
     if path == "-":
         console.print_json(text) if console.is_terminal else print(text)
     else:
-        Path(path).write_text(text + "\n")
+        write_text_atomic(path, text + "\n")
 
 
 def _yes(v: bool) -> str:
@@ -257,7 +262,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
     results = asyncio.run(plan_fleet(inv.hosts, pb, _settings(args)))
-    builds = plan_module_builds(results, args.build_at)
+    builds = plan_module_builds(results, args.build_at, args.trust_build_host)
     if args.json:
         data = _plan_json(results)
         for item in data:

@@ -10,22 +10,20 @@ of a run as channels on it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import random
-import re
+import socket
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 
+from .. import sshconfig
 from ..errors import TransportError
 from ..inventory import Host
-from ..session import (parse_jump, CommandResult, SSHOptions, Stream,
-                       get_file, put_file)
-
+from ..session import CommandResult, SSHOptions, Stream, get_file, put_file
 
 
 class _AsyncsshStream:
@@ -105,6 +103,7 @@ class AsyncsshSession:
         self.host = host
         self._conn = conn
         self._tunnel = tunnel
+        self.proxies: list[asyncio.subprocess.Process] = []
 
     async def run(self, cmd: str, *, input: bytes | None = None,
                   timeout: float | None = None) -> CommandResult:
@@ -144,29 +143,12 @@ class AsyncsshSession:
             pass
         if self._tunnel is not None:
             self._tunnel.close()
-
-
-@dataclass
-class _KnownHostsPolicy:
-    """Strict host key checking, with an explicit accept-new opt-in."""
-
-    files: list[str]
-    accept_new: bool
-    recorded: list[str] = field(default_factory=list)
-
-
-def _known_files(host: Host, options: SSHOptions) -> list[str] | None:
-    """The known_hosts files for host, or None for the user's OpenSSH defaults."""
-    files: list[str] = []
-    if host.known_hosts:
-        files.append(host.known_hosts)
-    if options.known_hosts:
-        files.extend(options.known_hosts)
-    return files or None
-
-
-def _default_known_hosts() -> str:
-    return str(Path("~/.ssh/known_hosts").expanduser())
+        for proc in self.proxies:  # a ProxyCommand ends when its connection does; reap it
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
 
 
 def _stat(path: str) -> os.stat_result | None:
@@ -180,29 +162,6 @@ def _stat(path: str) -> os.stat_result | None:
 def _version(path: str, st: os.stat_result | None) -> tuple[str, int, int, int]:
     """What identifies one version of a file: path, mtime, size, inode (zeros when it does not exist)."""
     return (path, st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else (path, 0, 0, 0)
-
-
-#: Parsed known_hosts by the versions of its files; see _read_known_hosts.
-_KNOWN_HOSTS_CACHE: dict[tuple[tuple[str, int, int, int], ...], asyncssh.SSHKnownHosts] = {}
-
-
-def _read_known_hosts(files: list[tuple[str, os.stat_result]]) -> asyncssh.SSHKnownHosts:
-    """The parsed known_hosts files (with their stat), parsed again only when one of them changes.
-
-    Given paths, asyncssh re-reads and re-parses every file on every
-    connection: with one line per host that is O(hosts^2) over a fleet
-    (bench/fanout.py measured 12 ms per connection at 300 hosts, most of the
-    controller's CPU).  Accept-new appends change the size, so the next
-    connection sees the new key.  Raises OSError/ValueError like asyncssh would.
-    """
-    key = tuple(_version(f, st) for f, st in files)
-    known = _KNOWN_HOSTS_CACHE.get(key)
-    if known is None:
-        known = asyncssh.read_known_hosts([f for f, _ in files])
-        if len(_KNOWN_HOSTS_CACHE) >= 16:
-            _KNOWN_HOSTS_CACHE.clear()
-        _KNOWN_HOSTS_CACHE[key] = known
-    return known
 
 
 #: Loaded client key pairs by the versions of the key files and their certificates.
@@ -230,191 +189,231 @@ def _load_client_keys(paths: list[str]) -> Sequence[asyncssh.SSHKeyPair] | list[
     return pairs
 
 
-def _has_entry(files: list[str], host: str, addr: str, port: int | None) -> bool:
-    """Whether any known_hosts file names this host at all (so a mismatch means CHANGED)."""
-    existing = [(f, st) for f in files if (st := _stat(f)) is not None]
-    if not existing:
-        return False
-    try:
-        known = _read_known_hosts(existing)
-    except (ValueError, OSError):
-        return False
-    for name in {host, addr}:
-        res = known.match(name, addr, port)
-        if any(res[:3]):
-            return True
-    return False
-
-
-#: Whether a config file names Ciphers (or includes others), by (path, mtime, size).
-_CONFIG_CIPHERS: dict[tuple[str, int, int], bool] = {}
-_CIPHERS_LINE = re.compile(r"^\s*(ciphers|include)\b", re.IGNORECASE | re.MULTILINE)
-
-
-def _config_sets_ciphers(configs: tuple[str, ...] | None) -> bool:
-    """Whether an OpenSSH config in use may choose ciphers (then its choice stands, not ours).
-
-    ``configs`` as in SSHOptions.ssh_config (None: ~/.ssh/config, as asyncssh reads it).  A file
-    with ``Include`` counts as choosing: what it includes is not read here.
-    """
-    paths = [str(Path("~/.ssh/config").expanduser())] if configs is None else list(configs)
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        key = (path, st.st_mtime_ns, st.st_size)
-        found = _CONFIG_CIPHERS.get(key)
-        if found is None:
-            try:
-                found = _CIPHERS_LINE.search(Path(path).read_text(errors="replace")) is not None
-            except OSError:
-                found = False
-            _CONFIG_CIPHERS[key] = found
-        if found:
-            return True
-    return False
-
-
 class _Client(asyncssh.SSHClient):
-    """An SSHClient that, only in accept-new mode, trusts and records an unknown host's key.
+    """Judges a server key known_hosts does not vouch for, as OpenSSH would (sshconfig.check_host_key):
+    accepted and recorded only when StrictHostKeyChecking allows it and nothing is known for the name.
 
     One class for every host (made per host, a class cost ~0.1 ms of controller CPU: issue 5).
     """
 
-    def __init__(self, policy: _KnownHostsPolicy, hostname: str, port: int | None) -> None:
-        self._policy = policy
-        self._hostname = hostname
-        self._port = port
+    def __init__(self, resolved: sshconfig.Resolved) -> None:
+        self._resolved = resolved
+        self.verdict = ""
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        """Called for a key known_hosts does not vouch for: accept and record it only in accept-new mode."""
-        policy, hostname = self._policy, self._hostname
-        if not policy.accept_new or _has_entry(policy.files, hostname, addr, self._port):
-            return False
-        target = policy.files[0] if policy.files else _default_known_hosts()
-        name = hostname if self._port in (None, 22) else f"[{hostname}]:{self._port}"
-        line = f"{name} {key.export_public_key().decode().strip()}\n"
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a") as fh:
-            fh.write(line)
-        policy.recorded.append(line)
-        return True
+        """Called for a key known_hosts does not vouch for."""
+        kind, b64 = key.export_public_key().decode().split()[:2]
+        r = self._resolved
+        self.verdict = sshconfig.check_host_key(r, kind, b64)
+        if self.verdict == "ok":
+            return True
+        if self.verdict == "unknown" and sshconfig.may_record(r):
+            sshconfig.record_host_key(r, kind, b64)
+            return True
+        return False
 
 
-def _connect_kwargs(host: Host, options: SSHOptions, policy: _KnownHostsPolicy) -> dict[str, Any]:
-    """asyncssh.connect keyword arguments for one host."""
-    kw: dict[str, Any] = {
-        "port": host.port if host.port is not None else (),
-        "connect_timeout": options.connect_timeout,
-        "login_timeout": options.connect_timeout * 2,
-        "keepalive_interval": options.keepalive_interval,
-        "keepalive_count_max": options.keepalive_count_max,
-        "client_factory": functools.partial(_Client, policy, host.address, host.port),
-    }
-    if host.user:
-        kw["username"] = host.user
-    files = _known_files(host, options)
-    if files is not None:
-        existing = [(f, st) for f in files if (st := _stat(f)) is not None]
-        if existing:
+def _trusted(r: sshconfig.Resolved) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+    """known_hosts entries for r's lookup name as asyncssh keys (trusted, CA, revoked)."""
+    known = sshconfig.known_keys(r)
+
+    def keys(entries: tuple[tuple[str, str], ...]) -> list[asyncssh.SSHKey]:
+        out = []
+        for kind, b64 in entries:
             try:
-                kw["known_hosts"] = _read_known_hosts(existing)
-            except (ValueError, OSError):
-                # Let asyncssh read them itself and report the bad file as it always has.
-                kw["known_hosts"] = [f for f, _ in existing]
-        else:
-            kw["known_hosts"] = ([], [], [])
-    if options.ssh_config is not None:
-        kw["config"] = list(options.ssh_config)
-    if options.ciphers and not _config_sets_ciphers(options.ssh_config):
+                out.append(asyncssh.import_public_key(f"{kind} {b64}"))
+            except (asyncssh.KeyImportError, ValueError):
+                continue  # a key type asyncssh cannot use cannot vouch for anything either
+        return out
+
+    return keys(known.keys), keys(known.ca_keys), keys(known.revoked)
+
+
+def _connect_kwargs(r: sshconfig.Resolved, options: SSHOptions, client: _Client) -> dict[str, Any]:
+    """asyncssh.connect keyword arguments for one resolved connection (nothing left for asyncssh to read)."""
+    kw: dict[str, Any] = {
+        "port": r.port,
+        "username": r.user,
+        "config": [],
+        "connect_timeout": options.connect_timeout,
+        "login_timeout": options.connect_timeout,
+        "keepalive_interval": r.server_alive_interval or options.keepalive_interval,
+        "keepalive_count_max": r.server_alive_count_max if r.server_alive_interval else options.keepalive_count_max,
+        "client_factory": lambda: client,
+        "known_hosts": _trusted(r),
+        "agent_forwarding": False,   # never, whatever ForwardAgent says (issue 11)
+        "x509_trusted_certs": None,
+    }
+    if r.ciphers:
+        kw["encryption_algs"] = r.ciphers
+    elif options.ciphers:
         kw["encryption_algs"] = options.ciphers
-    keys = ([host.key_file] if host.key_file else []) + list(options.identities)
+    if r.macs:
+        kw["mac_algs"] = r.macs
+    if r.kex:
+        kw["kex_algs"] = r.kex
+    if r.host_key_algorithms:
+        kw["server_host_key_algs"] = r.host_key_algorithms
+    keys = [f for f in r.identity_files if os.path.exists(f)]
     if keys:
         kw["client_keys"] = _load_client_keys(keys)
-    if host.password:
-        kw["password"] = host.password
-    if not options.use_agent:
+    elif r.explicit_identities:
+        kw["client_keys"] = []
+    if not options.use_agent or r.identity_agent == "none" or r.identities_only:
         kw["agent_path"] = None
+    elif r.identity_agent:
+        kw["agent_path"] = r.identity_agent
     return kw
 
 
-def _translate(host: Host, exc: BaseException, stage: str) -> TransportError:
-    """Turn an asyncssh/OS error into one clear TransportError."""
+def _translate(host: Host, exc: BaseException, stage: str, r: sshconfig.Resolved | None = None,
+               evidence: str | None = None) -> TransportError:
+    """Turn an asyncssh/OS error into one clear TransportError (the host named once: by the error itself)."""
+    if evidence:
+        err = _translate(host, exc, stage, r)
+        return TransportError(err.host, err.stage, err.message, evidence=evidence, hint=err.hint)
     name = host.name
+    at = sshconfig.where(host, r)
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         return TransportError(name, "connect", "host key not verified", evidence=str(exc),
                               hint="check the key with the host's owner and add it to known_hosts, "
                                    "or pass --accept-new-host-keys to trust a host seen for the first time")
     if isinstance(exc, asyncssh.PermissionDenied):
-        return TransportError(name, "connect", f"authentication failed as {host.user or 'the default user'}",
+        user = r.user if r is not None else host.user or "the default user"
+        return TransportError(name, "connect", f"authentication failed as {user}{at}",
                               evidence=str(exc),
                               hint="set ansible_user / ansible_ssh_private_key_file, or load the key into ssh-agent")
     if isinstance(exc, asyncssh.ConnectionLost):
-        return TransportError(name, stage, "connection lost", evidence=str(exc) or None)
+        return TransportError(name, stage, f"connection lost{at}", evidence=str(exc) or None)
     if isinstance(exc, asyncssh.DisconnectError):
-        return TransportError(name, stage, "disconnected by the host", evidence=exc.reason)
+        return TransportError(name, stage, f"disconnected by the host{at}", evidence=exc.reason)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return TransportError(name, stage, f"timed out connecting to {host.target}",
+        return TransportError(name, stage, f"timed out connecting{at}",
                               hint="is the host up and the port right? raise --connect-timeout for slow links")
     if isinstance(exc, ConnectionRefusedError):
-        return TransportError(name, stage, f"connection refused by {host.target}",
+        return TransportError(name, stage, f"connection refused{at}",
                               hint="is sshd running and the port right (ansible_port)?")
     if isinstance(exc, OSError):
-        return TransportError(name, stage, f"cannot reach {host.target}: {exc.strerror or exc}")
-    return TransportError(name, stage, f"{type(exc).__name__}: {exc}")
+        return TransportError(name, stage, f"cannot reach{at or ' it'}: {exc.strerror or exc}")
+    return TransportError(name, stage, f"{type(exc).__name__}: {exc}{at}")
 
 
-_RETRYABLE = (OSError, asyncio.TimeoutError, asyncssh.ConnectionLost)
+_RETRYABLE = (ConnectionRefusedError, ConnectionResetError, asyncssh.ConnectionLost)
 
 
 async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
-    """Connect to one host (through its jump host, if any), retrying once on network errors.
+    """Connect to one host as OpenSSH would (sshconfig.resolve: its config, proxies, known_hosts).
 
-    Authentication and host key failures are not retried: they will not fix themselves.
+    The whole connection, through every jump host, takes at most ``options.connect_timeout``; a
+    connection reset by the host is retried within that budget.  A setting fleetprobe cannot
+    apply fails the host before anything is connected.
     """
-    files = _known_files(host, options) or [_default_known_hosts()]
-    policy = _KnownHostsPolicy(files=files, accept_new=options.accept_new_host_keys)
+    r = sshconfig.resolve(host, sshconfig.sources_of(options))
     attempt = 0
-    while True:
-        tunnel: asyncssh.SSHClientConnection | None = None
-        try:
-            kw = _connect_kwargs(host, options, policy)
-            if host.jump:
-                tunnel = await _connect_jump(host, options)
-                kw["tunnel"] = tunnel
-            async with asyncio.timeout(options.connect_timeout * 3):
-                conn = await asyncssh.connect(host.address, **kw)
-            return AsyncsshSession(host, conn, tunnel)
-        except TransportError:
+    try:
+        async with asyncio.timeout(options.connect_timeout):
+            while True:
+                tunnels: list[asyncssh.SSHClientConnection] = []
+                proxies: list[asyncio.subprocess.Process] = []
+                try:
+                    conn = await _open(host, r, options, tunnels, proxies)
+                    # closing the first hop (the direct connection) closes the whole chain
+                    session = AsyncsshSession(host, conn, tunnels[0] if tunnels else None)
+                    session.proxies = proxies
+                    return session
+                except _RETRYABLE:
+                    for t in tunnels:
+                        t.close()
+                    if attempt >= options.retries:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(min(options.retry_backoff * attempt * (1 + random.random()), 1.0))
+    except TransportError:
+        raise
+    except TimeoutError as exc:
+        raise _translate(host, exc, "connect", r) from None
+    except (asyncssh.Error, OSError) as exc:
+        raise _translate(host, exc, "connect", r) from None
+
+
+async def _open(host: Host, r: sshconfig.Resolved, options: SSHOptions, tunnels: list[asyncssh.SSHClientConnection],
+                proxies: list[asyncio.subprocess.Process]) -> asyncssh.SSHClientConnection:
+    """Open r's connection: its jump chain first (each hop verified like any host), or its ProxyCommand."""
+    client = _Client(r)
+    kw = _connect_kwargs(r, options, client)
+    if r.jump is not None:
+        hop = await _open(host, r.jump, options, tunnels, proxies)
+        tunnels.append(hop)
+        kw["tunnel"] = hop
+    proxy: tuple[asyncio.subprocess.Process, str] | None = None
+    if r.proxy_command is not None and r.jump is None:
+        sock, proxy = await start_proxy(r.proxy_command)
+        kw["sock"] = sock
+        proxies.append(proxy[0])
+    try:
+        return await asyncssh.connect(r.hostname, **kw)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise _host_key_error(host, r, client.verdict, exc) from None
+    except (asyncssh.Error, OSError) as exc:
+        evidence = None
+        if proxy is not None:
+            if proxy[0].returncode is None:
+                proxy[0].kill()
+            evidence = _tail(proxy[1])
+        if isinstance(exc, _RETRYABLE) and proxy is None:
             raise
-        except (asyncssh.Error, *_RETRYABLE) as exc:
-            if tunnel is not None:
-                tunnel.close()
-            retryable = isinstance(exc, _RETRYABLE) and not isinstance(
-                exc, (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied))
-            if retryable and attempt < options.retries:
-                attempt += 1
-                await asyncio.sleep(options.retry_backoff * attempt * (1 + random.random()))
-                continue
-            raise _translate(host, exc, "connect") from None
+        raise _translate(host, exc, "connect", r, evidence=evidence) from None
+    finally:
+        if proxy is not None:
+            os.unlink(proxy[1])  # the running proxy keeps writing to its open file
 
 
-async def _connect_jump(host: Host, options: SSHOptions) -> asyncssh.SSHClientConnection:
-    """Open the ProxyJump chain for host (each hop verified like any host)."""
-    assert host.jump
-    conn: asyncssh.SSHClientConnection | None = None
-    for hop in host.jump.split(","):
-        user, addr, port = parse_jump(hop.strip())
-        jh = Host(name=f"{host.name} (jump {hop})", address=addr, port=port, user=user or host.user,
-                  key_file=host.key_file, known_hosts=host.known_hosts)
-        files = _known_files(jh, options) or [_default_known_hosts()]
-        kw = _connect_kwargs(jh, options, _KnownHostsPolicy(files, options.accept_new_host_keys))
-        if conn is not None:
-            kw["tunnel"] = conn
-        try:
-            conn = await asyncio.wait_for(asyncssh.connect(addr, **kw), options.connect_timeout * 3)
-        except (asyncssh.Error, *_RETRYABLE) as exc:
-            raise _translate(jh, exc, "connect") from None
-    assert conn is not None
-    return conn
+async def start_proxy(command: str) -> tuple[socket.socket, tuple[asyncio.subprocess.Process, str]]:
+    """Start a ProxyCommand as ssh does (``exec COMMAND`` in sh, stdin and stdout its connection).
+
+    The command talks over one end of a socket pair and the SSH connection runs over the other
+    (asyncssh's own proxy_command reads the proxy's stderr as if it were the SSH stream).  stderr
+    goes to a log file, for the error message when the proxy fails.  The proxy ends when the
+    connection closes its end (stdin EOF), as under ssh.
+    """
+    ours, theirs = socket.socketpair()
+    log = tempfile.NamedTemporaryFile(prefix="fleetprobe-proxy-", suffix=".log", delete=False)
+    try:
+        proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", "exec " + command, stdin=theirs.fileno(),
+                                                    stdout=theirs.fileno(), stderr=log, start_new_session=True)
+    except OSError:
+        ours.close()
+        os.unlink(log.name)
+        raise
+    finally:
+        theirs.close()
+        log.close()
+    return ours, (proc, log.name)
+
+
+def _tail(path: str) -> str | None:
+    """The end of what a proxy command wrote to stderr."""
+    try:
+        text = Path(path).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text[-600:] or None
+
+
+def _host_key_error(host: Host, r: sshconfig.Resolved, verdict: str, exc: BaseException) -> TransportError:
+    """The refusal of a host key, saying what OpenSSH would have said and where it looked."""
+    files = ", ".join(r.user_known_hosts + r.global_known_hosts) or "(none)"
+    name = r.known_hosts_name
+    if verdict == "changed":
+        return TransportError(host.name, "connect", f"host key not verified: it CHANGED for {name} (known_hosts: {files})",
+                              hint="check with the host's owner before trusting the new key")
+    if verdict == "revoked":
+        return TransportError(host.name, "connect", f"host key not verified: revoked for {name} ({files})")
+    if verdict == "untrusted":
+        return TransportError(host.name, "connect", f"host key not verified for {name}: UserKnownHostsFile is "
+                              "none, so no key is trusted", hint="set a UserKnownHostsFile holding the host's key")
+    return TransportError(host.name, "connect", f"host key not verified for {name} (not in {files})",
+                          evidence=str(exc) or None,
+                          hint="check the key with the host's owner and add it to known_hosts, or pass "
+                               "--accept-new-host-keys (or StrictHostKeyChecking accept-new) to trust a host "
+                               "seen for the first time")

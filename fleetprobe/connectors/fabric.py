@@ -25,6 +25,7 @@ Connection.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import socket
 import threading
 import time
@@ -35,9 +36,10 @@ from typing import Any
 import fabric
 import paramiko
 
+from fleetprobe import sshconfig
 from fleetprobe.errors import TransportError
 from fleetprobe.inventory import Host
-from fleetprobe.session import CommandResult, Session, SSHOptions, Stream, get_file, parse_jump, put_file
+from fleetprobe.session import CommandResult, Session, SSHOptions, Stream, get_file, put_file
 
 #: stderr kept per stream (the tail of a long error is rarely needed).
 STDERR_LIMIT = 65536
@@ -79,6 +81,7 @@ def harden(conn: fabric.Connection, known_hosts: Iterable[str] = (), *, accept_n
 def _translate(host: Host, exc: BaseException, stage: str) -> TransportError:
     """A paramiko/socket error as one clear TransportError (same wording as the asyncssh transport)."""
     name = host.name
+    at = sshconfig.where(host, None)  # the host's name is already in front of the message
     if isinstance(exc, paramiko.BadHostKeyException):
         return TransportError(name, "connect", "host key CHANGED", evidence=str(exc),
                               hint="check with the host's owner before trusting the new key")
@@ -90,15 +93,15 @@ def _translate(host: Host, exc: BaseException, stage: str) -> TransportError:
         return TransportError(name, "connect", "host key not verified", evidence=str(exc),
                               hint="add the host's key to known_hosts, or pass --accept-new-host-keys")
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
-        return TransportError(name, stage, f"connection refused by {host.target}",
+        return TransportError(name, stage, f"connection refused{at}",
                               hint="is sshd running and the port right (ansible_port)?")
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return TransportError(name, stage, f"timed out connecting to {host.target}",
+        return TransportError(name, stage, f"timed out connecting{at}",
                               hint="is the host up and the port right? raise --connect-timeout for slow links")
     if isinstance(exc, EOFError) or isinstance(exc, paramiko.SSHException) and "closed" in str(exc).lower():
         return TransportError(name, stage, "connection lost", evidence=str(exc) or None)
     if isinstance(exc, OSError):
-        return TransportError(name, stage, f"cannot reach {host.target}: {exc.strerror or exc}")
+        return TransportError(name, stage, f"cannot reach{at or ' it'}: {exc.strerror or exc}")
     return TransportError(name, stage, f"{type(exc).__name__}: {exc}")
 
 
@@ -255,63 +258,97 @@ class FabricSession:
             await asyncio.get_running_loop().run_in_executor(None, self.conn.close)
 
 
-def _config(options: SSHOptions) -> fabric.Config:
-    """Fabric config honouring ``ssh_config`` (None: the user's default; () none; else those files)."""
-    if options.ssh_config is None:
-        return fabric.Config()
-    if not options.ssh_config:
-        return fabric.Config(overrides={"load_ssh_configs": False})
-    ssh = paramiko.SSHConfig()
-    for path in options.ssh_config:
-        with open(path) as f:
-            ssh.parse(f)
-    return fabric.Config(ssh_config=ssh)
+class _HostKeyRefused(paramiko.SSHException):
+    """A server key OpenSSH would refuse (the verdict says why)."""
 
 
-def _connection(host: Host, options: SSHOptions, address: str, port: int | None, user: str | None,
-                gateway: fabric.Connection | None) -> fabric.Connection:
-    """An unopened, hardened Connection."""
-    keys = ([host.key_file] if host.key_file else []) + list(options.identities)
-    kwargs: dict[str, Any] = {"allow_agent": options.use_agent, "look_for_keys": not keys,
-                              "banner_timeout": options.connect_timeout, "auth_timeout": options.connect_timeout * 2}
+class _OpenSSHPolicy(paramiko.MissingHostKeyPolicy):
+    """Every server key judged as OpenSSH would (sshconfig.check_host_key), recorded as ssh records it."""
+
+    def __init__(self, resolved: sshconfig.Resolved) -> None:
+        self.resolved = resolved
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        r = self.resolved
+        verdict = sshconfig.check_host_key(r, key.get_name(), key.get_base64())
+        if verdict == "ok":
+            return
+        if verdict == "unknown" and sshconfig.may_record(r):
+            sshconfig.record_host_key(r, key.get_name(), key.get_base64())
+            return
+        files = ", ".join(r.user_known_hosts + r.global_known_hosts) or "(none: UserKnownHostsFile none)"
+        what = {"changed": "host key not verified: it CHANGED for", "revoked": "host key not verified: revoked for",
+                "untrusted": "host key not verified (UserKnownHostsFile none trusts nothing) for"}.get(
+                    verdict, "host key not verified for")
+        raise _HostKeyRefused(f"{what} {r.known_hosts_name} (known_hosts: {files})")
+
+
+def _refuse_unsupported(host: Host, r: sshconfig.Resolved) -> None:
+    """Settings paramiko cannot apply as OpenSSH would: the host fails before connecting."""
+    for name, value in (("Ciphers", r.ciphers), ("MACs", r.macs), ("KexAlgorithms", r.kex),
+                        ("HostKeyAlgorithms", r.host_key_algorithms)):
+        if value:
+            raise sshconfig.SSHConfigError(host.name, f"{name} {value} is not honoured by --transport fabric",
+                                           hint="use the default transport (asyncssh), or drop the setting")
+    if r.jump is not None:
+        _refuse_unsupported(host, r.jump)
+
+
+def _connection(host: Host, r: sshconfig.Resolved, options: SSHOptions) -> fabric.Connection:
+    """An unopened Connection for one resolved hop (its gateway chain included), verifying host keys as ssh."""
+    gateway: fabric.Connection | str | None = None
+    if r.jump is not None:
+        gateway = _connection(host, r.jump, options)
+    elif r.proxy_command is not None:
+        # paramiko splits the command into words itself: hand it the shell, as ssh runs it
+        gateway = "/bin/sh -c " + shlex.quote("exec " + r.proxy_command)
+    keys = [f for f in r.identity_files if Path(f).exists()]
+    use_agent = options.use_agent and r.identity_agent != "none" and not r.identities_only
+    kwargs: dict[str, Any] = {"allow_agent": use_agent, "look_for_keys": False,
+                              "banner_timeout": options.connect_timeout, "auth_timeout": options.connect_timeout}
     if keys:
         kwargs["key_filename"] = keys
     if host.password:
         kwargs["password"] = host.password
-    conn = fabric.Connection(address, user=user, port=port, config=_config(options), gateway=gateway,
-                             connect_timeout=options.connect_timeout, connect_kwargs=kwargs)
-    known = ([host.known_hosts] if host.known_hosts else []) + list(options.known_hosts or ())
-    return harden(conn, known, accept_new=options.accept_new_host_keys)
+    config = fabric.Config(overrides={"load_ssh_configs": False, "forward_agent": False})
+    conn = fabric.Connection(r.hostname, user=r.user, port=r.port, config=config, gateway=gateway,
+                             connect_timeout=options.connect_timeout, connect_kwargs=kwargs,
+                             forward_agent=False)
+    conn.client.get_host_keys().clear()
+    conn.client._system_host_keys.clear()  # only what sshconfig finds for the OpenSSH lookup name counts
+    conn.client.set_missing_host_key_policy(_OpenSSHPolicy(r))
+    return conn
 
 
 def _open(host: Host, options: SSHOptions) -> fabric.Connection:
-    """Blocking: open a Connection to ``host`` (through its ProxyJump chain), keepalives on."""
-    gateway: fabric.Connection | None = None
-    for hop in (host.jump.split(",") if host.jump else []):
-        user, addr, port = parse_jump(hop.strip())
-        gateway = _connection(host, options, addr, port, user or host.user, gateway)
-    conn = _connection(host, options, host.address, host.port, host.user, gateway)
+    """Blocking: open a Connection to ``host`` as OpenSSH would reach it (proxies, known_hosts), keepalives on."""
+    r = sshconfig.resolve(host, sshconfig.sources_of(options))
+    _refuse_unsupported(host, r)
+    conn = _connection(host, r, options)
     conn.open()
-    conn.client.get_transport().set_keepalive(int(options.keepalive_interval))
+    conn.client.get_transport().set_keepalive(int(r.server_alive_interval or options.keepalive_interval))
     return conn
 
 
 async def connect(host: Host, options: SSHOptions) -> Session:
-    """Open a FabricSession to ``host`` (RunSettings.connect for ``--transport fabric``), retrying network errors."""
+    """Open a FabricSession to ``host`` (RunSettings.connect for ``--transport fabric``) within --connect-timeout."""
     loop = asyncio.get_running_loop()
-    attempt = 0
-    while True:
-        try:
+    try:
+        async with asyncio.timeout(options.connect_timeout):
             conn = await loop.run_in_executor(None, _open, host, options)
-            return FabricSession(host, conn)
-        except (paramiko.BadHostKeyException, paramiko.AuthenticationException) as exc:
-            raise _translate(host, exc, "connect") from None
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            err = _translate(host, exc, "connect")
-            if attempt >= options.retries or "known_hosts" in str(exc):
-                raise err from None
-            attempt += 1
-            await asyncio.sleep(options.retry_backoff * attempt)
+        return FabricSession(host, conn)
+    except TransportError:
+        raise
+    except _HostKeyRefused as exc:
+        raise TransportError(host.name, "connect", str(exc),
+                             hint="check the key with the host's owner, or pass --accept-new-host-keys for a host "
+                                  "seen for the first time") from None
+    except TimeoutError as exc:
+        raise _translate(host, exc, "connect") from None
+    except (paramiko.BadHostKeyException, paramiko.AuthenticationException) as exc:
+        raise _translate(host, exc, "connect") from None
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        raise _translate(host, exc, "connect") from None
 
 
 # --- fabfile helpers -------------------------------------------------------------------------------

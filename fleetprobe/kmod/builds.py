@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,11 +39,12 @@ class ModuleBuilds:
     """
 
     def __init__(self, where: str = "auto", cache: ModuleCache | None = None,
-                 have_program: Callable[[str], bool] | None = None) -> None:
-        """Build at ``where`` (auto/host/controller) into ``cache``; ``have_program`` as in plan_builds."""
+                 have_program: Callable[[str], bool] | None = None, trusted: Iterable[str] = ()) -> None:
+        """Build at ``where`` (auto/host/controller) into ``cache``; ``have_program`` and ``trusted`` as in plan_builds."""
         self.where = where
         self._cache = cache
         self.have_program = have_program
+        self.trusted = frozenset(trusted)
         self.results: list[GroupResult] = []
         self._sources: dict[str, ModuleSource] = {}
         self._builds: dict[BuildKey, asyncio.Future[GroupResult]] = {}
@@ -72,13 +74,52 @@ class ModuleBuilds:
                          session: Session | None = None) -> BuiltModule:
         """This host's built module (shared with its group), or a HostError (stage ``build``) saying why not.
 
-        ``session`` is the host's own, used when the host is the one that builds.
+        ``session`` is the host's own, used when the host is the one that builds. With ``auto``,
+        a controller build that fails (the headers left Debian's archive, say) falls back to the
+        host building for itself when it can.
         """
+        host = facts.host
+        group = self._plan(facts, source, self.where)
+        result = await self._result(facts, group, everyone_set_up, session)
+        if (result.module is None and group.where == "controller" and self.where == "auto"
+                and facts.can_build_modules and session is not None):
+            own = self._plan(facts, source, "host")
+            # Its own build, even for a trusted host: the group's shared key already holds the failure.
+            own = replace(own, key=replace(own.key, built_by=host), hosts=(host,))
+            if own.where == "host":
+                result = await self._result(facts, own, everyone_set_up, session)
+        if result.module is None and self.trusted:
+            # A host of this kernel the user trusts may have built for itself: its build serves us too.
+            await everyone_set_up.wait()
+            result = self._trusted_build(group.key) or result
+        if result.module is None:
+            err = result.error
+            message = f"{err.where}: {err.message}" if err else f"build of {result.group.key} failed"
+            raise HostError(host, "build", message, evidence=(err.evidence if err else None) or None,
+                            hint=err.hint if err else None)
+        return result.module
+
+    def _trusted_build(self, key: BuildKey) -> GroupResult | None:
+        """A finished build of ``key``'s kernel and source by a host the user trusts, or None."""
+        for r in self.results:
+            k = r.group.key
+            if (r.module is not None and k.built_by in self.trusted
+                    and replace(k, built_by="") == replace(key, built_by="")):
+                return r
+        return None
+
+    def _plan(self, facts: Facts, source: ModuleSource, where: str) -> BuildGroup:
+        """This host's build group when building at ``where``."""
+        kwargs = {"have_program": self.have_program} if self.have_program else {}
+        groups = plan_builds([facts], [source], where=where, trusted=self.trusted, **kwargs)
+        return next((g for g in groups if facts.host in g.hosts), groups[0])
+
+    async def _result(self, facts: Facts, group: BuildGroup, everyone_set_up: asyncio.Event,
+                      session: Session | None) -> GroupResult:
+        """The result of ``group``'s build: started here if first, else awaited; a none group waits for the fleet."""
         from fleetprobe.kmod.compile import build_group  # the builder loads only when a module is built
 
         host = facts.host
-        kwargs = {"have_program": self.have_program} if self.have_program else {}
-        (group,) = plan_builds([facts], [source], where=self.where, **kwargs)
         key = group.key
         fut = self._builds.get(key)
         if fut is None and group.where == "none" and not group.blocked:
@@ -91,7 +132,7 @@ class ModuleBuilds:
             fut = asyncio.get_running_loop().create_future()
             self._builds[key] = fut
             try:
-                result = await build_group(group, cache=self.cache, session=session)
+                result = await build_group(group, cache=self.cache, session=session, trusted=self.trusted)
             except BaseException as exc:
                 # Waiters must not hang on a build that died (a dropped link, a bug): they get its error.
                 fut.set_exception(HostError(host, "build", f"the build of {key} on {host} broke off: {exc}"))
@@ -99,13 +140,7 @@ class ModuleBuilds:
                 raise
             self.results.append(result)
             fut.set_result(result)
-        result = await asyncio.shield(fut)
-        if result.module is None:
-            err = result.error
-            message = f"{err.where}: {err.message}" if err else f"build of {key} failed"
-            raise HostError(host, "build", message, evidence=(err.evidence if err else None) or None,
-                            hint=err.hint if err else None)
-        return result.module
+        return await asyncio.shield(fut)
 
     def describe(self, module: BuiltModule) -> str:
         """Where a host's module came from, for its outcome: ``built on the controller, build 2 of this run``."""
@@ -142,7 +177,7 @@ def load_name(group: str, probe: str) -> str:
 
 
 def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
-                       where: str = "auto") -> list[BuildGroup]:
+                       where: str = "auto", trusted: Iterable[str] = ()) -> list[BuildGroup]:
     """The build groups a run of these plans would build (``fleetprobe plan`` shows them); pure."""
     facts: dict[str, Facts] = {}
     wanted: dict[str, list[ModuleSource]] = {}
@@ -155,4 +190,4 @@ def plan_module_builds(results: Iterable[tuple[HostFacts, HostPlan | None]],
                 src = sources.get(p.module) or sources.setdefault(p.module, load_module_source(p.module))
                 facts[hf.host.name] = hf.facts
                 wanted.setdefault(hf.host.name, []).append(src)
-    return plan_builds(facts, wanted, where=where) if facts else []
+    return plan_builds(facts, wanted, where=where, trusted=frozenset(trusted)) if facts else []

@@ -30,8 +30,8 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fleetprobe.errors import BuildError
@@ -54,10 +54,12 @@ class BuiltModule:
     cached: bool
     where: str
     seconds: float
+    #: A host's own build (never cached): its bytes, held for that host alone.
+    blob: bytes | None = None
 
     def data(self) -> bytes:
         """The .ko's bytes (to put on a host)."""
-        return self.path.read_bytes()
+        return self.blob if self.blob is not None else self.path.read_bytes()
 
 
 @dataclass
@@ -353,13 +355,18 @@ async def read_host_vermagic(session: Session, release: str) -> str | None:
 
 
 async def build_group(group: BuildGroup, *, cache: ModuleCache, session: Session | None = None,
-                      trees: Path | None = None, debian_cache: Path | None = None) -> GroupResult:
-    """Build (or find in the cache) one group's module and check it; never raises for build failures."""
+                      trees: Path | None = None, debian_cache: Path | None = None,
+                      trusted: Collection[str] = ()) -> GroupResult:
+    """Build (or find in the cache) one group's module and check it; never raises for build failures.
+
+    A shareable build (the controller's, a trusted host's) goes into the cache with its
+    provenance; a host's own build is kept in memory for that host only.
+    """
     key = group.key
     where = f"build of {key}"
     if group.where == "none" or not group.hosts:
         return GroupResult(group, error=BuildError(group.error or "nothing to build", where=where, hint=group.hint))
-    cached = cache.lookup(key)
+    cached = cache.lookup(key, trusted)
     start = time.monotonic()
     try:
         if cached is not None:
@@ -376,7 +383,11 @@ async def build_group(group: BuildGroup, *, cache: ModuleCache, session: Session
                                                 debian_cache=debian_cache or root / "debian")
         modinfo, elf = check_module(ko, key, group.target, where=where)
         seconds = time.monotonic() - start
-        path = cache.store(key, ko, log, {"module": key.module, "source_hash": key.source_hash,
+        if key.built_by and key.built_by not in set(trusted):
+            return GroupResult(group, module=BuiltModule(key, Path(f"{key.built_by}:{key.module}.ko"), modinfo, elf,
+                                                         cached=False, where=group.where, seconds=seconds, blob=ko))
+        # Shareable: the controller's build, or a trusted host's (kept with who built it).
+        path = cache.store(replace(key, built_by=""), ko, log, {"module": key.module, "source_hash": key.source_hash,
                                           "release": key.release, "debian_arch": key.debian_arch,
                                           "where": group.where, "build_host": group.build_host,
                                           "vermagic": modinfo.vermagic, "seconds": round(seconds, 2),

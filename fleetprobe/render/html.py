@@ -19,13 +19,13 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from fleetprobe.audit import AuditResult
 from fleetprobe.results import FleetReport
 from fleetprobe.sketches import Latency, bucket_range_ns
 from fleetprobe.render.terminal import format_ns, value_text
+from fleetprobe.outfiles import write_text_atomic
 
 #: Hosts drawn as timeline lanes / heatmap rows before "N more".
 MAX_HOSTS = 60
@@ -466,8 +466,5 @@ def render_html(report: FleetReport, audit: AuditResult | None = None) -> str:
 
 
 def write_html(report: FleetReport, path: str | os.PathLike[str], audit: AuditResult | None = None) -> None:
-    """Write :func:`render_html` to ``path`` atomically."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(render_html(report, audit), encoding="utf-8")
-    os.replace(tmp, target)
+    """Write :func:`render_html` to ``path`` atomically, mode 0600 (``-``: stdout)."""
+    write_text_atomic(path, render_html(report, audit))

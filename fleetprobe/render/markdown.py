@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from fleetprobe.audit import AuditResult
 from fleetprobe.results import FleetReport
 from fleetprobe.render.terminal import format_ns, value_text
+from fleetprobe.outfiles import write_text_atomic
 
 #: Hosts listed per table before "N more".
 ROWS = 25
@@ -99,8 +99,5 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
 
 
 def write_markdown(report: FleetReport, path: str | os.PathLike[str], audit: AuditResult | None = None) -> None:
-    """Write :func:`render_markdown` to ``path`` atomically."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(render_markdown(report, audit), encoding="utf-8")
-    os.replace(tmp, target)
+    """Write :func:`render_markdown` to ``path`` atomically, mode 0600 (``-``: stdout)."""
+    write_text_atomic(path, render_markdown(report, audit))
