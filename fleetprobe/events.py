@@ -24,7 +24,7 @@ from fleetprobe.outfiles import PRIVATE
 
 #: JSON exactly as ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` writes it, without
 #: building an encoder per call.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 #: A str as a JSON string literal, as that encoder writes it (C-accelerated).
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
 #: Trace timestamps whose float repr is the text without trailing zeros: >= 1, at most 15 digits.
@@ -219,7 +219,13 @@ class EventWriter:
         """Append one event."""
         if self._fd is None:
             raise ValueError(f"{self.path}: event writer is closed")
-        self._add(_encode_json(ev.to_json()) + "\n", 1)
+        data = ev.to_json()
+        try:
+            text = _encode_json(data)
+        except ValueError:
+            # inf/nan (a host's clock or numbers out of range): null, never "Infinity" (not JSON).
+            text = _encode_json(_finite(data))
+        self._add(text + "\n", 1)
 
     def write_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
         """Append every row of ``host``'s batch, in order (one write for the batch)."""
@@ -274,6 +280,17 @@ class EventWriter:
                  tb: TracebackType | None) -> None:
         """Close on exit."""
         self.close()
+
+
+def _finite(data: dict[str, object]) -> dict[str, object]:
+    """``data`` (an event's JSON dict) with every non-finite float, top level or in fields, as None."""
+    def fix(v: object) -> object:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    out = {k: fix(v) for k, v in data.items()}
+    fields = data.get("fields")
+    if isinstance(fields, dict):
+        out["fields"] = {k: fix(v) for k, v in fields.items()}
+    return out
 
 
 def _open_private_fd(path: Path) -> int:

@@ -281,3 +281,24 @@ def test_probes_removed_under_the_run_fail_the_host_with_the_window_seen(sim: Si
     assert "removed under the run" in host["reason"] and "of its 30 s" in host["reason"], host
     assert host["probed_seconds"] is not None and 1 < host["probed_seconds"] < 10, host
     assert took < 25, took
+
+
+def test_numbers_past_their_bounds_are_no_event_and_break_no_output(tmp_path: Path) -> None:
+    """A 400-digit timestamp, a 5000-digit pid or field: never an event, never inf, never unreadable JSON."""
+    from fleetprobe.events import EventWriter
+    from fleetprobe.merge import FleetAggregate
+    from fleetprobe.parse import TraceStream
+
+    agg = FleetAggregate()
+    with EventWriter(tmp_path / "ev.jsonl") as w:
+        s = TraceStream("h", {"e": "e"}, aggregate=agg, on_batch=lambda b: w.write_batch("h", b, {"e": "e"}))
+        s.feed(f"   c-3 [000] ..... {'9' * 400}.5: e: a=1\n".encode()
+               + f"   c-{'7' * 5000} [000] ..... 1.5: e: a=1\n".encode()
+               + f"   c-3 [000] ..... 2.5: e: big={'9' * 5000} hex=0x{'f' * 300}\n".encode())
+        s.close()
+    agg.finish()
+    assert s.stats.events == 1 and s.stats.unparsed == 2, s.stats
+    rows = [json.loads(line) for line in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["trace_ts"] == 2.5
+    text = json.dumps(agg.to_json(), allow_nan=False)
+    assert "9" * 1025 not in text                          # values are cut at MAX_VALUE_CHARS

@@ -110,7 +110,8 @@ def sweep_directives(tracefs: str, grace: int) -> str:
     return f"tracefs {tracefs}\ngrace {grace}\nsweep\n"
 
 
-_STATS_FIELD = re.compile(r"(\w+)=(\d+)")
+# Bounded: a counter past 2**64 is a host lying (and 5000 digits is a ValueError in int()).
+_STATS_FIELD = re.compile(r"(\w+)=(\d{1,20})(?!\d)")
 _HIST_UNESCAPE = re.compile(r"%(25|5B)")
 
 
