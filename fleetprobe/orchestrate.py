@@ -522,6 +522,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
         raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
+    if report.dropped:
+        out.alerts.append(f"the runner sent {report.dropped} control lines past the {report.MAX_LINES} kept: "
+                          "a runner says a few hundred; this host's stream is suspect")
     if len(window) == 2:
         out.probed_seconds = round(window[1] - window[0], 3)
     if report.stop_reason == "reader-exit":

@@ -302,3 +302,37 @@ def test_numbers_past_their_bounds_are_no_event_and_break_no_output(tmp_path: Pa
     assert len(rows) == 1 and rows[0]["trace_ts"] == 2.5
     text = json.dumps(agg.to_json(), allow_nan=False)
     assert "9" * 1025 not in text                          # values are cut at MAX_VALUE_CHARS
+
+
+def test_floods_from_hostile_hosts_keep_the_controller_under_1_gib(sim: SimFleet, tmp_path: Path,
+                                                                   run_id: str) -> None:
+    """30 lines of 20 MB, 1500 field names, 400 MB without a newline, 2 M stray control lines, one run:
+    the controller (a child process, its peak RSS measured) stays under 1 GiB and writes the report."""
+    kinds = ["flood_lines", "flood_fields", "flood_nonl", "flood_control"]
+    for kind in kinds:
+        sim.add(kind, kind)
+    kh = sim.known_hosts_for(tmp_path / "known_hosts")
+    inv = sim.inventory(tmp_path / "inventory.yml", kh)
+    report = tmp_path / "report.json"
+    pb = write_playbook(tmp_path, EXEC_PLAYBOOK.replace("duration: 3s", "duration: 2s"))
+    proc = subprocess.Popen([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, run_id),
+                             "--json", str(report)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss * 1024
+    text = out.decode("utf-8", "replace")
+    assert report.exists(), text[-3000:]
+    hosts = hosts_by_name(report)
+    assert sorted(hosts) == sorted(kinds), text[-2000:]
+    assert peak < 1 << 30, f"controller peak RSS {peak >> 20} MiB"
+    assert hosts["flood_lines"]["overlong_lines"] == 30, hosts["flood_lines"]
+    assert hosts["flood_nonl"]["overlong_lines"] == 1, hosts["flood_nonl"]
+    assert hosts["flood_control"]["unparsed_lines"] >= 2_000_000, hosts["flood_control"]
+    assert hosts["flood_control"]["status"] == "ok", hosts["flood_control"]     # no forged error
+    data = json.loads(report.read_text())
+    tables = [v["field"] for v in data["aggregate"]["values"] if v["probe"] == "exec"]
+    assert 0 < len(tables) <= 64 + 1, len(tables)                  # + comm
+    assert hosts["flood_fields"]["hits"]["exec"] >= 60_000, hosts["flood_fields"]
+    print(f"controller peak RSS {peak >> 20} MiB")

@@ -151,9 +151,25 @@ class RunnerReport:
     notes: list[str] = field(default_factory=list)
     _hist_event: str | None = None
 
+    #: Control lines kept (in every list and table together): a runner says a few hundred; past
+    #: this, lines are counted in ``dropped`` and the report says so (issue 11 #5).
+    MAX_LINES = 20000
+    #: The longest control line kept whole.
+    MAX_LINE_CHARS = 4096
+    kept: int = 0
+    dropped: int = 0
+
     def handle(self, text: str) -> None:
         """Take one control line (without its ``@@fp `` prefix)."""
         word, _, rest = text.partition(" ")
+        if word not in ("hello", "started", "stopping", "clean", "bye", "kernel", "hist"):
+            # Collected lines are bounded; the words that set one flag or value are always taken.
+            if self.kept >= self.MAX_LINES:
+                self.dropped += 1
+                return
+            self.kept += 1
+        if len(rest) > self.MAX_LINE_CHARS:
+            rest = rest[:self.MAX_LINE_CHARS] + "...(cut)"
         if word == "hello":
             self.hello = True
         elif word == "started":
@@ -211,7 +227,7 @@ class RunnerReport:
             what, _, why = rest.partition(" :: ")
             self.synth_refused[what.strip()] = "synthetic event refused: " + " ".join(why.split())
         elif word in ("notrace", "histfail"):
-            self.notes.append(text)
+            self.notes.append(f"{word} {rest}")
         elif word in ("kev", "kprof"):
             phase, _, line = rest.partition(" ")
             target = self.kev if word == "kev" else self.kprof
