@@ -22,7 +22,8 @@ way a real host misbehaves:
 ``flood_*``     once the runner said "started", sends an attack on the controller's memory and CPU, then
                 the runner's own output (issue 11 #5): ``flood_lines`` 30 lines of 20 MB,
                 ``flood_fields`` exec events with 1500 distinct field names, ``flood_nonl`` 400 MB
-                without a newline, ``flood_control`` a million unframed and framed-looking control lines.
+                without a newline, ``flood_control`` a million unframed and framed-looking control lines;
+                ``flood_facts`` 300 MB of facts before their end marker.
 
 Host keys: :meth:`SimFleet.known_hosts_for` writes a known_hosts file with the
 right key, a different key (a host whose key changed), or no line at all (a
@@ -54,7 +55,7 @@ import asyncssh
 T = TypeVar("T")
 
 PERSONALITIES = ("normal", "slow", "hang", "drop_after", "kill_runner", "hostile", "auth_fail",
-                 "flood_lines", "flood_fields", "flood_nonl", "flood_control")
+                 "flood_lines", "flood_fields", "flood_nonl", "flood_control", "flood_facts")
 
 #: What the hostile personality injects, one item per injection point.
 HOSTILE_GARBAGE: tuple[bytes, ...] = (
@@ -299,6 +300,13 @@ class _Session:
                     cut = data.rindex(b"\n") + 1
                     data = data[:cut] + garbage.pop(0) + data[cut:]
                     self.host.hostile_injected += 1
+                if flood == "flood_facts":
+                    for piece in _flood(flood):
+                        if not self.link_up:
+                            return
+                        dst.write(piece)
+                        await dst.drain()
+                    flood = ""
                 if flood and b" started enabled=" in data:
                     cut = data.index(b" started enabled=")
                     cut = data.index(b"\n", cut) + 1
@@ -330,6 +338,8 @@ def _flood(kind: str) -> Iterator[bytes]:
     elif kind == "flood_nonl":
         yield from [mib] * 400
         yield b"\n"
+    elif kind == "flood_facts":
+        yield from [b"kernel_symbol=x " * 65536] * 300
     elif kind == "flood_control":
         for _ in range(100):
             yield b"@@fp placed x\n@@fp:0000 error y\n" * 10000

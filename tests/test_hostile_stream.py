@@ -311,9 +311,9 @@ def test_numbers_past_their_bounds_are_no_event_and_break_no_output(tmp_path: Pa
 
 def test_floods_from_hostile_hosts_keep_the_controller_under_1_gib(sim: SimFleet, tmp_path: Path,
                                                                    run_id: str) -> None:
-    """30 lines of 20 MB, 1500 field names, 400 MB without a newline, 2 M stray control lines, one run:
+    """30 lines of 20 MB, 1500 field names, 400 MB without a newline, 2 M stray control lines, 300 MB of facts:
     the controller (a child process, its peak RSS measured) stays under 1 GiB and writes the report."""
-    kinds = ["flood_lines", "flood_fields", "flood_nonl", "flood_control"]
+    kinds = ["flood_lines", "flood_fields", "flood_nonl", "flood_control", "flood_facts"]
     for kind in kinds:
         sim.add(kind, kind)
     kh = sim.known_hosts_for(tmp_path / "known_hosts")
@@ -336,6 +336,8 @@ def test_floods_from_hostile_hosts_keep_the_controller_under_1_gib(sim: SimFleet
     assert hosts["flood_nonl"]["overlong_lines"] == 1, hosts["flood_nonl"]
     assert hosts["flood_control"]["unparsed_lines"] >= 2_000_000, hosts["flood_control"]
     assert hosts["flood_control"]["status"] == "ok", hosts["flood_control"]     # no forged error
+    # Bounded by size (32 MiB) or by the setup deadline, whichever comes first on a loaded machine.
+    assert hosts["flood_facts"]["status"] == "failed" and hosts["flood_facts"]["stage"] == "facts", hosts["flood_facts"]
     data = json.loads(report.read_text())
     tables = [v["field"] for v in data["aggregate"]["values"] if v["probe"] == "exec"]
     flooded = [t for t in tables if t.startswith("f") and "_" in t]
