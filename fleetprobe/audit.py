@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fleetprobe.caveats import unattributed_reason
 from fleetprobe.merge import COMM_FIELD
 from fleetprobe.results import FleetReport
 from fleetprobe.sketches import Value
@@ -260,6 +261,10 @@ def audit(report: FleetReport, playbook: Playbook, baseline: FleetReport | None,
         if o.status != "ok" and o.host not in newly:
             findings.append(_finding("host-not-audited", f"{o.host}: {o.status} at {o.stage}"
                                      + (f": {o.reason}" if o.reason else "") + "; nothing was checked there", o.host))
+        elif o.status == "ok" and (why := unattributed_reason(o)):
+            # Fail closed: lines nobody could attribute may be a rule's probe firing under another name.
+            findings.append(_finding("host-not-audited", f"{o.host}: {why}; its counts cannot be trusted, "
+                                     "so nothing was checked there", o.host))
     findings += changes
     order = list(KINDS)
     findings.sort(key=lambda f: (f.severity != "fail", order.index(f.kind), f.host or "", f.probe or ""))

@@ -145,6 +145,10 @@ class Facts:
     problems: tuple[str, ...] = ()
     oops_count: int | None = None
     warn_count: int | None = None
+    #: MIPS only: the kernel has kprobe_flush_task (an RCU callback that can clear the CPU's
+    #: current kprobe mid-probe), and the CPUs whose RCU callbacks run in rcuo kthreads.
+    kprobe_flush_task: bool = False
+    rcu_offloaded_cpus: frozenset[int] = frozenset()
 
     @property
     def can_build_modules(self) -> bool:
@@ -174,6 +178,8 @@ class Facts:
             "build_dir": self.build_dir, "make": self.make, "cc": self.cc,
             "leftovers": list(self.leftovers), "problems": list(self.problems),
             "oops_count": self.oops_count, "warn_count": self.warn_count,
+            "kprobe_flush_task": self.kprobe_flush_task,
+            "rcu_offloaded_cpus": sorted(self.rcu_offloaded_cpus),
             # Absent when empty: facts stored before formats were gathered read back unchanged.
             **({"tracepoint_formats": {k: {"name": v.name, "id": v.id, "fields": list(v.fields),
                                            "print_fmt": v.print_fmt, **({"decls": list(v.decls)} if v.decls else {})}
@@ -199,6 +205,7 @@ class Facts:
                       for k, v in d.get("files", {}).items()}
         d["leftovers"] = tuple(d.get("leftovers", ()))
         d["problems"] = tuple(d.get("problems", ()))
+        d["rcu_offloaded_cpus"] = frozenset(d.get("rcu_offloaded_cpus", ()))
         return cls(**d)
 
 
@@ -230,12 +237,17 @@ def split_sections(text: str) -> dict[str, list[str]]:
 
 #: What the tracefs README advertises, and the text that proves it (as perf does: never a version check).
 _README_FEATURES = {
-    "arg_n": "$arg<N>",
+    # The fetcharg list's "$comm, $arg<N>," (HAVE_FUNCTION_ARG_ACCESS_API), not any "$arg<N>": 6.12
+    # also prints "kernel return probes support: $retval, $arg<N>, $comm" on arches that have no
+    # $argN at all (mips64el 6.12 refuses $arg1: "Invalid $-valiable specified").
+    "arg_n": "$comm, $arg<N>",
     "ustring": "ustring",
     "symstr": "symstr",
     "return_suffix": "%return",
     "user_deref": "[u]<offset>",
-    "btf_args": "BTF",
+    # CONFIG_PROBE_EVENTS_BTF_ARGS (6.6+) adds this fetcharg line; the README never says "BTF"
+    # (trace.c; seen on the lab's trixie 6.12 guests).
+    "btf_args": "<argname>[->field",
     "hist": "hist:",
     "eprobe": "e[:[<group>/][<event>]]",
     "fprobe": "f[:[<group>/][<event>]]",
@@ -368,6 +380,10 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
     counts = [int(line) for line in s.get("kernel_counts", []) if line.strip().isdigit()]
     oops, warn = (counts[0], counts[1]) if len(counts) == 2 else (None, None)
 
+    mips_kprobe = [line.split() for line in s.get("mips_kprobe", [])]
+    offloaded = frozenset(int(w[1]) for w in mips_kprobe
+                          if len(w) == 2 and w[0] == "nocb" and w[1].isdigit() and len(w[1]) < 6)
+
     def first_int(key: str, default: int) -> int:
         for line in s.get(key, []):
             if line.strip().lstrip("-").isdigit():
@@ -389,4 +405,6 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         build_dir=build.get("build_dir"), make=build.get("make") == "yes", cc=build.get("cc"),
         leftovers=tuple(line.strip() for line in s.get("leftovers", []) if line.strip()),
         problems=tuple(problems), oops_count=oops, warn_count=warn,
+        kprobe_flush_task=["kprobe_flush_task"] in mips_kprobe,
+        rcu_offloaded_cpus=offloaded,
     )

@@ -68,6 +68,22 @@ for w in "$@"; do
     fi;;
   esac
 done
+# MIPS kprobe hazard (README, "Known kernel problem (MIPS)"): kprobe_flush_task, run from an RCU
+# callback, can clear the CPU's current kprobe mid-probe (MIPS takes the kprobe break with IRQs on).
+# CPUs whose RCU callbacks run in kthreads (rcu_nocbs= on a CONFIG_RCU_NOCB_CPU kernel) are safe:
+# list them by their rcuo[ps]/N kthreads (children of kthreadd, pid 2: a user process may take the name).
+sec mips_kprobe
+case $(uname -m) in
+  mips*)
+    grep -qE ' [tTwW] kprobe_flush_task$' /proc/kallsyms 2>/dev/null && echo "kprobe_flush_task"
+    for f in $(grep -lE '^rcuo[ps]/[0-9]+$' /proc/[0-9]*/comm 2>/dev/null); do
+      d=${f%/comm}
+      read -r st < "$d/stat" 2>/dev/null || continue
+      set -- ${st##*) }
+      [ "$2" = 2 ] || continue
+      read -r c < "$f" && echo "nocb ${c#*/}"
+    done;;
+esac
 sec build
 r=$(uname -r)
 [ -d "/lib/modules/$r/build" ] && echo "build_dir /lib/modules/$r/build"

@@ -31,14 +31,14 @@ from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
-from .parse import EventBatch, EventSink, LineSink, Marker, TraceEvent, TraceStream, control_prefix
+from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
 from .session import Session
 from .ingest import _HostCap
 from .kmod.builds import ModuleBuilds, _MODULE_WORD, _module_cache, load_name
-from .runner.channel import HEARTBEAT_TIMEOUT, HostFacts, RunnerChannel, _oopses_since, _runner_once, _teardown_for_dead_runner, gather_facts, runner_silent, start_runner
+from .runner.channel import HEARTBEAT_TIMEOUT, TICK_SECONDS, HostFacts, RunnerChannel, _oopses_since, _runner_once, _teardown_for_dead_runner, gather_facts, runner_silent, start_runner
 from .kmod.plan import module_load_blocker
 from .settings import NullObserver, Observer, RunSettings
 from .uprobes import ElfOffsets
@@ -325,6 +325,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         report.handle(text)
         if text.startswith(("started", "stopping")) and len(window) < 2:
             window.append(time.time())
+        if text.startswith("ownfilter") and report.own_pids:
+            # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
+            parser.exclude_pids(set(report.own_pids))
         if len(report.pongs) == 1 and text.startswith("pong"):
             # The ping travels with the plan and the runner answers it before reading the rest:
             # one small round trip on an idle shell, the clock offset for free (NTP's min-RTT rule
@@ -351,6 +354,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         """Module lines of this run into the same cap, aggregate and event file as tracefs events."""
         for ev in kmsg.feed(data) if data else kmsg.flush():
             if ev.probe not in module_probes:
+                continue
+            if ev.pid in report.own_pids:
+                # A module's probe sees the runner's own forks and execs (no kernel filter reaches it).
+                parser.stats.own_events += 1
                 continue
             # Printk time + (host realtime - printk clock) is host realtime; minus the host's
             # offset from the controller puts it on the controller's axis like trace events.
@@ -383,17 +390,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             stream.write(b"stop\n")
 
     last_read = time.monotonic()
-    last_marker_ts: float | None = None
     runner_dead = False
-
-    def on_marker(marker: Marker) -> None:
-        nonlocal last_marker_ts
-        last_marker_ts = marker.trace_ts
-
-    parser.on_marker = on_marker
-
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
+    next_tick = t0 + TICK_SECONDS
     guard: asyncio.TimerHandle
 
     def watchdog() -> None:
@@ -405,7 +405,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         timer callback, not a task: a task per host costs a future and two
         wake-ups per second (issue 5).
         """
-        nonlocal runner_dead, guard
+        nonlocal runner_dead, guard, next_tick
         now = time.monotonic()
         if flush_due is not None:
             # At least once a second on disk, whole lines: a killed controller keeps what it had (issue 11 #16).
@@ -414,11 +414,16 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
             return
-        if report.started and not report.stop_reason and runner_silent(now - last_read, last_marker_ts,
+        if report.started and not report.stop_reason and runner_silent(now - last_read, parser.last_beat_ts,
                                                                        parser.last_trace_ts):
             runner_dead = True
             stream.close()
             return
+        if report.started and not stop_sent and not report.stop_reason and now >= next_tick:
+            # The runner forks nothing while it runs (issue 9): it sleeps until this wakes it to
+            # write its heartbeat marker.
+            next_tick = now + TICK_SECONDS
+            stream.write(b"tick\n")
         guard = loop.call_later(1, watchdog)
 
     flush_due: Callable[[], None] | None = getattr(sink, "flush_due", None)
@@ -472,6 +477,11 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     out.unparsed_lines = parser.stats.unparsed
     out.multiline_events = parser.stats.multiline
     out.overlong_lines = parser.stats.overlong
+    out.unattributed_lines = parser.stats.unknown_lines
+    out.unattributed = dict(parser.stats.unknown)
+    out.unattributed_examples = list(parser.stats.unknown_examples)
+    out.own_pids, out.own_unfiltered = list(report.own_pids), dict(report.own_unfiltered)
+    out.own_events = parser.stats.own_events
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:
@@ -499,7 +509,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         if deltas[1] > 0:
             out.alerts.append(f"the kernel logged {deltas[1]} WARNING(s) during the run; see dmesg")
     if (runner_dead or not report.bye) and link_error is None:
-        out.cleanup = await _teardown_for_dead_runner(session, plan, facts, tuple(m.name for m in modules))
+        out.cleanup = await _teardown_for_dead_runner(session, plan, facts, tuple(m.name for m in modules),
+                                                      tuple(report.own_processes))
     if runner_dead:
         raise HostError(host, "probe", f"the runner stopped responding (no heartbeat for {HEARTBEAT_TIMEOUT}s)",
                         evidence="; ".join(out.alerts) or None)

@@ -117,6 +117,17 @@ class HostOutcome:
     probed_seconds: float | None = None
     #: Lines dropped unread for their length (parse.MAX_LINE_BYTES).
     overlong_lines: int = 0
+    #: Event lines of the run's own instance that are no probe's (printed under a name the plan did
+    #: not expect): counted, by printed name, with a few examples. Such a host is not audited.
+    unattributed_lines: int = 0
+    unattributed: dict[str, int] = field(default_factory=dict)
+    unattributed_examples: list[str] = field(default_factory=list)
+    #: fleetprobe's own processes on the host, kept out of the events (in the kernel by a
+    #: ``common_pid`` filter; where the kernel refused it, ``own_unfiltered`` names the events and
+    #: ``own_events`` counts what the controller dropped instead).
+    own_pids: list[int] = field(default_factory=list)
+    own_unfiltered: dict[str, str] = field(default_factory=dict)
+    own_events: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -118,6 +118,8 @@ def control_prefix(secret: str) -> str:
     return f"@@fp:{secret} "
 MARKER_EVENT = "tracing_mark_write"
 MARKER_WORD = "fpsync"
+#: The runner's heartbeat (a marker without a clock reading: it costs the host no process).
+BEAT_WORD = "fpbeat"
 
 # When ``date +%N`` works the runner reads CLOCK_REALTIME a little before the
 # marker write: a process exit and a shell builtin ``echo`` apart.  1 ms bounds
@@ -139,8 +141,8 @@ WHOLE_SECOND_UNCERTAINTY = 1.0
 # header (a 400-digit timestamp would be inf, a 5000-digit pid no int JSON can read back).
 _HEAD = (r" *+(.*?)-(\d{1,10}+) ++(?:\( *+(?:\d{1,10}+|-++)\) ++|)\[(\d{1,6}+)\] ++(?:\S{1,8} +|)"
          r"(\d{1,12}+\.\d{1,9}+): ")
-# One line (parse_line): the head, then "event: args" (args may be absent).
-_LINE_RE = re.compile(_HEAD + r"([^: ]+):? ?(.*)")
+# One line (parse_line): the head, then the event text (split by split_event).
+_LINE_RE = re.compile(_HEAD + r"([^: \n].*)")
 # Every line of a decoded chunk in one findall, one row per line (lines end at
 # "\n" only, as with str.split("\n")): an event line gives comm, pid, cpu,
 # timestamp and its event text ("name: args", which must start like a name,
@@ -151,8 +153,14 @@ _LINES_RE = re.compile(_LINES)
 # re.ASCII makes \d a plain [0-9] test (all a Unicode \d can match in ASCII
 # text), and \S is spelled out as Unicode's (which also excludes \x1c-\x1f).
 _ASCII_LINES_RE = re.compile(_LINES.replace(r"\S", r"[^\t-\r\x1c-\x1f ]"), re.ASCII)
-# An event text's name and argument text (the tail of _LINE_RE).
-_EVENT_TEXT_RE = re.compile(r"([^: ]+):? ?(.*)", re.S)
+# An event text's name, the separator after it and its argument text. Most events print
+# "name: args"; syscall tracepoints print "sys_NAME(arg: value, ...)" at entry and
+# "sys_NAME -> 0xRET" at exit (kernel/trace/trace_syscalls.c, print_syscall_enter/exit).
+_EVENT_TEXT_RE = re.compile(r"([^: (]+)(\(| -> |:? ?)(.*)", re.S)
+# One argument of a syscall entry line: "name: hexvalue" (0x-prefixed since about 6.10,
+# bare %lx before), maybe followed by a quoted user string (kernels that read them).
+_SYSCALL_ARG_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*): (?:0x)?([0-9a-fA-F]+)(?: ("(?:[^"]|"(?!, [A-Za-z_]\w*: |\)$))*"))?'
+                             r'(?:, |\)$)')
 _LOSS_RE = re.compile(r"^\s*CPU:\s*(\d{1,6})\s+\[LOST\s+(\d{1,19})\s+EVENTS\]")
 _DEC_RE = re.compile(r"-?[0-9]+\Z")
 _HEXDIGITS = frozenset("0123456789abcdefABCDEF")
@@ -331,7 +339,8 @@ def _parse_line(line: str, host: str, names: Mapping[str, str] | None) -> Parsed
     m = _LINE_RE.match(line)
     if m is None:
         return None
-    comm, pid_s, cpu_s, ts_s, name, args = m.groups()
+    comm, pid_s, cpu_s, ts_s, text = m.groups()
+    name, args = split_event(text)
     pid, cpu, ts = int(pid_s), int(cpu_s), float(ts_s)
     if name == MARKER_EVENT and args.startswith(MARKER_WORD):
         marker = parse_marker(ts, args)
@@ -347,10 +356,13 @@ def _parse_line(line: str, host: str, names: Mapping[str, str] | None) -> Parsed
 class StreamStats:
     """What one host's stream carried: line counts by kind, loss, and what could not be parsed.
 
-    ``unknown`` counts events whose trace name is not one of the run's
-    (another user's events in a shared buffer, or a naming bug), by name,
-    for at most :data:`MAX_UNKNOWN_NAMES` names.  ``unparsed_examples``
-    keeps the first few garbage lines so an error can show them.
+    ``unknown`` counts events whose trace key is not one of the run's
+    (an event printed under a name the plan did not expect, or someone else's
+    event in the run's own instance), by key, for at most
+    :data:`MAX_UNKNOWN_NAMES` keys; ``unknown_lines`` counts all of them, so
+    a run can say how many lines it could not attribute to a probe, whatever
+    their names.  ``unparsed_examples`` and ``unknown_examples`` keep the first
+    few such lines so a report can show them.
     """
 
     bytes: int = 0
@@ -368,14 +380,19 @@ class StreamStats:
     overlong: int = 0
     #: Events whose text went on over more than one line (a newline in a string the kernel printed).
     multiline: int = 0
+    unknown_lines: int = 0
+    unknown_examples: list[str] = field(default_factory=list)
+    #: Events of fleetprobe's own processes (the runner's pids) dropped here: the kernel could not.
+    own_events: int = 0
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict."""
         return {"bytes": self.bytes, "lines": self.lines, "events": self.events, "markers": self.markers,
                 "control": self.control, "loss_lines": self.loss_lines, "lost_events": self.lost_events,
                 "unparsed": self.unparsed, "unsynced": self.unsynced, "unknown": dict(self.unknown),
-                "unparsed_examples": list(self.unparsed_examples), "overlong": self.overlong,
-                "multiline": self.multiline}
+                "unparsed_examples": list(self.unparsed_examples), "unknown_lines": self.unknown_lines,
+                "unknown_examples": list(self.unknown_examples), "own_events": self.own_events,
+                "overlong": self.overlong, "multiline": self.multiline}
 
 
 MAX_UNKNOWN_NAMES = 64
@@ -397,10 +414,63 @@ _EVENT_TEXT = itemgetter(4)
 
 @functools.lru_cache(maxsize=EVENT_TEXT_CACHE)
 def split_event(text: str) -> tuple[str, str]:
-    """An event text (``name: args``, what follows the timestamp) -> (trace event name, argument text)."""
+    """An event text (what follows the timestamp) -> (trace key, argument text as ``name=value ...``).
+
+    The trace key is the event's name as printed (``openat`` for ``openat: (site) dfd=..``),
+    except for the two forms syscall tracepoints print (see
+    :func:`fleetprobe.facts.printed_key`): ``sys_openat(`` for an entry line
+    ``sys_openat(dfd: ffffff9c, ...)`` and ``sys_openat ->`` for an exit line
+    ``sys_openat -> 0x3``.  Their arguments come back in the ``name=value`` form of
+    every other event (``dfd=0xffffff9c filename=0x7f..``; ``ret=-2``, signed as the
+    format file declares it), so fields, top values and raw events need no second parser.
+    """
     m = _EVENT_TEXT_RE.match(text)
+    if m is None:
+        return text, ""
+    name, sep, rest = m.groups()
+    if sep == "(":
+        return sys.intern(name + "("), _syscall_enter_args(rest)
+    if sep == " -> ":
+        return sys.intern(name + " ->"), _syscall_exit_args(rest)
     # Interned: a batch's names of one event are then one object (cheap == and dict lookups).
-    return (sys.intern(m[1]), m[2]) if m is not None else (text, "")
+    return sys.intern(name), rest
+
+
+def _syscall_enter_args(rest: str) -> str:
+    """``dfd: ffffff9c, filename: 0x7f1c, flags: 0)`` -> ``dfd=0xffffff9c filename=0x7f1c flags=0x0``.
+
+    Every value is hex (``%lx``), with or without ``0x``; a quoted user string after
+    the number, where the kernel prints one, becomes the value.  Text that does not
+    have this shape is kept whole under ``args=`` (never dropped, never mis-split).
+    """
+    parts: list[str] = []
+    pos = 0
+    n = len(rest)
+    while pos < n:
+        m = _SYSCALL_ARG_RE.match(rest, pos)
+        if m is None:
+            return "args=" + _quote(rest)
+        name, number, string = m.groups()
+        parts.append(f"{name}={string}" if string else f"{name}=0x{number.lower()}")
+        pos = m.end()
+    return " ".join(parts)
+
+
+def _syscall_exit_args(rest: str) -> str:
+    """``0xfffffffffffffffe`` -> ``ret=-2``: the return value, signed (``long ret`` in the format file)."""
+    text = rest.strip()
+    try:
+        value = int(text, 16)
+    except ValueError:
+        return "args=" + _quote(rest)
+    if value >= 1 << 63:
+        value -= 1 << 64
+    return f"ret={value}"
+
+
+def _quote(text: str) -> str:
+    """A free-form text as one quoted value (split_args keeps it whole)."""
+    return '"' + text.replace("\n", " ") + '"'
 
 
 class _EventNames(dict[str, str]):
@@ -532,6 +602,10 @@ class TraceStream:
         #: the host's trace time, whatever the controller's backlog (the probe watchdog compares it
         #: with the last clock marker's).
         self.last_trace_ts = 0.0
+        #: The trace timestamp of the runner's last clock or heartbeat marker (None before the first).
+        self.last_beat_ts: float | None = None
+        #: pids (as printed) whose events are fleetprobe's own, dropped and counted (see exclude_pids).
+        self._own: frozenset[str] = frozenset()
         self._add_batch: Callable[[str, EventBatch, Mapping[str, str]], None] | None = \
             getattr(aggregate, "add_batch", None)
         self._event_names = _EventNames()
@@ -552,6 +626,15 @@ class TraceStream:
         self._intercept = 0.0
         self._synced = False
         self._sync()
+
+    def exclude_pids(self, pids: frozenset[int] | set[int]) -> None:
+        """Drop (and count in ``stats.own_events``) the events of these pids from now on.
+
+        For fleetprobe's own processes on a host whose kernel would not take the
+        runner's ``common_pid !=`` filter: events it cannot keep out there are left
+        out here, and said to be.  Costs one set lookup per event while set.
+        """
+        self._own = frozenset(str(p) for p in pids)
 
     def feed(self, data: bytes) -> None:
         """Consume one chunk of the channel's bytes.
@@ -626,7 +709,8 @@ class TraceStream:
         """Whole lines (joined by "\n"): events in runs, the other lines one by one, in order.
 
         Unless ``final``, the last line, if it is an event, is held back (``_pending``) for
-        the next text, whose first lines may continue it.
+        the next text, whose first lines may continue it; not our own clock and heartbeat
+        markers (no user's text is in them, and the heartbeat judge must see them at once).
         """
         rows: list[Row] = (_ASCII_LINES_RE if text.isascii() else _LINES_RE).findall(text)
         joined = False
@@ -636,12 +720,12 @@ class TraceStream:
         if all(map(_PID, rows)):
             if len(text) > MAX_LINE_BYTES:
                 rows = self._capped(rows)
-            if not final and rows:
+            if not final and rows and not rows[-1][4].startswith(MARKER_EVENT):
                 self._pending, self._pending_joined = rows.pop(), False
             self._events(rows)
         else:
             rows, joined = self._continued(rows, joined)
-            if not final and rows and rows[-1][1]:
+            if not final and rows and rows[-1][1] and not rows[-1][4].startswith(MARKER_EVENT):
                 self._pending, self._pending_joined = rows.pop(), joined
             start = 0
             for i in [i for i, row in enumerate(rows) if not row[1]]:
@@ -677,7 +761,8 @@ class TraceStream:
                 if out:
                     joined = False
                 out.append(row)
-                last = len(out) - 1
+                # Our own markers hold no user's text: a stray line after one continues nothing.
+                last = -1 if row[4].startswith(MARKER_EVENT) else len(out) - 1
                 continue
             line = row[4]
             if line.startswith(prefix) or (line.startswith("CPU:") and _LOSS_RE.match(line)):
@@ -710,6 +795,16 @@ class TraceStream:
         row_names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
         counts = Counter(row_names)
         known = self.names
+        own = self._own
+        if own and any(pid in own for pid in map(_PID, rows)):
+            # Our own processes' events among these (the kernel did not filter them): row by row.
+            keep = [(row, name) for row, name in zip(rows, row_names) if row[1] not in own or name not in known]
+            stats.own_events += len(rows) - len(keep)
+            rows = [row for row, _ in keep]
+            row_names = [name for _, name in keep]
+            counts = Counter(row_names)
+            if not rows:
+                return
         if all(name in known for name in counts):
             if not self._synced:
                 stats.unsynced += len(rows)
@@ -723,12 +818,17 @@ class TraceStream:
                 self._take([row], [name], {name: 1})
                 continue
             args = split_event(row[4])[1]
+            if name == MARKER_EVENT and args.startswith(BEAT_WORD):
+                stats.markers += 1
+                self.last_beat_ts = float(row[3])
+                continue
             if name == MARKER_EVENT and args.startswith(MARKER_WORD):
                 marker = parse_marker(float(row[3]), args)
                 if marker is not None:
                     # Events before the marker keep the map they were read under.
                     self._flush()
                     stats.markers += 1
+                    self.last_beat_ts = marker.trace_ts
                     if self.clock is not None:
                         self.clock.add_marker(marker)
                         self._sync()
@@ -738,6 +838,10 @@ class TraceStream:
             unknown = stats.unknown
             if name in unknown or len(unknown) < MAX_UNKNOWN_NAMES:
                 unknown[name] = unknown.get(name, 0) + 1
+            stats.unknown_lines += 1
+            if len(stats.unknown_examples) < MAX_UNPARSED_EXAMPLES:
+                comm, pid_s, cpu_s, ts_s, text = row
+                stats.unknown_examples.append(f"{comm}-{pid_s} [{cpu_s}] {ts_s}: {text}"[:200])
 
     def _take(self, rows: list[Row], row_names: list[str], counts: Mapping[str, int]) -> None:
         """Add events of this run's probes to the batch (and hand them to ``on_batch``/``on_event``, if any)."""

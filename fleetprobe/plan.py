@@ -14,7 +14,7 @@ from typing import Any
 
 from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL_PT_REGS, kernel_arg_registers,
                               user_arg_registers)
-from fleetprobe.facts import Facts, SymbolFacts
+from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.hist import AggPlan, plan_host_aggregates
 from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
@@ -232,7 +232,8 @@ class _Lowering:
                          "using string, which reads user memory on those kernels")
             base = "string"
         elif base == "symstr" and "symstr" not in feats:
-            notes.append(f"{self.probe}: symstr unsupported on {self.facts.kernel_release} (before 6.2): "
+            # Not "before 6.2": Debian's 6.1 lists symstr (a stable backport; seen in the lab).
+            notes.append(f"{self.probe}: symstr unsupported on {self.facts.kernel_release} (not in its tracefs README): "
                          "using symbol")
             base = "symbol"
         return base + bracket + rest
@@ -268,7 +269,14 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
         try:
             if spec.kind != "module" and host_block:
                 raise _Unplaceable(host_block)
-            probes.append(_plan_probe(spec, facts, group, uprobe_offsets, probe_notes))
+            planned = _plan_probe(spec, facts, group, uprobe_offsets, probe_notes)
+            twin = next((p for p in probes if p.kind != "module" and planned.kind != "module"
+                         and p.trace_name == planned.trace_name), None)
+            if twin is not None:
+                # Lines are attributed by what they print: two probes printing alike cannot be told apart.
+                raise _Unplaceable(f"its events print as {planned.trace_name!r} like those of probe "
+                                   f"{twin.name!r}, so their lines could not be told apart")
+            probes.append(planned)
             notes.extend(probe_notes)
         except _Unplaceable as e:
             reason = str(e)
@@ -359,7 +367,11 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
             raise _Unplaceable(f"tracepoint {tp} was not checked on this host (facts lack it)")
         if not exists:
             raise _Unplaceable(f"tracepoint {tp} does not exist on this kernel ({facts.kernel_release})")
-        return _planned(spec, kind="tracepoint", event=tp, trace_name=tp.split("/", 1)[1])
+        fmt = facts.tracepoint_formats.get(tp)
+        if fmt is None and facts.tracepoint_formats:
+            notes.append(f"{spec.name}: the host did not say what {tp} prints (no format file read); "
+                         "its lines are attributed by the event's name")
+        return _planned(spec, kind="tracepoint", event=tp, trace_name=printed_key(tp, fmt))
     return _plan_module(spec, facts, notes)
 
 
@@ -371,6 +383,8 @@ def _plan_module(spec: ProbeSpec, facts: Facts, notes: list[str]) -> PlannedProb
         raise _Unplaceable(f"kernel lockdown is '{facts.lockdown}': only signed modules load")
     if not facts.kprobes_enabled:
         raise _Unplaceable("kprobes are globally disabled (debugfs kprobes/enabled = 0)")
+    # A module may hold kprobes of its own: the same kernel bug applies.
+    _refuse_known_kprobe_oops(facts)
     params: list[tuple[str, str]] = []
     symbol: str | None = None
     for param in spec.params:
@@ -399,6 +413,41 @@ def _require_kprobes(facts: Facts) -> None:
         raise _Unplaceable("no kprobe_events in tracefs (kernel without CONFIG_KPROBE_EVENTS)")
     if not facts.kprobes_enabled:
         raise _Unplaceable("kprobes are globally disabled (debugfs kprobes/enabled = 0)")
+    _refuse_known_kprobe_oops(facts)
+
+
+def mips_kprobe_oops(facts: Facts) -> str:
+    """Why a kprobe would knowingly oops this host ('' when no known cause applies).
+
+    MIPS takes the kprobe break with interrupts enabled (handle_bp), so a timer
+    tick between a probe hit and its single-step break can run RCU callbacks in
+    softirq; delayed_put_task_struct -> kprobe_flush_task then sets the CPU's
+    current kprobe to NULL, and the single-step break oopses the task ("Break
+    instruction in kernel code" in the kprobe slot).  Measured on Debian 6.1 and
+    6.12 malta kernels: about one oops per 100-300 hits on a host where
+    processes exit, on every qemu CPU model tried; none in 6000 hits with RCU
+    callbacks offloaded to rcuo kthreads on every CPU (rcu_nocbs=, which needs
+    CONFIG_RCU_NOCB_CPU: Debian's 5kc-malta has it, 4kc-malta does not).
+    README, "Known kernel problem (MIPS)".
+    """
+    if facts.kernel_arch != "mips" or not facts.kprobe_flush_task:
+        return ""
+    missing = sorted(set(range(facts.ncpus)) - facts.rcu_offloaded_cpus)
+    if not missing:
+        return ""
+    cpus = f"0-{facts.ncpus - 1}" if facts.ncpus > 1 else "0"
+    shown = ",".join(str(c) for c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    return (f"kprobes oops this MIPS kernel ({facts.kernel_release}): kprobe_flush_task can clear the "
+            f"CPU's current kprobe from an RCU callback mid-probe, and RCU callbacks of CPU {shown} are "
+            f"not offloaded to kthreads; a kernel with CONFIG_RCU_NOCB_CPU booted with rcu_nocbs={cpus} "
+            "can be probed (README: Known kernel problem (MIPS))")
+
+
+def _refuse_known_kprobe_oops(facts: Facts) -> None:
+    """Raise _Unplaceable on a host where a kprobe (event or module) is known to oops the kernel."""
+    reason = mips_kprobe_oops(facts)
+    if reason:
+        raise _Unplaceable(reason)
 
 
 def _choose_symbol(targets: tuple[KernelTarget, ...], facts: Facts, probe: str,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, build and boot a small lab fleet of real Debian kernels
-# (3 x x86_64, ppc64le, mips64el under qemu), run a kprobe + kretprobe playbook across all of it,
+# (3 x x86_64, ppc64le, mips64el, arm64 under qemu), run a kprobe + kretprobe playbook across all of it,
 # and show the merged report. Extra args go to `fleetprobe run` (e.g. --duration 30s).
 # Set KEEP_LAB=1 to leave the VMs running afterwards (then: .venv/bin/fleetprobe lab down).
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine (as root) for fleetprobe's tests, lab and demo. Idempotent.
-#   apt: OpenSSH (test hosts), qemu for three architectures + cpio (the lab), cross compilers and
+#   apt: OpenSSH (test hosts), qemu for five architectures + cpio (the lab), cross compilers and
 #   kernel-module build tools (module probes), chromium (HTML report test), busybox + dash (runner shells).
 #   Python: a venv in .venv with fleetprobe installed editable, with its test extras.
 set -euo pipefail
@@ -12,9 +12,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 packages=(
   openssh-server openssh-client iproute2 procps sudo busybox-static dash
-  qemu-system-x86 qemu-system-ppc qemu-system-mips qemu-utils cpio
+  qemu-system-x86 qemu-system-ppc qemu-system-mips qemu-system-arm qemu-utils cpio zstd
   make gcc binutils libelf-dev bc flex bison
-  gcc-powerpc64le-linux-gnu gcc-mips64el-linux-gnuabi64 gcc-mipsel-linux-gnu
+  gcc-powerpc64le-linux-gnu gcc-mips64el-linux-gnuabi64 gcc-mipsel-linux-gnu gcc-aarch64-linux-gnu
   chromium
   python3-venv
 )

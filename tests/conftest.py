@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hostcheck import OWN_RUN_IDS, ensure_tracefs, fleetprobe_leftovers  # noqa: E402
+from simhosts import SimFleet  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -64,3 +65,29 @@ def clean_tracefs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     after = [x for x in fleetprobe_leftovers()
              if x not in before and any(f"fp_{rid}_" in x for rid in ours)]
     assert not after, f"fleetprobe left these behind: {after}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``lab_matrix`` tests (every arch x kernel line, many VMs) run only when ``-m`` names them.
+
+    The default run (and ``-m lab``) leaves them out: CI time stays bounded; run them with
+    ``scripts/test.sh -m lab_matrix``.
+    """
+    if "lab_matrix" in (config.getoption("markexpr") or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("lab_matrix") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("lab_matrix")])
+        items[:] = keep
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimFleet]:
+    """One sim fleet (tests/simhosts.py), stopped with nothing left running."""
+    if os.geteuid() != 0 or not Path("/sys/kernel/tracing/instances").is_dir():
+        pytest.skip("needs root and tracefs")
+    fleet = SimFleet(tmp_path / "sim")
+    try:
+        yield fleet
+    finally:
+        assert fleet.stop() == []

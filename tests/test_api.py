@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,14 @@ def test_run_playbook_from_python(tmp_path: Path, clean_tracefs: None) -> None:
                       "  - name: exec\n    tracepoint: sched/sched_process_exec\n")
         inv = load_inventory(str(fl.inventory())).limit("api-host")
         settings = RunSettings(ssh=SSHOptions(ssh_config=(), use_agent=False))
-        report = asyncio.run(run_playbook(inv.hosts, load_playbook(pb), settings))
+        # Execs for the host to see: fleetprobe's own are never events (issue 9), so a quiet
+        # machine would rightly report none.
+        trigger = subprocess.Popen(["sh", "-c", "while :; do /bin/true; sleep 0.1; done"], start_new_session=True)
+        try:
+            report = asyncio.run(run_playbook(inv.hosts, load_playbook(pb), settings))
+        finally:
+            trigger.kill()
+            trigger.wait()
         assert isinstance(report, fleetprobe.FleetReport)
         (host,) = report.hosts
         assert host.host == "api-host" and host.status == "ok" and host.cleanup == "clean"

@@ -237,7 +237,7 @@ probes:
         stored = store.audit_result(second_id)
         assert stored is not None and not stored["passed"]
         forbidden = [e for e in store.events(second_id) if e["probe"] == "forbidden"]
-        assert forbidden and all(e["fields"]["filename"] == str(marker) for e in forbidden)
+        assert forbidden and all(e["fields"]["filename"] == str(marker) for e in forbidden), [e for e in forbidden if e["fields"]["filename"] != str(marker)][:3]
         assert store.playbook_text(second_id) == playbook.read_text()
         assert set(store.host_facts(rows[2].run_id)) == {"alpha", "beta"}
         assert store.integrity() == "ok"

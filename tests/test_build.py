@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetprobe.kmod import debian
 from fleetprobe.arches import target_for
 from fleetprobe.errors import BuildError, FleetprobeError
 from fleetprobe.kmod.cache import ModuleCache
@@ -118,8 +119,21 @@ def test_debian_kernel_detection() -> None:
     assert is_debian_kernel("4.19.0-27-amd64", "")
     assert not is_debian_kernel("5.15.0-91-generic", "#101-Ubuntu SMP Tue Nov 14 13:30:08 UTC 2023")
     assert not is_debian_kernel("6.18.44-fc-v657", "#1 SMP PREEMPT_DYNAMIC @0")
+    # trixie's and bookworm-backports' 6.12 name the Debian release in the ABI (uname -v: lab guests).
+    assert is_debian_kernel("6.12.118+deb13-amd64", "#1 SMP PREEMPT_DYNAMIC Debian 6.12.118-1 (2026-11-20)")
+    assert is_debian_kernel("6.12.95+deb12-5kc-malta", "#1 SMP Debian 6.12.95-1~bpo12+1 (2026-10-01)")
+    assert not is_debian_kernel("6.12.118+deb13-amd64", "#1 SMP PREEMPT_DYNAMIC Ubuntu")
     assert debian_package_version("#1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2 (2025-11-01)") == "6.1.192-2"
     assert debian_package_version("#1 SMP PREEMPT_DYNAMIC") is None
+
+
+def test_headers_are_looked_up_in_the_suite_of_the_release() -> None:
+    """A 6.12+deb13 kernel's headers are in trixie, +deb12 in bookworm-backports, 5.10.0-N in bullseye."""
+    assert debian.release_suites("6.12.118+deb13-arm64")[0] == ("trixie", "trixie-security")
+    assert debian.release_suites("6.12.95+deb12-amd64")[0] == ("bookworm-backports",)
+    assert debian.release_suites("5.10.0-46-amd64") == (("bullseye", "bullseye-security"),)
+    assert debian.release_suites("6.1.0-57-amd64") == (("bookworm", "bookworm-security"),)
+    assert debian.release_suites("6.18.44-fc-v657") == ()
 
 
 # -- planning -----------------------------------------------------------------------

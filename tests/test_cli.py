@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,16 +126,6 @@ def test_module_playbook_needs_consent(tmp_path: Path) -> None:
 
 # --- plan and cleanup over real SSH to a sim host -------------------------------------------
 
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimFleet]:
-    """One sim fleet, stopped with nothing left running."""
-    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
-        pytest.skip("needs root and tracefs")
-    fleet = SimFleet(tmp_path / "sim")
-    try:
-        yield fleet
-    finally:
-        assert fleet.stop() == []
 
 
 def sim_inventory(sim: SimFleet, tmp_path: Path) -> Path:

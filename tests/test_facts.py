@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,26 @@ def test_json_roundtrip_of_real_facts() -> None:
 
 def test_readme_features_need_the_exact_text() -> None:
     """Features come from the README's text (as perf does), never from a version number."""
-    assert readme_features(["  $arg<N>, $comm"]) == frozenset({"arg_n", "comm"})
+    assert readme_features(["  $stack, $retval, $comm, $arg<N>,"]) == frozenset({"arg_n", "comm"})
     assert readme_features(["kernel 6.18"]) == frozenset()
+
+
+READMES = Path(__file__).parent / "data" / "readme"
+
+
+def test_readme_features_of_real_debian_kernels() -> None:
+    """The tracefs READMEs of the lab's bullseye 5.10 and trixie 6.12 guests (captured from the guests)."""
+    old = readme_features((READMES / "x86_64-5.10.0-46-amd64.txt").read_text().splitlines())
+    new = readme_features((READMES / "x86_64-6.12.118+deb13-amd64.txt").read_text().splitlines())
+    assert old == {"arg_n", "comm", "return_suffix", "user_deref", "ustring"}
+    assert new == {"arg_n", "btf_args", "comm", "eprobe", "fprobe", "hist", "return_suffix", "symstr",
+                   "user_deref", "ustring",
+                   # hist trigger modifiers and synthetic events (issue 13), as this README lists them
+                   "common_timestamp", "hist_buckets", "hist_execname", "hist_log2", "hist_onmatch",
+                   "hist_trace_action", "hist_usecs", "synthetic_events"}
+    # mips64el 6.12 (bookworm-backports): "$arg<N>" only in the return-probe line; the kernel refuses $arg1.
+    mips = readme_features((READMES / "mips64el-6.12.95+deb12-5kc-malta.txt").read_text().splitlines())
+    assert "arg_n" not in mips and {"symstr", "eprobe", "return_suffix"} <= mips
 
 
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
@@ -128,3 +147,52 @@ def test_script_runs_here_and_parses(shell: str) -> None:
     assert f.tracepoints["no/such_tp"] is False
     assert f.files["/bin/sh"].exists and not f.files["/no/such/file"].exists
     assert f.uid == os.geteuid()
+
+
+def test_mips_kprobe_section() -> None:
+    """kprobe_flush_task and the CPUs with rcuo kthreads; malformed lines are ignored, never trusted."""
+    base = load("x86_64-6.18-dash.txt")
+    f = parse_facts("a", base, SYMBOLS)
+    assert f.kprobe_flush_task is False and f.rcu_offloaded_cpus == frozenset()
+    assert "@@build\n" in base
+    text = base.replace("@@build\n", "@@mips_kprobe\nkprobe_flush_task\nnocb 0\nnocb 3\nnocb x\nnocb 1 2\n"
+                                      "nocb 99999999\n@@build\n", 1)
+    f = parse_facts("a", text, SYMBOLS)
+    assert f.kprobe_flush_task is True and f.rcu_offloaded_cpus == frozenset({0, 3})
+
+
+def test_mips_kprobe_section_ignores_a_user_process_named_like_an_rcu_kthread(tmp_path: Path) -> None:
+    """The script, told it runs on mips64, lists no rcuo CPU for a user process that renamed itself rcuos/0."""
+    shim = tmp_path / "uname"
+    shim.write_text('#!/bin/sh\n[ "$1" = -m ] && { echo mips64; exit 0; }\nexec /bin/uname "$@"\n')
+    shim.chmod(0o755)
+    fake = subprocess.Popen(["python3", "-c", "open('/proc/self/comm', 'w').write('rcuos/0'); "
+                                              "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if Path(f"/proc/{fake.pid}/comm").read_text().strip() == "rcuos/0":
+                break
+            time.sleep(0.05)
+        assert Path(f"/proc/{fake.pid}/comm").read_text().strip() == "rcuos/0"
+        env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+        out = subprocess.run(["/bin/sh", "-c", facts_script(), "fleetprobe", *facts_args([], [], [], mount=False)],
+                             capture_output=True, check=True, timeout=60, env=env).stdout.decode()
+    finally:
+        fake.communicate(b"", timeout=10)
+    section = split_sections(out)["mips_kprobe"]
+    assert parse_facts("a", out).arch == "mips64"
+    assert "nocb 0" not in section or _is_kthread_rcuo_cpu0(), section
+    assert fake.returncode == 0
+
+
+def _is_kthread_rcuo_cpu0() -> bool:
+    """Whether this machine itself runs a real rcuo[ps]/0 kthread (then 'nocb 0' is legitimately listed)."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("rcuos/0", "rcuop/0"):
+                stat = (comm.parent / "stat").read_text()
+                if stat.rsplit(") ", 1)[1].split()[1] == "2":
+                    return True
+        except OSError:
+            continue
+    return False

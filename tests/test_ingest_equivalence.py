@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from fleetprobe.clock import ClockMap
 from fleetprobe.merge import FleetAggregate
-from fleetprobe.parse import (_ASCII_LINES_RE, _LINE_RE, _LINES_RE, _LOSS_RE, CONTROL_PREFIX, MARKER_EVENT,
+from fleetprobe.parse import (_ASCII_LINES_RE, _LINE_RE, _LINES_RE, _LOSS_RE, CONTROL_PREFIX, MARKER_EVENT, split_event,
                               MAX_UNKNOWN_NAMES, MAX_UNPARSED_EXAMPLES, Loss, Marker, TraceEvent, TraceStream,
                               parse_fields, parse_marker)
 
@@ -35,7 +35,7 @@ NAMES = {"fp_x_open": "open", "fp_x_open_ret": "open_ret", "sched_process_fork":
 PAIRS = {"open_ret": "open"}
 # The line regex as first written, without the engine-oriented rewrites (possessive runs, (?:X|)).
 PLAIN_LINE_RE = re.compile(
-    r" *(.*?)-(\d+) +(?:\( *(?:\d+|-+)\) +)?\[(\d+)\] +(?:\S{1,8} +)?(\d+\.\d+): ([^: ]+):? ?(.*)")
+    r" *(.*?)-(\d{1,10}) +(?:\( *(?:\d{1,10}|-+)\) +)?\[(\d{1,6})\] +(?:\S{1,8} +)?(\d{1,12}\.\d{1,9}): ([^: \n].*)")
 
 COMM = st.one_of(
     st.sampled_from(["sshd", "kworker/u8:2", "my worker x", "a-b", "x-1 [000] y", "k[1]", "c:d", "-", "a- 5",
@@ -120,7 +120,8 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
     out: dict[str, Any] = {"events": [], "control": [], "loss": [], "markers": []}
     stats: dict[str, Any] = {"bytes": len(data), "lines": 0, "events": 0, "markers": 0, "control": 0,
                              "loss_lines": 0, "lost_events": 0, "unparsed": 0, "unsynced": 0, "unknown": {},
-                             "unparsed_examples": [], "overlong": 0, "multiline": 0}
+                             "unparsed_examples": [], "unknown_lines": 0, "unknown_examples": [],
+                             "own_events": 0, "overlong": 0, "multiline": 0}
     lines = data.decode("utf-8", "replace").split("\n")
     if lines and lines[-1] == "":
         lines.pop()    # the end of the last line, not a line
@@ -146,7 +147,8 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
                         stats["unparsed_examples"].append(line[:200])
             continue
         stats["lines"] += 1
-        comm, pid, cpu, ts_s, name, args = m.groups()
+        comm, pid, cpu, ts_s, text = m.groups()
+        name, args = split_event(text)
         ts = float(ts_s)
         marker = parse_marker(ts, args) if name == MARKER_EVENT and args.startswith("fpsync") else None
         if name in NAMES:
@@ -161,8 +163,12 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
             stats["markers"] += 1
             clock.add_marker(marker)
             out["markers"].append(marker)
-        elif name in stats["unknown"] or len(stats["unknown"]) < MAX_UNKNOWN_NAMES:
-            stats["unknown"][name] = stats["unknown"].get(name, 0) + 1
+        else:
+            if name in stats["unknown"] or len(stats["unknown"]) < MAX_UNKNOWN_NAMES:
+                stats["unknown"][name] = stats["unknown"].get(name, 0) + 1
+            stats["unknown_lines"] += 1
+            if len(stats["unknown_examples"]) < MAX_UNPARSED_EXAMPLES:
+                stats["unknown_examples"].append(f"{comm}-{pid} [{cpu}] {ts_s}: {text}"[:200])
     out["stats"] = stats
     out["aggregate"] = json.dumps(agg.to_json(), sort_keys=True)
     return out
@@ -174,9 +180,10 @@ def _continued(lines: list[str], stats: dict[str, Any]) -> list[str]:
     out: list[str] = []
     event = False
     for line in lines:
-        if _LINE_RE.match(line):
+        if m := _LINE_RE.match(line):
             out.append(line)
-            event, joined = True, False
+            # A marker (the runner's own trace_marker write) holds no user's text: nothing continues it.
+            event, joined = not m[5].startswith(MARKER_EVENT), False
         elif line.startswith(CONTROL_PREFIX) or _LOSS_RE.match(line):
             out.append(line)
             event = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACEFS = Path("/sys/kernel/tracing")
 
 
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimFleet]:
-    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
-        pytest.skip("needs root and tracefs")
-    fleet = SimFleet(tmp_path / "sim")
-    try:
-        yield fleet
-    finally:
-        assert fleet.stop() == []
 
 
 def _mode(p: Path) -> int:

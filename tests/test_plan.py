@@ -12,6 +12,7 @@ import pytest
 from fleetprobe.facts import Facts, FileFacts, SymbolFacts
 from fleetprobe.plan import (
     HostPlan,
+    mips_kprobe_oops,
     group_of_instance,
     is_fleetprobe_group,
     is_stale_instance,
@@ -100,30 +101,75 @@ def test_every_shipped_playbook_plans_on_every_host(playbook: Path, facts_file: 
             assert p.kind == "module" and p.module and p.symbol
 
 
+#: Facts captured from a real lab guest of every (arch, kernel line) Debian serves for it
+#: (tests/lab/capture_facts.py): bullseye's 5.10 (only amd64 and arm64 are still served),
+#: bookworm's 6.1, trixie's 6.12 (bookworm-backports' for mips64el; none for mipsel).
+LAB_PAIRS = {"x86_64": ("5.10", "6.1", "6.12"), "arm64": ("5.10", "6.1", "6.12"), "ppc64le": ("6.1", "6.12"),
+             "mips64el": ("6.1", "6.12"), "mipsel": ("6.1",)}
+LAB_FACTS = sorted(f"lab-{arch}-{line}" for arch, lines in LAB_PAIRS.items() for line in lines)
+#: Where the second argument lands when the README lists no $arg<N>.
+SECOND_ARG_REGISTER = {"ppc64le": "%r4", "mips64": "%r5", "mips": "%r5", "x86_64": "%si", "aarch64": "%x1"}
+
+
+def test_lab_facts_cover_every_arch_and_kernel_line() -> None:
+    """One stored file per (arch, line), each really of that line and arch, from a lab guest."""
+    stems = {p.stem for p in FACTS_FILES}
+    assert set(LAB_FACTS) <= stems, set(LAB_FACTS) - stems
+    uname = {"x86_64": "x86_64", "arm64": "aarch64", "ppc64le": "ppc64le", "mips64el": "mips64", "mipsel": "mips"}
+    for name in LAB_FACTS:
+        f = facts(name)
+        arch, line = name.removeprefix("lab-").rsplit("-", 1)
+        assert f.host == f"{name}-1" and f.arch == uname[arch], name
+        version = f.kernel_version.split(" Debian ", 1)[1]
+        assert version.startswith(line + "."), (name, f.kernel_version)
+        assert f.kprobe_events and f.kprobes_enabled and not f.problems, name
+
+
+@pytest.mark.parametrize("name", LAB_FACTS)
+def test_opensnoop_argn_follows_each_lab_kernels_readme(name: str) -> None:
+    """$arg2 where the guest's README listed $arg<N>, else the arch's register: per (arch, line).
+
+    The guests' facts were captured when opensnoop probed do_sys_openat2 (checked on each of
+    them); opensnoop now reads do_filp_open's kernel copy of the path, so the lowering is checked
+    on the same user-pointer fetch of do_sys_openat2 those facts cover.
+    """
+    f = facts(name)
+    pb = parse_playbook("name: argn\nprobes:\n  - name: open\n    kprobe: do_sys_openat2\n"
+                        "    args: {path: '+0(arg2):ustring'}\n", "argn.yml")
+    hp = plan(pb, f)
+    if mips_kprobe_oops(f):
+        # mipsel's 4kc-malta kernel cannot offload RCU callbacks: kprobes would oops it (issue 9).
+        (skip,) = hp.skipped
+        assert "kprobes oops this MIPS kernel" in skip.reason, skip
+        return
+    want = "$arg2" if "arg_n" in f.features else SECOND_ARG_REGISTER[f.arch]
+    assert f"path=+0({want}):ustring" in definition(hp, "open"), (name, definition(hp, "open"))
+
+
 # --- per-arch lowering -------------------------------------------------------
 
 def test_opensnoop_x86_64_61_uses_argn() -> None:
     hp = plan("opensnoop", "x86_64-debian-6.1")
-    assert definition(hp, "open") == (f"p:{hp.group}/open do_sys_openat2 dfd=$arg1:s32 path=+0($arg2):ustring")
+    # The name from the kernel's own copy (struct filename's first member), never the user's pointer.
+    assert definition(hp, "open") == (f"p:{hp.group}/open do_filp_open dfd=$arg1:s32 path=+0(+0($arg2)):string")
     assert definition(hp, "open_ret") == f"r:{hp.group}/open_ret do_sys_openat2 ret=$retval:s32"
-    assert hp.notes == ()
+    assert hp.notes == ("open_ret: pairs do_filp_open (entry) with do_sys_openat2 (return): different functions",)
 
 
 def test_opensnoop_ppc64le_uses_r3_r4() -> None:
     hp = plan("opensnoop", "ppc64le-6.1")
-    assert definition(hp, "open").endswith("do_sys_openat2 dfd=%r3:s32 path=+0(%r4):ustring")
+    assert definition(hp, "open").endswith("do_filp_open dfd=%r3:s32 path=+0(+0(%r4)):string")
 
 
 def test_opensnoop_mips64_uses_r4_r5() -> None:
     hp = plan("opensnoop", "mips64el-6.1")
-    assert definition(hp, "open").endswith("do_sys_openat2 dfd=%r4:s32 path=+0(%r5):ustring")
+    assert definition(hp, "open").endswith("do_filp_open dfd=%r4:s32 path=+0(+0(%r5)):string")
 
 
-def test_opensnoop_old_x86_picks_do_sys_open_and_string() -> None:
+def test_opensnoop_old_x86_picks_do_sys_open_for_the_result() -> None:
     hp = plan("opensnoop", "x86_64-4.19")
-    assert definition(hp, "open").endswith("do_sys_open dfd=%di:s32 path=+0(%si):string")
+    assert definition(hp, "open").endswith("do_filp_open dfd=%di:s32 path=+0(+0(%si)):string")
     assert definition(hp, "open_ret").endswith("do_sys_open ret=$retval:s32")
-    assert any("ustring unsupported" in n for n in hp.notes)
 
 
 def test_fork_alternatives_follow_the_kernel() -> None:
@@ -132,9 +178,16 @@ def test_fork_alternatives_follow_the_kernel() -> None:
     assert plan("fork-module", "x86_64-4.19").probes[0].params == (("symbol", "_do_fork"),)
 
 
+def mipsel_probed() -> Facts:
+    """The stored mipsel host as if its RCU callbacks were offloaded: the stored one refuses kprobes
+    (its kernel oopses on them, see test_mips_kernel_that_oopses_on_kprobes_gets_none), and these
+    tests are about register lowering."""
+    return dataclasses.replace(facts("mipsel-6.1"), rcu_offloaded_cpus=frozenset({0}))
+
+
 def test_creds_setuid_per_arch() -> None:
     assert definition(plan("creds", "x86_64-debian-6.1"), "setuid").endswith("__sys_setuid uid=$arg1:u32")
-    assert definition(plan("creds", "mipsel-6.1"), "cap_admin").endswith("cap_capable cap=%r6:s32")
+    assert definition(plan("creds", mipsel_probed()), "cap_admin").endswith("cap_capable cap=%r6:s32")
     assert definition(plan("creds", "x86_64-4.19"), "cap_admin").endswith("cap_capable cap=%dx:s32")
 
 
@@ -175,6 +228,16 @@ def test_kitchen_sink_symstr_falls_back_to_symbol_before_62() -> None:
     assert definition(plan(pb, new), "open_ret").endswith("ret=$retval:s32 sym=$retval:symstr")
 
 
+def test_symstr_follows_the_real_debian_readmes() -> None:
+    """Facts captured from the lab's guests: bullseye's 5.10 has no symstr, bookworm's 6.1 and trixie's 6.12 do."""
+    pb = load_playbook(GOOD / "kitchen-sink.yml")
+    old = plan(pb, "lab-x86_64-5.10")
+    assert definition(old, "open_ret").endswith("sym=$retval:symbol")
+    assert any("symstr unsupported on 5.10.0-46-amd64 (not in its tracefs README)" in n for n in old.notes)
+    for name in ("lab-x86_64-6.1", "lab-x86_64-6.12", "lab-arm64-6.1", "lab-arm64-6.12"):
+        assert definition(plan(pb, name), "open_ret").endswith("sym=$retval:symstr"), name
+
+
 def test_kitchen_sink_4_19_drops_user_deref() -> None:
     hp = plan(load_playbook(GOOD / "kitchen-sink.yml"), "x86_64-4.19")
     assert "upath=+0(%si):string" in definition(hp, "open")
@@ -190,7 +253,7 @@ def test_kitchen_sink_i686() -> None:
 
 def test_kitchen_sink_mips_o32_and_n64() -> None:
     pb = load_playbook(GOOD / "kitchen-sink.yml")
-    o32 = plan(pb, "mipsel-6.1")
+    o32 = plan(pb, mipsel_probed())
     n64 = plan(pb, "mips64el-6.1")
     # o32 has 4 argument registers: arg9 cannot be placed; n64 has 8: neither can arg9.
     assert "arg9 is not passed in a register on mips (only 4: %r4 %r5 %r6 %r7)" in skipped(o32, "ninth")
@@ -371,3 +434,47 @@ def test_stale_instances() -> None:
     for foreign in ("fp_k3x9q2_zzzz_1000", "myinstance", "fp_x_1000", "fleetprobe_abc_1000", f"{instance}x"):
         assert group_of_instance(foreign) is None
         assert not is_stale_instance(foreign, now=10**12, grace=0)
+
+
+# --- hosts where a kprobe is known to oops the kernel (README: Known kernel problem (MIPS)) ---
+
+def _mips_hazard(name: str, *, ncpus: int = 1, offloaded: frozenset[int] = frozenset()) -> Facts:
+    """Stored MIPS facts as a kernel with kprobe_flush_task reports them."""
+    return dataclasses.replace(facts(name), kprobe_flush_task=True, ncpus=ncpus, rcu_offloaded_cpus=offloaded)
+
+
+@pytest.mark.parametrize("name", ["mips64el-6.1", "mipsel-6.1"])
+def test_mips_kernel_that_oopses_on_kprobes_gets_none(name: str) -> None:
+    """kprobe events and kprobe modules are refused, with the reason and the way out; tracepoints stay."""
+    f = _mips_hazard(name)
+    hp = plan("opensnoop", f)
+    for probe in ("open", "open_ret"):
+        reason = skipped(hp, probe)
+        assert "kprobes oops this MIPS kernel" in reason and f.kernel_release in reason, reason
+        assert "rcu_nocbs=0" in reason and "CPU 0" in reason, reason
+    assert "kprobes oops this MIPS kernel" in skipped(plan("fork-module", f), "fork")
+    exec_plan = plan("execsnoop", f)
+    assert [p.name for p in exec_plan.probes] == ["exec"], "the exec tracepoint is still placed"
+    assert "kprobes oops this MIPS kernel" in skipped(exec_plan, "fork")
+
+
+def test_mips_kernel_with_rcu_callbacks_offloaded_on_every_cpu_is_probed() -> None:
+    f = _mips_hazard("mips64el-6.1", ncpus=2, offloaded=frozenset({0, 1}))
+    assert definition(plan("opensnoop", f), "open").startswith("p:")
+    assert [p.name for p in plan("fork-module", f).probes] == ["fork"]
+
+
+def test_mips_kernel_with_one_cpu_not_offloaded_is_refused_naming_it() -> None:
+    f = _mips_hazard("mips64el-6.1", ncpus=4, offloaded=frozenset({0, 1, 3}))
+    reason = skipped(plan("opensnoop", f), "open")
+    assert "CPU 2 " in reason and "rcu_nocbs=0-3" in reason, reason
+
+
+def test_kprobe_flush_task_alone_does_not_refuse_other_arches() -> None:
+    f = dataclasses.replace(facts("x86_64-debian-6.1"), kprobe_flush_task=True)
+    assert definition(plan("opensnoop", f), "open").startswith("p:")
+
+
+def test_kprobe_hazard_facts_round_trip() -> None:
+    f = _mips_hazard("mipsel-6.1", ncpus=2, offloaded=frozenset({1}))
+    assert Facts.from_json(json.loads(json.dumps(f.to_json()))) == f

@@ -64,9 +64,10 @@ def test_opensnoop_parsed_fields() -> None:
     assert pb.allow_modules is False
     open_, ret = pb.probes
     assert open_.kind == "kprobe" and ret.kind == "kretprobe"
-    assert open_.targets == (KernelTarget("do_sys_openat2"), KernelTarget("do_sys_open"))
+    assert open_.targets == (KernelTarget("do_filp_open"),)
+    assert ret.targets == (KernelTarget("do_sys_openat2"), KernelTarget("do_sys_open"))
     path = next(a for a in open_.args if a.name == "path")
-    assert path.fetch == Deref(0, False, ArgRef(2)) and path.type == "ustring"
+    assert path.fetch == Deref(0, False, Deref(0, False, ArgRef(2))) and path.type == "string"
     assert ret.pair_with == "open" and ret.is_return and not open_.is_return
     assert ret.args[0].fetch == RetvalRef()
     text = (ROOT / "playbooks" / "opensnoop.yml").read_text()

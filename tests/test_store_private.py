@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,16 +28,6 @@ TRACEFS = Path("/sys/kernel/tracing")
 SECRETS = ("hunter2-ssh", "hunter2-become", "tok-123", "pass phrase 9")
 
 
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[SimFleet]:
-    """One sim fleet, stopped with nothing left running."""
-    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
-        pytest.skip("needs root and tracefs")
-    fleet = SimFleet(tmp_path / "sim")
-    try:
-        yield fleet
-    finally:
-        assert fleet.stop() == []
 
 
 def _mode(p: Path) -> int:

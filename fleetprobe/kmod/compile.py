@@ -212,13 +212,16 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
         _fix_makefile(tree / "Makefile")  # trees prepared by older fleetprobes used an absolute include
         return KernelTree(tree, release, version, _kernel_cc(tree, target.triplet, cross))
     spec = f"{headers}={package_version}" if package_version else headers
+    # Headers of a kernel from another suite (bullseye's 5.10, trixie's 6.12) are not in the
+    # machine's sources: release_suites says where else to look.
+    candidates = debian.release_suites(release)
     try:
-        (ref,) = debian.resolve([spec], debian_arch, debian_cache)
+        (ref,), suites = debian.resolve_in_suites([spec], debian_arch, debian_cache, candidates)
     except debian.DebianError as exc:
         if not package_version:
             raise
         # uname -v names the source version; an arch may carry a later binNMU: take what exists.
-        (ref,) = debian.resolve([headers], debian_arch, debian_cache)
+        (ref,), suites = debian.resolve_in_suites([headers], debian_arch, debian_cache, candidates)
         if ref.version.split("+")[0] != package_version:
             raise exc from None
     dest = trees / debian_arch / f"{release}_{ref.version}"
@@ -231,8 +234,8 @@ def _prepare_debian_tree(release: str, debian_arch: str, package_version: str | 
     if not common or not kbuild:
         raise debian.DebianError(f"{headers} {ref.version} does not depend on a -common and a linux-kbuild package",
                                  hint=f"Depends was {ref.depends!r}; is this a Debian kernel?")
-    pkgs = debian.fetch([ref.spec, f"{common[0]}={ref.version}"], debian_arch, debian_cache)
-    pkgs += debian.fetch([f"{kbuild[0]}={ref.version}"], host_arch, debian_cache)
+    pkgs = debian.fetch([ref.spec, f"{common[0]}={ref.version}"], debian_arch, debian_cache, suites)
+    pkgs += debian.fetch([f"{kbuild[0]}={ref.version}"], host_arch, debian_cache, suites)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{release}-", dir=dest.parent))
     try:

@@ -40,6 +40,13 @@ DEBIAN_ARCHES = frozenset({
 # fresh lab on the same day then needs no network at all to reuse its images.
 LISTS_MAX_AGE_S = 24 * 3600
 
+# Where an explicit suite list (see AptState) fetches from.  The machine's own
+# sources are used when no suites are given; a lab kernel line (bullseye's 5.10,
+# trixie's 6.12) usually lives in a suite the machine does not list.
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
 # The tools this module runs, and the Debian package that provides each.
 _TOOLS = {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
 
@@ -116,6 +123,26 @@ def parse_control_stanzas(text: str) -> list[dict[str, str]]:
     return stanzas
 
 
+def mirrors() -> tuple[str, str]:
+    """(archive, security) mirror URLs: $FLEETPROBE_DEBIAN_MIRROR / $FLEETPROBE_DEBIAN_SECURITY_MIRROR or deb.debian.org."""
+    return (os.environ.get("FLEETPROBE_DEBIAN_MIRROR") or DEBIAN_MIRROR,
+            os.environ.get("FLEETPROBE_DEBIAN_SECURITY_MIRROR") or SECURITY_MIRROR)
+
+
+def sources_text(suites: tuple[str, ...]) -> str:
+    """A deb822 sources file for ``suites`` (main only); ``*-security`` suites come from the security mirror."""
+    if not suites or any(not re.fullmatch(r"[a-z][a-z0-9-]*", s) for s in suites):
+        raise DebianError(f"bad Debian suite list {suites!r}",
+                          hint="suite names look like bookworm, trixie-security, bookworm-backports")
+    archive, security = mirrors()
+    stanzas = []
+    for suite in suites:
+        uri = security if suite.endswith("-security") else archive
+        stanzas.append(f"Types: deb\nURIs: {uri}\nSuites: {suite}\nComponents: main\n"
+                       f"Signed-By: {ARCHIVE_KEYRING}\n")
+    return "\n".join(stanzas)
+
+
 def depends_names(depends: str) -> list[str]:
     """Package names in a Depends field, first alternative of each, version and arch stripped."""
     names = []
@@ -127,14 +154,27 @@ def depends_names(depends: str) -> list[str]:
 
 
 class AptState:
-    """A private apt state for one Debian architecture under ``<cache>/apt/<arch>``."""
+    """A private apt state for one Debian architecture under ``<cache>/apt/<arch>``.
 
-    def __init__(self, arch: str, cache: Path) -> None:
+    With ``suites`` (e.g. ``("trixie", "trixie-security")``) the state has its
+    own sources list naming exactly those suites (under
+    ``<cache>/apt/<arch>/suites/<suite+suite>``) instead of the machine's.
+    """
+
+    def __init__(self, arch: str, cache: Path, suites: tuple[str, ...] = ()) -> None:
         """Prepare (but do not populate) the private directories for ``arch``."""
         check_arch(arch)
         self.arch = arch
         self.cache = cache
+        self.suites = tuple(suites)
         self.root = cache / "apt" / arch
+        if self.suites:
+            text = sources_text(self.suites)
+            self.root = self.root / "suites" / "+".join(self.suites)
+            (self.root / "sources.list.d").mkdir(parents=True, exist_ok=True)
+            sources = self.root / "sources.list.d" / "fleetprobe.sources"
+            if not sources.is_file() or sources.read_text() != text:
+                sources.write_text(text)
         self.state = self.root / "state"
         self.archives = self.root / "cache"
         self.debs = cache / "debs"
@@ -159,6 +199,10 @@ class AptState:
             # Translations and DEP-11 are never read here; Packages is all we need.
             "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled": "false",
         }
+        if self.suites:
+            # Only our deb822 file: an empty one-line list plus our parts dir.
+            opts["Dir::Etc::SourceList"] = "/dev/null"
+            opts["Dir::Etc::SourceParts"] = str(self.root / "sources.list.d")
         if os.geteuid() == 0:
             # apt drops to _apt for downloads, which cannot enter a private
             # cache under /root (mode 0700): it would warn and go on as root
@@ -284,24 +328,70 @@ class AptState:
         return out
 
 
-def fetch(packages: list[str], arch: str, cache: Path) -> list[DebPackage]:
+def fetch(packages: list[str], arch: str, cache: Path, suites: tuple[str, ...] = ()) -> list[DebPackage]:
     """Download ``packages`` (``name`` or ``name=version``) for Debian ``arch`` into ``cache``.
 
     Returns one DebPackage per requested package, in order, with its exact
-    version.  Nothing outside ``cache`` is written.
+    version.  Nothing outside ``cache`` is written.  ``suites``: see AptState.
     """
-    state = AptState(arch, cache)
+    state = AptState(arch, cache, suites)
     with state.locked():
         state.update()
         return state.download(state.resolve(packages))
 
 
-def resolve(packages: list[str], arch: str, cache: Path) -> list[PackageRef]:
-    """Exact versions of ``packages`` for ``arch`` without downloading them."""
-    state = AptState(arch, cache)
+def resolve(packages: list[str], arch: str, cache: Path, suites: tuple[str, ...] = ()) -> list[PackageRef]:
+    """Exact versions of ``packages`` for ``arch`` without downloading them (``suites``: see AptState)."""
+    state = AptState(arch, cache, suites)
     with state.locked():
         state.update()
         return state.resolve(packages)
+
+
+#: Debian kernel lines and the suites that serve each, the release's own first
+#: (fleetprobe.lab.lines builds on this; the module builder looks headers up here).
+KERNEL_LINE_SUITES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "5.10": (("bullseye", "bullseye-security"),),
+    "6.1": (("bookworm", "bookworm-security"),),
+    "6.12": (("trixie", "trixie-security"), ("bookworm-backports",)),
+}
+
+#: Debian release numbers in kernel ABI names (``6.12.118+deb13-amd64``) and their codenames.
+_CODENAMES = {"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
+
+
+def release_suites(release: str) -> tuple[tuple[str, ...], ...]:
+    """Suite sets that may carry kernel ``release`` (``uname -r``), most likely first.
+
+    From 6.12 Debian names the ABI after the release it was built for:
+    ``+deb13`` is trixie's own, ``+deb12`` bookworm's backport.  Older names
+    (``5.10.0-46-amd64``) are looked up by line.  Unknown: no suites.
+    """
+    m = re.search(r"\+deb(\d+)", release)
+    if m and m.group(1) in _CODENAMES:
+        name = _CODENAMES[m.group(1)]
+        own = (name, f"{name}-security")
+        return (own, (f"{name}-backports",)) if name == "trixie" else ((f"{name}-backports",), own)
+    line = re.match(r"(\d+\.\d+)\.", release)
+    return KERNEL_LINE_SUITES.get(line.group(1), ()) if line else ()
+
+
+def resolve_in_suites(packages: list[str], arch: str, cache: Path,
+                      candidates: tuple[tuple[str, ...], ...]) -> tuple[list[PackageRef], tuple[str, ...]]:
+    """Resolve ``packages`` from the machine's sources, else from the first candidate suite set that has them all.
+
+    Returns the refs and the suites they came from (``()``: the machine's), so
+    the caller downloads from the same place.  The error lists every answer.
+    """
+    errors: list[str] = []
+    for suites in ((), *candidates):
+        try:
+            return resolve(packages, arch, cache, suites), suites
+        except DebianError as exc:
+            errors.append(f"{'+'.join(suites) or 'the machine sources'}: {exc.message}")
+    raise DebianError(f"no suite has {', '.join(packages)} for {arch}: " + "; ".join(errors),
+                      hint="the package may be gone from the archive (try snapshot.debian.org in "
+                           "/etc/apt/sources.list.d)")
 
 
 def extract(pkg: DebPackage, dest: Path) -> None:
@@ -335,9 +425,10 @@ def kernel_for_release(release: str, arch: str, cache: Path) -> PackageRef:
     return refs[0]
 
 
-def kernel_for_metapackage(meta: str, arch: str, cache: Path) -> tuple[PackageRef, str]:
+def kernel_for_metapackage(meta: str, arch: str, cache: Path,
+                           suites: tuple[str, ...] = ()) -> tuple[PackageRef, str]:
     """Follow a kernel metapackage (linux-image-amd64) to its image package and kernel release."""
-    state = AptState(arch, cache)
+    state = AptState(arch, cache, suites)
     with state.locked():
         state.update()
         (meta_ref,) = state.resolve([meta])

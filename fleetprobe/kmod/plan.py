@@ -247,7 +247,8 @@ def _host_groups(base: BuildGroup, loadable: list[Facts], trusted: frozenset[str
     return groups
 
 
-_DEBIAN_RELEASE = re.compile(r"^\d+\.\d+\.\d+-\d+(?:-[a-z0-9][a-z0-9-]*)?$")
+# 6.1.0-50-amd64 (up to bookworm), 6.12.118+deb13-amd64 / 6.12.95+deb12-amd64 (trixie, bookworm-backports).
+_DEBIAN_RELEASE = re.compile(r"^\d+\.\d+\.\d+(?:-\d+|\+deb\d+)(?:-[a-z0-9][a-z0-9-]*)?$")
 
 
 _DEBIAN_VERSION = re.compile(r"\bDebian (\d[\w.+~:-]*)")

@@ -1,6 +1,7 @@
 """The fleetprobe lab: qemu VMs booted from Debian's own kernels, reachable over SSH on 127.0.0.1.
 
-    fleet = up()                     # 3 x x86_64 + ppc64le + mips64el
+    fleet = up()                     # 3 x x86_64 + ppc64le + mips64el + arm64 (6.1)
+    up(["arm64"], kernels={"arm64": ("5.10", "6.12")})   # one VM per kernel line
     fleet.inventory                  # <lab_dir>/inventory.yml for `fleetprobe run -i`
     down()                           # stops exactly the lab's qemu processes
 """

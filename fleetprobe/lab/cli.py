@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from fleetprobe.errors import FleetprobeError, InputError
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, lab_arch
 from fleetprobe.lab.fleet import DEFAULT_TIMEOUT_S, default_lab_dir, down, status, up
+from fleetprobe.lab.lines import DEFAULT_LINE, LINES, kernel_line
 
 if TYPE_CHECKING:
     from rich.console import Console  # imported by run_lab: `fleetprobe --help` renders nothing (issue 5)
@@ -31,6 +32,11 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
                       help=f"comma-separated arches ({', '.join(ARCHES)}); default fleet: {default}")
     p_up.add_argument("--count", default=None,
                       help="VMs per arch: N for every arch, or per arch as x86_64=3,ppc64le=1")
+    p_up.add_argument("--kernel", default=None,
+                      help=f"kernel lines: {', '.join(LINES)} (or a Debian suite, e.g. trixie-backports, or "
+                           f"'all' for every line the archive serves for the arch), for every arch "
+                           f"(5.10,6.12) or per arch (x86_64:5.10,arm64:6.12); each (arch, line) gets the "
+                           f"arch's --count; default {DEFAULT_LINE}")
     p_up.add_argument("--dir", type=Path, default=None, help=dir_help)
     p_up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                       help="seconds to wait for all VMs to accept SSH logins (default %(default)s)")
@@ -68,6 +74,27 @@ def parse_counts(arch_arg: str | None, count_arg: str | None) -> tuple[list[str]
     return arches, counts
 
 
+def parse_kernels(kernel_arg: str | None) -> dict[str, tuple[str, ...]] | None:
+    """Turn ``--kernel`` into lines per arch: ``5.10,6.1`` -> {"*": ("5.10", "6.1")}; ``arm64:6.12`` -> {"arm64": ...}."""
+    if kernel_arg is None:
+        return None
+    out: dict[str, list[str]] = {}
+    for item in (i.strip() for i in kernel_arg.split(",")):
+        if not item:
+            continue
+        arch, sep, line = item.rpartition(":")
+        key = lab_arch(arch.strip()).name if sep else "*"
+        line = line.strip()
+        if line != "all":
+            kernel_line(line)
+        if line not in out.setdefault(key, []):
+            out[key].append(line)
+    if not out:
+        raise InputError(f"--kernel {kernel_arg!r}: no kernel line given",
+                         hint="e.g. --kernel 5.10,6.1,6.12 or --kernel x86_64:5.10,arm64:6.12")
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def run_lab(args: argparse.Namespace, console: Console) -> int:
     """Run `lab up|down|status`; returns the exit status (0 ok, 1 bad input, 2 failure)."""
     from rich.markup import escape
@@ -77,13 +104,14 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
     try:
         if args.lab_command == "up":
             arches, counts = parse_counts(args.arch, args.count)
+            kernels = parse_kernels(args.kernel)
             t0 = time.monotonic()
             with console.status("building images and booting lab VMs ..."):
-                fleet = up(arches, counts, lab_dir, args.timeout)
-            table = Table("host", "arch", "kernel", "port", "boot s")
+                fleet = up(arches, counts, lab_dir, args.timeout, kernels=kernels)
+            table = Table("host", "arch", "line", "kernel", "package version", "port", "boot s")
             for v in fleet.vms:
                 boot = "running" if v.name in fleet.reused else f"{v.boot_seconds:.1f}"
-                table.add_row(v.name, v.uname_m, v.kernel_release, str(v.port), boot)
+                table.add_row(v.name, v.uname_m, v.line, v.kernel_release, v.kernel_version, str(v.port), boot)
             console.print(table)
             console.print(f"lab up in {time.monotonic() - t0:.1f} s: {len(fleet.started)} booted, "
                           f"{len(fleet.reused)} already running")
@@ -97,9 +125,9 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
         if not rows:
             console.print(f"no lab VMs recorded in {lab_dir}")
             return 0
-        table = Table("host", "arch", "kernel", "port", "pid", "state")
+        table = Table("host", "arch", "line", "kernel", "port", "pid", "state")
         for s in rows:
-            table.add_row(s.vm.name, s.vm.uname_m, s.vm.kernel_release, str(s.vm.port),
+            table.add_row(s.vm.name, s.vm.uname_m, s.vm.line, s.vm.kernel_release, str(s.vm.port),
                           str(s.vm.pid), "running" if s.running else "stopped")
         console.print(table)
         console.print(f"inventory: {lab_dir / 'inventory.yml'}")

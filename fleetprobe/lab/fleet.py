@@ -31,6 +31,7 @@ from fleetprobe.lab import keys, vm
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, LabArch, lab_arch
 from fleetprobe.lab.inventory import (LabVM, read_lab_json, vm_name, write_inventory,
                                       write_known_hosts, write_lab_json)
+from fleetprobe.lab.lines import DEFAULT_LINE, LINES, kernel_line
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -82,19 +83,44 @@ def default_lab_dir() -> Path:
     return (Path(cache) / "fleetprobe" / "lab").resolve()
 
 
-def fleet_spec(arches: list[str] | None, count_per_arch: dict[str, int] | None) -> dict[str, int]:
-    """How many VMs of which arch: the default fleet, or 1 (or the given count) per named arch."""
+#: What `lab up` boots: how many VMs per (lab arch, kernel line request).
+FleetSpec = dict[tuple[str, str], int]
+
+#: A kernel request meaning "every line in fleetprobe.lab.lines.LINES the archive serves for the arch".
+ALL_LINES = "all"
+
+
+def fleet_spec(arches: list[str] | None, count_per_arch: dict[str, int] | None,
+               kernels: dict[str, tuple[str, ...]] | None = None) -> FleetSpec:
+    """How many VMs of which (arch, kernel line): the default fleet, or 1 (or the given count) per named arch.
+
+    ``kernels`` maps a lab arch name to its lines (``("5.10", "6.12")``); the
+    key ``"*"`` applies to arches not named.  No entry: the default line.
+    Each (arch, line) gets the arch's count.
+    """
     if not arches and not count_per_arch:
-        return dict(DEFAULT_FLEET)
-    counts = dict(count_per_arch or {})
-    names = list(arches or counts)
-    spec: dict[str, int] = {}
-    for name in names:
-        arch = lab_arch(name)
-        n = counts.get(name, counts.get(arch.name, 1))
-        if n < 0:
-            raise InputError(f"count for {arch.name} must be >= 0, got {n}")
-        spec[arch.name] = n
+        base = dict(DEFAULT_FLEET)
+        if kernels:
+            # --kernel alone: one VM per requested line of every arch it names, or
+            # of the default fleet's arches for plain lines.
+            named = [a for a in kernels if a != "*"]
+            base = {lab_arch(a).name: 1 for a in named} or {a: 1 for a in DEFAULT_FLEET}
+    else:
+        counts = dict(count_per_arch or {})
+        base = {}
+        for name in list(arches or counts):
+            arch = lab_arch(name)
+            n = counts.get(name, counts.get(arch.name, 1))
+            if n < 0:
+                raise InputError(f"count for {arch.name} must be >= 0, got {n}")
+            base[arch.name] = n
+    kernels = {(k if k == "*" else lab_arch(k).name): v for k, v in (kernels or {}).items()}
+    spec: FleetSpec = {}
+    for arch_name, n in base.items():
+        for line in kernels.get(arch_name) or kernels.get("*") or (DEFAULT_LINE,):
+            if line != ALL_LINES:
+                kernel_line(line)  # a typo fails here, before anything is downloaded
+            spec[(arch_name, line)] = n
     return spec
 
 
@@ -188,11 +214,70 @@ def check_prerequisites(arches: list[LabArch]) -> None:
         vm.require_qemu(arch)
 
 
+def _plan_all(spec: FleetSpec, cache: Path) -> dict[tuple[str, str], list[lab_image.ImagePlan]]:
+    """Resolve every requested (arch, line) to exact packages, in parallel; one list of plans per request.
+
+    A line the archive does not serve for an arch is an error, except under
+    ``all``, which takes the lines that exist (and fails only if none does).
+    """
+    jobs: list[tuple[tuple[str, str], str]] = []
+    for (arch_name, req) in spec:
+        for line in (LINES if req == ALL_LINES else (req,)):
+            jobs.append(((arch_name, req), line))
+
+    def one(job: tuple[tuple[str, str], str]) -> lab_image.ImagePlan | lab_image.ImageError:
+        (arch_name, req), line = job
+        try:
+            return lab_image.plan_image(ARCHES[arch_name], cache, kernel_line(line))
+        except lab_image.ImageError as exc:
+            if req == ALL_LINES:
+                return exc
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, min(6, len(jobs)))) as pool:
+        results = list(pool.map(one, jobs))
+    plans: dict[tuple[str, str], list[lab_image.ImagePlan]] = {request: [] for request in spec}
+    for (request, _line), res in zip(jobs, results):
+        if isinstance(res, lab_image.ImagePlan):
+            plans[request].append(res)
+    for request, found in plans.items():
+        if not found:
+            errors = [str(r) for (req, _l), r in zip(jobs, results) if req == request]
+            raise lab_image.ImageError(f"Debian serves none of the lines {', '.join(LINES)} for {request[0]}: "
+                                       + "; ".join(errors), where=request[0])
+    return plans
+
+
+def _build(cache_dir: Path, cache: Path, plan: lab_image.ImagePlan) -> lab_image.LabImage:
+    """Build ``plan``'s image; if the mirror lists its kernel but does not serve it, take the line's next source."""
+    failures: list[str] = []
+    wanted = plan.line
+    while True:
+        try:
+            image = lab_image.build_image(cache_dir, plan)
+        except lab_image.KernelDownloadError as exc:
+            if not plan.request:
+                raise
+            failures.append(exc.message)
+            try:
+                plan = lab_image.plan_image(plan.arch, cache, kernel_line(plan.request), after=plan.kernel_suites)
+            except lab_image.ImageError as none_left:
+                raise lab_image.ImageError("; ".join(failures) + "; " + none_left.message,
+                                           where=plan.arch.name, hint=exc.hint) from None
+            continue
+        if image.line != wanted:
+            raise lab_image.ImageError(f"{image.kernel_package} {image.kernel_version} is line {image.line}, "
+                                       f"wanted {wanted}: " + "; ".join(failures), where=plan.arch.name)
+        return image
+
+
 def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = None,
        lab_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-       cache_dir: Path | None = None) -> LabFleet:
-    """Boot the lab fleet (default: 3 x x86_64, 1 ppc64le, 1 mips64el) and write its inventory.
+       cache_dir: Path | None = None, kernels: dict[str, tuple[str, ...]] | None = None) -> LabFleet:
+    """Boot the lab fleet (default: 3 x x86_64, 1 ppc64le, 1 mips64el, 1 arm64, on 6.1) and write its inventory.
 
+    ``kernels``: kernel lines per arch (see fleet_spec); each (arch, line)
+    gets the arch's count, and its VMs are named ``lab-<arch>-<line>-<n>``.
     VMs of the requested names that are already running are reused.  If any
     VM fails to boot, every VM this call started is stopped again and the
     error names the VM and shows its console.  ``cache_dir`` (default: the
@@ -201,27 +286,35 @@ def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = 
     """
     lab_dir = (lab_dir or default_lab_dir()).resolve()
     cache_dir = (cache_dir or lab_dir).resolve()
-    spec = fleet_spec(arches, count_per_arch)
-    check_prerequisites([ARCHES[a] for a in spec])
+    spec = fleet_spec(arches, count_per_arch, kernels)
+    check_prerequisites([ARCHES[a] for a, _line in spec])
     with _lab_lock(lab_dir):
         running = {r.name: r for r in _running(lab_dir)}
-        wanted = [(ARCHES[a], vm_name(a, i)) for a, n in spec.items() for i in range(1, n + 1)]
-        to_start = [(arch, name) for arch, name in wanted if name not in running]
-        fleet = LabFleet(lab_dir=lab_dir, vms=[], reused=[n for _a, n in wanted if n in running])
-
-        # Images: one per arch, built in parallel (downloads and xz are the cost).
         cache = cache_dir / "debian"
-        need = sorted({arch.name for arch, _n in to_start})
+        # Which exact kernel each line means today: resolved from the archive's lists.
+        plans: dict[tuple[str, str], lab_image.ImagePlan] = {}
+        counts: dict[tuple[str, str], int] = {}
+        for (arch_name, _req), found in _plan_all(spec, cache).items():
+            for plan in found:
+                key = (arch_name, plan.line)
+                plans.setdefault(key, plan)
+                counts[key] = max(counts.get(key, 0), spec[(arch_name, _req)])
+        wanted = [(ARCHES[a], line, vm_name(a, line, i))
+                  for (a, line), n in sorted(counts.items()) for i in range(1, n + 1)]
+        to_start = [(arch, line, name) for arch, line, name in wanted if name not in running]
+        fleet = LabFleet(lab_dir=lab_dir, vms=[], reused=[n for _a, _l, n in wanted if n in running])
+
+        # Images: one per (arch, line), built in parallel (downloads and xz are the cost).
+        need = sorted({(arch.name, line) for arch, line, _n in to_start})
         with ThreadPoolExecutor(max_workers=max(1, len(need))) as pool:
-            plans = dict(zip(need, pool.map(lambda a: lab_image.plan_image(ARCHES[a], cache), need)))
-            images = dict(zip(need, pool.map(lambda a: lab_image.build_image(cache_dir, plans[a]), need)))
+            images = dict(zip(need, pool.map(lambda k: _build(cache_dir, cache, plans[k]), need)))
 
         client_public = keys.load_or_create_client_key(lab_dir / "id_ed25519")
         new: list[LabVM] = []
         started_at: dict[str, float] = {}
         try:
-            for arch, name in to_start:
-                img = images[arch.name]
+            for arch, line, name in to_start:
+                img = images[(arch.name, line)]
                 paths = _vm_paths(lab_dir, name)
                 paths.root.mkdir(parents=True, exist_ok=True)
                 host_key, host_public = keys.load_or_create_host_key(paths.host_key)
@@ -233,7 +326,7 @@ def up(arches: list[str] | None = None, count_per_arch: dict[str, int] | None = 
                     kernel_release=img.kernel_release, kernel_package=img.kernel_package,
                     kernel_version=img.kernel_version, port=port, pid=pid,
                     serial_log=str(paths.serial_log), host_key_public=host_public,
-                    image_key=img.key))
+                    image_key=img.key, line=img.line))
                 fleet.started.append(name)
             # known_hosts (and lab.json, so a crashed controller's VMs can be
             # found by `lab down`) are written before any login is attempted.

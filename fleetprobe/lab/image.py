@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from fleetprobe.kmod import debian
 from fleetprobe.errors import FleetprobeError
 from fleetprobe.lab.arches import LabArch
+from fleetprobe.lab.lines import DEFAULT_LINE, LINES, KernelLine, line_of_version
 
 # Bump when the layout or init script changes, so old cached images are not reused.
 IMAGE_FORMAT = 1
@@ -86,6 +88,7 @@ class LabImage:
     kernel_version: str
     packages: dict[str, str]   # name -> exact version of everything inside
     key: str
+    line: str = DEFAULT_LINE   # kernel line (major.minor of the kernel's version)
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready form stored next to the image."""
@@ -200,20 +203,46 @@ def module_info(ko: bytes) -> dict[str, str]:
     return info
 
 
+def module_stem(filename: str) -> str | None:
+    """``virtio_net`` for ``virtio_net.ko`` or ``virtio_net.ko.xz``; None for anything else."""
+    for suffix in (".ko", ".ko.xz"):
+        if filename.endswith(suffix):
+            return filename[:-len(suffix)]
+    return None
+
+
+def read_module(path: Path) -> bytes:
+    """A module's ELF bytes: Debian's kernels from 6.x in trixie ship modules as ``.ko.xz``.
+
+    The image stores them uncompressed: busybox insmod hands the file to
+    init_module(2), which takes a plain ELF whatever the kernel's MODULE_COMPRESS.
+    """
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        try:
+            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+        except lzma.LZMAError as exc:
+            raise ImageError(f"cannot decompress kernel module {path}: {exc}",
+                             hint="the cached kernel package may be truncated; delete it and run lab up again") from None
+    return data
+
+
 def module_load_order(wanted: list[str], modules_root: Path) -> list[str]:
     """Paths (relative to ``modules_root``) to insmod, dependencies first.
 
     Debian's linux-image packages ship no modules.dep (depmod runs at install
     time), so dependencies come from each module's ``depends=`` modinfo, which
-    is what depmod reads too.  Modules built into the kernel (modules.builtin)
+    is what depmod reads too.  Paths may end in ``.ko.xz`` (see read_module).  Modules built into the kernel (modules.builtin)
     are skipped.  Names compare with '-' and '_' equal, as the kernel does.
     """
     def norm(name: str) -> str:
         return name.replace("-", "_")
 
     index: dict[str, str] = {}
-    for path in modules_root.rglob("*.ko"):
-        index[norm(path.stem)] = str(path.relative_to(modules_root))
+    for path in modules_root.rglob("*.ko*"):
+        stem = module_stem(path.name)
+        if stem is not None:
+            index[norm(stem)] = str(path.relative_to(modules_root))
     builtin_file = modules_root / "modules.builtin"
     builtin = set()
     if builtin_file.exists():
@@ -232,7 +261,7 @@ def module_load_order(wanted: list[str], modules_root: Path) -> list[str]:
                              hint="needed by " + " <- ".join(reversed(chain)) if chain else
                              "the kernel package may build it in or not ship it; check its config")
         seen.add(name)
-        info = module_info((modules_root / index[name]).read_bytes())
+        info = module_info(read_module(modules_root / index[name]))
         for dep in filter(None, info.get("depends", "").split(",")):
             visit(dep, chain + (name,))
         order.append(index[name])
@@ -242,13 +271,57 @@ def module_load_order(wanted: list[str], modules_root: Path) -> list[str]:
     return order
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def bzimage_payload(bzimage: bytes) -> bytes | None:
+    """The compressed kernel inside a bzImage, located by the boot protocol's header (2.08+).
+
+    ``payload_offset``/``payload_length`` (at 0x248) are relative to the
+    protected-mode code, which starts after ``setup_sects`` (0x1f1; 0 means
+    4) + 1 sectors.  None if the header does not describe a payload.
+    """
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    if not length or start + length > len(bzimage):
+        return None
+    return bzimage[start:start + length]
+
+
+def _unzstd(payload: bytes) -> bytes:
+    """Decompress a zstd kernel payload with zstd(1) (Python 3.11's stdlib has no zstd).
+
+    The kernel's build appends the uncompressed size as 4 bytes after the
+    frame (scripts/Makefile.lib size_append); zstd would reject them as a
+    second, broken frame, so they are cut off.
+    """
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        raise ImageError("this kernel is zstd-compressed and zstd is not installed",
+                         hint="apt-get install zstd (Debian's 6.12 amd64 kernels use CONFIG_KERNEL_ZSTD)")
+    proc = subprocess.run([zstd, "-dcq"], input=payload[:-4], capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise ImageError(f"zstd could not decompress the kernel: {proc.stderr.decode(errors='replace').strip()}",
+                         hint="the cached kernel package may be truncated; delete it and run lab up again")
+    return proc.stdout
+
+
 def extract_vmlinux(bzimage: bytes) -> bytes:
     """The uncompressed ELF vmlinux inside an x86 bzImage (what scripts/extract-vmlinux does).
 
     PVH boot (qboot, LAB.md) needs the ELF with its PVH note, not the bzImage.
-    Debian's amd64 kernels are XZ-compressed (CONFIG_KERNEL_XZ=y in 6.1); gzip
-    is tried too for other builds.
+    Debian's amd64 kernels are XZ-compressed up to 6.1 (CONFIG_KERNEL_XZ=y in
+    5.10 and 6.1) and zstd-compressed in trixie's 6.12 (CONFIG_KERNEL_ZSTD=y);
+    gzip is tried too for other builds.
     """
+    payload = bzimage_payload(bzimage)
+    if payload is not None and payload.startswith(ZSTD_MAGIC):
+        data = _unzstd(payload)
+        if data[:4] == b"\x7fELF":
+            return data
     candidates: list[bytes] = []
     pos = bzimage.find(b"\xfd7zXZ\x00")
     while pos >= 0:
@@ -267,8 +340,8 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     for data in candidates:
         if data[:4] == b"\x7fELF":
             return data
-    raise ImageError("no XZ or gzip compressed ELF vmlinux found in the bzImage",
-                     hint="the kernel may use zstd/lz4; boot it without PVH (bzImage + SeaBIOS)")
+    raise ImageError("no zstd, XZ or gzip compressed ELF vmlinux found in the bzImage",
+                     hint="the kernel may use lz4/lzo; boot it without PVH (bzImage + SeaBIOS)")
 
 
 # ------------------------------------------------------------------- images
@@ -281,6 +354,9 @@ class ImagePlan:
     kernel: debian.PackageRef
     kernel_release: str
     userland: tuple[debian.PackageRef, ...]
+    line: str = DEFAULT_LINE                 # the kernel line, e.g. 6.12 (from the kernel's version)
+    kernel_suites: tuple[str, ...] = ()      # where the kernel came from; () = the machine's sources
+    request: str = ""                        # the --kernel value this plan answers (a line or a suite)
 
     @property
     def key(self) -> str:
@@ -292,11 +368,72 @@ class ImagePlan:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def plan_image(arch: LabArch, cache: Path) -> ImagePlan:
-    """Resolve the exact kernel and userland versions for ``arch`` (apt lists only, no .debs)."""
-    image, release = debian.kernel_for_metapackage(arch.kernel_meta, arch.debian_arch, cache)
+class KernelDownloadError(ImageError):
+    """The archive's index names a kernel package whose .deb it does not serve (a mirror gap)."""
+
+
+def source_sets(line: KernelLine) -> tuple[tuple[str, ...], ...]:
+    """The line's suite sets in order, each followed by its first suite alone.
+
+    ``bullseye+bullseye-security`` picks the security upload; when a mirror
+    lists that upload but does not serve its .deb (seen here: arm64's
+    5.10.262-1 in bullseye-security answers 404), the release's own suite is
+    the next best kernel of the same line.
+    """
+    out: list[tuple[str, ...]] = []
+    for suites in line.sources:
+        for candidate in (suites, suites[:1]):
+            if candidate not in out:
+                out.append(candidate)
+    return tuple(out)
+
+
+def resolve_kernel(arch: LabArch, line: KernelLine, cache: Path,
+                   after: tuple[str, ...] | None = None) -> tuple[debian.PackageRef, str, tuple[str, ...]]:
+    """The kernel image package (exact version), its release and its suites for ``line`` on ``arch``.
+
+    Each of the line's source sets is asked in turn (only those after
+    ``after``, when a download from that one failed); the first that has the
+    arch's kernel metapackage on this line wins.  Errors say what every
+    source set answered.
+    """
+    tried: list[str] = []
+    sets = source_sets(line)
+    if after is not None:
+        sets = sets[sets.index(after) + 1:] if after in sets else ()
+    for suites in sets:
+        try:
+            image, release = debian.kernel_for_metapackage(arch.kernel_meta, arch.debian_arch, cache, suites)
+        except debian.DebianError as exc:
+            tried.append(f"{'+'.join(suites)}: {exc.message}")
+            continue
+        if line.name in LINES and line_of_version(image.version) != line.name:
+            tried.append(f"{'+'.join(suites)}: {image.name} {image.version} is not on line {line.name}")
+            continue
+        return image, release, suites
+    raise ImageError(f"Debian serves no {line.name} kernel for {arch.name} ({arch.debian_arch})"
+                     + (f" after {'+'.join(after)}" if after else "") + ": " + "; ".join(tried), where=arch.name,
+                     hint="choose another line with --kernel; the README's lab table lists what each arch has")
+
+
+def plan_image(arch: LabArch, cache: Path, line: KernelLine | None = None,
+               after: tuple[str, ...] | None = None) -> ImagePlan:
+    """Resolve the exact kernel and userland versions for ``arch`` (apt lists only, no .debs).
+
+    ``line`` None: the arch's kernel from the machine's own apt sources (bookworm's 6.1 here).
+    ``after``: skip the line's source sets up to and including this one (see resolve_kernel).
+    The userland (busybox, dropbear) always comes from the machine's sources:
+    it is the same small system whatever kernel runs under it.
+    """
+    if line is None:
+        image, release = debian.kernel_for_metapackage(arch.kernel_meta, arch.debian_arch, cache)
+        suites: tuple[str, ...] = ()
+    else:
+        image, release, suites = resolve_kernel(arch, line, cache, after)
     userland = debian.resolve(list(USERLAND_PACKAGES), arch.debian_arch, cache)
-    return ImagePlan(arch=arch, kernel=image, kernel_release=release, userland=tuple(userland))
+    return ImagePlan(arch=arch, kernel=image, kernel_release=release, userland=tuple(userland),
+                     line=line_of_version(image.version), kernel_suites=suites,
+                     request=line.name if line else "")
 
 
 def image_dir(lab_dir: Path, plan: ImagePlan) -> Path:
@@ -312,7 +449,8 @@ def load_cached(lab_dir: Path, plan: ImagePlan) -> LabImage | None:
     d = json.loads(meta.read_text())
     return LabImage(arch=d["arch"], kernel=Path(d["kernel"]), initramfs=Path(d["initramfs"]),
                     kernel_release=d["kernel_release"], kernel_package=d["kernel_package"],
-                    kernel_version=d["kernel_version"], packages=d["packages"], key=d["key"])
+                    kernel_version=d["kernel_version"], packages=d["packages"], key=d["key"],
+                    line=d.get("line", line_of_version(d["kernel_version"])))
 
 
 # Parts of the library packages that a login shell + dropbear never use.
@@ -383,9 +521,17 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         work = Path(tmp)
         kstage, ustage, root = work / "kernel", work / "userland", work / "root"
+        kstate = debian.AptState(arch.debian_arch, cache, plan.kernel_suites)
+        try:
+            with kstate.locked():
+                debs = kstate.download([plan.kernel])
+        except debian.DebianError as exc:
+            raise KernelDownloadError(f"{plan.kernel.spec} is listed in {'+'.join(plan.kernel_suites) or 'the apt lists'} "
+                                      f"but could not be downloaded: {exc.message}", where=arch.name,
+                                      hint=exc.hint) from None
         state = debian.AptState(arch.debian_arch, cache)
         with state.locked():
-            debs = state.download([plan.kernel, *plan.userland])
+            debs += state.download(list(plan.userland))
         debian.extract(debs[0], kstage)
         for deb in debs[1:]:
             debian.extract(deb, ustage)
@@ -404,19 +550,29 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
 
         _copy_userland(ustage, root)
         _base_files(root, arch)
-        modsrc = kstage / "lib/modules" / plan.kernel_release
+        # trixie's packages are merged-/usr: modules under usr/lib/modules.
+        modsrc = next((d for d in (kstage / "lib/modules" / plan.kernel_release,
+                                   kstage / "usr/lib/modules" / plan.kernel_release) if d.is_dir()),
+                      kstage / "lib/modules" / plan.kernel_release)
         moddst = root / "lib/modules" / plan.kernel_release
+        # Debian's 6.x kernels after bookworm's 6.1 ship modules xz-compressed
+        # (*.ko.xz); busybox insmod loads only plain .ko, so unpack them here.
+        for packed in modsrc.rglob("*.ko.xz"):
+            packed.with_suffix("").write_bytes(lzma.decompress(packed.read_bytes()))
         order = module_load_order(list(arch.nic_modules), modsrc)
+        stored: list[str] = []
         for rel in order:
-            (moddst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(modsrc / rel, moddst / rel)
+            plain = rel.removesuffix(".xz")
+            (moddst / plain).parent.mkdir(parents=True, exist_ok=True)
+            (moddst / plain).write_bytes(read_module(modsrc / rel))
+            stored.append(plain)
         # /lib/modules/$(uname -r) exists (module tests insmod from /tmp, but
         # tools look here); modules.builtin lets modprobe know what is built in.
         moddst.mkdir(parents=True, exist_ok=True)
         for name in ("modules.builtin", "modules.order"):
             if (modsrc / name).exists():
                 shutil.copyfile(modsrc / name, moddst / name)
-        (root / "etc/lab-modules").write_text("".join(f"{rel}\n" for rel in order))
+        (root / "etc/lab-modules").write_text("".join(f"{rel}\n" for rel in stored))
 
         cpio = CpioWriter()
         cpio.tree(root)
@@ -432,7 +588,7 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
     image = LabImage(
         arch=arch.name, kernel=kernel, initramfs=initramfs, kernel_release=plan.kernel_release,
         kernel_package=plan.kernel.name, kernel_version=plan.kernel.version,
-        packages={r.name: r.version for r in (plan.kernel, *plan.userland)}, key=plan.key)
+        packages={r.name: r.version for r in (plan.kernel, *plan.userland)}, key=plan.key, line=plan.line)
     tmp_meta = out / "image.json.tmp"
     tmp_meta.write_text(json.dumps(image.to_json(), indent=2) + "\n")
     os.replace(tmp_meta, out / "image.json")

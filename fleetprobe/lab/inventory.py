@@ -16,6 +16,7 @@ import yaml
 
 from fleetprobe.errors import InputError
 from fleetprobe.lab.keys import known_hosts_line
+from fleetprobe.lab.lines import DEFAULT_LINE, KernelLine
 
 
 @dataclass(frozen=True)
@@ -35,24 +36,36 @@ class LabVM:
     host_key_public: str
     boot_seconds: float | None = None
     image_key: str = ""
+    line: str = DEFAULT_LINE  # kernel line: major.minor of kernel_version (6.1, 6.12, 5.10)
 
     @property
     def group(self) -> str:
         """The inventory group of this VM's arch."""
         return f"lab_{self.arch}"
 
+    @property
+    def line_group(self) -> str:
+        """The inventory group of this VM's kernel line (``lab_linux_6_12``)."""
+        return KernelLine(self.line, ()).group
 
-def vm_name(arch: str, index: int) -> str:
-    """The host name of the ``index``-th (1-based) VM of ``arch``."""
-    return f"lab-{arch}-{index}"
+
+def vm_name(arch: str, line: str, index: int) -> str:
+    """The host name of the ``index``-th (1-based) VM of ``arch`` on kernel ``line``: lab-x86_64-6.12-1."""
+    return f"lab-{arch}-{line}-{index}"
 
 
 def inventory_data(vms: list[LabVM], key: Path, known_hosts: Path) -> dict[str, Any]:
-    """The Ansible-layout inventory (all.vars + one child group per arch) for ``vms``."""
+    """The Ansible-layout inventory (all.vars + a child group per arch and per kernel line) for ``vms``.
+
+    A host's address is given once, in its arch group; its line group lists it
+    again without variables (`--limit lab_linux_6_12` picks that line).
+    """
     children: dict[str, Any] = {}
     for vm in sorted(vms, key=lambda v: (v.arch, v.name)):
         group = children.setdefault(vm.group, {"hosts": {}})
         group["hosts"][vm.name] = {"ansible_host": "127.0.0.1", "ansible_port": vm.port}
+    for vm in sorted(vms, key=lambda v: (v.line_group, v.name)):
+        children.setdefault(vm.line_group, {"hosts": {}})["hosts"][vm.name] = None
     return {"all": {
         "vars": {
             "ansible_user": "root",

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+from fleetprobe import caveats
 from fleetprobe.audit import AuditResult
 from fleetprobe.results import FleetReport
 from fleetprobe.sketches import Latency, bucket_range_ns
@@ -203,6 +204,20 @@ def _status_table(report: FleetReport) -> str:
             "<th>cleanup</th><th>reason</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+def _caveats_block(report: FleetReport) -> str:
+    """Lines no probe claimed, fleetprobe's own events left out, skipped probes (caveats.py); '' if none."""
+    items = [f"<li class='warn'><b>{_e(h)}</b>: {_e(t)}</li>" for h, t in caveats.fleet_caveats(report.hosts)]
+    summary = caveats.own_filter_summary(report.hosts)
+    if summary:
+        items.append(f"<li>{_e(summary)}</li>")
+    for p in report.aggregate.probes():
+        skipped = caveats.skipped_on(report.hosts, p)
+        if skipped:
+            items.append(f"<li>probe <b>{_e(p)}</b> skipped on " + "; ".join(
+                f"{_e(h)}: {_e(r)}" for h, r in skipped[:MAX_HOSTS]) + "</li>")
+    return f"<ul id='caveats'>{''.join(items)}</ul>" if items else ""
+
+
 def _heatmap(report: FleetReport, probes: list[str]) -> str:
     """Hits per probe per host: a table whose cells are shaded by count (log scale)."""
     agg = report.aggregate
@@ -211,10 +226,16 @@ def _heatmap(report: FleetReport, probes: list[str]) -> str:
     peak = max([n for p in probes for n in agg.hits(p).values()] or [1])
     head = "".join(f"<th class='n'>{_e(p)}</th>" for p in probes)
     rows = []
+    outcomes = {o.host: o for o in report.hosts}
     for h in shown:
         cells = []
         for p in probes:
             n = agg.hits(p).get(h, 0)
+            o = outcomes.get(h)
+            if caveats.hit_text(o, p, n) == caveats.SKIPPED and o is not None:
+                cells.append(f"<td class='heat skipped' data-tip='{_e(h)} / {_e(p)}: skipped: "
+                             f"{_e(o.skipped_probes[p])}'>{caveats.SKIPPED}</td>")
+                continue
             alpha = 0.0 if n == 0 else 0.12 + 0.78 * math.log1p(n) / math.log1p(peak)
             cells.append(f"<td class='heat' style='background:rgba(0,114,178,{alpha:.2f});"
                          f"color:{'#fff' if alpha > 0.55 else '#1b1b1b'}' data-tip='{_e(h)} / {_e(p)}: {n} hits'>"
@@ -444,7 +465,7 @@ def render_html(report: FleetReport, audit: AuditResult | None = None) -> str:
         f"{run.duration:.1f}s" + (f" · playbook sha256 {_e(run.playbook_sha256[:12])}" if run.playbook_sha256 else "")
         + (f" · merged from shards {_e(', '.join(run.shards))}" if run.shards else "") + "</p>",
         _audit_block(audit) if audit is not None else "",
-        "<h2>Hosts</h2>", _status_table(report),
+        "<h2>Hosts</h2>", _status_table(report), _caveats_block(report),
         "<h2>Fleet timeline</h2>", _timeline(report, colours), _clock_chart(report),
         "<h2>Hits per probe per host</h2>",
         "<div class='charts'>" + _bar_chart("hits per probe (fleet)", totals, COLOURS[0], "hits-total") + "</div>"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+from fleetprobe import caveats
 from fleetprobe.audit import AuditResult
 from fleetprobe.results import FleetReport
 from fleetprobe.render.terminal import format_ns, value_text
@@ -64,14 +65,24 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
         out.append(f"\n... and {len(report.hosts) - ROWS} more hosts (see the JSON or HTML report)")
     out.append("")
 
+    notes = caveats.fleet_caveats(report.hosts)
+    summary = caveats.own_filter_summary(report.hosts)
+    if notes or summary:
+        out += [f"- **WARNING** {escape(h)}: {escape(t)}" for h, t in notes[:ROWS]]
+        out += [f"- {escape(summary)}"] if summary else []
+        out.append("")
     probes = agg.probes()
     if probes:
-        out += ["### Hits per probe", "", "| probe | total | hosts hit | top hosts |", "|---|--:|--:|---|"]
+        out += ["### Hits per probe", "", "| probe | total | hosts hit | top hosts | skipped |", "|---|--:|--:|---|---|"]
         for p in probes:
             ranked = sorted(agg.hits(p).items(), key=lambda hn: (-hn[1], hn[0]))
             top = ", ".join(f"{escape(h)} {n}" for h, n in ranked[:5]) + (f", {len(ranked) - 5} more"
                                                                          if len(ranked) > 5 else "")
-            out.append(f"| {escape(p)} | {agg.total_hits(p)} | {len(ranked)}/{len(report.hosts)} | {top or '-'} |")
+            skipped = caveats.skipped_on(report.hosts, p)
+            why = "; ".join(f"{escape(h)}: {escape(r)}" for h, r in skipped[:5]) + (
+                f"; {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            total = str(agg.total_hits(p)) if len(skipped) < len(report.hosts) or agg.total_hits(p) else caveats.SKIPPED
+            out.append(f"| {escape(p)} | {total} | {len(ranked)}/{len(report.hosts)} | {top or '-'} | {why or '-'} |")
         out.append("")
     for p in probes:
         for name in agg.fields(p):

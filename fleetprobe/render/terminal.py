@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fleetprobe import caveats
 from fleetprobe.results import FleetReport
 from fleetprobe.sketches import Latency, bucket_range_ns
 
@@ -66,7 +67,17 @@ def render_summary(report: FleetReport, console: Console) -> None:
         render_aggregates(agg.aggregates, console)
     _render_quiet(report, console)
     _render_loss(report, console)
+    _render_caveats(report, console)
     _render_clocks(report, console)
+
+
+def _render_caveats(report: FleetReport, console: Console) -> None:
+    """Lines no probe could claim, and fleetprobe's own events left out (caveats.py): never a silent zero."""
+    for host, text in caveats.fleet_caveats(report.hosts)[:LIST_ROWS * 2]:
+        console.print(Text.assemble(("WARNING ", "bold yellow"), (f"{host}: ", "bold"), text))
+    summary = caveats.own_filter_summary(report.hosts)
+    if summary:
+        console.print(summary, highlight=False)
 
 
 def _render_alerts(report: FleetReport, console: Console) -> None:
@@ -118,10 +129,11 @@ def _render_hits(report: FleetReport, console: Console) -> None:
             table.add_column(h, justify="right")
         table.add_column("total", justify="right")
         table.add_column("misses", justify="right")
+        outcomes = {o.host: o for o in report.hosts}
         for p in probes:
             per = agg.hits(p)
-            table.add_row(p, *[str(per.get(h, 0)) for h in hosts], str(agg.total_hits(p)),
-                          str(agg.probe_misses(p)))
+            table.add_row(p, *[caveats.hit_text(outcomes.get(h), p, per.get(h, 0)) for h in hosts],
+                          str(agg.total_hits(p)), str(agg.probe_misses(p)))
         console.print(table)
         return
     table = Table(title="hits per probe", title_justify="left")
@@ -132,6 +144,8 @@ def _render_hits(report: FleetReport, console: Console) -> None:
         top = ", ".join(f"{h} {n}" for h, n in ranked[:3])
         if len(ranked) > 3:
             top += f", {len(ranked) - 3} more"
+        if skipped := caveats.skipped_on(report.hosts, p):
+            top += f"{'; ' if top else ''}{caveats.SKIPPED} on {len(skipped)} host(s)"
         table.add_row(p, str(agg.total_hits(p)), str(agg.probe_misses(p)), f"{len(ranked)}/{len(hosts)}",
                       top or "-")
     console.print(table)

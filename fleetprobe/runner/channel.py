@@ -147,6 +147,8 @@ async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: fl
 
 #: Seconds without the runner's 5-second clock marker before it is presumed dead.
 HEARTBEAT_TIMEOUT = 20
+#: How often the controller wakes the runner for its heartbeat marker ("tick" on its stdin).
+TICK_SECONDS = 5
 
 
 def runner_silent(idle: float, last_marker_ts: float | None, last_trace_ts: float) -> bool:
@@ -176,11 +178,11 @@ async def _runner_once(session: Session, directives: str, timeout: float) -> Run
 
 
 async def _teardown_for_dead_runner(session: Session, plan: HostPlan, facts: Facts,
-                                   modules: tuple[str, ...] = ()) -> str:
-    """Remove a run's modules, group and instance over the same connection when its runner died."""
+                                   modules: tuple[str, ...] = (), processes: tuple[str, ...] = ()) -> str:
+    """Remove a run's modules, group, instance and left processes over the same connection when its runner died."""
     try:
         rep = await _runner_once(session, teardown_directives(plan, facts.tracefs or "/sys/kernel/tracing",
-                                                              modules), timeout=60)
+                                                              modules, processes), timeout=60)
     except HostError as exc:
         return f"timer (controller teardown failed: {exc.message})"
     return "controller" if rep.clean else "timer (controller teardown incomplete)"

@@ -100,9 +100,20 @@ def aggregate_directives(plan: HostPlan) -> list[str]:
     return lines + [f"histread {e}" for e in reads]
 
 
-def teardown_directives(plan: HostPlan, tracefs: str, modules: tuple[str, ...] = ()) -> str:
-    """The runner's stdin to remove one run's group and instance now (its own runner died)."""
-    return f"tracefs {tracefs}\ngroup {plan.group}\ninstance {plan.instance}\nteardown {' '.join(modules)}\n"
+def teardown_directives(plan: HostPlan, tracefs: str, modules: tuple[str, ...] = (),
+                        processes: tuple[str, ...] = ()) -> str:
+    """The runner's stdin to remove one run's group and instance now (its own runner died).
+
+    ``processes``: the dead runner's own processes as it named them (``PID:START``, its "own"
+    line); those still alive with that start time are stopped (its watchdog sleeps until the deadline).
+    """
+    words = [w for w in processes if _OWN_WORD.fullmatch(w)]
+    own = f"own {' '.join(words)}\n" if words else ""
+    return (f"tracefs {tracefs}\ngroup {plan.group}\ninstance {plan.instance}\n{own}"
+            f"teardown {' '.join(modules)}\n")
+
+
+_OWN_WORD = re.compile(r"\d+:\d+")
 
 
 def sweep_directives(tracefs: str, grace: int) -> str:
@@ -150,6 +161,14 @@ class RunnerReport:
     synth_refused: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     _hist_event: str | None = None
+    #: The runner's own long-lived processes (its shell, watchdog, stdin watcher, timer, reader ...):
+    #: their pids are filtered out of every event in the kernel (``common_pid != N``).
+    own_pids: list[int] = field(default_factory=list)
+    #: The same as ``PID:START`` words, for a teardown that must stop them (see teardown_directives).
+    own_processes: list[str] = field(default_factory=list)
+    #: Events whose filter the kernel refused with that clause, and its words: the controller drops
+    #: the own pids' events of those itself.
+    own_unfiltered: dict[str, str] = field(default_factory=dict)
 
     #: Control lines kept (in every list and table together): a runner says a few hundred; past
     #: this, lines are counted in ``dropped`` and the report says so (issue 11 #5).
@@ -194,6 +213,14 @@ class RunnerReport:
             # The first refusal is the cause (a refused definition then also fails its filter and enable).
             self.refused.setdefault(_event_key(what.strip()),
                                     f"{word[:-4]} refused: {' '.join(why.split())}".strip())
+        elif word == "own":
+            # "PID:START" words (START: the process's start time, so a teardown never kills a reused pid).
+            words = [w for w in rest.split() if w.partition(":")[0].isdigit()]
+            self.own_pids = [int(w.partition(":")[0]) for w in words]
+            self.own_processes = words
+        elif word == "ownfilter":
+            what, _, why = rest.partition(" :: ")
+            self.own_unfiltered[what.strip()] = " ".join(why.split()) or "refused"
         elif word == "loaded":
             self.loaded.append(rest.strip())
         elif word == "error":

@@ -71,7 +71,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -101,8 +101,8 @@ hist_place() {
     trigger)
       _he=${2%% *}; _ht=${2#* }
       # The kernel runs unconditional triggers before it looks at set_event_notrace_pid: a filter
-      # keeps this shell, the SSH server process serving it and the watchdog out of the tables.
-      _hf="common_pid != $$ && common_pid != $PPID && common_pid != ${WD:-0}"
+      # keeps the SSH server process serving us and every process of ours ($_own) out of the tables.
+      _hf="common_pid != $PPID${_own:+ && $_own}"
       case $_ht in
         *" if "*) _hw="${_ht%% if *} if (${_ht#* if }) && $_hf";;
         *) _hw="$_ht if $_hf";;
@@ -188,6 +188,45 @@ teardown_group() {
       sleep 1
     done
   fi
+}
+
+# The start time (clock ticks since boot, field 22 of /proc/PID/stat) of process $1; our own
+# processes' comm (sh, dash, busybox, sleep, dd) never holds a blank, which would shift the fields.
+starttime() {
+  { read -r _1 _2 _3 _4 _5 _6 _7 _8 _9 _10 _11 _12 _13 _14 _15 _16 _17 _18 _19 _20 _21 _22 _r < "/proc/$1/stat"; } 2>/dev/null &&
+    echo "$_22"
+}
+
+# Stop a dead run's processes ("PID:START" words, from its "own" line, its shell's first): only
+# those whose start time still matches. CONT too: a reader stopped before its start holds TERM
+# pending otherwise. Then the rest of the dead shell's process group, when it led one (as under
+# sshd): the watchdog's and timer's sleeps outlive a watchdog killed with the shell. While any
+# member lives, the kernel gives no new process that group's id, so they can only be the run's.
+kill_own() {
+  _lead=; KILLED=
+  for _w in $1; do
+    _p=${_w%%:*}; _s=${_w#*:}
+    case $_p in ''|*[!0-9]*) continue;; esac
+    [ -z "$_lead" ] && _lead=$_p
+    [ "$_p" = "$$" ] && continue
+    [ -n "$_s" ] && [ "$(starttime "$_p")" = "$_s" ] || continue
+    kill -TERM "$_p" 2>/dev/null && KILLED=1; kill -CONT "$_p" 2>/dev/null
+  done
+  # Only when the shell is gone (or a zombie): a live process with its pid leads someone else's group.
+  [ -n "$_lead" ] && [ "$_lead" != "$$" ] || return 0
+  if { read -r _l < "/proc/$_lead/stat"; } 2>/dev/null; then
+    set -f; set -- ${_l##*) }; set +f
+    [ "$1" = Z ] || return 0
+  fi
+  for _f in /proc/[0-9]*/stat; do
+    { read -r _l < "$_f"; } 2>/dev/null || continue
+    # After the last ")": comm (anything a user named a process) is behind us.
+    set -f; set -- ${_l##*) }; set +f
+    [ "$3" = "$_lead" ] || continue
+    _p=${_f#/proc/}; _p=${_p%/stat}
+    [ "$_p" = "$$" ] && continue
+    kill -TERM "$_p" 2>/dev/null; kill -CONT "$_p" 2>/dev/null
+  done
 }
 
 # Unload this run's modules (names in $1), only while their run parameter is still this run's:
@@ -330,22 +369,22 @@ sync_marker() {
   echo "fpsync $(rt)" > "$T/instances/$I/trace_marker" 2>/dev/null
 }
 
-# The watchdog outlives this process if it is killed; it exits by itself once the instance
-# is gone (normal teardown), and otherwise removes everything at DEADLINE + GRACE.
+# The watchdog outlives this process if it is killed, and removes everything at DEADLINE + GRACE;
+# a normal teardown stops it (TERM) first. One sleep for the whole run, started before anything
+# is enabled: a watchdog that woke every few seconds (date, sleep) was fleetprobe observing itself.
 watchdog() {
   trap '' HUP INT PIPE
-  _seen=
-  while :; do
-    sleep 2
-    if [ -d "$T/instances/$I" ]; then _seen=1; elif [ -n "$_seen" ]; then exit 0; fi
-    # A runner tearing down by itself (reading its hist tables, then removing them) gets a minute more.
-    _wl=$((DEADLINE + GRACE)); [ -e "/tmp/${G}_teardown" ] && _wl=$((_wl + 60))
-    if [ "$(now)" -ge "$_wl" ]; then
-      unload_modules "$MODS"; teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
-      echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
-      exit 0
-    fi
-  done
+  trap 'kill "$_s" 2>/dev/null; exit 0' TERM
+  _left=$((DEADLINE + GRACE - $(now)))
+  [ "$_left" -gt 0 ] || _left=1
+  sleep "$_left" &
+  _s=$!
+  wait "$_s"
+  unload_modules "$MODS"
+  [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null || exit 0
+  teardown_group "$G" "$I"; rm -f /tmp/"$G"_*.ko
+  echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
+  exit 0
 }
 
 # ---- facts, then read the plan ---------------------------------------------------------------
@@ -369,6 +408,7 @@ while IFS= read -r line <&3; do
     secret) case $2 in ''|*[!0-9a-f]*) say "error secret must be hex"; exit 2;; esac; CP="@@fp:$2 ";;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
+    own) shift; OWNK="$*";;
     def|filter|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
@@ -378,8 +418,12 @@ while IFS= read -r line <&3; do
       RUN=${G#fp_}; RUN=${RUN%_*}; shift
       # Modules first: unloading prints their totals, and stops their handlers before anything else goes.
       unload_modules "$*"
-      kill_readers "$T/instances/$I"; teardown_group "$G" "$I"
-      rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"
+      # Its reader is one of its own processes: stopping those spares the scan of every process's
+      # fds (a fork per fd: seconds on a busy host), which stays the fallback.
+      kill_own "$OWNK"
+      if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
+      teardown_group "$G" "$I"
+      rm -f /tmp/"$G"_*.ko
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
@@ -447,15 +491,21 @@ while IFS= read -r line; do
         hold
       fi
       rm -f "$mp";;
-    synth|trigger|notrace_self) hist_place "$kind" "$rest";;
+    synth|notrace_self) hist_place "$kind" "$rest";;
+    # Triggers wait until every process of ours exists: their filter names all of them.
+    trigger) HIST_Q="${HIST_Q:+$HIST_Q
+}$rest";;
     filter)
       ev=${rest%% *}; ex=${rest#* }
+      FILTERS="$FILTERS$ev $ex
+"
       # The kernel explains a refused filter in the filter file itself ("parse_error: Field not found"),
       # not in error_log (checked on 6.18): error_log's tail would name an unrelated older error.
       if [ ! -d "$T/instances/$I/events/$ev" ]; then
         say "filterfail $ev :: no such event"
       elif ! { echo "$ex" > "$T/instances/$I/events/$ev/filter"; } 2>/dev/null; then
         say "filterfail $ev :: $(sed -n 's/^parse_error: //p' "$T/instances/$I/events/$ev/filter" 2>/dev/null)"
+        BADFILTER="$BADFILTER $ev "
       fi;;
   esac
 done <<EOF_PLAN
@@ -465,7 +515,70 @@ EOF_PLAN
 snapshot start
 # The marker and the first events wait in the ring buffer for the reader, started below.
 sync_marker
+
+# ---- fleetprobe must not observe itself --------------------------------------------------
+# Every process of ours that lives through the run is started now, before anything is enabled,
+# and its pid is kept out of every event in the kernel (common_pid != N in the event's filter in
+# our instance). In the steady state nothing forks: the main shell blocks in "wait" on one sleep
+# for the whole duration, woken by the controller's "tick" (every few seconds, via the stdin
+# watcher's kill -USR2) to write a heartbeat marker through an fd opened once.
+trap 'TICKED=1' USR2
+( while IFS= read -r cmd; do
+    case $cmd in stop) break;; tick) kill -USR2 $$ 2>/dev/null || exit 0;; esac
+  done; kill -USR1 $$ 2>/dev/null ) <&3 &
+WATCH=$!
+sleep "${DUR%.*}" &
+TIMER=$!
+# The reader is forked now but stops itself until everything is said (only then may it write our
+# stdout): its exec of dd is then a process whose pid the filters already name.
+( read -r _self _rest < /proc/self/stat && kill -STOP "$_self"
+  exec dd if="$T/instances/$I/trace_pipe" bs=65536 2>/dev/null ) &
+READER=$!
+_n=0
+while [ $_n -lt 100000 ]; do
+  _st=; read -r _a _b _st _rest < "/proc/$READER/stat" 2>/dev/null
+  case $_st in T|t|'') break;; esac
+  _n=$((_n + 1))
+done
+OWN="$$ $WD $WATCH $TIMER $READER${KREAD:+ $KREAD}"
+_own=; _ownk=
+for _p in $OWN; do
+  _own="${_own:+$_own && }common_pid != $_p"
+  # With its start time (field 22 of stat): a controller's teardown of this run, should we die,
+  # stops these (the watchdog's and the timer's sleeps would linger) and never a reused pid.
+  _st=$(starttime "$_p")
+  _ownk="${_ownk:+$_ownk }$_p:$_st"
+done
+say "own $_ownk"
+# From the first enable on, nothing of ours may fork (a $(...) forks too): the pong's stamp and the
+# module list are made now.
+[ -n "$PING_RX" ] && { HELD="${CP}pong $PING_RX $(rt1)
+$HELD"; PING_RX=; }
+_mods=
+for _m in $LOADED; do _mods="${_mods:+$_mods }$_m"; done
 enabled=0
+while IFS= read -r _q; do
+  [ -n "$_q" ] && hist_place trigger "$_q"
+done <<EOF_HIST
+$HIST_Q
+EOF_HIST
+for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
+  [ -d "$T/instances/$I/events/$ev" ] || continue
+  _u=
+  case $BADFILTER in *" $ev "*) ;; *)
+    while IFS= read -r _l; do case $_l in "$ev "*) _u=${_l#"$ev "};; esac; done <<EOF_FILTERS
+$FILTERS
+EOF_FILTERS
+  ;; esac
+  _ff="$T/instances/$I/events/$ev/filter"
+  if ! { echo "${_u:+($_u) && }$_own" > "$_ff"; } 2>/dev/null; then
+    _why=$(sed -n 's/^parse_error: //p' "$_ff" 2>/dev/null)
+    # A refused filter leaves the event unfiltered: put the playbook's own back (the controller
+    # then drops our pids' events itself and counts them).
+    if [ -n "$_u" ]; then { echo "$_u" > "$_ff"; } 2>/dev/null; else { echo 0 > "$_ff"; } 2>/dev/null; fi
+    say "ownfilter $ev :: $_why"
+  fi
+done
 for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
   # { } 2>/dev/null: a failed redirection reports on stderr before a trailing 2>/dev/null applies (dash).
   if { echo 1 > "$T/instances/$I/events/$ev/enable"; } 2>/dev/null; then
@@ -476,40 +589,44 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
     say "enablefail $ev"
   fi
 done
-say "started enabled=$enabled modules=$(echo $LOADED) duration=$DUR triggers=$HIST_PLACED"
+say "started enabled=$enabled modules=$_mods duration=$DUR triggers=$HIST_PLACED"
+# Heartbeats go through the trace buffer (so they never tear a trace line, as a direct write
+# could), on an fd opened once: an open per beat is an event for every opensnoop.
+# (exec with a failed redirection would end a POSIX shell: check first.)
+if [ -w "$T/instances/$I/trace_marker" ]; then exec 5>"$T/instances/$I/trace_marker"; else exec 5>/dev/null; fi
 release
 
 # dd, not cat: busybox cat copies with sendfile/splice, which waits for trace data inside the
 # kernel holding our stdout pipe, so nothing else (markers, "stopping", "bye") gets out while
 # the probes are quiet. dd reads and writes; each read returns whole lines as they come.
-dd if="$T/instances/$I/trace_pipe" bs=65536 2>/dev/null &
-READER=$!
+kill -CONT "$READER" 2>/dev/null
 
 # ---- run: until the duration ends, "stop"/EOF on stdin, the reader dies, or a signal -----
-( while IFS= read -r cmd; do [ "$cmd" = stop ] && break; done; kill -USR1 $$ 2>/dev/null ) <&3 &
-WATCH=$!
-END=$(( $(now) + ${DUR%.*} ))
 [ "$enabled" -eq 0 ] && [ -z "$LOADED" ] && [ "$HIST_PLACED" -eq 0 ] && STOP=nothing-placed
-TICK=0
 while [ -z "$STOP" ]; do
+  TICKED=
+  # Returns when the timer ends (the duration) or a trapped signal arrives (tick, stop, TERM).
+  wait "$TIMER" 2>/dev/null
+  [ -n "$STOP" ] && break
+  [ -n "$TICKED" ] || { STOP=duration; break; }
   kill -0 "$READER" 2>/dev/null || { STOP=reader-exit; break; }
-  [ "$(now)" -ge "$END" ] && { STOP=duration; break; }
-  # Every 5 s a clock marker: more points for the clock fit, and the controller's proof of life
-  # (through the trace buffer, so it can never tear a trace line as a direct write could).
-  TICK=$((TICK + 1)); [ $((TICK % 5)) -eq 0 ] && sync_marker
-  sleep 1 &
-  wait $! 2>/dev/null
+  # The controller's proof of life: the runner itself still answers.
+  echo fpbeat >&5 2>/dev/null
 done
 
 # ---- teardown ----------------------------------------------------------------------------
-: > "/tmp/${G}_teardown" 2>/dev/null
-sync_marker
+# Disabled first: what we do from here on (date, grep, sed ...) is nobody's event.
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
+kill "$TIMER" 2>/dev/null
+exec 5>&-
+sync_marker
 # Modules go first, while the kernel log still flows: rmmod prints their totals (hits, missed).
 unload_modules "$LOADED"
 kmsg_stop
 sleep 1      # let the reader drain what is in flight before we stop it
 kill "$READER" "$WATCH" 2>/dev/null
+# A reader that never got its CONT (we were stopped early) would hold the TERM pending forever.
+kill -CONT "$READER" 2>/dev/null
 wait "$READER" 2>/dev/null
 # Entries the reader had not consumed yet are still in the buffer: print them (without headers).
 grep -v '^#' "$T/instances/$I/trace" 2>/dev/null
@@ -522,7 +639,7 @@ release
 hold
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
-rm -f /tmp/"$G"_*.ko "/tmp/${G}_teardown"    # copied modules that never reached insmod
+rm -f /tmp/"$G"_*.ko    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"

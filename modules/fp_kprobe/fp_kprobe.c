@@ -108,6 +108,11 @@ static void fp_print(const char *ev, struct pt_regs *regs)
 	       run, probe, ev, probed_symbol, offset, raw_smp_processor_id(),
 	       task_pid_nr(current), task_tgid_nr(current),
 	       (unsigned long)regs->cp0_epc, (unsigned long)regs->cp0_status, current->comm);
+#elif defined(CONFIG_ARM64)
+	printk(KERN_INFO "fleetprobe run=%s probe=%s ev=%s sym=%s+0x%x cpu=%d pid=%d tgid=%d pc=0x%llx pstate=0x%llx comm=%s\n",
+	       run, probe, ev, probed_symbol, offset, raw_smp_processor_id(),
+	       task_pid_nr(current), task_tgid_nr(current),
+	       (unsigned long long)regs->pc, (unsigned long long)regs->pstate, current->comm);
 #else
 	printk(KERN_INFO "fleetprobe run=%s probe=%s ev=%s sym=%s+0x%x cpu=%d pid=%d tgid=%d ip=0x%lx comm=%s\n",
 	       run, probe, ev, probed_symbol, offset, raw_smp_processor_id(),

@@ -12,42 +12,33 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fleetprobe import lab
-
-
-@dataclass(frozen=True)
-class LabForTests:
-    """What a lab test needs: where the lab is, its inventory and one record per VM."""
-
-    lab_dir: Path
-    inventory: Path
-    key: Path
-    known_hosts: Path
-    vms: list[lab.LabVM]
-    up_seconds: float
-
-
-def lab_test_dir(tmp_root: Path) -> Path:
-    """$FLEETPROBE_LAB_DIR, or a lab dir under this session's temporary root."""
-    env = os.environ.get("FLEETPROBE_LAB_DIR")
-    return Path(env).resolve() if env else tmp_root / "lab"
+from labfleet import LabForTests, fleet_from_env, lab_test_dir
 
 
 @pytest.fixture(scope="session")
 def lab_fleet() -> Iterator[LabForTests]:
-    """Bring up the default lab fleet (3 x x86_64, ppc64le, mips64el) for the session."""
+    """Bring up the default lab fleet (3 x x86_64, ppc64le, mips64el, arm64, on 6.1) for the session.
+
+    ``FLEETPROBE_LAB_FLEET`` (e.g. ``x86_64:6.1=2,arm64:6.1``) boots another fleet instead, to run
+    the lab tests on a few VMs at a time.
+    """
     with tempfile.TemporaryDirectory(prefix="fleetprobe-lab-") as tmp:
         lab_dir = lab_test_dir(Path(tmp))
         t0 = time.monotonic()
-        fleet = lab.up(lab_dir=lab_dir, timeout_s=float(os.environ.get("FLEETPROBE_LAB_TIMEOUT", "300")))
+        env = os.environ.get("FLEETPROBE_LAB_FLEET")
+        arches, counts, lines = fleet_from_env(env) if env else (None, None, None)
+        fleet = lab.up(arches, counts, lab_dir=lab_dir, kernels=lines,
+                       timeout_s=float(os.environ.get("FLEETPROBE_LAB_TIMEOUT", "300")))
         try:
+            # Only the fleet asked for: other VMs may be running in a shared lab directory.
+            names = set(fleet.started) | set(fleet.reused)
             yield LabForTests(lab_dir=fleet.lab_dir, inventory=fleet.inventory, key=fleet.key,
-                              known_hosts=fleet.known_hosts, vms=fleet.vms,
+                              known_hosts=fleet.known_hosts, vms=[v for v in fleet.vms if v.name in names],
                               up_seconds=time.monotonic() - t0)
         finally:
             lab.down(fleet.lab_dir, names=fleet.started)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # the fixture's type; conftest is not importable as a module
 
 pytestmark = pytest.mark.lab
 
-EXPECTED_UNAME = {"x86_64": "x86_64", "ppc64le": "ppc64le", "mips64el": "mips64", "mipsel": "mips"}
+EXPECTED_UNAME = {"x86_64": "x86_64", "ppc64le": "ppc64le", "mips64el": "mips64", "mipsel": "mips",
+                  "arm64": "aarch64"}
 
 # Append (>>) and delete only our own event: never truncate kprobe_events.
 KPROBE_SCRIPT = r"""
@@ -48,9 +49,13 @@ async def _run(vm: lab.LabVM, fleet: LabForTests, command: str) -> asyncssh.SSHC
 
 
 def test_fleet_is_the_default(lab_fleet: LabForTests) -> None:
-    """`up` with no arguments gives 3 x86_64 + 1 ppc64le + 1 mips64el VMs on distinct ports."""
+    """`up` with no arguments gives 3 x86_64 + 1 ppc64le + 1 mips64el + 1 arm64 VMs on 6.1, on distinct ports."""
+    if os.environ.get("FLEETPROBE_LAB_FLEET"):
+        pytest.skip("FLEETPROBE_LAB_FLEET chose another fleet")
     arches = sorted(v.arch for v in lab_fleet.vms)
-    assert arches == ["mips64el", "ppc64le", "x86_64", "x86_64", "x86_64"]
+    assert arches == ["arm64", "mips64el", "ppc64le", "x86_64", "x86_64", "x86_64"]
+    assert {v.line for v in lab_fleet.vms} == {"6.1"}
+    assert all(v.name.startswith(f"lab-{v.arch}-6.1-") for v in lab_fleet.vms)
     assert len({v.port for v in lab_fleet.vms}) == len(lab_fleet.vms)
     print(f"\nlab up took {lab_fleet.up_seconds:.1f} s; boot times: "
           + ", ".join(f"{v.name}={v.boot_seconds}" for v in lab_fleet.vms))
@@ -69,6 +74,7 @@ def test_every_vm_runs_its_kernel_and_takes_a_kprobe(lab_fleet: LabForTests) -> 
         assert out[0] == EXPECTED_UNAME[vm.arch], vm.name
         assert out[1] == vm.kernel_release, vm.name
         assert vm.kernel_release in vm.kernel_package, vm.name
+        assert vm.kernel_version.startswith(vm.line + "."), (vm.name, vm.kernel_version)
         assert "TRACEFS_MOUNTED" in out and "KPROBE_EVENTS_EXISTS" in out, f"{vm.name}: {out}"
         assert "ADDED: p:fplabtest/t do_sys_openat2" in out, f"{vm.name}: {out}"
         assert "EVENT_DIR" in out, f"{vm.name}: {out}"
@@ -148,7 +154,7 @@ def test_down_after_controller_crash_stops_only_our_qemu(lab_fleet: LabForTests,
                                   start_new_session=True)
     bystander = subprocess.Popen(["sleep", "300"])
     try:
-        pidfile = lab_dir / "vms" / "lab-x86_64-1" / "qemu.pid"
+        pidfile = lab_dir / "vms" / "lab-x86_64-6.1-1" / "qemu.pid"
         deadline = time.monotonic() + 120
         while not pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -170,10 +176,10 @@ def test_down_after_controller_crash_stops_only_our_qemu(lab_fleet: LabForTests,
         (decoy / "qemu.pid").write_text(f"{bystander.pid}\n")
 
         stopped = lab.down(lab_dir)
-        assert stopped == ["lab-x86_64-1"]
+        assert stopped == ["lab-x86_64-6.1-1"]
         assert _qemu_pids_for(lab_dir) == []
         assert bystander.poll() is None, "lab down signalled a process that is not its qemu"
-        assert not lab_vm.VMPaths(lab_dir / "vms" / "lab-x86_64-1").pidfile.exists()
+        assert not lab_vm.VMPaths(lab_dir / "vms" / "lab-x86_64-6.1-1").pidfile.exists()
     finally:
         bystander.kill()
         bystander.wait()

@@ -44,7 +44,7 @@ COMMON = ["--no-live", "--connect-timeout", "60s", "--setup-timeout", "300s", "-
 
 #: The registers the seed printed, per `uname -m` (fp_kprobe README).
 REGISTERS = {"x86_64": ("ip", "flags"), "ppc64le": ("nip", "msr"), "mips64": ("cp0_epc", "cp0_status"),
-             "mips": ("cp0_epc", "cp0_status")}
+             "mips": ("cp0_epc", "cp0_status"), "aarch64": ("pc", "pstate")}
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real kprobes on real kernels: the shipped kprobe/kretprobe playbooks across x86_64, ppc64le and mips64el.
+"""Real kprobes on real kernels: the shipped kprobe/kretprobe playbooks across x86_64, ppc64le, mips64el, arm64.
 
 One `fleetprobe run` covers the whole lab fleet; the assertions come from
 the merged report and from each VM's tracefs afterwards.
@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: Where each arch's portable argN lands when the kernel's tracefs README lists no $arg<N>
 #: (ppc64le and mips 6.1), or $argN where it does (x86_64).
-SECOND_ARG = {"x86_64": ("$arg2", "%si"), "ppc64le": ("%r4",), "mips64": ("%r5",), "mips": ("%r5",)}
+SECOND_ARG = {"x86_64": ("$arg2", "%si"), "ppc64le": ("%r4",), "mips64": ("%r5",), "mips": ("%r5",),
+              "aarch64": ("$arg2",)}
 
 
 def leftovers(lab: LabForTests, vm: Any) -> str:
@@ -105,7 +106,8 @@ def test_opensnoop_across_three_architectures(lab_fleet: LabForTests, tmp_path: 
         if h["status"] == "ok":
             delivered += 1
             definition = h["placed_probes"]["open"]
-            assert any(f"+0({reg}):ustring" in definition for reg in SECOND_ARG[vm.uname_m]), (vm.arch, definition)
+            # The kernel's copy of the name (struct filename at do_filp_open), not the user's pointer (issue 9).
+            assert any(f"+0(+0({reg})):string" in definition for reg in SECOND_ARG[vm.uname_m]), (vm.arch, definition)
             assert h["placed_probes"]["open_ret"].startswith("r"), h["placed_probes"]
             assert h["hits"]["open"] > 0 and h["hits"]["open_ret"] > 0, h["hits"]
             assert set(h["loss"]["probe_misses"]) >= {"open", "open_ret"}, "kprobe_profile was read"

@@ -77,7 +77,7 @@ def check_renamed(ko: bytes, source_name: str) -> None:
         with_module_name(ko, "fp_" + "x" * 53)
 
 
-@pytest.mark.parametrize("lab_arch", ["x86_64", "ppc64le", "mips64el", "mipsel"])
+@pytest.mark.parametrize("lab_arch", ["x86_64", "ppc64le", "mips64el", "mipsel", "arm64"])
 def test_cross_build_for_lab_kernel(lab_arch: str, lab_kernels: dict[str, LabKernel], tmp_path: Path) -> None:
     k = lab_kernels[lab_arch]
     fleet = [lab_facts(k, f"{lab_arch}-{i}") for i in range(3)]

@@ -37,15 +37,17 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SHARED_CACHE = Path(os.environ.get("FLEETPROBE_TEST_CACHE") or default_cache_dir())
-LAB_ARCHES = ["x86_64", "ppc64le", "mips64el", "mipsel"]
+LAB_ARCHES = ["x86_64", "ppc64le", "mips64el", "mipsel", "arm64"]
 
 # The registers each arch's line carries, and where that arch's kernel text lives
-# (x86_64 and mips64 CKSEG0 at 0xffffffff8..., ppc64 at 0xc000..., mips32 KSEG0 at 0x8...).
+# (x86_64 and mips64 CKSEG0 at 0xffffffff8..., ppc64 at 0xc000..., mips32 KSEG0 at 0x8...,
+# arm64 at 0xffff8...).
 REGISTERS = {
     "x86_64": (("ip", "flags"), 0xffffffff80000000),
     "ppc64le": (("nip", "msr"), 0xc000000000000000),
     "mips64el": (("cp0_epc", "cp0_status"), 0xffffffff80000000),
     "mipsel": (("cp0_epc", "cp0_status"), 0x80000000),
+    "arm64": (("pc", "pstate"), 0xffff800000000000),   # arm64 kernel VA space (48-bit, TTBR1)
 }
 
 
@@ -222,6 +224,8 @@ def test_kprobe_module_on_lab_kernel(arch: str, lab_vms: Any, tmp_path: Path) ->
                 assert all(int(e.fields["flags"]) & 0x2 for e in pre)  # EFLAGS bit 1 always reads 1
             if arch == "ppc64le":
                 assert all(int(e.fields["msr"]) >> 63 == 1 and int(e.fields["msr"]) & 1 for e in pre)  # SF, LE
+            if arch == "arm64":
+                assert all(int(e.fields["pstate"]) & 0xF == 0x5 for e in pre)  # PSTATE.M = EL1h: kernel mode
             assert col.stream.malformed == 0 and col.stream.duplicates == 0
             assert "fp_kprobe " not in modules
 
