@@ -538,12 +538,13 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
                           "a runner says a few hundred; this host's stream is suspect")
     if len(window) == 2:
         out.probed_seconds = round(window[1] - window[0], 3)
-    if report.stop_reason == "reader-exit":
-        # The trace reader ended by itself: someone removed the run's instance (another operator's
-        # "fleetprobe cleanup --force", a negative grace): what the run did not see is not "nothing".
+    if report.stop_reason in ("reader-exit", "signal") and not fr.interrupted.is_set():
+        # The trace reader ended, or the runner was signalled, without the controller asking: someone
+        # removed the run's instance (another operator's "fleetprobe cleanup --force" or a negative
+        # grace stops every process holding it open, the runner too): what it did not see is not "nothing".
         covered = f"{out.probed_seconds:.1f} s" if out.probed_seconds is not None else "an unknown part"
         raise HostError(host, "probe", f"the probes were removed under the run: it saw {covered} of its "
-                        f"{plan.duration:.0f} s", evidence="runner: stopping reader-exit",
+                        f"{plan.duration:.0f} s", evidence=f"runner: stopping {report.stop_reason}",
                         hint="another fleetprobe run or 'fleetprobe cleanup --force' on this host removed "
                              "the run's tracefs instance; rerun when it is alone")
     if report.enabled == 0 and not report.loaded and not report.triggers:
