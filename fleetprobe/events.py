@@ -11,19 +11,20 @@ import json
 import math
 import os
 import re
+import sys
+import time
 from collections.abc import Callable, Mapping
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_event
-from fleetprobe.outfiles import open_private
+from fleetprobe.outfiles import PRIVATE
 
 #: JSON exactly as ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` writes it, without
 #: building an encoder per call.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 #: A str as a JSON string literal, as that encoder writes it (C-accelerated).
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
 #: Trace timestamps whose float repr is the text without trailing zeros: >= 1, at most 15 digits.
@@ -33,6 +34,9 @@ _PID_TEXT = itemgetter(1)
 _CPU_TEXT = itemgetter(2)
 _TS_TEXT = itemgetter(3)
 _EVENT_TEXT = itemgetter(4)
+#: A writer writes what it holds once it holds this much, or once it is this old (issue 11 #16).
+FLUSH_BYTES = 1 << 20
+FLUSH_SECONDS = 1.0
 #: Distinct event texts (and comms) whose JSON a writer remembers.
 EVENT_TAIL_CACHE = 4096
 
@@ -148,22 +152,84 @@ class EventWriter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Open ``path`` for writing (truncates)."""
         self.path = Path(path)
+        #: Events handed to the writer (written, waiting, or dropped after a write error).
         self.count = 0
-        self._f: IO[str] | None = open_private(self.path, buffering=1 << 20)
+        #: Events on disk, whole lines only.
+        self.written = 0
+        #: Why the file stopped growing (a full disk, a file size limit), or "" while it grows.
+        self.error = ""
+        #: Events dropped after ``error``.
+        self.dropped = 0
+        self._fd: int | None = _open_private_fd(self.path)
+        # Our own buffer of whole lines (an io buffer would write a half line when it fills: a killed
+        # controller would leave one, and a full disk another): flushed at FLUSH_BYTES, every
+        # FLUSH_SECONDS (see flush_due) and at every host's end.
+        self._pending: list[str] = []
+        self._pending_events = 0
+        self._pending_len = 0
+        self._size = 0
+        self._last_flush = time.monotonic()
         self._tails = _EventTails()
         self._comms = _Encoded()
         self._cpus = _IntText()
 
+    def _add(self, text: str, events: int) -> None:
+        """Queue whole lines (``events`` of them) for the next flush."""
+        self.count += events
+        if self.error:
+            self.dropped += events
+            return
+        self._pending.append(text)
+        self._pending_events += events
+        self._pending_len += len(text)
+        if self._pending_len >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush_due(self) -> None:
+        """Flush if the last flush is FLUSH_SECONDS old (called by a timer: events may stop coming)."""
+        if self._pending and time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued line. On a write error (ENOSPC, EFBIG, ...) the file is cut back to its
+        last whole line and the writer stops: the run goes on, its report says the events stopped."""
+        self._last_flush = time.monotonic()
+        if not self._pending or self._fd is None:
+            return
+        data = "".join(self._pending).encode("utf-8", "replace")
+        events = self._pending_events
+        self._pending, self._pending_events, self._pending_len = [], 0, 0
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.error = f"{self.path}: {exc.strerror or exc} after {self.written} events"
+            self.dropped += events
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            return
+        self._size += len(data)
+        self.written += events
+
     def write(self, ev: TraceEvent) -> None:
         """Append one event."""
-        if self._f is None:
+        if self._fd is None:
             raise ValueError(f"{self.path}: event writer is closed")
-        self._f.write(_encode_json(ev.to_json()) + "\n")
-        self.count += 1
+        data = ev.to_json()
+        try:
+            text = _encode_json(data)
+        except ValueError:
+            # inf/nan (a host's clock or numbers out of range): null, never "Infinity" (not JSON).
+            text = _encode_json(_finite(data))
+        self._add(text + "\n", 1)
 
     def write_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
         """Append every row of ``host``'s batch, in order (one write for the batch)."""
-        if self._f is None:
+        if self._fd is None:
             raise ValueError(f"{self.path}: event writer is closed")
         rows = batch.rows
         if not rows:
@@ -194,17 +260,17 @@ class EventWriter:
             # A pid printed with leading zeros or in other digits: JSON has the int.
             pids = list(map(str, map(int, pids)))
         tails, comms, cpus = self._tails, self._comms, self._cpus
-        self._f.write("".join([
+        self._add("".join([
             f'{head}{time},"trace_ts":{ts},"cpu":{cpus[cpu]},"pid":{pid},"comm":{comms[comm]}{tails[text]}'
             for head, time, ts, (comm, _, cpu, _, text), pid
-            in zip(map(heads.__getitem__, batch.names), time_json, ts_json, rows, pids)]))
-        self.count += len(rows)
+            in zip(map(heads.__getitem__, batch.names), time_json, ts_json, rows, pids)]), len(rows))
 
     def close(self) -> None:
         """Flush and close (idempotent)."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if self._fd is not None:
+            self.flush()
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> EventWriter:
         """Context manager entry."""
@@ -214,6 +280,31 @@ class EventWriter:
                  tb: TracebackType | None) -> None:
         """Close on exit."""
         self.close()
+
+
+def _finite(data: dict[str, object]) -> dict[str, object]:
+    """``data`` (an event's JSON dict) with every non-finite float, top level or in fields, as None."""
+    def fix(v: object) -> object:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    out = {k: fix(v) for k, v in data.items()}
+    fields = data.get("fields")
+    if isinstance(fields, dict):
+        out["fields"] = {k: fix(v) for k, v in fields.items()}
+    return out
+
+
+def _open_private_fd(path: Path) -> int:
+    """A raw descriptor for :func:`fleetprobe.outfiles.open_private`'s file (0600, never through a
+    symlink; ``-`` is standard output): the writer buffers whole lines itself."""
+    if str(path) == "-":
+        return os.dup(sys.stdout.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE)
+    try:
+        os.fchmod(fd, PRIVATE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _row_event(host: str, ev: tuple[str, float, float, int, int, str, str]) -> TraceEvent:

@@ -44,6 +44,11 @@ PART_CAP_FACTOR = 16
 FLEET_CAP_FACTOR = 200
 #: Entries a return probe may wait for at most, per (host, entry probe).
 PENDING_CAP = 65536
+#: Field tables one probe keeps on one host: a field name is whatever precedes "=" in the printed
+#: text, and a user chooses printed paths ("a=1 b=1 ..."), so names are bounded like values.
+MAX_FIELDS_PER_PROBE = 64
+#: Characters of one value kept in a table (a longer one is cut and marked).
+MAX_VALUE_CHARS = 1024
 COMM_FIELD = "comm"
 # Columns of a parse.Row.
 _COMM = itemgetter(0)
@@ -85,17 +90,26 @@ class _ProbeState:
             for name, text in split_args(args)[1].items():
                 value = converted.get(text)
                 if value is None:
-                    value = converted[text] = parse_value(text)
+                    value = converted[text] = parse_value(text) if len(text) <= MAX_VALUE_CHARS else \
+                        text[:MAX_VALUE_CHARS] + "...(cut)"
                 values = by_field.get(name)
                 if values is None:
                     values = by_field[name] = []
                 values.append((value, n))
         for name, values in by_field.items():
-            table = self.fields.get(name)
-            if table is None:
-                table = self.fields[name] = TopValues(cap)
-            table.add_all(values)
+            table = self._table(name, cap)
+            if table is not None:
+                table.add_all(values)
         self.args = {}
+
+    def _table(self, name: str, cap: int) -> TopValues | None:
+        """The value table of field ``name``, made if there is room (None: over MAX_FIELDS_PER_PROBE)."""
+        table = self.fields.get(name)
+        if table is None:
+            if len(self.fields) >= MAX_FIELDS_PER_PROBE:
+                return None
+            table = self.fields[name] = TopValues(cap)
+        return table
 
 
 class _HostPart:
@@ -387,10 +401,11 @@ class FleetAggregate:
         self.add_line(ev.host, ev.probe, ev.trace_ts, ev.time, ev.cpu, ev.pid, ev.comm, "")
         st = self._parts[ev.host].probes[ev.probe]
         for name, value in ev.fields.items():
-            table = st.fields.get(name)
-            if table is None:
-                table = st.fields[name] = TopValues(self.part_cap)
-            table.add(value, 1)
+            table = st._table(name, self.part_cap)
+            if table is not None:
+                if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+                    value = value[:MAX_VALUE_CHARS] + "...(cut)"
+                table.add(value, 1)
 
     # -- hosts ------------------------------------------------------------------------------
 
@@ -603,8 +618,16 @@ def _sample_dict(host: str, probe: str, trace_ts: float, time: float, cpu: int, 
                  comm: str, args: str) -> dict[str, Any]:
     """A sampled event as a JSON-ready dict (fields parsed now: only sampled events pay for it)."""
     site, values = parse_fields(args)
+    cut = {k: _cut(v) for k, v in list(values.items())[:MAX_FIELDS_PER_PROBE]}
     return {"host": host, "probe": probe, "time": time, "trace_ts": trace_ts, "cpu": cpu, "pid": pid,
-            "comm": comm, "site": site, "fields": values}
+            "comm": _cut(comm), "site": _cut(site), "fields": cut}
+
+
+def _cut(value: Value) -> Value:
+    """A str value cut to MAX_VALUE_CHARS (marked), anything else as it is."""
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        return value[:MAX_VALUE_CHARS] + "...(cut)"
+    return value
 
 
 def aggregate_events(events: Iterable[TraceEvent], pairs: Mapping[str, str] | None = None,

@@ -13,6 +13,7 @@ itself, with the controller's part in ``finally`` blocks.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,7 +31,7 @@ from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
-from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream
+from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
 from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
@@ -318,8 +319,13 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     ping_sent = 0.0
 
+    # Controller time when the runner said its probes were on, and when it said it was stopping.
+    window: list[float] = []
+
     def on_control(text: str) -> None:
         report.handle(text)
+        if text.startswith(("started", "stopping")) and len(window) < 2:
+            window.append(time.time())
         if text.startswith("ownfilter") and report.own_pids:
             # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
             parser.exclude_pids(set(report.own_pids))
@@ -333,10 +339,14 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
                 out.clock_offset, out.clock_error = sample
                 clock.offset, clock.error = sample
 
+    # Per host and run: the runner's control lines carry it, a user's file name cannot (issue 11).
+    secret = secrets.token_hex(16)
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
-                         on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock)
+                         on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock,
+                         control_prefix=control_prefix(secret))
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=plan.duration,
-                                 deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules)
+                                 deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules,
+                                 secret=secret)
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
     splitter = MarkerSplitter() if modules else None
     kmsg = KmsgCollector(host, fr.run_id)
@@ -398,6 +408,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         """
         nonlocal runner_dead, guard, next_tick
         now = time.monotonic()
+        if flush_due is not None:
+            # At least once a second on disk, whole lines: a killed controller keeps what it had (issue 11 #16).
+            flush_due()
         if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
@@ -414,6 +427,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             stream.write(b"tick\n")
         guard = loop.call_later(1, watchdog)
 
+    flush_due: Callable[[], None] | None = getattr(sink, "flush_due", None)
     guard = loop.call_later(1, watchdog)
     last_seen = 0
     link_error: TransportError | None = None
@@ -448,6 +462,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         guard.cancel()
         if fr.interrupted.is_set() and not report.bye:
             stop()
+        host_flush: Callable[[], None] | None = getattr(sink, "flush", None)
+        if host_flush is not None:
+            host_flush()
     out.events = counter.accepted
     out.hits = dict(counter.counts)
     loss = report.loss(plan.group)
@@ -459,6 +476,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         loss.hist_dropped = add_host_tables(results, host, plan, report, stream_tables, loss.capped, out.hits)
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
+    out.multiline_events = parser.stats.multiline
+    out.overlong_lines = parser.stats.overlong
     out.unattributed_lines = parser.stats.unknown_lines
     out.unattributed = dict(parser.stats.unknown)
     out.unattributed_examples = list(parser.stats.unknown_examples)
@@ -515,6 +534,20 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
         raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
+    if report.dropped:
+        out.alerts.append(f"the runner sent {report.dropped} control lines past the {report.MAX_LINES} kept: "
+                          "a runner says a few hundred; this host's stream is suspect")
+    if len(window) == 2:
+        out.probed_seconds = round(window[1] - window[0], 3)
+    if report.stop_reason in ("reader-exit", "signal") and not fr.interrupted.is_set():
+        # The trace reader ended, or the runner was signalled, without the controller asking: someone
+        # removed the run's instance (another operator's "fleetprobe cleanup --force" or a negative
+        # grace stops every process holding it open, the runner too): what it did not see is not "nothing".
+        covered = f"{out.probed_seconds:.1f} s" if out.probed_seconds is not None else "an unknown part"
+        raise HostError(host, "probe", f"the probes were removed under the run: it saw {covered} of its "
+                        f"{plan.duration:.0f} s", evidence=f"runner: stopping {report.stop_reason}",
+                        hint="another fleetprobe run or 'fleetprobe cleanup --force' on this host removed "
+                             "the run's tracefs instance; rerun when it is alone")
     if report.enabled == 0 and not report.loaded and not report.triggers:
         raise HostError(host, "probe", "the kernel refused every probe",
                         evidence="; ".join(f"{k}: {v}" for k, v in report.refused.items()) or None)
@@ -710,4 +743,7 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
     run = RunInfo(run_id=run_id, playbook=playbook.name, playbook_path=playbook.source,
                   playbook_sha256=playbook.sha256, started=started, ended=time.time(),
                   inventory=inventory, argv=list(argv or []), version=__version__)
+    if writer is not None:
+        run.events_written = writer.written
+        run.events_truncated = writer.error
     return FleetReport(run, aggregate, outcomes)

@@ -110,6 +110,13 @@ class HostOutcome:
     #: Things an operator must hear about even when the host is "ok" (an oops during the run ...).
     alerts: list[str] = field(default_factory=list)
     unparsed_lines: int = 0
+    #: Events whose text went on over several lines (a newline in a string the kernel printed raw:
+    #: a file name a user chose); each is one event, its text with the newlines escaped.
+    multiline_events: int = 0
+    #: Seconds between the runner's "started" and "stopping" (controller clock): the window probed.
+    probed_seconds: float | None = None
+    #: Lines dropped unread for their length (parse.MAX_LINE_BYTES).
+    overlong_lines: int = 0
     #: Event lines of the run's own instance that are no probe's (printed under a name the plan did
     #: not expect): counted, by printed name, with a few examples. Such a host is not audited.
     unattributed_lines: int = 0

@@ -107,6 +107,15 @@ class Control:
 Parsed = TraceEvent | Marker | Loss | Control | None
 
 CONTROL_PREFIX = "@@fp "
+
+
+def control_prefix(secret: str) -> str:
+    """The prefix of the runner's own lines in a run with ``secret`` (runner.sh ``secret`` directive).
+
+    The secret is sent with the plan; neither the kernel nor a user on the host sees it, so
+    a printed file name cannot start a line with it.
+    """
+    return f"@@fp:{secret} "
 MARKER_EVENT = "tracing_mark_write"
 MARKER_WORD = "fpsync"
 #: The runner's heartbeat (a marker without a clock reading: it costs the host no process).
@@ -127,7 +136,11 @@ WHOLE_SECOND_UNCERTAINTY = 1.0
 # bracket), and optional parts as ``(?:X|)`` rather than ``(?:X)?`` (the same
 # order of trials; a branch costs the engine less than a repeat).  Together
 # about 20% less time per line than the plain form.
-_HEAD = r" *+(.*?)-(\d++) ++(?:\( *+(?:\d++|-++)\) ++|)\[(\d++)\] ++(?:\S{1,8} +|)(\d++\.\d++): "
+# Numbers are bounded (issue 11 #7): a pid or tgid of at most 10 digits, a cpu of 6, a timestamp of
+# 12.9 (trace clocks count seconds since boot, or since the epoch): a line with more is no
+# header (a 400-digit timestamp would be inf, a 5000-digit pid no int JSON can read back).
+_HEAD = (r" *+(.*?)-(\d{1,10}+) ++(?:\( *+(?:\d{1,10}+|-++)\) ++|)\[(\d{1,6}+)\] ++(?:\S{1,8} +|)"
+         r"(\d{1,12}+\.\d{1,9}+): ")
 # One line (parse_line): the head, then the event text (split by split_event).
 _LINE_RE = re.compile(_HEAD + r"([^: \n].*)")
 # Every line of a decoded chunk in one findall, one row per line (lines end at
@@ -148,7 +161,7 @@ _EVENT_TEXT_RE = re.compile(r"([^: (]+)(\(| -> |:? ?)(.*)", re.S)
 # bare %lx before), maybe followed by a quoted user string (kernels that read them).
 _SYSCALL_ARG_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*): (?:0x)?([0-9a-fA-F]+)(?: ("(?:[^"]|"(?!, [A-Za-z_]\w*: |\)$))*"))?'
                              r'(?:, |\)$)')
-_LOSS_RE = re.compile(r"^\s*CPU:\s*(\d+)\s+\[LOST\s+(\d+)\s+EVENTS\]")
+_LOSS_RE = re.compile(r"^\s*CPU:\s*(\d{1,6})\s+\[LOST\s+(\d{1,19})\s+EVENTS\]")
 _DEC_RE = re.compile(r"-?[0-9]+\Z")
 _HEXDIGITS = frozenset("0123456789abcdefABCDEF")
 
@@ -160,10 +173,12 @@ def parse_value(text: str) -> int | str:
     value, because the kernel printed them that way and the probe chose the type.
     ``(fault)`` (a string the kernel could not read) stays a string.
     """
-    if text.isdigit() and text.isascii():
+    if text.isdigit() and text.isascii() and len(text) <= 20:
         # The common case (pids, counts), decided without the regex below.
         return int(text, 16) if text[0] == "0" and len(text) >= 8 else int(text)
-    if not text:
+    if not text or len(text) > 22:
+        # No kernel prints a 64-bit number in more than 20 digits (22 with "0x"/"-"): a longer one
+        # stays text (5000 digits are a ValueError in int(), and an int no JSON reader takes back).
         return text
     c = text[0]
     if c == '"':
@@ -275,7 +290,7 @@ def parse_marker(trace_ts: float, text: str) -> Marker | None:
     if len(parts) < 2 or parts[0] != MARKER_WORD:
         return None
     whole, dot, frac = parts[1].partition(".")
-    if not whole.isdigit():
+    if not whole.isdigit() or len(whole) > 12 or len(frac) > 12:
         return None
     if dot and frac.isdigit():
         realtime = float(whole + "." + frac)
@@ -290,7 +305,7 @@ def parse_marker(trace_ts: float, text: str) -> Marker | None:
             stated = float(parts[2])
         except ValueError:
             return None
-        if not math.isfinite(stated) or stated < 0:
+        if not math.isfinite(stated) or not 0 <= stated <= 3600:
             return None
         uncertainty = stated
     if not math.isfinite(realtime):
@@ -361,6 +376,10 @@ class StreamStats:
     unsynced: int = 0
     unknown: dict[str, int] = field(default_factory=dict)
     unparsed_examples: list[str] = field(default_factory=list)
+    #: Lines longer than MAX_LINE_BYTES, dropped without being kept.
+    overlong: int = 0
+    #: Events whose text went on over more than one line (a newline in a string the kernel printed).
+    multiline: int = 0
     unknown_lines: int = 0
     unknown_examples: list[str] = field(default_factory=list)
     #: Events of fleetprobe's own processes (the runner's pids) dropped here: the kernel could not.
@@ -372,10 +391,14 @@ class StreamStats:
                 "control": self.control, "loss_lines": self.loss_lines, "lost_events": self.lost_events,
                 "unparsed": self.unparsed, "unsynced": self.unsynced, "unknown": dict(self.unknown),
                 "unparsed_examples": list(self.unparsed_examples), "unknown_lines": self.unknown_lines,
-                "unknown_examples": list(self.unknown_examples), "own_events": self.own_events}
+                "unknown_examples": list(self.unknown_examples), "own_events": self.own_events,
+                "overlong": self.overlong, "multiline": self.multiline}
 
 
 MAX_UNKNOWN_NAMES = 64
+#: The longest line a stream keeps (bytes or characters). The kernel prints an event into one
+#: page-sized buffer (trace_seq, 8 KiB on 6.x); a line past this is a host's attack, not an event.
+MAX_LINE_BYTES = 256 * 1024
 MAX_UNPARSED_EXAMPLES = 5
 
 
@@ -555,9 +578,17 @@ class TraceStream:
                  on_control: Callable[[str], None] | None = None,
                  on_marker: Callable[[Marker], None] | None = None,
                  on_loss: Callable[[Loss], None] | None = None,
-                 clock: ClockLike | None = None) -> None:
-        """Set up a stream for ``host``; ``names`` maps trace event names to probe names."""
+                 clock: ClockLike | None = None,
+                 control_prefix: str = CONTROL_PREFIX) -> None:
+        """Set up a stream for ``host``; ``names`` maps trace event names to probe names.
+
+        ``control_prefix`` starts the runner's own lines: ``@@fp:<secret> `` with the
+        run's secret (see :func:`control_prefix`), so that no text the kernel prints
+        (a file name a user chose) can pass for one.
+        """
         self.host = host
+        self.control_prefix = control_prefix
+        self._prefix_bytes = control_prefix.encode()
         self.names = dict(names)
         self.aggregate = aggregate
         self.on_event = on_event
@@ -582,7 +613,15 @@ class TraceStream:
         self._rows: list[Row] = []
         self._row_names: list[str] = []
         self._counts: dict[str, int] = {}
-        self._tail = b""
+        # The partial last line, as pieces (appending to one bytes object would copy it again per
+        # chunk: quadratic in a line that never ends); _tail_len bytes in all.
+        self._tail: list[bytes] = []
+        self._tail_len = 0
+        # Dropping an overlong line up to its newline.
+        self._discarding = False
+        # The last event line read: the next chunk may go on with its text (a newline in a string).
+        self._pending: Row | None = None
+        self._pending_joined = False
         self._slope = 1.0
         self._intercept = 0.0
         self._synced = False
@@ -598,23 +637,67 @@ class TraceStream:
         self._own = frozenset(str(p) for p in pids)
 
     def feed(self, data: bytes) -> None:
-        """Consume one chunk of the channel's bytes."""
+        """Consume one chunk of the channel's bytes.
+
+        Linear in the bytes fed: only the new chunk is searched for newlines. A line longer
+        than :data:`MAX_LINE_BYTES` is dropped whole (counted in ``stats.overlong``), never
+        kept. The chunk's last event waits for the next chunk, which may continue its text
+        (see :meth:`_continued`).
+        """
         if not data:
             return
         self.stats.bytes += len(data)
-        buf = self._tail + data if self._tail else data
-        cut = buf.rfind(b"\n")
+        if self._discarding:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return
+            self._discarding = False
+            data = data[nl + 1:]
+        cut = data.rfind(b"\n")
         if cut < 0:
-            self._tail = buf
+            self._keep(data)
             return
-        self._tail = buf[cut + 1:]
-        self._text(buf[:cut].decode("utf-8", "replace"))
+        if self._tail:
+            first = data.find(b"\n")
+            if self._tail_len + first > MAX_LINE_BYTES:
+                self._overlong()
+                data = data[first + 1:]
+                cut -= first + 1
+            else:
+                data = b"".join(self._tail) + data
+                cut += self._tail_len
+            self._tail, self._tail_len = [], 0
+        self._keep(data[cut + 1:])
+        if cut >= 0:
+            self._text(data[:cut].decode("utf-8", "replace"), final=False)
+
+    def _keep(self, data: bytes) -> None:
+        """Keep a partial line for the next chunk, unless it grew past the cap."""
+        if not data:
+            return
+        if self._tail_len + len(data) > MAX_LINE_BYTES:
+            self._overlong()
+            self._tail, self._tail_len = [], 0
+            self._discarding = True
+            return
+        self._tail.append(data)
+        self._tail_len += len(data)
+
+    def _overlong(self) -> None:
+        """Count a line dropped for its length."""
+        self.stats.overlong += 1
+        self.stats.lines += 1
 
     def close(self) -> None:
-        """End of stream: parse a last line that had no newline."""
-        if self._tail:
-            tail, self._tail = self._tail, b""
-            self._text(tail.decode("utf-8", "replace"))
+        """End of stream: parse a last line that had no newline, and the event held for continuation."""
+        tail = b"".join(self._tail)
+        self._tail, self._tail_len, self._discarding = [], 0, False
+        if tail:
+            self._text(tail.decode("utf-8", "replace"), final=True)
+        elif self._pending is not None:
+            rows, self._pending = [self._pending], None
+            self._events(rows)
+            self._flush()
 
     def _sync(self) -> None:
         """Refresh the cached linear map from trace time to controller time."""
@@ -622,12 +705,28 @@ class TraceStream:
             self._slope, self._intercept = self.clock.linear()
             self._synced = True
 
-    def _text(self, text: str) -> None:
-        """Whole lines (joined by "\n"): events in runs, the other lines one by one, in order."""
+    def _text(self, text: str, *, final: bool) -> None:
+        """Whole lines (joined by "\n"): events in runs, the other lines one by one, in order.
+
+        Unless ``final``, the last line, if it is an event, is held back (``_pending``) for
+        the next text, whose first lines may continue it; not our own clock and heartbeat
+        markers (no user's text is in them, and the heartbeat judge must see them at once).
+        """
         rows: list[Row] = (_ASCII_LINES_RE if text.isascii() else _LINES_RE).findall(text)
+        joined = False
+        if self._pending is not None:
+            rows.insert(0, self._pending)
+            self._pending, joined = None, self._pending_joined
         if all(map(_PID, rows)):
+            if len(text) > MAX_LINE_BYTES:
+                rows = self._capped(rows)
+            if not final and rows and not rows[-1][4].startswith(MARKER_EVENT):
+                self._pending, self._pending_joined = rows.pop(), False
             self._events(rows)
         else:
+            rows, joined = self._continued(rows, joined)
+            if not final and rows and rows[-1][1] and not rows[-1][4].startswith(MARKER_EVENT):
+                self._pending, self._pending_joined = rows.pop(), joined
             start = 0
             for i in [i for i, row in enumerate(rows) if not row[1]]:
                 self._events(rows[start:i])
@@ -635,6 +734,54 @@ class TraceStream:
                 start = i + 1
             self._events(rows[start:])
         self._flush()
+
+    def _capped(self, rows: list[Row]) -> list[Row]:
+        """Rows without the ones whose text is longer than the line cap (counted)."""
+        kept = [row for row in rows if len(row[4]) <= MAX_LINE_BYTES]
+        for _ in range(len(rows) - len(kept)):
+            self._overlong()
+        return kept
+
+    def _continued(self, rows: list[Row], joined: bool) -> tuple[list[Row], bool]:
+        """Fold every line that is neither a trace header nor a control or loss line into the event before it.
+
+        The kernel prints ``%s`` fields raw: a file name with a newline in it goes on over
+        several lines, and whatever follows the newline (a user's choice) must stay part of
+        that event's text, escaped as ``\\n``, never become an event or a control line of
+        its own. A line after no event at all is garbage (unparsed). Each event whose text
+        held a newline is counted once (``stats.multiline``); ``joined`` says whether the
+        first row (an event held from the last chunk) was already continued, and the
+        result's second item whether the last event was.
+        """
+        out: list[Row] = []
+        prefix = self.control_prefix
+        last = -1          # index in out of the event the next stray line continues, or -1
+        for row in rows:
+            if row[1]:
+                if out:
+                    joined = False
+                out.append(row)
+                # Our own markers hold no user's text: a stray line after one continues nothing.
+                last = -1 if row[4].startswith(MARKER_EVENT) else len(out) - 1
+                continue
+            line = row[4]
+            if line.startswith(prefix) or (line.startswith("CPU:") and _LOSS_RE.match(line)):
+                out.append(row)
+                last = -1
+                continue
+            if last < 0:
+                out.append(row)
+                continue
+            comm, pid, cpu, ts, ev_text = out[last]
+            if len(ev_text) + len(line) > MAX_LINE_BYTES:
+                # The event stays as it was; what would make it overlong is dropped and counted.
+                self._overlong()
+                continue
+            out[last] = (comm, pid, cpu, ts, ev_text + "\\n" + line)
+            if not joined:
+                self.stats.multiline += 1
+                joined = True
+        return out, joined and last == len(out) - 1
 
     def _events(self, rows: list[Row]) -> None:
         """A run of event lines: the run's own events join the batch; markers and others' events are counted."""
@@ -734,11 +881,12 @@ class TraceStream:
     def _other(self, line: str) -> None:
         """A line that is not an event: control, loss, blank or garbage."""
         stats = self.stats
-        if line.startswith(CONTROL_PREFIX):
+        prefix = self.control_prefix
+        if line.startswith(prefix):
             stats.lines += 1
             stats.control += 1
             if self.on_control is not None:
-                self.on_control(line[len(CONTROL_PREFIX):])
+                self.on_control(line[len(prefix):])
             return
         if not line.strip():
             return

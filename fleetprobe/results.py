@@ -30,6 +30,9 @@ class RunInfo:
     argv: list[str] = field(default_factory=list)
     version: str = ""
     shards: list[str] = field(default_factory=list)
+    #: --events: the events on disk, and why the file stopped short of the run ("" = it did not).
+    events_written: int | None = None
+    events_truncated: str = ""
 
     @property
     def duration(self) -> float:
@@ -41,13 +44,14 @@ class RunInfo:
         return {"run_id": self.run_id, "playbook": self.playbook, "playbook_path": self.playbook_path,
                 "playbook_sha256": self.playbook_sha256, "started": self.started, "ended": self.ended,
                 "duration": self.duration, "inventory": self.inventory, "argv": list(self.argv),
-                "version": self.version, "shards": list(self.shards)}
+                "version": self.version, "shards": list(self.shards), "events_written": self.events_written,
+                "events_truncated": self.events_truncated}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RunInfo:
         """Inverse of :meth:`to_json`."""
         keys = ("run_id", "playbook", "playbook_path", "playbook_sha256", "started", "ended",
-                "inventory", "argv", "version", "shards")
+                "inventory", "argv", "version", "shards", "events_written", "events_truncated")
         return cls(**{k: d[k] for k in keys if k in d})
 
 

@@ -19,6 +19,11 @@ way a real host misbehaves:
 ``hostile``     interleaves garbage into the runner's stdout at line boundaries:
                 invalid UTF-8, NUL bytes, a 1 MB line, a fake ``@@fp error`` line.
 ``auth_fail``   accepts no client key.
+``flood_*``     once the runner said "started", sends an attack on the controller's memory and CPU, then
+                the runner's own output (issue 11 #5): ``flood_lines`` 30 lines of 20 MB,
+                ``flood_fields`` exec events with 1500 distinct field names, ``flood_nonl`` 400 MB
+                without a newline, ``flood_control`` a million unframed and framed-looking control lines;
+                ``flood_facts`` 300 MB of facts before their end marker.
 
 Any host can also lie in its facts: :attr:`SimHost.fake_facts` replaces whole sections of
 the real facts script's output (``{"uname": ["x86_64", "[/]", "#1"]}``), as a compromised
@@ -43,7 +48,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +58,8 @@ import asyncssh
 
 T = TypeVar("T")
 
-PERSONALITIES = ("normal", "slow", "hang", "drop_after", "kill_runner", "hostile", "auth_fail")
+PERSONALITIES = ("normal", "slow", "hang", "drop_after", "kill_runner", "hostile", "auth_fail",
+                 "flood_lines", "flood_fields", "flood_nonl", "flood_control", "flood_facts")
 
 #: What the hostile personality injects, one item per injection point.
 HOSTILE_GARBAGE: tuple[bytes, ...] = (
@@ -232,14 +238,16 @@ class _Session:
         if p.kind == "kill_runner" and log.kind == "runner":
             dropper = asyncio.ensure_future(self._kill_runner(proc.pid, p.delay))
         hostile = p.kind == "hostile" and log.kind == "runner"
+        flood = p.kind if p.kind.startswith("flood_") and log.kind == "runner" else ""
         out = (self._pump_lies(proc.stdout, process.stdout) if log.kind == "facts" and host.fake_facts
-               else self._pump_out(proc.stdout, process.stdout, hostile))
+               else self._pump_out(proc.stdout, process.stdout, hostile, flood))
         pumps = [asyncio.ensure_future(_pump_in(process, proc)),
                  asyncio.ensure_future(out),
                  asyncio.ensure_future(self._pump_out(proc.stderr, process.stderr, False))]
         status = await proc.wait()
         log.exit_status = status
-        await asyncio.wait(pumps[1:], timeout=5)
+        # A flood takes longer to send than the runner takes to finish: let it all out.
+        await asyncio.wait(pumps[1:], timeout=300 if flood else 5)
         pumps[0].cancel()
         if dropper is not None:
             dropper.cancel()
@@ -327,7 +335,7 @@ class _Session:
             pass
 
     async def _pump_out(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes],
-                        hostile: bool) -> None:
+                        hostile: bool, flood: str = "") -> None:
         """Copy the command's output to the channel; once the link is gone, stop reading (the pipe closes).
 
         The hostile personality adds one garbage item after each of the first
@@ -344,10 +352,49 @@ class _Session:
                     cut = data.rindex(b"\n") + 1
                     data = data[:cut] + garbage.pop(0) + data[cut:]
                     self.host.hostile_injected += 1
+                if flood == "flood_facts":
+                    for piece in _flood(flood):
+                        if not self.link_up:
+                            return
+                        dst.write(piece)
+                        await dst.drain()
+                    flood = ""
+                if flood and b" started enabled=" in data:
+                    cut = data.index(b" started enabled=")
+                    cut = data.index(b"\n", cut) + 1
+                    dst.write(data[:cut])
+                    for piece in _flood(flood):
+                        if not self.link_up:
+                            return
+                        dst.write(piece)
+                        await dst.drain()
+                    self.host.hostile_injected += 1
+                    flood, data = "", data[cut:]
                 dst.write(data)
                 await dst.drain()
         except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
             pass
+
+
+def _flood(kind: str) -> Iterator[bytes]:
+    """The bytes of one flood attack, in pieces of about 1 MiB (never held whole)."""
+    mib = b"y" * (1 << 20)
+    if kind == "flood_lines":
+        for _ in range(30):
+            yield from [mib] * 20
+            yield b"\n"
+    elif kind == "flood_fields":
+        for i in range(30):
+            names = " ".join(f"f{i}_{j}=1" for j in range(50))
+            yield (f"   x-1 [000] ..... 1.{i:06d}: sched_process_exec: {names}\n" * 2000).encode()
+    elif kind == "flood_nonl":
+        yield from [mib] * 400
+        yield b"\n"
+    elif kind == "flood_facts":
+        yield from [b"kernel_symbol=x " * 65536] * 300
+    elif kind == "flood_control":
+        for _ in range(100):
+            yield b"@@fp placed x\n@@fp:0000 error y\n" * 10000
 
 
 class SimFleet:

@@ -118,6 +118,7 @@ def test_every_line_is_a_probes_or_counted() -> None:
     lines = [ENTER_618, EXIT_618] + [
         f"  x-1 [000] ..... 1.{i:06d}: ev{i}: a=1" for i in range(100)]
     s.feed(("\n".join(lines) + "\n").encode())
+    s.close()
     assert s.stats.events == 1
     assert s.stats.unknown_lines == 101          # every one, past the 64 names kept by name
     assert s.stats.unknown["sys_openat ->"] == 1 and len(s.stats.unknown) == 64

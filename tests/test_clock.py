@@ -66,6 +66,7 @@ def test_stream_uses_final_fit_for_later_events() -> None:
            b"  sh-1 [000] ..... 400.000000: e: n=1\n"
            b"  sh-1 [000] ...1. 700.000000: tracing_mark_write: fpsync 1764120600.030000 0.000001\n"
            b"  sh-1 [000] ..... 700.000000: e: n=2\n")
+    s.close()
     assert got[0].time == pytest.approx(EPOCH + 300.0 + 1.0)
     # After the second marker, 50 ppm drift is fitted: 700 maps to exactly the marker's realtime.
     assert c.slope == pytest.approx(600.03 / 600.0)

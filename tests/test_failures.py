@@ -167,11 +167,12 @@ def test_mixed_fleet_good_hosts_report_bad_hosts_say_why(sim: SimFleet, tmp_path
     assert slow.commands[0].begun is not None and slow.commands[0].begun - slow.commands[0].started >= 0.5
 
     h = hosts["hostile"]
-    # Garbage in its stream is counted, its real events still count, and the fake runner error is reported.
+    # Garbage in its stream is counted (or kept in the event it follows), its real events still count,
+    # the 1 MB line is dropped unkept, and the unframed runner error speaks for nobody (issue 11 #2).
     assert hostile.hostile_injected == 5
     assert h["events"] > 0 and h["hits"].get("exec", 0) > 0, h
-    assert h["unparsed_lines"] >= 4, h
-    assert h["status"] == "failed" and "injected-by-simhost" in h["evidence"], h
+    assert h["unparsed_lines"] + h["multiline_events"] >= 2 and h["overlong_lines"] == 1, h
+    assert h["status"] == "ok" and "injected-by-simhost" not in h["evidence"] + h["reason"], h
     assert h["cleanup"] == "clean", h
 
     h = hosts["drop"]

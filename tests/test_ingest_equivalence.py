@@ -35,7 +35,7 @@ NAMES = {"fp_x_open": "open", "fp_x_open_ret": "open_ret", "sched_process_fork":
 PAIRS = {"open_ret": "open"}
 # The line regex as first written, without the engine-oriented rewrites (possessive runs, (?:X|)).
 PLAIN_LINE_RE = re.compile(
-    r" *(.*?)-(\d+) +(?:\( *(?:\d+|-+)\) +)?\[(\d+)\] +(?:\S{1,8} +)?(\d+\.\d+): ([^: ].*)")
+    r" *(.*?)-(\d{1,10}) +(?:\( *(?:\d{1,10}|-+)\) +)?\[(\d{1,6})\] +(?:\S{1,8} +)?(\d{1,12}\.\d{1,9}): ([^: \n].*)")
 
 COMM = st.one_of(
     st.sampled_from(["sshd", "kworker/u8:2", "my worker x", "a-b", "x-1 [000] y", "k[1]", "c:d", "-", "a- 5",
@@ -121,8 +121,11 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
     stats: dict[str, Any] = {"bytes": len(data), "lines": 0, "events": 0, "markers": 0, "control": 0,
                              "loss_lines": 0, "lost_events": 0, "unparsed": 0, "unsynced": 0, "unknown": {},
                              "unparsed_examples": [], "unknown_lines": 0, "unknown_examples": [],
-                             "own_events": 0}
-    for line in data.decode("utf-8", "replace").split("\n"):
+                             "own_events": 0, "overlong": 0, "multiline": 0}
+    lines = data.decode("utf-8", "replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()    # the end of the last line, not a line
+    for line in _continued(lines, stats):
         if not line:
             continue
         m = _LINE_RE.match(line)
@@ -168,6 +171,29 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
                 stats["unknown_examples"].append(f"{comm}-{pid} [{cpu}] {ts_s}: {text}"[:200])
     out["stats"] = stats
     out["aggregate"] = json.dumps(agg.to_json(), sort_keys=True)
+    return out
+
+
+def _continued(lines: list[str], stats: dict[str, Any]) -> list[str]:
+    """Lines as the stream must see them: a line that is not a trace header, a control line or a
+    loss line goes on with the event line before it (joined by an escaped newline), if any."""
+    out: list[str] = []
+    event = False
+    for line in lines:
+        if m := _LINE_RE.match(line):
+            out.append(line)
+            # A marker (the runner's own trace_marker write) holds no user's text: nothing continues it.
+            event, joined = not m[5].startswith(MARKER_EVENT), False
+        elif line.startswith(CONTROL_PREFIX) or _LOSS_RE.match(line):
+            out.append(line)
+            event = False
+        elif event:
+            out[-1] += "\\n" + line
+            if not joined:
+                stats["multiline"] += 1
+                joined = True
+        else:
+            out.append(line)
     return out
 
 

@@ -192,6 +192,7 @@ def test_memory_does_not_grow_with_events() -> None:
     late = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert late < early * 1.2, (early, late)
+    s.close()
     assert s.stats.events == 80_000
 
 
@@ -255,6 +256,7 @@ def test_event_sample_is_first_n_plus_a_spread_reservoir() -> None:
     agg = FleetAggregate()
     s = TraceStream("h", {"e": "e"}, aggregate=agg)
     s.feed("".join(f"  c-{i % 90 + 1} [000] ..... {1 + i * 1e-5:.6f}: e: i={i}\n" for i in range(10_000)).encode())
+    s.close()
     agg.finish()
     sample = agg.hosts["h"].sample
     assert sample.seen == 10_000

@@ -351,7 +351,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             write_json(report, args.json)
             written.append(f"report written to {args.json}")
-        if args.events:
+        if args.events and report.run.events_truncated:
+            written.append(f"events TRUNCATED: {report.run.events_truncated}; "
+                           f"{report.run.events_written} events kept in {args.events}, the run went on")
+        elif args.events:
             written.append(f"events written to {args.events}")
         written += extras.finish(report)
         render_summary(report, console)

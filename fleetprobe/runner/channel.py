@@ -86,6 +86,8 @@ async def start_runner(session: Session, playbook: Playbook, *, mount: bool,
 
 #: The line that ends the facts output.
 _FACTS_END = b"\n@@end\n"
+#: Facts are a few KiB (a few hundred KiB with many symbols): more is a host's attack.
+MAX_FACTS_BYTES = 32 << 20
 
 
 async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: float, *,
@@ -100,16 +102,27 @@ async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: fl
     t_line: float | None = None
     end = -1
     status = 0
+    newlines = 0
     try:
         async with asyncio.timeout(timeout):
             while True:
                 chunk = await stream.read(65536)
                 if not chunk:
                     break
+                # Each byte is looked at a bounded number of times: only the new chunk (and the end
+                # marker's length before it) is searched, never the whole buffer again (issue 11 #5).
+                seen = max(0, len(buf) - len(_FACTS_END) + 1)
                 buf += chunk
-                if t_line is None and buf.count(b"\n") >= 2:
-                    t_line = time.time()
-                if keep_open and (end := buf.find(_FACTS_END)) >= 0:
+                if len(buf) > MAX_FACTS_BYTES:
+                    stream.close()
+                    raise HostError(host, "facts", f"facts output passed {MAX_FACTS_BYTES >> 20} MiB without its "
+                                    "end marker", evidence=bytes(buf[:200]).decode("utf-8", "replace"),
+                                    hint="the host's facts script (or its shell) printed far more than facts")
+                if t_line is None:
+                    newlines += chunk.count(b"\n")
+                    if newlines >= 2:
+                        t_line = time.time()
+                if keep_open and (end := buf.find(_FACTS_END, seen)) >= 0:
                     break
             if end < 0:
                 status = await stream.wait(timeout)

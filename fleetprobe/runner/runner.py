@@ -46,13 +46,16 @@ class ModuleLoad:
 
 
 def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: int, grace: int,
-                    buffer_kb: int | None = None, modules: tuple[ModuleLoad, ...] = ()) -> str:
-    """The runner's stdin up to ``go``: definitions first, then modules, filters, enables.
+                    buffer_kb: int | None = None, modules: tuple[ModuleLoad, ...] = (),
+                    secret: str = "") -> str:
+    """The runner's stdin up to ``go``: the secret, definitions, then modules, filters, enables.
 
     Order matters: a dynamic event appears under the instance once defined, so
-    its filter and enable must come after its definition.
+    its filter and enable must come after its definition. ``secret`` (hex) frames every
+    control line the runner prints from then on (:func:`fleetprobe.parse.control_prefix`).
     """
-    lines = [f"tracefs {tracefs}", f"group {plan.group}", f"instance {plan.instance}",
+    lines = [f"secret {secret}"] if secret else []
+    lines += [f"tracefs {tracefs}", f"group {plan.group}", f"instance {plan.instance}",
              f"duration {max(1, int(duration + 0.999))}", f"deadline {deadline}", f"grace {grace}"]
     if buffer_kb:
         lines.append(f"buffer_kb {buffer_kb}")
@@ -118,7 +121,8 @@ def sweep_directives(tracefs: str, grace: int) -> str:
     return f"tracefs {tracefs}\ngrace {grace}\nsweep\n"
 
 
-_STATS_FIELD = re.compile(r"(\w+)=(\d+)")
+# Bounded: a counter past 2**64 is a host lying (and 5000 digits is a ValueError in int()).
+_STATS_FIELD = re.compile(r"(\w+)=(\d{1,20})(?!\d)")
 _HIST_UNESCAPE = re.compile(r"%(25|5B)")
 
 
@@ -166,9 +170,25 @@ class RunnerReport:
     #: the own pids' events of those itself.
     own_unfiltered: dict[str, str] = field(default_factory=dict)
 
+    #: Control lines kept (in every list and table together): a runner says a few hundred; past
+    #: this, lines are counted in ``dropped`` and the report says so (issue 11 #5).
+    MAX_LINES = 20000
+    #: The longest control line kept whole.
+    MAX_LINE_CHARS = 4096
+    kept: int = 0
+    dropped: int = 0
+
     def handle(self, text: str) -> None:
         """Take one control line (without its ``@@fp `` prefix)."""
         word, _, rest = text.partition(" ")
+        if word not in ("hello", "started", "stopping", "clean", "bye", "kernel", "hist"):
+            # Collected lines are bounded; the words that set one flag or value are always taken.
+            if self.kept >= self.MAX_LINES:
+                self.dropped += 1
+                return
+            self.kept += 1
+        if len(rest) > self.MAX_LINE_CHARS:
+            rest = rest[:self.MAX_LINE_CHARS] + "...(cut)"
         if word == "hello":
             self.hello = True
         elif word == "started":
@@ -234,7 +254,7 @@ class RunnerReport:
             what, _, why = rest.partition(" :: ")
             self.synth_refused[what.strip()] = "synthetic event refused: " + " ".join(why.split())
         elif word in ("notrace", "histfail"):
-            self.notes.append(text)
+            self.notes.append(f"{word} {rest}")
         elif word in ("kev", "kprof"):
             phase, _, line = rest.partition(" ")
             target = self.kev if word == "kev" else self.kprof

@@ -40,15 +40,18 @@ trap 'STOP=${STOP:-stop-or-eof}' USR1
 # Only hold while no other process writes our stdout (the trace reader), and release before a
 # step that may kill us (loading a module) whatever must survive it. The kernel's oops/warn
 # counts from before anything is placed are in the facts, should we die before a release.
-HOLD=; HELD=; PING_RX=
+# Every control line starts with CP: "@@fp:<secret> " once the plan's "secret" directive came (the
+# kernel prints file names raw, newlines included: without the secret a user who execs
+# "x\n@@fp error" would speak for us), "@@fp " before it (sweeps, teardowns: no trace stream).
+HOLD=; HELD=; PING_RX=; CP='@@fp '
 say() {
-  if [ -n "$HOLD" ]; then HELD="$HELD@@fp $*
-"; else printf '@@fp %s\n' "$*" 2>/dev/null; fi
+  if [ -n "$HOLD" ]; then HELD="$HELD$CP$*
+"; else printf '%s%s\n' "$CP" "$*" 2>/dev/null; fi
 }
 hold() { HOLD=1; }
 release() {
   HOLD=
-  [ -n "$PING_RX" ] && { HELD="@@fp pong $PING_RX $(rt1)
+  [ -n "$PING_RX" ] && { HELD="${CP}pong $PING_RX $(rt1)
 $HELD"; PING_RX=; }
   [ -n "$HELD" ] && printf '%s' "$HELD" 2>/dev/null
   HELD=
@@ -151,7 +154,7 @@ hist_place() {
 hist_read() {
   for _he in $(printf '%s\n' "$PLAN" | sed -n 's/^histread //p'); do
     say "hist $_he"
-    sed 's/%/%25/g; s/\[/%5B/g; s/^/@@fp hl /' "$T/instances/$I/events/$_he/hist" 2>/dev/null || say "histfail $_he"
+    sed "s/%/%25/g; s/\\[/%5B/g; s/^/${CP}hl /" "$T/instances/$I/events/$_he/hist" 2>/dev/null || say "histfail $_he"
   done
   say "hist end"
 }
@@ -434,6 +437,8 @@ while IFS= read -r line <&3; do
   set +f
   case $1 in
     go) GO=1; break;;
+    # Hex only: it goes into a sed replacement (hist_read) and must never need quoting.
+    secret) case $2 in ''|*[!0-9a-f]*) say "error secret must be hex"; exit 2;; esac; CP="@@fp:$2 ";;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
     own) shift; OWNK="$*";;
@@ -581,7 +586,7 @@ done
 say "own $_ownk"
 # From the first enable on, nothing of ours may fork (a $(...) forks too): the pong's stamp and the
 # module list are made now.
-[ -n "$PING_RX" ] && { HELD="@@fp pong $PING_RX $(rt1)
+[ -n "$PING_RX" ] && { HELD="${CP}pong $PING_RX $(rt1)
 $HELD"; PING_RX=; }
 _mods=
 for _m in $LOADED; do _mods="${_mods:+$_mods }$_m"; done
