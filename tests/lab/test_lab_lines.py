@@ -27,7 +27,7 @@ from labfleet import LabForTests, lab_test_dir
 from labssh import ssh
 from test_lab_probes import COMMON, REPO, _run, leftovers
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_matrix]  # the full matrix run only: boots kernels beyond the default fleet, ~4-7 min
 
 #: The README text that proves each feature (what fleetprobe.facts looks for, written out again
 #: here from the kernel's trace.c so a wrong marker in facts.py fails this test).

@@ -21,7 +21,7 @@ from test_lab_probes import COMMON, REPO, _run, leftovers
 if TYPE_CHECKING:
     from conftest import LabForTests  # type: ignore[import-not-found]
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.lab_matrix]  # the full matrix run only: boots kernels beyond the default fleet, ~4-7 min
 
 TRACEFS_PLAYBOOKS = sorted(p for p in (REPO / "playbooks").glob("*.yml")
                            if not any(pr.kind == "module" for pr in load_playbook(p).probes))
