@@ -53,9 +53,10 @@ def test_count_histogram_latency_exact_on_every_arch(lab_fleet: LabForTests, tmp
         if want == "kernel":
             assert h["events"] == 0, "kernel-aggregated probes stream nothing"
         assert h["loss"]["hist_dropped"] == 0
-        assert leftovers(lab, vm) == "", vm.name
-        left = ssh(lab, vm, "cd /sys/kernel/tracing; cat synthetic_events 2>/dev/null | grep fp_; "
-                            "grep -v '^#' events/*/*/trigger 2>/dev/null; true").stdout.strip()
+        rid = report["run"]["run_id"]
+        assert leftovers(lab, vm, rid) == "", vm.name
+        left = ssh(lab, vm, f"cd /sys/kernel/tracing; cat synthetic_events 2>/dev/null | grep fp_{rid}_; "
+                            f"grep -v '^#' events/*/*/trigger 2>/dev/null | grep fp_{rid}_; true").stdout.strip()
         assert left == "", (vm.name, left)
     n = len(lab.vms)
     tables = {(t["probe"], t["kind"], t["field"]): {tuple(k): (c, hs) for k, c, hs in t["rows"]}

@@ -76,7 +76,7 @@ def check_exact_statfs(lab: LabForTests, tmp_path: Path, calls: int = 10, durati
             assert {"overrun", "dropped", "lost_lines", "probe_misses", "capped"} <= set(h["loss"])
             lat = report["aggregate"]["hosts"][vm.name]["latency"]["statfs_ret"]
             assert sum(lat["buckets"].values() if isinstance(lat["buckets"], dict) else lat["buckets"]) == 2 * calls
-            assert leftovers(lab, vm) == "", "leftovers"
+            assert leftovers(lab, vm, report["run"]["run_id"]) == "", "leftovers of this run"
             assert set(h["loss"]["probe_misses"]) == {"statfs", "statfs_ret"}, (
                 "kprobe_profile misses missing from the report", h["loss"], "unparsed", h["unparsed_lines"])
         except (AssertionError, KeyError) as exc:

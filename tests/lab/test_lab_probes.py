@@ -43,9 +43,15 @@ SECOND_ARG = {"x86_64": ("$arg2", "%si"), "ppc64le": ("%r4",), "mips64": ("%r5",
               "aarch64": ("$arg2",)}
 
 
-def leftovers(lab: LabForTests, vm: Any) -> str:
-    """Anything of fleetprobe's in a VM's tracefs (empty when clean)."""
-    r = ssh(lab, vm, "cd /sys/kernel/tracing && { grep fp_ kprobe_events; ls instances | grep fp_; } ; true")
+def leftovers(lab: LabForTests, vm: Any, run_id: str | None = None) -> str:
+    """Anything of fleetprobe's in a VM's tracefs (empty when clean); of run ``run_id`` only, when given.
+
+    The lab's VMs are shared by every lab test of a session (and by a developer's own runs):
+    a test that checks its own run's teardown must not fail on another run that is live or
+    that another test left on purpose (the cleanup tests plant dead runs).
+    """
+    pat = f"fp_{run_id}_" if run_id else "fp_"
+    r = ssh(lab, vm, f"cd /sys/kernel/tracing && {{ grep {pat} kprobe_events; ls instances | grep {pat}; }} ; true")
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
