@@ -176,15 +176,18 @@ def parse_value(text: str) -> int | str:
     if text.isdigit() and text.isascii() and len(text) <= 20:
         # The common case (pids, counts), decided without the regex below.
         return int(text, 16) if text[0] == "0" and len(text) >= 8 else int(text)
-    if not text or len(text) > 22:
-        # No kernel prints a 64-bit number in more than 20 digits (22 with "0x"/"-"): a longer one
-        # stays text (5000 digits are a ValueError in int(), and an int no JSON reader takes back).
+    if not text:
         return text
     c = text[0]
     if c == '"':
         # The kernel does not escape quotes inside strings (seen on 6.18:
         # prompt="fp "q" $ "), so strip exactly one quote at each end.
         return text[1:-1] if len(text) >= 2 and text[-1] == '"' else text[1:]
+    if len(text) > 22:
+        # No kernel prints a 64-bit number in more than 20 digits (22 with "0x"/"-"): a longer one
+        # stays text (5000 digits are a ValueError in int(), and an int no JSON reader takes back).
+        # Strings are unquoted first, whatever their length.
+        return text
     if c == "0" and len(text) > 2 and text[1] in "xX":
         try:
             return int(text, 16)

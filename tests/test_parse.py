@@ -300,3 +300,11 @@ def test_stream_never_raises_on_any_bytes(chunks: list[bytes]) -> None:
     s.close()
     agg.finish()
     assert s.stats.events == sum(agg.hosts["h"].hits.values()) if "h" in agg.hosts else s.stats.events == 0
+
+
+def test_a_long_string_is_unquoted_like_a_short_one() -> None:
+    """The bound on numbers (22 characters) is no bound on strings: a 23-character path lost its quotes."""
+    path = "/tmp/fp-statfs-e66a9ae6"
+    assert parse_value(f'"{path}"') == path
+    assert parse_value('"' + "x" * 5000 + '"') == "x" * 5000
+    assert parse_value("9" * 5000) == "9" * 5000  # a number too long for any kernel stays text
