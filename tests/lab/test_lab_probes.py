@@ -131,7 +131,11 @@ def test_opensnoop_across_three_architectures(lab_fleet: LabForTests, tmp_path: 
 def test_fork_latency_pairs(lab_fleet: LabForTests, tmp_path: Path) -> None:
     """The shipped forklat playbook: the seed's fork entry point with its return, as a latency histogram."""
     lab = lab_fleet
-    threads = _background(lab, "sleep 12; i=0; while [ $i -lt 30 ]; do /bin/true; i=$((i+1)); done")
+    # The forks start once this run's fork probes are enabled on the guest, not after a fixed sleep:
+    # the slower emulated guests (arm64, mips64el) were still being set up after 12 s and saw nothing.
+    armed = ("n=0; until grep -qs 1 /sys/kernel/tracing/instances/fp_*/events/fp_*/fork_ret/enable "
+             "|| [ $n -ge 600 ]; do sleep 0.2; n=$((n+1)); done; sleep 1; ")
+    threads = _background(lab, armed + "i=0; while [ $i -lt 30 ]; do /bin/true; i=$((i+1)); done")
     report_path = tmp_path / "forklat.json"
     rc, out = _run(["run", str(REPO / "playbooks/forklat.yml"), "-i", str(lab.inventory), "--duration", "18s",
                     "--json", str(report_path), *COMMON])
