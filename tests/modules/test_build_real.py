@@ -147,7 +147,8 @@ def test_host_build_over_ssh(lab_kernels: dict[str, LabKernel], loopback_sshd: L
     tree = prepare_debian_tree(k.release, "amd64", k.package_version, trees=SHARED_CACHE / "kernel-trees",
                                debian_cache=SHARED_CACHE / "debian")
     facts = replace(lab_facts(k, "loop"), build_dir=str(tree.path), make=True, cc="gcc")
-    groups = plan_builds([facts, lab_facts(k, "other")], MODULES[1:])
+    # auto prefers the controller's build; building on a host for the others needs that host trusted.
+    groups = plan_builds([facts, lab_facts(k, "other")], MODULES[1:], where="host", trusted={"loop"})
     assert [(g.where, g.build_host, g.hosts) for g in groups] == [("host", "loop", ("loop", "other"))]
     host = Host(name="loop", address="127.0.0.1", port=loopback_sshd.port, user="root",
                 key_file=str(loopback_sshd.client_key), known_hosts=str(loopback_sshd.known_hosts))
