@@ -11,7 +11,7 @@ from rich.table import Table
 
 from fleetprobe.render.safe import add_row, plain
 
-from fleetprobe.hist import AggResults, AggTable, bucket_label
+from fleetprobe.hist import UNKNOWN_COMM, AggResults, AggTable, bucket_label, unknown_comm_hits
 
 BAR_WIDTH = 40
 ROWS = 20
@@ -76,6 +76,11 @@ def _render_table(results: AggResults, tid: str, t: AggTable, console: Console) 
     console.print(plain(head, style="bold"))
     for line in mode_lines(results, tid):
         console.print(plain(f"  {line}"))
+    unknown = unknown_comm_hits(t)
+    if unknown:
+        console.print(plain(f"  comm {UNKNOWN_COMM}: {unknown} hit(s) whose task name the kernel had forgotten when "
+                            "the line was read (its pid->comm cache); a kernel-side table, or a kprobe or uprobe "
+                            "($comm), names the task at the event"))
     if t.kind == "count":
         table = Table(show_edge=False, box=None, pad_edge=False)
         table.add_column(t.field, overflow="fold")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -79,6 +81,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("lab_matrix")])
         items[:] = keep
+
+
+@pytest.fixture
+def busy() -> Iterator[None]:
+    """Keep execs and forks happening on this machine while a test probes."""
+    proc = subprocess.Popen(["sh", "-c", "while :; do /bin/true; sleep 0.02; done"], start_new_session=True)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture

@@ -40,3 +40,16 @@ def ensure_tracefs() -> bool:
         return False
     os.system("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null")
     return (TRACEFS / "README").exists()
+
+
+def wait_enabled_sh(run_id: str, hosts: int, events: list[str], limit_s: int = 240) -> str:
+    """A shell prefix that waits until every one of ``events`` (``system/name``) is enabled in each
+    of the run's ``hosts`` instances, then goes on (after ``limit_s`` it goes on anyway).
+
+    An instance exists before its events are enabled one by one: work started when it appears can
+    fall before the last enable on a loaded machine, and would then be (correctly) not counted.
+    """
+    files = " ".join(f"{TRACEFS}/instances/fp_{run_id}_*/events/{ev}/enable" for ev in events)
+    want = hosts * len(events)
+    return (f"n=0; until [ $(cat {files} 2>/dev/null | grep -c 1) -ge {want} ] || [ $n -ge {limit_s * 5} ]; "
+            "do sleep 0.2; n=$((n+1)); done; ")

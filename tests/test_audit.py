@@ -172,7 +172,7 @@ def _audit_by_unit(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedP
 
 @pytest.mark.sshd
 @pytest.mark.tracefs
-def test_timer_audit_fails_after_a_change_and_names_the_host(tmp_path: Path, sshd_fleet: object) -> None:
+def test_timer_audit_fails_after_a_change_and_names_the_host(tmp_path: Path, sshd_fleet: object, busy: None) -> None:
     from sshhosts import Fleet
 
     assert isinstance(sshd_fleet, Fleet)

@@ -22,7 +22,7 @@ from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from fleetprobe.facts import readme_features
-from hostcheck import TRACEFS, ensure_tracefs, own_run_id
+from hostcheck import TRACEFS, ensure_tracefs, own_run_id, wait_enabled_sh
 from sshhosts import Fleet, new_fleet
 
 pytestmark = [pytest.mark.sshd, pytest.mark.netns]
@@ -83,9 +83,8 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
     run_id = own_run_id("agg")
     # Other tests share this kernel (and its exec and signal tracepoints): the filters keep the
     # runs' buffers to this test's events, so nothing is lost to an overrun. The workload starts
-    # once both hosts' instances exist (setup time varies with the machine's load).
-    wait = (f"n=0; until [ $(ls /sys/kernel/tracing/instances | grep -c fp_{run_id}_) -ge 2 ] || [ $n -ge 100 ]; "
-            "do sleep 0.2; n=$((n+1)); done; sleep 2; ")
+    # once all four probes are enabled on both hosts (setup time varies with the machine's load).
+    wait = wait_enabled_sh(run_id, 2, ["sched/sched_process_exec", "signal/signal_generate", "fp_*/gsv", "fp_*/gsv_ret"])
     workload = (wait + f"{sleeper} 20 & s=$!; i=0; while [ $i -lt {execs} ]; do {true}; i=$((i+1)); done; "
                 f"i=0; while [ $i -lt {signals} ]; do kill -CONT $s; i=$((i+1)); done; "
                 f"{bash} -c 'for i in 1 2 3; do x=$HOME$i; done'; kill $s")
@@ -111,8 +110,14 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
         assert all("no hist triggers" in p["reason"] for p in parts.values()), parts
     for h in report["hosts"]:
         assert h["loss"]["overrun"] == h["loss"]["lost_lines"] == 0, h["loss"]
+    # A streamed tracepoint line names its task from the kernel's pid->comm cache when it is read:
+    # a short-lived task may be gone from it by then ("<...>", 1-2 of 12 on a loaded CI machine).
+    # Every exec is counted either way, and the forgotten ones are said, never silently miscounted.
     rows = {tuple(k): (n, hosts) for k, n, hosts in tables["exec:count:comm"]["rows"]}
-    assert rows[(true.name,)] == (2 * execs, 2)
+    unknown = rows.pop(("<...>",), (0, 0))[0]
+    assert set(rows) == {(true.name,)} and rows[(true.name,)][0] + unknown == 2 * execs, rows
+    assert tables["exec:count:comm"]["unknown_comm"] == unknown
+    assert (f"comm <...>: {unknown} hit(s) whose task name the kernel had forgotten" in out) == (unknown > 0), out
     rows = {tuple(k): (n, hosts) for k, n, hosts in tables["exec:count:filename"]["rows"]}
     assert rows[(str(true),)] == (2 * execs, 2)
     hist = {tuple(k): (n, hosts) for k, n, hosts in tables["sig:histogram:sig"]["rows"]}

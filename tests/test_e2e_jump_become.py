@@ -142,7 +142,7 @@ def sudo_user() -> Iterator[str]:
         subprocess.run(["userdel", user], capture_output=True)
 
 
-def test_become_runs_the_on_host_part_under_sudo(sudo_user: str, tmp_path: Path) -> None:
+def test_become_runs_the_on_host_part_under_sudo(sudo_user: str, tmp_path: Path, busy: None) -> None:
     if not ensure_tracefs():
         pytest.skip("needs tracefs")
     fl = new_fleet(tmp_path / "become")

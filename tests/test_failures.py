@@ -92,17 +92,6 @@ def sim(tmp_path: Path, run_id: str) -> Iterator[SimFleet]:
     assert leftovers(run_id) == [], f"run {run_id} left these in tracefs"
 
 
-@pytest.fixture
-def busy() -> Iterator[None]:
-    """Keep execs and forks happening on this machine while a test probes."""
-    proc = subprocess.Popen(["sh", "-c", "while :; do /bin/true; sleep 0.02; done"], start_new_session=True)
-    try:
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def write_playbook(tmp_path: Path, text: str = PLAYBOOK) -> Path:
     """Write a playbook into the test's directory."""
     path = tmp_path / "simfleet.yml"
