@@ -534,6 +534,16 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             why = f"the runner died before finishing (exit {status}); its on-host timer removes the probes"
         raise HostError(host, "probe", why,
                         evidence=stream.stderr().decode("utf-8", "replace")[-400:] or None)
+    if report.watchdog_fired:
+        raise HostError(host, "probe", "the host's on-host timer removed the probes before the run ended: "
+                        "its counts are partial", evidence=f"runner: stopping {report.stop_reason}; watchdog-fired",
+                        hint=f"the deadline ({plan.deadline}) plus --grace ({fr.settings.grace} s) passed during the "
+                             "run; raise --teardown-slack or --grace for a host this slow")
+    if report.shortened is not None:
+        asked, got = report.shortened
+        out.alerts.append(f"probed {got} s of the {asked} s asked: placing the probes took longer than "
+                          f"--teardown-slack ({fr.settings.teardown_slack} s), and the window ends by the "
+                          "deadline; raise --teardown-slack for a host this slow")
     if report.dropped:
         out.alerts.append(f"the runner sent {report.dropped} control lines past the {report.MAX_LINES} kept: "
                           "a runner says a few hundred; this host's stream is suspect")

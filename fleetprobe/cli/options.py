@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds past a run's deadline before its on-host timer or a sweep removes it")
     p.add_argument("--teardown-slack", type=_grace_seconds, default=30,
                    help="seconds after the planned end before a host's on-host timer may remove the run "
-                        "(the timer fires at end + slack + grace)")
+                        "(the timer fires at end + slack + grace); a host slower than this to place its "
+                        "probes has its window cut to end by then, and the report says so")
     p.add_argument("--buffer-kb", type=_positive_int, help="per-CPU ring buffer of the run's instance")
     p.add_argument("--allow-modules", action="store_true", help="allow playbooks to load kernel modules")
     _add_build_option(p)

@@ -142,6 +142,11 @@ class RunnerReport:
     #: hist triggers placed (in-kernel aggregation runs a probe without enabling its event).
     triggers: int = 0
     stop_reason: str = ""
+    #: (seconds asked, seconds probed) when placing the probes ate the teardown slack and the
+    #: window was cut to end by the deadline.
+    shortened: tuple[int, int] | None = None
+    #: The on-host timer was gone before the teardown: it removed the probes under the run.
+    watchdog_fired: bool = False
     clean: bool | None = None
     unclean: list[str] = field(default_factory=list)
     bye: bool = False
@@ -199,6 +204,13 @@ class RunnerReport:
             self.triggers = int(m.group(1)) if m else 0
         elif word == "stopping":
             self.stop_reason = rest.strip()
+        elif word == "shortened":
+            # "ASKED ROOM": whole seconds the playbook asked for, and what was left before the deadline.
+            nums = [int(w) for w in rest.split()[:2] if w.isdigit()]
+            if len(nums) == 2:
+                self.shortened = (nums[0], nums[1])
+        elif word == "watchdog-fired":
+            self.watchdog_fired = True
         elif word == "clean":
             self.clean = True
         elif word == "unclean":

@@ -104,7 +104,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -481,6 +481,9 @@ RUN=${G#fp_}; RUN=${RUN%_*}; KRUN="fleetprobe run=$RUN "
 # out in one write (the pong first), except what goes before an insmod.
 hold
 say "hello pid=$$"
+# The host's clock when the plan came, and its uptime then: the probing window is measured
+# against the deadline later without a fork (read from /proc/uptime) once probes may see us.
+GO_EPOCH=$(now); read -r GO_UP _rest < /proc/uptime
 kernel_counts start
 sweep
 
@@ -561,7 +564,18 @@ trap 'TICKED=1' USR2
     case $cmd in stop) break;; tick) kill -USR2 $$ 2>/dev/null || exit 0;; esac
   done; kill -USR1 $$ 2>/dev/null ) <&3 &
 WATCH=$!
-sleep "${DUR%.*}" &
+# The window ends by the deadline (the planned end plus the teardown slack): a host slow to place
+# its probes eats into the slack, never past it, so the on-host timer (DEADLINE + GRACE) never
+# removes a live run's probes under it. A shortened window is said, with both lengths.
+_win=${DUR%.*}
+read -r _up _rest < /proc/uptime
+_room=$((DEADLINE - GO_EPOCH - (${_up%.*} - ${GO_UP%.*})))
+if [ "$DEADLINE" -gt 0 ] && [ "$_room" -lt "$_win" ]; then
+  [ "$_room" -gt 0 ] || _room=0
+  say "shortened $_win $_room"
+  _win=$_room
+fi
+sleep "$_win" &
 TIMER=$!
 # The reader is forked now but stops itself until everything is said (only then may it write our
 # stdout): its exec of dd is then a process whose pid the filters already name.
@@ -651,6 +665,8 @@ done
 # ---- teardown ----------------------------------------------------------------------------
 # Disabled first: what we do from here on (date, grep, sed ...) is nobody's event.
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
+# A watchdog that is gone has removed (or is removing) our probes: what follows is partial.
+kill -0 "$WD" 2>/dev/null || WD_GONE=1
 kill "$TIMER" 2>/dev/null
 exec 5>&-
 sync_marker
@@ -667,6 +683,8 @@ grep -v '^#' "$T/instances/$I/trace" 2>/dev/null
 # The reader is gone: ours is the only writer again.
 hold
 say "stopping $STOP"
+[ -n "$WD_GONE" ] || kill -0 "$WD" 2>/dev/null || WD_GONE=1
+[ -n "$WD_GONE" ] && say "watchdog-fired"
 snapshot end
 release
 [ -z "$HIST_NONE" ] && hist_read

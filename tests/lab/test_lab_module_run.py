@@ -41,7 +41,7 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--no-live", "--connect-timeout", "60s", "--setup-timeout", "300s", "--grace", "5",
-          "--teardown-slack", "5"]
+          "--teardown-slack", "30"]
 
 #: The registers the seed printed, per `uname -m` (fp_kprobe README).
 REGISTERS = {"x86_64": ("ip", "flags"), "ppc64le": ("nip", "msr"), "mips64": ("cp0_epc", "cp0_status"),
@@ -205,8 +205,12 @@ def test_one_module_source_for_two_probes_loads_twice(lab_fleet: LabForTests, tm
     vms = [vm for vm in lab.vms if not is_mips(vm)]
     report_path = tmp_path / "report.json"
     calls = 5
-    threads = [threading.Thread(target=ssh, args=(lab, vm, f"sleep 12; for i in $(seq {calls}); do stat -f / "
-                                                  ">/dev/null; sleep 0.3; done", 120), daemon=True) for vm in vms]
+    # The calls start once both modules are loaded (never a fixed sleep: a loaded CI machine took
+    # longer than 12 s to get there, and calls made before the load are rightly not counted).
+    loaded = ("t=0; until [ $(grep -c '^fp_[a-z0-9_]*_[uv]statfs ' /proc/modules) -ge 2 ] || [ $t -gt 1200 ]; "
+              "do sleep 0.2; t=$((t+1)); done; ")
+    threads = [threading.Thread(target=ssh, args=(lab, vm, f"{loaded}for i in $(seq {calls}); do stat -f / "
+                                                  ">/dev/null; sleep 0.3; done", 300), daemon=True) for vm in vms]
     for t in threads:
         t.start()
     console = SafeConsole(record=True, width=220)

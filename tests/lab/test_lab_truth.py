@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["--no-live", "--connect-timeout", "60s", "--setup-timeout", "120s", "--grace", "5", "--teardown-slack", "5"]
+COMMON = ["--no-live", "--connect-timeout", "60s", "--setup-timeout", "120s", "--grace", "5", "--teardown-slack", "30"]
 #: Share of decoded paths that may read "(fault)".
 MAX_FAULT_SHARE = 0.01
 #: Opens a host must deliver to be judged (one round of the workload: a loaded CI machine runs few).
