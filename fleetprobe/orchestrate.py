@@ -544,6 +544,17 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         out.alerts.append(f"probed {got} s of the {asked} s asked: placing the probes took longer than "
                           f"--teardown-slack ({fr.settings.teardown_slack} s), and the window ends by the "
                           "deadline; raise --teardown-slack for a host this slow")
+    if counter.accepted >= counter.cap:
+        # The cap ends the host's run early: what happened after it was never collected, and the
+        # kernel's own hit counts (kprobe_profile) say how much that was where the host has them.
+        kernel = report.hits(plan.group)
+        missed = sum(max(0, n - out.hits.get(p, 0)) for p, n in kernel.items())
+        where = f" after {window[1] - window[0]:.1f} s of the {plan.duration:.0f} s" if len(window) == 2 else ""
+        out.alerts.append(f"the event cap ({counter.cap} events) was reached{where}: the host's run stopped "
+                          f"there, {counter.capped} event(s) already read were not kept"
+                          + (f", and the kernel counted {missed} hit(s) of its kprobes/uprobes that were not "
+                             "collected" if kernel else "")
+                          + "; raise --event-cap (or the playbook's event_cap) for the whole window")
     if report.dropped:
         out.alerts.append(f"the runner sent {report.dropped} control lines past the {report.MAX_LINES} kept: "
                           "a runner says a few hundred; this host's stream is suspect")

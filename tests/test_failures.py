@@ -234,6 +234,10 @@ def test_event_cap_stops_a_host(sim: SimFleet, tmp_path: Path, run_id: str, busy
     assert sum(h["hits"].values()) == 25, h
     assert h["loss"]["capped"] > 0, h
     assert h["cleanup"] == "clean", h
+    # The report says the cap cut the run short, how many read events were not kept, and what to do.
+    cap_alerts = [a for a in h["alerts"] if a.startswith("the event cap (25 events) was reached")]
+    assert len(cap_alerts) == 1 and f"{h['loss']['capped']} event(s) already read were not kept" in cap_alerts[0], h
+    assert "raise --event-cap" in " ".join(text.split()), text
 
 
 def test_playbook_error_touches_no_host(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
