@@ -589,6 +589,8 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
     if not modules:
         return []
     loss.kmsg_gaps = kmsg.stream.lost
+    # What the report already counts as not collected: sequence gaps, and events past the event cap.
+    unexplained_gaps = kmsg.stream.lost + loss.capped
     failures: list[str] = []
     by_module = {m.name: m for m in modules}
     probe_of = {m.name: dict(m.params).get("probe", m.name) for m in modules}
@@ -610,6 +612,21 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
         built = out.placed_probes.get(probe, by_module[name].name)
         where = st.planted_at if st is not None and st.planted_at else "its plant line was not seen"
         out.placed_probes[probe] = f"module {built}; planted at {where}"
+        # The module's own totals at rmmod are the kernel's count: fewer lines collected than it
+        # printed, or no totals at all, means the kernel-log path lost some (a slow host's reader
+        # still replaying old records at the end): a lower bound, said and counted, never exact.
+        got = out.hits.get(probe, 0)
+        if st is None or not st.unregistered:
+            out.alerts.append(f"module {name} (probe {probe}): its totals at unload never came through the "
+                              f"kernel log, so its {got} hit(s) are a lower bound")
+        elif st.printed is not None and got < st.printed:
+            # Records the kernel overwrote (gaps) or the cap dropped are counted already: the rest once.
+            short = st.printed - got
+            counted = min(short, unexplained_gaps)
+            unexplained_gaps -= counted
+            loss.kmsg_gaps += short - counted
+            out.alerts.append(f"module {name} (probe {probe}) printed {st.printed} line(s) and {got} came "
+                              f"through the kernel log: {short} not collected")
     return failures
 
 
