@@ -156,7 +156,9 @@ class Fleet:
         host that never mounted it; ``tracefs=True`` mounts it there, as a
         real host would have it.
         """
-        tag = f"{os.getpid() % 10000}{index}"
+        # The whole pid: names stay unique among test runs live on this machine (interface names
+        # are at most 15 characters: "fpo" + 7 + 2 digits fits).
+        tag = f"{os.getpid()}x{index}"
         ns = f"fpt{tag}"
         outer, inner = f"fpo{tag}", f"fpi{tag}"
         subprocess.run(["ip", "netns", "add", ns], check=True)

@@ -60,9 +60,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             fl.add_netns_host(f"web{i}", i)
         yield fl
     finally:
+        mine = list(fl.namespaces)
         fl.stop()
-    assert not subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("fpt"), \
-        "a test namespace survived"
+    # Only this fleet's own namespaces (other test runs on the machine may have theirs live).
+    live = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not set(mine) & set(live), "a test namespace survived"
 
 
 @pytest.fixture
