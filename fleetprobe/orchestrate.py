@@ -394,6 +394,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     runner_dead = False
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
+    # The runner may probe until its deadline (the planned end plus the teardown slack, in its
+    # clock): a host slow to place its probes starts its window late. Give up only past that.
+    until_deadline = plan.deadline - (out.clock_offset or 0.0) - time.time() if plan.deadline else 0.0
+    run_limit = max(fr.duration, until_deadline) + s.teardown_timeout
     next_tick = t0 + TICK_SECONDS
     guard: asyncio.TimerHandle
 
@@ -411,7 +415,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         if flush_due is not None:
             # At least once a second on disk, whole lines: a killed controller keeps what it had (issue 11 #16).
             flush_due()
-        if fr.interrupted.is_set() or now - t0 > fr.duration + s.teardown_timeout:
+        if fr.interrupted.is_set() or now - t0 > run_limit:
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
             return
