@@ -21,9 +21,11 @@ import os
 import time
 from typing import Any
 
-from fleetprobe import caveats
+from fleetprobe import aggreport, caveats
 from fleetprobe.audit import AuditResult
+from fleetprobe.hist import AggResults, bucket_label
 from fleetprobe.results import FleetReport
+from fleetprobe.render.safe import visible
 from fleetprobe.sketches import Latency, bucket_range_ns
 from fleetprobe.render.terminal import format_ns, value_text
 from fleetprobe.outfiles import write_text_atomic
@@ -159,6 +161,11 @@ _JS = """
 def _e(text: object) -> str:
     """HTML-escape any value for text or attribute context."""
     return html.escape(str(text), quote=True)
+
+
+def _v(text: object) -> str:
+    """A host's value for the page: non-printables shown as escapes (render.safe.visible), then HTML-escaped."""
+    return _e(visible(text))
 
 
 def _utc(t: float, with_date: bool = True) -> str:
@@ -319,6 +326,52 @@ def _latency_chart(entry: str, ret: str, lat: Latency, colour: str) -> str:
             + (f"<p class='small'>{_e('; '.join(notes))}</p>" if notes else "") + "</div>")
 
 
+def _aggregates(results: AggResults) -> str:
+    """Every ``aggregate:`` table as the terminal shows it (aggreport): heading, each host's mode, notes, rows.
+
+    Keys are comm and path values chosen by any user on a host, reasons quote the host's
+    kernel: each goes through ``_v`` (non-printables shown as escapes, as on the terminal, so
+    a bidi override cannot reorder the page and ``--html -`` cannot drive a terminal; then
+    HTML-escaped), and element ids are made from the table's position, never from a key.
+    """
+    blocks = []
+    for i, s in enumerate(aggreport.summaries(results)):
+        t = s.table
+        parts = [f"<div class='agg' id='agg-{i}'><h3>{_v(s.heading)}</h3>",
+                 "<ul class='agg-modes'>" + "".join(f"<li>{_v(m)}</li>" for m in s.modes) + "</ul>"]
+        parts += [f"<p class='small agg-note'>{_v(n)}</p>" for n in s.notes]
+        hosts = "".join(f"<tr><td>{_v(h)}</td><td>{_e(p[s.tid].mode)}</td><td class='n'>{p[s.tid].hits}</td>"
+                        f"<td class='n'>{p[s.tid].entries}</td><td class='n'>{p[s.tid].dropped}</td>"
+                        f"<td>{_v(p[s.tid].reason or '-')}</td></tr>"
+                        for h, p in sorted(results.hosts.items()) if s.tid in p)
+        if hosts:
+            parts.append("<details><summary>per host</summary><table class='agg-hosts'><thead><tr><th>host</th>"
+                         "<th>mode</th><th class='n'>hits</th><th class='n'>keys</th><th class='n'>not counted</th>"
+                         f"<th>reason</th></tr></thead><tbody>{hosts}</tbody></table></details>")
+        if t.kind == "count":
+            rows, more = aggreport.count_rows(t)
+            body = "".join(f"<tr><td>{_v(v)}</td><td class='n'>{c}</td><td class='n'>{h}</td></tr>"
+                           for v, c, h in rows)
+            parts.append(f"<table class='agg-counts'><thead><tr><th>{_e(t.field)}</th><th class='n'>count</th>"
+                         f"<th class='n'>hosts</th></tr></thead><tbody>{body}</tbody></table>" if rows
+                         else "<p>nothing counted</p>")
+        else:
+            groups, more = aggreport.histogram_groups(t)
+            unit = aggreport.bucket_unit(t)
+            charts = []
+            for j, (label, total, buckets) in enumerate(groups):
+                shown = visible(label)
+                title = f"{shown}: {total}" if label else f"{total}"
+                items = [(bucket_label(b) + unit, c, f"{shown + ' ' if label else ''}{bucket_label(b)}{unit}: {c}")
+                         for b, c in aggreport.bucket_rows(buckets)]
+                charts.append(_bar_chart(title, items, COLOURS[i % len(COLOURS)], f"agg-{i}-{j}"))
+            parts.append(f"<div class='charts'>{''.join(charts)}</div>" if charts else "<p>nothing counted</p>")
+        if more:
+            parts.append(f"<p class='small'>... and {more} more (see the JSON report)</p>")
+        blocks.append("".join(parts) + "</div>")
+    return "".join(blocks)
+
+
 def _timeline(report: FleetReport, colours: dict[str, str]) -> str:
     """One wall-clock axis, one lane per host: sampled events drawn as wide as the host's clock uncertainty."""
     run = report.run
@@ -473,6 +526,7 @@ def render_html(report: FleetReport, audit: AuditResult | None = None) -> str:
         _heatmap(report, probes) if probes else "",
         "<h2>Top values</h2>", _top_values(report, probes, colours),
         "<h2>Latency</h2>", f"<div class='charts'>{latency}</div>" if latency else "<p>no paired probes</p>",
+        *(["<h2 id='aggregates'>Aggregates</h2>", _aggregates(agg.aggregates)] if agg.aggregates else []),
     ]
     # The run's metadata for programs that scrape the page; '<' escaped so it cannot end the script element.
     data = json.dumps(meta, allow_nan=False).replace("<", "\\u003c")
