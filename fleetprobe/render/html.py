@@ -279,17 +279,10 @@ def _top_values(report: FleetReport, probes: list[str], colours: dict[str, str])
     """Top values per (probe, field) as bar charts."""
     agg = report.aggregate
     charts = []
-    for p in probes:
-        for name in agg.fields(p):
-            table = agg.values[(p, name)]
-            top = table.top(TOP)
-            if not top:
-                continue
-            approx = "" if table.exact else f" (≥, error ≤ {table.error})"
-            items = [(value_text(v), c, f"{p} {name}={value_text(v)}: {c} events on {h} host(s)")
-                     for v, c, h in top]
-            charts.append(_bar_chart(f"{p}: top {name}{approx}", items, colours.get(p, COLOURS[0]),
-                                     f"top-{p}-{name}"))
+    for p, name, table, top in agg.top_tables(probes, TOP):
+        approx = "" if table.exact else f" (≥, error ≤ {table.error})"
+        items = [(value_text(v), c, f"{p} {name}={value_text(v)}: {c} events on {h} host(s)") for v, c, h in top]
+        charts.append(_bar_chart(f"{p}: top {name}{approx}", items, colours.get(p, COLOURS[0]), f"top-{p}-{name}"))
     return "<div class='charts'>" + "".join(charts) + "</div>" if charts else "<p>no values recorded</p>"
 
 

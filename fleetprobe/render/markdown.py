@@ -91,17 +91,12 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
             total = str(agg.total_hits(p)) if len(skipped) < len(report.hosts) or agg.total_hits(p) else caveats.SKIPPED
             out.append(f"| {escape(p)} | {total} | {len(ranked)}/{len(report.hosts)} | {top or '-'} | {why or '-'} |")
         out.append("")
-    for p in probes:
-        for name in agg.fields(p):
-            table = agg.values[(p, name)]
-            top_values = table.top(TOP)
-            if not top_values:
-                continue
-            approx = "" if table.exact else f" (approximate, counts may be low by up to {table.error})"
-            out += [f"#### {escape(p)}: top {escape(name)}{approx}", "", f"| {escape(name)} | count | hosts |",
-                    "|---|--:|--:|"]
-            out += [f"| {escape(value_text(v))} | {c} | {h} |" for v, c, h in top_values]
-            out.append("")
+    for p, name, table, top_values in agg.top_tables(probes, TOP):
+        approx = "" if table.exact else f" (approximate, counts may be low by up to {table.error})"
+        out += [f"#### {escape(p)}: top {escape(name)}{approx}", "", f"| {escape(name)} | count | hosts |",
+                "|---|--:|--:|"]
+        out += [f"| {escape(value_text(v))} | {c} | {h} |" for v, c, h in top_values]
+        out.append("")
     for ret, entry in sorted(agg.pairs.items()):
         lat = agg.latency(ret)
         p50, p99 = lat.quantile(0.5), lat.quantile(0.99)
