@@ -93,8 +93,9 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
     # runs' buffers to this test's events, so nothing is lost to an overrun. The workload starts
     # once all four probes are enabled on both hosts (setup time varies with the machine's load).
     wait = wait_enabled_sh(run_id, 2, ["sched/sched_process_exec", "signal/signal_generate", "fp_*/gsv", "fp_*/gsv_ret"])
-    # The phases are 2 s apart so the live view (refreshed once a second) sees the tables grow.
-    workload = (wait + f"{sleeper} 20 & s=$!; i=0; while [ $i -lt {execs} ]; do {true}; i=$((i+1)); done; sleep 2; "
+    # The phases are seconds apart so the live view (fed once a second per host) sees the tables grow:
+    # the signals come 3 s after both hosts' probes are on, a frame with no signal counted comes before.
+    workload = (wait + f"{sleeper} 20 & s=$!; i=0; while [ $i -lt {execs} ]; do {true}; i=$((i+1)); done; sleep 3; "
                 f"i=0; while [ $i -lt {signals} ]; do kill -CONT $s; i=$((i+1)); done; sleep 2; "
                 f"{bash} -c 'for i in 1 2 3; do x=$HOME$i; done'; kill $s")
     pb = tmp_path / "agg.yml"
