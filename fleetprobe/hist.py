@@ -1009,6 +1009,45 @@ def add_host_tables(results: AggResults, host: str, plan: HostPlan, report: Runn
     return dropped
 
 
+# --- progress while the run goes on (the live view) -------------------------------------------------
+
+@dataclass(frozen=True)
+class AggProgress:
+    """One table on one host, as far as the controller knows while the run goes on.
+
+    A streamed table grows on the controller as events arrive: ``hits`` and ``keys`` so far.
+    A kernel table lives in the host's kernel until the runner reads its hist file at the
+    end (reading it during the run would cost a channel or a fork on the host, issue 9):
+    ``hits`` is None until then, and ``final`` says the host's part is in (any mode).
+    """
+
+    table: str
+    mode: str
+    hits: int | None = None
+    keys: int | None = None
+    final: bool = False
+
+
+def stream_progress(plans: Iterable[AggPlan], stream: StreamTables | None) -> tuple[AggProgress, ...]:
+    """Every table of one host's aggregates now: streamed ones with their counts so far, kernel ones unknown."""
+    out = []
+    for ap in plans:
+        for tp in ap.tables:
+            tid = tp.table.table_id
+            got = stream.tables.get(tid) if stream is not None and tp.mode == "stream" else None
+            if got is None:
+                out.append(AggProgress(tid, tp.mode))
+            else:
+                out.append(AggProgress(tid, "stream", stream.hits.get(tid, 0) if stream else 0, len(got.counts)))
+    return tuple(out)
+
+
+def final_progress(results: AggResults, host: str) -> tuple[AggProgress, ...]:
+    """One host's tables once its run ended: every mode with what it counted (kernel tables now read)."""
+    return tuple(AggProgress(tid, part.mode, part.hits, part.entries, final=True)
+                 for tid, part in sorted(results.hosts.get(host, {}).items()))
+
+
 # --- what `fleetprobe plan` shows ----------------------------------------------------------------
 
 def plan_lines(plan: HostPlan) -> list[str]:

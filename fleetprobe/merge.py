@@ -519,6 +519,18 @@ class FleetAggregate:
         table = self.values.get((probe, name))
         return [] if table is None else table.top(k or self.top_k)
 
+    def top_tables(self, probes: Iterable[str], k: int) -> list[tuple[str, str, TopValues, list[tuple[Value, int, int]]]]:
+        """(probe, field, table, its top ``k``) of every field that holds a value: what a report's top-values
+        section shows (HTML and Markdown; the terminal also leaves out tables that say nothing)."""
+        out = []
+        for p in probes:
+            for name in self.fields(p):
+                table = self.values[(p, name)]
+                top = table.top(k)
+                if top:
+                    out.append((p, name, table, top))
+        return out
+
     def fields(self, probe: str) -> list[str]:
         """Field names with value tables for ``probe``, ``comm`` first."""
         names = sorted(n for p, n in self.values if p == probe and n != COMM_FIELD)

@@ -24,7 +24,7 @@ from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .events import EventWriter
 from .facts import Facts
-from .hist import AggResults, StreamTables, StreamTap, add_host_tables
+from .hist import AggResults, StreamTables, StreamTap, add_host_tables, final_progress, stream_progress
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate
@@ -415,6 +415,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         if flush_due is not None:
             # At least once a second on disk, whole lines: a killed controller keeps what it had (issue 11 #16).
             flush_due()
+        if plan.aggregates and report.started:
+            # The live view: streamed tables as they grow; kernel ones are only read at the end.
+            fr.observer.set_aggregates(host, stream_progress(plan.aggregates, stream_tables))
         if fr.interrupted.is_set() or now - t0 > run_limit:
             stop()
             guard = loop.call_later(s.teardown_timeout, stream.close)
@@ -478,6 +481,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     results = getattr(fr.aggregate, "aggregates", None)
     if plan.aggregates and isinstance(results, AggResults):
         loss.hist_dropped = add_host_tables(results, host, plan, report, stream_tables, loss.capped, out.hits)
+        fr.observer.set_aggregates(host, final_progress(results, host))
     out.loss = loss
     out.unparsed_lines = parser.stats.unparsed
     out.multiline_events = parser.stats.multiline

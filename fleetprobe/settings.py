@@ -6,12 +6,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fleetprobe.connectors.asyncssh import connect
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.session import Session, SSHOptions
+
+if TYPE_CHECKING:
+    from fleetprobe.hist import AggProgress
 
 
 #: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
@@ -64,10 +67,15 @@ class RunSettings:
 
 
 class Observer(Protocol):
-    """Receives progress for the live view (must be cheap: called from the event loop)."""
+    """Receives progress for the live view (must be cheap: called from the event loop).
+
+    ``set_aggregates`` gets a host's ``aggregate:`` tables once its probes are on, about once a
+    second while it streams, and once more, ``final``, when its kernel tables were read.
+    """
 
     def set_state(self, host: str, state: str, detail: str = "") -> None: ...
     def add_events(self, host: str, n: int) -> None: ...
+    def set_aggregates(self, host: str, progress: tuple[AggProgress, ...]) -> None: ...
 
 
 class NullObserver:
@@ -77,4 +85,7 @@ class NullObserver:
         """Ignore."""
 
     def add_events(self, host: str, n: int) -> None:
+        """Ignore."""
+
+    def set_aggregates(self, host: str, progress: tuple[AggProgress, ...]) -> None:
         """Ignore."""

@@ -13,6 +13,8 @@ import shlex
 from pathlib import Path
 
 from fleetprobe.clock import ClockMap
+from fleetprobe.hist import (AggPlan, AggResults, AggTable, HostTable, KeySpec, StreamTables, TablePlan, Trigger,
+                             host_tables)
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome
@@ -112,3 +114,55 @@ def expand_exec_start(unit: Path, env: dict[str, str], state_dir: Path) -> list[
         else:
             words.append(word)
     return words
+
+
+HIST = Path(__file__).parent / "data" / "hist"
+AGG_HOSTILE = ["<script>alert(1)</script>", "a|b|c", "`tick`", "**bold**_x_", "[x](javascript:alert(1))",
+               "\x1b]52;c;aGk=\x07osc", "evil\nnext", "\u202etxt.exe", "[/]", "# head", "back\\|slash", "<...>"]
+AGG_REFUSAL = "trigger refused: Invalid argument\x1b[2J<img src=x onerror=alert(2)>"
+AGG_LINE = "hist:keys=path:vals=hitcount:sort=hitcount.descending:size=2048"
+_KERNEL = AggPlan("st", (TablePlan(AggTable("st", "count", "path"), "kernel"),), (),
+                  (Trigger("fpexp/st", AGG_LINE, "st:count:path", (KeySpec("path", "string"),)),))
+_STREAM = (AggPlan("ex", (TablePlan(AggTable("ex", "count", "comm"), "stream", "no hist triggers on this kernel"),)),
+           AggPlan("sig", (TablePlan(AggTable("sig", "histogram", "sig", ("comm",)), "stream", "no hist triggers"),)),
+           AggPlan("ret", (TablePlan(AggTable("ret", "latency", "ns", ("comm",)), "stream", "no hist triggers",
+                                     source_probe="ent"),)))
+
+
+def _hist_lines(name: str) -> list[str]:
+    return (HIST / f"x86_64-6.1-{name}.hist").read_text().split("\n")
+
+
+def agg_report() -> FleetReport:
+    """aggregate: tables made the way a run makes them (fleetprobe.hist.host_tables), every mode and note in them.
+
+    Kernel hosts from real hist files of the lab's 6.1 guest (tests/data/hist: paths chosen
+    to look like hist syntax, a full table with Dropped), a host whose kernel refused the
+    trigger with a hostile message, and a streaming host whose comm values are hostile
+    (HTML, Markdown, rich markup, an OSC 52 clipboard write, a newline, a bidi override, the
+    kernel's ``<...>``) and whose stream the event cap cut; a table pruned to its error bound.
+    """
+    results = AggResults()
+    for host, hist, refused in (("k1", "c-hostile-paths", {}), ("k2", "b-fpexp-st", {}),
+                                ("f1", None, {("fpexp/st", AGG_LINE): AGG_REFUSAL})):
+        texts = {"fpexp/st": _hist_lines(hist)} if hist else {}
+        for tid, part, table in host_tables((_KERNEL,), texts, refused, {}, None, 0):
+            results.add_host(host, tid, part, table)
+    st = StreamTables(_STREAM)
+    for i, comm in enumerate(AGG_HOSTILE):
+        for _ in range(i + 1):
+            st.add_row("ex", 1.0, 100 + i, comm, "filename=/bin/true pid=1 old_pid=1")
+            st.add_row("sig", 1.0, 100 + i, comm, "sig=18 errno=0 code=0 pid=2 grp=1 res=0")
+            st.add_row("ent", 2.0, 100 + i, comm, "")
+            st.add_row("ret", 2.0 + 1e-6 * (i + 1), 100 + i, comm, "")
+    for tid, part, table in host_tables(_STREAM, {}, {}, {}, st, 3):
+        results.add_host("s1", tid, part, table)
+    # A table pruned to 4 keys: its counts may be low by the Misra-Gries bound, said in its heading.
+    pruned = AggTable("pr", "count", "x", cap=4)
+    for v in range(10):
+        pruned.add((f"v{v}",), 10 - v)
+    results.add_host("s1", pruned.table_id, HostTable("stream", "no hist triggers", hits=55, entries=5), pruned)
+    agg = FleetAggregate()
+    agg.aggregates = results
+    hosts = [HostOutcome(h, stage="done", hits={"st": 5} if h.startswith("k") else {}) for h in ("k1", "k2", "f1", "s1")]
+    return FleetReport(RunInfo("aggr01", "aggs", started=1000.0, ended=1010.0), agg, hosts)

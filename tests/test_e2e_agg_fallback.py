@@ -3,13 +3,17 @@
 Two hosts (OpenSSH sshd in two network namespaces) share this machine's kernel,
 so each sees every event: a uniquely named process doing N statfs(2) calls must
 count N on each host, fleet-wide 2N on 2 hosts, with the same report shape a
-kernel-aggregating host gives (the lab tests check that side).
+kernel-aggregating host gives (the lab tests check that side). The same run's JSON is
+validated against the report schema, its HTML and Markdown reports show every table as
+the terminal does, and its live view (drawn on a recording terminal) shows the streamed
+tables growing while the run goes on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -18,12 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe.render.safe import SafeConsole
-
+from fleetprobe.aggreport import summaries
 from fleetprobe.cli.main import main
 from fleetprobe.facts import readme_features
+from fleetprobe.render.html import _v
+from fleetprobe.render.markdown import escape
+from fleetprobe.render.safe import SafeConsole, visible
+from fleetprobe.results import load_json
 from hostcheck import TRACEFS, ensure_tracefs, own_run_id, wait_enabled_sh
 from sshhosts import Fleet, new_fleet
+from test_report import SCHEMA, _validate
 
 pytestmark = [pytest.mark.sshd, pytest.mark.netns]
 
@@ -85,17 +93,21 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
     # runs' buffers to this test's events, so nothing is lost to an overrun. The workload starts
     # once all four probes are enabled on both hosts (setup time varies with the machine's load).
     wait = wait_enabled_sh(run_id, 2, ["sched/sched_process_exec", "signal/signal_generate", "fp_*/gsv", "fp_*/gsv_ret"])
-    workload = (wait + f"{sleeper} 20 & s=$!; i=0; while [ $i -lt {execs} ]; do {true}; i=$((i+1)); done; "
-                f"i=0; while [ $i -lt {signals} ]; do kill -CONT $s; i=$((i+1)); done; "
+    # The phases are seconds apart so the live view (fed once a second per host) sees the tables grow:
+    # the signals come 3 s after both hosts' probes are on, a frame with no signal counted comes before.
+    workload = (wait + f"{sleeper} 20 & s=$!; i=0; while [ $i -lt {execs} ]; do {true}; i=$((i+1)); done; sleep 3; "
+                f"i=0; while [ $i -lt {signals} ]; do kill -CONT $s; i=$((i+1)); done; sleep 2; "
                 f"{bash} -c 'for i in 1 2 3; do x=$HOME$i; done'; kill $s")
     pb = tmp_path / "agg.yml"
     pb.write_text(PLAYBOOK.replace("BASH", str(bash)))
     report_path = tmp_path / "report.json"
+    html_path, md_path = tmp_path / "report.html", tmp_path / "report.md"
     bg = subprocess.Popen(["bash", "-c", workload])
     try:
-        console = SafeConsole(record=True, width=200)
+        # A terminal (recorded): the run draws its live view, every frame kept in the record.
+        console = SafeConsole(record=True, width=250, force_terminal=True, color_system=None)
         rc = main(["run", str(pb), "-i", str(fleet.inventory()), "--duration", "10s", "--json", str(report_path),
-                   "--no-live", "--run-id", run_id], console)
+                   "--html", str(html_path), "--markdown", str(md_path), "--run-id", run_id], console)
     finally:
         bg.wait(30)
     out = console.export_text()
@@ -129,3 +141,27 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
     assert lat == sum(hosts[h]["hits"]["gsv"] for h in hosts)
     # The report says which way each host computed them.
     assert "streamed on agg1, agg2: no hist triggers" in out
+    # The JSON as written validates against the report schema (aggregates and unknown_comm included).
+    schema = json.loads(SCHEMA.read_text())
+    assert _validate(report, schema, schema) == []
+    # HTML and Markdown say of every table what the terminal says: heading, each host's mode, notes.
+    loaded = load_json(report_path)
+    page, md = html_path.read_text(), md_path.read_text()
+    said = summaries(loaded.aggregate.aggregates)
+    assert len(said) == 4
+    for t in said:
+        for sentence in (t.heading, *t.modes, *t.notes):
+            assert visible(sentence) in out, sentence
+            assert _v(sentence) in page, sentence
+            assert escape(sentence) in md, sentence
+    assert f"<td>{_v(str(true))}</td><td class='n'>{2 * execs}</td><td class='n'>2</td>" in page
+    assert f"| {escape(str(true))} | {2 * execs} | 2 |" in md
+    # The live view, while the run went on: the streamed tables growing (one frame per refresh),
+    # then their final counts once the hosts' parts were in.
+    frames = re.findall(r"aggregate sig:histogram:sig: (\d+)( so far)? from (\d) streaming host\(s\)", out)
+    assert frames, out[-3000:]
+    growing = [int(n) for n, so_far, hosts in frames if so_far and hosts == "2"]
+    final = sum(n for _, n, _ in tables["sig:histogram:sig"]["rows"])
+    assert growing and growing[0] < 2 * signals and sorted(growing) == growing, frames
+    assert any(0 < n for n in growing), frames   # counted while the run went on, not only at its end
+    assert (str(final), "", "2") in frames and not any(int(n) > final for n, _, _ in frames), frames

@@ -127,7 +127,13 @@ def _validate(instance: Any, schema: dict[str, Any], root: dict[str, Any], path:
                 errors += _validate(value, props[key], root, f"{path}.{key}")
             elif isinstance(schema.get("additionalProperties"), dict):
                 errors += _validate(value, schema["additionalProperties"], root, f"{path}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}: {key} is not in the schema")
     if isinstance(instance, list):
+        if "minItems" in schema and len(instance) < schema["minItems"]:
+            errors.append(f"{path}: {len(instance)} items < {schema['minItems']}")
+        if "maxItems" in schema and len(instance) > schema["maxItems"]:
+            errors.append(f"{path}: {len(instance)} items > {schema['maxItems']}")
         prefix = schema.get("prefixItems", [])
         for i, item in enumerate(instance):
             if i < len(prefix):
@@ -165,6 +171,34 @@ def test_written_report_validates_and_round_trips(tmp_path: Path) -> None:
     assert data["aggregate"]["hosts"]["web-1"]["hits"]["fork"] > 0
     assert load_json(path).to_json() == report.to_json()
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_report_with_aggregates_validates_and_round_trips(tmp_path: Path) -> None:
+    """aggregate: tables (kernel, stream, failed; hostile keys, <...>, a pruned table) as written: valid, and equal
+    when loaded back; the validator catches a wrong unknown_comm, a field the schema lacks, a row of 4."""
+    from reports import agg_report
+
+    report = agg_report()
+    path = tmp_path / "report.json"
+    write_json(report, path)
+    data = json.loads(path.read_text())
+    schema = json.loads(SCHEMA.read_text())
+    assert _validate(data, schema, schema) == []
+    aggs = data["aggregate"]["aggregates"]
+    tables = {f"{t['probe']}:{t['kind']}:{t['field']}": t for t in aggs["tables"]}
+    assert tables["ex:count:comm"]["unknown_comm"] == 12 and tables["st:count:path"]["unknown_comm"] == 0
+    assert {h: p["st:count:path"]["mode"] for h, p in aggs["hosts"].items() if "st:count:path" in p} == {
+        "k1": "kernel", "k2": "kernel", "f1": "failed"}
+    assert load_json(path).aggregate.aggregates == report.aggregate.aggregates
+    bad = json.loads(path.read_text())
+    first = bad["aggregate"]["aggregates"]["tables"][0]
+    del first["unknown_comm"]
+    first["rows"][0].append(1)
+    bad["aggregate"]["aggregates"]["hosts"]["s1"]["ex:count:comm"]["extra"] = 1
+    errors = _validate(bad, schema, schema)
+    assert any("missing unknown_comm" in e for e in errors)
+    assert any("4 items > 3" in e for e in errors)
+    assert any("extra is not in the schema" in e for e in errors)
 
 
 def test_event_writer_writes_one_json_line_per_event(tmp_path: Path) -> None:
@@ -250,3 +284,32 @@ def test_live_view_draws_on_a_terminal() -> None:
         view.set_state("a", "probing")
         view.add_events("a", 7)
     assert "probing 7" in out.getvalue()
+
+
+def test_live_view_shows_streamed_tables_growing_and_says_kernel_ones_come_at_the_end() -> None:
+    """aggregate: tables in the live view, folded over hosts, for 3 hosts and for 2000."""
+    from fleetprobe.hist import AggProgress
+
+    view = LiveView(Console(file=io.StringIO()), ["s1", "s2", "k1"])
+    view.set_aggregates("s1", (AggProgress("ex:count:comm", "stream", 40, 3),))
+    view.set_aggregates("s2", (AggProgress("ex:count:comm", "stream", 2, 7),))
+    view.set_aggregates("k1", (AggProgress("ex:count:comm", "kernel"),))
+    text = _live_text(view)
+    assert ("aggregate ex:count:comm: 42 so far from 2 streaming host(s), up to 7 keys each; "
+            "in kernel on 1 host(s): read at the end") in text
+    # The hosts' parts are in: the kernel's count shows, and nothing says "so far" any more.
+    view.set_aggregates("s1", (AggProgress("ex:count:comm", "stream", 41, 3, final=True),))
+    view.set_aggregates("s2", (AggProgress("ex:count:comm", "stream", 2, 7, final=True),))
+    view.set_aggregates("k1", (AggProgress("ex:count:comm", "kernel", 1000, 12, final=True),
+                               AggProgress("st:count:path", "failed", final=True)))
+    text = _live_text(view)
+    assert ("aggregate ex:count:comm: 43 from 2 streaming host(s), up to 7 keys each; "
+            "1,000 in kernel on 1 host(s)") in text
+    assert "aggregate st:count:path: FAILED on 1 host(s)" in text and "so far" not in text
+    big = LiveView(Console(file=io.StringIO()), [f"n{i:04d}" for i in range(2000)])
+    for i in range(2000):
+        big.set_aggregates(f"n{i:04d}", tuple(AggProgress(f"t{j}:count:comm", "stream", i, 1) for j in range(9)))
+    text = _live_text(big)
+    assert len(text.splitlines()) < 20
+    assert "aggregate t0:count:comm: 1,999,000 so far from 2000 streaming host(s), up to 1 keys each" in text
+    assert "... and 3 more aggregate tables" in text

@@ -21,9 +21,11 @@ import os
 import time
 from typing import Any
 
-from fleetprobe import caveats
+from fleetprobe import aggreport, caveats
 from fleetprobe.audit import AuditResult
+from fleetprobe.hist import AggResults, bucket_label
 from fleetprobe.results import FleetReport
+from fleetprobe.render.safe import visible
 from fleetprobe.sketches import Latency, bucket_range_ns
 from fleetprobe.render.terminal import format_ns, value_text
 from fleetprobe.outfiles import write_text_atomic
@@ -161,6 +163,11 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _v(text: object) -> str:
+    """A host's value for the page: non-printables shown as escapes (render.safe.visible), then HTML-escaped."""
+    return _e(visible(text))
+
+
 def _utc(t: float, with_date: bool = True) -> str:
     """Epoch seconds as UTC text with milliseconds."""
     base = time.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S", time.gmtime(t))
@@ -272,17 +279,10 @@ def _top_values(report: FleetReport, probes: list[str], colours: dict[str, str])
     """Top values per (probe, field) as bar charts."""
     agg = report.aggregate
     charts = []
-    for p in probes:
-        for name in agg.fields(p):
-            table = agg.values[(p, name)]
-            top = table.top(TOP)
-            if not top:
-                continue
-            approx = "" if table.exact else f" (≥, error ≤ {table.error})"
-            items = [(value_text(v), c, f"{p} {name}={value_text(v)}: {c} events on {h} host(s)")
-                     for v, c, h in top]
-            charts.append(_bar_chart(f"{p}: top {name}{approx}", items, colours.get(p, COLOURS[0]),
-                                     f"top-{p}-{name}"))
+    for p, name, table, top in agg.top_tables(probes, TOP):
+        approx = "" if table.exact else f" (≥, error ≤ {table.error})"
+        items = [(value_text(v), c, f"{p} {name}={value_text(v)}: {c} events on {h} host(s)") for v, c, h in top]
+        charts.append(_bar_chart(f"{p}: top {name}{approx}", items, colours.get(p, COLOURS[0]), f"top-{p}-{name}"))
     return "<div class='charts'>" + "".join(charts) + "</div>" if charts else "<p>no values recorded</p>"
 
 
@@ -317,6 +317,52 @@ def _latency_chart(entry: str, ret: str, lat: Latency, colour: str) -> str:
             f"<text x='{pad_l - 6}' y='16' text-anchor='end'>{peak}</text>"
             f"<text x='{pad_l - 6}' y='{height - pad_b}' text-anchor='end'>0</text></g>{''.join(cols)}</svg>"
             + (f"<p class='small'>{_e('; '.join(notes))}</p>" if notes else "") + "</div>")
+
+
+def _aggregates(results: AggResults) -> str:
+    """Every ``aggregate:`` table as the terminal shows it (aggreport): heading, each host's mode, notes, rows.
+
+    Keys are comm and path values chosen by any user on a host, reasons quote the host's
+    kernel: each goes through ``_v`` (non-printables shown as escapes, as on the terminal, so
+    a bidi override cannot reorder the page and ``--html -`` cannot drive a terminal; then
+    HTML-escaped), and element ids are made from the table's position, never from a key.
+    """
+    blocks = []
+    for i, s in enumerate(aggreport.summaries(results)):
+        t = s.table
+        parts = [f"<div class='agg' id='agg-{i}'><h3>{_v(s.heading)}</h3>",
+                 "<ul class='agg-modes'>" + "".join(f"<li>{_v(m)}</li>" for m in s.modes) + "</ul>"]
+        parts += [f"<p class='small agg-note'>{_v(n)}</p>" for n in s.notes]
+        hosts = "".join(f"<tr><td>{_v(h)}</td><td>{_e(p[s.tid].mode)}</td><td class='n'>{p[s.tid].hits}</td>"
+                        f"<td class='n'>{p[s.tid].entries}</td><td class='n'>{p[s.tid].dropped}</td>"
+                        f"<td>{_v(p[s.tid].reason or '-')}</td></tr>"
+                        for h, p in sorted(results.hosts.items()) if s.tid in p)
+        if hosts:
+            parts.append("<details><summary>per host</summary><table class='agg-hosts'><thead><tr><th>host</th>"
+                         "<th>mode</th><th class='n'>hits</th><th class='n'>keys</th><th class='n'>not counted</th>"
+                         f"<th>reason</th></tr></thead><tbody>{hosts}</tbody></table></details>")
+        if t.kind == "count":
+            rows, more = aggreport.count_rows(t)
+            body = "".join(f"<tr><td>{_v(v)}</td><td class='n'>{c}</td><td class='n'>{h}</td></tr>"
+                           for v, c, h in rows)
+            parts.append(f"<table class='agg-counts'><thead><tr><th>{_e(t.field)}</th><th class='n'>count</th>"
+                         f"<th class='n'>hosts</th></tr></thead><tbody>{body}</tbody></table>" if rows
+                         else "<p>nothing counted</p>")
+        else:
+            groups, more = aggreport.histogram_groups(t)
+            unit = aggreport.bucket_unit(t)
+            charts = []
+            for j, (label, total, buckets) in enumerate(groups):
+                shown = visible(label)
+                title = f"{shown}: {total}" if label else f"{total}"
+                items = [(bucket_label(b) + unit, c, f"{shown + ' ' if label else ''}{bucket_label(b)}{unit}: {c}")
+                         for b, c in aggreport.bucket_rows(buckets)]
+                charts.append(_bar_chart(title, items, COLOURS[i % len(COLOURS)], f"agg-{i}-{j}"))
+            parts.append(f"<div class='charts'>{''.join(charts)}</div>" if charts else "<p>nothing counted</p>")
+        if more:
+            parts.append(f"<p class='small'>... and {more} more (see the JSON report)</p>")
+        blocks.append("".join(parts) + "</div>")
+    return "".join(blocks)
 
 
 def _timeline(report: FleetReport, colours: dict[str, str]) -> str:
@@ -473,6 +519,7 @@ def render_html(report: FleetReport, audit: AuditResult | None = None) -> str:
         _heatmap(report, probes) if probes else "",
         "<h2>Top values</h2>", _top_values(report, probes, colours),
         "<h2>Latency</h2>", f"<div class='charts'>{latency}</div>" if latency else "<p>no paired probes</p>",
+        *(["<h2 id='aggregates'>Aggregates</h2>", _aggregates(agg.aggregates)] if agg.aggregates else []),
     ]
     # The run's metadata for programs that scrape the page; '<' escaped so it cannot end the script element.
     data = json.dumps(meta, allow_nan=False).replace("<", "\\u003c")

@@ -12,14 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
 from fleetprobe.render.safe import add_row, plain
+
+if TYPE_CHECKING:
+    from fleetprobe.hist import AggProgress
 
 #: States in pipeline order (the order the counts line shows them).
 STATES = ("waiting", "connecting", "facts", "planning", "building", "probing", "teardown",
@@ -30,6 +35,8 @@ _STYLE = {"done": "green", "probing": "cyan", "failed": "red", "unreachable": "r
 #: Up to this many hosts, one row per host.
 ROWS_LIMIT = 20
 RECENT = 8
+#: aggregate: tables shown before "N more".
+AGG_LINES = 6
 
 
 @dataclass
@@ -60,6 +67,7 @@ class LiveView:
         self._started = time.monotonic()
         self._refresh = refresh_per_second
         self._live: Live | None = None
+        self._aggs: dict[str, tuple[AggProgress, ...]] = {}
 
     def set_state(self, host: str, state: str, detail: str = "") -> None:
         """Move ``host`` to ``state`` (see :data:`STATES`), with an optional one-line detail."""
@@ -82,6 +90,11 @@ class LiveView:
                 hs = self._hosts[host] = _HostState()
             hs.events += n
 
+    def set_aggregates(self, host: str, progress: tuple[AggProgress, ...]) -> None:
+        """``host``'s aggregate: tables as far as they are known now (see hist.AggProgress)."""
+        with self._lock:
+            self._aggs[host] = progress
+
     def counts(self) -> dict[str, int]:
         """Hosts per state (states with no host left out)."""
         with self._lock:
@@ -96,6 +109,8 @@ class LiveView:
             hosts = {h: _HostState(s.state, s.detail, s.events, s.since) for h, s in self._hosts.items()}
             recent = list(self._recent)
             failures = list(self._failures)
+            progress = dict(self._aggs)
+        aggs = [plain(line, overflow="ellipsis", no_wrap=True) for line in aggregate_lines(progress)]
         elapsed = max(time.monotonic() - self._started, 1e-9)
         total = sum(s.events for s in hosts.values())
         counts: dict[str, int] = {}
@@ -118,7 +133,7 @@ class LiveView:
             for h, s in hosts.items():
                 state = f"{s.state} {s.events}" if s.state == "probing" else s.state
                 add_row(table, h, plain(state, style=_STYLE.get(s.state, "")), f"{s.events:,}", s.detail)
-            return Group(head, table)
+            return Group(head, table, *aggs)
         parts: list[RenderableType] = [head]
         if recent:
             parts.append(plain("recent: " + "; ".join(_change(h, st, d) for h, st, d in recent[-4:]),
@@ -131,7 +146,7 @@ class LiveView:
         busiest = sorted(((s.events, h) for h, s in hosts.items() if s.events), reverse=True)[:3]
         if busiest:
             parts.append(plain("busiest: " + ", ".join(f"{h} {n:,}" for n, h in busiest)))
-        return Group(*parts)
+        return Group(*parts, *aggs)
 
     def __rich__(self) -> RenderableType:
         """rich calls this on every refresh."""
@@ -151,6 +166,49 @@ class LiveView:
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+def aggregate_lines(aggs: Mapping[str, tuple[AggProgress, ...]], limit: int = AGG_LINES) -> list[str]:
+    """One line per aggregate table, folded over the hosts: what the stream counted so far, which hosts
+    count it in their kernel (read when their run ends, then counted), which failed."""
+    stream: dict[str, list[int]] = {}      # table -> [hits, hosts, largest host table, hosts done]
+    kernel_wait: dict[str, int] = {}
+    kernel_done: dict[str, list[int]] = {}  # table -> [hits, hosts]
+    failed: dict[str, int] = {}
+    for progress in aggs.values():
+        for p in progress:
+            if p.mode == "stream":
+                st = stream.setdefault(p.table, [0, 0, 0, 0])
+                st[0] += p.hits or 0
+                st[1] += 1
+                st[2] = max(st[2], p.keys or 0)
+                st[3] += p.final
+            elif p.mode == "kernel" and not p.final:
+                kernel_wait[p.table] = kernel_wait.get(p.table, 0) + 1
+            elif p.mode == "kernel":
+                kd = kernel_done.setdefault(p.table, [0, 0])
+                kd[0] += p.hits or 0
+                kd[1] += 1
+            else:
+                failed[p.table] = failed.get(p.table, 0) + 1
+    tables = sorted(set(stream) | set(kernel_wait) | set(kernel_done) | set(failed))
+    out = []
+    for tid in tables[:limit]:
+        parts = []
+        if tid in stream:
+            hits, n, keys, done = stream[tid]
+            parts.append(f"{hits:,}{'' if done == n else ' so far'} from {n} streaming host(s), up to {keys:,} keys each")
+        if tid in kernel_done:
+            hits, n = kernel_done[tid]
+            parts.append(f"{hits:,} in kernel on {n} host(s)")
+        if tid in kernel_wait:
+            parts.append(f"in kernel on {kernel_wait[tid]} host(s): read at the end")
+        if tid in failed:
+            parts.append(f"FAILED on {failed[tid]} host(s)")
+        out.append(f"aggregate {tid}: " + "; ".join(parts))
+    if len(tables) > limit:
+        out.append(f"... and {len(tables) - limit} more aggregate tables")
+    return out
 
 
 def _change(host: str, state: str, detail: str) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import time
 
-from fleetprobe import caveats
+from fleetprobe import aggreport, caveats
 from fleetprobe.audit import AuditResult
+from fleetprobe.hist import AggResults, bucket_label
 from fleetprobe.results import FleetReport
+from fleetprobe.render.safe import visible
 from fleetprobe.render.terminal import format_ns, value_text
 from fleetprobe.outfiles import write_text_atomic
 
@@ -22,11 +24,16 @@ TOP = 10
 
 
 def escape(text: object) -> str:
-    """Text safe inside a Markdown table cell: pipes, backticks, markup characters and newlines escaped."""
-    s = str(text).replace("\\", "\\\\")
+    """Text safe inside a Markdown table cell: pipes, backticks, markup characters and newlines escaped.
+
+    Newlines become blanks (a cell is one line); every other non-printable character is shown as an
+    escape (render.safe.visible), as on the terminal: ``--markdown -`` must not drive a terminal with a
+    comm's ESC sequence, and a bidi override must not reorder the ticket it is pasted into.
+    """
+    s = visible(str(text).replace("\r", " ").replace("\n", " ")).replace("\\", "\\\\")
     for ch in "|`*_[]<>#":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("\r", " ").replace("\n", " ")
+    return s
 
 
 def _utc(t: float) -> str:
@@ -84,17 +91,12 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
             total = str(agg.total_hits(p)) if len(skipped) < len(report.hosts) or agg.total_hits(p) else caveats.SKIPPED
             out.append(f"| {escape(p)} | {total} | {len(ranked)}/{len(report.hosts)} | {top or '-'} | {why or '-'} |")
         out.append("")
-    for p in probes:
-        for name in agg.fields(p):
-            table = agg.values[(p, name)]
-            top_values = table.top(TOP)
-            if not top_values:
-                continue
-            approx = "" if table.exact else f" (approximate, counts may be low by up to {table.error})"
-            out += [f"#### {escape(p)}: top {escape(name)}{approx}", "", f"| {escape(name)} | count | hosts |",
-                    "|---|--:|--:|"]
-            out += [f"| {escape(value_text(v))} | {c} | {h} |" for v, c, h in top_values]
-            out.append("")
+    for p, name, table, top_values in agg.top_tables(probes, TOP):
+        approx = "" if table.exact else f" (approximate, counts may be low by up to {table.error})"
+        out += [f"#### {escape(p)}: top {escape(name)}{approx}", "", f"| {escape(name)} | count | hosts |",
+                "|---|--:|--:|"]
+        out += [f"| {escape(value_text(v))} | {c} | {h} |" for v, c, h in top_values]
+        out.append("")
     for ret, entry in sorted(agg.pairs.items()):
         lat = agg.latency(ret)
         p50, p99 = lat.quantile(0.5), lat.quantile(0.99)
@@ -102,11 +104,50 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
             continue
         out.append(f"- latency {escape(entry)} -> {escape(ret)}: {lat.count} calls, p50 <= {format_ns(p50)}, "
                    f"p99 <= {format_ns(p99)}")
+    if agg.aggregates:
+        out += _aggregates(agg.aggregates)
     lossy = [o for o in report.hosts if o.loss.total]
     if lossy:
         out.append("")
         out.append("Events lost on: " + ", ".join(f"{escape(o.host)} ({o.loss.total})" for o in lossy[:ROWS]))
     return "\n".join(out).rstrip() + "\n"
+
+
+def _aggregates(results: AggResults) -> list[str]:
+    """Every ``aggregate:`` table as the terminal shows it (aggreport), each key escaped (a user chose it)."""
+    out = ["", "### Aggregates", ""]
+    for s in aggreport.summaries(results):
+        t = s.table
+        out += [f"#### {escape(s.heading)}", ""]
+        out += [f"- {escape(m)}" for m in s.modes + s.notes]
+        out.append("")
+        if t.kind == "count":
+            rows, more = aggreport.count_rows(t)
+            if rows:
+                out += [f"| {escape(t.field)} | count | hosts |", "|---|--:|--:|"]
+                out += [f"| {escape(v)} | {c} | {h} |" for v, c, h in rows]
+            else:
+                out.append("nothing counted")
+        else:
+            groups, more = aggreport.histogram_groups(t)
+            unit = aggreport.bucket_unit(t)
+            peak = max((c for _, _, b in groups for c in b.values()), default=1)
+            if groups:
+                head = escape(", ".join(t.by)) if t.by else ""
+                out += [f"| {head + ' | ' if t.by else ''}{escape(t.field)} | count | |",
+                        f"|{'---|' if t.by else ''}--:|--:|---|"]
+            else:
+                out.append("nothing counted")
+            for label, total, buckets in groups:
+                for i, (b, c) in enumerate(aggreport.bucket_rows(buckets)):
+                    # The group's label (a user's comm) on its first row only, escaped like every cell.
+                    first = (f"{escape(label)} ({total}) | " if i == 0 else " | ") if t.by else ""
+                    bar = "█" * max(1 if c else 0, round(20 * c / peak))
+                    out.append(f"| {first}{escape(bucket_label(b) + unit)} | {c} | {bar} |")
+        if more:
+            out.append(f"\n... and {more} more (see the JSON report)")
+        out.append("")
+    return out
 
 
 def write_markdown(report: FleetReport, path: str | os.PathLike[str], audit: AuditResult | None = None) -> None:
