@@ -104,7 +104,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -140,12 +140,18 @@ hist_place() {
         *" if "*) _hw="${_ht%% if *} if (${_ht#* if }) && $_hf";;
         *) _hw="$_ht if $_hf";;
       esac
+      # Written by this shell itself, no $(...): a subshell is a process the triggers placed
+      # before this one would count. Only a refusal forks (to read the kernel's reason).
       if [ ! -d "$T/instances/$I/events/$_he" ]; then
         say "trigfail $_he $_ht :: no such event"
-      elif ! _hx=$( { echo "$_hw" >> "$T/instances/$I/events/$_he/trigger"; } 2>&1 ); then
-        say "trigfail $_he $_ht :: ${_hx##*: } $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"
+      elif ! { echo "$_hw" >> "$T/instances/$I/events/$_he/trigger"; } 2>/dev/null; then
+        say "trigfail $_he $_ht :: write refused; $(tail -n 2 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')"
       else
         HIST_PLACED=$((HIST_PLACED + 1))
+        # To pause it first thing at teardown: the same trigger with ":pause" (the kernel finds it
+        # by its keys, values and filter).
+        HIST_LIVE="${HIST_LIVE:+$HIST_LIVE
+}$_he ${_hw%% if *}:pause if ${_hw#* if }"
       fi;;
   esac
 }
@@ -663,8 +669,15 @@ while [ -z "$STOP" ]; do
 done
 
 # ---- teardown ----------------------------------------------------------------------------
-# Disabled first: what we do from here on (date, grep, sed ...) is nobody's event.
+# Disabled first: what we do from here on (date, grep, sed ...) is nobody's event. Triggers keep
+# an event live when it is disabled, and their filter names only the processes we had at the
+# start: they are paused (builtins only), so teardown's children are in no kernel table either.
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
+while IFS= read -r _hl; do
+  [ -n "$_hl" ] && { echo "${_hl#* }" >> "$T/instances/$I/events/${_hl%% *}/trigger"; } 2>/dev/null
+done <<EOF_LIVE
+$HIST_LIVE
+EOF_LIVE
 # A watchdog that is gone has removed (or is removing) our probes: what follows is partial.
 kill -0 "$WD" 2>/dev/null || WD_GONE=1
 kill "$TIMER" 2>/dev/null

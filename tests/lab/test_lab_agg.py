@@ -84,3 +84,25 @@ def test_cleanup_removes_stale_triggers_and_synthetic_events(lab_fleet: LabForTe
     left = ssh(lab, vm, "cd /sys/kernel/tracing; grep zz kprobe_events synthetic_events; ls instances | grep zz; "
                         "true").stdout.strip()
     assert left == "", left
+
+
+def test_kernel_tables_do_not_count_the_runners_own_teardown(lab_fleet: LabForTests, tmp_path: Path) -> None:
+    """opencount in the kernel of the x86_64 guests: no open by the runner's teardown children.
+
+    A trigger keeps its event live after the run disables it, and its filter names only the
+    processes the runner had at the start; the teardown's sed (reading the hist files), grep and
+    sleep opened files while the triggers still counted. The runner now pauses them first.
+    """
+    vms = [vm for vm in lab_fleet.vms if vm.uname_m == "x86_64"][:1]
+    if not vms:
+        pytest.skip("no x86_64 guest in this lab")
+    report_path = tmp_path / "opencount.json"
+    rc, out = _run(["run", str(REPO / "playbooks/opencount.yml"), "-i", str(lab_fleet.inventory),
+                    "--limit", vms[0].name, "--duration", "6s", "--json", str(report_path), *COMMON])
+    assert rc == 0, out
+    report = json.loads(report_path.read_text())
+    parts = report["aggregate"]["aggregates"]["hosts"][vms[0].name]
+    assert {p["mode"] for p in parts.values()} == {"kernel"}, parts
+    tables = {(t["probe"], t["kind"], t["field"]): t for t in report["aggregate"]["aggregates"]["tables"]}
+    comms = {k[0] for k, _n, _h in tables[("open", "count", "comm")]["rows"]}
+    assert not comms & {"sed", "grep", "sleep", "tail", "tr", "cat", "date"}, comms
