@@ -85,12 +85,15 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
                     on_event: Callable[[TraceEvent], None] | None = None,
                     events: EventSink | None = None,
                     observer: Observer | None = None,
-                    interrupted: asyncio.Event | None = None) -> list[HostOutcome]:
+                    interrupted: asyncio.Event | None = None,
+                    on_outcome: Callable[[HostOutcome], None] | None = None) -> list[HostOutcome]:
     """Probe every host with the playbook; one HostOutcome per host, in inventory order.
 
     Events go to ``aggregate.add_line`` as they arrive and, when given, to
     ``on_event`` as parsed TraceEvents, or to ``events`` (the raw-event file, see
     events.EventWriter) as the rows the kernel printed: one of the two, not both.
+    ``on_outcome`` gets each host's outcome as soon as that host is over (a worker
+    process sends the host's results to its parent then, see fleetprobe.workers).
     """
     if on_event is not None and events is not None:
         raise ValueError("run_fleet: pass on_event or events, not both")
@@ -104,7 +107,16 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
                   in_setup=len(hosts))
     if not hosts:
         fr.everyone_set_up.set()
-    return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
+    if on_outcome is None:
+        return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
+    tell = on_outcome
+
+    async def one(host: Host) -> HostOutcome:
+        out = await _run_host(fr, host)
+        tell(out)
+        return out
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
 
 
 @dataclass

@@ -337,12 +337,16 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         extras.begin()
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
+            from fleetprobe.workers import run_playbook_workers  # --workers: slices over processes, one report
+
             if args.no_live or not console.is_terminal:
-                return await run_playbook(hosts, pb, settings, events_path=extras.events_path,
-                                          interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
+                return await run_playbook_workers(hosts, pb, settings, workers=args.workers,
+                                                  events_path=extras.events_path, interrupted=interrupted,
+                                                  inventory=args.inventory, argv=sys.argv)
             with LiveView(console, names) as live:
-                return await run_playbook(hosts, pb, settings, observer=live, events_path=extras.events_path,
-                                          interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
+                return await run_playbook_workers(hosts, pb, settings, workers=args.workers, observer=live,
+                                                  events_path=extras.events_path, interrupted=interrupted,
+                                                  inventory=args.inventory, argv=sys.argv)
 
         report, interrupted = asyncio.run(_with_interrupt(go))
         # Every machine output first (JSON, store, HTML, Markdown; the events file is already
