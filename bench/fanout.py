@@ -68,7 +68,7 @@ class SimFleet:
     def ports(self) -> list[int]:
         return list(range(FIRST_PORT, FIRST_PORT + self.count))
 
-    def start(self, servers: int, lines: int = 20, flood: bool = False) -> None:
+    def start(self, servers: int, lines: int = 20, flood: bool = False, vary: bool = False) -> None:
         """Keys, known_hosts, and ``servers`` simhost processes sharing the ports."""
         client = asyncssh.generate_private_key("ssh-ed25519")
         client.write_private_key(str(self.work / "client_key"))
@@ -83,7 +83,8 @@ class SimFleet:
         for first in range(FIRST_PORT, FIRST_PORT + self.count, per):
             n = min(per, FIRST_PORT + self.count - first)
             cmd = [sys.executable, str(BENCH / "simhost.py"), "--first-port", str(first), "--count", str(n),
-                   "--dir", str(self.work), "--lines", str(lines)] + (["--flood"] if flood else [])
+                   "--dir", str(self.work), "--lines", str(lines)] + (["--flood"] if flood else []) + \
+                (["--vary"] if vary else [])
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
         for p in self.procs:
             assert p.stdout is not None
