@@ -8,6 +8,8 @@ interleaved round by round, runs each client as its own child process:
 
   fp-run      fleetprobe run_playbook(execsnoop, 1 s): connect, runner channel (facts, then
               one clock ping with the plan, --lines trace lines, stop/teardown protocol), close
+  fp-run-w2   the same over 2 local worker processes (fleetprobe.workers; fp-run-wN for N), forks fleet-wide;
+              the workers' CPU is in both CPU columns (waited children)
   fp-facts    fleetprobe facts_fleet: connect, facts script, parse, close
   asyncssh    bare asyncssh: connect, one command, close (asyncssh's default ciphers)
   asyncssh-gcm  the same with fleetprobe's cipher preference (transport.PREFERRED_CIPHERS):
@@ -51,7 +53,7 @@ ROOT = BENCH.parent
 PEERS_VENV = Path(os.environ.get("FP_BENCH_PEERS", "/tmp/fp-bench/peers"))
 COMMAND = "uname -m; cat /proc/version"
 FIRST_PORT = 21000
-ALL_KINDS = ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh", "openssh", "ansible")
+ALL_KINDS = ("fp-run", "fp-run-w2", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh", "openssh", "ansible")
 
 
 # --- simulated hosts ------------------------------------------------------------------------
@@ -227,22 +229,33 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         errors = [str(h.error) for h in out if h.error]
         return {"ok": sum(1 for h in out if h.facts and h.facts.arch == "x86_64"), "errors": errors[:3],
                 "n_errors": len(errors)}
-    if kind == "fp-run":
+    if kind == "fp-run" or kind.startswith("fp-run-w"):
         from fleetprobe.orchestrate import run_playbook
         from fleetprobe.playbook import load_playbook
+        from fleetprobe.workers import WorkerStats, run_playbook_workers
         rec = StartRecorder()
-        report = await run_playbook(_hosts(spec), load_playbook(ROOT / "playbooks" / "execsnoop.yml"),
-                                    _settings(spec), observer=rec)
+        pb = load_playbook(ROOT / "playbooks" / "execsnoop.yml")
+        workers: list[WorkerStats] = []
+        if kind == "fp-run":
+            report = await run_playbook(_hosts(spec), pb, _settings(spec), observer=rec)
+        else:
+            # fp-run-wN: the same run over N local worker processes (fleetprobe.workers), forks fleet-wide.
+            report = await run_playbook_workers(_hosts(spec), pb, _settings(spec), observer=rec,
+                                                workers=int(kind[len("fp-run-w"):]), stats=workers)
         outs = report.hosts
         errors = [f"{o.host}: {o.status} {o.reason}" for o in outs if o.status != "ok"]
         return {"ok": sum(1 for o in outs if o.status == "ok" and o.cleanup == "clean"),
                 "events": sum(o.events for o in outs), "errors": errors[:3], "n_errors": len(errors),
-                "starts": rec.summary(forks)}
+                "starts": rec.summary(forks),
+                "workers": [{"hosts": w.hosts, "cpu_s": round(w.cpu_seconds, 3),
+                             "peak_rss_mib": round(w.peak_rss_kib / 1024, 1)} for w in workers]}
     raise ValueError(kind)
 
 
 #: What each Python client imports before its measured section starts.
-PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"), "fp-facts": ("fleetprobe.orchestrate",),
+PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"),
+           "fp-run-w2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.workers"),
+           "fp-facts": ("fleetprobe.orchestrate",),
            "asyncssh-gcm": ("fleetprobe.connectors.asyncssh",)}
 
 
@@ -253,12 +266,18 @@ def client_main(kind: str, spec_path: str) -> int:
     for module in PRELOAD.get(kind, ()):
         importlib.import_module(module)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     res = asyncio.run(_client_async(kind, spec))
     wall = time.monotonic() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res["section_wall"] = wall
-    res["section_cpu"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    # Worker processes (fp-run-wN) are this client's children: their CPU is the section's too
+    # (their interpreter start-up and imports included: they are part of running that way).
+    res["section_cpu"] = ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+                          + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime))
+    res["parent_peak_rss_mib"] = round(r1.ru_maxrss / 1024, 1)
     print(json.dumps(res), flush=True)
     return 0
 
@@ -314,7 +333,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     ssh_opts = ["-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={kh}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ControlMaster=no",
                 "-o", "LogLevel=ERROR"]
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm"):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm") or kind.startswith("fp-run-w"):
         env["PYTHONPATH"] = str(ROOT)
         cmd = [sys.executable, str(BENCH / "fanout.py"), "--client", kind, str(spec_path)]
     elif kind == "pssh":
@@ -345,7 +364,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     text = stdout_path.read_text(errors="replace")
     detail: dict[str, Any] = {"exit": status}
     section = None
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh"):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh") or kind.startswith("fp-run-w"):
         try:
             detail.update(json.loads(text.strip().splitlines()[-1]))
             ok = int(detail.get("ok", 0))
@@ -455,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
                         st = m.detail["starts"]
                         extra = (f" started {st['hosts_started']}, last start {st['last_start']:.1f}s, "
                                  f"max in setup {st['max_in_setup']} (forks {st['forks']})")
+                    if m.detail.get("workers"):
+                        extra += (f" parent rss {m.detail.get('parent_peak_rss_mib')} MiB, workers "
+                                  f"{json.dumps(m.detail['workers'])}")
                     print(f"n={n} round={r} {kind:9s} wall {m.wall:6.2f}s  cpu {m.cpu * 1000 / n:6.2f} ms/host"
                           f"  section {'' if m.section_cpu is None else f'{m.section_cpu * 1000 / n:6.2f}'}"
                           f"  rss {m.rss_mib:5.0f} MiB  ok {m.ok}/{n}  conns/port "

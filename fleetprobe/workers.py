@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import resource
 import shutil
 import signal
 import struct
@@ -102,6 +103,17 @@ def fork_shares(forks: int, n: int) -> list[int]:
 
 
 # --- the worker process ----------------------------------------------------------------------------
+
+@dataclass
+class WorkerStats:
+    """What one worker process cost, as it said at its end (benchmarks report it)."""
+
+    index: int
+    pid: int
+    hosts: int
+    cpu_seconds: float
+    peak_rss_kib: int
+
 
 @dataclass
 class WorkerJob:
@@ -255,7 +267,9 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
         ticker.cancel()
         if writer is not None:
             writer.close()
-    box.send(("done", writer.written if writer else None, writer.error if writer else ""))
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    box.send(("done", writer.written if writer else None, writer.error if writer else "",
+              WorkerStats(job.index, os.getpid(), len(job.hosts), use.ru_utime + use.ru_stime, use.ru_maxrss)))
     await out.drain()
     return 0
 
@@ -322,17 +336,22 @@ class _Child:
 async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settings: RunSettings, *,
                                workers: int | None = None, observer: Observer | None = None,
                                events_path: str | None = None, interrupted: asyncio.Event | None = None,
-                               inventory: str = "", argv: list[str] | None = None) -> FleetReport:
+                               inventory: str = "", argv: list[str] | None = None,
+                               stats: list[WorkerStats] | None = None) -> FleetReport:
     """:func:`fleetprobe.orchestrate.run_playbook` over worker processes: the same report.
 
     ``workers`` None: every core this process may use (see :func:`worker_count`); one worker
-    is the single loop in this process.
+    is the single loop in this process, as is a run whose settings cannot go to another
+    process (a ``connect`` hook that is not a module-level function).  ``stats`` gets each
+    worker's CPU and peak memory as it ends.
     """
     from fleetprobe.orchestrate import playbook_pairs, run_playbook
     from fleetprobe.plan import new_run_id
 
     hosts = list(hosts)
     n = worker_count(workers, len(hosts), settings.forks, playbook)
+    if n > 1 and not _can_send(replace(settings, on_facts=None)):
+        n = 1
     if n <= 1:
         return await run_playbook(hosts, playbook, settings, observer=observer, events_path=events_path,
                                   interrupted=interrupted, inventory=inventory, argv=argv)
@@ -370,6 +389,8 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
                     total.absorb(chunk)
                 elif kind == "done":
                     child.done, child.events_written, child.events_error = True, item[1], item[2]
+                    if stats is not None:
+                        stats.append(item[3])
 
         forward = asyncio.ensure_future(_forward_interrupt(interrupted, children))
         try:
@@ -409,6 +430,15 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
         run.events_written, run.events_truncated = written, truncated
     by_name = total.outcomes
     return FleetReport(run, total, [by_name[h.name] for h in hosts])
+
+
+def _can_send(settings: RunSettings) -> bool:
+    """Whether the settings can be pickled for a worker (the Python API may pass any connect hook)."""
+    try:
+        pickle.dumps(settings)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _parts_dir(events_path: str, run_id: str) -> Path:
@@ -535,4 +565,8 @@ def _join_events(children: list[_Child], path: str) -> tuple[int, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    # Run as fleetprobe.workers, not __main__: what a worker pickles (WorkerStats) must name the
+    # module the parent knows it by.
+    from fleetprobe.workers import worker_main as _worker_main
+
+    sys.exit(_worker_main())
