@@ -176,7 +176,7 @@ probes:
 def _free_block(n: int) -> int:
     """A first port of ``n`` consecutive free ports on 127.0.0.1 (other checkouts run benchmarks too)."""
     for _ in range(50):
-        base = random.randrange(30000, 60000 - n)
+        base = random.randrange(15000, 32000 - n)  # below the ephemeral range (32768-)
         socks = []
         try:
             for p in range(base, base + n):
@@ -303,7 +303,10 @@ def test_cli_workers_one_report_one_events_file_one_stored_run(sim: SimFleet, tm
     assert not list(tmp_path.glob(".fp-events-*")), "the workers' event parts are removed"
     with sqlite3.connect(store) as db:
         runs = db.execute("select run_id from runs").fetchall()
+        facts = db.execute("select host, facts from host_runs").fetchall()
     assert runs == [(rid,)], "one run in the history, not one per worker"
+    assert sorted(h for h, f in facts if f and json.loads(f)["kernel_release"] == os.uname().release) == \
+        ["w0", "w1", "w2", "w3"], "each host's facts, gathered in a worker, are stored"
     assert leftovers(rid) == []
 
 
@@ -368,16 +371,63 @@ def test_killed_worker_fails_its_hosts_and_keeps_the_others(sim: SimFleet, tmp_p
 
 def _worker_pids() -> list[int]:
     """This process's worker children (python -m fleetprobe.workers), oldest first."""
-    me = str(os.getpid())
+    return sorted(p for p in _children_of(os.getpid()) if b"fleetprobe.workers" in _cmdline(p))
+
+
+@pytest.mark.tracefs
+def test_ctrl_c_reaches_every_worker_and_every_host_tears_down(sim: SimFleet, tmp_path: Path, busy: None) -> None:
+    """SIGINT to the CLI (the workers are in their own sessions: only the parent gets it) while
+    four hosts probe over two workers: exit 130, every host interrupted and clean, no worker left."""
+    import subprocess
+
+    hosts = [sim.add(f"c{i}") for i in range(4)]
+    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
+    pb = tmp_path / "pb.yml"
+    pb.write_text(PLAYBOOK.replace("duration: 2s", "duration: 60s"))
+    rid = _run_id()
+    report = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, rid),
+                             "--workers", "2", "--json", str(report), "--no-store"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 30
+        while len([x for x in leftovers(rid) if x.startswith("instance")]) < 4 and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.1)
+        assert len([x for x in leftovers(rid) if x.startswith("instance")]) == 4, "four hosts never probed"
+        workers = [p for p in _children_of(proc.pid) if b"fleetprobe.workers" in _cmdline(p)]
+        assert len(workers) == 2, workers
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode("utf-8", "replace")
+    assert proc.returncode == 130, text
+    data = json.loads(report.read_text())
+    assert all(h["status"] == "interrupted" and h["cleanup"] == "clean" for h in data["hosts"]), data["hosts"]
+    assert sum(h["events"] for h in data["hosts"]) > 0, "what was collected before Ctrl-C is kept"
+    assert leftovers(rid) == []
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "a worker outlived the run"
+    assert all(h.ran("runner")[0].exit_status == 0 for h in hosts), "every runner finished its own teardown"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _children_of(parent: int) -> list[int]:
     found = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if ppid == me and b"fleetprobe.workers" in argv:
-            found.append(int(d.name))
-    return sorted(found)
+        if d.name.isdigit():
+            try:
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent):
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
