@@ -176,8 +176,8 @@ class _PerHost:
 class _Outbox:
     """What a worker tells its parent, sent every SEND_SECONDS as one frame (and at the end)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, pairs: Mapping[str, str]) -> None:
-        self.writer = writer
+    def __init__(self, put: Callable[[list[tuple[Any, ...]]], None], pairs: Mapping[str, str]) -> None:
+        self.put = put
         self.pairs = dict(pairs)
         self.messages: list[tuple[Any, ...]] = []
         self.events: dict[str, int] = {}
@@ -202,7 +202,7 @@ class _Outbox:
         self.chunk.absorb(agg)
 
     def send(self, *last: tuple[Any, ...]) -> None:
-        """Write everything pending as one frame (the stream's buffer takes it; see flush)."""
+        """Hand everything pending to ``put`` as one list (a frame on the pipe, a cluster queue item)."""
         items: list[tuple[Any, ...]] = []
         if self.events:
             items.append(("events", self.events))
@@ -214,14 +214,11 @@ class _Outbox:
             self.chunk = None
         items += last
         if items:
-            data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-            self.writer.write(_FRAME.pack(len(data)) + data)
+            self.put(items)
 
 
 async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
-    """Run the job's slice and stream its results to the parent; the exit status."""
-    from fleetprobe.orchestrate import playbook_pairs, run_fleet
-
+    """Run the job's slice and stream its results to the parent on ``out``; the exit status."""
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     main = asyncio.current_task()
@@ -247,8 +244,27 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
             interrupted.set()
 
     loop.add_reader(0, on_stdin)
+
+    def frame(items: list[tuple[Any, ...]]) -> None:
+        data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(_FRAME.pack(len(data)) + data)
+
+    await run_slice(job, frame, interrupted)
+    await out.drain()
+    return 0
+
+
+async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None],
+                    interrupted: asyncio.Event) -> None:
+    """The job's slice through run_fleet; what a parent needs goes to ``put`` as it happens, ``done`` last.
+
+    A local worker's ``put`` writes a frame on its stdout; a cluster task's puts a Dask queue item.
+    """
+    from fleetprobe.orchestrate import playbook_pairs, run_fleet
+
+    loop = asyncio.get_running_loop()
     pairs = playbook_pairs(job.playbook)
-    box = _Outbox(out, pairs)
+    box = _Outbox(put, pairs)
     sink = _PerHost(pairs)
     settings = replace(job.settings, on_facts=box.facts)
     writer = EventWriter(job.events_part) if job.events_part else None
@@ -270,8 +286,6 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
     use = resource.getrusage(resource.RUSAGE_SELF)
     box.send(("done", writer.written if writer else None, writer.error if writer else "",
               WorkerStats(job.index, os.getpid(), len(job.hosts), use.ru_utime + use.ru_stime, use.ru_maxrss)))
-    await out.drain()
-    return 0
 
 
 def worker_main() -> int:
@@ -315,13 +329,11 @@ def _read_exactly(fd: int, n: int) -> bytes:
 # --- the parent ------------------------------------------------------------------------------------
 
 @dataclass
-class _Child:
-    """One worker process as the parent sees it."""
+class _Slice:
+    """One slice of the hosts as the parent sees it, wherever it runs."""
 
     index: int
     hosts: list[Host]
-    proc: asyncio.subprocess.Process
-    events_part: str | None
     #: Hosts whose results arrived.
     reported: set[str] = field(default_factory=set)
     #: Last live state per host (where a host stood when its worker died).
@@ -329,8 +341,74 @@ class _Child:
     done: bool = False
     events_written: int | None = None
     events_error: str = ""
+
+
+@dataclass
+class _Child(_Slice):
+    """A slice run by a local worker process."""
+
+    proc: asyncio.subprocess.Process = field(kw_only=True)
+    events_part: str | None = None
     stderr: bytearray = field(default_factory=bytearray)
     problem: str = ""
+
+
+class Merger:
+    """The parent's side of a run over slices: one aggregate, the live view, facts, the lost hosts."""
+
+    def __init__(self, playbook: Playbook, settings: RunSettings, observer: Observer | None,
+                 stats: list[WorkerStats] | None) -> None:
+        from fleetprobe.orchestrate import playbook_pairs
+
+        self.total = FleetAggregate(pairs=playbook_pairs(playbook))
+        self.obs = observer or NullObserver()
+        self.on_facts = settings.on_facts
+        self.stats = stats
+        self.started = time.time()
+
+    def apply(self, sl: _Slice, items: list[tuple[Any, ...]]) -> None:
+        """What one slice sent (see _Outbox.send), in order."""
+        for item in items:
+            kind = item[0]
+            if kind == "state":
+                _, host, state, detail = item
+                sl.state[host] = state
+                self.obs.set_state(host, state, detail)
+            elif kind == "events":
+                for host, count in item[1].items():
+                    self.obs.add_events(host, count)
+            elif kind == "facts":
+                if self.on_facts is not None:
+                    self.on_facts(item[1], item[2])
+            elif kind == "hosts":
+                chunk: FleetAggregate = item[1]
+                sl.reported.update(chunk.outcomes)
+                self.total.absorb(chunk)
+            elif kind == "done":
+                sl.done, sl.events_written, sl.events_error = True, item[1], item[2]
+                if self.stats is not None:
+                    self.stats.append(item[3])
+
+    def fail_lost(self, sl: _Slice, why: str, evidence: str, cleanup: str) -> None:
+        """Each host of ``sl`` whose results never arrived: FAILED where it stood, saying why."""
+        for h in sl.hosts:
+            if h.name in sl.reported:
+                continue
+            stage = _STAGE_OF_STATE.get(sl.state.get(h.name, ""), Stage.CONNECT)
+            out = HostOutcome(host=h.name, status=Status.FAILED, stage=stage, started=self.started,
+                              ended=time.time(), reason=why, evidence=evidence,
+                              cleanup=cleanup if stage == Stage.PROBE else "not-needed")
+            sl.reported.add(h.name)
+            self.total.add_host(out)
+            self.obs.set_state(h.name, "failed", why)
+
+    def report(self, hosts: Sequence[Host], playbook: Playbook, run_id: str, inventory: str,
+               argv: list[str] | None) -> FleetReport:
+        """The run's report (every host has an outcome by now)."""
+        run = RunInfo(run_id=run_id, playbook=playbook.name, playbook_path=playbook.source,
+                      playbook_sha256=playbook.sha256, started=self.started, ended=time.time(),
+                      inventory=inventory, argv=list(argv or []), version=__version__)
+        return FleetReport(run, self.total, [self.total.outcomes[h.name] for h in hosts])
 
 
 async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settings: RunSettings, *,
@@ -345,7 +423,7 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
     process (a ``connect`` hook that is not a module-level function).  ``stats`` gets each
     worker's CPU and peak memory as it ends.
     """
-    from fleetprobe.orchestrate import playbook_pairs, run_playbook
+    from fleetprobe.orchestrate import run_playbook
     from fleetprobe.plan import new_run_id
 
     hosts = list(hosts)
@@ -355,13 +433,10 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
     if n <= 1:
         return await run_playbook(hosts, playbook, settings, observer=observer, events_path=events_path,
                                   interrupted=interrupted, inventory=inventory, argv=argv)
-    obs = observer or NullObserver()
     interrupted = interrupted or asyncio.Event()
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
-    on_facts = settings.on_facts
-    total = FleetAggregate(pairs=playbook_pairs(playbook))
-    started = time.time()
+    merger = Merger(playbook, settings, observer, stats)
     parts_dir = _parts_dir(events_path, run_id) if events_path else None
     children: list[_Child] = []
     try:
@@ -369,32 +444,9 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
             part = str(parts_dir / f"worker-{i}.jsonl") if parts_dir is not None else None
             job = WorkerJob(i, slice_, playbook, replace(settings, forks=forks, on_facts=None), part)
             children.append(await _start(job))
-
-        def apply(child: _Child, items: list[tuple[Any, ...]]) -> None:
-            for item in items:
-                kind = item[0]
-                if kind == "state":
-                    _, host, state, detail = item
-                    child.state[host] = state
-                    obs.set_state(host, state, detail)
-                elif kind == "events":
-                    for host, count in item[1].items():
-                        obs.add_events(host, count)
-                elif kind == "facts":
-                    if on_facts is not None:
-                        on_facts(item[1], item[2])
-                elif kind == "hosts":
-                    chunk: FleetAggregate = item[1]
-                    child.reported.update(chunk.outcomes)
-                    total.absorb(chunk)
-                elif kind == "done":
-                    child.done, child.events_written, child.events_error = True, item[1], item[2]
-                    if stats is not None:
-                        stats.append(item[3])
-
         forward = asyncio.ensure_future(_forward_interrupt(interrupted, children))
         try:
-            await asyncio.gather(*(_serve(c, apply) for c in children))
+            await asyncio.gather(*(_serve(c, merger.apply) for c in children))
         except asyncio.CancelledError:
             # A second interrupt: the workers cancel their hosts too, and are waited for (bounded).
             _signal_all(children, signal.SIGINT)
@@ -411,25 +463,12 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
         if parts_dir is not None:
             shutil.rmtree(parts_dir, ignore_errors=True)
     for c in children:
-        lost = [h for h in c.hosts if h.name not in c.reported]
-        if lost:
-            why = _died(c)
-            for h in lost:
-                stage = _STAGE_OF_STATE.get(c.state.get(h.name, ""), Stage.CONNECT)
-                out = HostOutcome(host=h.name, status=Status.FAILED, stage=stage, started=started,
-                                  ended=time.time(), reason=why,
-                                  evidence=c.stderr.decode("utf-8", "replace")[-STDERR_TAIL:],
-                                  cleanup="timer (its worker process died)" if stage == Stage.PROBE else
-                                  "not-needed")
-                total.add_host(out)
-                obs.set_state(h.name, "failed", why)
-    run = RunInfo(run_id=run_id, playbook=playbook.name, playbook_path=playbook.source,
-                  playbook_sha256=playbook.sha256, started=started, ended=time.time(),
-                  inventory=inventory, argv=list(argv or []), version=__version__)
+        merger.fail_lost(c, _died(c), c.stderr.decode("utf-8", "replace")[-STDERR_TAIL:],
+                         "timer (its worker process died)")
+    report = merger.report(hosts, playbook, run_id, inventory, argv)
     if events_path:
-        run.events_written, run.events_truncated = written, truncated
-    by_name = total.outcomes
-    return FleetReport(run, total, [by_name[h.name] for h in hosts])
+        report.run.events_written, report.run.events_truncated = written, truncated
+    return report
 
 
 def _can_send(settings: RunSettings) -> bool:
@@ -458,10 +497,10 @@ async def _start(job: WorkerJob) -> _Child:
     assert proc.stdin is not None
     proc.stdin.write(_FRAME.pack(len(data)) + data)
     await proc.stdin.drain()
-    return _Child(job.index, job.hosts, proc, job.events_part)
+    return _Child(job.index, job.hosts, proc=proc, events_part=job.events_part)
 
 
-async def _serve(child: _Child, apply: Callable[[_Child, list[tuple[Any, ...]]], None]) -> None:
+async def _serve(child: _Child, apply: Callable[[_Slice, list[tuple[Any, ...]]], None]) -> None:
     """Read a worker's frames until it ends; keep its stderr's tail."""
     proc = child.proc
     assert proc.stdout is not None and proc.stderr is not None
