@@ -225,18 +225,18 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """``fleetprobe-worker --scheduler tcp://sched:8786 --zone eu1``: a Dask worker serving one zone.
+    """``fleetprobe-worker --scheduler tcp://sched:8786 --zone eu1``: Dask workers serving one zone.
 
-    A thin wrapper over ``dask worker`` (``--nthreads``: slices at once, each one event loop; use
-    one worker process per core, ``--nworkers``): the zone is the resource ``fleetprobe-zone-<zone>``
-    with as many units as threads, so the zone's slices spread over its workers.
+    A thin wrapper over ``dask worker``: ``--nworkers`` processes (one per core is sensible), one
+    thread each (a slice is one event loop), each with the resource ``fleetprobe-zone-<zone>`` = 1,
+    so a run gives the zone one slice per worker process.
     """
     import argparse
     import subprocess
     import sys
 
-    ap = argparse.ArgumentParser(prog="fleetprobe-worker", description=worker_main.__doc__.splitlines()[0]
-                                 if worker_main.__doc__ else None)
+    ap = argparse.ArgumentParser(prog="fleetprobe-worker",
+                                 description="Dask workers that run fleetprobe slices for the hosts of one zone")
     ap.add_argument("--scheduler", required=True, help="the scheduler's address, e.g. tcp://sched:8786")
     ap.add_argument("--zone", required=True, help="the zone whose hosts this bastion reaches")
     ap.add_argument("--nworkers", type=int, default=1, help="worker processes (one per core is sensible)")

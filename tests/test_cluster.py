@@ -35,7 +35,8 @@ def test_zone_from_the_variable_or_the_one_group_named_as_a_zone() -> None:
     assert zone is None and "no zone" in why
 
 
-def test_two_zone_cluster_gives_the_one_loop_report(vary_fleet: tuple[Any, list[int]], tmp_path: Path) -> None:
+def test_two_zone_cluster_gives_the_one_loop_report(vary_fleet: tuple[Any, list[int]],  # noqa: F811
+                                                    tmp_path: Path) -> None:
     fleet, ports = vary_fleet
     pb = parse_playbook(VARY_PLAYBOOK, str(tmp_path / "pb.yml"))
     key = str(fleet.work / "client_key")
@@ -147,4 +148,43 @@ def test_a_cluster_worker_killed_mid_run_fails_its_hosts_only(tmp_path: Path, bu
             time.sleep(0.2)
         assert leftovers(rid) == []
     finally:
+        assert sim.stop(grace=15) == []
+
+
+@pytest.mark.tracefs
+def test_cli_run_over_a_cluster(tmp_path: Path, busy: None) -> None:
+    """``fleetprobe run --cluster ADDRESS``: the zone from the inventory, one stored run, the events caveat said."""
+    import json
+    import os
+    import sqlite3
+
+    from hostcheck import own_run_id
+    from simhosts import SimFleet
+    from test_failures import PLAYBOOK, common_args, leftovers, run_cli
+
+    if os.geteuid() != 0 or not Path("/sys/kernel/tracing/instances").is_dir():
+        pytest.skip("needs root and tracefs")
+    sim = SimFleet(tmp_path / "sim")
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1", protocol="tcp",
+                                       dashboard_address=None, resources={RESOURCE + "eu1": 1})
+    try:
+        for i in range(2):
+            sim.add(f"z{i}")
+        inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"),
+                            extra={"z0": {"fleetprobe_zone": "eu1"}, "z1": {"fleetprobe_zone": "eu1"}})
+        pb = tmp_path / "pb.yml"
+        pb.write_text(PLAYBOOK)
+        rid = own_run_id("c")
+        store, report = tmp_path / "h.db", tmp_path / "r.json"
+        rc, text, _ = run_cli(["run", str(pb), *common_args(inv, rid), "--cluster", cluster.scheduler_address,
+                               "--json", str(report), "--store", str(store)])
+        assert rc == 0, text
+        data = json.loads(report.read_text())
+        assert all(h["status"] == "ok" and h["events"] > 0 and h["cleanup"] == "clean" for h in data["hosts"]), text
+        assert "raw events stay with the workers" in data["run"]["events_truncated"]
+        with sqlite3.connect(store) as db:
+            assert db.execute("select run_id from runs").fetchall() == [(rid,)]
+        assert leftovers(rid) == []
+    finally:
+        cluster.close()
         assert sim.stop(grace=15) == []

@@ -249,7 +249,7 @@ def test_one_loop_and_workers_give_the_same_report(vary_fleet: tuple[Any, list[i
                                        for x in lines)
     ok = [h for h, o in got[1]["hosts"].items() if o["status"] == "ok"]
     assert len(ok) == 24 and got[1]["hosts"]["refused"]["status"] == "unreachable"
-    assert got[1]["summaries"]["sim%d" % ports[0]]["latency"]["ret"]["buckets"], "the pairs make a histogram"
+    assert got[1]["summaries"][f"sim{ports[0]}"]["latency"]["ret"]["buckets"], "the pairs make a histogram"
     assert got[1]["aggregates"]["tables"], "the streamed count table is there"
     for w in (2, 3):
         for key in got[1]:
