@@ -431,3 +431,27 @@ def _children_of(parent: int) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+@pytest.mark.tracefs
+def test_waiting_for_a_forks_slot_is_not_counted_as_the_host_being_slow(sim: SimFleet, tmp_path: Path) -> None:
+    """A fleet larger than --forks (10,000 hosts at 200 forks, or here 4 at 1): the setup timeout starts when
+    a host gets its slot. The last of four slow hosts waits ~3 x 1.5 s for its slot, longer than
+    2 x --setup-timeout; it must not fail for that."""
+    from fleetprobe.inventory import load_inventory
+    from fleetprobe.orchestrate import run_playbook
+
+    for i in range(4):
+        sim.add(f"s{i}", "slow", delay=1.5)
+    hosts = load_inventory(str(sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh")))).hosts
+    rid = _run_id()
+    pb = parse_playbook(PLAYBOOK.replace("duration: 2s", "duration: 1s"), str(tmp_path / "pb.yml"))
+    s = RunSettings(ssh=SSHOptions(ssh_config=(), use_agent=False, connect_timeout=5), setup_timeout=2.0,
+                    forks=1, run_id=rid)
+    t0 = time.monotonic()
+    report = asyncio.run(run_playbook(hosts, pb, s))
+    took = time.monotonic() - t0
+    assert [(o.host, o.status) for o in report.hosts] == [(f"s{i}", "ok") for i in range(4)], \
+        [o.reason for o in report.hosts]
+    assert took > 2 * s.setup_timeout, "the hosts did wait for their slots longer than the setup limit"
+    assert leftovers(rid) == []
