@@ -250,6 +250,10 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
         out.write(_FRAME.pack(len(data)) + data)
 
     await run_slice(job, frame, interrupted)
+    # drain() returns once the buffer is below its high-water mark, not empty: with the parent slow
+    # to read (a busy machine) the end of the last frame, the hosts that ended last, would be lost
+    # when the loop closes. With no high-water mark, drain() waits for every byte to be written.
+    out.transport.set_write_buffer_limits(high=0)
     await out.drain()
     return 0
 
@@ -517,7 +521,9 @@ async def _serve(child: _Child, apply: Callable[[_Slice, list[tuple[Any, ...]]],
             try:
                 head = await proc.stdout.readexactly(_FRAME.size)
                 data = await proc.stdout.readexactly(_FRAME.unpack(head)[0])
-            except asyncio.IncompleteReadError:
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    child.problem = f"ended in the middle of a message ({len(exc.partial)} bytes of it came)"
                 break
             try:
                 items = pickle.loads(data)

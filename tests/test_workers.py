@@ -242,6 +242,9 @@ def test_one_loop_and_workers_give_the_same_report(vary_fleet: tuple[Any, list[i
         events = tmp_path / f"events-{w}.jsonl"
         report = asyncio.run(run_playbook_workers(hosts, pb, s, workers=w, events_path=str(events)))
         got[w] = _projection(report)
+        # First the statuses, with their reasons: the comparisons below mean nothing without them.
+        assert {o.host: o.reason for o in report.hosts if o.status != "ok"} == \
+            {"refused": got[w]["hosts"]["refused"]["reason"]}, f"{w} worker(s)"
         lines = events.read_text().splitlines()
         assert report.run.events_written == len(lines) == sum(o.events for o in report.hosts)
         # Event times depend on each run's clock markers; the rest of every line must be the same.
@@ -455,3 +458,26 @@ def test_waiting_for_a_forks_slot_is_not_counted_as_the_host_being_slow(sim: Sim
         [o.reason for o in report.hosts]
     assert took > 2 * s.setup_timeout, "the hosts did wait for their slots longer than the setup limit"
     assert leftovers(rid) == []
+
+
+def test_a_parent_slow_to_read_loses_nothing(tmp_path: Path) -> None:
+    """A worker's last frames must all reach a parent that reads late (a busy machine): the worker
+    waits for every byte to be written before it exits. 2000 hosts on a closed port end at once;
+    their outcomes are far more than the pipe and the stream's buffer hold."""
+    from fleetprobe.workers import Merger, WorkerJob, _serve, _start
+
+    port = _free_block(1)
+    hosts = [Host(name=f"r{i:04d}", address="127.0.0.1", port=port, user="root") for i in range(2000)]
+    pb = parse_playbook(VARY_PLAYBOOK, str(tmp_path / "pb.yml"))
+    s = RunSettings(ssh=SSHOptions(ssh_config=(), use_agent=False, connect_timeout=5), forks=2000, run_id="tslow1")
+
+    async def go() -> Any:
+        merger = Merger(pb, s, None, None)
+        child = await _start(WorkerJob(0, hosts, pb, s))
+        await asyncio.sleep(4)  # the worker is done with its hosts long before this
+        await _serve(child, merger.apply)
+        return child, merger
+
+    child, merger = asyncio.run(go())
+    assert child.done and not child.problem, child.stderr.decode()
+    assert len(child.reported) == 2000 and all(o.status == "unreachable" for o in merger.total.outcomes.values())
