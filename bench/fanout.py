@@ -8,6 +8,9 @@ interleaved round by round, runs each client as its own child process:
 
   fp-run      fleetprobe run_playbook(execsnoop, 1 s): connect, runner channel (facts, then
               one clock ping with the plan, --lines trace lines, stop/teardown protocol), close
+  fp-run-w2   the same over 2 local worker processes (fleetprobe.workers; fp-run-wN for N), forks fleet-wide;
+              the workers' CPU is in both CPU columns (waited children)
+  fp-run-c2   the same over a Dask LocalCluster of 2 worker processes (fleetprobe.cluster; needs distributed)
   fp-facts    fleetprobe facts_fleet: connect, facts script, parse, close
   asyncssh    bare asyncssh: connect, one command, close (asyncssh's default ciphers)
   asyncssh-gcm  the same with fleetprobe's cipher preference (transport.PREFERRED_CIPHERS):
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,7 @@ ROOT = BENCH.parent
 PEERS_VENV = Path(os.environ.get("FP_BENCH_PEERS", "/tmp/fp-bench/peers"))
 COMMAND = "uname -m; cat /proc/version"
 FIRST_PORT = 21000
-ALL_KINDS = ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh", "openssh", "ansible")
+ALL_KINDS = ("fp-run", "fp-run-w2", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh", "openssh", "ansible")
 
 
 # --- simulated hosts ------------------------------------------------------------------------
@@ -68,7 +71,7 @@ class SimFleet:
     def ports(self) -> list[int]:
         return list(range(FIRST_PORT, FIRST_PORT + self.count))
 
-    def start(self, servers: int, lines: int = 20, flood: bool = False) -> None:
+    def start(self, servers: int, lines: int = 20, flood: bool = False, vary: bool = False) -> None:
         """Keys, known_hosts, and ``servers`` simhost processes sharing the ports."""
         client = asyncssh.generate_private_key("ssh-ed25519")
         client.write_private_key(str(self.work / "client_key"))
@@ -83,7 +86,8 @@ class SimFleet:
         for first in range(FIRST_PORT, FIRST_PORT + self.count, per):
             n = min(per, FIRST_PORT + self.count - first)
             cmd = [sys.executable, str(BENCH / "simhost.py"), "--first-port", str(first), "--count", str(n),
-                   "--dir", str(self.work), "--lines", str(lines)] + (["--flood"] if flood else [])
+                   "--dir", str(self.work), "--lines", str(lines)] + (["--flood"] if flood else []) + \
+                (["--vary"] if vary else [])
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
         for p in self.procs:
             assert p.stdout is not None
@@ -152,7 +156,7 @@ def _settings(spec: dict[str, Any]) -> Any:
     ssh = SSHOptions(known_hosts=(spec["known_hosts"],), ssh_config=(), use_agent=False,
                      connect_timeout=60.0)
     return RunSettings(ssh=ssh, forks=spec["forks"], duration=spec.get("duration", 1.0),
-                       setup_timeout=120.0, teardown_timeout=30.0)
+                       setup_timeout=spec.get("setup_timeout", 120.0), teardown_timeout=30.0)
 
 
 class StartRecorder:
@@ -226,22 +230,49 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         errors = [str(h.error) for h in out if h.error]
         return {"ok": sum(1 for h in out if h.facts and h.facts.arch == "x86_64"), "errors": errors[:3],
                 "n_errors": len(errors)}
-    if kind == "fp-run":
+    if kind == "fp-run" or kind.startswith(("fp-run-w", "fp-run-c")):
         from fleetprobe.orchestrate import run_playbook
         from fleetprobe.playbook import load_playbook
+        from fleetprobe.workers import WorkerStats, run_playbook_workers
         rec = StartRecorder()
-        report = await run_playbook(_hosts(spec), load_playbook(ROOT / "playbooks" / "execsnoop.yml"),
-                                    _settings(spec), observer=rec)
+        pb = load_playbook(ROOT / "playbooks" / "execsnoop.yml")
+        workers: list[WorkerStats] = []
+        if kind == "fp-run":
+            report = await run_playbook(_hosts(spec), pb, _settings(spec), observer=rec)
+        elif kind.startswith("fp-run-c"):
+            # fp-run-cN: over a Dask LocalCluster of N worker processes serving one zone (fleetprobe.cluster).
+            import dask
+            from distributed import LocalCluster
+            from fleetprobe.cluster import RESOURCE, run_playbook_cluster
+            hosts = [replace(h, vars={"fleetprobe_zone": "bench"}) for h in _hosts(spec)]
+            with dask.config.set({"distributed.worker.daemon": False}):
+                cluster = await LocalCluster(n_workers=int(kind[len("fp-run-c"):]), threads_per_worker=1,
+                                             processes=True, host="127.0.0.1", dashboard_address=None,
+                                             resources={RESOURCE + "bench": 1}, asynchronous=True)
+            try:
+                report = await run_playbook_cluster(hosts, pb, _settings(spec), scheduler=cluster.scheduler_address,
+                                                    observer=rec)
+            finally:
+                await cluster.close()
+        else:
+            # fp-run-wN: the same run over N local worker processes (fleetprobe.workers), forks fleet-wide.
+            report = await run_playbook_workers(_hosts(spec), pb, _settings(spec), observer=rec,
+                                                workers=int(kind[len("fp-run-w"):]), stats=workers)
         outs = report.hosts
         errors = [f"{o.host}: {o.status} {o.reason}" for o in outs if o.status != "ok"]
         return {"ok": sum(1 for o in outs if o.status == "ok" and o.cleanup == "clean"),
                 "events": sum(o.events for o in outs), "errors": errors[:3], "n_errors": len(errors),
-                "starts": rec.summary(forks)}
+                "starts": rec.summary(forks),
+                "workers": [{"hosts": w.hosts, "cpu_s": round(w.cpu_seconds, 3),
+                             "peak_rss_mib": round(w.peak_rss_kib / 1024, 1)} for w in workers]}
     raise ValueError(kind)
 
 
 #: What each Python client imports before its measured section starts.
-PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"), "fp-facts": ("fleetprobe.orchestrate",),
+PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"),
+           "fp-run-w2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.workers"),
+           "fp-run-c2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.cluster", "distributed"),
+           "fp-facts": ("fleetprobe.orchestrate",),
            "asyncssh-gcm": ("fleetprobe.connectors.asyncssh",)}
 
 
@@ -252,12 +283,18 @@ def client_main(kind: str, spec_path: str) -> int:
     for module in PRELOAD.get(kind, ()):
         importlib.import_module(module)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     res = asyncio.run(_client_async(kind, spec))
     wall = time.monotonic() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res["section_wall"] = wall
-    res["section_cpu"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    # Worker processes (fp-run-wN) are this client's children: their CPU is the section's too
+    # (their interpreter start-up and imports included: they are part of running that way).
+    res["section_cpu"] = ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+                          + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime))
+    res["parent_peak_rss_mib"] = round(r1.ru_maxrss / 1024, 1)
     print(json.dumps(res), flush=True)
     return 0
 
@@ -301,19 +338,19 @@ def _wait4_run(cmd: list[str], env: dict[str, str], cwd: Path, stdout_path: Path
 
 
 def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir: Path,
-               timeout: float) -> Measure:
+               timeout: float, setup_timeout: float = 120.0) -> Measure:
     """Run one client against the ports; measured from outside."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(fleet.work / "home"),
            "LANG": "C.UTF-8"}
     key, kh = str(fleet.work / "client_key"), str(fleet.work / "known_hosts")
-    spec = {"ports": ports, "forks": forks, "key": key, "known_hosts": kh}
+    spec = {"ports": ports, "forks": forks, "key": key, "known_hosts": kh, "setup_timeout": setup_timeout}
     spec_path = out_dir / f"spec-{kind}-{len(ports)}.json"
     spec_path.write_text(json.dumps(spec))
     stdout_path = out_dir / f"out-{kind}-{len(ports)}.txt"
     ssh_opts = ["-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={kh}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ControlMaster=no",
                 "-o", "LogLevel=ERROR"]
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm"):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm") or kind.startswith(("fp-run-w", "fp-run-c")):
         env["PYTHONPATH"] = str(ROOT)
         cmd = [sys.executable, str(BENCH / "fanout.py"), "--client", kind, str(spec_path)]
     elif kind == "pssh":
@@ -344,7 +381,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     text = stdout_path.read_text(errors="replace")
     detail: dict[str, Any] = {"exit": status}
     section = None
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh"):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh") or kind.startswith(("fp-run-w", "fp-run-c")):
         try:
             detail.update(json.loads(text.strip().splitlines()[-1]))
             ok = int(detail.get("ok", 0))
@@ -418,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ansible-max", type=int, default=500,
                     help="largest fleet ansible runs on (~10 hosts/s: 2000 hosts take minutes per round)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per client run")
+    ap.add_argument("--setup-timeout", type=float, default=120.0,
+                    help="fleetprobe's --setup-timeout (a host waiting for a forks slot waits inside 2x this)")
     ap.add_argument("--json", help="write every measurement as JSON")
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 hosts, 1 round (< 60 s)")
     ap.add_argument("--first-port", type=int, default=FIRST_PORT,
@@ -447,13 +486,16 @@ def main(argv: list[str] | None = None) -> int:
                 for kind in order:
                     if kind == "ansible" and n > args.ansible_max:
                         continue
-                    m = run_client(kind, fleet, ports, args.forks, work, args.timeout)
+                    m = run_client(kind, fleet, ports, args.forks, work, args.timeout, args.setup_timeout)
                     results.append(m)
                     extra = ""
                     if "starts" in m.detail:
                         st = m.detail["starts"]
                         extra = (f" started {st['hosts_started']}, last start {st['last_start']:.1f}s, "
                                  f"max in setup {st['max_in_setup']} (forks {st['forks']})")
+                    if m.detail.get("workers"):
+                        extra += (f" parent rss {m.detail.get('parent_peak_rss_mib')} MiB, workers "
+                                  f"{json.dumps(m.detail['workers'])}")
                     print(f"n={n} round={r} {kind:9s} wall {m.wall:6.2f}s  cpu {m.cpu * 1000 / n:6.2f} ms/host"
                           f"  section {'' if m.section_cpu is None else f'{m.section_cpu * 1000 / n:6.2f}'}"
                           f"  rss {m.rss_mib:5.0f} MiB  ok {m.ok}/{n}  conns/port "

@@ -77,15 +77,19 @@ class Counters:
                            "sessions": self.sessions, "lines_sent": self.lines_sent})
 
 
-def trace_lines(events: list[str], n: int, seed: int, t0: float) -> tuple[bytes, float]:
-    """``n`` trace_pipe lines of the given event names in the kernel's layout (8% comms with spaces)."""
+def trace_lines(events: list[str], n: int, seed: int, t0: float, paired: bool = False) -> tuple[bytes, float]:
+    """``n`` trace_pipe lines of the given event names in the kernel's layout (8% comms with spaces).
+
+    ``paired``: each line of an odd index has the pid of the line before it (an entry and its return).
+    """
     rng = random.Random(seed)
     out = []
     t = t0
+    pid = 0
     for i in range(n):
         t += rng.random() * 2e-5
         comm = rng.choice(COMMS)
-        pid = rng.randrange(100, 40000)
+        pid = pid if paired and i % 2 else rng.randrange(100, 40000)
         ev = events[i % len(events)]
         if ev == "sched_process_exec":
             body = f"filename={rng.choice(PROGRAMS)} pid={pid} old_pid={pid}"
@@ -101,11 +105,12 @@ def trace_lines(events: list[str], n: int, seed: int, t0: float) -> tuple[bytes,
 class SimHost:
     """The scripted personality of every logical host of this process."""
 
-    def __init__(self, facts: str, lines: int, flood: bool, counters: Counters) -> None:
+    def __init__(self, facts: str, lines: int, flood: bool, counters: Counters, vary: bool = False) -> None:
         self.facts_head, _, rest = facts.partition("@@realtime\n")
         self.facts_tail = rest.split("\n", 1)[1]
         self.lines = lines
         self.flood = flood
+        self.vary = vary
         self.counters = counters
         self._chunks: dict[tuple[str, ...], bytes] = {}
 
@@ -156,6 +161,8 @@ class SimHost:
         duration = 10.0
         sweep_only = False
         ping_rx = ""
+        # Control lines carry the plan's secret once it came (runner.sh's CP), "@@fp " before it.
+        cp = "@@fp "
         while True:
             raw = await process.stdin.readline()
             if not raw:
@@ -166,7 +173,9 @@ class SimHost:
                 continue
             if words[0] == "go":
                 break
-            if words[0] == "ping":
+            if words[0] == "secret" and len(words) > 1:
+                cp = f"@@fp:{words[1]} "
+            elif words[0] == "ping":
                 ping_rx = f"{time.time():.9f}"
             elif words[0] == "duration":
                 duration = float(words[1])
@@ -178,14 +187,14 @@ class SimHost:
                 sweep_only = True
                 break
         if sweep_only:
-            out.write(b"@@fp sweep done\n")
+            out.write(f"{cp}sweep done\n".encode())
             process.exit(0)
             return
-        pong = f"@@fp pong {ping_rx} {time.time():.9f}\n" if ping_rx else ""
-        out.write(f"{pong}@@fp hello pid={os.getpid()}\n@@fp kernel start oops=0 warn=0 taint=0\n".encode()
-                  + "".join(f"@@fp placed {d}\n" for d in placed).encode()
-                  + b"@@fp stats start cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n"
-                  + f"@@fp started enabled={len(events)} modules= duration={int(duration)}\n".encode())
+        pong = f"{cp}pong {ping_rx} {time.time():.9f}\n" if ping_rx else ""
+        out.write(f"{pong}{cp}hello pid={os.getpid()}\n{cp}kernel start oops=0 warn=0 taint=0\n".encode()
+                  + "".join(f"{cp}placed {d}\n" for d in placed).encode()
+                  + f"{cp}stats start cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n".encode()
+                  + f"{cp}started enabled={len(events)} modules= duration={int(duration)}\n".encode())
         out.write(f"      fleetprobe-1       [000] .....    99.000000: tracing_mark_write: fpsync "
                   f"{time.time():.9f}\n".encode())
         stop = asyncio.Event()
@@ -209,6 +218,13 @@ class SimHost:
                         out.write(chunk)
                         sent += per_chunk
                         await out.drain()
+                elif self.vary:
+                    # Every host its own stream (seeded by its port), of its own length.
+                    port = int(process.get_extra_info("connection").get_extra_info("sockname")[1])
+                    n = self.lines + port % 17
+                    data, _ = trace_lines(events, n, port, 100.0, paired=True)
+                    out.write(data)
+                    sent = n
                 else:
                     data, _ = trace_lines(events, self.lines, sent, 100.0)
                     out.write(data)
@@ -225,9 +241,9 @@ class SimHost:
         finally:
             watcher.cancel()
             self.counters.lines_sent += sent
-        out.write(f"@@fp stopping {reason}\n@@fp kernel end oops=0 warn=0 taint=0\n".encode()
-                  + b"@@fp stats end cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n")
-        out.write(b"@@fp clean\n@@fp bye\n")
+        out.write(f"{cp}stopping {reason}\n{cp}kernel end oops=0 warn=0 taint=0\n".encode()
+                  + f"{cp}stats end cpu0 overrun=0 commit_overrun=0 dropped=0 entries=0 read=0 \n".encode())
+        out.write(f"{cp}clean\n{cp}bye\n".encode())
         await out.drain()
         process.exit(0)
 
@@ -248,7 +264,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Listen on every port, answer control words on stdin until EOF."""
     work = Path(args.dir)
     counters = Counters()
-    sim = SimHost(Path(args.facts).read_text(), args.lines, args.flood, counters)
+    sim = SimHost(Path(args.facts).read_text(), args.lines, args.flood, counters, args.vary)
     # Loaded once and shared: per-connection file reads would be the server's cost, not the client's.
     host_key = asyncssh.read_private_key(str(work / "host_key"))
     authorized = asyncssh.import_authorized_keys((work / "client_key.pub").read_text())
@@ -288,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--facts", default=str(Path(__file__).parent / "data" / "facts-x86_64-6.18.txt"))
     ap.add_argument("--lines", type=int, default=100, help="trace lines each runner session streams")
     ap.add_argument("--flood", action="store_true", help="stream the lines as fast as the channel takes them")
+    ap.add_argument("--vary", action="store_true",
+                    help="each port its own stream: seeded by the port, --lines + port %% 17 lines, every odd "
+                         "line the pid of the one before (tests/test_workers.py compares runs over them)")
     args = ap.parse_args(argv)
     asyncio.run(serve(args))
     return 0

@@ -490,6 +490,41 @@ class FleetAggregate:
         out.aggregates = self.aggregates.merged(other.aggregates)
         return out
 
+    def absorb(self, other: FleetAggregate) -> None:
+        """In place: become what ``self.merge(other)`` returns, taking ``other``'s tables (do not use it after).
+
+        For a parent that folds partial aggregates as they arrive (fleetprobe.workers):
+        ``merge`` copies both sides, which per arrival is O(everything folded so far);
+        this costs O(``other``).  Same refusals as :meth:`merge`; hosts still open in
+        ``self`` stay open (their host sets are disjoint from ``other``'s).
+        """
+        other.finish()
+        both = sorted(set(self.outcomes) & set(other.outcomes))
+        if both:
+            raise InputError(f"host(s) {', '.join(both[:5])} appear in both aggregates",
+                             hint="merge reports of disjoint host sets (shards), not the same run twice")
+        conflict = {k for k in set(self.pairs) & set(other.pairs) if self.pairs[k] != other.pairs[k]}
+        if conflict:
+            raise InputError(f"return probe(s) {', '.join(sorted(conflict))} pair with different entry "
+                             "probes in the two aggregates", hint="merge reports of the same playbook")
+        self.pairs.update(other.pairs)
+        if other.top_k > self.top_k:
+            self.top_k = other.top_k
+            self.part_cap = self.top_k * PART_CAP_FACTOR
+            self.fleet_cap = self.top_k * FLEET_CAP_FACTOR
+        self.outcomes.update(other.outcomes)
+        for h, s in other.hosts.items():
+            have = self.hosts.get(h)
+            self.hosts[h] = s if have is None else have.merged(s)
+        for key, table in other.values.items():
+            mine = self.values.get(key)
+            if mine is None:
+                self.values[key] = table
+            else:
+                mine.absorb(table)
+        if other.aggregates:
+            self.aggregates = self.aggregates.merged(other.aggregates)
+
     # -- questions the report asks ----------------------------------------------------------
 
     def probes(self) -> list[str]:

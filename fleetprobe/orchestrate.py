@@ -85,12 +85,15 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
                     on_event: Callable[[TraceEvent], None] | None = None,
                     events: EventSink | None = None,
                     observer: Observer | None = None,
-                    interrupted: asyncio.Event | None = None) -> list[HostOutcome]:
+                    interrupted: asyncio.Event | None = None,
+                    on_outcome: Callable[[HostOutcome], None] | None = None) -> list[HostOutcome]:
     """Probe every host with the playbook; one HostOutcome per host, in inventory order.
 
     Events go to ``aggregate.add_line`` as they arrive and, when given, to
     ``on_event`` as parsed TraceEvents, or to ``events`` (the raw-event file, see
     events.EventWriter) as the rows the kernel printed: one of the two, not both.
+    ``on_outcome`` gets each host's outcome as soon as that host is over (a worker
+    process sends the host's results to its parent then, see fleetprobe.workers).
     """
     if on_event is not None and events is not None:
         raise ValueError("run_fleet: pass on_event or events, not both")
@@ -104,7 +107,16 @@ async def run_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSett
                   in_setup=len(hosts))
     if not hosts:
         fr.everyone_set_up.set()
-    return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
+    if on_outcome is None:
+        return list(await asyncio.gather(*(_run_host(fr, h) for h in hosts)))
+    tell = on_outcome
+
+    async def one(host: Host) -> HostOutcome:
+        out = await _run_host(fr, host)
+        tell(out)
+        return out
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
 
 
 @dataclass
@@ -125,29 +137,32 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
         if fr.interrupted.is_set():
             out.status, out.reason = Status.INTERRUPTED, "interrupted before connecting"
             return None
-        obs.set_state(host.name, "connecting")
-        session = await s.open_session(host)
-        runner: RunnerChannel | None = None
-        try:
-            out.stage = Stage.FACTS
-            obs.set_state(host.name, "facts")
-            runner, facts, offset, error = await start_runner(session, fr.playbook, mount=s.mount_tracefs,
-                                                              timeout=s.setup_timeout)
-            out.arch, out.kernel_release, out.boot_id = facts.arch, facts.kernel_release, facts.boot_id
-            out.clock_offset, out.clock_error = offset, error
-            if s.on_facts is not None:
-                s.on_facts(host.name, facts)
-            out.stage = Stage.PLAN
-            obs.set_state(host.name, "planning")
-            offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
-            deadline = s.deadline(offset, fr.duration)
-            plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets,
-                             duration=fr.duration)
-        except BaseException:
-            if runner is not None:
-                runner.stream.close()
-            await session.close()
-            raise
+        # Timed from the slot on: a host that waited for one (a fleet larger than --forks, many
+        # workers) is not slow.
+        async with asyncio.timeout(s.setup_timeout * 2):
+            obs.set_state(host.name, "connecting")
+            session = await s.open_session(host)
+            runner: RunnerChannel | None = None
+            try:
+                out.stage = Stage.FACTS
+                obs.set_state(host.name, "facts")
+                runner, facts, offset, error = await start_runner(session, fr.playbook, mount=s.mount_tracefs,
+                                                                  timeout=s.setup_timeout)
+                out.arch, out.kernel_release, out.boot_id = facts.arch, facts.kernel_release, facts.boot_id
+                out.clock_offset, out.clock_error = offset, error
+                if s.on_facts is not None:
+                    s.on_facts(host.name, facts)
+                out.stage = Stage.PLAN
+                obs.set_state(host.name, "planning")
+                offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
+                deadline = s.deadline(offset, fr.duration)
+                plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets,
+                                 duration=fr.duration)
+            except BaseException:
+                if runner is not None:
+                    runner.stream.close()
+                await session.close()
+                raise
     fr.plans[host.name] = plan
     return _SetUp(session, runner, facts, plan)
 
@@ -161,8 +176,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
     set_up = False
     try:
         try:
-            async with asyncio.timeout(fr.settings.setup_timeout * 2):
-                setup = await _setup(fr, host, out)
+            setup = await _setup(fr, host, out)
         except TimeoutError:
             raise HostError(host.name, out.stage, f"no answer within {fr.settings.setup_timeout * 2:.0f}s",
                             hint="the host is slow or hung; raise --setup-timeout") from None

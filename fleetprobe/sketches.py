@@ -78,6 +78,23 @@ class TopValues:
             out.prune(out.cap // 2)
         return out
 
+    def absorb(self, other: TopValues) -> None:
+        """In place: become what ``self.merged(other)`` returns (``other`` is left as it was).
+
+        A parent folding its workers' partial aggregates as they arrive would copy its
+        whole table per arrival with ``merged``; this adds only ``other``'s values.
+        """
+        counts, hosts = self.counts, self.hosts
+        for v, c in other.counts.items():
+            counts[v] = counts.get(v, 0) + c
+        for v, h in other.hosts.items():
+            hosts[v] = hosts.get(v, 0) + h
+        self.error += other.error
+        self.total += other.total
+        self.cap = max(self.cap, other.cap)
+        if len(self.counts) > self.cap:
+            self.prune(self.cap // 2)
+
     def absorb_host(self, part: TopValues, cap: int) -> None:
         """In place: ``merged`` with one host's table (each of its values seen on 1 host), then capped at ``cap``.
 

@@ -61,6 +61,19 @@ def clean_tracefs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return real(run_id, host, deadline)
 
     monkeypatch.setattr(plan, "names_for", recording)
+    # A run over worker processes (fleetprobe.workers) names its hosts' probes in the workers, where
+    # names_for is not recorded: its run id is made here, in this process, by new_run_id.
+    import fleetprobe.cli.run as cli_run
+    import fleetprobe.orchestrate as orchestrate
+
+    def new_id() -> str:
+        rid = real_new_run_id()
+        used.add(rid)
+        return rid
+
+    real_new_run_id = plan.new_run_id
+    for module in (plan, cli_run, orchestrate):
+        monkeypatch.setattr(module, "new_run_id", new_id)
     before = set(fleetprobe_leftovers())
     yield
     ours = used | OWN_RUN_IDS

@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_option(p)
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     p.add_argument("--no-live", action="store_true", help="no live progress view")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="worker processes, each probing a slice of the hosts on its own core; one merged "
+                        "report (default: the cores this process may use; 1: one event loop, in this process)")
+    p.add_argument("--cluster", metavar="SCHEDULER",
+                   help="run the hosts on the Dask workers of their zone (fleetprobe_zone, or a group named as "
+                        "a zone; fleetprobe-worker --zone Z on each bastion), e.g. tcp://sched:8786; needs "
+                        "fleetprobe[cluster]")
     add_run_options(p)
     add_store_option(p, allow_none=True)
     add_shard_option(p)

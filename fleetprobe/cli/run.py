@@ -337,12 +337,24 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         extras.begin()
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
+            from fleetprobe.workers import run_playbook_workers  # --workers: slices over processes, one report
+
+            async def over(observer: Any) -> FleetReport:
+                if args.cluster:
+                    from fleetprobe.cluster import run_playbook_cluster  # Dask: the optional extra
+
+                    return await run_playbook_cluster(hosts, pb, settings, scheduler=args.cluster,
+                                                      observer=observer, events_path=extras.events_path,
+                                                      interrupted=interrupted, inventory=args.inventory,
+                                                      argv=sys.argv)
+                return await run_playbook_workers(hosts, pb, settings, workers=args.workers, observer=observer,
+                                                  events_path=extras.events_path, interrupted=interrupted,
+                                                  inventory=args.inventory, argv=sys.argv)
+
             if args.no_live or not console.is_terminal:
-                return await run_playbook(hosts, pb, settings, events_path=extras.events_path,
-                                          interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
+                return await over(None)
             with LiveView(console, names) as live:
-                return await run_playbook(hosts, pb, settings, observer=live, events_path=extras.events_path,
-                                          interrupted=interrupted, inventory=args.inventory, argv=sys.argv)
+                return await over(live)
 
         report, interrupted = asyncio.run(_with_interrupt(go))
         # Every machine output first (JSON, store, HTML, Markdown; the events file is already

@@ -1,0 +1,617 @@
+"""Workers: one run over every core of the bastion, as N worker processes and one merged report.
+
+One event loop is one core: ~3.6 ms controller CPU per host (bench/RESULTS.md) caps a single
+loop near 250-300 hosts/s whatever the machine.  :func:`run_playbook_workers` splits the hosts
+into N slices (round robin, in inventory order) and starts one worker process per slice
+(``python -m fleetprobe.workers``), each running today's pipeline
+(:func:`fleetprobe.orchestrate.run_fleet`) on its own event loop.  The parent:
+
+* folds each worker's partial aggregate as it arrives (every :data:`SEND_SECONDS`: the hosts
+  that ended since the last one, with their outcomes; :meth:`FleetAggregate.absorb`), so the
+  report is the same value one loop would have built (tests/test_workers.py checks it);
+* keeps the live view: each worker forwards its observer calls (per-host states, event counts);
+* keeps each host's facts for the history store (``settings.on_facts``) and stores one run;
+* writes ``--events`` as one file: each worker writes its own part (whole lines, the same
+  EventWriter as one loop) and the parent joins the parts when the run ends;
+* forwards Ctrl-C: the workers run in their own sessions (the terminal's SIGINT reaches only
+  the parent), the first interrupt is passed on as SIGINT (each worker stops its runners, which
+  tear down and say "clean"), a second as a second SIGINT (the worker cancels its hosts);
+  a worker whose parent dies sees EOF on its stdin and stops the same way;
+* reports a worker that dies mid-run: each of its hosts whose results had not reached the
+  parent is FAILED with the worker's exit and stderr as evidence; the hosts of other workers,
+  and its own hosts already sent, keep their data.  The runners of its hosts see their SSH
+  link drop and remove their probes (their on-host timer does by the deadline otherwise).
+
+``--forks`` stays a bound for the whole fleet: each worker gets its share (at most ``forks``
+workers).  Module playbooks run on one loop: a module is built once per (arch, kernel
+release, source) for all hosts of a run, and those hosts may sit in any slice.
+
+Messages from a worker are pickled lists on its stdout, each frame a 4-byte length and the
+pickle: the parent trusts its own child, never a host (what a host sent is already parsed
+and bounded inside the worker, as in one loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import resource
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fleetprobe.events import EventWriter, _open_private_fd
+from fleetprobe.facts import Facts
+from fleetprobe.hist import AggResults, AggTable, HostTable
+from fleetprobe.inventory import Host
+from fleetprobe.merge import FleetAggregate
+from fleetprobe.outcome import HostOutcome, Stage, Status
+from fleetprobe.parse import EventBatch
+from fleetprobe.playbook import Playbook
+from fleetprobe.results import FleetReport, RunInfo
+from fleetprobe.settings import NullObserver, Observer, RunSettings
+from fleetprobe.version import __version__
+
+#: How often a worker sends what it has (states, event counts, facts, finished hosts).
+SEND_SECONDS = 0.2
+#: Bytes of a worker's stderr kept as evidence should it die.
+STDERR_TAIL = 4000
+#: How long the parent waits for workers to end after a second interrupt, before killing them.
+CANCEL_WAIT = 10.0
+_FRAME = struct.Struct(">I")
+#: The live view's states, and the stage each means (a host whose worker died failed there).
+_STAGE_OF_STATE = {"connecting": Stage.CONNECT, "facts": Stage.FACTS, "planning": Stage.PLAN,
+                   "building": Stage.BUILD, "probing": Stage.PROBE}
+
+
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity, as ``nproc`` counts them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(requested: int | None, hosts: int, forks: int, playbook: Playbook) -> int:
+    """How many worker processes a run uses (1 = the single loop, in this process).
+
+    Never more than the hosts or ``forks`` (each worker needs one setup slot of the fleet-wide
+    bound); 1 for a module playbook (builds are shared across all its hosts in one process).
+    """
+    n = default_workers() if requested is None else requested
+    if playbook.needs_module_consent():
+        return 1
+    return max(1, min(n, hosts, forks))
+
+
+def split_hosts(hosts: Sequence[Host], n: int) -> list[list[Host]]:
+    """``n`` slices, round robin in inventory order (a slow group is spread over every worker)."""
+    return [list(hosts[i::n]) for i in range(n)]
+
+
+def fork_shares(forks: int, n: int) -> list[int]:
+    """``forks`` split over ``n`` workers (each at least 1, the sum ``forks`` when ``forks >= n``)."""
+    return [max(1, forks // n + (1 if i < forks % n else 0)) for i in range(n)]
+
+
+# --- the worker process ----------------------------------------------------------------------------
+
+@dataclass
+class WorkerStats:
+    """What one worker process cost, as it said at its end (benchmarks report it)."""
+
+    index: int
+    pid: int
+    hosts: int
+    cpu_seconds: float
+    peak_rss_kib: int
+
+
+@dataclass
+class WorkerJob:
+    """What a worker runs: its slice, the playbook, the settings (its share of forks), its events part."""
+
+    index: int
+    hosts: list[Host]
+    playbook: Playbook
+    settings: RunSettings
+    events_part: str | None = None
+
+
+class _RoutedResults(AggResults):
+    """The run's ``aggregate:`` results, each host's tables going to that host's own aggregate."""
+
+    def __init__(self, sink: _PerHost) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def add_host(self, host: str, tid: str, part: HostTable, table: AggTable | None) -> None:
+        """Route to the host's aggregate (see _PerHost)."""
+        self._sink.aggregate(host).aggregates.add_host(host, tid, part, table)
+
+
+class _PerHost:
+    """A LineSink keeping one FleetAggregate per host, so a host that ends is sent on its own.
+
+    run_fleet folds everything into one aggregate; a worker must instead hand each host's
+    numbers to the parent when that host ends, while the others still stream.
+    """
+
+    def __init__(self, pairs: Mapping[str, str]) -> None:
+        self.pairs = dict(pairs)
+        self.open: dict[str, FleetAggregate] = {}
+        self.aggregates: AggResults = _RoutedResults(self)
+
+    def aggregate(self, host: str) -> FleetAggregate:
+        """The host's aggregate, made on first use."""
+        agg = self.open.get(host)
+        if agg is None:
+            agg = self.open[host] = FleetAggregate(self.pairs)
+        return agg
+
+    def add_line(self, host: str, probe: str, trace_ts: float, time: float, cpu: int, pid: int,
+                 comm: str, args: str) -> None:
+        """One event, to its host's aggregate."""
+        self.aggregate(host).add_line(host, probe, trace_ts, time, cpu, pid, comm, args)
+
+    def add_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
+        """A batch of one host's events, to its host's aggregate."""
+        self.aggregate(host).add_batch(host, batch, probes)
+
+    def finished(self, outcome: HostOutcome) -> FleetAggregate:
+        """The host's aggregate with its outcome folded in; forgotten here."""
+        agg = self.open.pop(outcome.host, None) or FleetAggregate(self.pairs)
+        agg.add_host(outcome)
+        return agg
+
+
+class _Outbox:
+    """What a worker tells its parent, sent every SEND_SECONDS as one frame (and at the end)."""
+
+    def __init__(self, put: Callable[[list[tuple[Any, ...]]], None], pairs: Mapping[str, str]) -> None:
+        self.put = put
+        self.pairs = dict(pairs)
+        self.messages: list[tuple[Any, ...]] = []
+        self.events: dict[str, int] = {}
+        self.chunk: FleetAggregate | None = None
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None:
+        """Observer: a host's live state."""
+        self.messages.append(("state", host, state, detail))
+
+    def add_events(self, host: str, n: int) -> None:
+        """Observer: events counted on a host (added up until the next send)."""
+        self.events[host] = self.events.get(host, 0) + n
+
+    def facts(self, host: str, facts: Facts) -> None:
+        """settings.on_facts: the parent keeps them for the store."""
+        self.messages.append(("facts", host, facts))
+
+    def host_done(self, agg: FleetAggregate) -> None:
+        """A finished host's aggregate, folded into the chunk of the next send."""
+        if self.chunk is None:
+            self.chunk = FleetAggregate(self.pairs)
+        self.chunk.absorb(agg)
+
+    def send(self, *last: tuple[Any, ...]) -> None:
+        """Hand everything pending to ``put`` as one list (a frame on the pipe, a cluster queue item)."""
+        items: list[tuple[Any, ...]] = []
+        if self.events:
+            items.append(("events", self.events))
+            self.events = {}
+        items += self.messages
+        self.messages = []
+        if self.chunk is not None:
+            items.append(("hosts", self.chunk))
+            self.chunk = None
+        items += last
+        if items:
+            self.put(items)
+
+
+async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
+    """Run the job's slice and stream its results to the parent on ``out``; the exit status."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def on_signal() -> None:
+        # As the CLI's single loop: the first stops the runners (they tear down), the second cancels.
+        if interrupted.is_set():
+            main.cancel()
+        interrupted.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+
+    def on_stdin() -> None:
+        # The parent keeps our stdin open for the whole run: EOF means it is gone.
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            interrupted.set()
+
+    loop.add_reader(0, on_stdin)
+
+    def frame(items: list[tuple[Any, ...]]) -> None:
+        data = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(_FRAME.pack(len(data)) + data)
+
+    await run_slice(job, frame, interrupted)
+    # drain() returns once the buffer is below its high-water mark, not empty: with the parent slow
+    # to read (a busy machine) the end of the last frame, the hosts that ended last, would be lost
+    # when the loop closes. With no high-water mark, drain() waits for every byte to be written.
+    out.transport.set_write_buffer_limits(high=0)
+    await out.drain()
+    return 0
+
+
+async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None],
+                    interrupted: asyncio.Event) -> None:
+    """The job's slice through run_fleet; what a parent needs goes to ``put`` as it happens, ``done`` last.
+
+    A local worker's ``put`` writes a frame on its stdout; a cluster task's puts a Dask queue item.
+    """
+    from fleetprobe.orchestrate import playbook_pairs, run_fleet
+
+    loop = asyncio.get_running_loop()
+    pairs = playbook_pairs(job.playbook)
+    box = _Outbox(put, pairs)
+    sink = _PerHost(pairs)
+    settings = replace(job.settings, on_facts=box.facts)
+    writer = EventWriter(job.events_part) if job.events_part else None
+    ticker: asyncio.TimerHandle | None = None
+
+    def tick() -> None:
+        nonlocal ticker
+        box.send()
+        ticker = loop.call_later(SEND_SECONDS, tick)
+
+    ticker = loop.call_later(SEND_SECONDS, tick)
+    try:
+        await run_fleet(job.hosts, job.playbook, settings, sink, events=writer, observer=box,
+                        interrupted=interrupted, on_outcome=lambda o: box.host_done(sink.finished(o)))
+    finally:
+        ticker.cancel()
+        if writer is not None:
+            writer.close()
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    box.send(("done", writer.written if writer else None, writer.error if writer else "",
+              WorkerStats(job.index, os.getpid(), len(job.hosts), use.ru_utime + use.ru_stime, use.ru_maxrss)))
+
+
+def worker_main() -> int:
+    """``python -m fleetprobe.workers``: read one pickled WorkerJob on stdin, run it, report on stdout."""
+    head = _read_exactly(0, _FRAME.size)
+    job: WorkerJob = pickle.loads(_read_exactly(0, _FRAME.unpack(head)[0]))
+    # Our stdout carries the frames: anything else printing to it (a library) goes to stderr.
+    frames = os.dup(1)
+    os.dup2(2, 1)
+
+    async def go() -> int:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                            os.fdopen(frames, "wb", buffering=0))
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        try:
+            return await _worker(job, writer)
+        finally:
+            transport.close()
+
+    import gc
+    gc.freeze()  # as the CLI does: collections stop walking the import-time objects
+    try:
+        return asyncio.run(go())
+    except asyncio.CancelledError:
+        return 130
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    """``n`` bytes from ``fd`` (blocking), or SystemExit if it ends first."""
+    parts: list[bytes] = []
+    while n:
+        data = os.read(fd, n)
+        if not data:
+            raise SystemExit("fleetprobe worker: the parent closed the job pipe before sending the job")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+# --- the parent ------------------------------------------------------------------------------------
+
+@dataclass
+class _Slice:
+    """One slice of the hosts as the parent sees it, wherever it runs."""
+
+    index: int
+    hosts: list[Host]
+    #: Hosts whose results arrived.
+    reported: set[str] = field(default_factory=set)
+    #: Last live state per host (where a host stood when its worker died).
+    state: dict[str, str] = field(default_factory=dict)
+    done: bool = False
+    events_written: int | None = None
+    events_error: str = ""
+
+
+@dataclass
+class _Child(_Slice):
+    """A slice run by a local worker process."""
+
+    proc: asyncio.subprocess.Process = field(kw_only=True)
+    events_part: str | None = None
+    stderr: bytearray = field(default_factory=bytearray)
+    problem: str = ""
+
+
+class Merger:
+    """The parent's side of a run over slices: one aggregate, the live view, facts, the lost hosts."""
+
+    def __init__(self, playbook: Playbook, settings: RunSettings, observer: Observer | None,
+                 stats: list[WorkerStats] | None) -> None:
+        from fleetprobe.orchestrate import playbook_pairs
+
+        self.total = FleetAggregate(pairs=playbook_pairs(playbook))
+        self.obs = observer or NullObserver()
+        self.on_facts = settings.on_facts
+        self.stats = stats
+        self.started = time.time()
+
+    def apply(self, sl: _Slice, items: list[tuple[Any, ...]]) -> None:
+        """What one slice sent (see _Outbox.send), in order."""
+        for item in items:
+            kind = item[0]
+            if kind == "state":
+                _, host, state, detail = item
+                sl.state[host] = state
+                self.obs.set_state(host, state, detail)
+            elif kind == "events":
+                for host, count in item[1].items():
+                    self.obs.add_events(host, count)
+            elif kind == "facts":
+                if self.on_facts is not None:
+                    self.on_facts(item[1], item[2])
+            elif kind == "hosts":
+                chunk: FleetAggregate = item[1]
+                sl.reported.update(chunk.outcomes)
+                self.total.absorb(chunk)
+            elif kind == "done":
+                sl.done, sl.events_written, sl.events_error = True, item[1], item[2]
+                if self.stats is not None:
+                    self.stats.append(item[3])
+
+    def fail_lost(self, sl: _Slice, why: str, evidence: str, cleanup: str) -> None:
+        """Each host of ``sl`` whose results never arrived: FAILED where it stood, saying why."""
+        for h in sl.hosts:
+            if h.name in sl.reported:
+                continue
+            stage = _STAGE_OF_STATE.get(sl.state.get(h.name, ""), Stage.CONNECT)
+            out = HostOutcome(host=h.name, status=Status.FAILED, stage=stage, started=self.started,
+                              ended=time.time(), reason=why, evidence=evidence,
+                              cleanup=cleanup if stage == Stage.PROBE else "not-needed")
+            sl.reported.add(h.name)
+            self.total.add_host(out)
+            self.obs.set_state(h.name, "failed", why)
+
+    def report(self, hosts: Sequence[Host], playbook: Playbook, run_id: str, inventory: str,
+               argv: list[str] | None) -> FleetReport:
+        """The run's report (every host has an outcome by now)."""
+        run = RunInfo(run_id=run_id, playbook=playbook.name, playbook_path=playbook.source,
+                      playbook_sha256=playbook.sha256, started=self.started, ended=time.time(),
+                      inventory=inventory, argv=list(argv or []), version=__version__)
+        return FleetReport(run, self.total, [self.total.outcomes[h.name] for h in hosts])
+
+
+async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settings: RunSettings, *,
+                               workers: int | None = None, observer: Observer | None = None,
+                               events_path: str | None = None, interrupted: asyncio.Event | None = None,
+                               inventory: str = "", argv: list[str] | None = None,
+                               stats: list[WorkerStats] | None = None) -> FleetReport:
+    """:func:`fleetprobe.orchestrate.run_playbook` over worker processes: the same report.
+
+    ``workers`` None: every core this process may use (see :func:`worker_count`); one worker
+    is the single loop in this process, as is a run whose settings cannot go to another
+    process (a ``connect`` hook that is not a module-level function).  ``stats`` gets each
+    worker's CPU and peak memory as it ends.
+    """
+    from fleetprobe.orchestrate import run_playbook
+    from fleetprobe.plan import new_run_id
+
+    hosts = list(hosts)
+    n = worker_count(workers, len(hosts), settings.forks, playbook)
+    if n > 1 and not _can_send(replace(settings, on_facts=None)):
+        n = 1
+    if n <= 1:
+        return await run_playbook(hosts, playbook, settings, observer=observer, events_path=events_path,
+                                  interrupted=interrupted, inventory=inventory, argv=argv)
+    interrupted = interrupted or asyncio.Event()
+    run_id = settings.run_id or new_run_id()
+    settings = replace(settings, run_id=run_id)
+    merger = Merger(playbook, settings, observer, stats)
+    parts_dir = _parts_dir(events_path, run_id) if events_path else None
+    children: list[_Child] = []
+    try:
+        for i, (slice_, forks) in enumerate(zip(split_hosts(hosts, n), fork_shares(settings.forks, n))):
+            part = str(parts_dir / f"worker-{i}.jsonl") if parts_dir is not None else None
+            job = WorkerJob(i, slice_, playbook, replace(settings, forks=forks, on_facts=None), part)
+            children.append(await _start(job))
+        forward = asyncio.ensure_future(_forward_interrupt(interrupted, children))
+        try:
+            await asyncio.gather(*(_serve(c, merger.apply) for c in children))
+        except asyncio.CancelledError:
+            # A second interrupt: the workers cancel their hosts too, and are waited for (bounded).
+            _signal_all(children, signal.SIGINT)
+            await _reap(children, CANCEL_WAIT)
+            raise
+        finally:
+            forward.cancel()
+        written, truncated = _join_events(children, events_path) if events_path else (None, "")
+    finally:
+        for c in children:
+            if c.proc.returncode is None:
+                c.proc.kill()
+                await c.proc.wait()
+        if parts_dir is not None:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+    for c in children:
+        merger.fail_lost(c, _died(c), c.stderr.decode("utf-8", "replace")[-STDERR_TAIL:],
+                         "timer (its worker process died)")
+    report = merger.report(hosts, playbook, run_id, inventory, argv)
+    if events_path:
+        report.run.events_written, report.run.events_truncated = written, truncated
+    return report
+
+
+def _can_send(settings: RunSettings) -> bool:
+    """Whether the settings can be pickled for a worker (the Python API may pass any connect hook)."""
+    try:
+        pickle.dumps(settings)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _parts_dir(events_path: str, run_id: str) -> Path:
+    """A private folder for the workers' event parts: beside the file (same file system), or in /tmp for ``-``."""
+    where = None if events_path == "-" else (Path(events_path).parent or Path("."))
+    return Path(tempfile.mkdtemp(prefix=f".fp-events-{run_id}-", dir=where))
+
+
+async def _start(job: WorkerJob) -> _Child:
+    """Start one worker process (in its own session: Ctrl-C reaches it only through the parent)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleetprobe.workers", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        # Frames can be large (a chunk of finished hosts): the reader's limit is not a line limit here.
+        limit=1 << 20)
+    data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+    assert proc.stdin is not None
+    proc.stdin.write(_FRAME.pack(len(data)) + data)
+    await proc.stdin.drain()
+    return _Child(job.index, job.hosts, proc=proc, events_part=job.events_part)
+
+
+async def _serve(child: _Child, apply: Callable[[_Slice, list[tuple[Any, ...]]], None]) -> None:
+    """Read a worker's frames until it ends; keep its stderr's tail."""
+    proc = child.proc
+    assert proc.stdout is not None and proc.stderr is not None
+    err = proc.stderr
+
+    async def drain_stderr() -> None:
+        while chunk := await err.read(65536):
+            child.stderr += chunk
+            del child.stderr[:-STDERR_TAIL]
+
+    drain = asyncio.ensure_future(drain_stderr())
+    try:
+        while True:
+            try:
+                head = await proc.stdout.readexactly(_FRAME.size)
+                data = await proc.stdout.readexactly(_FRAME.unpack(head)[0])
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    child.problem = f"ended in the middle of a message ({len(exc.partial)} bytes of it came)"
+                break
+            try:
+                items = pickle.loads(data)
+            except Exception as exc:  # noqa: BLE001 - a broken frame ends this worker, not the run
+                child.problem = f"sent a frame the parent cannot read ({type(exc).__name__}: {exc})"
+                proc.kill()
+                break
+            apply(child, items)
+        await proc.wait()
+        await asyncio.wait([drain], timeout=5)
+    finally:
+        drain.cancel()
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+async def _forward_interrupt(interrupted: asyncio.Event, children: list[_Child]) -> None:
+    """The parent's first interrupt, passed on to every worker (each stops its runners)."""
+    await interrupted.wait()
+    _signal_all(children, signal.SIGINT)
+
+
+def _signal_all(children: list[_Child], sig: int) -> None:
+    """Send ``sig`` to every worker still running."""
+    for c in children:
+        if c.proc.returncode is None:
+            try:
+                c.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+async def _reap(children: list[_Child], timeout: float) -> None:
+    """Wait for every worker to end, killing those still there after ``timeout``."""
+    waits = [asyncio.ensure_future(c.proc.wait()) for c in children]
+    _, pending = await asyncio.wait(waits, timeout=timeout)
+    for c in children:
+        if c.proc.returncode is None:
+            c.proc.kill()
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+
+
+def _died(child: _Child) -> str:
+    """Why a worker's unreported hosts failed, in one line."""
+    rc = child.proc.returncode
+    if child.problem:
+        how = child.problem
+    elif rc is not None and rc < 0:
+        how = f"was killed by {signal.Signals(-rc).name}"
+    elif child.done:
+        how = "ended without sending this host's result"
+    else:
+        how = f"exited with status {rc} before the end of the run"
+    return (f"its worker process {child.index} (pid {child.proc.pid}) {how}: the host's results are lost; its "
+            "runner removes the probes when the SSH link drops (its on-host timer does by the deadline otherwise)")
+
+
+def _join_events(children: list[_Child], path: str) -> tuple[int, str]:
+    """The workers' event parts, in worker order, as one file; (events written, why it stopped short)."""
+    written = 0
+    errors = [c.events_error for c in children if c.events_error]
+    fd = _open_private_fd(Path(path))
+    try:
+        for c in children:
+            if c.events_part is None or not os.path.exists(c.events_part):
+                continue
+            with open(c.events_part, "rb") as f:
+                tail = b""
+                while chunk := f.read(1 << 20):
+                    data = tail + chunk
+                    # Whole lines only: a worker killed in the middle of a write leaves half a line.
+                    end = data.rfind(b"\n") + 1
+                    tail = data[end:]
+                    written += data.count(b"\n", 0, end)
+                    view = memoryview(data)[:end]
+                    while view:
+                        view = view[os.write(fd, view):]
+    except OSError as exc:
+        errors.append(f"{path}: {exc.strerror or exc} after {written} events")
+    finally:
+        os.close(fd)
+    return written, "; ".join(errors)
+
+
+if __name__ == "__main__":
+    # Run as fleetprobe.workers, not __main__: what a worker pickles (WorkerStats) must name the
+    # module the parent knows it by.
+    from fleetprobe.workers import worker_main as _worker_main
+
+    sys.exit(_worker_main())
