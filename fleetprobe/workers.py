@@ -50,7 +50,7 @@ from typing import Any
 
 from fleetprobe.events import EventWriter, _open_private_fd
 from fleetprobe.facts import Facts
-from fleetprobe.hist import AggResults, AggTable, HostTable
+from fleetprobe.hist import AggProgress, AggResults, AggTable, HostTable
 from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.outcome import HostOutcome, Stage, Status
@@ -182,6 +182,7 @@ class _Outbox:
         self.messages: list[tuple[Any, ...]] = []
         self.events: dict[str, int] = {}
         self.chunk: FleetAggregate | None = None
+        self.aggs: dict[str, tuple[AggProgress, ...]] = {}
 
     def set_state(self, host: str, state: str, detail: str = "") -> None:
         """Observer: a host's live state."""
@@ -190,6 +191,10 @@ class _Outbox:
     def add_events(self, host: str, n: int) -> None:
         """Observer: events counted on a host (added up until the next send)."""
         self.events[host] = self.events.get(host, 0) + n
+
+    def set_aggregates(self, host: str, progress: tuple[AggProgress, ...]) -> None:
+        """Observer: a host's aggregate tables so far (only the latest per host is sent)."""
+        self.aggs[host] = progress
 
     def facts(self, host: str, facts: Facts) -> None:
         """settings.on_facts: the parent keeps them for the store."""
@@ -209,6 +214,9 @@ class _Outbox:
             self.events = {}
         items += self.messages
         self.messages = []
+        if self.aggs:
+            items.append(("aggs", self.aggs))
+            self.aggs = {}
         if self.chunk is not None:
             items.append(("hosts", self.chunk))
             self.chunk = None
@@ -381,6 +389,9 @@ class Merger:
             elif kind == "events":
                 for host, count in item[1].items():
                     self.obs.add_events(host, count)
+            elif kind == "aggs":
+                for host, progress in item[1].items():
+                    self.obs.set_aggregates(host, progress)
             elif kind == "facts":
                 if self.on_facts is not None:
                     self.on_facts(item[1], item[2])
