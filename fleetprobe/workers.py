@@ -134,8 +134,10 @@ class _RoutedResults(AggResults):
         self._sink = sink
 
     def add_host(self, host: str, tid: str, part: HostTable, table: AggTable | None) -> None:
-        """Route to the host's aggregate (see _PerHost)."""
+        """Route to the host's aggregate (see _PerHost); the host parts stay here too (small), so the
+        live view's final line for the host (hist.final_progress) reads them as on one loop."""
         self._sink.aggregate(host).aggregates.add_host(host, tid, part, table)
+        self.hosts.setdefault(host, {})[tid] = part
 
 
 class _PerHost:
