@@ -59,6 +59,9 @@ def test_two_zone_cluster_gives_the_one_loop_report(vary_fleet: tuple[Any, list[
         def add_events(self, host: str, n: int) -> None:
             pass
 
+        def set_aggregates(self, host: str, progress: tuple[Any, ...]) -> None:
+            pass
+
     async def over_cluster() -> Any:
         async with distributed.Scheduler(host="127.0.0.1", port=0, dashboard_address=None) as sched:
             async with distributed.Worker(sched.address, host="127.0.0.1", nthreads=1, resources={RESOURCE + "eu1": 1}), \
