@@ -234,3 +234,25 @@ def test_parse_arg(text: str, fetch: object, type_: str | None) -> None:
 def test_parse_arg_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_arg("x", text)
+
+
+def test_audit_doc_lists_every_shipped_rule() -> None:
+    """docs/audit.md's table of the shipped rules is the rules the shipped playbooks carry."""
+    text = (ROOT / "docs" / "audit.md").read_text()
+    section = text[text.index("## The shipped playbooks' rules"):]
+    section = section[:section.index("\n## ", 3)]
+    documented: set[tuple[str, str, str]] = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("playbook", "") or set(cells[0]) <= set("-"):
+            continue
+        for probe in re.findall(r"`(\w+)`(?: \(|,|$)", cells[1]):
+            documented.add((cells[0], probe, cells[2].split("`")[1] if "`" in cells[2] else cells[2]))
+    shipped = set()
+    for path in SHIPPED:
+        for p in load_playbook(path).probes:
+            if p.expect == "none":
+                shipped.add((path.stem, p.name, "expect: none"))
+            elif p.max_per_host is not None:
+                shipped.add((path.stem, p.name, f"max_per_host: {p.max_per_host}"))
+    assert len(shipped) >= 7 and documented == shipped, (documented ^ shipped)
