@@ -75,7 +75,8 @@ WORKLOAD: dict[str, str] = {
     "ssllatency": "true; ",
     "statsnoop": "stat /etc/hostname >/dev/null; ls -l /etc >/dev/null; stat /fp-none 2>/dev/null; ",
     "swapin": "true; ",
-    "syncsnoop": "echo x > /tmp/fps; sync; sync -f /tmp/fps; fsync /tmp/fps; fsync -d /tmp/fps; ",
+    # busybox sync: no option fsync(2)s each FILE, -d fdatasync(2)s, -f syncfs(2)s (no fsync applet).
+    "syncsnoop": "echo x > /tmp/fps; sync; sync -f /tmp/fps; sync /tmp/fps; sync -d /tmp/fps; ",
     "syscount": "cat /etc/hostname >/dev/null; ",
     "tcpaccept": _TCP,
     "tcpconnect": _TCP,
@@ -87,7 +88,7 @@ WORKLOAD: dict[str, str] = {
                  ">/dev/null; echo x > /tmp/fpf$i; ln /tmp/fpf$i /tmp/fph$i; : > /tmp/fpf$i; "
                  "stat /tmp/fpf$i >/dev/null; df /tmp >/dev/null; rm -f /tmp/fpl$i /tmp/fpf$i /tmp/fph$i; "
                  "rmdir /tmp/fpw$i; "),
-    "vfsstat": "echo x > /tmp/fpr; cat /tmp/fpr >/dev/null; fsync /tmp/fpr; ",
+    "vfsstat": "echo x > /tmp/fpr; cat /tmp/fpr >/dev/null; sync /tmp/fpr; ",
     "writeback": "echo x > /tmp/fpwb; sync; ",
     "xfsdist": "cat /etc/hostname >/dev/null; ",
 }
