@@ -50,19 +50,30 @@ def planned() -> Iterator[list[PlannedProbe]]:
 
 
 def _plan(playbook: str) -> HostPlan:
-    """Plan a shipped or test playbook for this machine, with /bin/bash offsets from its real ELF."""
+    """Plan a shipped or test playbook for this machine, with uprobe offsets from its real ELF files.
+
+    Every binary the playbook names is looked up on this machine (as the facts stage does on a
+    host): the ones that exist get their symbols' offsets from their own bytes.
+    """
     stored = json.loads((Path(__file__).parent / "data" / "facts" / "x86_64-6.18-controller.json").read_text())
-    facts = dataclasses.replace(Facts.from_json(stored), host=f"pytest-{os.getpid()}",
-                                files={"/bin/bash": FileFacts("/bin/bash", True, 0, ""),
-                                       "/usr/bin/bash": FileFacts("/usr/bin/bash", True, 0, "")})
-    data = Path("/bin/bash").read_bytes()
-    offsets: dict[tuple[str, str], int | str] = {("/bin/bash", "readline"): symbol_file_offset(data, "readline")}
-    return plan_host(load_playbook(playbook), facts, run_id=new_run_id(), deadline=int(time.time()) + 60,
-                     uprobe_offsets=offsets)
+    pb = load_playbook(playbook)
+    files = {path: FileFacts(path, Path(path).exists(), 0, "") for path in pb.user_binaries()}
+    facts = dataclasses.replace(Facts.from_json(stored), host=f"pytest-{os.getpid()}", files=files)
+    offsets: dict[tuple[str, str], int | str] = {}
+    for path, symbol in pb.uprobe_targets():
+        if files[path].exists:
+            try:
+                offsets[(path, symbol)] = symbol_file_offset(Path(path).read_bytes(), symbol)
+            except ValueError as e:
+                offsets[(path, symbol)] = str(e)
+    return plan_host(pb, facts, run_id=new_run_id(), deadline=int(time.time()) + 60, uprobe_offsets=offsets)
 
 
 @pytest.mark.parametrize("playbook,probes", [
     (ROOT / "playbooks" / "bashreadline.yml", ("line",)),
+    # libc's getaddrinfo and libssl's SSL_* of this machine (Debian multiarch paths, the first alternatives).
+    (ROOT / "playbooks" / "gethostlatency.yml", ("lookup", "lookup_ret")),
+    (ROOT / "playbooks" / "ssllatency.yml", ("read", "read_ret", "write", "write_ret", "handshake", "handshake_ret")),
     (ROOT / "tests" / "data" / "playbooks" / "good" / "kitchen-sink.yml", ("line", "at_offset")),
 ])
 def test_kernel_accepts_planned_uprobes(playbook: Path, probes: tuple[str, ...],

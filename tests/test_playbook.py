@@ -19,7 +19,52 @@ _EXPECT = re.compile(r'# expect: line=(\d+) key=(\S*) message="(.*)"')
 
 
 def test_there_are_enough_shipped_playbooks() -> None:
-    assert len(SHIPPED) >= 10
+    # Issue 17: a library an SRE reaches for, at least 30 questions.
+    assert len(SHIPPED) >= 30
+
+
+def _readme_table(heading: str) -> dict[str, list[str]]:
+    """The rows of the first table after ``heading`` in playbooks/README.md: first cell -> the others."""
+    text = (ROOT / "playbooks" / "README.md").read_text()
+    rows: dict[str, list[str]] = {}
+    in_table = False
+    for line in text[text.index(heading):].splitlines()[1:]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if in_table and not set(cells[0]) <= set("-"):
+                assert cells[0] not in rows, f"README: {cells[0]} listed twice"
+                rows[cells[0]] = cells[1:]
+            in_table = True
+        elif in_table:
+            break
+    return rows
+
+
+def test_readme_lists_every_shipped_playbook() -> None:
+    rows = _readme_table("# Playbooks")
+    assert set(rows) == {p.stem for p in SHIPPED}
+    for path in SHIPPED:
+        pb = load_playbook(path)
+        ruled = [p.name for p in pb.probes if p.expect == "none" or p.max_per_host is not None]
+        # The rule column says there is a rule exactly when the playbook has one.
+        assert bool(rows[path.stem][2]) == bool(ruled), (path.stem, ruled, rows[path.stem])
+
+
+def test_readme_maps_every_bpftrace_tool() -> None:
+    """Every tool of bpftrace's tools/ folder: the playbook answering it, or why none can."""
+    tools = [t for t in (Path(__file__).parent / "data" / "bpftrace-tools.txt").read_text().splitlines()
+             if t and not t.startswith("#")]
+    assert len(tools) >= 35
+    rows = _readme_table("## bpftrace's tools")
+    assert set(rows) == set(tools)
+    shipped = {p.stem for p in SHIPPED}
+    for tool, (answer, note) in rows.items():
+        name = answer.split(" ", 1)[0]
+        assert name in shipped | {"none"}, (tool, answer)
+        assert note, f"{tool}: no note"
+        if name == "none" or "nearest" in answer:
+            # No equivalent: the line says why ("no: ...") and, where one helps, the nearest playbook.
+            assert note.startswith("no: "), (tool, note)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -189,3 +234,25 @@ def test_parse_arg(text: str, fetch: object, type_: str | None) -> None:
 def test_parse_arg_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_arg("x", text)
+
+
+def test_audit_doc_lists_every_shipped_rule() -> None:
+    """docs/audit.md's table of the shipped rules is the rules the shipped playbooks carry."""
+    text = (ROOT / "docs" / "audit.md").read_text()
+    section = text[text.index("## The shipped playbooks' rules"):]
+    section = section[:section.index("\n## ", 3)]
+    documented: set[tuple[str, str, str]] = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("playbook", "") or set(cells[0]) <= set("-"):
+            continue
+        for probe in re.findall(r"`(\w+)`(?: \(|,|$)", cells[1]):
+            documented.add((cells[0], probe, cells[2].split("`")[1] if "`" in cells[2] else cells[2]))
+    shipped = set()
+    for path in SHIPPED:
+        for p in load_playbook(path).probes:
+            if p.expect == "none":
+                shipped.add((path.stem, p.name, "expect: none"))
+            elif p.max_per_host is not None:
+                shipped.add((path.stem, p.name, f"max_per_host: {p.max_per_host}"))
+    assert len(shipped) >= 7 and documented == shipped, (documented ^ shipped)

@@ -29,7 +29,7 @@ COMMANDS = {
     "audit": ("fleetprobe.cli.run", "cmd_audit"),
     "history": ("fleetprobe.cli.history", "cmd_history"), "show": ("fleetprobe.cli.history", "cmd_show"),
     "diff": ("fleetprobe.cli.history", "cmd_diff"), "merge": ("fleetprobe.cli.history", "cmd_merge"),
-    "lab": ("fleetprobe.lab.cli", "run_lab"),
+    "lab": ("fleetprobe.lab.cli", "run_lab"), "list": ("fleetprobe.listing", "cmd_list"),
 }
 
 

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser("list", help="the shipped playbooks, each with the question it answers")
+    p.add_argument("--playbooks", action="store_true", help="list the shipped playbooks (the default)")
+
     p = sub.add_parser("facts", help="what each host can probe (arch, kernel, tracefs, kprobes, lockdown ...)")
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the facts as JSON ('-' for stdout)")
