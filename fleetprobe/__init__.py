@@ -9,6 +9,9 @@ The Python API in one call::
     report = asyncio.run(run_playbook(inv.hosts, load_playbook("playbooks/execsnoop.yml"), RunSettings()))
     for host in report.hosts:
         print(host.host, host.status, host.hits)
+
+A playbook from a string (generated, or kept in a config system): ``parse_playbook(text, source)``,
+``source`` naming it in errors; from ``-e`` style one-liners: ``adhoc_playbook(["kprobe:vfs_read"])``.
 """
 
 import importlib
@@ -29,7 +32,8 @@ _EXPORTS = {
     "HostOutcome": "outcome", "LossCounters": "outcome",
     "TraceEvent": "parse",
     "HostPlan": "plan", "plan_host": "plan",
-    "Playbook": "playbook", "load_playbook": "playbook",
+    "Playbook": "playbook", "load_playbook": "playbook", "parse_playbook": "playbook",
+    "adhoc_playbook": "adhoc",
     "load_json": "results", "write_json": "results",
     "SSHOptions": "session",
 }
@@ -60,7 +64,8 @@ if TYPE_CHECKING:
     from .outcome import HostOutcome, LossCounters
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host
-    from .playbook import Playbook, load_playbook
+    from .playbook import Playbook, load_playbook, parse_playbook
+    from .adhoc import adhoc_playbook
     from .session import SSHOptions
     from .results import load_json, write_json
 
@@ -70,5 +75,5 @@ __all__ = [
     "HostPlan", "InputError", "Inventory", "InventoryError", "LossCounters", "Playbook", "PlaybookError",
     "RunInfo", "RunSettings", "SSHOptions", "TraceEvent", "TransportError",
     "cleanup_fleet", "facts_fleet", "load_inventory", "load_json", "load_playbook", "plan_fleet",
-    "plan_host", "run_playbook", "write_json",
+    "adhoc_playbook", "parse_playbook", "plan_host", "run_playbook", "write_json",
 ]

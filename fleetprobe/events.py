@@ -150,7 +150,11 @@ class EventWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Open ``path`` for writing (truncates)."""
+        """Open ``path`` for writing (truncates); ``-`` is standard output (``--events -``).
+
+        Standard output is written at every batch, not once a second: a reader of the pipe
+        (``--events - | jq``) sees events as they come.
+        """
         self.path = Path(path)
         #: Events handed to the writer (written, waiting, or dropped after a write error).
         self.count = 0
@@ -169,6 +173,7 @@ class EventWriter:
         self._pending_len = 0
         self._size = 0
         self._last_flush = time.monotonic()
+        self._eager = str(path) == "-"
         self._tails = _EventTails()
         self._comms = _Encoded()
         self._cpus = _IntText()
@@ -182,7 +187,7 @@ class EventWriter:
         self._pending.append(text)
         self._pending_events += events
         self._pending_len += len(text)
-        if self._pending_len >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+        if self._eager or self._pending_len >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush_due(self) -> None:

@@ -321,11 +321,16 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     # Controller time when the runner said its probes were on, and when it said it was stopping.
     window: list[float] = []
+    probes_live = getattr(fr.observer, "probes_live", None)
 
     def on_control(text: str) -> None:
+        was_started = report.started
         report.handle(text)
         if text.startswith(("started", "stopping")) and len(window) < 2:
             window.append(time.time())
+        if report.started and not was_started and probes_live is not None:
+            # The runner says its probes are in place: the moment a user starts the workload.
+            probes_live(host, report.enabled + report.triggers + len(report.loaded))
         if text.startswith("ownfilter") and report.own_pids:
             # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
             parser.exclude_pids(set(report.own_pids))
@@ -731,11 +736,14 @@ def playbook_pairs(playbook: Playbook) -> dict[str, str]:
 async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings, *,
                        observer: Observer | None = None, events_path: str | None = None,
                        interrupted: asyncio.Event | None = None, inventory: str = "",
-                       argv: list[str] | None = None) -> FleetReport:
+                       argv: list[str] | None = None, events: EventSink | None = None) -> FleetReport:
     """The Python API's one call: run a playbook on hosts and return the merged report.
 
-    Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory.
+    Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory, or to the sink
+    ``events`` (batches of the rows the kernel printed, see events.EventWriter): one of the two.
     """
+    if events_path and events is not None:
+        raise ValueError("run_playbook: pass events_path or events, not both")
     aggregate = FleetAggregate(pairs=playbook_pairs(playbook))
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
@@ -745,7 +753,7 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
         writer = EventWriter(events_path)
     try:
         outcomes = await run_fleet(hosts, playbook, settings, aggregate,
-                                   events=writer,
+                                   events=writer if writer is not None else events,
                                    observer=observer, interrupted=interrupted)
     finally:
         if writer is not None:
