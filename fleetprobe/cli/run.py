@@ -175,6 +175,9 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
             console.print(_line("  ", ("skip", "yellow"), f" {sp.name}: {sp.reason}"))
         for note in plan.notes:
             console.print(_line("  ", (f"note: {note}", "dim")))
+        if not plan.failed and not plan.probes:
+            console.print(_line("  ", ("places nothing", "red"),
+                                ": every probe of the playbook is skipped on this host (reasons above)"))
 
 
 def render_builds(groups: list[BuildGroup], console: Console) -> None:
@@ -203,7 +206,8 @@ def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[st
                                      "definition": p.definition, "filter": p.filter, "symbol": p.symbol}
                                     for p in plan.probes],
                          "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
-                         "notes": list(plan.notes), "aggregates": plan_json(plan)})
+                         "notes": list(plan.notes), "aggregates": plan_json(plan),
+                         "places_nothing": not plan.failed and not plan.probes})
         out.append(item)
     return out
 
@@ -311,7 +315,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if args.json != "-":
         render_plans(results, console)
         render_builds(builds, console)
-    ok = sum(1 for _, p in results if p is not None and not p.failed)
+    # A host that would place nothing (every probe skipped) is not a host that plans well: a run
+    # would connect, probe nothing and report zeros for it (issue 14). It counts as failed here.
+    ok = sum(1 for _, p in results if p is not None and not p.failed and p.probes)
     return int(Exit.NONE_OK if ok == 0 else Exit.SOME_FAILED if ok < len(results) else Exit.OK)
 
 
