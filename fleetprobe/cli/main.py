@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 COMMANDS = {
     "facts": ("fleetprobe.cli.run", "cmd_facts"), "plan": ("fleetprobe.cli.run", "cmd_plan"),
     "run": ("fleetprobe.cli.run", "cmd_run"), "cleanup": ("fleetprobe.cli.run", "cmd_cleanup"),
-    "audit": ("fleetprobe.cli.run", "cmd_audit"),
+    "audit": ("fleetprobe.cli.run", "cmd_audit"), "list": ("fleetprobe.cli.listing", "cmd_list"),
     "history": ("fleetprobe.cli.history", "cmd_history"), "show": ("fleetprobe.cli.history", "cmd_show"),
     "diff": ("fleetprobe.cli.history", "cmd_diff"), "merge": ("fleetprobe.cli.history", "cmd_merge"),
     "lab": ("fleetprobe.lab.cli", "run_lab"),

@@ -191,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the facts as JSON ('-' for stdout)")
     add_shard_option(p)
 
+    p = sub.add_parser("list", help="what the fleet can probe, by name: kernel functions, tracepoints, "
+                                    "a binary's symbols; with the hosts that have each",
+                       description="List probeable names across the fleet (like bpftrace -l, perf probe -F). "
+                                   "PATTERN is a glob with an optional prefix: 'kprobe:vfs_*', "
+                                   "'tracepoint:sched:*', 'uprobe:/bin/bash:read*'; none: functions and "
+                                   "tracepoints. A name no host has gets near names. Exit 1 when nothing matches.")
+    p.add_argument("pattern", nargs="?", metavar="PATTERN", help="glob of names (default: every name)")
+    p.add_argument("-x", "--binary", metavar="BINARY", help="list this binary's function symbols (uprobes)")
+    p.add_argument("--fields", action="store_true", help="show each tracepoint's fields")
+    _add_connection_options(p)
+    p.add_argument("--json", metavar="FILE", help="write the listing as JSON ('-' for stdout)")
+    add_shard_option(p)
+
     p = sub.add_parser("plan", help="per host: the exact tracefs lines a run would write; changes nothing")
     _add_playbook_argument(p)
     _add_connection_options(p)
