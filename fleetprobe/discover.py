@@ -25,14 +25,23 @@ import asyncio
 import difflib
 import hashlib
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
+from typing import TYPE_CHECKING, TypeVar
 
 from fleetprobe.errors import HostError, InputError
 from fleetprobe.inventory import Host
 from fleetprobe.session import Session, Stream, script_command, script_input, shell_command
 from fleetprobe.settings import RunSettings
+
+if TYPE_CHECKING:
+    from fleetprobe.facts import Facts
+    from fleetprobe.plan import HostPlan
+    from fleetprobe.playbook import Playbook
+    from fleetprobe.runner.channel import HostFacts
+
+T = TypeVar("T")
 
 #: Kinds of names, as shown (and as the JSON's "kind").
 FUNCTION, TRACEPOINT, SYMBOL = "function", "tracepoint", "symbol"
@@ -379,3 +388,72 @@ def suggestions(query: Query, candidates: list[HostListing], n: int = 5) -> list
         if match not in full:
             full.append(match)
     return full[:n]
+
+
+# --- near names for plan's skipped probes ------------------------------------------------------------
+
+def _typo_queries(playbook: Playbook, facts: Facts, skipped: Iterable[str]) -> dict[str, Query]:
+    """Skipped probe -> the query for its near names, when it was skipped because its name is absent
+    (a tracepoint the kernel lacks; a function in neither available_filter_functions nor kallsyms)."""
+    out: dict[str, Query] = {}
+    for name in skipped:
+        spec = playbook.probe(name)
+        if spec.kind == "tracepoint" and spec.targets:
+            tp = str(spec.targets[0])
+            if facts.tracepoints.get(tp) is False:
+                out[name] = Query(tp, (TRACEPOINT,), tp.replace("/", ":", 1))
+        elif spec.kind in ("kprobe", "kretprobe") and facts.kprobe_events:
+            targets = spec.kernel_targets()
+            sfs = [facts.symbols.get(t.symbol) for t in targets]
+            if targets and all(sf is not None and not sf.in_filter_functions and not sf.in_kallsyms
+                               and not sf.clones for sf in sfs):
+                out[name] = Query(targets[0].symbol, (FUNCTION,), targets[0].symbol)
+    return out
+
+
+async def suggest_for_plans(results: list[tuple[HostFacts, HostPlan | None]], playbook: Playbook,
+                            settings: RunSettings) -> list[tuple[HostFacts, HostPlan | None]]:
+    """The plans with "did you mean" near names (from that host's own lists) added to the reason of every
+    probe skipped for a name the host does not have. Only such hosts are asked, once per name."""
+    asks: dict[str, dict[str, Query]] = {}
+    for hf, plan in results:
+        if plan is not None and hf.facts is not None and plan.skipped:
+            queries = _typo_queries(playbook, hf.facts, (s.name for s in plan.skipped))
+            if queries:
+                asks[hf.host.name] = queries
+    if not asks:
+        return results
+    symbols = _Symbols(settings.setup_timeout)
+
+    async def work(host: Host, session: Session) -> dict[str, list[str]]:
+        near: dict[str, list[str]] = {}
+        for probe, query in asks[host.name].items():
+            listing = await list_host(session, query, settings.setup_timeout, symbols, suggest=True)
+            names = suggestions(query, [listing], n=3)
+            near[probe] = [n.replace(":", "/", 1) if query.kinds == (TRACEPOINT,) else n for n in names]
+        return near
+
+    def failed(host: Host, exc: HostError) -> dict[str, list[str]]:
+        # No suggestions is no loss: the plan stands as it was.
+        return {}
+
+    hosts = [hf.host for hf, _ in results if hf.host.name in asks]
+    found = dict(zip([h.name for h in hosts], await fan_out_hosts(hosts, settings, work, failed)))
+    out: list[tuple[HostFacts, HostPlan | None]] = []
+    for hf, plan in results:
+        near = found.get(hf.host.name)
+        if plan is not None and near:
+            plan = replace(plan, skipped=tuple(
+                replace(s, reason=s.reason + f" (did you mean {' or '.join(near[s.name])}?)")
+                if near.get(s.name) else s for s in plan.skipped))
+        out.append((hf, plan))
+    return out
+
+
+async def fan_out_hosts(hosts: list[Host], settings: RunSettings,
+                        work: Callable[[Host, Session], Awaitable[T]],
+                        failed: Callable[[Host, HostError], T]) -> list[T]:
+    """orchestrate.fan_out for the listing stage (imported late: orchestrate imports the whole run)."""
+    from fleetprobe.orchestrate import fan_out
+
+    return await fan_out(hosts, settings, "list", work, failed)

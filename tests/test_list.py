@@ -194,3 +194,23 @@ def test_plan_fails_a_host_that_places_nothing(sim: SimFleet, tmp_path: Path) ->
     assert "skip vfs_read" in text and "places nothing" in text, text
     rc, text = cli(["plan", "-e", "kprobe:vfs_read", "-e", "tracepoint:sched:sched_process_exec", *ssh(inv)])
     assert rc == Exit.OK and "places nothing" not in text, text
+
+
+def test_plan_suggests_near_names_for_a_typo(sim: SimFleet, tmp_path: Path) -> None:
+    """A typo'd tracepoint, and a kernel function a kprobing host lacks: the skip reason names the near
+    names from that host's own lists (and the playbook's spelling, group/event)."""
+    sim.add("h1")
+    k = sim.add("kprobing")
+    k.fake_facts = {"files_tracefs": ["kprobe_events w", "uprobe_events w", "instances d"], "aff": [], "kallsyms": []}
+    k.fake_list = {"tracefs": [str(TRACEFS), "kprobe_events", "uprobe_events"],
+                   "functions": ["ok", "vfs_read", "vfs_write", "vfs_readv"]}
+    inv = inventory(sim, tmp_path)
+    rc, text = cli(["plan", "-e", "tracepoint:sched:sched_proces_exec", *ssh(inv), "--limit", "h1"])
+    assert rc == Exit.NONE_OK, text
+    assert "does not exist on this kernel" in text and "(did you mean sched/sched_process_exec" in text, text
+    rc, text = cli(["plan", "-e", "kprobe:vfs_raed", *ssh(inv), "--limit", "kprobing", "--json", str(tmp_path / "p.json")])
+    assert rc == Exit.NONE_OK, text
+    plans = json.loads((tmp_path / "p.json").read_text())
+    reason = plans[0]["skipped"][0]["reason"]
+    assert "vfs_raed is not in available_filter_functions or kallsyms" in reason, reason
+    assert "(did you mean vfs_read or " in reason, reason          # the closest first

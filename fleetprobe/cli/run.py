@@ -304,7 +304,15 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe plan``: facts + plan per host; writes nothing on any host."""
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
-    results = asyncio.run(plan_fleet(inv.hosts, pb, _settings(args)))
+    settings = _settings(args)
+
+    async def plans() -> list[tuple[HostFacts, HostPlan | None]]:
+        from fleetprobe.discover import suggest_for_plans
+
+        # A probe skipped for a name the host lacks gets near names from that host's own lists.
+        return await suggest_for_plans(await plan_fleet(inv.hosts, pb, settings), pb, settings)
+
+    results = asyncio.run(plans())
     builds = plan_module_builds(results, args.build_at, args.trust_build_host)
     if args.json:
         data = _plan_json(results)
