@@ -294,6 +294,9 @@ def _add_history_parsers(sub: Any) -> None:
     p.add_argument("--events", metavar="FILE", help="also write every event as a JSON line ('-' for stdout)")
     p.add_argument("--on-fail", metavar="CMD",
                    help="when the audit fails, run CMD (with sh -c) with the audit JSON on its stdin")
+    p.add_argument("--prometheus", metavar="FILE",
+                   help="write a node_exporter textfile (e.g. /var/lib/prometheus/node-exporter/"
+                        "fleetprobe-NAME.prom): verdict, per host up/lost/failures, per probe hits")
 
     p = sub.add_parser("merge", help="combine shard JSON reports into the report of the whole fleet")
     p.add_argument("reports", nargs="+", metavar="REPORT.json")

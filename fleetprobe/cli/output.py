@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 STDOUT = "-"
 #: Options that name a file a command writes (argparse dest -> the option as the user typed it).
 FILE_OPTIONS = {"json": "--json", "events": "--events", "html": "--html", "markdown": "--markdown",
-                "output": "--output"}
+                "output": "--output", "prometheus": "--prometheus"}
 #: Width of a console that is not a terminal: wide enough that no table cell is cut (rich draws a
 #: table only as wide as its content; this is a ceiling, not padding).
 PIPE_WIDTH = 10_000

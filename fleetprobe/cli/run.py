@@ -599,6 +599,11 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
         # Stored and written before anything is rendered (see cmd_run).
         written = extras.finish(report, result)
         extras.store.set_audit(report.run.run_id, result.passed, result.to_json())
+        if args.prometheus:
+            from fleetprobe.render.prometheus import write_textfile
+
+            write_textfile(report, result, args.prometheus)
+            written.append(f"Prometheus textfile written to {where(args.prometheus)}")
         render_summary(report, console)
         print_written(written, console)
     finally:
