@@ -331,3 +331,21 @@ def audit_json(result: AuditResult, playbook: Playbook | None) -> dict[str, Any]
             "failed_hosts": result.failed_hosts(),
             "rules": rules_json(playbook) if playbook is not None else None,
             "findings": group_findings(result)}
+
+
+def _logfmt(value: str) -> str:
+    """A logfmt value: bare when it is one plain word, else double-quoted with \\ and " escaped."""
+    if value and all(c.isalnum() or c in "._-:,/@+" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def result_line(report: FleetReport, result: AuditResult) -> str:
+    """The audit in one logfmt line (``key=value ...``), the last line an audit prints: what a journal,
+    syslog or cron mail shows, and what ``journalctl -u fleetprobe-audit -g verdict=fail`` finds."""
+    ok = sum(1 for o in report.hosts if o.status == "ok")
+    fields = {"verdict": "pass" if result.passed else "fail", "playbook": result.playbook, "run": result.run_id,
+              "baseline": result.baseline or "none", "hosts": str(len(report.hosts)), "hosts_ok": str(ok),
+              "failures": str(len(result.failures)), "notes": str(len(result.findings) - len(result.failures)),
+              "failed_hosts": ",".join(result.failed_hosts()) or "none"}
+    return "fleetprobe-audit " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())

@@ -52,6 +52,12 @@ def test_audit_writes_a_textfile_node_exporter_reads(sim: SimFleet, tmp_path: Pa
     assert list(prom.parent.iterdir()) == [prom]              # no temporary file left beside it
     got = samples(prom.read_text())
     report = json.loads((tmp_path / "r.json").read_text())
+    # The journal's line: the last one printed, logfmt.
+    last = dict(w.split("=", 1) for w in text.strip().splitlines()[-1].split()[1:])
+    assert text.strip().splitlines()[-1].startswith("fleetprobe-audit verdict=fail ")
+    assert (last["playbook"], last["run"], last["hosts"], last["hosts_ok"], last["failed_hosts"]) == (
+        "noexec", report["run"]["run_id"], "2", "2", "h1,h2")
+    assert int(last["failures"]) == len(report["audit"]["failed_hosts"]) == 2
     pb_label = (("playbook", "noexec"),)
     assert got[("fleetprobe_audit_passed", pb_label)] == 0
     assert got[("fleetprobe_audit_timestamp_seconds", pb_label)] == pytest.approx(report["run"]["ended"], abs=1e-3)

@@ -108,6 +108,7 @@ def test_documented_install_verified_units_and_the_exec_start_line(sim: SimFleet
     run = subprocess.run(words, capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "audit PASSED" in run.stdout
+    assert run.stdout.strip().splitlines()[-1].startswith("fleetprobe-audit verdict=pass playbook=execs run=")
     assert (state / "fleetprobe" / "last-audit.html").stat().st_size > 0
     assert (state / "fleetprobe" / "last-audit.md").stat().st_size > 0
     assert (state / "fleetprobe" / "history.sqlite3").exists()

@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetprobe.adhoc import adhoc_playbook
-from fleetprobe.audit import AuditResult, audit, audit_json
+from fleetprobe.audit import AuditResult, audit, audit_json, result_line
 from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
 from fleetprobe.cli.output import STDOUT, where, write_report_json, write_text
@@ -609,6 +609,7 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     finally:
         extras.close()
     print_audit(result, console)
+    console.print(Text(visible(result_line(report, result))))
     if not result.passed and args.on_fail:
         _on_fail(args.on_fail, audit_json(result, pb), console)
     if interrupted:
