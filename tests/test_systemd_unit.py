@@ -75,11 +75,15 @@ def test_documented_install_verified_units_and_the_exec_start_line(sim: SimFleet
                                       text=True).stdout.endswith("installed"), pkg
             continue
         cmd = line.replace(PREFIX, f"{root}{PREFIX}").replace("./fleetprobe", str(ROOT))
-        cmd = cmd.replace("/usr/local/bin", f"{root}/usr/local/bin")
+        cmd = cmd.replace("/usr/local/", f"{root}/usr/local/")
         done = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert done.returncode == 0, (cmd, done.stdout[-2000:], done.stderr[-2000:])
     fleetprobe = root / PREFIX.lstrip("/") / "bin" / "fleetprobe"
     assert os.access(fleetprobe, os.X_OK) and (root / "usr/local/bin/fleetprobe").resolve() == fleetprobe
+    # The man page and the completion pip installed, linked where man and bash-completion look.
+    assert "fleetprobe list" in (root / "usr/local/share/man/man1/fleetprobe.1").read_text()
+    assert "_shtab_fleetprobe" in (root / "usr/local/share/bash-completion/completions/fleetprobe").read_text()
+    assert (root / PREFIX.lstrip("/") / "share/zsh/site-functions/_fleetprobe").is_file()
     # The units, with the one path moved under the temporary root.
     units = tmp_path / "units"
     units.mkdir()

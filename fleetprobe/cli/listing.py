@@ -82,10 +82,15 @@ def render_listing(query: Query, listings: list[HostListing], rows: list[Row], n
     where = f" in {query.binary}" if query.binary else ""
     console.print(Text(visible(f"{counts}{where} match {query.glob!r} on {len(listings)} host(s)"), style="bold"))
     for kind in query.kinds:
-        cannot = [x for x in listings if x.error is None and x.names.get(kind) is None]
-        for x in cannot:
-            console.print(Text.assemble(("  cannot list ", "yellow"), visible(f"{_TITLE[kind]} on {x.host}: "
-                                                                                f"{x.why.get(kind, '')}")))
+        # One line per reason, with the hosts it holds for (300 hosts without kprobes are one line).
+        by_reason: dict[str, list[str]] = {}
+        for x in listings:
+            if x.error is None and x.names.get(kind) is None:
+                by_reason.setdefault(x.why.get(kind, ""), []).append(x.host)
+        for why, hosts in by_reason.items():
+            shown = ", ".join(hosts[:MISSING_SHOWN]) + (f" and {len(hosts) - MISSING_SHOWN} more"
+                                                       if len(hosts) > MISSING_SHOWN else "")
+            console.print(Text.assemble(("  cannot list ", "yellow"), visible(f"{_TITLE[kind]} on {shown}: {why}")))
     for x in listings:
         if x.junk:
             console.print(Text(visible(f"  {x.host}: {x.junk} line(s) of its answer were not names "
