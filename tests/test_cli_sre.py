@@ -366,3 +366,24 @@ def test_expression_aggregate_counts_at_the_source(sim: SimFleet, tmp_path: Path
         adhoc_playbook(["k:vfs_read | count()"])
     with pytest.raises(PlaybookError, match="'x' is not a field of this probe"):
         adhoc_playbook(["k:vfs_read | hist(x)"])
+
+
+@pytest.mark.parametrize("output", [["--print"], ["--events", "-"]])
+def test_a_reader_that_goes_away_ends_the_run_cleanly(sim: SimFleet, tmp_path: Path, run_id: str, busy: None,
+                                                      output: list[str]) -> None:
+    """``--print | head -2`` (or ``--events - | head -2``): the run ends on every host as a Ctrl-C would,
+    long before its 30 s, hosts are not failed for it, nothing is left, and fleetprobe exits 0."""
+    inv = inventory(sim, tmp_path, "h1", "h2")
+    line = " ".join([sys.executable, "-m", "fleetprobe", "run", "-e", EXEC, *ssh(inv), "-d", "30s",
+                     "--run-id", run_id, "--no-store", "--json", str(tmp_path / "r.json"), *output])
+    t0 = time.monotonic()
+    done = subprocess.run(["bash", "-c", f"{line} | head -n 2; exit ${{PIPESTATUS[0]}}"], capture_output=True,
+                          text=True, env=env(tmp_path), timeout=120, check=False)
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+    assert "stdout was closed by its reader: probing stopped on every host" in done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert took < 25, f"the run went on for {took:.0f}s after its reader left"
+    hosts = json.loads((tmp_path / "r.json").read_text())["hosts"]
+    assert [(h["status"], h["cleanup"]) for h in hosts] == [("interrupted", "clean")] * 2, hosts

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -376,6 +377,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         extras.begin()
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
+            extras.stop = interrupted.set
             # The live view only on a terminal, and not under --print (the events own the screen).
             if args.no_live or args.print or not console.is_terminal:
                 return await run_playbook(hosts, pb, settings, observer=LiveLine(names),
@@ -404,6 +406,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         print_written(written, console)
     finally:
         extras.close()
+    if extras.reader_gone:
+        # Ended because no one reads the events any more (| head): not an interrupt, and a host cut
+        # short for it did not fail. (A Ctrl-C after it is not told apart: both end the run alike.)
+        bad = sum(1 for o in report.hosts if o.status in ("failed", "unreachable"))
+        return int(Exit.OK if bad == 0 else Exit.NONE_OK if bad == len(report.hosts) else Exit.SOME_FAILED)
     return int(exit_status(report.hosts, interrupted))
 
 
@@ -431,13 +438,18 @@ class RunExtras:
         self.sinks: list[EventSink] = []
         #: The writer of ``--events -`` (its counts go into the report, as a file's do).
         self._stdout_writer: EventWriter | None = None
+        #: Set once the reader of stdout went away (``--print | head``): the run was ended for it.
+        self.reader_gone = False
+        #: Ends the run (the run's interrupted event's set(), once the run started).
+        self.stop: Callable[[], None] | None = None
         if user_events == STDOUT:
             # Its own sink, not events_path: the store still gets the events through its temporary file.
-            self._stdout_writer = EventWriter(STDOUT)
+            self._stdout_writer = EventWriter(STDOUT, on_closed=self._stdout_closed)
             self.sinks.append(self._stdout_writer)
             user_events = None
         if getattr(args, "print", False):
-            self.sinks.append(EventPrinter(sys.stdout, hosts=[], probes=[p.name for p in playbook.probes]))
+            self.sinks.append(EventPrinter(sys.stdout, hosts=[], probes=[p.name for p in playbook.probes],
+                                           on_closed=self._stdout_closed))
         self._file_writer: EventWriter | None = None
         if user_events:
             self.events_path: str | None = str(user_events)
@@ -451,6 +463,15 @@ class RunExtras:
             self.events_path = name
         else:
             self.events_path = None
+
+    def _stdout_closed(self) -> None:
+        """The reader of stdout is gone (``| head``): end the run on every host as a Ctrl-C would.
+        Events no one reads are not worth probing for, and no host failed for it."""
+        if not self.reader_gone:
+            self.reader_gone = True
+            print("stdout was closed by its reader: probing stopped on every host", file=sys.stderr, flush=True)
+            if self.stop is not None:
+                self.stop()
 
     def event_args(self) -> dict[str, Any]:
         """run_playbook's keyword for the raw events: the events file alone, or every sink at once."""
@@ -585,6 +606,7 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
         extras.begin()
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
+            extras.stop = interrupted.set
             return await run_playbook(hosts, pb, settings, interrupted=interrupted, observer=LiveLine(hosts_names),
                                       inventory=args.inventory, argv=sys.argv, **extras.event_args())
 

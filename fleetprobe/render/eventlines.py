@@ -16,6 +16,7 @@ one ``isprintable`` per batch of rows; rows are escaped one by one only in a bat
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO
@@ -72,9 +73,16 @@ class EventPrinter:
     """An :class:`~fleetprobe.parse.EventSink` that prints each event as one line on ``stream``."""
 
     def __init__(self, stream: IO[str] | None = None, *, hosts: Iterable[str] = (),
-                 probes: Iterable[str] = ()) -> None:
-        """Columns as wide as the longest host and probe name (known before the run), so lines align."""
+                 probes: Iterable[str] = (), on_closed: Callable[[], None] | None = None) -> None:
+        """Columns as wide as the longest host and probe name (known before the run), so lines align.
+
+        When the reader of ``stream`` goes away (``| head``: EPIPE), the printer stops printing and
+        calls ``on_closed`` once (the CLI ends the run there, as a Ctrl-C would): no host fails for it.
+        """
         self.stream = stream or sys.stdout
+        self.on_closed = on_closed
+        #: The reader went away; nothing more is printed.
+        self.closed = False
         self.count = 0
         self._host_width = max(map(len, hosts), default=0)
         self._probe_width = max(map(len, probes), default=0)
@@ -114,20 +122,43 @@ class EventPrinter:
         else:
             out = "".join([f"{heads[name]}{comms[comm]}{pid:<{PID_WIDTH}} {visible(_args(text, name))}\n"
                            for (comm, pid, _, _, text), name in zip(rows, batch.names)])
-        self.stream.write(out)
-        self.stream.flush()
-        self.count += len(rows)
+        self._put(out, len(rows))
 
     def write(self, ev: TraceEvent) -> None:
         """Print one event already built (module events)."""
-        self.stream.write(f"{self._head(ev.host, ev.probe)}{self._comms[ev.comm]}{ev.pid:<{PID_WIDTH}} "
-                          f"{visible(ev.args)}\n")
-        self.stream.flush()
-        self.count += 1
+        self._put(f"{self._head(ev.host, ev.probe)}{self._comms[ev.comm]}{ev.pid:<{PID_WIDTH}} "
+                  f"{visible(ev.args)}\n", 1)
+
+    def _put(self, text: str, n: int) -> None:
+        """Write and flush (a pipe's reader sees each batch as it comes), unless the reader is gone."""
+        if self.closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+            return
+        self.count += n
+
+    def _reader_gone(self) -> None:
+        """The reader closed the pipe: print nothing more, and point stdout at /dev/null so that
+        Python's own flush at exit does not fail on the same pipe (as the Python docs advise for EPIPE)."""
+        self.closed = True
+        if self.stream is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        if self.on_closed is not None:
+            self.on_closed()
 
     def close(self) -> None:
         """Flush."""
-        self.stream.flush()
+        if not self.closed:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
 
 
 class Tee:
