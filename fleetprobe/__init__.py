@@ -10,6 +10,9 @@ The Python API in one call::
     for host in report.hosts:
         print(host.host, host.status, host.hits)
 
+Events as they come, as an async iterator: ``async with EventStream(hosts, playbook, settings) as s:
+async for ev in s: ...``, then ``s.report``.
+
 A playbook from a string (generated, or kept in a config system): ``parse_playbook(text, source)``,
 ``source`` naming it in errors; from ``-e`` style one-liners: ``adhoc_playbook(["kprobe:vfs_read"])``.
 """
@@ -28,7 +31,7 @@ _EXPORTS = {
     "Host": "inventory", "Inventory": "inventory", "load_inventory": "inventory",
     "FleetAggregate": "merge", "FleetReport": "results", "RunInfo": "results",
     "RunSettings": "settings", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
-    "plan_fleet": "orchestrate", "run_playbook": "orchestrate",
+    "plan_fleet": "orchestrate", "run_playbook": "orchestrate", "EventStream": "orchestrate",
     "HostOutcome": "outcome", "LossCounters": "outcome",
     "TraceEvent": "parse",
     "HostPlan": "plan", "plan_host": "plan",
@@ -59,7 +62,7 @@ if TYPE_CHECKING:
     from .inventory import Host, Inventory, load_inventory
     from .merge import FleetAggregate
     from .results import FleetReport, RunInfo
-    from .orchestrate import cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+    from .orchestrate import EventStream, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
     from .settings import RunSettings
     from .outcome import HostOutcome, LossCounters
     from .parse import TraceEvent
@@ -71,7 +74,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "__version__",
-    "Facts", "FleetAggregate", "FleetReport", "FleetprobeError", "Host", "HostError", "HostOutcome",
+    "EventStream", "Facts", "FleetAggregate", "FleetReport", "FleetprobeError", "Host", "HostError", "HostOutcome",
     "HostPlan", "InputError", "Inventory", "InventoryError", "LossCounters", "Playbook", "PlaybookError",
     "RunInfo", "RunSettings", "SSHOptions", "TraceEvent", "TransportError",
     "cleanup_fleet", "facts_fleet", "load_inventory", "load_json", "load_playbook", "plan_fleet",

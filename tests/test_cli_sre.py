@@ -387,3 +387,48 @@ def test_a_reader_that_goes_away_ends_the_run_cleanly(sim: SimFleet, tmp_path: P
     assert took < 25, f"the run went on for {took:.0f}s after its reader left"
     hosts = json.loads((tmp_path / "r.json").read_text())["hosts"]
     assert [(h["status"], h["cleanup"]) for h in hosts] == [("interrupted", "clean")] * 2, hosts
+
+
+def test_event_stream_yields_events_as_they_come_and_stops_cleanly(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """The Python API's async iterator: events of the test's own execs while the run goes on; leaving the
+    loop early ends a 30 s run on every host within seconds, cleanly, with the merged report."""
+    import asyncio
+
+    from fleetprobe import EventStream, adhoc_playbook, load_inventory
+    from fleetprobe.session import SSHOptions
+
+    inv = load_inventory(str(inventory(sim, tmp_path, "h1", "h2")))
+    pb, _ = adhoc_playbook([EXEC])
+    marker = tmp_path / "stream-marker"
+    os.symlink("/bin/true", marker)
+    settings = RunSettings(ssh=SSHOptions(ssh_config=(), use_agent=False, connect_timeout=3), duration=30.0,
+                           setup_timeout=10, run_id=run_id)
+
+    async def go() -> tuple[list[str], float, EventStream]:
+        seen: list[str] = []
+        t0 = time.monotonic()
+        async with EventStream(inv.hosts, pb, settings) as stream:
+            async def workload() -> None:
+                while True:
+                    proc = await asyncio.create_subprocess_exec(str(marker))
+                    await proc.wait()
+                    await asyncio.sleep(0.2)
+
+            work = asyncio.ensure_future(workload())
+            try:
+                async for ev in stream:
+                    if ev.fields.get("filename") == str(marker):
+                        seen.append(ev.host)
+                    if {"h1", "h2"} <= set(seen):
+                        break
+            finally:
+                work.cancel()
+        return seen, time.monotonic() - t0, stream
+
+    seen, took, stream = asyncio.run(go())
+    assert {"h1", "h2"} <= set(seen)
+    assert took < 25, f"{took:.0f}s: leaving the loop did not end the 30 s run"
+    assert stream.report is not None and stream.dropped == 0
+    assert [(o.host, o.status, o.cleanup) for o in stream.report.hosts] == [
+        ("h1", "interrupted", "clean"), ("h2", "interrupted", "clean")]
+    assert stream.report.aggregate.hits("sched_process_exec")["h1"] >= 1
