@@ -8,7 +8,6 @@ while the estimate assumed its middle, so the offset always came out equal to it
 from __future__ import annotations
 
 import asyncio
-import statistics
 from pathlib import Path
 
 from simhosts import SimFleet
@@ -24,12 +23,15 @@ def test_facts_clock_offset_is_centred_on_the_truth(sim: SimFleet, tmp_path: Pat
     inv = load_inventory(str(sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))))
     settings = RunSettings(ssh=SSHOptions(ssh_config=(), use_agent=False, connect_timeout=5), setup_timeout=20)
     offsets, errors = [], []
-    for _ in range(7):
+    for _ in range(10):
         [hf] = asyncio.run(facts_fleet(inv.hosts, settings))
         assert hf.error is None and hf.clock_offset is not None and hf.clock_error is not None, hf.error
         offsets.append(hf.clock_offset)
         errors.append(hf.clock_error)
     # The truth (0) is inside every estimate's bounds ...
     assert all(abs(o) <= e + 1e-4 for o, e in zip(offsets, errors)), list(zip(offsets, errors))
-    # ... and the estimates sit around it, not at the edge of the bounds (the old offset == error).
-    assert abs(statistics.median(offsets)) < 0.5 * statistics.median(errors), list(zip(offsets, errors))
+    # ... and on average they sit near the middle of their bounds, not at the positive edge: the old
+    # estimate (its host read the clock at the end of the interval) gave offset/error +0.19..+0.91,
+    # a mean of +0.41..+0.80 over 7 samples in each of 4 runs here; the new one -0.25..+0.17.
+    ratios = [o / e for o, e in zip(offsets, errors)]
+    assert abs(sum(ratios) / len(ratios)) < 0.35, [round(r, 2) for r in ratios]

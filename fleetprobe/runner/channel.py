@@ -141,11 +141,13 @@ async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: fl
                         continue                  # the ready line is not whole yet
                     # The ping goes whatever came (a host that printed something else first must not
                     # hang on its read): only our own ready line starts the round trip.
+                    # T1 before the write: the ping may be read (and the clock with it) before write returns.
+                    sent = time.time()
                     stream.write(b"\n")
                     stream.write_eof()
                     ping = False
                     if buf.startswith(_READY):
-                        t0 = time.time()
+                        t0 = sent
                         del buf[:len(_READY)]
                         seen = 0
                         chunk = bytes(buf)
