@@ -150,7 +150,7 @@ def test_binary_symbols_match_nm(sim: SimFleet, tmp_path: Path) -> None:
     rc, text = cli(["list", "uprobe:/bin/bash:readline", *ssh(inv)])
     assert rc == Exit.OK and "symbol      readline  2/2" in text, text
     rc, text = cli(["list", "-x", "/no/such/binary", *ssh(inv)])
-    assert rc == Exit.BAD_INPUT and "cannot list symbols on h1: /no/such/binary does not exist" in text, text
+    assert rc == Exit.BAD_INPUT and "cannot list symbols on h1, h2: /no/such/binary does not exist" in text, text
 
 
 def test_hostile_lines_are_dropped_not_shown(sim: SimFleet, tmp_path: Path) -> None:
