@@ -124,8 +124,8 @@ class Facts:
     boot_id: str = ""
     realtime: float = 0.0
     #: Seconds one ``date`` took on the host (its second reading minus the first): the clock estimate
-    #: takes it off the round trip.
-    date_cost: float = 0.0
+    #: takes it into account. A property of one measurement, not of the host: not stored, not compared.
+    date_cost: float = field(default=0.0, compare=False)
     uid: int = 0
     tracefs: str | None = None
     tracefs_mounted_by_us: bool = False
@@ -167,8 +167,7 @@ class Facts:
         return {
             "host": self.host, "arch": self.arch, "kernel_release": self.kernel_release,
             "kernel_version": self.kernel_version, "endian": self.endian, "elf_class": self.elf_class,
-            "ncpus": self.ncpus, "boot_id": self.boot_id, "realtime": self.realtime, "date_cost": self.date_cost,
-            "uid": self.uid,
+            "ncpus": self.ncpus, "boot_id": self.boot_id, "realtime": self.realtime, "uid": self.uid,
             "tracefs": self.tracefs, "tracefs_mounted_by_us": self.tracefs_mounted_by_us,
             "features": sorted(self.features), "kprobe_events": self.kprobe_events,
             "uprobe_events": self.uprobe_events, "instances": self.instances,
