@@ -1,6 +1,6 @@
 """Benchmark: parse + merge throughput of one host stream on one core, and peak RSS.
 
-    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs] [--events FILE]
+    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs] [--events FILE] [--print FILE]
 
 Generates a realistic trace_pipe stream (kprobe entry lines with a quoted path,
 kretprobe lines, sched tracepoints; 8% of comms contain spaces), feeds it to
@@ -10,7 +10,9 @@ controller reads the SSH channel, and aggregates into a
 RSS after each million lines (must stay flat: the aggregate is bounded).
 With ``--events FILE`` every event also goes to a raw-event writer on FILE
 the way ``fleetprobe run --events FILE`` hands it events (whole batches of
-rows when the writer takes them, else one TraceEvent per event).
+rows when the writer takes them, else one TraceEvent per event).  With ``--print FILE`` every
+event also goes to ``fleetprobe run --print``'s line printer (render.eventlines), writing to FILE
+(``/dev/null`` measures the formatting alone).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parse-only", action="store_true", help="split lines and batch events, no aggregate")
     ap.add_argument("--no-pairs", action="store_true", help="aggregate without entry/return latency pairing")
     ap.add_argument("--events", metavar="FILE", help="also write raw events to FILE (JSON lines)")
+    ap.add_argument("--print", metavar="FILE", dest="print_to",
+                    help="also print event lines as --print does, to FILE")
     args = ap.parse_args(argv)
     rng = random.Random(1)
     # Pre-generate a pool of distinct chunks so generation is not measured.
@@ -85,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     clock = ClockMap()
     agg = FleetAggregate({} if args.no_pairs else PAIRS)
     writer = EventWriter(args.events) if args.events else None
+    printer = None
+    if args.print_to:
+        from fleetprobe.render.eventlines import EventPrinter, Tee
+
+        printer = EventPrinter(open(args.print_to, "w", encoding="utf-8", buffering=1 << 20),
+                               hosts=["bench-host"], probes=list(NAMES.values()))
+        writer = Tee(writer, printer) if writer is not None else printer  # type: ignore[assignment]
     hooks: dict[str, object] = {}
     if writer is not None:
         # As orchestrate._probe wires the writer (this script also measures older checkouts, where
@@ -118,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     stream.close()
     if writer is not None:
         start = time.process_time()
-        writer.close()
+        for w in getattr(writer, "sinks", (writer,)):
+            w.close()
         busy += time.process_time() - start
     agg.finish()
     print(f"total {done:,} lines ({pool_bytes / pool_lines:.0f} B/line) in {busy:.2f} s CPU: "
           f"{done / busy:,.0f} lines/s, {nbytes / busy / 1e6:.1f} MB/s; "
           f"unparsed {stream.stats.unparsed}, unknown {sum(stream.stats.unknown.values())}")
-    if writer is not None:
-        print(f"raw events: {writer.count:,} written to {args.events}")
+    if args.events:
+        print(f"raw events written to {args.events}")
+    if printer is not None:
+        print(f"event lines: {printer.count:,} printed to {args.print_to}")
     return 0
 
 

@@ -9,6 +9,12 @@ The Python API in one call::
     report = asyncio.run(run_playbook(inv.hosts, load_playbook("playbooks/execsnoop.yml"), RunSettings()))
     for host in report.hosts:
         print(host.host, host.status, host.hits)
+
+Events as they come, as an async iterator: ``async with EventStream(hosts, playbook, settings) as s:
+async for ev in s: ...``, then ``s.report``.
+
+A playbook from a string (generated, or kept in a config system): ``parse_playbook(text, source)``,
+``source`` naming it in errors; from ``-e`` style one-liners: ``adhoc_playbook(["kprobe:vfs_read"])``.
 """
 
 import importlib
@@ -25,11 +31,12 @@ _EXPORTS = {
     "Host": "inventory", "Inventory": "inventory", "load_inventory": "inventory",
     "FleetAggregate": "merge", "FleetReport": "results", "RunInfo": "results",
     "RunSettings": "settings", "cleanup_fleet": "orchestrate", "facts_fleet": "orchestrate",
-    "plan_fleet": "orchestrate", "run_playbook": "orchestrate",
+    "plan_fleet": "orchestrate", "run_playbook": "orchestrate", "EventStream": "orchestrate",
     "HostOutcome": "outcome", "LossCounters": "outcome",
     "TraceEvent": "parse",
     "HostPlan": "plan", "plan_host": "plan",
-    "Playbook": "playbook", "load_playbook": "playbook",
+    "Playbook": "playbook", "load_playbook": "playbook", "parse_playbook": "playbook",
+    "adhoc_playbook": "adhoc",
     "load_json": "results", "write_json": "results",
     "SSHOptions": "session",
 }
@@ -55,20 +62,21 @@ if TYPE_CHECKING:
     from .inventory import Host, Inventory, load_inventory
     from .merge import FleetAggregate
     from .results import FleetReport, RunInfo
-    from .orchestrate import cleanup_fleet, facts_fleet, plan_fleet, run_playbook
+    from .orchestrate import EventStream, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
     from .settings import RunSettings
     from .outcome import HostOutcome, LossCounters
     from .parse import TraceEvent
     from .plan import HostPlan, plan_host
-    from .playbook import Playbook, load_playbook
+    from .playbook import Playbook, load_playbook, parse_playbook
+    from .adhoc import adhoc_playbook
     from .session import SSHOptions
     from .results import load_json, write_json
 
 __all__ = [
     "__version__",
-    "Facts", "FleetAggregate", "FleetReport", "FleetprobeError", "Host", "HostError", "HostOutcome",
+    "EventStream", "Facts", "FleetAggregate", "FleetReport", "FleetprobeError", "Host", "HostError", "HostOutcome",
     "HostPlan", "InputError", "Inventory", "InventoryError", "LossCounters", "Playbook", "PlaybookError",
     "RunInfo", "RunSettings", "SSHOptions", "TraceEvent", "TransportError",
     "cleanup_fleet", "facts_fleet", "load_inventory", "load_json", "load_playbook", "plan_fleet",
-    "plan_host", "run_playbook", "write_json",
+    "adhoc_playbook", "parse_playbook", "plan_host", "run_playbook", "write_json",
 ]

@@ -270,3 +270,82 @@ def audit(report: FleetReport, playbook: Playbook, baseline: FleetReport | None,
     findings.sort(key=lambda f: (f.severity != "fail", order.index(f.kind), f.host or "", f.probe or ""))
     return AuditResult(report.run.run_id, report.run.playbook,
                        baseline.run.run_id if baseline is not None else None, findings, strict)
+
+
+#: What a finding of each kind says once for all the hosts it holds for.
+_GROUP_SUMMARY = {
+    "expect-none": "probe {probe!r} fired (expected none)",
+    "max-per-host": "probe {probe!r} fired more often than its max_per_host allows",
+    "rule-unchecked": "probe {probe!r} could not be placed, so its rule was not checked",
+    "host-not-audited": "the host did not finish; nothing was checked there",
+    "newly-failing": "newly failing (ok in the baseline)",
+    "new-host-hitting": "probe {probe!r} fired, never in the baseline",
+    "count-moved": "probe {probe!r}: hits moved by more than the threshold",
+    "recovered": "ok again (failed in the baseline)",
+    "new-host": "not in the baseline",
+    "gone-host": "in the baseline but not in this run",
+}
+
+
+def group_findings(result: AuditResult) -> list[dict[str, Any]]:
+    """Findings grouped: one entry per (kind, probe) with the hosts it holds for and each host's detail.
+
+    A rule broken on 300 hosts is one finding with 300 hosts, not 300 findings; findings that name
+    no host (a new value across the fleet) stay one entry each.  Order: failing first, as audit sorts.
+    """
+    failing = {id(f) for f in result.failures}
+    groups: dict[tuple[str, str | None, bool] | int, dict[str, Any]] = {}
+    for i, f in enumerate(result.findings):
+        fails = id(f) in failing
+        key: tuple[str, str | None, bool] | int = (f.kind, f.probe, fails) if f.host else i
+        g = groups.get(key)
+        if g is None:
+            summary = _GROUP_SUMMARY.get(f.kind) if f.host else None
+            g = groups[key] = {"kind": f.kind, "severity": f.severity, "fails": fails, "probe": f.probe,
+                               "summary": summary.format(probe=f.probe) if summary else f.message,
+                               "hosts": [], "details": {}}
+        if f.host:
+            g["hosts"].append(f.host)
+            g["details"][f.host] = f.message
+    return list(groups.values())
+
+
+def rules_json(playbook: Playbook) -> list[dict[str, Any]]:
+    """The playbook's audit rules: one entry per probe that has one."""
+    out: list[dict[str, Any]] = []
+    for p in playbook.probes:
+        if p.expect == "none":
+            out.append({"probe": p.name, "rule": "expect", "value": "none"})
+        if p.max_per_host is not None:
+            out.append({"probe": p.name, "rule": "max_per_host", "value": p.max_per_host})
+    return out
+
+
+def audit_json(result: AuditResult, playbook: Playbook | None) -> dict[str, Any]:
+    """The verdict for scripts and hooks: verdict, baseline, rules and grouped findings.
+
+    ``rules`` is None when the playbook is not at hand (``show`` of a stored run).
+    """
+    return {"verdict": "pass" if result.passed else "fail", "passed": result.passed, "run_id": result.run_id,
+            "playbook": result.playbook, "baseline": result.baseline, "strict": result.strict,
+            "failed_hosts": result.failed_hosts(),
+            "rules": rules_json(playbook) if playbook is not None else None,
+            "findings": group_findings(result)}
+
+
+def _logfmt(value: str) -> str:
+    """A logfmt value: bare when it is one plain word, else double-quoted with \\ and " escaped."""
+    if value and all(c.isalnum() or c in "._-:,/@+" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def result_line(report: FleetReport, result: AuditResult) -> str:
+    """The audit in one logfmt line (``key=value ...``), the last line an audit prints: what a journal,
+    syslog or cron mail shows, and what ``journalctl -u fleetprobe-audit -g verdict=fail`` finds."""
+    ok = sum(1 for o in report.hosts if o.status == "ok")
+    fields = {"verdict": "pass" if result.passed else "fail", "playbook": result.playbook, "run": result.run_id,
+              "baseline": result.baseline or "none", "hosts": str(len(report.hosts)), "hosts_ok": str(ok),
+              "failures": str(len(result.failures)), "notes": str(len(result.findings) - len(result.failures)),
+              "failed_hosts": ",".join(result.failed_hosts()) or "none"}
+    return "fleetprobe-audit " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())

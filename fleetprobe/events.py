@@ -149,8 +149,14 @@ class EventWriter:
     encoded only once.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Open ``path`` for writing (truncates)."""
+    def __init__(self, path: str | os.PathLike[str], *, on_closed: Callable[[], None] | None = None) -> None:
+        """Open ``path`` for writing (truncates); ``-`` is standard output (``--events -``).
+
+        Standard output is written at every batch, not once a second: a reader of the pipe
+        (``--events - | jq``) sees events as they come.  When that reader goes away (EPIPE),
+        ``on_closed`` is called once (the CLI ends the run there).
+        """
+        self.on_closed = on_closed
         self.path = Path(path)
         #: Events handed to the writer (written, waiting, or dropped after a write error).
         self.count = 0
@@ -169,6 +175,7 @@ class EventWriter:
         self._pending_len = 0
         self._size = 0
         self._last_flush = time.monotonic()
+        self._eager = str(path) == "-"
         self._tails = _EventTails()
         self._comms = _Encoded()
         self._cpus = _IntText()
@@ -182,7 +189,7 @@ class EventWriter:
         self._pending.append(text)
         self._pending_events += events
         self._pending_len += len(text)
-        if self._pending_len >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+        if self._eager or self._pending_len >= FLUSH_BYTES or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush_due(self) -> None:
@@ -206,6 +213,8 @@ class EventWriter:
                 view = view[n:]
         except OSError as exc:
             self.error = f"{self.path}: {exc.strerror or exc} after {self.written} events"
+            if isinstance(exc, BrokenPipeError) and self.on_closed is not None:
+                self.on_closed()
             self.dropped += events
             try:
                 os.ftruncate(self._fd, self._size)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetprobe.connectors.fabric import harden, open_sessions, sessions_of
+from fleetprobe.connectors.fabric import connection_name, harden, open_sessions, sessions_of
 from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.settings import RunSettings
@@ -29,7 +29,7 @@ from fleetprobe.session import Session, SSHOptions
 if TYPE_CHECKING:
     import fabric
 
-__all__ = ["harden", "run_playbook_on", "sessions_of"]
+__all__ = ["harden", "run_playbook_on", "run_playbook_once", "sessions_of"]
 
 
 def run_playbook_on(target: fabric.Connection | Iterable[fabric.Connection], playbook: str | Path | Playbook, *,
@@ -58,3 +58,66 @@ def run_playbook_on(target: fabric.Connection | Iterable[fabric.Connection], pla
     hosts = [s.host for s in sessions.values()]
     return asyncio.run(run_playbook(hosts, pb, replace(base, connect=borrowed), events_path=events_path,
                                     inventory="fabric: " + ", ".join(shlex.quote(h.name) for h in hosts)))
+
+
+#: Runs already made in this process by run_playbook_once: (playbook, the invocation's hosts) -> report.
+_ONCE: dict[tuple[str, tuple[str, ...]], FleetReport] = {}
+
+
+def invocation_hosts() -> list[str]:
+    """The hosts of this ``fab -H a,b,c`` invocation, as typed (empty when not run by ``fab -H``)."""
+    try:
+        from fabric.main import program
+    except ImportError:
+        return []
+    core = getattr(program, "core", None)
+    try:
+        value = core[0].args.hosts.value if core else None
+    except (AttributeError, IndexError, KeyError):
+        return []
+    return [h for h in str(value).split(",") if h] if value else []
+
+
+def run_playbook_once(c: fabric.Connection, playbook: str | Path | Playbook, *,
+                      prepare: Callable[[fabric.Connection], fabric.Connection] | None = None,
+                      settings: RunSettings | None = None, events_path: str | None = None) -> FleetReport | None:
+    """One merged run over every host of ``fab -H a,b,c TASK``, from a task Fabric calls once per host.
+
+    Fabric calls a task once per ``-H`` host, one after the other: ``run_playbook_on(c, ...)`` there
+    makes three runs and three reports (35 s for 3 x 10 s).  This makes the first call run the
+    playbook on all the invocation's hosts at once (connections to the others opened from ``c``'s
+    config, as ``fab`` opens them, each passed through ``prepare``, default :func:`harden`) and
+    return the merged report; the calls for the other hosts return None.  Hosts are named as the
+    user named them (``-H db1`` with an ssh_config alias is ``db1``).  Not under ``fab -H`` (or
+    for a host the list does not have), it runs on ``c`` alone::
+
+        from fabric import task
+        from fleetprobe.fabfile import run_playbook_once
+
+        @task
+        def modload(c):
+            report = run_playbook_once(c, "playbooks/modload.yml")
+            if report is not None:
+                print(report.aggregate.hits("load"))
+    """
+    pb = playbook if isinstance(playbook, Playbook) else load_playbook(playbook)
+    ready = prepare or harden
+    names = invocation_hosts()
+    me = connection_name(c)
+    if me not in names:
+        return run_playbook_on(ready(c), pb, settings=settings, events_path=events_path)
+    key = (pb.sha256 or pb.name, tuple(names))
+    if key in _ONCE:
+        return None
+    import fabric
+
+    others = [ready(fabric.Connection(h, config=c.config)) for h in names if h != me]
+    conns = [ready(c) if i == names.index(me) else others.pop(0) for i in range(len(names))]
+    try:
+        report = run_playbook_on(conns, pb, settings=settings, events_path=events_path)
+    finally:
+        for conn in conns:
+            if conn is not c:
+                conn.close()
+    _ONCE[key] = report
+    return report

@@ -123,6 +123,9 @@ class Facts:
     ncpus: int = 1
     boot_id: str = ""
     realtime: float = 0.0
+    #: Seconds one ``date`` took on the host (its second reading minus the first): the clock estimate
+    #: takes it into account. A property of one measurement, not of the host: not stored, not compared.
+    date_cost: float = field(default=0.0, compare=False)
     uid: int = 0
     tracefs: str | None = None
     tracefs_mounted_by_us: bool = False
@@ -363,6 +366,10 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         problems.append("facts output was cut short")
     uname = s.get("uname", []) + ["", "", ""]
     realtime = _realtime(s.get("realtime", []))
+    lines = s.get("realtime", [])
+    again = _finite_time(lines[1]) if realtime and len(lines) > 1 else None
+    # How long one date took on the host (0 when unknown, or not a plausible fork and exec).
+    date_cost = again - realtime if again is not None and 0.0 <= again - realtime < 1.0 else 0.0
     if s.get("realtime") and not realtime:
         problems.append(f"the host's realtime {s['realtime'][0][:40]!r} is not a time: clock offset not measured")
     ncpus = 1
@@ -426,7 +433,7 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
     return Facts(
         host=host, arch=uname[0].strip(), kernel_release=uname[1].strip(), kernel_version=uname[2].strip(),
         endian=endian, elf_class=elf_class, ncpus=ncpus,
-        boot_id=(s.get("boot_id") or [""])[0].strip(), realtime=realtime,
+        boot_id=(s.get("boot_id") or [""])[0].strip(), realtime=realtime, date_cost=date_cost,
         uid=first_int("uid", -1), tracefs=tracefs, tracefs_mounted_by_us=tracefs_lines[1].strip() == "1",
         features=readme_features(s.get("readme", [])),
         kprobe_events=tf_files.get("kprobe_events") == "w",

@@ -16,7 +16,8 @@ import asyncio
 import secrets
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -335,11 +336,16 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
     # Controller time when the runner said its probes were on, and when it said it was stopping.
     window: list[float] = []
+    probes_live = getattr(fr.observer, "probes_live", None)
 
     def on_control(text: str) -> None:
+        was_started = report.started
         report.handle(text)
         if text.startswith(("started", "stopping")) and len(window) < 2:
             window.append(time.time())
+        if report.started and not was_started and probes_live is not None:
+            # The runner says its probes are in place: the moment a user starts the workload.
+            probes_live(host, report.enabled + report.triggers + len(report.loaded))
         if text.startswith("ownfilter") and report.own_pids:
             # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
             parser.exclude_pids(set(report.own_pids))
@@ -781,11 +787,14 @@ def playbook_pairs(playbook: Playbook) -> dict[str, str]:
 async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunSettings, *,
                        observer: Observer | None = None, events_path: str | None = None,
                        interrupted: asyncio.Event | None = None, inventory: str = "",
-                       argv: list[str] | None = None) -> FleetReport:
+                       argv: list[str] | None = None, events: EventSink | None = None) -> FleetReport:
     """The Python API's one call: run a playbook on hosts and return the merged report.
 
-    Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory.
+    Raw events go to ``events_path`` (JSON lines) as they arrive, never to memory, or to the sink
+    ``events`` (batches of the rows the kernel printed, see events.EventWriter): one of the two.
     """
+    if events_path and events is not None:
+        raise ValueError("run_playbook: pass events_path or events, not both")
     aggregate = FleetAggregate(pairs=playbook_pairs(playbook))
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
@@ -795,7 +804,7 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
         writer = EventWriter(events_path)
     try:
         outcomes = await run_fleet(hosts, playbook, settings, aggregate,
-                                   events=writer,
+                                   events=writer if writer is not None else events,
                                    observer=observer, interrupted=interrupted)
     finally:
         if writer is not None:
@@ -807,3 +816,92 @@ async def run_playbook(hosts: Iterable[Host], playbook: Playbook, settings: RunS
         run.events_written = writer.written
         run.events_truncated = writer.error
     return FleetReport(run, aggregate, outcomes)
+
+
+#: Events an EventStream holds for a consumer that reads slower than the fleet sends (then dropped, counted).
+STREAM_QUEUE = 100_000
+
+
+class EventStream:
+    """``run_playbook`` whose events come as an async iterator (the Python API's live view).
+
+    ::
+
+        async with EventStream(hosts, playbook, settings) as stream:
+            async for ev in stream:      # TraceEvent, as each host's chunk arrives
+                print(ev.host, ev.probe, ev.comm, ev.fields)
+        report = stream.report           # the merged FleetReport
+
+    Leaving the block early (``break``, an exception) ends the run on every host as a Ctrl-C does,
+    and the block's exit waits for that teardown: nothing is left on any host.  Memory is bounded: a
+    consumer slower than the fleet loses the events past ``maxsize`` waiting ones, counted in
+    ``dropped`` (the report's counts are the kernel's, whatever the consumer kept up with).
+    """
+
+    def __init__(self, hosts: Iterable[Host], playbook: Playbook, settings: RunSettings, *,
+                 observer: Observer | None = None, maxsize: int = STREAM_QUEUE) -> None:
+        if maxsize < 1:
+            raise ValueError(f"EventStream(maxsize={maxsize}): at least 1")
+        self._args = (list(hosts), playbook, settings)
+        self._observer = observer
+        self._queue: asyncio.Queue[TraceEvent | None] = asyncio.Queue(maxsize)
+        self._interrupted = asyncio.Event()
+        self._task: asyncio.Task[FleetReport] | None = None
+        #: Events not handed over: the consumer was ``maxsize`` events behind.
+        self.dropped = 0
+        #: The merged report, once the ``async with`` block ended.
+        self.report: FleetReport | None = None
+
+    def write(self, ev: TraceEvent) -> None:
+        """EventSink: one built event (module lines)."""
+        try:
+            self._queue.put_nowait(ev)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def write_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
+        """EventSink: a batch of rows, each made a TraceEvent (fields parsed as everywhere else)."""
+        from fleetprobe.events import _row_event
+
+        room = self._queue.maxsize - self._queue.qsize()
+        for i, ev in enumerate(batch.events(probes)):
+            if i >= room:
+                self.dropped += len(batch.rows) - i
+                break
+            self._queue.put_nowait(_row_event(host, ev))
+
+    def stop(self) -> None:
+        """End the run on every host (as Ctrl-C does); the iteration then finishes."""
+        self._interrupted.set()
+
+    async def _run(self) -> FleetReport:
+        hosts, playbook, settings = self._args
+        try:
+            return await run_playbook(hosts, playbook, settings, observer=self._observer,
+                                      interrupted=self._interrupted, events=self)
+        finally:
+            # The end marker always gets in (the oldest waiting event makes room for it).
+            while True:
+                try:
+                    self._queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    self._queue.get_nowait()
+                    self.dropped += 1
+
+    async def __aenter__(self) -> EventStream:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._task is not None
+        if not self._task.done():
+            self._interrupted.set()
+        self.report = await self._task
+
+    async def __aiter__(self) -> AsyncIterator[TraceEvent]:
+        if self._task is None:
+            raise RuntimeError("iterate an EventStream inside 'async with EventStream(...) as stream'")
+        while (ev := await self._queue.get()) is not None:
+            yield ev

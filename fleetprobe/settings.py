@@ -61,6 +61,48 @@ class RunSettings:
     #: Built-module cache; None is ``$FLEETPROBE_CACHE``/``~/.cache/fleetprobe`` (kmod.cache.ModuleCache).
     module_cache: Path | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse a wrong type or value here, once, rather than as a TypeError on every host mid-run."""
+        def bad(name: str, want: str) -> TypeError:
+            value = getattr(self, name)
+            return TypeError(f"RunSettings({name}={value!r}): {name} must be {want}, got {type(value).__name__}"
+                             + (" (parse a text like '2s' with fleetprobe.playbook.parse_duration)"
+                                if isinstance(value, str) and want.startswith("seconds") else ""))
+
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("duration",):
+            v = getattr(self, name)
+            if v is not None and (not number(v) or not v > 0):
+                raise bad(name, "seconds as a number > 0, or None for the playbook's")
+        for name in ("setup_timeout", "teardown_timeout"):
+            v = getattr(self, name)
+            if not number(v) or not v > 0:
+                raise bad(name, "seconds as a number > 0")
+        for name, low in (("forks", 1), ("grace", 0), ("teardown_slack", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(name, f"a whole number >= {low}")
+        for name in ("event_cap", "buffer_kb"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise bad(name, "a whole number >= 1, or None")
+        for name in ("mount_tracefs", "allow_modules"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if not isinstance(self.ssh, SSHOptions):
+            raise bad("ssh", "an SSHOptions")
+        if self.run_id is not None and not isinstance(self.run_id, str):
+            raise bad("run_id", "a str or None")
+        if not isinstance(self.trusted_build_hosts, tuple) or not all(
+                isinstance(h, str) for h in self.trusted_build_hosts):
+            # A str here would be iterated as one-letter host names.
+            raise bad("trusted_build_hosts", "a tuple of host names (str)")
+        if self.build_at not in ("auto", "host", "controller"):
+            raise TypeError(f"RunSettings(build_at={self.build_at!r}): build_at must be 'auto', 'host' or "
+                            "'controller'")
+
     async def open_session(self, host: Host) -> Session:
         """Connect to ``host`` with the configured transport."""
         return await (self.connect or connect)(host, self.ssh)
@@ -71,6 +113,8 @@ class Observer(Protocol):
 
     ``set_aggregates`` gets a host's ``aggregate:`` tables once its probes are on, about once a
     second while it streams, and once more, ``final``, when its kernel tables were read.
+    An observer may also have ``probes_live(host, n)``: called once per host when its runner says
+    its ``n`` probes are in place (the CLI's "N probes live on M hosts" line).
     """
 
     def set_state(self, host: str, state: str, detail: str = "") -> None: ...

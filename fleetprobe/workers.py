@@ -198,6 +198,10 @@ class _Outbox:
         """Observer: a host's aggregate tables so far (only the latest per host is sent)."""
         self.aggs[host] = progress
 
+    def probes_live(self, host: str, n: int) -> None:
+        """Observer (optional part): the host's ``n`` probes are in place."""
+        self.messages.append(("live", host, n))
+
     def facts(self, host: str, facts: Facts) -> None:
         """settings.on_facts: the parent keeps them for the store."""
         self.messages.append(("facts", host, facts))
@@ -391,6 +395,10 @@ class Merger:
             elif kind == "events":
                 for host, count in item[1].items():
                     self.obs.add_events(host, count)
+            elif kind == "live":
+                live = getattr(self.obs, "probes_live", None)
+                if live is not None:
+                    live(item[1], item[2])
             elif kind == "aggs":
                 for host, progress in item[1].items():
                     self.obs.set_aggregates(host, progress)

@@ -17,6 +17,7 @@ packages=(
   gcc-powerpc64le-linux-gnu gcc-mips64el-linux-gnuabi64 gcc-mipsel-linux-gnu gcc-aarch64-linux-gnu
   chromium
   python3-venv
+  jq
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -85,7 +85,7 @@ class Personality:
 
 
 def command_kind(command: str) -> str:
-    """Which fleetprobe script a command runs: ``runner``, ``facts`` or ``other``.
+    """Which fleetprobe script a command runs: ``runner``, ``facts``, ``list`` or ``other``.
 
     Scripts sent on stdin are named by their ``$0`` (``fleetprobe-runner``); scripts on the
     command line by their header comment.
@@ -94,6 +94,8 @@ def command_kind(command: str) -> str:
         return "runner"
     if "fleetprobe-facts" in command or "fleetprobe facts:" in command:
         return "facts"
+    if "fleetprobe-list" in command:
+        return "list"
     return "other"
 
 
@@ -129,6 +131,8 @@ class SimHost:
     hostile_injected: int = 0
     #: Facts sections this host lies about: section name -> the lines it prints instead.
     fake_facts: dict[str, list[str]] = field(default_factory=dict)
+    #: The same for the listing script's sections (``fleetprobe list``: ``tracepoints``, ``functions`` ...).
+    fake_list: dict[str, list[str]] = field(default_factory=dict)
     #: Files this host lies about when asked to read them (any command naming the path):
     #: the bytes it sends instead, or None for a read that never ends.
     fake_files: dict[str, bytes | None] = field(default_factory=dict)
@@ -239,7 +243,8 @@ class _Session:
             dropper = asyncio.ensure_future(self._kill_runner(proc.pid, p.delay))
         hostile = p.kind == "hostile" and log.kind == "runner"
         flood = p.kind if p.kind.startswith("flood_") and log.kind == "runner" else ""
-        out = (self._pump_lies(proc.stdout, process.stdout) if log.kind == "facts" and host.fake_facts
+        lies = host.fake_facts if log.kind == "facts" else host.fake_list if log.kind == "list" else {}
+        out = (self._pump_lies(proc.stdout, process.stdout, lies) if lies
                else self._pump_out(proc.stdout, process.stdout, hostile, flood))
         pumps = [asyncio.ensure_future(_pump_in(process, proc)),
                  asyncio.ensure_future(out),
@@ -313,18 +318,19 @@ class _Session:
         except (asyncssh.Error, OSError, BrokenPipeError, ConnectionResetError):
             pass
 
-    async def _pump_lies(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes]) -> None:
-        """The facts script's whole output with the sections in ``fake_facts`` replaced."""
+    async def _pump_lies(self, src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes],
+                         lies: dict[str, list[str]]) -> None:
+        """A script's whole output with the sections in ``lies`` (fake_facts, fake_list) replaced."""
         assert src is not None
         lines = (await src.read()).decode("utf-8", "surrogateescape").split("\n")
         out: list[str] = []
         skipping = False
         for line in lines:
             if line.startswith("@@") and " " not in line:
-                skipping = line[2:] in self.host.fake_facts
+                skipping = line[2:] in lies
                 out.append(line)
                 if skipping:
-                    out.extend(self.host.fake_facts[line[2:]])
+                    out.extend(lies[line[2:]])
                 continue
             if not skipping:
                 out.append(line)

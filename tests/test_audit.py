@@ -130,13 +130,22 @@ def test_audit_verdict_and_strict_mode() -> None:
 
 # --- real audits over sshd ------------------------------------------------------------------------
 
-def test_unit_files_verify() -> None:
+#: Where docs/audit.md installs fleetprobe (a venv: Debian 12 refuses a system-wide pip install).
+INSTALLED = "/opt/fleetprobe/bin/fleetprobe"
+
+
+def test_unit_files_verify(tmp_path: Path) -> None:
     """systemd's own checker accepts the shipped service and timer (it rejects unknown keys and bad paths)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    r = subprocess.run([analyze, "verify", str(UNIT), str(TIMER)], capture_output=True, text=True, env=env)
+    # The unit runs the venv install of docs/audit.md by its path; here that path is this venv's
+    # fleetprobe (tests/test_systemd_unit.py installs it as documented and verifies the same way).
+    text = UNIT.read_text()
+    assert f"ExecStart={INSTALLED} audit " in text
+    copy = tmp_path / UNIT.name
+    copy.write_text(text.replace(INSTALLED, str(Path(sys.executable).parent / "fleetprobe")))
+    r = subprocess.run([analyze, "verify", str(copy), str(TIMER)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "OnCalendar=hourly" in TIMER.read_text()
 
@@ -163,7 +172,8 @@ def _audit_by_unit(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedP
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     argv = expand_exec_start(UNIT, env, state)
-    assert argv[:3] == ["/usr/bin/env", "fleetprobe", "audit"]
+    assert argv[:2] == [INSTALLED, "audit"]
+    argv[0] = str(Path(sys.executable).parent / "fleetprobe")   # this venv's (see test_unit_files_verify)
     run_env = dict(os.environ, XDG_DATA_HOME=str(state),
                    PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", COLUMNS="200")
     (state / "fleetprobe").mkdir(exist_ok=True)  # StateDirectory=

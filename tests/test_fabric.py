@@ -161,3 +161,48 @@ def test_fabfile_helper_runs_through_the_users_connections(fleet: Fleet, tmp_pat
         assert conns[0].run("echo still-here", hide=True, in_stream=False).stdout == "still-here\n"
     finally:
         group.close()
+
+
+@pytest.mark.tracefs
+def test_fab_dash_h_makes_one_merged_run_named_as_the_user_named_the_hosts(fleet: Fleet, tmp_path: Path,
+                                                                            busy: None) -> None:
+    """``fab -H alpha,beta forks`` (ssh_config aliases for two sshd on 127.0.0.1): Fabric calls the task once
+    per host; run_playbook_once makes ONE run over both, named alpha and beta, and the second call runs
+    nothing."""
+    import subprocess
+    import sys
+
+    known = fleet.write_known_hosts()
+    config = tmp_path / "ssh_config"
+    config.write_text("".join(f"Host {h.name}\n  HostName 127.0.0.1\n  Port {h.port}\n  User root\n"
+                              f"  IdentityFile {fleet.client_key}\n" for h in fleet.hosts))
+    (tmp_path / "forks.yml").write_text(PLAYBOOK)
+    (tmp_path / "fabfile.py").write_text(f"""
+from fabric import task
+from fleetprobe.fabfile import harden, run_playbook_once
+from fleetprobe.settings import RunSettings
+
+@task
+def forks(c):
+    report = run_playbook_once(c, {str(tmp_path / 'forks.yml')!r}, prepare=lambda x: harden(x, [{str(known)!r}]),
+                               settings=RunSettings(duration=2.0))
+    if report is None:
+        print("SKIP", c.original_host)
+    else:
+        print("RUN", report.run.run_id, ",".join(o.host + "=" + o.status + "/" + o.cleanup for o in report.hosts),
+              report.aggregate.total_hits("fork"))
+""")
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    names = ",".join(h.name for h in fleet.hosts)
+    done = subprocess.run([str(Path(sys.executable).parent / "fab"), "-r", str(tmp_path), "-S", str(config),
+                           "-H", names, "forks"], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    runs = [line.split() for line in lines if line.startswith("RUN ")]
+    assert len(runs) == 1, lines
+    _, run_id, hosts, hits = runs[0]
+    assert hosts == ",".join(f"{h.name}=ok/clean" for h in sorted(fleet.hosts, key=lambda h: h.name)), hosts
+    assert int(hits) > 0
+    assert [line for line in lines if line.startswith("SKIP ")] == [f"SKIP {fleet.hosts[1].name}"]
+    assert leftovers_of([run_id]) == []

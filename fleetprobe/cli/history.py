@@ -13,15 +13,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fleetprobe.audit import AuditResult, Finding, diff_reports
+from fleetprobe.audit import AuditResult, Finding, audit_json, diff_reports, group_findings
 from fleetprobe.cli.options import Exit, _thresholds
 from fleetprobe.results import FleetReport
 from fleetprobe.store import Store
+from fleetprobe.cli.output import where, write_report_json
 from fleetprobe.render.html import write_html
 from fleetprobe.render.markdown import write_markdown
 from fleetprobe.render.safe import visible
 from fleetprobe.render.terminal import render_summary
-from fleetprobe.results import write_json
+from fleetprobe.playbook import Playbook
 from fleetprobe.shard import merge_files
 from fleetprobe.outfiles import open_private, write_text_atomic
 
@@ -35,22 +36,24 @@ def open_store(args: argparse.Namespace) -> Store:
 
 
 def write_reports(args: argparse.Namespace, report: FleetReport,
-                  audit_result: AuditResult | None = None) -> list[str]:
+                  audit_result: AuditResult | None = None, playbook: Playbook | None = None) -> list[str]:
     """Write --html / --markdown (and --json where the command has it) for a report, printing nothing.
 
     Returns the lines to print once everything is written (:func:`print_written`): the files
     are written before anything is rendered, so a rendering bug can never cost a report.
+    The JSON of an audited run carries the verdict, the playbook's rules and the grouped findings.
+    Every path may be ``-`` (stdout; people's text then goes to stderr, see cli.output).
     """
     written: list[str] = []
     if getattr(args, "html", None):
         write_html(report, args.html, audit_result)
-        written.append(f"HTML report written to {args.html}")
+        written.append(f"HTML report written to {where(args.html)}")
     if getattr(args, "markdown", None):
         write_markdown(report, args.markdown, audit_result)
-        written.append(f"Markdown summary written to {args.markdown}")
+        written.append(f"Markdown summary written to {where(args.markdown)}")
     if getattr(args, "json", None) and args.command in ("show", "audit"):
-        write_json(report, args.json)
-        written.append(f"report written to {args.json}")
+        write_report_json(report, args.json, audit_json(audit_result, playbook) if audit_result else None)
+        written.append(f"report written to {where(args.json)}")
     return written
 
 
@@ -71,7 +74,7 @@ def cmd_history(args: argparse.Namespace, console: Console) -> int:
         if args.prune:
             events, runs = store.prune(events_days=args.keep_events_days, runs_days=args.keep_runs_days)
             console.print(Text(f"pruned raw events of {events} chunk(s) and {runs} run(s)"))
-        rows = store.runs(playbook=args.playbook, limit=args.limit)
+        rows = store.runs(playbook=args.playbook, limit=args.last)
     if args.json:
         data = [r.__dict__ for r in rows]
         text = json.dumps(data, indent=1)
@@ -108,7 +111,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
                 for ev in store.events(run_id):
                     f.write(json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n")
                     n += 1
-            console.print(Text(visible(f"{n} raw events written to {args.events}"
+            console.print(Text(visible(f"{n} raw events written to {where(args.events)}"
                                        + ("" if n else " (none stored, or dropped by retention)"))))
     written = write_reports(args, report, result)
     render_summary(report, console)
@@ -137,8 +140,33 @@ def print_audit(result: AuditResult, console: Console) -> None:
         hosts = result.failed_hosts()
         console.print(Text(visible(f"audit FAILED {base}" + (f": {', '.join(hosts)}" if hosts else "")),
                            style="bold red"))
-    failing = {i for i, f in enumerate(result.findings) if f in result.failures}
-    print_findings(result.findings, console, failing)
+    print_grouped(result, console)
+
+
+#: Per-host lines shown under a finding that holds for many hosts (the JSON has them all).
+GROUP_DETAILS = 5
+
+
+def print_grouped(result: AuditResult, console: Console) -> None:
+    """Each finding once, with the hosts it holds for; a few hosts' own lines under it.
+
+    Kinds, hosts and messages hold host text (probe names, values): each is shown through visible()."""
+    for g in group_findings(result):
+        sev = "FAIL" if g["fails"] else "note"
+        line = Text(f"  {sev:<4} ", style=_SEVERITY_STYLE["fail" if g["fails"] else "note"])
+        line.append(visible(f"{g['kind']}: "), style="bold")
+        hosts: list[str] = g["hosts"]
+        if len(hosts) <= 1:
+            line.append(visible(g["details"][hosts[0]] if hosts else g["summary"]))
+            console.print(line)
+            continue
+        line.append(visible(f"{g['summary']} on {len(hosts)} hosts: {', '.join(hosts[:20])}"
+                            + (f" and {len(hosts) - 20} more" if len(hosts) > 20 else "")))
+        console.print(line)
+        for host in hosts[:GROUP_DETAILS]:
+            console.print(Text(visible(f"         {g['details'][host]}")))
+        if len(hosts) > GROUP_DETAILS:
+            console.print(Text(f"         ... {len(hosts) - GROUP_DETAILS} more (all in --json)"))
 
 
 def cmd_diff(args: argparse.Namespace, console: Console) -> int:
@@ -166,9 +194,10 @@ def cmd_diff(args: argparse.Namespace, console: Console) -> int:
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe merge A.json B.json -o merged.json``."""
     report = merge_files(args.reports)
-    write_json(report, args.output)
+    write_report_json(report, args.output)
     written = write_reports(args, report)
     render_summary(report, console)
-    console.print(Text(visible(f"merged {len(args.reports)} report(s) ({len(report.hosts)} hosts) into {args.output}")))
+    console.print(Text(visible(f"merged {len(args.reports)} report(s) ({len(report.hosts)} hosts) "
+                               f"into {where(args.output)}")))
     print_written(written, console)
     return 0

@@ -98,6 +98,15 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
                    help="mount tracefs on hosts where it is not mounted")
 
 
+def _add_playbook_argument(p: argparse.ArgumentParser) -> None:
+    """The playbook: a file, a shipped name, ``-`` (stdin), or ``-e`` expressions instead."""
+    p.add_argument("playbook", nargs="?",
+                   help="playbook file, shipped playbook name, or '-' to read it from stdin")
+    p.add_argument("-e", "--probe", dest="expressions", action="append", metavar="'PROBE [ARG...] [if FILTER]'",
+                   help="an ad-hoc probe instead of a playbook (repeatable), e.g. "
+                        "-e 'kprobe:do_sys_openat2 path=+0(arg2):string if comm != \"sshd\"'; see README")
+
+
 def _add_build_option(p: argparse.ArgumentParser) -> None:
     """``--build-at`` for the commands that plan or run module probes."""
     p.add_argument("--build-at", choices=WHERE_CHOICES, default="auto",
@@ -128,8 +137,9 @@ def add_store_option(p: argparse.ArgumentParser, *, allow_none: bool) -> None:
 def add_run_options(p: argparse.ArgumentParser, *, reports: bool = True) -> None:
     """Options ``run`` and ``audit`` share: HTML/Markdown reports (``reports``), transport, event retention."""
     if reports:
-        p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report (charts, fleet timeline)")
-        p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary (for tickets)")
+        p.add_argument("--html", metavar="FILE",
+                       help="write a self-contained HTML report (charts, fleet timeline; '-' for stdout)")
+        p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary (for tickets; '-' for stdout)")
     p.add_argument("--transport", choices=("asyncssh", "fabric"), default="asyncssh",
                    help="SSH library (default asyncssh; fabric needs the 'fabric' extra)")
     p.add_argument("--keep-events-days", type=float, default=DEFAULT_EVENTS_DAYS, metavar="DAYS",
@@ -145,9 +155,9 @@ def add_shard_option(p: argparse.ArgumentParser) -> None:
 
 def _add_report_outputs(p: argparse.ArgumentParser) -> None:
     """--json/--html/--markdown for commands that render a report."""
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
-    p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report ('-' for stdout)")
+    p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary ('-' for stdout)")
 
 
 def _add_threshold_options(p: argparse.ArgumentParser) -> None:
@@ -176,28 +186,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("list", help="the shipped playbooks, each with the question it answers")
-    p.add_argument("--playbooks", action="store_true", help="list the shipped playbooks (the default)")
-
     p = sub.add_parser("facts", help="what each host can probe (arch, kernel, tracefs, kprobes, lockdown ...)")
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the facts as JSON ('-' for stdout)")
     add_shard_option(p)
 
+    p = sub.add_parser("list", help="what the fleet can probe, by name: kernel functions, tracepoints, "
+                                    "a binary's symbols; with the hosts that have each",
+                       description="List probeable names across the fleet (like bpftrace -l, perf probe -F). "
+                                   "PATTERN is a glob with an optional prefix: 'kprobe:vfs_*', "
+                                   "'tracepoint:sched:*', 'uprobe:/bin/bash:read*'; none: functions and "
+                                   "tracepoints. A name no host has gets near names. Exit 1 when nothing matches.")
+    p.add_argument("pattern", nargs="?", metavar="PATTERN", help="glob of names (default: every name)")
+    p.add_argument("-x", "--binary", metavar="BINARY", help="list this binary's function symbols (uprobes)")
+    p.add_argument("--fields", action="store_true", help="show each tracepoint's fields")
+    p.add_argument("--playbooks", action="store_true",
+                   help="list the shipped playbooks instead, each with the question it answers (no hosts needed)")
+    _add_connection_options(p)
+    p.add_argument("--json", metavar="FILE", help="write the listing as JSON ('-' for stdout)")
+    add_shard_option(p)
+
     p = sub.add_parser("plan", help="per host: the exact tracefs lines a run would write; changes nothing")
-    p.add_argument("playbook")
+    _add_playbook_argument(p)
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the plans as JSON ('-' for stdout)")
     _add_build_option(p)
     add_shard_option(p)
 
     p = sub.add_parser("run", help="probe the fleet and print one merged report")
-    p.add_argument("playbook")
+    _add_playbook_argument(p)
     _add_connection_options(p)
     p.add_argument("-d", "--duration", type=parse_duration, help="how long to probe (default: the playbook's)")
     p.add_argument("--event-cap", type=_positive_int, help="events per host (default: the playbook's)")
-    p.add_argument("--json", metavar="FILE", help="write the merged report as JSON")
-    p.add_argument("--events", metavar="FILE", help="write every event as a JSON line")
+    p.add_argument("--json", metavar="FILE", help="write the merged report as JSON ('-' for stdout)")
+    p.add_argument("--events", metavar="FILE", help="write every event as a JSON line ('-' for stdout)")
+    p.add_argument("--print", action="store_true",
+                   help="print every event as it arrives, one line each: host probe comm pid fields")
     p.add_argument("--grace", type=_grace_seconds, default=60,
                    help="seconds past a run's deadline before its on-host timer or a sweep removes it")
     p.add_argument("--teardown-slack", type=_grace_seconds, default=30,
@@ -240,7 +264,7 @@ def _add_history_parsers(sub: Any) -> None:
     p = sub.add_parser("history", help="list stored runs (newest first)")
     add_store_option(p, allow_none=False)
     p.add_argument("--playbook", help="only runs of this playbook (its name)")
-    p.add_argument("-n", "--limit", type=_positive_int, default=30, help="how many runs (default 30)")
+    p.add_argument("-n", "--last", type=_positive_int, default=30, help="how many runs, newest first (default 30)")
     p.add_argument("--json", metavar="FILE", help="write the list as JSON ('-' for stdout)")
     p.add_argument("--prune", action="store_true", help="apply retention now (see --keep-*-days)")
     p.add_argument("--keep-events-days", type=float, default=DEFAULT_EVENTS_DAYS, metavar="DAYS",
@@ -261,7 +285,7 @@ def _add_history_parsers(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the changes as JSON ('-' for stdout)")
 
     p = sub.add_parser("audit", help="run, store and judge a playbook against its rules and a baseline run")
-    p.add_argument("playbook")
+    _add_playbook_argument(p)
     _add_connection_options(p)
     add_shard_option(p)
     p.add_argument("-d", "--duration", type=parse_duration, help="how long to probe (default: the playbook's)")
@@ -276,10 +300,15 @@ def _add_history_parsers(sub: Any) -> None:
     _add_threshold_options(p)
     _add_report_outputs(p)
     add_run_options(p, reports=False)
-    p.add_argument("--events", metavar="FILE", help="also write every event as a JSON line")
+    p.add_argument("--events", metavar="FILE", help="also write every event as a JSON line ('-' for stdout)")
+    p.add_argument("--on-fail", metavar="CMD",
+                   help="when the audit fails, run CMD (with sh -c) with the audit JSON on its stdin")
+    p.add_argument("--prometheus", metavar="FILE",
+                   help="write a node_exporter textfile (e.g. /var/lib/prometheus/node-exporter/"
+                        "fleetprobe-NAME.prom): verdict, per host up/lost/failures, per probe hits")
 
     p = sub.add_parser("merge", help="combine shard JSON reports into the report of the whole fleet")
     p.add_argument("reports", nargs="+", metavar="REPORT.json")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="merged JSON report")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="merged JSON report ('-' for stdout)")
     p.add_argument("--html", metavar="FILE", help="also write the merged HTML report")
     p.add_argument("--markdown", metavar="FILE", help="also write the merged Markdown summary")

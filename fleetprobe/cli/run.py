@@ -15,20 +15,25 @@ import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fleetprobe.audit import AuditResult, audit
+from fleetprobe.adhoc import adhoc_playbook
+from fleetprobe.audit import AuditResult, audit, audit_json, result_line
 from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
+from fleetprobe.cli.output import STDOUT, where, write_report_json, write_text
+from fleetprobe.events import EventWriter
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
 from fleetprobe.hist import plan_json, plan_lines
@@ -48,15 +53,15 @@ from fleetprobe.kmod.builds import plan_module_builds
 from fleetprobe.orchestrate import plan_fleet
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.plan import group_of_instance, is_stale_instance
-from fleetprobe.playbook import load_playbook
+from fleetprobe.playbook import load_playbook, parse_playbook
+from fleetprobe.render.eventlines import EventPrinter, Tee
 from fleetprobe.render.live import LiveView
 from fleetprobe.render.terminal import render_summary
-from fleetprobe.results import write_json
 from fleetprobe.shard import shard_inventory
-from fleetprobe.outfiles import write_text_atomic
 
 if TYPE_CHECKING:
     from fleetprobe.kmod.plan import BuildGroup
+    from fleetprobe.parse import EventSink
     from fleetprobe.runner.channel import HostFacts
     from fleetprobe.settings import RunSettings
     from fleetprobe.outcome import HostOutcome
@@ -97,12 +102,8 @@ def _raise_fd_limit() -> None:
 
 
 def _write_json(path: str, data: Any, console: Console) -> None:
-    """Write JSON to a file, or to stdout for '-'."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=str)
-    if path == "-":
-        console.print_json(text) if console.is_terminal else print(text)
-    else:
-        write_text_atomic(path, text + "\n")
+    """Write JSON to a file, or to stdout for '-' (people's text then goes to stderr: see cli.output)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _yes(v: bool) -> Text:
@@ -175,6 +176,9 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
             console.print(_line("  ", ("skip", "yellow"), f" {sp.name}: {sp.reason}"))
         for note in plan.notes:
             console.print(_line("  ", (f"note: {note}", "dim")))
+        if not plan.failed and not plan.probes:
+            console.print(_line("  ", ("places nothing", "red"),
+                                ": every probe of the playbook is skipped on this host (reasons above)"))
 
 
 def render_builds(groups: list[BuildGroup], console: Console) -> None:
@@ -203,7 +207,8 @@ def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[st
                                      "definition": p.definition, "filter": p.filter, "symbol": p.symbol}
                                     for p in plan.probes],
                          "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
-                         "notes": list(plan.notes), "aggregates": plan_json(plan)})
+                         "notes": list(plan.notes), "aggregates": plan_json(plan),
+                         "places_nothing": not plan.failed and not plan.probes})
         out.append(item)
     return out
 
@@ -219,9 +224,34 @@ def exit_status(outcomes: list[HostOutcome], interrupted: bool) -> Exit:
     return Exit.SOME_FAILED if bad else Exit.OK
 
 
+def _read_playbook(args: argparse.Namespace) -> Playbook:
+    """The playbook of the command line: ``-e`` expressions, ``-`` (stdin), a file or a shipped name.
+
+    The text of an ad-hoc or stdin playbook is kept in ``args.playbook_text`` for the history store.
+    """
+    exprs: list[str] = getattr(args, "expressions", None) or []
+    if exprs and args.playbook:
+        raise InputError(f"give a playbook ({args.playbook!r}) or -e probes, not both", where="command line",
+                         hint="put the extra probes in the playbook, or drop the playbook argument")
+    if exprs:
+        pb, args.playbook_text = adhoc_playbook(exprs)
+        return pb
+    if not args.playbook:
+        raise InputError("no playbook given", where="command line",
+                         hint=f"{args.command} PLAYBOOK.yml, a shipped name (opensnoop), '-' for stdin, "
+                              "or -e 'kprobe:SYMBOL ...'")
+    if args.playbook == STDOUT:
+        if sys.stdin.isatty():
+            raise InputError("'-' reads the playbook from stdin, which is a terminal", where="command line",
+                             hint="pipe it in: cat playbook.yml | fleetprobe run - -i ...")
+        args.playbook_text = sys.stdin.read()
+        return parse_playbook(args.playbook_text, "<stdin>")
+    return load_playbook(args.playbook)
+
+
 def _load_playbook_checked(args: argparse.Namespace) -> Playbook:
     """Load and validate the playbook before any connection; refuse modules without consent."""
-    pb = load_playbook(args.playbook)
+    pb = _read_playbook(args)
     if pb.needs_module_consent():
         pb.check_module_dirs()
         if args.command == "run" and not (pb.allow_modules or args.allow_modules):
@@ -275,7 +305,15 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe plan``: facts + plan per host; writes nothing on any host."""
     pb = _load_playbook_checked(args)
     inv = _inventory(args)
-    results = asyncio.run(plan_fleet(inv.hosts, pb, _settings(args)))
+    settings = _settings(args)
+
+    async def plans() -> list[tuple[HostFacts, HostPlan | None]]:
+        from fleetprobe.discover import suggest_for_plans
+
+        # A probe skipped for a name the host lacks gets near names from that host's own lists.
+        return await suggest_for_plans(await plan_fleet(inv.hosts, pb, settings), pb, settings)
+
+    results = asyncio.run(plans())
     builds = plan_module_builds(results, args.build_at, args.trust_build_host)
     if args.json:
         data = _plan_json(results)
@@ -286,7 +324,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if args.json != "-":
         render_plans(results, console)
         render_builds(builds, console)
-    ok = sum(1 for _, p in results if p is not None and not p.failed)
+    # A host that would place nothing (every probe skipped) is not a host that plans well: a run
+    # would connect, probe nothing and report zeros for it (issue 14). It counts as failed here.
+    ok = sum(1 for _, p in results if p is not None and not p.failed and p.probes)
     return int(Exit.NONE_OK if ok == 0 else Exit.SOME_FAILED if ok < len(results) else Exit.OK)
 
 
@@ -337,6 +377,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         extras.begin()
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
+            extras.stop = interrupted.set
             from fleetprobe.workers import run_playbook_workers  # --workers: slices over processes, one report
 
             async def over(observer: Any) -> FleetReport:
@@ -347,32 +388,45 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                                                       observer=observer, events_path=extras.events_path,
                                                       interrupted=interrupted, inventory=args.inventory,
                                                       argv=sys.argv)
+                ev = extras.event_args()
+                if "events" in ev:
+                    # --print / --events -: the events stream through this process as they come, so
+                    # the run is on this process's loop (workers write theirs to files).
+                    return await run_playbook(hosts, pb, settings, observer=observer, interrupted=interrupted,
+                                              inventory=args.inventory, argv=sys.argv, **ev)
                 return await run_playbook_workers(hosts, pb, settings, workers=args.workers, observer=observer,
-                                                  events_path=extras.events_path, interrupted=interrupted,
+                                                  events_path=ev["events_path"], interrupted=interrupted,
                                                   inventory=args.inventory, argv=sys.argv)
 
-            if args.no_live or not console.is_terminal:
-                return await over(None)
+            # The live view only on a terminal, and not under --print (the events own the screen).
+            if args.no_live or args.print or not console.is_terminal:
+                return await over(LiveLine(names))
             with LiveView(console, names) as live:
-                return await over(live)
+                return await over(LiveLine(names, live))
 
         report, interrupted = asyncio.run(_with_interrupt(go))
+        extras.events_done(report)
         # Every machine output first (JSON, store, HTML, Markdown; the events file is already
         # written): the summary is rendered from host text, and a bug there must cost no data.
         written = []
         if args.json:
-            write_json(report, args.json)
-            written.append(f"report written to {args.json}")
+            write_report_json(report, args.json)
+            written.append(f"report written to {where(args.json)}")
         if args.events and report.run.events_truncated:
             written.append(f"events TRUNCATED: {report.run.events_truncated}; "
-                           f"{report.run.events_written} events kept in {args.events}, the run went on")
+                           f"{report.run.events_written} events kept in {where(args.events)}, the run went on")
         elif args.events:
-            written.append(f"events written to {args.events}")
+            written.append(f"events written to {where(args.events)}")
         written += extras.finish(report)
         render_summary(report, console)
         print_written(written, console)
     finally:
         extras.close()
+    if extras.reader_gone:
+        # Ended because no one reads the events any more (| head): not an interrupt, and a host cut
+        # short for it did not fail. (A Ctrl-C after it is not told apart: both end the run alike.)
+        bad = sum(1 for o in report.hosts if o.status in ("failed", "unreachable"))
+        return int(Exit.OK if bad == 0 else Exit.NONE_OK if bad == len(report.hosts) else Exit.SOME_FAILED)
     return int(exit_status(report.hosts, interrupted))
 
 
@@ -396,6 +450,23 @@ class RunExtras:
         self.run_id = getattr(args, "run_id", None) or new_run_id()
         self._tmp_events: Path | None = None
         user_events = getattr(args, "events", None)
+        #: Sinks besides the events file: the JSON lines of ``--events -`` and ``--print``'s lines.
+        self.sinks: list[EventSink] = []
+        #: The writer of ``--events -`` (its counts go into the report, as a file's do).
+        self._stdout_writer: EventWriter | None = None
+        #: Set once the reader of stdout went away (``--print | head``): the run was ended for it.
+        self.reader_gone = False
+        #: Ends the run (the run's interrupted event's set(), once the run started).
+        self.stop: Callable[[], None] | None = None
+        if user_events == STDOUT:
+            # Its own sink, not events_path: the store still gets the events through its temporary file.
+            self._stdout_writer = EventWriter(STDOUT, on_closed=self._stdout_closed)
+            self.sinks.append(self._stdout_writer)
+            user_events = None
+        if getattr(args, "print", False):
+            self.sinks.append(EventPrinter(sys.stdout, hosts=[], probes=[p.name for p in playbook.probes],
+                                           on_closed=self._stdout_closed))
+        self._file_writer: EventWriter | None = None
         if user_events:
             self.events_path: str | None = str(user_events)
         elif self.store is not None:
@@ -409,10 +480,45 @@ class RunExtras:
         else:
             self.events_path = None
 
+    def _stdout_closed(self) -> None:
+        """The reader of stdout is gone (``| head``): end the run on every host as a Ctrl-C would.
+        Events no one reads are not worth probing for, and no host failed for it."""
+        if not self.reader_gone:
+            self.reader_gone = True
+            print("stdout was closed by its reader: probing stopped on every host", file=sys.stderr, flush=True)
+            if self.stop is not None:
+                self.stop()
+
+    def event_args(self) -> dict[str, Any]:
+        """run_playbook's keyword for the raw events: the events file alone, or every sink at once."""
+        if not self.sinks:
+            return {"events_path": self.events_path}
+        sinks = list(self.sinks)
+        if self.events_path:
+            self._file_writer = EventWriter(self.events_path)
+            sinks.insert(0, self._file_writer)
+        return {"events": sinks[0] if len(sinks) == 1 else Tee(*sinks)}
+
+    def events_done(self, report: FleetReport) -> None:
+        """After the run: close the writers this object made, and put the user's events destination's
+        counts in the report (run_playbook does that itself for the events file alone)."""
+        if not self.sinks:
+            return
+        for w in (self._file_writer, self._stdout_writer):
+            if w is not None:
+                w.close()
+        user = self._stdout_writer or self._file_writer
+        if user is not None:
+            report.run.events_written = user.written
+            report.run.events_truncated = user.error
+
     def hosts(self, inventory: Inventory) -> tuple[Host, ...]:
         """This shard's hosts (all of them without ``--shard``); an empty shard is an input error."""
         shard: Shard | None = getattr(self.args, "shard", None)
         hosts = select_hosts(inventory.hosts, shard)
+        for sink in self.sinks:
+            if isinstance(sink, EventPrinter):
+                sink.align_hosts([h.name for h in hosts])
         if not hosts:
             raise InputError(f"shard {shard} of this inventory has no hosts" if shard else "the inventory has no hosts",
                              where=str(getattr(self.args, "inventory", "")),
@@ -443,17 +549,21 @@ class RunExtras:
         Returns the lines saying what was written, to print after the summary."""
         written: list[str] = []
         if self.store is not None:
-            self.store.save_run(report, playbook_text=_read_text(self.playbook.source),
+            text = getattr(self.args, "playbook_text", None) or _read_text(self.playbook.source)
+            self.store.save_run(report, playbook_text=text,
                                 inventory_text=_inventory_text(str(self.args.inventory)), facts=self.facts,
                                 events_path=self.events_path if self.events_path and
                                 Path(self.events_path).exists() else None)
             keep = getattr(self.args, "keep_events_days", DEFAULT_EVENTS_DAYS)
             self.store.prune(events_days=keep)
             written.append(f"run {report.run.run_id} stored in {self.store.path}")
-        return written + write_reports(self.args, report, audit_result)
+        return written + write_reports(self.args, report, audit_result, self.playbook)
 
     def close(self) -> None:
-        """Remove the temporary events file and close the store."""
+        """Close the event writers, remove the temporary events file and close the store."""
+        for w in (self._file_writer, self._stdout_writer):
+            if w is not None:
+                w.close()
         if self._tmp_events is not None:
             self._tmp_events.unlink(missing_ok=True)
         if self.store is not None:
@@ -512,10 +622,14 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
         extras.begin()
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
-            return await run_playbook(hosts, pb, settings, events_path=extras.events_path, interrupted=interrupted,
-                                      inventory=args.inventory, argv=sys.argv)
+            extras.stop = interrupted.set
+            return await run_playbook(hosts, pb, settings, interrupted=interrupted, observer=LiveLine(hosts_names),
+                                      inventory=args.inventory, argv=sys.argv, **extras.event_args())
+
+        hosts_names = [h.name for h in hosts]
 
         report, interrupted = asyncio.run(_with_interrupt(go))
+        extras.events_done(report)
         if baseline_id is None:
             baseline_id = extras.store.previous_run(pb.name, before=report.run.run_id)
         baseline = extras.store.load_report(baseline_id) if baseline_id else None
@@ -523,11 +637,92 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
         # Stored and written before anything is rendered (see cmd_run).
         written = extras.finish(report, result)
         extras.store.set_audit(report.run.run_id, result.passed, result.to_json())
+        if args.prometheus:
+            from fleetprobe.render.prometheus import write_textfile
+
+            write_textfile(report, result, args.prometheus)
+            written.append(f"Prometheus textfile written to {where(args.prometheus)}")
         render_summary(report, console)
         print_written(written, console)
     finally:
         extras.close()
     print_audit(result, console)
+    console.print(Text(visible(result_line(report, result))))
+    if not result.passed and args.on_fail:
+        _on_fail(args.on_fail, audit_json(result, pb), console)
     if interrupted:
         return int(Exit.INTERRUPTED)
     return int(Exit.OK if result.passed else Exit.AUDIT_FAILED)
+
+
+#: How long an --on-fail command may take before it is killed (a hook must not hang a cron job).
+ON_FAIL_TIMEOUT = 60.0
+
+
+def _on_fail(command: str, verdict: dict[str, Any], console: Console) -> None:
+    """Run ``command`` with ``sh -c``, the audit JSON on its stdin; say on stderr when it fails.
+
+    The audit's own exit status (4) stands whatever the hook does: the hook notifies, it does not judge.
+    """
+    data = (json.dumps(verdict, indent=1) + "\n").encode()
+    try:
+        done = subprocess.run(["/bin/sh", "-c", command], input=data, timeout=ON_FAIL_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"warning: --on-fail command did not finish in {ON_FAIL_TIMEOUT:g}s and was killed: {command}",
+              file=sys.stderr)
+        return
+    except OSError as exc:
+        print(f"warning: cannot run the --on-fail command {command!r}: {exc.strerror}", file=sys.stderr)
+        return
+    if done.returncode != 0:
+        print(f"warning: --on-fail command exited {done.returncode}: {command}", file=sys.stderr)
+    else:
+        console.print(Text(visible(f"--on-fail command ran: {command}")))
+
+
+class LiveLine:
+    """An Observer: "N probes live on M hosts" on stderr once every host has its probes in place or ended.
+
+    bpftrace says ``Attaching N probes...``: a user needs to know when to start the workload, and
+    a script piping stdout must still see it (stderr).  Wraps the live view when there is one.
+    """
+
+    #: States after which a host will place no probe.
+    ENDED = frozenset({"done", "skipped", "failed", "unreachable", "interrupted"})
+
+    def __init__(self, hosts: list[str], inner: LiveView | None = None) -> None:
+        """Watch ``hosts``; pass states and counts on to ``inner``."""
+        self.hosts = set(hosts)
+        self.inner = inner
+        self.live: dict[str, int] = {}
+        self.ended: set[str] = set()
+        self.said = False
+
+    def set_state(self, host: str, state: str, detail: str = "") -> None:
+        """A host's state changed."""
+        if self.inner is not None:
+            self.inner.set_state(host, state, detail)
+        if state in self.ENDED and host not in self.live:
+            self.ended.add(host)
+            self._maybe_say()
+
+    def add_events(self, host: str, n: int) -> None:
+        """Events arrived (the live view counts them)."""
+        if self.inner is not None:
+            self.inner.add_events(host, n)
+
+    def probes_live(self, host: str, n: int) -> None:
+        """The runner on ``host`` placed its ``n`` probes."""
+        self.live[host] = n
+        self._maybe_say()
+
+    def _maybe_say(self) -> None:
+        """Say it once, when no host is still setting up."""
+        if self.said or not self.live or len(self.live) + len(self.ended - set(self.live)) < len(self.hosts):
+            return
+        self.said = True
+        n = sum(self.live.values())
+        rest = len(self.hosts) - len(self.live)
+        print(f"{n} probe{'s' if n != 1 else ''} live on {len(self.live)} host{'s' if len(self.live) != 1 else ''}"
+              + (f" ({rest} host{'s' if rest != 1 else ''} not probing)" if rest else "")
+              + "; Ctrl-C to stop", file=sys.stderr, flush=True)

@@ -360,15 +360,21 @@ def _host_of(conn: fabric.Connection, name: str) -> Host:
                 become=user not in (None, "root"))
 
 
+def connection_name(conn: fabric.Connection) -> str:
+    """The host as the user named it (``fab -H db1`` with an ssh_config alias: ``db1``, not its HostName)."""
+    return str(getattr(conn, "original_host", None) or conn.host)
+
+
 def sessions_of(target: fabric.Connection | Iterable[fabric.Connection]) -> dict[str, FabricSession]:
-    """A borrowed FabricSession per Connection, named by host (``host:port`` where two share a host)."""
+    """A borrowed FabricSession per Connection, named as the user named the host (``name:port`` where two
+    share a name)."""
     conns = [target] if isinstance(target, fabric.Connection) else list(target)
     seen: dict[str, int] = {}
     for c in conns:
-        seen[str(c.host)] = seen.get(str(c.host), 0) + 1
+        seen[connection_name(c)] = seen.get(connection_name(c), 0) + 1
     out: dict[str, FabricSession] = {}
     for c in conns:
-        name = str(c.host) if seen[str(c.host)] == 1 else f"{c.host}:{c.port}"
+        name = connection_name(c) if seen[connection_name(c)] == 1 else f"{connection_name(c)}:{c.port}"
         out[name] = FabricSession(_host_of(c, name), c, owned=False)
     return out
 

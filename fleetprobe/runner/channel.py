@@ -47,10 +47,20 @@ async def gather_facts(session: Session, playbook: Playbook | None, *, mount: bo
     """
     symbols, words = _facts_words(playbook, mount)
     stream = await session.stream(script_command(session.host, "fleetprobe-facts", *words))
-    stream.write(script_input(facts_script()))
-    stream.write_eof()
-    facts, offset, error, _ = await _read_facts(stream, session.host.name, symbols, timeout, keep_open=False)
+    # The script says when it runs and waits for a ping before it reads its clock: the clock is
+    # then read in the middle of a short, symmetric round trip, not at the end of the long one
+    # that delivered the script (which made the offset always equal its error).
+    stream.write(script_input(_PING_FIRST + facts_script()))
+    facts, offset, error, _ = await _read_facts(stream, session.host.name, symbols, timeout, keep_open=False,
+                                                ping=True)
     return facts, offset, error
+
+
+#: Put in front of the facts script by gather_facts: say it runs, then wait for one line (the ping).
+_PING_FIRST = "printf '@@ready\\n'\nIFS= read -r _fp_ping\n"
+_READY = b"@@ready\n"
+#: Seconds to wait for the ready line before the ping goes anyway.
+READY_WAIT = 2.0
 
 
 @dataclass
@@ -91,10 +101,12 @@ MAX_FACTS_BYTES = 32 << 20
 
 
 async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: float, *,
-                      keep_open: bool) -> tuple[Facts, float, float, bytes]:
+                      keep_open: bool, ping: bool = False) -> tuple[Facts, float, float, bytes]:
     """Read facts output from a script just sent on ``stream``: facts, clock offset, its error, bytes after them.
 
     The facts script exits after ``@@end``; the runner (``keep_open``) stays, waiting for its plan.
+    With ``ping`` the script first prints ``@@ready`` and waits for a line: it is sent (and stdin
+    closed) then, and the round trip is measured from that moment.
     """
     # Measured from when the script is sent: the channel's set-up round trip is not part of the error.
     t0 = time.time()
@@ -106,13 +118,39 @@ async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: fl
     try:
         async with asyncio.timeout(timeout):
             while True:
-                chunk = await stream.read(65536)
+                if ping:
+                    try:
+                        chunk = await asyncio.wait_for(stream.read(65536), READY_WAIT)
+                    except TimeoutError:
+                        # Nothing yet (something on the way holds output back until the end): the
+                        # ping goes now, and the estimate is the one without it (from the script's send).
+                        stream.write(b"\n")
+                        stream.write_eof()
+                        ping = False
+                        continue
+                else:
+                    chunk = await stream.read(65536)
                 if not chunk:
                     break
                 # Each byte is looked at a bounded number of times: only the new chunk (and the end
                 # marker's length before it) is searched, never the whole buffer again (issue 11 #5).
                 seen = max(0, len(buf) - len(_FACTS_END) + 1)
                 buf += chunk
+                if ping:
+                    if len(buf) < len(_READY) and _READY.startswith(bytes(buf)):
+                        continue                  # the ready line is not whole yet
+                    # The ping goes whatever came (a host that printed something else first must not
+                    # hang on its read): only our own ready line starts the round trip.
+                    # T1 before the write: the ping may be read (and the clock with it) before write returns.
+                    sent = time.time()
+                    stream.write(b"\n")
+                    stream.write_eof()
+                    ping = False
+                    if buf.startswith(_READY):
+                        t0 = sent
+                        del buf[:len(_READY)]
+                        seen = 0
+                        chunk = bytes(buf)
                 if len(buf) > MAX_FACTS_BYTES:
                     stream.close()
                     raise HostError(host, "facts", f"facts output passed {MAX_FACTS_BYTES >> 20} MiB without its "
@@ -140,8 +178,13 @@ async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: fl
                         hint="is the login shell POSIX sh compatible, and (with become) is sudo -n allowed?")
     facts = parse_facts(host, text, symbols)
     t_line = t_line or time.time()
-    offset = facts.realtime - (t0 + t_line) / 2 if facts.realtime else 0.0
-    error = (t_line - t0) / 2 + (1.0 if facts.realtime == int(facts.realtime) else 0.0)
+    # The clock was read at some controller time in [t0, t_line] (T1, T4): the offset lies in
+    # [realtime - T4, realtime - T1].  The estimate is NTP's midpoint moved by the host's hold
+    # time (the clock was read about one date's cost after the ping arrived: a second date measured
+    # it), and its error reaches the far end of that interval, so the truth is always inside.
+    cost = min(max(facts.date_cost, 0.0), max(t_line - t0, 0.0))
+    offset = facts.realtime - (t0 + t_line + cost) / 2 if facts.realtime else 0.0
+    error = (t_line - t0 + cost) / 2 + (1.0 if facts.realtime == int(facts.realtime) else 0.0)
     return facts, offset, error, rest
 
 
