@@ -36,7 +36,7 @@ from fleetprobe.cli.output import STDOUT, where, write_report_json, write_text
 from fleetprobe.events import EventWriter
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
-from fleetprobe.hist import plan_json, plan_lines
+from fleetprobe.hist import AggProgress, plan_json, plan_lines
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.plan import new_run_id
 from fleetprobe.render.safe import visible, visible_lines
@@ -710,6 +710,11 @@ class LiveLine:
         """Events arrived (the live view counts them)."""
         if self.inner is not None:
             self.inner.add_events(host, n)
+
+    def set_aggregates(self, host: str, progress: tuple[AggProgress, ...]) -> None:
+        """A host's aggregate tables so far (the live view shows them)."""
+        if self.inner is not None:
+            self.inner.set_aggregates(host, progress)
 
     def probes_live(self, host: str, n: int) -> None:
         """The runner on ``host`` placed its ``n`` probes."""
