@@ -12,9 +12,28 @@ fp=.venv/bin/fleetprobe
 $fp lab up
 inv=$FLEETPROBE_LAB_DIR/inventory.yml
 $fp facts -i "$inv"
+# An idle lab opens next to nothing (and fleetprobe's own processes are left out): give each guest
+# a little work to see, an SSH session reading a few files while the probes are on.
+workload() {
+  .venv/bin/python - "$inv" <<'PY' | while read -r port; do
+import sys, yaml
+inv = yaml.safe_load(open(sys.argv[1]))
+for group in inv["all"]["children"].values():
+    for vars_ in (group.get("hosts") or {}).values():
+        if vars_ and "ansible_port" in vars_:
+            print(vars_["ansible_port"])
+PY
+    ssh -n -i "$FLEETPROBE_LAB_DIR/id_ed25519" -o UserKnownHostsFile="$FLEETPROBE_LAB_DIR/known_hosts" \
+        -o StrictHostKeyChecking=yes -o BatchMode=yes -p "$port" root@127.0.0.1 \
+        'sleep 5; i=0; while [ $i -lt 70 ]; do cat /etc/hostname /etc/os-release /etc/shadow >/dev/null; i=$((i+1)); sleep 0.5; done' \
+        >/dev/null 2>&1 &
+  done
+}
+workload
 set +e
-$fp run playbooks/opensnoop.yml -i "$inv" --duration 10s --json opensnoop-report.json "$@"
+$fp run playbooks/opensnoop.yml -i "$inv" --duration 20s --json opensnoop-report.json "$@"
 rc=$?
+wait
 set -e
 echo "merged report: opensnoop-report.json (exit status $rc)"
 exit $rc
