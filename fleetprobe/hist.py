@@ -588,6 +588,26 @@ def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, 
             extra.append(add)
         return expr, ks
 
+    def streamed(reason: str, names: Iterable[str]) -> str:
+        """A streamed table keyed by comm: the event's own comm where the probe can carry it, else said.
+
+        A trace line's task name is the kernel's pid->comm cache when the line is read: for a
+        short-lived task it can be '<...>', the name it had before exec, or an earlier task's.
+        """
+        if "comm" not in names:
+            return reason
+        if kind == "tracepoint":
+            if decls is not None and "comm" in decls:
+                return reason
+        elif "comm" in args:
+            return reason
+        elif "comm" in features:
+            if "comm=$comm:string" not in extra:
+                extra.append("comm=$comm:string")
+            return reason
+        return (reason + "; comm is the kernel's name for the pid when each line is read, not at the event "
+                "(a short-lived task can show '<...>', its name before exec, or an earlier task's)")
+
     if spec_kind == "count":
         for f in fields:
             table = AggTable(probe, "count", f, (), top)
@@ -606,7 +626,7 @@ def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, 
                 triggers.append(trig)
                 tables.append(TablePlan(table, "kernel"))
             else:
-                tables.append(TablePlan(table, "stream", reason))
+                tables.append(TablePlan(table, "stream", streamed(reason, (f,))))
         return AggPlan(probe, tuple(tables), (), tuple(triggers), tuple(extra))
     if spec_kind == "histogram":
         assert value is not None
@@ -629,7 +649,7 @@ def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, 
             for f in (*fields, value):
                 _check_field(kind, f, args, decls)
         if reason:
-            return AggPlan(probe, (TablePlan(table, "stream", reason),), (), (), ())
+            return AggPlan(probe, (TablePlan(table, "stream", streamed(reason, fields)),), (), (), tuple(extra))
         line = (f"hist:keys={','.join(k for k, _ in keys)}:vals=hitcount:sort=hitcount.descending:size={size}")
         return AggPlan(probe, (TablePlan(table, "kernel"),), (),
                        (Trigger(event, line, table.table_id, tuple(ks for _, ks in keys)),), tuple(extra))
@@ -646,7 +666,8 @@ def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, 
     if not reason and len(fields) > 1:
         reason = f"split by {len(fields)} keys: the kernel takes at most two keys per trigger, the latency and one"
     if reason:
-        return AggPlan(probe, (TablePlan(table, "stream", reason, source_probe=entry_name),), (), (), ())
+        return AggPlan(probe, (TablePlan(table, "stream", streamed(reason, fields), source_probe=entry_name),),
+                       (), (), tuple(extra))
     synth = synthetic_name(group, probe)
     ts, lat = f"fpts_{probe}", f"fplat_{probe}"
     sys_, _, ev = entry_event.partition("/")
@@ -810,7 +831,12 @@ class StreamTables:
                 if t0 is None:
                     continue
                 ns = int(round((ts - t0) * 1e9))
-                k: Key = (*(_common(f, pid, comm) for f in t.by), log2_bucket(max(ns, 0)))
+                if values is None:
+                    values = self._values.get(args)
+                    if values is None:
+                        values = event_values(args)
+                # The event's own comm (a comm=$comm fetch arg) where the probe carries one.
+                k: Key = (*(_field_value(f, pid, comm, values) for f in t.by), log2_bucket(max(ns, 0)))
                 t.counts[k] = t.counts.get(k, 0) + 1
                 continue
             if values is None:
@@ -827,10 +853,6 @@ class StreamTables:
                     continue
                 key = (*(_field_value(f, pid, comm, values) for f in t.by), log2_bucket(v))
             t.counts[key] = t.counts.get(key, 0) + 1
-
-
-def _common(name: str, pid: int, comm: str) -> Value:
-    return pid if name == "pid" else comm
 
 
 def _field_value(name: str, pid: int, comm: str, values: Mapping[str, str]) -> Value:

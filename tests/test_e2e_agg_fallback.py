@@ -122,19 +122,24 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
         assert all("no hist triggers" in p["reason"] for p in parts.values()), parts
     for h in report["hosts"]:
         assert h["loss"]["overrun"] == h["loss"]["lost_lines"] == 0, h["loss"]
-    # A streamed tracepoint line names its task from the kernel's pid->comm cache when it is read:
-    # a short-lived task may be gone from it by then ("<...>", 1-2 of 12 on a loaded CI machine).
-    # Every exec is counted either way, and the forgotten ones are said, never silently miscounted.
+    # A streamed tracepoint line names its task from the kernel's pid->comm cache when it is read,
+    # not at the event: a short-lived task can be "<...>", its name before exec ("sh"), or an
+    # earlier task's of the same pid (seen on CI, 1-3 of 12). The exec tracepoint has no comm
+    # field to carry instead: every exec is counted, and the report says what the names are.
     rows = {tuple(k): (n, hosts) for k, n, hosts in tables["exec:count:comm"]["rows"]}
-    unknown = rows.pop(("<...>",), (0, 0))[0]
-    assert set(rows) == {(true.name,)} and rows[(true.name,)][0] + unknown == 2 * execs, rows
+    assert sum(n for n, _h in rows.values()) == 2 * execs and rows[(true.name,)][0] > execs, rows
+    unknown = rows.get(("<...>",), (0, 0))[0]
     assert tables["exec:count:comm"]["unknown_comm"] == unknown
     assert (f"comm <...>: {unknown} hit(s) whose task name the kernel had forgotten" in out) == (unknown > 0), out
+    comm_reasons = {p["reason"] for parts in aggs["hosts"].values() for t, p in parts.items() if t == "exec:count:comm"}
+    assert comm_reasons and all("comm is the kernel's name for the pid when each line is read" in r
+                                for r in comm_reasons), comm_reasons
     rows = {tuple(k): (n, hosts) for k, n, hosts in tables["exec:count:filename"]["rows"]}
     assert rows[(str(true),)] == (2 * execs, 2)
     hist = {tuple(k): (n, hosts) for k, n, hosts in tables["sig:histogram:sig"]["rows"]}
     assert hist[(sleeper.name, 5)] == (2 * signals, 2), hist
-    # Every return of the bash copy's get_string_value was timed against its entry, on both hosts.
+    # Every return of the bash copy's get_string_value was timed against its entry, on both hosts,
+    # and named by the comm the uretprobe fetched at the event (comm=$comm), not the read-time cache.
     hosts = {h["host"]: h for h in report["hosts"]}
     lat = sum(n for k, n, _ in tables["gsv_ret:latency:ns"]["rows"] if k[0] == bash.name)
     assert lat == sum(hosts[h]["hits"]["gsv_ret"] for h in hosts) > 0
@@ -148,10 +153,11 @@ def test_fallback_tables_are_exact_and_shaped_like_kernel_ones(fleet: Fleet, tmp
     loaded = load_json(report_path)
     page, md = html_path.read_text(), md_path.read_text()
     said = summaries(loaded.aggregate.aggregates)
+    flat_out = " ".join(out.split())
     assert len(said) == 4
     for t in said:
         for sentence in (t.heading, *t.modes, *t.notes):
-            assert visible(sentence) in out, sentence
+            assert " ".join(visible(sentence).split()) in flat_out, sentence   # the terminal wraps long lines
             assert _v(sentence) in page, sentence
             assert escape(sentence) in md, sentence
     assert f"<td>{_v(str(true))}</td><td class='n'>{2 * execs}</td><td class='n'>2</td>" in page
