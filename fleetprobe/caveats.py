@@ -35,6 +35,8 @@ def host_caveats(o: HostOutcome) -> list[str]:
     if why:
         example = (o.unattributed_examples or [""])[0]
         out.append(why + (f", e.g. {example.strip()!r}" if example else ""))
+    if o.forgeable:
+        out.append(f"{o.unverified_events} event(s) unverified: {o.forgeable}")
     if o.own_events:
         out.append(f"{o.own_events} event(s) from fleetprobe's own processes left out")
     if o.own_unfiltered:

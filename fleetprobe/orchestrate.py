@@ -32,7 +32,7 @@ from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
 from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
-from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
+from .plan import HostPlan, new_run_id, new_seal, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
 from .session import Session, put_private
@@ -141,8 +141,9 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
             obs.set_state(host.name, "planning")
             offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
             deadline = s.deadline(offset, fr.duration)
+            # Per host and run, like the control lines' secret: the seal ends every line of a sealed probe.
             plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets,
-                             duration=fr.duration)
+                             duration=fr.duration, seal=new_seal())
         except BaseException:
             if runner is not None:
                 runner.stream.close()
@@ -343,7 +344,9 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     secret = secrets.token_hex(16)
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
                          on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock,
-                         control_prefix=control_prefix(secret))
+                         control_prefix=control_prefix(secret), trailer=plan.trailer or None,
+                         sealed=[p.trace_name for p in plan.probes if p.framing == "sealed"],
+                         unframed=[p.trace_name for p in plan.probes if p.name in plan.unframed()])
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=plan.duration,
                                  deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules,
                                  secret=secret)
@@ -483,6 +486,20 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     out.unattributed_examples = list(parser.stats.unknown_examples)
     out.own_pids, out.own_unfiltered = list(report.own_pids), dict(report.own_unfiltered)
     out.own_events = parser.stats.own_events
+    out.framing = {p.name: p.framing for p in plan.probes if p.kind != "module"}
+    unframed = plan.unframed()
+    for p in plan.probes:
+        why = report.unguarded.get(p.event)
+        if why is not None and p.kind != "module":
+            out.framing[p.name] = f"unframed: the kernel refused its newline guard ({why})"
+            unframed[p.name] = out.framing[p.name]
+    if unframed:
+        # One probe whose lines a user's text can continue is enough: after its line, any line
+        # (a whole event of another probe too) may be a user's.
+        out.forgeable = ("a user's text in " + ", ".join(f"{k} ({v.partition(': ')[2] or v})"
+                                                          for k, v in sorted(unframed.items()))
+                         + " can forge whole events of any probe on this host")
+        out.unverified_events = counter.accepted
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:
@@ -685,7 +702,8 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
                             hint="raise --setup-timeout for slow hosts or links") from None
         deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
-                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration))
+                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration,
+                          seal=new_seal()))
 
     return await fan_out(hosts, settings, "plan", work, lambda host, exc: (HostFacts(host, error=exc), None),
                          observer)

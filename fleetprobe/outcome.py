@@ -128,6 +128,12 @@ class HostOutcome:
     own_pids: list[int] = field(default_factory=list)
     own_unfiltered: dict[str, str] = field(default_factory=dict)
     own_events: int = 0
+    #: How each placed tracefs probe's lines are framed against a user's text (plan.PlannedProbe.framing).
+    framing: dict[str, str] = field(default_factory=dict)
+    #: Why a user on this host could have forged events in its stream ('' when no one could):
+    #: then ``unverified_events`` counts this host's events, none of which is proven the kernel's.
+    forgeable: str = ""
+    unverified_events: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""

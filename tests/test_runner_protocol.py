@@ -201,7 +201,7 @@ probes:
 
 
 def test_plan_directives_order() -> None:
-    """Header, then every definition, then modules, then filters, then enables, then go."""
+    """Header, then every definition, then modules, then filters, newline guards, enables, then go."""
     plan, _ = kitchen_plan()
     text = plan_directives(plan, tracefs="/sys/kernel/tracing", duration=2.2, deadline=1800000000, grace=60,
                            buffer_kb=1024, modules=(ModuleLoad("fp_kprobe", "/tmp/fp_kprobe.ko",
@@ -211,7 +211,9 @@ def test_plan_directives_order() -> None:
                          "duration 3", "deadline 1800000000", "grace 60", "buffer_kb 1024"]
     assert lines[-1] == "go" and text.endswith("go\n")
     kinds = [line.split(" ", 1)[0] for line in lines[7:-1]]
-    assert kinds == ["def", "def", "module", "filter", "filter", "enable", "enable", "enable"]
+    assert kinds == ["def", "def", "module", "filter", "filter", "guard", "guard", "guard", "enable", "enable", "enable"]
+    # Without a seal nothing is sealed: the tracepoint's string field and every comm are guarded.
+    assert "guard sched/sched_process_exec filename" in lines and f"guard {plan.group}/open" in lines
     assert f"def kprobe_events p:{plan.group}/open do_sys_openat2 dfd=$arg1:s32" in lines
     assert f"def kprobe_events r:{plan.group}/open_ret do_sys_openat2 ret=$retval:s32" in lines
     assert f"filter {plan.group}/open dfd != 5" in lines

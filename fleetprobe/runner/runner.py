@@ -68,6 +68,10 @@ def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: 
     for p in plan.probes:
         if p.filter and p.event:
             lines.append(f"filter {p.event} {p.filter}")
+    for p in plan.probes:
+        if p.framing.startswith("guarded") and p.event:
+            # The runner adds !(F ~ "*[\t-\v]*") for each field and COMM to the event's filter.
+            lines.append(" ".join(["guard", p.event, *p.guard]))
     lines += aggregate_directives(plan)
     for p in plan.probes:
         if p.event and p.kind != "module" and p.stream:
@@ -174,6 +178,8 @@ class RunnerReport:
     #: Events whose filter the kernel refused with that clause, and its words: the controller drops
     #: the own pids' events of those itself.
     own_unfiltered: dict[str, str] = field(default_factory=dict)
+    #: Events whose newline guard (plan.PlannedProbe.guard) the kernel refused: {event: why}.
+    unguarded: dict[str, str] = field(default_factory=dict)
 
     #: Control lines kept (in every list and table together): a runner says a few hundred; past
     #: this, lines are counted in ``dropped`` and the report says so (issue 11 #5).
@@ -230,6 +236,9 @@ class RunnerReport:
             words = [w for w in rest.split() if w.partition(":")[0].isdigit()]
             self.own_pids = [int(w.partition(":")[0]) for w in words]
             self.own_processes = words
+        elif word == "unguarded":
+            what, _, why = rest.partition(" :: ")
+            self.unguarded[what.strip()] = " ".join(why.split()) or "refused"
         elif word == "ownfilter":
             what, _, why = rest.partition(" :: ")
             self.own_unfiltered[what.strip()] = " ".join(why.split()) or "refused"

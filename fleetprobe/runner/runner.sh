@@ -12,6 +12,7 @@
 #   tracefs PATH | group G | instance I | duration SECS | deadline EPOCH | grace SECS | buffer_kb N
 #   def FILE LINE           append LINE to FILE (kprobe_events or uprobe_events); never truncate
 #   filter EVENT EXPR       EVENT is a path under events/ (GROUP/NAME or SUBSYS/NAME)
+#   guard EVENT [FIELD...]  filter out EVENT's events whose FIELDs or comm hold a newline
 #   enable EVENT
 #   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end; while
 #                           modules are loaded the kernel log is forwarded (see kmsg_read below)
@@ -57,6 +58,9 @@ $HELD"; PING_RX=; }
   HELD=
 }
 now() { date +%s; }
+# The newline guard's character range (TAB-VT holds LF): a filter string cannot hold a newline itself
+# (the kernel cuts a filter write at its first newline: "Missing matching quote").
+TAB=$(printf '\t'); VT=$(printf '\v')
 
 # --- module file checks (tests/test_hostile.py runs this block by itself) ---
 # A module file is loaded only if it is exactly what the controller wrote (kmod: put_private):
@@ -104,7 +108,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; GUARDS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -442,7 +446,7 @@ while IFS= read -r line <&3; do
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
     own) shift; OWNK="$*";;
-    def|filter|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
+    def|filter|guard|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
     # The controller's own teardown of a run whose runner died (killed by an oops, say).
@@ -529,6 +533,11 @@ while IFS= read -r line; do
       fi
       rm -f -- "$mp"; rmdir -- "${mp%/*}" 2>/dev/null;;
     synth|notrace_self) hist_place "$kind" "$rest";;
+    # "guard EVENT FIELD...": keep every event whose FIELDs or comm hold a newline out of the ring
+    # buffer (issue 11 #2: the kernel prints strings raw, and a user's "y\n<trace line>" would be
+    # an event of its own). Applied with the enable's filter below.
+    guard) GUARDS="$GUARDS$rest
+";;
     # Triggers wait until every process of ours exists: their filter names all of them.
     trigger) HIST_Q="${HIST_Q:+$HIST_Q
 }$rest";;
@@ -618,13 +627,28 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
 $FILTERS
 EOF_FILTERS
   ;; esac
+  _gx=
+  while IFS= read -r _l; do
+    case $_l in "$ev"|"$ev "*) for _gf in COMM ${_l#"$ev"}; do _gx="${_gx:+$_gx && }!($_gf ~ \"*[$TAB-$VT]*\")"; done;; esac
+  done <<EOF_GUARDS
+$GUARDS
+EOF_GUARDS
   _ff="$T/instances/$I/events/$ev/filter"
-  if ! { echo "${_u:+($_u) && }$_own" > "$_ff"; } 2>/dev/null; then
+  if ! { echo "${_u:+($_u) && }${_gx:+$_gx && }$_own" > "$_ff"; } 2>/dev/null; then
     _why=$(sed -n 's/^parse_error: //p' "$_ff" 2>/dev/null)
-    # A refused filter leaves the event unfiltered: put the playbook's own back (the controller
-    # then drops our pids' events itself and counts them).
-    if [ -n "$_u" ]; then { echo "$_u" > "$_ff"; } 2>/dev/null; else { echo 0 > "$_ff"; } 2>/dev/null; fi
-    say "ownfilter $ev :: $_why"
+    if [ -n "$_gx" ] && { echo "${_u:+($_u) && }$_own" > "$_ff"; } 2>/dev/null; then
+      # Without the guard the kernel takes it: the controller must treat the host's lines as forgeable.
+      say "unguarded $ev :: $_why"
+    else
+      # A refused filter leaves the event unfiltered: put the playbook's own back, with the guard
+      # if it can (the controller then drops our pids' events itself and counts them).
+      if [ -n "$_gx" ] && { echo "${_u:+($_u) && }$_gx" > "$_ff"; } 2>/dev/null; then :
+      else
+        [ -n "$_gx" ] && say "unguarded $ev :: $_why"
+        if [ -n "$_u" ]; then { echo "$_u" > "$_ff"; } 2>/dev/null; else { echo 0 > "$_ff"; } 2>/dev/null; fi
+      fi
+      say "ownfilter $ev :: $_why"
+    fi
   fi
 done
 for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
