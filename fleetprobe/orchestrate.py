@@ -487,6 +487,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     out.own_pids, out.own_unfiltered = list(report.own_pids), dict(report.own_unfiltered)
     out.own_events = parser.stats.own_events
     out.framing = {p.name: p.framing for p in plan.probes if p.kind != "module"}
+    out.guarded_out = report.guarded_out if report.guarded_out is not None else 0
+    out.guard_uncounted = list(report.guard_uncounted)
+    if report.guarded_out is None and any(p.framing.startswith("guarded") for p in plan.probes) and report.started:
+        out.guard_uncounted.append("the runner did not say")
     unframed = plan.unframed()
     for p in plan.probes:
         why = report.unguarded.get(p.event)

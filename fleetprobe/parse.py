@@ -689,6 +689,9 @@ class TraceStream:
         self._record: list[str] | None = None
         self._record_len = 0
         self._record_drop = False
+        # Lines at a record boundary that may be the start of a comm holding a newline (at most 16
+        # bytes in all: the printed comm field), waiting for the rest of their head.
+        self._head_parts: list[str] = []
 
     def exclude_pids(self, pids: frozenset[int] | set[int]) -> None:
         """Drop (and count in ``stats.own_events``) the events of these pids from now on.
@@ -761,6 +764,9 @@ class TraceStream:
             rows, self._pending = [self._pending], None
             self._events(rows)
             self._flush()
+        if self._head_parts:
+            parts, self._head_parts = self._head_parts, []
+            self._unparsed("\\n".join(parts))
         if self._record is not None:
             # A sealed event whose seal never came (the stream was cut): not an event.
             record, self._record = self._record, None
@@ -824,7 +830,7 @@ class TraceStream:
         text = text.replace(trailer + "\n", SEALED + "\n")
         if text.endswith(trailer):
             text = text[:-len(trailer)] + SEALED
-        if self._record is None:
+        if self._record is None and not self._head_parts:
             rows: list[Row] = (_ASCII_LINES_RE if text.isascii() else _LINES_RE).findall(text)
             if all(map(_PID, rows)):
                 names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
@@ -892,20 +898,42 @@ class TraceStream:
                 continue
             if not line:
                 continue
-            if line.startswith(prefix) or (line.startswith("CPU:") and _LOSS_RE.match(line)):
-                flush()
-                self._other(line)
-                fold = False
-                continue
-            if line == LINE_TOO_BIG:
-                # The kernel's own stand-in for an event longer than its print buffer.
-                flush()
-                self._overlong()
-                fold = False
-                continue
-            m = _LINE_RE.match(line)
+            parts = self._head_parts
+            head_lines = [line]
+            m = None
+            if parts:
+                # The lines before were the start of a comm with a newline in it: is the head whole now?
+                m = _RECORD_RE.match("\n".join([*parts, line]))
+                if m is not None:
+                    head_lines = [*parts, line]
+                    self._head_parts = []
+                elif len(line.encode("utf-8", "replace")) + sum(map(len, parts)) + len(parts) <= MAX_COMM_PART:
+                    parts.append(line)
+                    continue
+                else:
+                    self._head_parts = []
+                    flush()
+                    self._unparsed("\\n".join(parts))
+            if m is None:
+                if line.startswith(prefix) or (line.startswith("CPU:") and _LOSS_RE.match(line)):
+                    flush()
+                    self._other(line)
+                    fold = False
+                    continue
+                if line == LINE_TOO_BIG:
+                    # The kernel's own stand-in for an event longer than its print buffer.
+                    flush()
+                    self._overlong()
+                    fold = False
+                    continue
+                m = _LINE_RE.match(line)
             if m is not None:
                 comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
+                if len(head_lines) > 1:
+                    # The printed comm is the pid's last saved one: a user's prctl(PR_SET_NAME) may have
+                    # put a newline in it, whatever the event's own filter said of the comm then.
+                    comm = comm.replace("\n", "\\n")
+                    self.stats.multiline += 1
                 name = split_event(ev_text)[0]
                 ends = ev_text.endswith(SEALED)
                 if name in sealed:
@@ -913,7 +941,10 @@ class TraceStream:
                         rows.append((comm, pid_s, cpu_s, ts_s, ev_text))
                         names.append(name)
                     else:
-                        self._record, self._record_len = [line], len(line)
+                        self._record = head_lines
+                        self._record_len = sum(map(len, head_lines)) + len(head_lines)
+                        if len(head_lines) > 1:
+                            self.stats.multiline -= 1      # counted once, when the record is whole
                     fold = False
                 elif ends:
                     # The seal ends only sealed events' lines.
@@ -936,8 +967,8 @@ class TraceStream:
                     folded = True
                 continue
             if len(line.encode("utf-8", "replace")) <= MAX_COMM_PART and not line.endswith(SEALED):
-                # The start of a comm with a newline in it: its record's head is on a later line.
-                self._record, self._record_len = [line], len(line)
+                # The start of a comm with a newline in it: its head goes on on the next line(s).
+                self._head_parts = [line]
                 continue
             flush()
             self._unparsed(line.replace(SEALED, ""))

@@ -97,16 +97,21 @@ def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path])
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_a_users_file_name_cannot_speak_for_the_runner(sim: SimFleet, tmp_path: Path, run_id: str,
                                                        hostile_dir: Path) -> None:
-    """uid 65534 execs 'x\\n@@fp error ...': the honest host stays ok, the line stays in that event's text."""
+    """uid 65534 execs 'x\\n@@fp error ...': the honest host stays ok; the exec is kept out by the
+    newline guard and counted, and the process's comm (the name's first 15 bytes, newline and all,
+    printed at the head of its later events) stays that event's comm."""
     forged = plant(hostile_dir, "x\n@@fp error forged-by-a-user\n@@fp unclean instance forged")
     host = run_with_user(sim, tmp_path, run_id, [forged])
     assert host["_rc"] == 0, host
     assert host["status"] == "ok" and "forged" not in str(host["evidence"]) + str(host["reason"]), host
     assert host["cleanup"] == "clean", host
-    assert host["multiline_events"] >= 1 and host["unparsed_lines"] == 0, host
-    events = (tmp_path / "events.jsonl").read_text()
-    # The forged lines are in the exec event that printed them, newlines escaped.
-    assert "forged-by-a-user" in events and "x\\\\n@@fp error forged-by-a-user" in events
+    assert host["framing"] == {"exec": "guarded"} and not host["forgeable"], host
+    # The user exec'd it ~every 50 ms for 3 s: each exec is counted by the guard instance.
+    assert host["guarded_out"] >= 10 and not host["guard_uncounted"], host
+    assert host["unparsed_lines"] == 0 and host["unattributed_lines"] == 0, host
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if "forged-by-a-user" in json.dumps(e)]
+    assert "x\\n@@fp error fo" in {e["comm"] for e in events}, {e["comm"] for e in events}
 
 
 FORGED_EVENT = ("            sshd-1       [000] ..... 1.000000: sched_process_exec: filename=/usr/sbin/backdoor "
@@ -114,9 +119,6 @@ FORGED_EVENT = ("            sshd-1       [000] ..... 1.000000: sched_process_ex
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
-@pytest.mark.xfail(strict=True, reason="issue 11 #2: a whole trace header inside a file name is "
-                   "still an event; needs a secret trailer the kernel prints after every user string "
-                   "(a last fetcharg \\\"SECRET\" on kprobes/uprobes, an eprobe over each tracepoint)")
 def test_a_users_file_name_cannot_forge_a_whole_event(sim: SimFleet, tmp_path: Path, run_id: str,
                                                       hostile_dir: Path) -> None:
     """A file name that holds a whole trace line forges no 'pid 1 sshd ran /usr/sbin/backdoor' event."""

@@ -195,6 +195,10 @@ hist_sweep() {
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
   _g=$1; _i=$2
+  # The group's events may be enabled in its guard instance too (see QI): disabled everywhere first.
+  if [ -n "$_g" ]; then
+    for _x in "$T/instances/$_g"_*; do [ -d "$_x" ] && echo 0 > "$_x/events/enable" 2>/dev/null; done
+  fi
   if [ -n "$_i" ] && [ -d "$T/instances/$_i" ]; then
     echo 0 > "$T/instances/$_i/events/enable" 2>/dev/null
     for _e in "$T/instances/$_i"/events/*/*/enable; do
@@ -418,6 +422,9 @@ watchdog() {
   _s=$!
   wait "$_s"
   unload_modules "$MODS"
+  # Its guard instance, if the run made one (QI is set after this subshell started).
+  _qi="${I%_*}_$((${I##*_} + 1))"
+  [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
   [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null || exit 0
   teardown_group "$G" "$I"; remove_module_dirs "$G"
   echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
@@ -459,6 +466,8 @@ while IFS= read -r line <&3; do
       # fds (a fork per fd: seconds on a busy host), which stays the fallback.
       kill_own "$OWNK"
       if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
+      _qi="${I%_*}_$((${I##*_} + 1))"
+      [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
       teardown_group "$G" "$I"
       remove_module_dirs "$G"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
@@ -499,6 +508,15 @@ WD=$!
 
 mkdir "$T/instances/$I" || { say "error cannot create instance $I"; release; kill "$WD"; exit 3; }
 [ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
+# The guard instance: the events a newline guard keeps out of ours go here, never read, only
+# counted at the end (entries + overrun per CPU), so that a user cannot hide an exec behind a
+# newline unseen. Named as ours with the deadline one second later: sweeps know it as the run's.
+QI=
+if [ -n "$(printf '%s\n' "$PLAN" | sed -n 's/^guard //p')" ]; then
+  QI="${I%_*}_$((${I##*_} + 1))"
+  if mkdir "$T/instances/$QI" 2>/dev/null; then echo 8 > "$T/instances/$QI/buffer_size_kb" 2>/dev/null
+  else say "guardcount none :: cannot create instance $QI"; QI=; fi
+fi
 # A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
 grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
 # Before any module loads: its "planted" or "failed" line must not be missed.
@@ -650,6 +668,13 @@ EOF_GUARDS
       say "ownfilter $ev :: $_why"
     fi
   fi
+  if [ -n "$_gx" ] && [ -n "$QI" ]; then
+    # What the guard keeps out, counted: the same event, the playbook's filter, the guard turned round.
+    if ! { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$QI/events/$ev/filter"; } 2>/dev/null ||
+       ! { echo 1 > "$T/instances/$QI/events/$ev/enable"; } 2>/dev/null; then
+      say "guardcount none :: $ev"
+    fi
+  fi
 done
 for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
   # { } 2>/dev/null: a failed redirection reports on stderr before a trailing 2>/dev/null applies (dash).
@@ -689,6 +714,7 @@ done
 # ---- teardown ----------------------------------------------------------------------------
 # Disabled first: what we do from here on (date, grep, sed ...) is nobody's event.
 echo 0 > "$T/instances/$I/events/enable" 2>/dev/null
+[ -n "$QI" ] && echo 0 > "$T/instances/$QI/events/enable" 2>/dev/null
 # A watchdog that is gone has removed (or is removing) our probes: what follows is partial.
 kill -0 "$WD" 2>/dev/null || WD_GONE=1
 kill "$TIMER" 2>/dev/null
@@ -710,14 +736,26 @@ say "stopping $STOP"
 [ -n "$WD_GONE" ] || kill -0 "$WD" 2>/dev/null || WD_GONE=1
 [ -n "$WD_GONE" ] && say "watchdog-fired"
 snapshot end
+if [ -n "$QI" ]; then
+  _gn=0
+  for _s in "$T/instances/$QI"/per_cpu/cpu*/stats; do
+    [ -f "$_s" ] || continue
+    while IFS=: read -r _k _v; do
+      case $_k in entries|overrun) _gn=$((_gn + ${_v:-0}));; esac
+    done < "$_s"
+  done
+  say "guardcount $_gn"
+fi
 release
 [ -z "$HIST_NONE" ] && hist_read
 hold
+[ -n "$QI" ] && teardown_group "" "$QI"
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
 remove_module_dirs "$G"    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
+[ -n "$QI" ] && [ -d "$T/instances/$QI" ] && left="$left guard-instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
 for m in $LOADED; do grep -q "^$m " /proc/modules && left="$left module:$m"; done
 kill "$WD" 2>/dev/null
