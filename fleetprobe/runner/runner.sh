@@ -528,7 +528,8 @@ while IFS= read -r line; do
   case $kind in
     def)
       f=${rest%% *}; d=${rest#* }
-      if err=$(echo "$d" 2>&1 >> "$T/$f"); then
+      # printf, not echo: dash's echo reads the seal's "\0x..." as an octal escape (a NUL).
+      if err=$(printf '%s\n' "$d" 2>&1 >> "$T/$f"); then
         say "placed $d"
       else
         why=$(tail -n 3 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')
