@@ -351,7 +351,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
                                  deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules,
                                  secret=secret)
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
-    splitter = MarkerSplitter() if modules else None
+    splitter = MarkerSplitter(secret) if modules else None
     kmsg = KmsgCollector(host, fr.run_id)
 
     def take_records(data: bytes) -> None:

@@ -45,6 +45,9 @@ trap 'STOP=${STOP:-stop-or-eof}' USR1
 # kernel prints file names raw, newlines included: without the secret a user who execs
 # "x\n@@fp error" would speak for us), "@@fp " before it (sweeps, teardowns: no trace stream).
 HOLD=; HELD=; PING_RX=; CP='@@fp '
+# Module records through trace_marker carry the secret too ("fpk:<secret> <record>"): a user's
+# string holding "tracing_mark_write: fpk ..." (a run's modules are named in /proc/modules) is no record.
+KS=
 say() {
   if [ -n "$HOLD" ]; then HELD="$HELD$CP$*
 "; else printf '%s%s\n' "$CP" "$*" 2>/dev/null; fi
@@ -330,8 +333,8 @@ kmsg_read() {
     fi
     _last=$_s
     case $_t in
-      "$KRUN"*) printf 'fpk %s\n' "$_l" >&4;;
-      *) printf 'fpk %s;\n' "$_h" >&4;;
+      "$KRUN"*) printf 'fpk%s %s\n' "$KS" "$_l" >&4;;
+      *) printf 'fpk%s %s;\n' "$KS" "$_h" >&4;;
     esac
     case $_t in "$KRUN"'probe=- ev=end inst='"$I") exit 0;; esac
   done
@@ -449,7 +452,7 @@ while IFS= read -r line <&3; do
   case $1 in
     go) GO=1; break;;
     # Hex only: it goes into a sed replacement (hist_read) and must never need quoting.
-    secret) case $2 in ''|*[!0-9a-f]*) say "error secret must be hex"; exit 2;; esac; CP="@@fp:$2 ";;
+    secret) case $2 in ''|*[!0-9a-f]*) say "error secret must be hex"; exit 2;; esac; CP="@@fp:$2 "; KS=":$2";;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
     own) shift; OWNK="$*";;
