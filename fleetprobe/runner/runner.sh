@@ -656,23 +656,24 @@ EOF_FILTERS
 $GUARDS
 EOF_GUARDS
   _ff="$T/instances/$I/events/$ev/filter"
+  _gok=$_gx
   if ! { echo "${_u:+($_u) && }${_gx:+$_gx && }$_own" > "$_ff"; } 2>/dev/null; then
     _why=$(sed -n 's/^parse_error: //p' "$_ff" 2>/dev/null)
     if [ -n "$_gx" ] && { echo "${_u:+($_u) && }$_own" > "$_ff"; } 2>/dev/null; then
       # Without the guard the kernel takes it: the controller must treat the host's lines as forgeable.
-      say "unguarded $ev :: $_why"
+      say "unguarded $ev :: $_why"; _gok=
     else
       # A refused filter leaves the event unfiltered: put the playbook's own back, with the guard
       # if it can (the controller then drops our pids' events itself and counts them).
       if [ -n "$_gx" ] && { echo "${_u:+($_u) && }$_gx" > "$_ff"; } 2>/dev/null; then :
       else
-        [ -n "$_gx" ] && say "unguarded $ev :: $_why"
+        [ -n "$_gx" ] && say "unguarded $ev :: $_why"; _gok=
         if [ -n "$_u" ]; then { echo "$_u" > "$_ff"; } 2>/dev/null; else { echo 0 > "$_ff"; } 2>/dev/null; fi
       fi
       say "ownfilter $ev :: $_why"
     fi
   fi
-  if [ -n "$_gx" ] && [ -n "$QI" ]; then
+  if [ -n "$_gok" ] && [ -n "$QI" ]; then
     # What the guard keeps out, counted: the same event, the playbook's filter, the guard turned round.
     if ! { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$QI/events/$ev/filter"; } 2>/dev/null ||
        ! { echo 1 > "$T/instances/$QI/events/$ev/enable"; } 2>/dev/null; then
