@@ -32,7 +32,7 @@ from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
 from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
-from .plan import HostPlan, new_run_id, new_seal, plan_host, with_later_deadline
+from .plan import HostPlan, host_framing, new_run_id, new_seal, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
 from .session import Session, put_private
@@ -327,6 +327,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         report.handle(text)
         if text.startswith(("started", "stopping")) and len(window) < 2:
             window.append(time.time())
+        if text.startswith("unguarded"):
+            # Its lines may go on over several: fold them into it (the host is reported forgeable).
+            event = text.partition(" ")[2].partition(" :: ")[0]
+            parser.add_unframed(p.trace_name for p in plan.probes if p.event == event)
         if text.startswith("ownfilter") and report.own_pids:
             # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
             parser.exclude_pids(set(report.own_pids))
@@ -486,24 +490,13 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     out.unattributed_examples = list(parser.stats.unknown_examples)
     out.own_pids, out.own_unfiltered = list(report.own_pids), dict(report.own_unfiltered)
     out.own_events = parser.stats.own_events
-    out.framing = {p.name: p.framing for p in plan.probes if p.kind != "module"}
+    out.framing, out.forgeable = host_framing(plan, report.unguarded)
+    if out.forgeable:
+        out.unverified_events = counter.accepted
     out.guarded_out = report.guarded_out if report.guarded_out is not None else 0
     out.guard_uncounted = list(report.guard_uncounted)
     if report.guarded_out is None and any(p.framing.startswith("guarded") for p in plan.probes) and report.started:
         out.guard_uncounted.append("the runner did not say")
-    unframed = plan.unframed()
-    for p in plan.probes:
-        why = report.unguarded.get(p.event)
-        if why is not None and p.kind != "module":
-            out.framing[p.name] = f"unframed: the kernel refused its newline guard ({why})"
-            unframed[p.name] = out.framing[p.name]
-    if unframed:
-        # One probe whose lines a user's text can continue is enough: after its line, any line
-        # (a whole event of another probe too) may be a user's.
-        out.forgeable = ("a user's text in " + ", ".join(f"{k} ({v.partition(': ')[2] or v})"
-                                                          for k, v in sorted(unframed.items()))
-                         + " can forge whole events of any probe on this host")
-        out.unverified_events = counter.accepted
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:

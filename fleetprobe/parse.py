@@ -693,6 +693,10 @@ class TraceStream:
         # bytes in all: the printed comm field), waiting for the rest of their head.
         self._head_parts: list[str] = []
 
+    def add_unframed(self, names: Iterable[str]) -> None:
+        """Take these trace names as unframed from now on (their guard was refused on the host)."""
+        self._unframed = self._unframed | frozenset(names)
+
     def exclude_pids(self, pids: frozenset[int] | set[int]) -> None:
         """Drop (and count in ``stats.own_events``) the events of these pids from now on.
 

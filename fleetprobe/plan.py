@@ -111,6 +111,26 @@ class HostPlan:
                 for p in self.probes if p.kind != "module" and not p.framing.startswith(("sealed", "guarded"))}
 
 
+def host_framing(plan: HostPlan, unguarded: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """Each placed tracefs probe's framing as it ran, and why the host's events could be forged ('' if not).
+
+    ``unguarded``: {event: why} for the guards the host's kernel refused (the runner says so).
+    One probe whose lines a user's text can continue is enough to make every line after one of its
+    events suspect, whatever probe it names: the whole host is then forgeable.
+    """
+    framing = {p.name: p.framing for p in plan.probes if p.kind != "module"}
+    unframed = plan.unframed()
+    for p in plan.probes:
+        why = unguarded.get(p.event)
+        if why is not None and p.kind != "module":
+            framing[p.name] = unframed[p.name] = f"unframed: the kernel refused its newline guard ({why})"
+    if not unframed:
+        return framing, ""
+    return framing, ("a user's text in " + ", ".join(f"{k} ({v.partition(': ')[2] or v})"
+                                                      for k, v in sorted(unframed.items()))
+                     + " can forge whole events of any probe on this host")
+
+
 #: Fetch-arg names of the seal: never a playbook's (playbook arg names must not start with "fp_").
 SEAL_NAMES = ("fpt", "fpu")
 

@@ -567,3 +567,32 @@ def test_tracepoints_are_guarded_on_their_string_fields_or_said_to_be_unframed()
     hp = plan_host(pb, bare, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets={}, seal=SEAL)
     assert set(hp.unframed()) == {"exec", "fork"}, hp.unframed()
     assert any("exec: unframed: the host did not say which of its fields are strings" in n for n in hp.notes)
+
+
+def test_one_unframed_probe_makes_the_host_forgeable_and_the_report_says_how_many() -> None:
+    """A guard the kernel refused (the runner's "unguarded") or a probe planned unframed: the host's
+    framing names it, the host is forgeable, and the caveat counts its events as unverified."""
+    from dataclasses import replace
+
+    from fleetprobe.caveats import host_caveats
+    from fleetprobe.facts import TracepointFormat
+    from fleetprobe.outcome import HostOutcome
+    from fleetprobe.plan import host_framing
+    fmt = TracepointFormat("sched_process_exec", 300, ("filename", "pid", "old_pid"), "",
+                           ("__data_loc char[] filename", "pid_t pid", "pid_t old_pid"))
+    f = replace(facts("x86_64-6.18-controller"), tracepoint_formats={"sched/sched_process_exec": fmt},
+                tracepoints={"sched/sched_process_exec": True, "sched/sched_process_fork": True})
+    pb = parse_playbook("name: tp\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+                        "  - name: fork\n    tracepoint: sched/sched_process_fork\n", "tp.yml")
+    hp = plan_host(pb, f, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets={}, seal=SEAL)
+    framing, why = host_framing(hp, {})
+    assert framing["exec"] == "guarded" and framing["fork"].startswith("unframed: the host did not say")
+    assert why.startswith("a user's text in fork (the host did not say") and "any probe" in why, why
+    framing, why = host_framing(hp, {"sched/sched_process_exec": "Expecting numeric field"})
+    assert framing["exec"] == "unframed: the kernel refused its newline guard (Expecting numeric field)"
+    assert "exec (the kernel refused its newline guard" in why, why
+    assert host_framing(replace(hp, probes=hp.probes[:1]), {}) == ({"exec": "guarded"}, "")
+    out = HostOutcome(host="h", forgeable=why, unverified_events=7, guarded_out=3)
+    said = host_caveats(out)
+    assert any(s.startswith("7 event(s) unverified: a user's text in") for s in said), said
+    assert any(s.startswith("3 event(s) kept out by the newline guard") for s in said), said
