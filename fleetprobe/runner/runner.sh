@@ -111,7 +111,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; GUARDS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -674,9 +674,11 @@ EOF_GUARDS
     fi
   fi
   if [ -n "$_gok" ] && [ -n "$QI" ]; then
-    # What the guard keeps out, counted: the same event, the playbook's filter, the guard turned round.
-    if ! { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$QI/events/$ev/filter"; } 2>/dev/null ||
-       ! { echo 1 > "$T/instances/$QI/events/$ev/enable"; } 2>/dev/null; then
+    # What the guard keeps out, counted: the same event, the playbook's filter, the guard turned round
+    # (enabled after all of ours: whoever waits for our events to be enabled counts enable files).
+    if { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$QI/events/$ev/filter"; } 2>/dev/null; then
+      QEV="$QEV $ev"
+    else
       say "guardcount none :: $ev"
     fi
   fi
@@ -690,6 +692,9 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
   else
     say "enablefail $ev"
   fi
+done
+for ev in $QEV; do
+  { echo 1 > "$T/instances/$QI/events/$ev/enable"; } 2>/dev/null || say "guardcount none :: $ev"
 done
 say "started enabled=$enabled modules=$_mods duration=$DUR triggers=$HIST_PLACED"
 # Heartbeats go through the trace buffer (so they never tear a trace line, as a direct write
