@@ -17,7 +17,7 @@ from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL
 from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.hist import AggPlan, plan_host_aggregates
-from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
+from fleetprobe.playbook import SEAL_ARG_NAMES, KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ def host_framing(plan: HostPlan, unguarded: Mapping[str, str]) -> tuple[dict[str
                      + " can forge whole events of any probe on this host")
 
 
-#: Fetch-arg names of the seal: never a playbook's (playbook arg names must not start with "fp_").
-SEAL_NAMES = ("fpt", "fpu")
+#: Fetch-arg names of the seal: never a playbook's (the playbook reader refuses them).
+SEAL_NAMES = SEAL_ARG_NAMES
 
 
 def new_seal() -> tuple[int, int]:
