@@ -157,9 +157,12 @@ def test_a_users_path_in_a_sealed_uprobe_stays_in_its_event(sim: SimFleet, tmp_p
     assert host["_rc"] == 0 and host["status"] == "ok", host
     assert host["framing"] == {"exec": "guarded", "bash_exec": "sealed"} and not host["forgeable"], host
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert not [e for e in events if e["pid"] == 1 or e["comm"] == "sshd"], [e for e in events if e["pid"] == 1][:3]
+    assert not [e for e in events if e["pid"] == 1], [e for e in events if e["pid"] == 1][:3]
     mine = [e for e in events if e["probe"] == "bash_exec" and "backdoor" in str(e["fields"].get("path"))]
     assert mine, "the user's sealed uprobe events were lost"
+    # Every event whose fields speak of the backdoor is one of the user's own, the forged lines inside
+    # it (its process is named 'backdoor"' by its file name; other sessions' sshd exec on this machine).
+    assert [e for e in events if "backdoor" in json.dumps(e["fields"])] == mine
     assert all(str(e["fields"]["path"]).startswith(str(hostile_dir)) and "y\\n" in e["fields"]["path"]
                for e in mine), mine[:2]
     assert host["multiline_events"] >= len(mine) and host["guarded_out"] >= 1, host
