@@ -1,6 +1,6 @@
 """Benchmark: parse + merge throughput of one host stream on one core, and peak RSS.
 
-    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs] [--events FILE] [--print FILE]
+    .venv/bin/python bench/ingest.py [--lines N] [--parse-only | --no-pairs] [--events FILE] [--print FILE] [--sealed]
 
 Generates a realistic trace_pipe stream (kprobe entry lines with a quoted path,
 kretprobe lines, sched tracepoints; 8% of comms contain spaces), feeds it to
@@ -38,8 +38,12 @@ NAMES = {"fp_ab12cd_0001_openat": "openat", "fp_ab12cd_0001_openat_ret": "openat
 PAIRS = {"openat_ret": "openat"}
 
 
-def generate_chunk(rng: random.Random, n: int, t0: float) -> tuple[bytes, float]:
-    """``n`` realistic trace_pipe lines as bytes, starting at trace time ``t0``."""
+#: With --sealed: the kprobe lines end with a run's seal (issue 11 #2), as the kernel prints it.
+SEAL = " fpt=0x89abcdef fpu=0x1234567"
+
+
+def generate_chunk(rng: random.Random, n: int, t0: float, seal: str = "") -> tuple[bytes, float]:
+    """``n`` realistic trace_pipe lines as bytes, starting at trace time ``t0``; kprobe lines end with ``seal``."""
     out = []
     t = t0
     for _ in range(n):
@@ -51,10 +55,10 @@ def generate_chunk(rng: random.Random, n: int, t0: float) -> tuple[bytes, float]
         k = rng.random()
         if k < 0.45:
             body = (f"fp_ab12cd_0001_openat: (do_sys_openat2+0x0/0x1a0) dfd=0xffffff9c "
-                    f'path="{rng.choice(PATHS)}" flags=0x{rng.choice((0, 0x80000, 0x241)):x}')
+                    f'path="{rng.choice(PATHS)}" flags=0x{rng.choice((0, 0x80000, 0x241)):x}{seal}')
         elif k < 0.90:
             body = (f"fp_ab12cd_0001_openat_ret: (do_sys_open+0x5c/0x90 <- do_sys_openat2) "
-                    f"ret={rng.choice((3, 4, 5, -2, -13))}")
+                    f"ret={rng.choice((3, 4, 5, -2, -13))}{seal}")
         elif k < 0.95:
             body = f"sched_process_exec: filename=/usr/bin/{rng.choice(COMMS)} pid={pid} old_pid={pid}"
         else:
@@ -73,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", metavar="FILE", help="also write raw events to FILE (JSON lines)")
     ap.add_argument("--print", metavar="FILE", dest="print_to",
                     help="also print event lines as --print does, to FILE")
+    ap.add_argument("--sealed", action="store_true",
+                    help="kprobe lines end with a seal and the stream is sealed (tracepoint lines guarded)")
     args = ap.parse_args(argv)
     rng = random.Random(1)
     # Pre-generate a pool of distinct chunks so generation is not measured.
     pool = []
     t = 100.0
     for _ in range(16):
-        data, t = generate_chunk(rng, 20_000, t)
+        data, t = generate_chunk(rng, 20_000, t, SEAL if args.sealed else "")
         pool.append(data)
     pool_lines = sum(d.count(b"\n") for d in pool)
     pool_bytes = sum(len(d) for d in pool)
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             hooks["on_batch"] = lambda batch: writer.write_batch("bench-host", batch, NAMES)
         else:
             hooks["on_event"] = writer.write
+    if args.sealed:
+        hooks.update(trailer=SEAL, sealed=["fp_ab12cd_0001_openat", "fp_ab12cd_0001_openat_ret"])
     stream = TraceStream("bench-host", NAMES, aggregate=None if args.parse_only else agg, clock=clock,
                          **hooks)  # type: ignore[arg-type]
     stream.feed(b"     fleetprobe-1 [000] ...1.    99.000000: tracing_mark_write: fpsync 1764120000.123456789\n")

@@ -35,6 +35,12 @@ def host_caveats(o: HostOutcome) -> list[str]:
     if why:
         example = (o.unattributed_examples or [""])[0]
         out.append(why + (f", e.g. {example.strip()!r}" if example else ""))
+    if o.forgeable:
+        out.append(f"{o.unverified_events} event(s) unverified: {o.forgeable}")
+    if o.guarded_out or o.guard_uncounted:
+        out.append(f"{o.guarded_out} event(s) kept out by the newline guard: a string or the process name "
+                   "held a newline (a user forging trace lines, or an odd name)"
+                   + (f"; not all counted ({'; '.join(o.guard_uncounted)})" if o.guard_uncounted else ""))
     if o.own_events:
         out.append(f"{o.own_events} event(s) from fleetprobe's own processes left out")
     if o.own_unfiltered:

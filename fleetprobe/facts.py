@@ -109,7 +109,9 @@ class Facts:
     /bin/sh because ``uname -m`` says ``mips64`` for both mips64 and mips64el.
     ``features`` holds what the tracefs README advertises: ``arg_n``
     (``$arg<N>``), ``ustring``, ``symstr``, ``return_suffix`` (``%return``),
-    ``user_deref`` (``+u<off>``), ``btf_args``, ``hist``, ``eprobe``.
+    ``user_deref`` (``+u<off>``), ``btf_args``, ``hist``, ``eprobe`` (listed in the README
+    whether or not the kernel has CONFIG_EPROBE_EVENTS: this machine's 6.18 lists ``e[`` and
+    refuses every ``e:`` definition), ``imm`` (``\\imm-value`` fetch args).
     ``oops_count``/``warn_count``: the kernel's counts when the facts were taken
     (None before Linux 6.2), the baseline of a run whose runner dies early.
     """
@@ -255,6 +257,10 @@ _README_FEATURES = {
     "eprobe": "e[:[<group>/][<event>]]",
     "fprobe": "f[:[<group>/][<event>]]",
     "comm": "$comm",
+    # Immediate fetch args (5.7+): a constant the kernel prints after every other argument of a
+    # kprobe or uprobe line (the run's seal, plan.seal_args). Not the immediate string: uprobes
+    # read it as user memory and print "(fault)" (seen on 6.18).
+    "imm": "\\imm-value",
     # Hist triggers and what they can do (see fleetprobe.hist): each is its own line in the README.
     "hist_log2": ".log2",
     "hist_buckets": ".buckets=",

@@ -899,7 +899,9 @@ def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: l
             continue
         plans.append(ap)
         if ap.extra_args and pp.definition:
-            pp = replace(pp, definition=f"{pp.definition} {' '.join(ap.extra_args)}",
+            # Before the run's seal when the definition has one: the seal must stay the last thing printed.
+            head, seal = _split_seal(pp.definition)
+            pp = replace(pp, definition=f"{head} {' '.join(ap.extra_args)}{seal}",
                          fields=pp.fields + tuple(a.split("=", 1)[0] for a in ap.extra_args))
         placed[spec.name] = replace(pp, stream=ap.stream)
     for name, _ in skipped:
@@ -910,6 +912,15 @@ def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: l
             if tp.mode == "stream" and tp.source_probe in placed:
                 placed[tp.source_probe] = replace(placed[tp.source_probe], stream=True)
     return [placed[p.name] for p in probes if p.name in placed], tuple(plans), skipped
+
+
+_SEAL_TAIL = re.compile(r"( fpt=\\0x[0-9a-f]+:x32 fpu=\\0x[0-9a-f]+:x32)$")
+
+
+def _split_seal(definition: str) -> tuple[str, str]:
+    """(definition without its trailing seal args, the seal args with their leading space or '')."""
+    m = _SEAL_TAIL.search(definition)
+    return (definition[:m.start()], m.group(1)) if m else (definition, "")
 
 
 def _probe_arg_types(spec: ProbeSpec) -> dict[str, str | None]:

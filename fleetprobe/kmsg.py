@@ -428,10 +428,12 @@ class MarkerSplitter:
     without a record (the usual case) costs one ``bytes.find``.
     """
 
-    def __init__(self) -> None:
-        """An empty splitter."""
+    def __init__(self, secret: str = "") -> None:
+        """An empty splitter; ``secret`` is the run's control secret, which the runner's records carry
+        (``fpk:<secret> <record>``): a line a user's string put in the stream cannot pass for one."""
         self._tail = b""
         self.records = 0
+        self.prefix = MARKER_PREFIX if not secret else MARKER_PREFIX[:-1] + f":{secret} ".encode()
 
     def feed(self, chunk: bytes) -> tuple[bytes, bytes]:
         """Split one chunk; a partial last line waits for the next chunk."""
@@ -447,16 +449,17 @@ class MarkerSplitter:
 
     def _split(self, data: bytes) -> tuple[bytes, bytes]:
         """Split whole lines into trace lines and records."""
-        if MARKER_PREFIX not in data:
+        prefix = self.prefix
+        if prefix not in data:
             return data, b""
         trace: list[bytes] = []
         kmsg: list[bytes] = []
         for line in data.splitlines(keepends=True):
-            at = line.find(MARKER_PREFIX)
+            at = line.find(prefix)
             if at < 0:
                 trace.append(line)
                 continue
-            record = line[at + len(MARKER_PREFIX):].rstrip(b"\r\n")
+            record = line[at + len(prefix):].rstrip(b"\r\n")
             kmsg.append(record + b"\n")
             self.records += 1
         return b"".join(trace), b"".join(kmsg)

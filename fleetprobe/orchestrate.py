@@ -33,7 +33,7 @@ from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
 from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
-from .plan import HostPlan, new_run_id, plan_host, with_later_deadline
+from .plan import HostPlan, host_framing, new_run_id, new_seal, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
 from .session import Session, put_private
@@ -157,8 +157,9 @@ async def _setup(fr: FleetRun, host: Host, out: HostOutcome) -> _SetUp | None:
                 obs.set_state(host.name, "planning")
                 offsets = await fr.elf_offsets.resolve(session, facts, fr.playbook.uprobe_targets())
                 deadline = s.deadline(offset, fr.duration)
+                # Per host and run, like the control lines' secret: the seal ends every line of a sealed probe.
                 plan = plan_host(fr.playbook, facts, run_id=fr.run_id, deadline=deadline, uprobe_offsets=offsets,
-                                 duration=fr.duration)
+                                 duration=fr.duration, seal=new_seal())
             except BaseException:
                 if runner is not None:
                     runner.stream.close()
@@ -346,6 +347,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
         if report.started and not was_started and probes_live is not None:
             # The runner says its probes are in place: the moment a user starts the workload.
             probes_live(host, report.enabled + report.triggers + len(report.loaded))
+        if text.startswith("unguarded"):
+            # Its lines may go on over several: fold them into it (the host is reported forgeable).
+            event = text.partition(" ")[2].partition(" :: ")[0]
+            parser.add_unframed(p.trace_name for p in plan.probes if p.event == event)
         if text.startswith("ownfilter") and report.own_pids:
             # The kernel would not keep fleetprobe's own pids out of an event: drop them here, counted.
             parser.exclude_pids(set(report.own_pids))
@@ -363,12 +368,14 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     secret = secrets.token_hex(16)
     parser = TraceStream(host, names, aggregate=counter, on_event=on_event if write and sink is None else None,
                          on_batch=on_batch if sink is not None else None, on_control=on_control, clock=clock,
-                         control_prefix=control_prefix(secret))
+                         control_prefix=control_prefix(secret), trailer=plan.trailer or None,
+                         sealed=[p.trace_name for p in plan.probes if p.framing == "sealed"],
+                         unframed=[p.trace_name for p in plan.probes if p.name in plan.unframed()])
     directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=plan.duration,
                                  deadline=plan.deadline, grace=s.grace, buffer_kb=s.buffer_kb, modules=modules,
                                  secret=secret)
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
-    splitter = MarkerSplitter() if modules else None
+    splitter = MarkerSplitter(secret) if modules else None
     kmsg = KmsgCollector(host, fr.run_id)
 
     def take_records(data: bytes) -> None:
@@ -511,6 +518,13 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     out.unattributed_examples = list(parser.stats.unknown_examples)
     out.own_pids, out.own_unfiltered = list(report.own_pids), dict(report.own_unfiltered)
     out.own_events = parser.stats.own_events
+    out.framing, out.forgeable = host_framing(plan, report.unguarded)
+    if out.forgeable:
+        out.unverified_events = counter.accepted
+    out.guarded_out = report.guarded_out if report.guarded_out is not None else 0
+    out.guard_uncounted = list(report.guard_uncounted)
+    if report.guarded_out is None and any(p.framing.startswith("guarded") for p in plan.probes) and report.started:
+        out.guard_uncounted.append("the runner did not say")
     out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes
                               if p.kind != "module" and _event_name(p) not in report.refused})
     for p in plan.probes:
@@ -741,7 +755,8 @@ async def plan_fleet(hosts: Iterable[Host], playbook: Playbook, settings: RunSet
                             hint="raise --setup-timeout for slow hosts or links") from None
         deadline = settings.deadline(offset, duration)
         return (HostFacts(host, facts, clock_offset=offset, clock_error=error),
-                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration))
+                plan_host(playbook, facts, run_id=run_id, deadline=deadline, uprobe_offsets=uo, duration=duration,
+                          seal=new_seal()))
 
     return await fan_out(hosts, settings, "plan", work, lambda host, exc: (HostFacts(host, error=exc), None),
                          observer)

@@ -128,6 +128,17 @@ class HostOutcome:
     own_pids: list[int] = field(default_factory=list)
     own_unfiltered: dict[str, str] = field(default_factory=dict)
     own_events: int = 0
+    #: How each placed tracefs probe's lines are framed against a user's text (plan.PlannedProbe.framing).
+    framing: dict[str, str] = field(default_factory=dict)
+    #: Why a user on this host could have forged events in its stream ('' when no one could):
+    #: then ``unverified_events`` counts this host's events, none of which is proven the kernel's.
+    forgeable: str = ""
+    unverified_events: int = 0
+    #: Events the newline guards kept out of the stream (a string or the comm held a newline: a user
+    #: who tried to forge lines, or a very odd name), as the kernel counted them; not in ``events``.
+    guarded_out: int = 0
+    #: Why some guarded-out events could not be counted (then ``guarded_out`` is a lower bound).
+    guard_uncounted: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -36,7 +36,7 @@ import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Protocol
@@ -403,6 +403,8 @@ MAX_UNKNOWN_NAMES = 64
 #: page-sized buffer (trace_seq, 8 KiB on 6.x); a line past this is a host's attack, not an event.
 MAX_LINE_BYTES = 256 * 1024
 MAX_UNPARSED_EXAMPLES = 5
+#: What the kernel prints instead of an event too long for its print buffer (tracing_read_pipe).
+LINE_TOO_BIG = "[LINE TOO BIG]"
 
 
 #: One event line as the kernel printed it: (comm, pid, cpu, timestamp, event text "name: args").
@@ -435,6 +437,9 @@ def split_event(text: str) -> tuple[str, str]:
         return sys.intern(name + "("), _syscall_enter_args(rest)
     if sep == " -> ":
         return sys.intern(name + " ->"), _syscall_exit_args(rest)
+    if rest.endswith(SEALED):
+        # A sealed line's seal, already cut to its sentinel by the stream (TraceStream._text_framed).
+        rest = rest[:-1]
     # Interned: a batch's names of one event are then one object (cheap == and dict lookups).
     return sys.intern(name), rest
 
@@ -488,6 +493,39 @@ class _EventNames(dict[str, str]):
         if len(self) >= EVENT_TEXT_CACHE:
             self.clear()
         name = self[text] = split_event(text)[0]
+        return name
+
+
+#: What a sealed line's seal becomes in the stream's text: NUL, which no kernel-printed text holds
+#: (strings and comms end at their NUL), so the line's end is one character to test, and C-speed
+#: ``str.replace`` marks a whole chunk's seals at once.
+SEALED = "\x00"
+#: The name a stream gives a line whose seal does not fit its event (a sealed probe's line without
+#: it, another line with it): such a chunk goes the slow way (records), never the fast one.
+_MISFRAMED = "\x00misframed"
+# A sealed record's head: as _HEAD, but the comm may hold newlines (a user's prctl(PR_SET_NAME)).
+_RECORD_RE = re.compile("(?s)" + _HEAD + r"([^: \n].*)")
+#: A comm is at most 15 bytes, printed right-aligned in 16: a line before a sealed record's head
+#: (the comm's part before its newline) is never longer.
+MAX_COMM_PART = 16
+
+
+class _SealedNames(_EventNames):
+    """_EventNames for a sealed stream: a text whose seal does not fit its event is named _MISFRAMED."""
+
+    def __init__(self, sealed: frozenset[str]) -> None:
+        """Remember which trace names are sealed."""
+        super().__init__()
+        self.sealed = sealed
+
+    def __missing__(self, text: str) -> str:
+        """Name a text not seen lately, checking its seal."""
+        if len(self) >= EVENT_TEXT_CACHE:
+            self.clear()
+        name = split_event(text)[0]
+        if (name in self.sealed) != text.endswith(SEALED):
+            name = _MISFRAMED
+        self[text] = name
         return name
 
 
@@ -582,12 +620,24 @@ class TraceStream:
                  on_marker: Callable[[Marker], None] | None = None,
                  on_loss: Callable[[Loss], None] | None = None,
                  clock: ClockLike | None = None,
-                 control_prefix: str = CONTROL_PREFIX) -> None:
+                 control_prefix: str = CONTROL_PREFIX,
+                 trailer: str | None = None,
+                 sealed: Iterable[str] = (),
+                 unframed: Iterable[str] = ()) -> None:
         """Set up a stream for ``host``; ``names`` maps trace event names to probe names.
 
         ``control_prefix`` starts the runner's own lines: ``@@fp:<secret> `` with the
         run's secret (see :func:`control_prefix`), so that no text the kernel prints
         (a file name a user chose) can pass for one.
+
+        ``trailer`` (the run's seal as the kernel prints it, :func:`fleetprobe.plan.seal_trailer`)
+        frames the stream (issue 11 #2): a line of a ``sealed`` trace name is whole only where
+        it ends with the trailer, whatever newlines and trace lines a user's string held before
+        it; every other line (guarded events, markers, control and loss lines) is whole at its
+        newline, and stands at a record boundary, so its head is the kernel's. ``unframed``
+        names (neither sealed nor guarded) may go on over several lines: their continuation
+        is folded in, and any line after them could be a user's (the report says so).
+        Without ``trailer``, lines are framed as before (:meth:`_text`).
         """
         self.host = host
         self.control_prefix = control_prefix
@@ -629,6 +679,23 @@ class TraceStream:
         self._intercept = 0.0
         self._synced = False
         self._sync()
+        self._trailer = trailer or None
+        self._sealed = frozenset(sealed)
+        self._unframed = frozenset(unframed)
+        if self._trailer is not None:
+            self._event_names = _SealedNames(self._sealed)
+        # A sealed record not ended yet (its lines so far), its length, and whether it is being
+        # dropped for its length (then only its seal is waited for).
+        self._record: list[str] | None = None
+        self._record_len = 0
+        self._record_drop = False
+        # Lines at a record boundary that may be the start of a comm holding a newline (at most 16
+        # bytes in all: the printed comm field), waiting for the rest of their head.
+        self._head_parts: list[str] = []
+
+    def add_unframed(self, names: Iterable[str]) -> None:
+        """Take these trace names as unframed from now on (their guard was refused on the host)."""
+        self._unframed = self._unframed | frozenset(names)
 
     def exclude_pids(self, pids: frozenset[int] | set[int]) -> None:
         """Drop (and count in ``stats.own_events``) the events of these pids from now on.
@@ -701,6 +768,17 @@ class TraceStream:
             rows, self._pending = [self._pending], None
             self._events(rows)
             self._flush()
+        if self._head_parts:
+            parts, self._head_parts = self._head_parts, []
+            self._unparsed("\\n".join(parts))
+        if self._record is not None:
+            # A sealed event whose seal never came (the stream was cut): not an event.
+            record, self._record = self._record, None
+            if self._record_drop:
+                self._record_drop = False
+                self._overlong()
+            else:
+                self._unparsed("\\n".join(record).replace(SEALED, ""))
 
     def _sync(self) -> None:
         """Refresh the cached linear map from trace time to controller time."""
@@ -715,6 +793,9 @@ class TraceStream:
         the next text, whose first lines may continue it; not our own clock and heartbeat
         markers (no user's text is in them, and the heartbeat judge must see them at once).
         """
+        if self._trailer is not None:
+            self._text_framed(text)
+            return
         rows: list[Row] = (_ASCII_LINES_RE if text.isascii() else _LINES_RE).findall(text)
         joined = False
         if self._pending is not None:
@@ -737,6 +818,183 @@ class TraceStream:
                 start = i + 1
             self._events(rows[start:])
         self._flush()
+
+    def _text_framed(self, text: str) -> None:
+        """Whole lines of a sealed stream: one findall where every line is whole, else record by record.
+
+        Each seal is first cut to the sentinel :data:`SEALED` (NUL: a NUL the host sent becomes
+        U+FFFD first), one ``str.replace`` per chunk. A chunk whose lines are all trace heads,
+        each sealed exactly where its event is (:class:`_SealedNames`), is taken as it is: the
+        common case, at about the cost of an unsealed one.
+        """
+        if SEALED in text:
+            text = text.replace(SEALED, "\ufffd")
+        trailer = self._trailer
+        assert trailer is not None
+        text = text.replace(trailer + "\n", SEALED + "\n")
+        if text.endswith(trailer):
+            text = text[:-len(trailer)] + SEALED
+        if self._record is None and not self._head_parts:
+            rows: list[Row] = (_ASCII_LINES_RE if text.isascii() else _LINES_RE).findall(text)
+            if all(map(_PID, rows)):
+                names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
+                if _MISFRAMED not in names and not (len(text) > MAX_LINE_BYTES
+                                                     and any(len(row[4]) > MAX_LINE_BYTES for row in rows)):
+                    self._events(rows, names)
+                    self._flush()
+                    return
+        self._lines_framed(text.split("\n"))
+        self._flush()
+
+    def _lines_framed(self, lines: list[str]) -> None:
+        """The slow path of :meth:`_text_framed`: lines in order, sealed records put together.
+
+        At a record boundary a line is a control or loss line, a trace head (the kernel's: the
+        line before it ended an event), or the first part of a comm that holds a newline. A
+        sealed event's record runs to the line that ends with its seal; everything in between
+        (newlines, whole trace lines, control-looking text a user chose) is that event's text,
+        newlines escaped as ``\\n``. A guarded event's line is whole. An unframed event's
+        continuation lines are folded into it, as before.
+        """
+        rows: list[Row] = []
+        names: list[str] = []
+        prefix = self.control_prefix
+        sealed = self._sealed
+        fold = False          # the last row is an unframed event that a non-head line continues
+        folded = False        # ... and it was already continued (counted once in multiline)
+
+        def flush() -> None:
+            nonlocal rows, names
+            if rows:
+                self._events(rows, names)
+                rows, names = [], []
+
+        for line in lines:
+            record = self._record
+            if record is not None:
+                if line.startswith(prefix):
+                    # The runner's own line (only its secret starts one), between two reads of a long line.
+                    flush()
+                    self._other(line)
+                    continue
+                self._record_len += len(line) + 1
+                if not self._record_drop:
+                    if self._record_len > MAX_LINE_BYTES:
+                        self._record_drop = True
+                        record.clear()
+                    else:
+                        record.append(line)
+                if not line.endswith(SEALED):
+                    continue
+                self._record = None
+                if self._record_drop:
+                    self._record_drop = False
+                    self._overlong()
+                    continue
+                got = self._sealed_record(record)
+                if got is None:
+                    flush()
+                    self._unparsed("\\n".join(record).replace(SEALED, ""))
+                else:
+                    rows.append(got[0])
+                    names.append(got[1])
+                fold = False
+                continue
+            if not line:
+                continue
+            parts = self._head_parts
+            head_lines = [line]
+            m = None
+            if parts:
+                # The lines before were the start of a comm with a newline in it: is the head whole now?
+                m = _RECORD_RE.match("\n".join([*parts, line]))
+                if m is not None:
+                    head_lines = [*parts, line]
+                    self._head_parts = []
+                elif len(line.encode("utf-8", "replace")) + sum(map(len, parts)) + len(parts) <= MAX_COMM_PART:
+                    parts.append(line)
+                    continue
+                else:
+                    self._head_parts = []
+                    flush()
+                    self._unparsed("\\n".join(parts))
+            if m is None:
+                if line.startswith(prefix) or (line.startswith("CPU:") and _LOSS_RE.match(line)):
+                    flush()
+                    self._other(line)
+                    fold = False
+                    continue
+                if line == LINE_TOO_BIG:
+                    # The kernel's own stand-in for an event longer than its print buffer.
+                    flush()
+                    self._overlong()
+                    fold = False
+                    continue
+                m = _LINE_RE.match(line)
+            if m is not None:
+                comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
+                if len(head_lines) > 1:
+                    # The printed comm is the pid's last saved one: a user's prctl(PR_SET_NAME) may have
+                    # put a newline in it, whatever the event's own filter said of the comm then.
+                    comm = comm.replace("\n", "\\n")
+                    self.stats.multiline += 1
+                name = split_event(ev_text)[0]
+                ends = ev_text.endswith(SEALED)
+                if name in sealed:
+                    if ends:
+                        rows.append((comm, pid_s, cpu_s, ts_s, ev_text))
+                        names.append(name)
+                    else:
+                        self._record = head_lines
+                        self._record_len = sum(map(len, head_lines)) + len(head_lines)
+                        if len(head_lines) > 1:
+                            self.stats.multiline -= 1      # counted once, when the record is whole
+                    fold = False
+                elif ends:
+                    # The seal ends only sealed events' lines.
+                    flush()
+                    self._unparsed(line.replace(SEALED, ""))
+                    fold = False
+                else:
+                    rows.append((comm, pid_s, cpu_s, ts_s, ev_text))
+                    names.append(name)
+                    fold, folded = name in self._unframed, False
+                continue
+            if fold and rows:
+                comm, pid_s, cpu_s, ts_s, ev_text = rows[-1]
+                if len(ev_text) + len(line) > MAX_LINE_BYTES:
+                    self._overlong()
+                    continue
+                rows[-1] = (comm, pid_s, cpu_s, ts_s, ev_text + "\\n" + line)
+                if not folded:
+                    self.stats.multiline += 1
+                    folded = True
+                continue
+            if len(line.encode("utf-8", "replace")) <= MAX_COMM_PART and not line.endswith(SEALED):
+                # The start of a comm with a newline in it: its head goes on on the next line(s).
+                self._head_parts = [line]
+                continue
+            flush()
+            self._unparsed(line.replace(SEALED, ""))
+            fold = False
+        flush()
+
+    def _sealed_record(self, record: list[str]) -> tuple[Row, str] | None:
+        """A sealed record's lines (the last one sealed) as one row and its name, or None if it is no event.
+
+        Its head is where the record starts (the kernel's); whatever the lines after it hold
+        is the event's text, newlines escaped.
+        """
+        m = _RECORD_RE.match("\n".join(record))
+        if m is None:
+            return None
+        comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
+        name = split_event(ev_text.replace("\n", "\\n"))[0]
+        if name not in self._sealed or not ev_text.endswith(SEALED):
+            return None
+        if len(record) > 1:
+            self.stats.multiline += 1
+        return (comm.replace("\n", "\\n"), pid_s, cpu_s, ts_s, ev_text.replace("\n", "\\n")), name
 
     def _capped(self, rows: list[Row]) -> list[Row]:
         """Rows without the ones whose text is longer than the line cap (counted)."""
@@ -786,8 +1044,11 @@ class TraceStream:
                 joined = True
         return out, joined and last == len(out) - 1
 
-    def _events(self, rows: list[Row]) -> None:
-        """A run of event lines: the run's own events join the batch; markers and others' events are counted."""
+    def _events(self, rows: list[Row], row_names: list[str] | None = None) -> None:
+        """A run of event lines: the run's own events join the batch; markers and others' events are counted.
+
+        ``row_names``: the rows' trace names, when the caller has them already.
+        """
         if not rows:
             return
         stats = self.stats
@@ -795,7 +1056,8 @@ class TraceStream:
         last = float(rows[-1][3])
         if last > self.last_trace_ts:
             self.last_trace_ts = last
-        row_names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
+        if row_names is None:
+            row_names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
         counts = Counter(row_names)
         known = self.names
         own = self._own

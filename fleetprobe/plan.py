@@ -17,7 +17,7 @@ from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL
 from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.hist import AggPlan, plan_host_aggregates
-from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
+from fleetprobe.playbook import SEAL_ARG_NAMES, KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,15 @@ class PlannedProbe:
     #: False when the kernel aggregates every table of this probe: its event is not enabled for
     #: streaming (its hist triggers alone run it).
     stream: bool = True
+    #: How a user's text in this probe's lines is kept from passing for other lines (issue 11 #2):
+    #: ``sealed`` (the definition ends with the run's seal, which the kernel prints after every
+    #: string, so a line is whole only at the seal), ``guarded`` (the event's filter keeps every
+    #: event whose strings or comm hold a newline out of the ring buffer: each line is whole),
+    #: or ``unframed`` (neither: a user's string can forge lines; the report says so).
+    #: Empty for modules (their lines come through the kernel log, which escapes newlines).
+    framing: str = ""
+    #: ``guarded``: the string fields the guard filter covers (the task's comm always).
+    guard: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,62 @@ class HostPlan:
     deadline: int = 0
     #: In-kernel aggregation (hist triggers) or its controller-side fallback, per aggregating probe.
     aggregates: tuple[AggPlan, ...] = ()
+    #: The run's seal on this host (two 32-bit secrets, see :func:`seal_args`), or None.
+    seal: tuple[int, int] | None = None
+
+    @property
+    def trailer(self) -> str:
+        """What the kernel prints at the end of every line of a sealed probe ('' without a seal)."""
+        return seal_trailer(self.seal) if self.seal is not None else ""
+
+    def unframed(self) -> dict[str, str]:
+        """{probe: why} for the placed tracefs probes whose lines a user's text could forge."""
+        return {p.name: p.framing.partition(": ")[2] or "no framing"
+                for p in self.probes if p.kind != "module" and not p.framing.startswith(("sealed", "guarded"))}
+
+
+def host_framing(plan: HostPlan, unguarded: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """Each placed tracefs probe's framing as it ran, and why the host's events could be forged ('' if not).
+
+    ``unguarded``: {event: why} for the guards the host's kernel refused (the runner says so).
+    One probe whose lines a user's text can continue is enough to make every line after one of its
+    events suspect, whatever probe it names: the whole host is then forgeable.
+    """
+    framing = {p.name: p.framing for p in plan.probes if p.kind != "module"}
+    unframed = plan.unframed()
+    for p in plan.probes:
+        why = unguarded.get(p.event)
+        if why is not None and p.kind != "module":
+            framing[p.name] = unframed[p.name] = f"unframed: the kernel refused its newline guard ({why})"
+    if not unframed:
+        return framing, ""
+    return framing, ("a user's text in " + ", ".join(f"{k} ({v.partition(': ')[2] or v})"
+                                                      for k, v in sorted(unframed.items()))
+                     + " can forge whole events of any probe on this host")
+
+
+#: Fetch-arg names of the seal: never a playbook's (the playbook reader refuses them).
+SEAL_NAMES = SEAL_ARG_NAMES
+
+
+def new_seal() -> tuple[int, int]:
+    """A fresh seal: 64 random bits as two 32-bit immediates (a 32-bit kernel's ``\\imm`` is 32 bits)."""
+    return secrets.randbits(32), secrets.randbits(32)
+
+
+def seal_args(seal: tuple[int, int]) -> str:
+    """The fetch args that end a sealed definition: ``fpt=\\0x...:x32 fpu=\\0x...:x32``.
+
+    Immediates, not an immediate string: on 6.18 a uprobe reads ``\\"..."`` as user memory and
+    prints ``(fault)``. A user on the host cannot read the definitions (tracefs is root's), so
+    cannot print the seal; the kernel prints it after every other argument, strings included.
+    """
+    return " ".join(f"{n}=\\{v:#x}:x32" for n, v in zip(SEAL_NAMES, seal))
+
+
+def seal_trailer(seal: tuple[int, int]) -> str:
+    """How the kernel prints :func:`seal_args` (``" fpt=0x%x fpu=0x%x"``): the end of every sealed line."""
+    return "".join(f" {n}={v:#x}" for n, v in zip(SEAL_NAMES, seal))
 
 
 # --- names -----------------------------------------------------------------
@@ -251,12 +316,15 @@ class _Lowering:
 # --- planning --------------------------------------------------------------
 
 def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
-              uprobe_offsets: Mapping[tuple[str, str], int | str], duration: float | None = None) -> HostPlan:
+              uprobe_offsets: Mapping[tuple[str, str], int | str], duration: float | None = None,
+              seal: tuple[int, int] | None = None) -> HostPlan:
     """Decide exactly what to place on one host: a pure function of (playbook, facts).
 
     ``uprobe_offsets`` maps (path, symbol) to the symbol's file offset in this
     host's binary, or to a reason it could not be resolved.  ``duration`` defaults to the
-    playbook's (the CLI's ``--duration`` overrides it).
+    playbook's (the CLI's ``--duration`` overrides it). ``seal`` (:func:`new_seal`) seals the
+    dynamic probes' lines where the kernel has immediate fetch args; without it every probe
+    is guarded or unframed (see :attr:`PlannedProbe.framing`).
     """
     group, instance = names_for(run_id, facts.host, deadline)
     probes: list[PlannedProbe] = []
@@ -269,7 +337,7 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
         try:
             if spec.kind != "module" and host_block:
                 raise _Unplaceable(host_block)
-            planned = _plan_probe(spec, facts, group, uprobe_offsets, probe_notes)
+            planned = _frame(_plan_probe(spec, facts, group, uprobe_offsets, probe_notes), facts, seal)
             twin = next((p for p in probes if p.kind != "module" and planned.kind != "module"
                          and p.trace_name == planned.trace_name), None)
             if twin is not None:
@@ -303,10 +371,47 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
                 failed = f"probe {name!r} (on_missing: fail) cannot be placed: {reason}"
     if not probes and not failed:
         notes.append("no probe can be placed on this host")
+    for p in probes:
+        if p.kind != "module" and p.framing.startswith("unframed"):
+            notes.append(f"{p.name}: {p.framing}")
     return HostPlan(host=facts.host, run_id=run_id, group=group, instance=instance,
                     probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes),
                     duration=playbook.duration if duration is None else duration, deadline=int(deadline),
-                    aggregates=aggregates)
+                    aggregates=aggregates, seal=seal)
+
+
+# A string fetch arg of a definition: NAME=FETCH:string or :ustring (symbol and symstr print
+# kernel symbols, no user's text).
+_RAW_STRING_ARG = re.compile(r"(?:^| )([A-Za-z_][A-Za-z0-9_]*)=\S*:u?string\b")
+
+
+def _frame(p: PlannedProbe, facts: Facts, seal: tuple[int, int] | None) -> PlannedProbe:
+    """``p`` with its framing (issue 11 #2): sealed where its definition can end with the seal, else
+    guarded by a filter where its strings are known, else unframed with the reason.
+
+    The kernel prints ``%s`` raw: a file name ``y\\n<a whole trace line>`` would be an event of its
+    own in any parser that splits at newlines. A sealed line is whole at the seal; a guarded
+    event never reaches the ring buffer with a newline in a string or in the task's comm.
+    """
+    if p.kind == "module":
+        return p
+    if p.definition is not None:
+        if seal is not None and "imm" in facts.features:
+            return replace(p, definition=f"{p.definition} {seal_args(seal)}", framing="sealed")
+        strings = tuple(dict.fromkeys(_RAW_STRING_ARG.findall(p.definition)))
+        why = "no immediate fetch args in its tracefs README" if seal is not None else "no seal"
+        return replace(p, framing=f"guarded ({why})", guard=strings)
+    fmt = facts.tracepoint_formats.get(p.event)
+    if fmt is None or (fmt.fields and not fmt.decl_of()):
+        return replace(p, framing="unframed: the host did not say which of its fields are strings "
+                                  "(no format file read), so no filter can keep newlines out of them")
+    return replace(p, framing="guarded", guard=tuple(
+        f for f, d in fmt.decl_of().items() if _is_string_decl(d)))
+
+
+def _is_string_decl(decl: str) -> bool:
+    """A tracepoint field the kernel prints as text: ``__data_loc char[] f``, ``char f[16]`` (not a pointer)."""
+    return "char" in decl and "*" not in decl and ("[" in decl or "__data_loc" in decl or "__rel_loc" in decl)
 
 
 def _host_blocks_tracefs(facts: Facts) -> str:

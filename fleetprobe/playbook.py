@@ -58,8 +58,10 @@ _USYM = re.compile(r"(?P<sym>[A-Za-z_.$][A-Za-z0-9_.$@]*)(?:\+(?P<off>0x[0-9a-fA
 _UOFF = re.compile(r"0x[0-9a-fA-F]+|\d+")
 # The kernel refuses argument names that shadow the common fields of every event.
 _RESERVED_ARG_NAMES = ("common_type", "common_flags", "common_preempt_count", "common_pid")
-# MAX_TRACE_ARGS in kernel/trace/trace_probe.h (128 since 4.x).
-_MAX_ARGS = 128
+#: The run's seal ends every sealed definition under these names (plan.seal_args, issue 11 #2).
+SEAL_ARG_NAMES = ("fpt", "fpu")
+# MAX_TRACE_ARGS in kernel/trace/trace_probe.h (128 since 4.x), less the seal's two.
+_MAX_ARGS = 128 - len(SEAL_ARG_NAMES)
 # --- targets ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -797,6 +799,9 @@ class _Reader:
                 raise self.error(knode, key, f"arg name {name!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
             if name in _RESERVED_ARG_NAMES:
                 raise self.error(knode, key, f"arg name {name!r} is a field every event already has; pick another")
+            if name in SEAL_ARG_NAMES:
+                raise self.error(knode, key, f"arg name {name!r} is fleetprobe's own (the run's seal ends every "
+                                             "line under it); pick another")
             text = self.string(vnode, key).strip()
             try:
                 spec = parse_arg(name, text, _line(vnode))

@@ -93,6 +93,13 @@ def _our_instances(run_id: str) -> list[str]:
     return [x for x in fleetprobe_leftovers() if x.startswith(f"instance fp_{run_id}_")]
 
 
+def _probing_hosts(run_id: str) -> int:
+    """How many hosts have the run's instances: each has its own and, with a newline guard, a guard
+    instance of the same group (deadline + 1 s)."""
+    from fleetprobe.plan import group_of_instance
+    return len({group_of_instance(x.partition(" ")[2]) for x in _our_instances(run_id)})
+
+
 def _trigger_while_running(marker: Path, seconds: float) -> subprocess.Popen[bytes]:
     """Exec the marker through bash (shell_execve) repeatedly for a while, in the background."""
     script = f"end=$(( $(date +%s) + {int(seconds)} )); while [ $(date +%s) -lt $end ]; do {marker}; :; sleep 0.3; done"
@@ -223,7 +230,7 @@ def test_ctrl_c_stops_cleans_and_reports(fleet: Fleet, marker: Path, tmp_path: P
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--duration", "60s", "--no-live",
                        "--run-id", rid, "--json", str(tmp_path / "r.json")], tmp_path)
     try:
-        _wait_for(lambda: len(_our_instances(rid)) == 5, 30, "five instances probing")
+        _wait_for(lambda: _probing_hosts(rid) == 5, 30, "five instances probing")
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(30)
@@ -248,7 +255,7 @@ def test_controller_killed_runner_cleans_when_link_drops(fleet: Fleet, tmp_path:
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--limit", "web1:web2",
                        "--duration", "120s", "--no-live", "--run-id", rid], tmp_path)
     try:
-        _wait_for(lambda: len(_our_instances(rid)) == 2, 30, "two instances probing")
+        _wait_for(lambda: _probing_hosts(rid) == 2, 30, "two instances probing")
         proc.kill()  # SIGKILL: no teardown from the controller at all
         proc.wait(10)
         # The kernel closes the dead controller's sockets; sshd closes the channel; each runner
@@ -268,7 +275,7 @@ def test_runner_killed_watchdog_removes_probes(fleet: Fleet, tmp_path: Path, cle
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--limit", "web3", "--duration", "3s",
                        "--teardown-slack", "2", "--grace", "1", "--no-live", "--run-id", rid], tmp_path)
     try:
-        _wait_for(lambda: len(_our_instances(rid)) == 1, 30, "the instance")
+        _wait_for(lambda: _probing_hosts(rid) == 1, 30, "the instance")
         ns = fleet.hosts[2].netns
         assert ns
         # SIGKILL the runner shell itself on the host (not its reader, not the watchdog).

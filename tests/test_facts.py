@@ -120,8 +120,9 @@ def test_readme_features_of_real_debian_kernels() -> None:
     """The tracefs READMEs of the lab's bullseye 5.10 and trixie 6.12 guests (captured from the guests)."""
     old = readme_features((READMES / "x86_64-5.10.0-46-amd64.txt").read_text().splitlines())
     new = readme_features((READMES / "x86_64-6.12.118+deb13-amd64.txt").read_text().splitlines())
-    assert old == {"arg_n", "comm", "return_suffix", "user_deref", "ustring"}
-    assert new == {"arg_n", "btf_args", "comm", "eprobe", "fprobe", "hist", "return_suffix", "symstr",
+    # imm: \imm-value fetch args (5.7+), which seal kprobe and uprobe lines (issue 11 #2).
+    assert old == {"arg_n", "comm", "imm", "return_suffix", "user_deref", "ustring"}
+    assert new == {"arg_n", "btf_args", "comm", "eprobe", "fprobe", "hist", "imm", "return_suffix", "symstr",
                    "user_deref", "ustring",
                    # hist trigger modifiers and synthetic events (issue 13), as this README lists them
                    "common_timestamp", "hist_buckets", "hist_execname", "hist_log2", "hist_onmatch",

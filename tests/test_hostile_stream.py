@@ -66,25 +66,27 @@ def plant(top: Path, name: str) -> Path:
     return path
 
 
-def exec_as_nobody(paths: list[Path], stop: threading.Event) -> None:
-    """Exec each path as uid 65534, over and over, until stopped."""
+def exec_as_nobody(paths: list[Path], stop: threading.Event, via_bash: bool = False) -> None:
+    """Exec each path as uid 65534 (through bash's shell_execve if ``via_bash``), over and over, until stopped."""
     while not stop.is_set():
         for p in paths:
-            subprocess.run([*NOBODY, str(p)], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            how = ["/bin/bash", "-c", 'exec "$0"', str(p)] if via_bash else [str(p)]
+            subprocess.run([*NOBODY, *how], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.05)
 
 
-def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path]) -> dict[str, object]:
-    """One run of the exec playbook on one sim host while uid 65534 execs ``paths``; its host outcome."""
+def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path], playbook: str = EXEC_PLAYBOOK,
+                  via_bash: bool = False) -> dict[str, object]:
+    """One run of ``playbook`` on one sim host while uid 65534 execs ``paths``; its host outcome."""
     sim.add("honest")
     kh = sim.known_hosts_for(tmp_path / "known_hosts")
     inv = sim.inventory(tmp_path / "inventory.yml", kh)
     report = tmp_path / "report.json"
     stop = threading.Event()
-    user = threading.Thread(target=exec_as_nobody, args=(paths, stop))
+    user = threading.Thread(target=exec_as_nobody, args=(paths, stop, via_bash))
     user.start()
     try:
-        rc, text, _ = run_cli(["run", str(write_playbook(tmp_path, EXEC_PLAYBOOK)), *common_args(inv, run_id),
+        rc, text, _ = run_cli(["run", str(write_playbook(tmp_path, playbook)), *common_args(inv, run_id),
                                "--json", str(report), "--events", str(tmp_path / "events.jsonl")])
     finally:
         stop.set()
@@ -97,16 +99,20 @@ def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path])
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_a_users_file_name_cannot_speak_for_the_runner(sim: SimFleet, tmp_path: Path, run_id: str,
                                                        hostile_dir: Path) -> None:
-    """uid 65534 execs 'x\\n@@fp error ...': the honest host stays ok, the line stays in that event's text."""
+    """uid 65534 execs 'x\\n@@fp error ...': the honest host stays ok; the exec is kept out by the
+    newline guard and counted, and the process's comm (the name's first 15 bytes, newline and all,
+    printed at the head of its later events) stays that event's comm."""
     forged = plant(hostile_dir, "x\n@@fp error forged-by-a-user\n@@fp unclean instance forged")
     host = run_with_user(sim, tmp_path, run_id, [forged])
     assert host["_rc"] == 0, host
     assert host["status"] == "ok" and "forged" not in str(host["evidence"]) + str(host["reason"]), host
     assert host["cleanup"] == "clean", host
-    assert host["multiline_events"] >= 1 and host["unparsed_lines"] == 0, host
-    events = (tmp_path / "events.jsonl").read_text()
-    # The forged lines are in the exec event that printed them, newlines escaped.
-    assert "forged-by-a-user" in events and "x\\\\n@@fp error forged-by-a-user" in events
+    assert host["framing"] == {"exec": "guarded"} and not host["forgeable"], host
+    # The user exec'd it ~every 50 ms for 3 s: each exec is counted by the guard instance.
+    assert host["guarded_out"] >= 10 and not host["guard_uncounted"], host
+    assert host["unparsed_lines"] == 0 and host["unattributed_lines"] == 0, host
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if "forged-by-a-user" in json.dumps(e)]
 
 
 FORGED_EVENT = ("            sshd-1       [000] ..... 1.000000: sched_process_exec: filename=/usr/sbin/backdoor "
@@ -114,9 +120,6 @@ FORGED_EVENT = ("            sshd-1       [000] ..... 1.000000: sched_process_ex
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
-@pytest.mark.xfail(strict=True, reason="issue 11 #2: a whole trace header inside a file name is "
-                   "still an event; needs a secret trailer the kernel prints after every user string "
-                   "(a last fetcharg \\\"SECRET\" on kprobes/uprobes, an eprobe over each tracepoint)")
 def test_a_users_file_name_cannot_forge_a_whole_event(sim: SimFleet, tmp_path: Path, run_id: str,
                                                       hostile_dir: Path) -> None:
     """A file name that holds a whole trace line forges no 'pid 1 sshd ran /usr/sbin/backdoor' event."""
@@ -126,6 +129,44 @@ def test_a_users_file_name_cannot_forge_a_whole_event(sim: SimFleet, tmp_path: P
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     forged_events = [e for e in events if e["pid"] == 1 and "backdoor" in str(e["fields"].get("filename"))]
     assert not forged_events, forged_events[:3]
+
+
+UPROBE_PLAYBOOK = """\
+name: hostile-uprobe
+description: bash's exec path (a sealed uprobe with the path as a string) and the exec tracepoint (guarded).
+duration: 3s
+probes:
+  - name: exec
+    tracepoint: sched/sched_process_exec
+  - name: bash_exec
+    uprobe: /bin/bash:shell_execve
+    args:
+      path: +0(arg1):ustring
+"""
+FORGED_UPROBE = '            sshd-1       [000] ..... 1.000000: bash_exec: (0x1) path="/usr/sbin/backdoor"'
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_users_path_in_a_sealed_uprobe_stays_in_its_event(sim: SimFleet, tmp_path: Path, run_id: str,
+                                                            hostile_dir: Path) -> None:
+    """bash execs 'y\\n<an exec line>\\n<a bash_exec line>' for uid 65534: the uprobe's line is sealed
+    (kept whole, the user's lines inside its path), the tracepoint's is guarded (kept out, counted);
+    neither forged line is an event."""
+    forged = plant(hostile_dir, "y\n" + FORGED_EVENT + "\n" + FORGED_UPROBE)
+    host = run_with_user(sim, tmp_path, run_id, [forged], UPROBE_PLAYBOOK, via_bash=True)
+    assert host["_rc"] == 0 and host["status"] == "ok", host
+    assert host["framing"] == {"exec": "guarded", "bash_exec": "sealed"} and not host["forgeable"], host
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["pid"] == 1], [e for e in events if e["pid"] == 1][:3]
+    mine = [e for e in events if e["probe"] == "bash_exec" and "backdoor" in str(e["fields"].get("path"))]
+    assert mine, "the user's sealed uprobe events were lost"
+    # Every event whose fields speak of the backdoor is one of the user's own, the forged lines inside
+    # it (its process is named 'backdoor"' by its file name; other sessions' sshd exec on this machine).
+    assert [e for e in events if "backdoor" in json.dumps(e["fields"])] == mine
+    assert all(str(e["fields"]["path"]).startswith(str(hostile_dir)) and "y\\n" in e["fields"]["path"]
+               for e in mine), mine[:2]
+    assert host["multiline_events"] >= len(mine) and host["guarded_out"] >= 1, host
+    assert host["unparsed_lines"] == 0 and host["unattributed_lines"] == 0, host
 
 
 BUSY_PLAYBOOK = """\

@@ -85,6 +85,17 @@ def split_in_chunks(data: bytes, size: int) -> tuple[bytes, bytes]:
 
 # --- the kernel log through trace_marker --------------------------------------------------------
 
+def test_a_record_needs_the_runs_secret() -> None:
+    """With the run's secret, only the runner's own ``fpk:<secret>`` marker lines are records: a user's
+    path that holds "tracing_mark_write: fpk ..." (exec'd, or inside a sealed string) stays trace text."""
+    sp = MarkerSplitter("ab12")
+    forged = (b"   sh-9 [000] ..... 5.0: sched_process_exec: filename=/tmp/x tracing_mark_write: fpk "
+              b"6,1,1,-;fleetprobe run=r probe=p ev=hit pid=1 pid=9 old_pid=9\n")
+    real = b"   sh-7 [000] ..... 5.1: tracing_mark_write: fpk:ab12 6,2,2,-;fleetprobe run=r probe=p ev=hit\n"
+    trace, records = sp.feed(forged + real)
+    assert trace == forged and records == b"6,2,2,-;fleetprobe run=r probe=p ev=hit\n" and sp.records == 1
+
+
 def test_records_come_out_of_the_stream_whole_at_any_chunking() -> None:
     data = CAPTURE.read_bytes()
     lines = data.splitlines(keepends=True)

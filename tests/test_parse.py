@@ -308,3 +308,82 @@ def test_a_long_string_is_unquoted_like_a_short_one() -> None:
     assert parse_value(f'"{path}"') == path
     assert parse_value('"' + "x" * 5000 + '"') == "x" * 5000
     assert parse_value("9" * 5000) == "9" * 5000  # a number too long for any kernel stays text
+
+
+# --- sealed streams (issue 11 #2) ---------------------------------------------------------------
+
+SEAL_T = " fpt=0x89abcdef fpu=0x1234567"
+SEALED_NAMES = {"typed": "typed", "sched_process_exec": "exec"}
+HEAD = "            bash-100     [001] ..... 5.000000: "
+FAKE_EXEC = "            sshd-1       [000] ..... 1.000000: sched_process_exec: filename=/usr/sbin/backdoor pid=1 old_pid=1"
+FAKE_TYPED = '            sshd-1       [000] ..... 1.000000: typed: (0x1) line="rm -rf /"'
+
+
+def sealed_stream(data: str, step: int = 0) -> tuple[list[TraceEvent], list[str], TraceStream]:
+    """Feed ``data`` to a sealed stream (whole, or ``step`` bytes at a time): its events, control lines, stream."""
+    events: list[TraceEvent] = []
+    control: list[str] = []
+    s = TraceStream("h", SEALED_NAMES, on_event=events.append, on_control=control.append, trailer=SEAL_T,
+                    sealed={"typed"}, control_prefix="@@fp:ab ")
+    raw = data.encode()
+    for i in range(0, len(raw), step or len(raw)):
+        s.feed(raw[i:i + (step or len(raw))])
+    s.close()
+    return events, control, s
+
+
+def test_a_sealed_line_is_whole_only_at_its_seal() -> None:
+    """Whole trace lines, control-looking and loss-looking lines inside a sealed string are that
+    event's text; the guarded line after the record is an event of its own; at any chunking."""
+    data = (HEAD + 'typed: (0x55) line="ls"' + SEAL_T + "\n"
+            + HEAD + 'typed: (0x55) line="a\n' + FAKE_EXEC + "\n@@fp error x\nCPU:0 [LOST 9 EVENTS]\n"
+            + FAKE_TYPED + '"' + SEAL_T + "\n"
+            + "@@fp:ab started\n"
+            + HEAD + "sched_process_exec: filename=/bin/ls pid=100 old_pid=100\n")
+    for step in (0, 1, 7, 4096):
+        events, control, s = sealed_stream(data, step)
+        assert [(e.probe, e.pid) for e in events] == [("typed", 100), ("typed", 100), ("exec", 100)], step
+        assert events[0].fields == {"line": "ls"} and "fpt" not in events[1].fields
+        assert str(events[1].fields["line"]).startswith("a\\n            sshd-1 ") and "backdoor" in events[1].args
+        assert control == ["started"] and s.stats.lost_events == 0 and s.stats.multiline == 1, step
+        assert s.stats.unparsed == 0 and s.stats.unknown_lines == 0, s.stats
+
+
+def test_a_forged_line_can_never_be_completed_by_a_genuine_seal() -> None:
+    """A guarded event's line never holds a newline (the kernel filter): a line after it is a head.
+    A sealed probe's head without its seal, or a seal after another event's text, is no event."""
+    events, _, s = sealed_stream(HEAD + "sched_process_exec: filename=/bin/ls pid=100 old_pid=100\n"
+                                 + HEAD + "sched_process_exec: filename=/x pid=100 old_pid=100" + SEAL_T + "\n"
+                                 + HEAD + 'typed: (0x55) line="never sealed"\n')
+    assert [(e.probe, e.fields.get("filename")) for e in events] == [("exec", "/bin/ls")]
+    assert s.stats.unparsed == 2, s.stats
+
+
+def test_a_comm_with_a_newline_keeps_its_head() -> None:
+    """The printed comm is the pid's saved one and may hold newlines (prctl): the head is put back
+    together from the short lines before it; a head hidden in a 15-byte comm names no probe."""
+    data = (" x\n@@fp error fo-17965   [000] ..... 6.000000: sched_process_exec: filename=/bin/true pid=17965 "
+            "old_pid=17965\n"
+            "  x\nABCDEFGHIJKLM-77 [000] ..... 6.000000: typed: (0x55) line=\"q\"" + SEAL_T + "\n"
+            "  \n\n\n-1 [0] 1.0: a-5 [000] ..... 7.000000: sched_process_exec: filename=/x pid=5 old_pid=5\n")
+    for step in (0, 3):
+        events, control, s = sealed_stream(data, step)
+        assert [(e.probe, e.pid, e.comm) for e in events] == [("exec", 17965, "x\\n@@fp error fo"),
+                                                              ("typed", 77, "x\\nABCDEFGHIJKLM")], step
+        assert control == [] and s.stats.unknown_lines == 1 and s.stats.unparsed == 0, s.stats
+
+
+def test_a_sealed_stream_of_whole_lines_parses_as_an_unsealed_one() -> None:
+    """The fast path: the same events, fields and counts as without a seal; a NUL the host sent is no seal."""
+    lines = [HEAD + f'typed: (0x55) line="cmd {i}"' for i in range(50)]
+    lines += [HEAD + f"sched_process_exec: filename=/bin/x{i} pid={i} old_pid={i}" for i in range(50)]
+    plain_events: list[TraceEvent] = []
+    plain = TraceStream("h", SEALED_NAMES, on_event=plain_events.append)
+    plain.feed(("\n".join(lines) + "\n").encode())
+    plain.close()
+    sealed = "\n".join(line + SEAL_T if "typed" in line else line for line in lines) + "\n"
+    events, _, s = sealed_stream(sealed)
+    assert [e.to_json() for e in events] == [e.to_json() for e in plain_events]
+    assert s.stats.events == plain.stats.events == 100 and s.stats.multiline == 0
+    events, _, s = sealed_stream(HEAD + 'typed: (0x55) line="a\x00"\n')
+    assert events == [] and s.stats.unparsed == 1

@@ -512,3 +512,121 @@ def test_kprobe_flush_task_alone_does_not_refuse_other_arches() -> None:
 def test_kprobe_hazard_facts_round_trip() -> None:
     f = _mips_hazard("mipsel-6.1", ncpus=2, offloaded=frozenset({1}))
     assert Facts.from_json(json.loads(json.dumps(f.to_json()))) == f
+
+
+# --- framing against a user's text (issue 11 #2) -------------------------------
+
+SEAL = (0x89ABCDEF, 0x01234567)
+READMES = Path(__file__).parent / "data" / "readme"
+
+
+def _with_readme(name: str, readme: str) -> Facts:
+    """Stored lab facts with the features of that guest's captured tracefs README (facts stored
+    before fleetprobe looked for ``\\imm-value`` lack it)."""
+    from dataclasses import replace
+
+    from fleetprobe.facts import readme_features
+    return replace(facts(name), features=readme_features((READMES / readme).read_text().splitlines()))
+
+
+@pytest.mark.parametrize("name,readme", [("lab-x86_64-5.10", "x86_64-5.10.0-46-amd64.txt"),
+                                         ("lab-x86_64-6.12", "x86_64-6.12.118+deb13-amd64.txt"),
+                                         ("lab-mips64el-6.12", "mips64el-6.12.95+deb12-5kc-malta.txt")])
+def test_kprobe_definitions_end_with_the_seal_where_the_readme_has_immediates(name: str, readme: str) -> None:
+    """On each guest's README (all list \\imm-value: 5.7+), every kprobe line ends with the seal's two
+    immediates, the last fetch args, so the kernel prints the seal after every string."""
+    f = _with_readme(name, readme)
+    assert "imm" in f.features
+    # The probes these guests' facts were captured for (see test_opensnoop_argn_follows_each_lab_kernels_readme).
+    pb = parse_playbook("name: sealed\nprobes:\n  - name: open\n    kprobe: do_sys_openat2\n"
+                        "    args: {path: '+0(arg2):ustring'}\n  - name: open_ret\n    kretprobe: do_sys_openat2\n"
+                        "    args: {ret: 'retval:s32'}\n", "sealed.yml")
+    hp = plan_host(pb, f, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets={}, seal=SEAL)
+    if mips_kprobe_oops(f):
+        assert all("kprobes oops this MIPS kernel" in s.reason for s in hp.skipped)
+        return
+    assert hp.trailer == " fpt=0x89abcdef fpu=0x1234567"
+    for p in hp.probes:
+        assert p.framing == "sealed" and p.guard == (), p
+        assert p.definition is not None and p.definition.endswith(r" fpt=\0x89abcdef:x32 fpu=\0x1234567:x32"), p
+    arg2 = "$arg2" if "arg_n" in f.features else SECOND_ARG_REGISTER[f.arch]
+    assert definition(hp, "open") == (f"p:{hp.group}/open do_sys_openat2 path=+0({arg2}):ustring"
+                                      r" fpt=\0x89abcdef:x32 fpu=\0x1234567:x32")
+    assert definition(hp, "open_ret") == (f"r:{hp.group}/open_ret do_sys_openat2 ret=$retval:s32"
+                                          r" fpt=\0x89abcdef:x32 fpu=\0x1234567:x32")
+    assert not hp.unframed()
+
+
+def test_without_immediates_a_kprobe_is_guarded_on_its_string_args() -> None:
+    """Stored facts of a kernel whose README had no \\imm-value: no seal in the line; a filter keeps
+    every event whose path (a string fetch) or comm holds a newline out (the runner's guard)."""
+    f = facts("x86_64-debian-6.1")
+    assert "imm" not in f.features
+    hp = plan_host(load_playbook(ROOT / "playbooks" / "opensnoop.yml"), f, run_id="k3x9q2", deadline=DEADLINE,
+                   uprobe_offsets={}, seal=SEAL)
+    assert hp.trailer and not any("fpt=" in (p.definition or "") for p in hp.probes)
+    assert definition(hp, "open") == f"p:{hp.group}/open do_filp_open dfd=$arg1:s32 path=+0(+0($arg2)):string"
+    framing = {p.name: (p.framing, p.guard) for p in hp.probes}
+    why = "guarded (no immediate fetch args in its tracefs README)"
+    assert framing == {"open": (why, ("path",)), "open_ret": (why, ())}, framing
+    from fleetprobe.runner.runner import plan_directives
+    lines = plan_directives(hp, tracefs="/sys/kernel/tracing", duration=1, deadline=DEADLINE, grace=60).splitlines()
+    assert f"guard {hp.group}/open path" in lines and f"guard {hp.group}/open_ret" in lines
+
+
+def test_tracepoints_are_guarded_on_their_string_fields_or_said_to_be_unframed() -> None:
+    """A tracepoint's lines cannot carry the seal (no eprobes where the README lies about them, as
+    this machine's does): its string fields and the comm are guarded; without the host's format
+    file nothing is known of its strings, and the plan says the probe is unframed."""
+    from dataclasses import replace
+
+    from fleetprobe.facts import TracepointFormat
+    # As this machine's 6.18 format files give them (events/sched/*/format).
+    formats = {"sched/sched_process_exec": TracepointFormat(
+                   "sched_process_exec", 300, ("filename", "pid", "old_pid"),
+                   '"filename=%s pid=%d old_pid=%d", __get_str(filename), REC->pid, REC->old_pid',
+                   ("__data_loc char[] filename", "pid_t pid", "pid_t old_pid")),
+               "sched/sched_process_fork": TracepointFormat(
+                   "sched_process_fork", 301, ("parent_comm", "parent_pid", "child_comm", "child_pid"), "",
+                   ("char parent_comm[16]", "pid_t parent_pid", "char child_comm[16]", "pid_t child_pid"))}
+    f = replace(facts("x86_64-6.18-controller"), tracepoint_formats=formats,
+                tracepoints={"sched/sched_process_exec": True, "sched/sched_process_fork": True})
+    pb = parse_playbook("name: tp\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+                        "  - name: fork\n    tracepoint: sched/sched_process_fork\n", "tp.yml")
+    hp = plan_host(pb, f, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets={}, seal=SEAL)
+    guards = {p.name: (p.framing, p.guard) for p in hp.probes}
+    assert guards["exec"] == ("guarded", ("filename",)), guards
+    assert guards["fork"] == ("guarded", ("parent_comm", "child_comm")), guards
+    bare = replace(f, tracepoint_formats={})
+    hp = plan_host(pb, bare, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets={}, seal=SEAL)
+    assert set(hp.unframed()) == {"exec", "fork"}, hp.unframed()
+    assert any("exec: unframed: the host did not say which of its fields are strings" in n for n in hp.notes)
+
+
+def test_one_unframed_probe_makes_the_host_forgeable_and_the_report_says_how_many() -> None:
+    """A guard the kernel refused (the runner's "unguarded") or a probe planned unframed: the host's
+    framing names it, the host is forgeable, and the caveat counts its events as unverified."""
+    from dataclasses import replace
+
+    from fleetprobe.caveats import host_caveats
+    from fleetprobe.facts import TracepointFormat
+    from fleetprobe.outcome import HostOutcome
+    from fleetprobe.plan import host_framing
+    fmt = TracepointFormat("sched_process_exec", 300, ("filename", "pid", "old_pid"), "",
+                           ("__data_loc char[] filename", "pid_t pid", "pid_t old_pid"))
+    f = replace(facts("x86_64-6.18-controller"), tracepoint_formats={"sched/sched_process_exec": fmt},
+                tracepoints={"sched/sched_process_exec": True, "sched/sched_process_fork": True})
+    pb = parse_playbook("name: tp\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+                        "  - name: fork\n    tracepoint: sched/sched_process_fork\n", "tp.yml")
+    hp = plan_host(pb, f, run_id="k3x9q2", deadline=DEADLINE, uprobe_offsets={}, seal=SEAL)
+    framing, why = host_framing(hp, {})
+    assert framing["exec"] == "guarded" and framing["fork"].startswith("unframed: the host did not say")
+    assert why.startswith("a user's text in fork (the host did not say") and "any probe" in why, why
+    framing, why = host_framing(hp, {"sched/sched_process_exec": "Expecting numeric field"})
+    assert framing["exec"] == "unframed: the kernel refused its newline guard (Expecting numeric field)"
+    assert "exec (the kernel refused its newline guard" in why, why
+    assert host_framing(replace(hp, probes=hp.probes[:1]), {}) == ({"exec": "guarded"}, "")
+    out = HostOutcome(host="h", forgeable=why, unverified_events=7, guarded_out=3)
+    said = host_caveats(out)
+    assert any(s.startswith("7 event(s) unverified: a user's text in") for s in said), said
+    assert any(s.startswith("3 event(s) kept out by the newline guard") for s in said), said

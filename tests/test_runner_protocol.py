@@ -201,7 +201,7 @@ probes:
 
 
 def test_plan_directives_order() -> None:
-    """Header, then every definition, then modules, then filters, then enables, then go."""
+    """Header, then every definition, then modules, then filters, newline guards, enables, then go."""
     plan, _ = kitchen_plan()
     text = plan_directives(plan, tracefs="/sys/kernel/tracing", duration=2.2, deadline=1800000000, grace=60,
                            buffer_kb=1024, modules=(ModuleLoad("fp_kprobe", "/tmp/fp_kprobe.ko",
@@ -211,7 +211,9 @@ def test_plan_directives_order() -> None:
                          "duration 3", "deadline 1800000000", "grace 60", "buffer_kb 1024"]
     assert lines[-1] == "go" and text.endswith("go\n")
     kinds = [line.split(" ", 1)[0] for line in lines[7:-1]]
-    assert kinds == ["def", "def", "module", "filter", "filter", "enable", "enable", "enable"]
+    assert kinds == ["def", "def", "module", "filter", "filter", "guard", "guard", "guard", "enable", "enable", "enable"]
+    # Without a seal nothing is sealed: the tracepoint's string field and every comm are guarded.
+    assert "guard sched/sched_process_exec filename" in lines and f"guard {plan.group}/open" in lines
     assert f"def kprobe_events p:{plan.group}/open do_sys_openat2 dfd=$arg1:s32" in lines
     assert f"def kprobe_events r:{plan.group}/open_ret do_sys_openat2 ret=$retval:s32" in lines
     assert f"filter {plan.group}/open dfd != 5" in lines
@@ -363,3 +365,52 @@ def test_a_window_past_the_deadline_is_cut_to_it_and_said(shell: list[str]) -> N
     assert took < 28, f"the run went on for {took:.1f} s past a deadline 3 s away"
     assert rep.clean and rep.bye and not rep.watchdog_fired
     assert not (TRACEFS / "instances" / instance).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tracefs)")
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_guard_keeps_newline_names_out_and_counts_them(shell: list[str], tmp_path: Path) -> None:
+    """guard EVENT FIELD: execs of a file whose name holds a newline never reach the stream, and the
+    guard instance counts them; a guard the kernel refuses (a number field) is said ("unguarded"),
+    the event enabled all the same; both instances are gone at the end (dash and busybox)."""
+    if not (TRACEFS / "README").exists():
+        pytest.skip("needs tracefs")
+    odd = tmp_path / "a\nb"
+    plain = tmp_path / "plain-exec"
+    for p in (odd, plain):
+        p.write_text("#!/bin/sh\nexit 0\n")
+        p.chmod(0o755)
+    group = f"fp_guard{os.getpid() % 10000}_0d0d"
+    deadline = int(time.time()) + 60
+    instance = f"{group}_{deadline}"
+    plan = (f"tracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 4\n"
+            f"deadline {deadline}\ngrace 60\nguard sched/sched_process_exec filename\n"
+            "guard sched/sched_process_fork parent_pid\n"
+            "enable sched/sched_process_exec\nenable sched/sched_process_fork\ngo\n")
+    proc = subprocess.Popen(bootstrapped(shell), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(script_input(runner_script()) + plan.encode())
+        proc.stdin.flush()
+        t0 = time.monotonic()
+        while not (TRACEFS / "instances" / instance).exists() and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        time.sleep(1)
+        for _ in range(5):
+            subprocess.run([str(odd)], check=True)
+            subprocess.run([str(plain)], check=True)
+        out, _err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    text = out.decode("utf-8", "replace")
+    rep = report_of(text)
+    assert rep.started and rep.enabled == 2 and rep.clean, text[-800:]
+    assert "a\nb" not in text and text.count(f"filename={plain} ") == 5, text[-1500:]
+    assert rep.guarded_out is not None and rep.guarded_out >= 5 and not rep.guard_uncounted, text[-800:]
+    assert "Expecting numeric field" in rep.unguarded.get("sched/sched_process_fork", ""), rep.unguarded
+    assert "sched/sched_process_exec" not in rep.unguarded
+    assert not (TRACEFS / "instances" / instance).exists()
+    assert not (TRACEFS / "instances" / f"{group}_{deadline + 1}").exists()

@@ -170,6 +170,9 @@ def render_plans(results: list[tuple[HostFacts, HostPlan | None]], console: Cons
                 console.print(_line(f"  enable {p.event}"))
             if p.filter:
                 console.print(_line(f"    filter: {p.filter}"))
+            if p.framing.startswith("guarded"):
+                fields = ", ".join(["comm", *p.guard])
+                console.print(_line(f"    guard: events whose {fields} hold a newline are kept out, counted"))
         for line in plan_lines(plan):
             console.print(_line(f"  {line}"))
         for sp in plan.skipped:
@@ -204,7 +207,8 @@ def _plan_json(results: list[tuple[HostFacts, HostPlan | None]]) -> list[dict[st
         if plan is not None:
             item.update({"group": plan.group, "instance": plan.instance, "failed": plan.failed,
                          "probes": [{"name": p.name, "kind": p.kind, "event": p.event, "file": p.events_file,
-                                     "definition": p.definition, "filter": p.filter, "symbol": p.symbol}
+                                     "definition": p.definition, "filter": p.filter, "symbol": p.symbol,
+                                     "framing": p.framing, "guard": list(p.guard)}
                                     for p in plan.probes],
                          "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
                          "notes": list(plan.notes), "aggregates": plan_json(plan),

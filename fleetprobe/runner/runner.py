@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from importlib.resources import files
 
-from ..facts import facts_script
+from ..facts import bounded_int, facts_script
 from ..outcome import LossCounters
 from ..plan import HostPlan
 
@@ -68,6 +68,10 @@ def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: 
     for p in plan.probes:
         if p.filter and p.event:
             lines.append(f"filter {p.event} {p.filter}")
+    for p in plan.probes:
+        if p.framing.startswith("guarded") and p.event:
+            # The runner adds !(F ~ "*[\t-\v]*") for each field and COMM to the event's filter.
+            lines.append(" ".join(["guard", p.event, *p.guard]))
     lines += aggregate_directives(plan)
     for p in plan.probes:
         if p.event and p.kind != "module" and p.stream:
@@ -174,6 +178,12 @@ class RunnerReport:
     #: Events whose filter the kernel refused with that clause, and its words: the controller drops
     #: the own pids' events of those itself.
     own_unfiltered: dict[str, str] = field(default_factory=dict)
+    #: Events whose newline guard (plan.PlannedProbe.guard) the kernel refused: {event: why}.
+    unguarded: dict[str, str] = field(default_factory=dict)
+    #: Events the guards kept out of the ring buffer (a string or comm held a newline), counted in
+    #: the guard instance; None until the runner says. ``guard_uncounted``: why some were not counted.
+    guarded_out: int | None = None
+    guard_uncounted: list[str] = field(default_factory=list)
 
     #: Control lines kept (in every list and table together): a runner says a few hundred; past
     #: this, lines are counted in ``dropped`` and the report says so (issue 11 #5).
@@ -230,6 +240,17 @@ class RunnerReport:
             words = [w for w in rest.split() if w.partition(":")[0].isdigit()]
             self.own_pids = [int(w.partition(":")[0]) for w in words]
             self.own_processes = words
+        elif word == "guardcount":
+            # "guardcount N": events the newline guards kept out; "guardcount none :: why": not counted.
+            if rest.startswith("none"):
+                self.guard_uncounted.append(" ".join(rest.partition(" :: ")[2].split()) or "refused")
+            else:
+                count = bounded_int(rest.strip(), 0, 1 << 62)
+                if count is not None:
+                    self.guarded_out = count
+        elif word == "unguarded":
+            what, _, why = rest.partition(" :: ")
+            self.unguarded[what.strip()] = " ".join(why.split()) or "refused"
         elif word == "ownfilter":
             what, _, why = rest.partition(" :: ")
             self.own_unfiltered[what.strip()] = " ".join(why.split()) or "refused"

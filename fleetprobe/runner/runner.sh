@@ -12,6 +12,7 @@
 #   tracefs PATH | group G | instance I | duration SECS | deadline EPOCH | grace SECS | buffer_kb N
 #   def FILE LINE           append LINE to FILE (kprobe_events or uprobe_events); never truncate
 #   filter EVENT EXPR       EVENT is a path under events/ (GROUP/NAME or SUBSYS/NAME)
+#   guard EVENT [FIELD...]  filter out EVENT's events whose FIELDs or comm hold a newline
 #   enable EVENT
 #   module NAME PATH PARAMS load a kernel module (insmod PATH PARAMS), remove it at the end; while
 #                           modules are loaded the kernel log is forwarded (see kmsg_read below)
@@ -44,6 +45,9 @@ trap 'STOP=${STOP:-stop-or-eof}' USR1
 # kernel prints file names raw, newlines included: without the secret a user who execs
 # "x\n@@fp error" would speak for us), "@@fp " before it (sweeps, teardowns: no trace stream).
 HOLD=; HELD=; PING_RX=; CP='@@fp '
+# Module records through trace_marker carry the secret too ("fpk:<secret> <record>"): a user's
+# string holding "tracing_mark_write: fpk ..." (a run's modules are named in /proc/modules) is no record.
+KS=
 say() {
   if [ -n "$HOLD" ]; then HELD="$HELD$CP$*
 "; else printf '%s%s\n' "$CP" "$*" 2>/dev/null; fi
@@ -57,6 +61,9 @@ $HELD"; PING_RX=; }
   HELD=
 }
 now() { date +%s; }
+# The newline guard's character range (TAB-VT holds LF): a filter string cannot hold a newline itself
+# (the kernel cuts a filter write at its first newline: "Missing matching quote").
+TAB=$(printf '\t'); VT=$(printf '\v')
 
 # --- module file checks (tests/test_hostile.py runs this block by itself) ---
 # A module file is loaded only if it is exactly what the controller wrote (kmod: put_private):
@@ -104,7 +111,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -197,6 +204,10 @@ hist_sweep() {
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
   _g=$1; _i=$2
+  # The group's events may be enabled in its guard instance too (see QI): disabled everywhere first.
+  if [ -n "$_g" ]; then
+    for _x in "$T/instances/$_g"_*; do [ -d "$_x" ] && echo 0 > "$_x/events/enable" 2>/dev/null; done
+  fi
   if [ -n "$_i" ] && [ -d "$T/instances/$_i" ]; then
     echo 0 > "$T/instances/$_i/events/enable" 2>/dev/null
     for _e in "$T/instances/$_i"/events/*/*/enable; do
@@ -328,8 +339,8 @@ kmsg_read() {
     fi
     _last=$_s
     case $_t in
-      "$KRUN"*) printf 'fpk %s\n' "$_l" >&4;;
-      *) printf 'fpk %s;\n' "$_h" >&4;;
+      "$KRUN"*) printf 'fpk%s %s\n' "$KS" "$_l" >&4;;
+      *) printf 'fpk%s %s;\n' "$KS" "$_h" >&4;;
     esac
     case $_t in "$KRUN"'probe=- ev=end inst='"$I") exit 0;; esac
   done
@@ -420,6 +431,9 @@ watchdog() {
   _s=$!
   wait "$_s"
   unload_modules "$MODS"
+  # Its guard instance, if the run made one (QI is set after this subshell started).
+  _qi="${I%_*}_$((${I##*_} + 1))"
+  [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
   [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null || exit 0
   teardown_group "$G" "$I"; remove_module_dirs "$G"
   echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
@@ -444,11 +458,11 @@ while IFS= read -r line <&3; do
   case $1 in
     go) GO=1; break;;
     # Hex only: it goes into a sed replacement (hist_read) and must never need quoting.
-    secret) case $2 in ''|*[!0-9a-f]*) say "error secret must be hex"; exit 2;; esac; CP="@@fp:$2 ";;
+    secret) case $2 in ''|*[!0-9a-f]*) say "error secret must be hex"; exit 2;; esac; CP="@@fp:$2 "; KS=":$2";;
     tracefs) T=$2;; group) G=$2;; instance) I=$2;; duration) DUR=$2;; deadline) DEADLINE=$2;;
     grace) GRACE=$2;; buffer_kb) BUF=$2;;
     own) shift; OWNK="$*";;
-    def|filter|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
+    def|filter|guard|enable|module|synth|trigger|histread|notrace_self) PLAN="${PLAN:+$PLAN
 }$line";;
     sweep) sweep; say "sweep done"; exit 0;;
     # The controller's own teardown of a run whose runner died (killed by an oops, say).
@@ -461,6 +475,8 @@ while IFS= read -r line <&3; do
       # fds (a fork per fd: seconds on a busy host), which stays the fallback.
       kill_own "$OWNK"
       if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
+      _qi="${I%_*}_$((${I##*_} + 1))"
+      [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
       teardown_group "$G" "$I"
       remove_module_dirs "$G"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
@@ -501,6 +517,15 @@ WD=$!
 
 mkdir "$T/instances/$I" || { say "error cannot create instance $I"; release; kill "$WD"; exit 3; }
 [ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
+# The guard instance: the events a newline guard keeps out of ours go here, never read, only
+# counted at the end (entries + overrun per CPU), so that a user cannot hide an exec behind a
+# newline unseen. Named as ours with the deadline one second later: sweeps know it as the run's.
+QI=
+if [ -n "$(printf '%s\n' "$PLAN" | sed -n 's/^guard //p')" ]; then
+  QI="${I%_*}_$((${I##*_} + 1))"
+  if mkdir "$T/instances/$QI" 2>/dev/null; then echo 8 > "$T/instances/$QI/buffer_size_kb" 2>/dev/null
+  else say "guardcount none :: cannot create instance $QI"; QI=; fi
+fi
 # A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
 grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
 # Before any module loads: its "planted" or "failed" line must not be missed.
@@ -512,7 +537,8 @@ while IFS= read -r line; do
   case $kind in
     def)
       f=${rest%% *}; d=${rest#* }
-      if err=$(echo "$d" 2>&1 >> "$T/$f"); then
+      # printf, not echo: dash's echo reads the seal's "\0x..." as an octal escape (a NUL).
+      if err=$(printf '%s\n' "$d" 2>&1 >> "$T/$f"); then
         say "placed $d"
       else
         why=$(tail -n 3 "$T/error_log" 2>/dev/null | tr -s ' \n' '  ')
@@ -535,6 +561,11 @@ while IFS= read -r line; do
       fi
       rm -f -- "$mp"; rmdir -- "${mp%/*}" 2>/dev/null;;
     synth|notrace_self) hist_place "$kind" "$rest";;
+    # "guard EVENT FIELD...": keep every event whose FIELDs or comm hold a newline out of the ring
+    # buffer (issue 11 #2: the kernel prints strings raw, and a user's "y\n<trace line>" would be
+    # an event of its own). Applied with the enable's filter below.
+    guard) GUARDS="$GUARDS$rest
+";;
     # Triggers wait until every process of ours exists: their filter names all of them.
     trigger) HIST_Q="${HIST_Q:+$HIST_Q
 }$rest";;
@@ -624,13 +655,38 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
 $FILTERS
 EOF_FILTERS
   ;; esac
+  _gx=
+  while IFS= read -r _l; do
+    case $_l in "$ev"|"$ev "*) for _gf in COMM ${_l#"$ev"}; do _gx="${_gx:+$_gx && }!($_gf ~ \"*[$TAB-$VT]*\")"; done;; esac
+  done <<EOF_GUARDS
+$GUARDS
+EOF_GUARDS
   _ff="$T/instances/$I/events/$ev/filter"
-  if ! { echo "${_u:+($_u) && }$_own" > "$_ff"; } 2>/dev/null; then
+  _gok=$_gx
+  if ! { echo "${_u:+($_u) && }${_gx:+$_gx && }$_own" > "$_ff"; } 2>/dev/null; then
     _why=$(sed -n 's/^parse_error: //p' "$_ff" 2>/dev/null)
-    # A refused filter leaves the event unfiltered: put the playbook's own back (the controller
-    # then drops our pids' events itself and counts them).
-    if [ -n "$_u" ]; then { echo "$_u" > "$_ff"; } 2>/dev/null; else { echo 0 > "$_ff"; } 2>/dev/null; fi
-    say "ownfilter $ev :: $_why"
+    if [ -n "$_gx" ] && { echo "${_u:+($_u) && }$_own" > "$_ff"; } 2>/dev/null; then
+      # Without the guard the kernel takes it: the controller must treat the host's lines as forgeable.
+      say "unguarded $ev :: $_why"; _gok=
+    else
+      # A refused filter leaves the event unfiltered: put the playbook's own back, with the guard
+      # if it can (the controller then drops our pids' events itself and counts them).
+      if [ -n "$_gx" ] && { echo "${_u:+($_u) && }$_gx" > "$_ff"; } 2>/dev/null; then :
+      else
+        [ -n "$_gx" ] && say "unguarded $ev :: $_why"; _gok=
+        if [ -n "$_u" ]; then { echo "$_u" > "$_ff"; } 2>/dev/null; else { echo 0 > "$_ff"; } 2>/dev/null; fi
+      fi
+      say "ownfilter $ev :: $_why"
+    fi
+  fi
+  if [ -n "$_gok" ] && [ -n "$QI" ]; then
+    # What the guard keeps out, counted: the same event, the playbook's filter, the guard turned round
+    # (enabled after all of ours: whoever waits for our events to be enabled counts enable files).
+    if { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$QI/events/$ev/filter"; } 2>/dev/null; then
+      QEV="$QEV $ev"
+    else
+      say "guardcount none :: $ev"
+    fi
   fi
 done
 for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
@@ -642,6 +698,9 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
   else
     say "enablefail $ev"
   fi
+done
+for ev in $QEV; do
+  { echo 1 > "$T/instances/$QI/events/$ev/enable"; } 2>/dev/null || say "guardcount none :: $ev"
 done
 say "started enabled=$enabled modules=$_mods duration=$DUR triggers=$HIST_PLACED"
 # Heartbeats go through the trace buffer (so they never tear a trace line, as a direct write
@@ -678,6 +737,7 @@ while IFS= read -r _hl; do
 done <<EOF_LIVE
 $HIST_LIVE
 EOF_LIVE
+[ -n "$QI" ] && echo 0 > "$T/instances/$QI/events/enable" 2>/dev/null
 # A watchdog that is gone has removed (or is removing) our probes: what follows is partial.
 kill -0 "$WD" 2>/dev/null || WD_GONE=1
 kill "$TIMER" 2>/dev/null
@@ -699,14 +759,26 @@ say "stopping $STOP"
 [ -n "$WD_GONE" ] || kill -0 "$WD" 2>/dev/null || WD_GONE=1
 [ -n "$WD_GONE" ] && say "watchdog-fired"
 snapshot end
+if [ -n "$QI" ]; then
+  _gn=0
+  for _s in "$T/instances/$QI"/per_cpu/cpu*/stats; do
+    [ -f "$_s" ] || continue
+    while IFS=: read -r _k _v; do
+      case $_k in entries|overrun) _gn=$((_gn + ${_v:-0}));; esac
+    done < "$_s"
+  done
+  say "guardcount $_gn"
+fi
 release
 [ -z "$HIST_NONE" ] && hist_read
 hold
+[ -n "$QI" ] && teardown_group "" "$QI"
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
 remove_module_dirs "$G"    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
+[ -n "$QI" ] && [ -d "$T/instances/$QI" ] && left="$left guard-instance"
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
 for m in $LOADED; do grep -q "^$m " /proc/modules && left="$left module:$m"; done
 kill "$WD" 2>/dev/null
