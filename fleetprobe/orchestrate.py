@@ -377,6 +377,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     module_probes = {p.name for p in plan.probes if p.kind == "module"}
     splitter = MarkerSplitter(secret) if modules else None
     kmsg = KmsgCollector(host, fr.run_id)
+    #: Module lines of fleetprobe's own processes, left out per probe (they did come through).
+    module_own: dict[str, int] = {}
 
     def take_records(data: bytes) -> None:
         """Module lines of this run into the same cap, aggregate and event file as tracefs events."""
@@ -386,6 +388,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
             if ev.pid in report.own_pids:
                 # A module's probe sees the runner's own forks and execs (no kernel filter reaches it).
                 parser.stats.own_events += 1
+                module_own[ev.probe] = module_own.get(ev.probe, 0) + 1
                 continue
             # Printk time + (host realtime - printk clock) is host realtime; minus the host's
             # offset from the controller puts it on the controller's axis like trace events.
@@ -504,7 +507,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     loss = report.loss(plan.group)
     loss.lost_lines = parser.stats.lost_events
     loss.capped = counter.capped
-    module_failures = _module_results(plan, modules, report, kmsg, out, loss)
+    module_failures = _module_results(plan, modules, report, kmsg, out, loss, module_own)
     results = getattr(fr.aggregate, "aggregates", None)
     if plan.aggregates and isinstance(results, AggResults):
         loss.hist_dropped = add_host_tables(results, host, plan, report, stream_tables, loss.capped, out.hits)
@@ -620,7 +623,8 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
 
 
 def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: RunnerReport,
-                    kmsg: KmsgCollector, out: HostOutcome, loss: LossCounters) -> list[str]:
+                    kmsg: KmsgCollector, out: HostOutcome, loss: LossCounters,
+                    own: Mapping[str, int] | None = None) -> list[str]:
     """Fold what the modules said into the outcome; return why each module that failed failed.
 
     The module's own totals at rmmod: ``missed`` (hits the kernel skipped because a kprobe was
@@ -657,7 +661,8 @@ def _module_results(plan: HostPlan, modules: tuple[ModuleLoad, ...], report: Run
         # The module's own totals at rmmod are the kernel's count: fewer lines collected than it
         # printed, or no totals at all, means the kernel-log path lost some (a slow host's reader
         # still replaying old records at the end): a lower bound, said and counted, never exact.
-        got = out.hits.get(probe, 0)
+        # What came through: the probe's events, and those of fleetprobe's own processes left out.
+        got = out.hits.get(probe, 0) + (own or {}).get(probe, 0)
         if st is None or not st.unregistered:
             out.alerts.append(f"module {name} (probe {probe}): its totals at unload never came through the "
                               f"kernel log, so its {got} hit(s) are a lower bound")
