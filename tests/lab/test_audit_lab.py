@@ -93,6 +93,9 @@ def _audit(tmp_path: Path, playbook: Path, inventory: Path) -> subprocess.Comple
            "FLEETPROBE_ARGS": "--connect-timeout 60s --setup-timeout 120s --no-agent --ssh-config none "
                               "--limit all:!lab_mips64el:!lab_mipsel"}
     argv = expand_exec_start(UNIT, env, state)
+    # The unit runs the venv install at /opt/fleetprobe (docs/audit.md); here, this venv's.
+    assert argv[0] == "/opt/fleetprobe/bin/fleetprobe", argv
+    argv[0] = str(Path(sys.executable).parent / "fleetprobe")
     run_env = dict(os.environ, XDG_DATA_HOME=str(state), COLUMNS="200",
                    PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     return subprocess.run(argv, capture_output=True, text=True, env=run_env, timeout=600)
