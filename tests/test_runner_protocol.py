@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -342,14 +343,16 @@ def test_a_window_past_the_deadline_is_cut_to_it_and_said(shell: list[str]) -> N
     instance = f"{group}_{deadline}"
     plan = (f"tracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 30\n"
             f"deadline {deadline}\ngrace 60\nenable sched/sched_process_exec\ngo\n")
-    proc = subprocess.Popen(bootstrapped(shell), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    # stdout to a file, not a pipe nobody drains while the test waits: the machine's execs fill a
+    # pipe's 64 KiB and the runner would block writing them.
+    sink = tempfile.TemporaryFile()
+    proc = subprocess.Popen(bootstrapped(shell), stdin=subprocess.PIPE, stdout=sink,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert proc.stdin is not None
         proc.stdin.write(script_input(runner_script()) + plan.encode())
         proc.stdin.flush()
         t0 = time.monotonic()
-        out = b""
         # stdin stays open (a live controller): only the runner's own window can end the run.
         while proc.poll() is None and time.monotonic() - t0 < 45:
             time.sleep(0.2)
@@ -357,7 +360,10 @@ def test_a_window_past_the_deadline_is_cut_to_it_and_said(shell: list[str]) -> N
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
-        out, _err = proc.communicate(timeout=10)
+        proc.communicate(timeout=10)
+    sink.seek(0)
+    out = sink.read()
+    sink.close()
     rep = report_of(out.decode("utf-8", "replace"))
     assert rep.started and rep.stop_reason == "duration", out[-800:]
     assert rep.shortened is not None and rep.shortened[0] == 30 and 0 <= rep.shortened[1] <= 3, rep.shortened
