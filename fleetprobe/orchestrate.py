@@ -426,8 +426,10 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     t0 = time.monotonic()
     # The runner may probe until its deadline (the planned end plus the teardown slack, in its
     # clock): a host slow to place its probes starts its window late. Give up only past that.
+    # Bounded by what the deadline was made of (duration + slack): a host that lied about its clock
+    # between the plan and now cannot stretch how long the controller waits for it.
     until_deadline = plan.deadline - (out.clock_offset or 0.0) - time.time() if plan.deadline else 0.0
-    run_limit = max(fr.duration, until_deadline) + s.teardown_timeout
+    run_limit = max(fr.duration, min(until_deadline, fr.duration + s.teardown_slack)) + s.teardown_timeout
     next_tick = t0 + TICK_SECONDS
     guard: asyncio.TimerHandle
 
