@@ -69,7 +69,7 @@ class TracepointFormat:
 
 
 def printed_key(tracepoint: str, fmt: TracepointFormat | None) -> str:
-    """The key :func:`fleetprobe.parse.split_event` gives the lines this tracepoint prints.
+    """The key :func:`fleetprobe.traceline.split_event` gives the lines this tracepoint prints.
 
     Most events print ``NAME: args`` (trace_raw_output_prep: the event's name).
     Syscall events print through print_syscall_enter/exit (kernel/trace/trace_syscalls.c)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
-from fleetprobe.parse import EventBatch, LineSink, parse_value, split_args, split_event
+from fleetprobe.parse import EventBatch, LineSink
+from fleetprobe.traceline import parse_value, split_args, split_event
 from fleetprobe.playbook import Playbook, ProbeSpec
 
 if TYPE_CHECKING:

@@ -34,7 +34,8 @@ from typing import Any
 from fleetprobe.errors import InputError
 from fleetprobe.hist import AggResults
 from fleetprobe.outcome import HostOutcome
-from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_args, split_event
+from fleetprobe.parse import EventBatch
+from fleetprobe.traceline import TraceEvent, parse_fields, parse_value, split_args, split_event
 from fleetprobe.sketches import BUCKETS, EventSample, Latency, TopValues, Value
 
 #: Distinct argument texts counted per (host, probe) before they are parsed into field tables.

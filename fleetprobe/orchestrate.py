@@ -32,7 +32,8 @@ from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
-from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
+from .parse import EventBatch, EventSink, LineSink, TraceStream
+from .traceline import TraceEvent, control_prefix
 from .plan import HostPlan, host_framing, new_run_id, new_seal, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)

@@ -15,7 +15,8 @@ from fleetprobe.render.safe import SafeConsole
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome, LossCounters
-from fleetprobe.parse import TraceEvent, TraceStream
+from fleetprobe.parse import TraceStream
+from fleetprobe.traceline import TraceEvent
 from fleetprobe.events import EventWriter
 from fleetprobe.render.terminal import format_ns, render_summary
 from fleetprobe.results import load_json, write_json
