@@ -15,15 +15,15 @@ where a user's text holds newlines (the slow path) is :mod:`fleetprobe.framed`.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Protocol
 
-from fleetprobe.traceline import (ASCII_LINES_RE, BEAT_WORD, CONTROL_PREFIX, EVENT_TEXT_CACHE, HEAD, LINE_RE,
-                                  LINES_RE, LOSS_RE, MARKER_EVENT, MARKER_WORD, SEALED, Loss, Marker, TraceEvent,
+from fleetprobe.framed import SealedFraming
+from fleetprobe.traceline import (ASCII_LINES_RE, BEAT_WORD, CONTROL_PREFIX, EVENT_TEXT_CACHE, LINES_RE, LOSS_RE,
+                                  MARKER_EVENT, MARKER_WORD, MAX_LINE_BYTES, SEALED, Loss, Marker, Row, TraceEvent,
                                   parse_fields, parse_marker, split_event)
 
 
@@ -71,16 +71,9 @@ class StreamStats:
 
 
 MAX_UNKNOWN_NAMES = 64
-#: The longest line a stream keeps (bytes or characters). The kernel prints an event into one
-#: page-sized buffer (trace_seq, 8 KiB on 6.x); a line past this is a host's attack, not an event.
-MAX_LINE_BYTES = 256 * 1024
 MAX_UNPARSED_EXAMPLES = 5
-#: What the kernel prints instead of an event too long for its print buffer (tracing_read_pipe).
-LINE_TOO_BIG = "[LINE TOO BIG]"
 
 
-#: One event line as the kernel printed it: (comm, pid, cpu, timestamp, event text "name: args").
-Row = tuple[str, str, str, str, str]
 
 _PID = itemgetter(1)
 _EVENT_TEXT = itemgetter(4)
@@ -104,11 +97,6 @@ class _EventNames(dict[str, str]):
 #: The name a stream gives a line whose seal does not fit its event (a sealed probe's line without
 #: it, another line with it): such a chunk goes the slow way (records), never the fast one.
 _MISFRAMED = "\x00misframed"
-# A sealed record's head: as HEAD, but the comm may hold newlines (a user's prctl(PR_SET_NAME)).
-_RECORD_RE = re.compile("(?s)" + HEAD + r"([^: \n].*)")
-#: A comm is at most 15 bytes, printed right-aligned in 16: a line before a sealed record's head
-#: (the comm's part before its newline) is never longer.
-MAX_COMM_PART = 16
 
 
 class _SealedNames(_EventNames):
@@ -281,22 +269,14 @@ class TraceStream:
         self._synced = False
         self._sync()
         self._trailer = trailer or None
-        self._sealed = frozenset(sealed)
-        self._unframed = frozenset(unframed)
+        # The record state of a sealed stream across chunks, and its line-by-line reading.
+        self._framing = SealedFraming(self, control_prefix, sealed, unframed)
         if self._trailer is not None:
-            self._event_names = _SealedNames(self._sealed)
-        # A sealed record not ended yet (its lines so far), its length, and whether it is being
-        # dropped for its length (then only its seal is waited for).
-        self._record: list[str] | None = None
-        self._record_len = 0
-        self._record_drop = False
-        # Lines at a record boundary that may be the start of a comm holding a newline (at most 16
-        # bytes in all: the printed comm field), waiting for the rest of their head.
-        self._head_parts: list[str] = []
+            self._event_names = _SealedNames(self._framing.sealed)
 
     def add_unframed(self, names: Iterable[str]) -> None:
         """Take these trace names as unframed from now on (their guard was refused on the host)."""
-        self._unframed = self._unframed | frozenset(names)
+        self._framing.unframed = self._framing.unframed | frozenset(names)
 
     def exclude_pids(self, pids: frozenset[int] | set[int]) -> None:
         """Drop (and count in ``stats.own_events``) the events of these pids from now on.
@@ -369,17 +349,7 @@ class TraceStream:
             rows, self._pending = [self._pending], None
             self._events(rows)
             self._flush()
-        if self._head_parts:
-            parts, self._head_parts = self._head_parts, []
-            self._unparsed("\\n".join(parts))
-        if self._record is not None:
-            # A sealed event whose seal never came (the stream was cut): not an event.
-            record, self._record = self._record, None
-            if self._record_drop:
-                self._record_drop = False
-                self._overlong()
-            else:
-                self._unparsed("\\n".join(record).replace(SEALED, ""))
+        self._framing.close()
 
     def _sync(self) -> None:
         """Refresh the cached linear map from trace time to controller time."""
@@ -435,7 +405,7 @@ class TraceStream:
         text = text.replace(trailer + "\n", SEALED + "\n")
         if text.endswith(trailer):
             text = text[:-len(trailer)] + SEALED
-        if self._record is None and not self._head_parts:
+        if self._framing.at_boundary:
             rows: list[Row] = (ASCII_LINES_RE if text.isascii() else LINES_RE).findall(text)
             if all(map(_PID, rows)):
                 names = list(map(self._event_names.__getitem__, map(_EVENT_TEXT, rows)))
@@ -444,158 +414,8 @@ class TraceStream:
                     self._events(rows, names)
                     self._flush()
                     return
-        self._lines_framed(text.split("\n"))
+        self._framing.lines(text.split("\n"))
         self._flush()
-
-    def _lines_framed(self, lines: list[str]) -> None:
-        """The slow path of :meth:`_text_framed`: lines in order, sealed records put together.
-
-        At a record boundary a line is a control or loss line, a trace head (the kernel's: the
-        line before it ended an event), or the first part of a comm that holds a newline. A
-        sealed event's record runs to the line that ends with its seal; everything in between
-        (newlines, whole trace lines, control-looking text a user chose) is that event's text,
-        newlines escaped as ``\\n``. A guarded event's line is whole. An unframed event's
-        continuation lines are folded into it, as before.
-        """
-        rows: list[Row] = []
-        names: list[str] = []
-        prefix = self.control_prefix
-        sealed = self._sealed
-        fold = False          # the last row is an unframed event that a non-head line continues
-        folded = False        # ... and it was already continued (counted once in multiline)
-
-        def flush() -> None:
-            nonlocal rows, names
-            if rows:
-                self._events(rows, names)
-                rows, names = [], []
-
-        for line in lines:
-            record = self._record
-            if record is not None:
-                if line.startswith(prefix):
-                    # The runner's own line (only its secret starts one), between two reads of a long line.
-                    flush()
-                    self._other(line)
-                    continue
-                self._record_len += len(line) + 1
-                if not self._record_drop:
-                    if self._record_len > MAX_LINE_BYTES:
-                        self._record_drop = True
-                        record.clear()
-                    else:
-                        record.append(line)
-                if not line.endswith(SEALED):
-                    continue
-                self._record = None
-                if self._record_drop:
-                    self._record_drop = False
-                    self._overlong()
-                    continue
-                got = self._sealed_record(record)
-                if got is None:
-                    flush()
-                    self._unparsed("\\n".join(record).replace(SEALED, ""))
-                else:
-                    rows.append(got[0])
-                    names.append(got[1])
-                fold = False
-                continue
-            if not line:
-                continue
-            parts = self._head_parts
-            head_lines = [line]
-            m = None
-            if parts:
-                # The lines before were the start of a comm with a newline in it: is the head whole now?
-                m = _RECORD_RE.match("\n".join([*parts, line]))
-                if m is not None:
-                    head_lines = [*parts, line]
-                    self._head_parts = []
-                elif len(line.encode("utf-8", "replace")) + sum(map(len, parts)) + len(parts) <= MAX_COMM_PART:
-                    parts.append(line)
-                    continue
-                else:
-                    self._head_parts = []
-                    flush()
-                    self._unparsed("\\n".join(parts))
-            if m is None:
-                if line.startswith(prefix) or (line.startswith("CPU:") and LOSS_RE.match(line)):
-                    flush()
-                    self._other(line)
-                    fold = False
-                    continue
-                if line == LINE_TOO_BIG:
-                    # The kernel's own stand-in for an event longer than its print buffer.
-                    flush()
-                    self._overlong()
-                    fold = False
-                    continue
-                m = LINE_RE.match(line)
-            if m is not None:
-                comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
-                if len(head_lines) > 1:
-                    # The printed comm is the pid's last saved one: a user's prctl(PR_SET_NAME) may have
-                    # put a newline in it, whatever the event's own filter said of the comm then.
-                    comm = comm.replace("\n", "\\n")
-                    self.stats.multiline += 1
-                name = split_event(ev_text)[0]
-                ends = ev_text.endswith(SEALED)
-                if name in sealed:
-                    if ends:
-                        rows.append((comm, pid_s, cpu_s, ts_s, ev_text))
-                        names.append(name)
-                    else:
-                        self._record = head_lines
-                        self._record_len = sum(map(len, head_lines)) + len(head_lines)
-                        if len(head_lines) > 1:
-                            self.stats.multiline -= 1      # counted once, when the record is whole
-                    fold = False
-                elif ends:
-                    # The seal ends only sealed events' lines.
-                    flush()
-                    self._unparsed(line.replace(SEALED, ""))
-                    fold = False
-                else:
-                    rows.append((comm, pid_s, cpu_s, ts_s, ev_text))
-                    names.append(name)
-                    fold, folded = name in self._unframed, False
-                continue
-            if fold and rows:
-                comm, pid_s, cpu_s, ts_s, ev_text = rows[-1]
-                if len(ev_text) + len(line) > MAX_LINE_BYTES:
-                    self._overlong()
-                    continue
-                rows[-1] = (comm, pid_s, cpu_s, ts_s, ev_text + "\\n" + line)
-                if not folded:
-                    self.stats.multiline += 1
-                    folded = True
-                continue
-            if len(line.encode("utf-8", "replace")) <= MAX_COMM_PART and not line.endswith(SEALED):
-                # The start of a comm with a newline in it: its head goes on on the next line(s).
-                self._head_parts = [line]
-                continue
-            flush()
-            self._unparsed(line.replace(SEALED, ""))
-            fold = False
-        flush()
-
-    def _sealed_record(self, record: list[str]) -> tuple[Row, str] | None:
-        """A sealed record's lines (the last one sealed) as one row and its name, or None if it is no event.
-
-        Its head is where the record starts (the kernel's); whatever the lines after it hold
-        is the event's text, newlines escaped.
-        """
-        m = _RECORD_RE.match("\n".join(record))
-        if m is None:
-            return None
-        comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
-        name = split_event(ev_text.replace("\n", "\\n"))[0]
-        if name not in self._sealed or not ev_text.endswith(SEALED):
-            return None
-        if len(record) > 1:
-            self.stats.multiline += 1
-        return (comm.replace("\n", "\\n"), pid_s, cpu_s, ts_s, ev_text.replace("\n", "\\n")), name
 
     def _capped(self, rows: list[Row]) -> list[Row]:
         """Rows without the ones whose text is longer than the line cap (counted)."""

@@ -34,6 +34,15 @@ from dataclasses import dataclass, field
 #: Distinct event texts whose names :func:`split_event` (and a stream) remember.
 EVENT_TEXT_CACHE = 4096
 
+#: One event line as the kernel printed it: (comm, pid, cpu, timestamp, event text "name: args").
+Row = tuple[str, str, str, str, str]
+
+#: The longest line a stream keeps (bytes or characters). The kernel prints an event into one
+#: page-sized buffer (trace_seq, 8 KiB on 6.x); a line past this is a host's attack, not an event.
+MAX_LINE_BYTES = 256 * 1024
+#: What the kernel prints instead of an event too long for its print buffer (tracing_read_pipe).
+LINE_TOO_BIG = "[LINE TOO BIG]"
+
 @dataclass(slots=True)
 class TraceEvent:
     """One event seen on one host.
