@@ -496,7 +496,12 @@ class TraceStream:
                 stats.unsynced += len(rows)
             self._take(rows, row_names, counts)
             return
-        # A clock marker or someone else's events among ours: row by row.
+        self._mixed(rows, row_names)
+
+    def _mixed(self, rows: list[Row], row_names: list[str]) -> None:
+        """A run with a clock marker or someone else's events among ours: row by row."""
+        stats = self.stats
+        known = self.names
         for row, name in zip(rows, row_names):
             if name in known:
                 if not self._synced:
@@ -508,26 +513,36 @@ class TraceStream:
                 stats.markers += 1
                 self.last_beat_ts = float(row[3])
                 continue
-            if name == MARKER_EVENT and args.startswith(MARKER_WORD):
-                marker = parse_marker(float(row[3]), args)
-                if marker is not None:
-                    # Events before the marker keep the map they were read under.
-                    self._flush()
-                    stats.markers += 1
-                    self.last_beat_ts = marker.trace_ts
-                    if self.clock is not None:
-                        self.clock.add_marker(marker)
-                        self._sync()
-                    if self.on_marker is not None:
-                        self.on_marker(marker)
-                    continue
-            unknown = stats.unknown
-            if name in unknown or len(unknown) < MAX_UNKNOWN_NAMES:
-                unknown[name] = unknown.get(name, 0) + 1
-            stats.unknown_lines += 1
-            if len(stats.unknown_examples) < MAX_UNPARSED_EXAMPLES:
-                comm, pid_s, cpu_s, ts_s, text = row
-                stats.unknown_examples.append(f"{comm}-{pid_s} [{cpu_s}] {ts_s}: {text}"[:200])
+            if name == MARKER_EVENT and args.startswith(MARKER_WORD) and self._marker(float(row[3]), args):
+                continue
+            self._unknown(row, name)
+
+    def _marker(self, trace_ts: float, args: str) -> bool:
+        """Take a clock marker (True), or say it is none (a ``fpsync`` text that does not parse)."""
+        marker = parse_marker(trace_ts, args)
+        if marker is None:
+            return False
+        # Events before the marker keep the map they were read under.
+        self._flush()
+        self.stats.markers += 1
+        self.last_beat_ts = marker.trace_ts
+        if self.clock is not None:
+            self.clock.add_marker(marker)
+            self._sync()
+        if self.on_marker is not None:
+            self.on_marker(marker)
+        return True
+
+    def _unknown(self, row: Row, name: str) -> None:
+        """Count an event that is not one of this run's probes (by name, for a bounded number of names)."""
+        stats = self.stats
+        unknown = stats.unknown
+        if name in unknown or len(unknown) < MAX_UNKNOWN_NAMES:
+            unknown[name] = unknown.get(name, 0) + 1
+        stats.unknown_lines += 1
+        if len(stats.unknown_examples) < MAX_UNPARSED_EXAMPLES:
+            comm, pid_s, cpu_s, ts_s, text = row
+            stats.unknown_examples.append(f"{comm}-{pid_s} [{cpu_s}] {ts_s}: {text}"[:200])
 
     def _take(self, rows: list[Row], row_names: list[str], counts: Mapping[str, int]) -> None:
         """Add events of this run's probes to the batch (and hand them to ``on_batch``/``on_event``, if any)."""
