@@ -18,7 +18,7 @@ from rich.table import Table
 
 from fleetprobe.render.safe import add_row, plain
 
-from fleetprobe.hist import UNKNOWN_COMM, AggResults, AggTable, bucket_label, unknown_comm_hits
+from fleetprobe.aggtables import UNKNOWN_COMM, AggResults, AggTable, bucket_label, unknown_comm_hits
 
 BAR_WIDTH = 40
 ROWS = 20

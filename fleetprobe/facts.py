@@ -261,7 +261,7 @@ _README_FEATURES = {
     # kprobe or uprobe line (the run's seal, plan.seal_args). Not the immediate string: uprobes
     # read it as user memory and print "(fault)" (seen on 6.18).
     "imm": "\\imm-value",
-    # Hist triggers and what they can do (see fleetprobe.hist): each is its own line in the README.
+    # Hist triggers and what they can do (see fleetprobe.histplan): each is its own line in the README.
     "hist_log2": ".log2",
     "hist_buckets": ".buckets=",
     "hist_usecs": ".usecs",

@@ -32,7 +32,7 @@ from operator import add, itemgetter, mul, sub
 from typing import Any
 
 from fleetprobe.errors import InputError
-from fleetprobe.hist import AggResults
+from fleetprobe.aggtables import AggResults
 from fleetprobe.outcome import HostOutcome
 from fleetprobe.parse import EventBatch
 from fleetprobe.traceline import TraceEvent, parse_fields, parse_value, split_args, split_event
@@ -189,7 +189,7 @@ class FleetAggregate:
         self.hosts: dict[str, HostSummary] = {}
         self.values: dict[tuple[str, str], TopValues] = {}
         self._parts: dict[str, _HostPart] = {}
-        #: ``aggregate:`` tables (in-kernel hist triggers or their stream fallback), see fleetprobe.hist.
+        #: ``aggregate:`` tables (in-kernel hist triggers or their stream fallback), see fleetprobe.aggtables.
         self.aggregates = AggResults()
 
     # -- hot path ---------------------------------------------------------------------------

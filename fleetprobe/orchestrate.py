@@ -25,7 +25,9 @@ from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .events import EventWriter
 from .facts import Facts
-from .hist import AggResults, StreamTables, StreamTap, add_host_tables, final_progress, stream_progress
+from .aggstream import StreamTables, StreamTap, stream_progress
+from .aggtables import AggResults, final_progress
+from .histread import add_host_tables
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate
@@ -317,7 +319,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     names = {p.trace_name: p.name for p in plan.probes if p.kind != "module"}
     report = RunnerReport()
     clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
-    # aggregate: tables the kernel cannot compute here are computed from the stream (fleetprobe.hist).
+    # aggregate: tables the kernel cannot compute here are computed from the stream (fleetprobe.aggstream).
     stream_tables = StreamTables(plan.aggregates) if plan.aggregates else None
     counter = _HostCap(StreamTap(fr.aggregate, stream_tables) if stream_tables and stream_tables.probes
                        else fr.aggregate, fr.event_cap)

@@ -289,7 +289,7 @@ def test_live_view_draws_on_a_terminal() -> None:
 
 def test_live_view_shows_streamed_tables_growing_and_says_kernel_ones_come_at_the_end() -> None:
     """aggregate: tables in the live view, folded over hosts, for 3 hosts and for 2000."""
-    from fleetprobe.hist import AggProgress
+    from fleetprobe.aggtables import AggProgress
 
     view = LiveView(Console(file=io.StringIO()), ["s1", "s2", "k1"])
     view.set_aggregates("s1", (AggProgress("ex:count:comm", "stream", 40, 3),))

@@ -23,7 +23,7 @@ from typing import Any
 
 from fleetprobe import aggreport, caveats
 from fleetprobe.audit import AuditResult
-from fleetprobe.hist import AggResults, bucket_label
+from fleetprobe.aggtables import AggResults, bucket_label
 from fleetprobe.results import FleetReport
 from fleetprobe.render.safe import visible
 from fleetprobe.sketches import Latency, bucket_range_ns

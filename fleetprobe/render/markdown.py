@@ -11,7 +11,7 @@ import time
 
 from fleetprobe import aggreport, caveats
 from fleetprobe.audit import AuditResult
-from fleetprobe.hist import AggResults, bucket_label
+from fleetprobe.aggtables import AggResults, bucket_label
 from fleetprobe.results import FleetReport
 from fleetprobe.render.safe import visible
 from fleetprobe.render.terminal import format_ns, value_text
