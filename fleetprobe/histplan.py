@@ -173,6 +173,48 @@ def synthetic_name(group: str, probe: str) -> str:
     return f"{group}_{probe}"
 
 
+@dataclass
+class _Keys:
+    """How one probe's fields become kernel keys on one host, and the fetch args that takes (``extra``)."""
+
+    kind: str
+    args: Mapping[str, str | None]
+    decls: FieldDecls | None
+    features: frozenset[str]
+    extra: list[str]
+
+    def key(self, name: str) -> tuple[str, KeySpec]:
+        """The kernel key expression of a field and how it prints (NoKernel, BadField: see field_form)."""
+        expr, ks, add = field_form(self.kind, name, self.args, self.decls, self.features)
+        if add and add not in self.extra:
+            self.extra.append(add)
+        return expr, ks
+
+    def check(self, name: str) -> None:
+        """A field must exist even where the table streams (BadField otherwise)."""
+        _check_field(self.kind, name, self.args, self.decls)
+
+    def streamed(self, reason: str, names: Iterable[str]) -> str:
+        """A streamed table keyed by comm: the event's own comm where the probe can carry it, else said.
+
+        A trace line's task name is the kernel's pid->comm cache when the line is read: for a
+        short-lived task it can be '<...>', the name it had before exec, or an earlier task's.
+        """
+        if "comm" not in names:
+            return reason
+        if self.kind == "tracepoint":
+            if self.decls is not None and "comm" in self.decls:
+                return reason
+        elif "comm" in self.args:
+            return reason
+        elif "comm" in self.features:
+            if "comm=$comm:string" not in self.extra:
+                self.extra.append("comm=$comm:string")
+            return reason
+        return (reason + "; comm is the kernel's name for the pid when each line is read, not at the event "
+                "(a short-lived task can show '<...>', its name before exec, or an earlier task's)")
+
+
 def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, ...], value: str | None,
                    top: int, size: int, event: str, group: str, args: Mapping[str, str | None],
                    decls: FieldDecls | None, features: frozenset[str], entry_event: str | None = None,
@@ -185,99 +227,94 @@ def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, 
     latency, the entry probe it pairs with (its event path, kind and name).
     Raises BadField when a field does not exist on this host.
     """
-    tables: list[TablePlan] = []
-    triggers: list[Trigger] = []
-    synthetic: list[str] = []
-    extra: list[str] = []
-    base = "hist" in features
-    why_not = "" if base else "no hist triggers in this kernel (the tracefs README lists no 'hist:')"
-
-    def key(name: str) -> tuple[str, KeySpec]:
-        expr, ks, add = field_form(kind, name, args, decls, features)
-        if add and add not in extra:
-            extra.append(add)
-        return expr, ks
-
-    def streamed(reason: str, names: Iterable[str]) -> str:
-        """A streamed table keyed by comm: the event's own comm where the probe can carry it, else said.
-
-        A trace line's task name is the kernel's pid->comm cache when the line is read: for a
-        short-lived task it can be '<...>', the name it had before exec, or an earlier task's.
-        """
-        if "comm" not in names:
-            return reason
-        if kind == "tracepoint":
-            if decls is not None and "comm" in decls:
-                return reason
-        elif "comm" in args:
-            return reason
-        elif "comm" in features:
-            if "comm=$comm:string" not in extra:
-                extra.append("comm=$comm:string")
-            return reason
-        return (reason + "; comm is the kernel's name for the pid when each line is read, not at the event "
-                "(a short-lived task can show '<...>', its name before exec, or an earlier task's)")
-
+    keys = _Keys(kind, args, decls, features, [])
+    why_not = "" if "hist" in features else "no hist triggers in this kernel (the tracefs README lists no 'hist:')"
     if spec_kind == "count":
-        for f in fields:
-            table = AggTable(probe, "count", f, (), top)
-            reason = why_not
-            trig: Trigger | None = None
-            if not reason:
-                try:
-                    expr, ks = key(f)
-                    trig = Trigger(event, f"hist:keys={expr}:vals=hitcount:sort=hitcount.descending:size={size}",
-                                   table.table_id, (ks,))
-                except NoKernel as e:
-                    reason = f"{f}: {e}"
-            else:
-                _check_field(kind, f, args, decls)
-            if trig is not None:
-                triggers.append(trig)
-                tables.append(TablePlan(table, "kernel"))
-            else:
-                tables.append(TablePlan(table, "stream", streamed(reason, (f,))))
-        return AggPlan(probe, tuple(tables), (), tuple(triggers), tuple(extra))
+        return _count_plan(probe, fields, top, size, event, keys, why_not)
     if spec_kind == "histogram":
         assert value is not None
-        table = AggTable(probe, "histogram", value, fields, top)
-        reason = why_not or ("" if "hist_log2" in features else "the kernel's hist has no .log2 modifier")
-        if not reason and len(fields) > 1:
-            reason = (f"split by {len(fields)} keys: the kernel takes at most two keys per trigger, the "
-                      "histogram's value and one")
-        keys: list[tuple[str, KeySpec]] = []
+        return _histogram_plan(probe, fields, value, top, size, event, keys, why_not)
+    assert entry_event is not None and entry_name is not None
+    return _latency_plan(probe, fields, top, size, event, group, entry_event, entry_name, keys, why_not)
+
+
+def _count_plan(probe: str, fields: tuple[str, ...], top: int, size: int, event: str, keys: _Keys,
+                why_not: str) -> AggPlan:
+    """``count``: one table per field, each in the kernel where it can be keyed there."""
+    tables: list[TablePlan] = []
+    triggers: list[Trigger] = []
+    for f in fields:
+        table = AggTable(probe, "count", f, (), top)
+        reason = why_not
+        trig: Trigger | None = None
         if not reason:
             try:
-                keys = [key(f) for f in fields]
-                vexpr, vks = key(value)
-                if vks.form in ("string", "execname"):
-                    raise BadField(f"{value!r} is a string here; a histogram needs a number")
-                keys.append((f"{vexpr}.log2", KeySpec(vexpr, "log2")))
+                expr, ks = keys.key(f)
+                trig = Trigger(event, f"hist:keys={expr}:vals=hitcount:sort=hitcount.descending:size={size}",
+                               table.table_id, (ks,))
             except NoKernel as e:
-                reason = str(e)
+                reason = f"{f}: {e}"
         else:
-            for f in (*fields, value):
-                _check_field(kind, f, args, decls)
-        if reason:
-            return AggPlan(probe, (TablePlan(table, "stream", streamed(reason, fields)),), (), (), tuple(extra))
-        line = (f"hist:keys={','.join(k for k, _ in keys)}:vals=hitcount:sort=hitcount.descending:size={size}")
-        return AggPlan(probe, (TablePlan(table, "kernel"),), (),
-                       (Trigger(event, line, table.table_id, tuple(ks for _, ks in keys)),), tuple(extra))
-    # latency
-    assert entry_event is not None and entry_name is not None
+            keys.check(f)
+        if trig is not None:
+            triggers.append(trig)
+            tables.append(TablePlan(table, "kernel"))
+        else:
+            tables.append(TablePlan(table, "stream", keys.streamed(reason, (f,))))
+    return AggPlan(probe, tuple(tables), (), tuple(triggers), tuple(keys.extra))
+
+
+def _histogram_plan(probe: str, fields: tuple[str, ...], value: str, top: int, size: int, event: str,
+                    keys: _Keys, why_not: str) -> AggPlan:
+    """``histogram``: log2 buckets of ``value``, split by at most one key in the kernel."""
+    features = keys.features
+    table = AggTable(probe, "histogram", value, fields, top)
+    reason = why_not or ("" if "hist_log2" in features else "the kernel's hist has no .log2 modifier")
+    if not reason and len(fields) > 1:
+        reason = (f"split by {len(fields)} keys: the kernel takes at most two keys per trigger, the "
+                  "histogram's value and one")
+    exprs: list[tuple[str, KeySpec]] = []
+    if not reason:
+        try:
+            exprs = [keys.key(f) for f in fields]
+            vexpr, vks = keys.key(value)
+            if vks.form in ("string", "execname"):
+                raise BadField(f"{value!r} is a string here; a histogram needs a number")
+            exprs.append((f"{vexpr}.log2", KeySpec(vexpr, "log2")))
+        except NoKernel as e:
+            reason = str(e)
+    else:
+        for f in (*fields, value):
+            keys.check(f)
+    if reason:
+        return AggPlan(probe, (TablePlan(table, "stream", keys.streamed(reason, fields)),), (), (),
+                       tuple(keys.extra))
+    line = (f"hist:keys={','.join(k for k, _ in exprs)}:vals=hitcount:sort=hitcount.descending:size={size}")
+    return AggPlan(probe, (TablePlan(table, "kernel"),), (),
+                   (Trigger(event, line, table.table_id, tuple(ks for _, ks in exprs)),), tuple(keys.extra))
+
+
+#: What a kernel latency needs beyond hist triggers, and what the report says when it lacks it.
+_LATENCY_NEEDS = (("synthetic_events", "no synthetic events (CONFIG_SYNTH_EVENTS)"),
+                  ("hist_onmatch", "the kernel's hist has no onmatch() handler"),
+                  ("common_timestamp", "the kernel's hist has no common_timestamp"),
+                  ("hist_log2", "the kernel's hist has no .log2 modifier"))
+
+
+def _latency_plan(probe: str, fields: tuple[str, ...], top: int, size: int, event: str, group: str,
+                  entry_event: str, entry_name: str, keys: _Keys, why_not: str) -> AggPlan:
+    """``latency``: entry->return nanoseconds, timed in the kernel by a synthetic event where it can."""
+    features = keys.features
     table = AggTable(probe, "latency", "ns", fields, top)
     reason = why_not
-    for need, what in (("synthetic_events", "no synthetic events (CONFIG_SYNTH_EVENTS)"),
-                       ("hist_onmatch", "the kernel's hist has no onmatch() handler"),
-                       ("common_timestamp", "the kernel's hist has no common_timestamp"),
-                       ("hist_log2", "the kernel's hist has no .log2 modifier")):
+    for need, what in _LATENCY_NEEDS:
         if not reason and need not in features:
             reason = what
     if not reason and len(fields) > 1:
         reason = f"split by {len(fields)} keys: the kernel takes at most two keys per trigger, the latency and one"
     if reason:
-        return AggPlan(probe, (TablePlan(table, "stream", streamed(reason, fields), source_probe=entry_name),),
-                       (), (), tuple(extra))
+        return AggPlan(probe, (TablePlan(table, "stream", keys.streamed(reason, fields), source_probe=entry_name),),
+                       (), (), tuple(keys.extra))
     synth = synthetic_name(group, probe)
     ts, lat = f"fpts_{probe}", f"fplat_{probe}"
     sys_, _, ev = entry_event.partition("/")
@@ -285,14 +322,13 @@ def plan_aggregate(*, probe: str, kind: str, spec_kind: str, fields: tuple[str, 
               else f"onmatch({sys_}.{ev}).{synth}(${lat},common_pid)")
     # The synthetic event fires in the returning task: its pid field and common_pid are that task.
     by_keys = [("pid", KeySpec("pid", "signed", 32)) if f == "pid" else _execname(features)[:2] for f in fields]
-    synthetic.append(f"{synth} u64 lat; int pid")
-    triggers.append(Trigger(entry_event, f"hist:keys=common_pid:{ts}=common_timestamp:size={TS_TABLE_SIZE}"))
-    triggers.append(Trigger(event, f"hist:keys=common_pid:{lat}=common_timestamp-${ts}:{action}"))
     keys_text = ",".join([k for k, _ in by_keys] + ["lat.log2"])
-    triggers.append(Trigger(f"synthetic/{synth}", f"hist:keys={keys_text}:vals=hitcount:sort=hitcount.descending:"
-                            f"size={size}", table.table_id,
-                            (*(ks for _, ks in by_keys), KeySpec("lat", "log2"))))
-    return AggPlan(probe, (TablePlan(table, "kernel"),), tuple(synthetic), tuple(triggers), ())
+    triggers = (
+        Trigger(entry_event, f"hist:keys=common_pid:{ts}=common_timestamp:size={TS_TABLE_SIZE}"),
+        Trigger(event, f"hist:keys=common_pid:{lat}=common_timestamp-${ts}:{action}"),
+        Trigger(f"synthetic/{synth}", f"hist:keys={keys_text}:vals=hitcount:sort=hitcount.descending:"
+                f"size={size}", table.table_id, (*(ks for _, ks in by_keys), KeySpec("lat", "log2"))))
+    return AggPlan(probe, (TablePlan(table, "kernel"),), (f"{synth} u64 lat; int pid",), triggers, ())
 
 
 def _check_field(kind: str, name: str, args: Mapping[str, str | None], decls: FieldDecls | None) -> None:
