@@ -361,15 +361,7 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
             skipped.append(SkippedProbe(spec.name, reason))
             if spec.on_missing == "fail" and failed is None:
                 failed = f"probe {spec.name!r} (on_missing: fail) cannot be placed: {reason}"
-    placed = {p.name: p for p in probes}
-    for p in probes:
-        if p.pair_with is None:
-            continue
-        entry = placed.get(p.pair_with)
-        if entry is None:
-            notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
-        elif entry.symbol != p.symbol:
-            notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    notes.extend(_pairing_notes(probes))
     aggregates: tuple[AggPlan, ...] = ()
     if any(spec.aggregate for spec in playbook.probes):
         placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes)
@@ -389,6 +381,20 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
                     duration=playbook.duration if duration is None else duration, deadline=int(deadline),
                     aggregates=aggregates, seal=seal)
 
+
+def _pairing_notes(probes: list[PlannedProbe]) -> list[str]:
+    """What the report says of return probes whose latency pairing is lost or odd on this host."""
+    placed = {p.name: p for p in probes}
+    notes: list[str] = []
+    for p in probes:
+        if p.pair_with is None:
+            continue
+        entry = placed.get(p.pair_with)
+        if entry is None:
+            notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
+        elif entry.symbol != p.symbol:
+            notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    return notes
 
 def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: list[PlannedProbe],
                          ) -> tuple[list[PlannedProbe], tuple[AggPlan, ...], list[tuple[str, str]]]:
