@@ -13,7 +13,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from fleetprobe.aggreport import count_rows, summaries
+from fleetprobe.render.aggregates import count_rows, summaries
 from fleetprobe.render.html import render_html
 from fleetprobe.render.markdown import escape, render_markdown
 from fleetprobe.render.safe import SafeConsole, visible
