@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from .orchestrate import EventStream, cleanup_fleet, facts_fleet, plan_fleet, run_playbook
     from .settings import RunSettings
     from .outcome import HostOutcome, LossCounters
-    from .parse import TraceEvent
+    from .traceline import TraceEvent
     from .plan import HostPlan, plan_host
     from .playbook import Playbook, load_playbook, parse_playbook
     from .adhoc import adhoc_playbook

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fleetprobe.parse import Marker
+from fleetprobe.traceline import Marker
 
 # Accept a fitted drift only when the fit itself is this good: a 1 ms marker
 # bound over a 20 s run gives 100 ppm, the same order as real crystal drift,

@@ -19,7 +19,8 @@ from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 
-from fleetprobe.parse import EventBatch, TraceEvent, parse_fields, parse_value, split_event
+from fleetprobe.parse import EventBatch
+from fleetprobe.traceline import TraceEvent, parse_fields, parse_value, split_event
 from fleetprobe.outfiles import PRIVATE
 
 #: JSON exactly as ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` writes it, without

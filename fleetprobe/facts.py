@@ -69,7 +69,7 @@ class TracepointFormat:
 
 
 def printed_key(tracepoint: str, fmt: TracepointFormat | None) -> str:
-    """The key :func:`fleetprobe.parse.split_event` gives the lines this tracepoint prints.
+    """The key :func:`fleetprobe.traceline.split_event` gives the lines this tracepoint prints.
 
     Most events print ``NAME: args`` (trace_raw_output_prep: the event's name).
     Syscall events print through print_syscall_enter/exit (kernel/trace/trace_syscalls.c)
@@ -261,7 +261,7 @@ _README_FEATURES = {
     # kprobe or uprobe line (the run's seal, plan.seal_args). Not the immediate string: uprobes
     # read it as user memory and print "(fault)" (seen on 6.18).
     "imm": "\\imm-value",
-    # Hist triggers and what they can do (see fleetprobe.hist): each is its own line in the README.
+    # Hist triggers and what they can do (see fleetprobe.histplan): each is its own line in the README.
     "hist_log2": ".log2",
     "hist_buckets": ".buckets=",
     "hist_usecs": ".usecs",

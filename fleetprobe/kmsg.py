@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fleetprobe.parse import TraceEvent
+from fleetprobe.traceline import TraceEvent
 
 #: The first word of every line fleetprobe's modules print.
 LINE_PREFIX = "fleetprobe "

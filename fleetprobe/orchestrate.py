@@ -25,14 +25,17 @@ from .clock import ClockMap
 from .errors import FleetprobeError, HostError, TransportError
 from .events import EventWriter
 from .facts import Facts
-from .hist import AggResults, StreamTables, StreamTap, add_host_tables, final_progress, stream_progress
+from .aggstream import StreamTables, StreamTap, stream_progress
+from .aggtables import AggResults, final_progress
+from .histread import add_host_tables
 from .inventory import Host
 from .kmsg import KmsgCollector, MarkerSplitter
 from .merge import FleetAggregate
 from .results import FleetReport, RunInfo
 from .version import __version__
 from .outcome import HostOutcome, LossCounters, Stage, Status
-from .parse import EventBatch, EventSink, LineSink, TraceEvent, TraceStream, control_prefix
+from .parse import EventBatch, EventSink, LineSink, TraceStream
+from .traceline import TraceEvent, control_prefix
 from .plan import HostPlan, host_framing, new_run_id, new_seal, plan_host, with_later_deadline
 from .playbook import Playbook
 from .runner.runner import (ModuleLoad, RunnerReport, clock_sample, plan_directives, sweep_directives)
@@ -316,7 +319,7 @@ async def _probe(fr: FleetRun, session: Session, runner: RunnerChannel, facts: F
     names = {p.trace_name: p.name for p in plan.probes if p.kind != "module"}
     report = RunnerReport()
     clock = ClockMap(offset=out.clock_offset or 0.0, error=out.clock_error or 0.0)
-    # aggregate: tables the kernel cannot compute here are computed from the stream (fleetprobe.hist).
+    # aggregate: tables the kernel cannot compute here are computed from the stream (fleetprobe.aggstream).
     stream_tables = StreamTables(plan.aggregates) if plan.aggregates else None
     counter = _HostCap(StreamTap(fr.aggregate, stream_tables) if stream_tables and stream_tables.probes
                        else fr.aggregate, fr.event_cap)

@@ -16,7 +16,7 @@ from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL
                               user_arg_registers)
 from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
-from fleetprobe.hist import AggPlan, plan_host_aggregates
+from fleetprobe.histplan import AggPlan, BadField, plan_aggregate, probe_arg_types, tracepoint_decls
 from fleetprobe.playbook import SEAL_ARG_NAMES, KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
@@ -153,6 +153,16 @@ def seal_args(seal: tuple[int, int]) -> str:
 def seal_trailer(seal: tuple[int, int]) -> str:
     """How the kernel prints :func:`seal_args` (``" fpt=0x%x fpu=0x%x"``): the end of every sealed line."""
     return "".join(f" {n}={v:#x}" for n, v in zip(SEAL_NAMES, seal))
+
+
+#: The seal args at the end of a definition (what seal_args wrote).
+_SEAL_TAIL = re.compile(r"( fpt=\\0x[0-9a-f]+:x32 fpu=\\0x[0-9a-f]+:x32)$")
+
+
+def _split_seal(definition: str) -> tuple[str, str]:
+    """(definition without its trailing seal args, the seal args with their leading space or '')."""
+    m = _SEAL_TAIL.search(definition)
+    return (definition[:m.start()], m.group(1)) if m else (definition, "")
 
 
 # --- names -----------------------------------------------------------------
@@ -351,15 +361,7 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
             skipped.append(SkippedProbe(spec.name, reason))
             if spec.on_missing == "fail" and failed is None:
                 failed = f"probe {spec.name!r} (on_missing: fail) cannot be placed: {reason}"
-    placed = {p.name: p for p in probes}
-    for p in probes:
-        if p.pair_with is None:
-            continue
-        entry = placed.get(p.pair_with)
-        if entry is None:
-            notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
-        elif entry.symbol != p.symbol:
-            notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    notes.extend(_pairing_notes(probes))
     aggregates: tuple[AggPlan, ...] = ()
     if any(spec.aggregate for spec in playbook.probes):
         placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes)
@@ -378,6 +380,68 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
                     probes=tuple(probes), skipped=tuple(skipped), failed=failed, notes=tuple(notes),
                     duration=playbook.duration if duration is None else duration, deadline=int(deadline),
                     aggregates=aggregates, seal=seal)
+
+
+def _pairing_notes(probes: list[PlannedProbe]) -> list[str]:
+    """What the report says of return probes whose latency pairing is lost or odd on this host."""
+    placed = {p.name: p for p in probes}
+    notes: list[str] = []
+    for p in probes:
+        if p.pair_with is None:
+            continue
+        entry = placed.get(p.pair_with)
+        if entry is None:
+            notes.append(f"{p.name}: no latency pairing, its entry probe {p.pair_with!r} is skipped on this host")
+        elif entry.symbol != p.symbol:
+            notes.append(f"{p.name}: pairs {entry.symbol} (entry) with {p.symbol} (return): different functions")
+    return notes
+
+def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: list[PlannedProbe],
+                         ) -> tuple[list[PlannedProbe], tuple[AggPlan, ...], list[tuple[str, str]]]:
+    """(probes, aggregate plans, [(probe, reason) skipped]) for one host.
+
+    A probe whose every table is counted in the kernel is planned with ``stream=False``
+    (not enabled: its triggers run it); an entry probe a streamed latency pairs with
+    keeps streaming.  A probe whose aggregate names a field the event lacks on this
+    host is skipped with the reason.
+    """
+    placed = {p.name: p for p in probes}
+    plans: list[AggPlan] = []
+    skipped: list[tuple[str, str]] = []
+    for spec in playbook.probes:
+        agg = spec.aggregate
+        if agg is None or spec.name not in placed:
+            continue
+        pp = placed[spec.name]
+        entry = placed.get(spec.pair_with or "") if agg.kind == "latency" else None
+        if agg.kind == "latency" and entry is None:
+            skipped.append((spec.name, f"its entry probe {spec.pair_with!r} is not placed on this host: no latency"))
+            continue
+        try:
+            ap = plan_aggregate(
+                probe=spec.name, kind=spec.kind, spec_kind=agg.kind, fields=agg.fields, value=agg.value,
+                top=agg.top, size=agg.size, event=pp.event, group=group, args=probe_arg_types(spec),
+                decls=tracepoint_decls(facts, spec), features=facts.features,
+                entry_event=entry.event if entry else None, entry_kind=entry.kind if entry else None,
+                entry_name=entry.name if entry else None)
+        except BadField as e:
+            skipped.append((spec.name, f"aggregate: {e}"))
+            continue
+        plans.append(ap)
+        if ap.extra_args and pp.definition:
+            # Before the run's seal when the definition has one: the seal must stay the last thing printed.
+            head, seal = _split_seal(pp.definition)
+            pp = replace(pp, definition=f"{head} {' '.join(ap.extra_args)}{seal}",
+                         fields=pp.fields + tuple(a.split("=", 1)[0] for a in ap.extra_args))
+        placed[spec.name] = replace(pp, stream=ap.stream)
+    for name, _ in skipped:
+        placed.pop(name, None)
+    # An entry probe whose latency is computed from the stream must stream too.
+    for ap in plans:
+        for tp in ap.tables:
+            if tp.mode == "stream" and tp.source_probe in placed:
+                placed[tp.source_probe] = replace(placed[tp.source_probe], stream=True)
+    return [placed[p.name] for p in probes if p.name in placed], tuple(plans), skipped
 
 
 # A string fetch arg of a definition: NAME=FETCH:string or :ustring (symbol and symstr print

@@ -14,7 +14,7 @@ from fleetprobe.inventory import Host
 from fleetprobe.session import Session, SSHOptions
 
 if TYPE_CHECKING:
-    from fleetprobe.hist import AggProgress
+    from fleetprobe.aggtables import AggProgress
 
 
 #: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.

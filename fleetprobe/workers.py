@@ -50,7 +50,7 @@ from typing import Any
 
 from fleetprobe.events import EventWriter, _open_private_fd
 from fleetprobe.facts import Facts
-from fleetprobe.hist import AggProgress, AggResults, AggTable, HostTable
+from fleetprobe.aggtables import AggProgress, AggResults, AggTable, HostTable
 from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.outcome import HostOutcome, Stage, Status

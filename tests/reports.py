@@ -13,8 +13,10 @@ import shlex
 from pathlib import Path
 
 from fleetprobe.clock import ClockMap
-from fleetprobe.hist import (AggPlan, AggResults, AggTable, HostTable, KeySpec, StreamTables, TablePlan, Trigger,
-                             host_tables)
+from fleetprobe.aggstream import StreamTables
+from fleetprobe.aggtables import AggResults, AggTable, HostTable
+from fleetprobe.histplan import AggPlan, KeySpec, TablePlan, Trigger
+from fleetprobe.histread import host_tables
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome
@@ -134,7 +136,7 @@ def _hist_lines(name: str) -> list[str]:
 
 
 def agg_report() -> FleetReport:
-    """aggregate: tables made the way a run makes them (fleetprobe.hist.host_tables), every mode and note in them.
+    """aggregate: tables made the way a run makes them (fleetprobe.histread.host_tables), every mode and note in them.
 
     Kernel hosts from real hist files of the lab's 6.1 guest (tests/data/hist: paths chosen
     to look like hist syntax, a full table with Dropped), a host whose kernel refused the

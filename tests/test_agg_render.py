@@ -1,7 +1,7 @@
 """aggregate: tables in every report format (terminal, HTML, Markdown): the same sentences, every key escaped.
 
 The report (tests/reports.py agg_report) is made the way a run makes its tables
-(fleetprobe.hist.host_tables): kernel hosts from real hist files of the lab's 6.1 guest,
+(fleetprobe.histread.host_tables): kernel hosts from real hist files of the lab's 6.1 guest,
 a host whose kernel refused the trigger with a hostile message, and a streaming host
 whose comm values are hostile.
 """
@@ -13,7 +13,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from fleetprobe.aggreport import count_rows, summaries
+from fleetprobe.render.aggregates import count_rows, summaries
 from fleetprobe.render.html import render_html
 from fleetprobe.render.markdown import escape, render_markdown
 from fleetprobe.render.safe import SafeConsole, visible

@@ -10,7 +10,8 @@ from __future__ import annotations
 from fleetprobe.caveats import hit_text, host_caveats, unattributed_reason
 from fleetprobe.facts import Facts, TracepointFormat, parse_facts, printed_key
 from fleetprobe.outcome import HostOutcome
-from fleetprobe.parse import TraceStream, parse_line, split_event
+from fleetprobe.parse import TraceStream
+from fleetprobe.traceline import parse_line, split_event
 from fleetprobe.plan import plan_host
 from fleetprobe.playbook import parse_playbook
 

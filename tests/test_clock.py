@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fleetprobe.clock import ClockMap
-from fleetprobe.parse import Marker, TraceStream, TraceEvent
+from fleetprobe.parse import TraceStream
+from fleetprobe.traceline import Marker, TraceEvent
 
 EPOCH = 1_764_120_000.0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe.aggreport import summaries
+from fleetprobe.render.aggregates import summaries
 from fleetprobe.cli.main import main
 from fleetprobe.facts import readme_features
 from fleetprobe.render.html import _v

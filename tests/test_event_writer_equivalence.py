@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from fleetprobe import events
 from fleetprobe.clock import ClockMap
 from fleetprobe.ingest import _HostCap
-from fleetprobe.parse import EventBatch, TraceEvent, TraceStream
+from fleetprobe.parse import EventBatch, TraceStream
+from fleetprobe.traceline import TraceEvent
 from fleetprobe.events import EventWriter
 
 NAMES = {"fp_x_open": "open", "fp_x_open_ret": "open_ret", "sched_process_exec": "exec", "tp": "tp"}

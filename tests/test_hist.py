@@ -11,22 +11,11 @@ from hypothesis import strategies as st
 
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
-from fleetprobe.hist import (
-    AggPlan,
-    AggResults,
-    AggTable,
-    HostTable,
-    KeySpec,
-    StreamTables,
-    TablePlan,
-    Trigger,
-    _parse_key,
-    event_values,
-    log2_bucket,
-    parse_hist,
-    plan_lines,
-    tables_from_hist,
-)
+from fleetprobe.aggstream import StreamTables, event_values
+from fleetprobe.aggtables import AggResults, AggTable, HostTable, log2_bucket
+from fleetprobe.histplan import AggPlan, KeySpec, TablePlan, Trigger
+from fleetprobe.histread import _parse_key, parse_hist, tables_from_hist
+from fleetprobe.render.aggplan import plan_lines
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome

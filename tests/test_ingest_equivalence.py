@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from fleetprobe.clock import ClockMap
 from fleetprobe.merge import FleetAggregate
-from fleetprobe.parse import (_ASCII_LINES_RE, _LINE_RE, _LINES_RE, _LOSS_RE, CONTROL_PREFIX, MARKER_EVENT, split_event,
-                              MAX_UNKNOWN_NAMES, MAX_UNPARSED_EXAMPLES, Loss, Marker, TraceEvent, TraceStream,
-                              parse_fields, parse_marker)
+from fleetprobe.parse import MAX_UNKNOWN_NAMES, MAX_UNPARSED_EXAMPLES, TraceStream
+from fleetprobe.traceline import (ASCII_LINES_RE, CONTROL_PREFIX, LINE_RE, LINES_RE, LOSS_RE, MARKER_EVENT, Loss, Marker,
+                                  TraceEvent, parse_fields, parse_marker, split_event)
 
 NAMES = {"fp_x_open": "open", "fp_x_open_ret": "open_ret", "sched_process_fork": "fork", "odd:name": "odd"}
 PAIRS = {"open_ret": "open"}
@@ -128,7 +128,7 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
     for line in _continued(lines, stats):
         if not line:
             continue
-        m = _LINE_RE.match(line)
+        m = LINE_RE.match(line)
         if m is None:
             if line.startswith(CONTROL_PREFIX):
                 stats["lines"] += 1
@@ -136,7 +136,7 @@ def reference(data: bytes, pending_cap: int) -> dict[str, Any]:
                 out["control"].append(line[len(CONTROL_PREFIX):])
             elif line.strip():
                 stats["lines"] += 1
-                loss = _LOSS_RE.match(line)
+                loss = LOSS_RE.match(line)
                 if loss is not None:
                     stats["loss_lines"] += 1
                     stats["lost_events"] += int(loss[2])
@@ -180,11 +180,11 @@ def _continued(lines: list[str], stats: dict[str, Any]) -> list[str]:
     out: list[str] = []
     event = False
     for line in lines:
-        if m := _LINE_RE.match(line):
+        if m := LINE_RE.match(line):
             out.append(line)
             # A marker (the runner's own trace_marker write) holds no user's text: nothing continues it.
             event, joined = not m[5].startswith(MARKER_EVENT), False
-        elif line.startswith(CONTROL_PREFIX) or _LOSS_RE.match(line):
+        elif line.startswith(CONTROL_PREFIX) or LOSS_RE.match(line):
             out.append(line)
             event = False
         elif event:
@@ -244,16 +244,16 @@ LINE_LIKE = st.builds(lambda c, p, cpu, f, ts, rest: f"{c:>16}-{p} [{cpu}] {f}{t
 def test_line_regexes_agree(lines: list[str]) -> None:
     """The chunk regexes (Unicode and ASCII twin) and the one-line regex parse every line alike, as first written."""
     for line in lines:
-        plain, fast_line = PLAIN_LINE_RE.match(line), _LINE_RE.match(line)
+        plain, fast_line = PLAIN_LINE_RE.match(line), LINE_RE.match(line)
         assert (plain and plain.groups()) == (fast_line and fast_line.groups())
     text = "\n".join(lines)
-    rows = _LINES_RE.findall(text)
+    rows = LINES_RE.findall(text)
     assert len(rows) == text.count("\n") + 1
     for line, row in zip(text.split("\n"), rows):
-        m = _LINE_RE.match(line)
+        m = LINE_RE.match(line)
         if m is None:
             assert row == ("", "", "", "", line)
         else:
             assert row == (*m.groups()[:4], line[m.start(5):])
     ascii_text = text.encode("ascii", "replace").decode()
-    assert _ASCII_LINES_RE.findall(ascii_text) == _LINES_RE.findall(ascii_text)
+    assert ASCII_LINES_RE.findall(ascii_text) == LINES_RE.findall(ascii_text)

@@ -15,7 +15,8 @@ from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.sketches import BUCKETS, Latency, TopValues, bucket_of, bucket_range_ns
 from fleetprobe.outcome import HostOutcome, LossCounters
-from fleetprobe.parse import TraceEvent, TraceStream
+from fleetprobe.parse import TraceStream
+from fleetprobe.traceline import TraceEvent
 
 PAIRS = {"openat_ret": "openat"}
 HOSTS = [f"h{i}" for i in range(5)]

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from fleetprobe.clock import ClockMap
 from fleetprobe.merge import FleetAggregate
-from fleetprobe.parse import (Control, Loss, Marker, TraceEvent, TraceStream, parse_line, parse_marker,
-                              parse_value, split_args)
+from fleetprobe.parse import TraceStream
+from fleetprobe.traceline import Control, Loss, Marker, TraceEvent, parse_line, parse_marker, parse_value, split_args
 
 DATA = Path(__file__).parent / "data" / "trace"
 SAMPLES = sorted(DATA.glob("*.txt"))

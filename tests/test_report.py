@@ -15,7 +15,8 @@ from fleetprobe.render.safe import SafeConsole
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.outcome import HostOutcome, LossCounters
-from fleetprobe.parse import TraceEvent, TraceStream
+from fleetprobe.parse import TraceStream
+from fleetprobe.traceline import TraceEvent
 from fleetprobe.events import EventWriter
 from fleetprobe.render.terminal import format_ns, render_summary
 from fleetprobe.results import load_json, write_json
@@ -288,7 +289,7 @@ def test_live_view_draws_on_a_terminal() -> None:
 
 def test_live_view_shows_streamed_tables_growing_and_says_kernel_ones_come_at_the_end() -> None:
     """aggregate: tables in the live view, folded over hosts, for 3 hosts and for 2000."""
-    from fleetprobe.hist import AggProgress
+    from fleetprobe.aggtables import AggProgress
 
     view = LiveView(Console(file=io.StringIO()), ["s1", "s2", "k1"])
     view.set_aggregates("s1", (AggProgress("ex:count:comm", "stream", 40, 3),))

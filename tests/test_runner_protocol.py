@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from fleetprobe.facts import Facts, facts_args, parse_facts
-from fleetprobe.parse import CONTROL_PREFIX, EventBatch, TraceStream
+from fleetprobe.parse import EventBatch, TraceStream
+from fleetprobe.traceline import CONTROL_PREFIX
 from fleetprobe.plan import HostPlan, plan_host
 from fleetprobe.playbook import parse_playbook
 from fleetprobe.runner.runner import ModuleLoad, RunnerReport, clock_sample, plan_directives, runner_script

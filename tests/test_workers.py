@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fleetprobe.hist import AggTable, HostTable
+from fleetprobe.aggtables import AggTable, HostTable
 from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetAggregate
 from fleetprobe.outcome import HostOutcome, LossCounters

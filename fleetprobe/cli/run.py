@@ -36,7 +36,8 @@ from fleetprobe.cli.output import STDOUT, where, write_report_json, write_text
 from fleetprobe.events import EventWriter
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
-from fleetprobe.hist import AggProgress, plan_json, plan_lines
+from fleetprobe.aggtables import AggProgress
+from fleetprobe.render.aggplan import plan_json, plan_lines
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.plan import new_run_id
 from fleetprobe.render.safe import visible, visible_lines

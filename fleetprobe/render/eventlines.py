@@ -21,7 +21,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO
 
-from fleetprobe.parse import EventBatch, EventSink, TraceEvent, split_event
+from fleetprobe.parse import EventBatch, EventSink
+from fleetprobe.traceline import TraceEvent, split_event
 
 #: TASK_COMM_LEN - 1: the longest comm, so the pid column lines up.
 COMM_WIDTH = 15

@@ -21,9 +21,10 @@ import os
 import time
 from typing import Any
 
-from fleetprobe import aggreport, caveats
+from fleetprobe import caveats
+from fleetprobe.render import aggregates
 from fleetprobe.audit import AuditResult
-from fleetprobe.hist import AggResults, bucket_label
+from fleetprobe.aggtables import AggResults, bucket_label
 from fleetprobe.results import FleetReport
 from fleetprobe.render.safe import visible
 from fleetprobe.sketches import Latency, bucket_range_ns
@@ -320,7 +321,7 @@ def _latency_chart(entry: str, ret: str, lat: Latency, colour: str) -> str:
 
 
 def _aggregates(results: AggResults) -> str:
-    """Every ``aggregate:`` table as the terminal shows it (aggreport): heading, each host's mode, notes, rows.
+    """Every ``aggregate:`` table as the terminal shows it (render.aggregates): heading, each host's mode, notes, rows.
 
     Keys are comm and path values chosen by any user on a host, reasons quote the host's
     kernel: each goes through ``_v`` (non-printables shown as escapes, as on the terminal, so
@@ -328,7 +329,7 @@ def _aggregates(results: AggResults) -> str:
     HTML-escaped), and element ids are made from the table's position, never from a key.
     """
     blocks = []
-    for i, s in enumerate(aggreport.summaries(results)):
+    for i, s in enumerate(aggregates.summaries(results)):
         t = s.table
         parts = [f"<div class='agg' id='agg-{i}'><h3>{_v(s.heading)}</h3>",
                  "<ul class='agg-modes'>" + "".join(f"<li>{_v(m)}</li>" for m in s.modes) + "</ul>"]
@@ -342,21 +343,21 @@ def _aggregates(results: AggResults) -> str:
                          "<th>mode</th><th class='n'>hits</th><th class='n'>keys</th><th class='n'>not counted</th>"
                          f"<th>reason</th></tr></thead><tbody>{hosts}</tbody></table></details>")
         if t.kind == "count":
-            rows, more = aggreport.count_rows(t)
+            rows, more = aggregates.count_rows(t)
             body = "".join(f"<tr><td>{_v(v)}</td><td class='n'>{c}</td><td class='n'>{h}</td></tr>"
                            for v, c, h in rows)
             parts.append(f"<table class='agg-counts'><thead><tr><th>{_e(t.field)}</th><th class='n'>count</th>"
                          f"<th class='n'>hosts</th></tr></thead><tbody>{body}</tbody></table>" if rows
                          else "<p>nothing counted</p>")
         else:
-            groups, more = aggreport.histogram_groups(t)
-            unit = aggreport.bucket_unit(t)
+            groups, more = aggregates.histogram_groups(t)
+            unit = aggregates.bucket_unit(t)
             charts = []
             for j, (label, total, buckets) in enumerate(groups):
                 shown = visible(label)
                 title = f"{shown}: {total}" if label else f"{total}"
                 items = [(bucket_label(b) + unit, c, f"{shown + ' ' if label else ''}{bucket_label(b)}{unit}: {c}")
-                         for b, c in aggreport.bucket_rows(buckets)]
+                         for b, c in aggregates.bucket_rows(buckets)]
                 charts.append(_bar_chart(title, items, COLOURS[i % len(COLOURS)], f"agg-{i}-{j}"))
             parts.append(f"<div class='charts'>{''.join(charts)}</div>" if charts else "<p>nothing counted</p>")
         if more:

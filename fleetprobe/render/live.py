@@ -15,16 +15,13 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
+from fleetprobe.aggtables import AggProgress
 from fleetprobe.render.safe import add_row, plain
-
-if TYPE_CHECKING:
-    from fleetprobe.hist import AggProgress
 
 #: States in pipeline order (the order the counts line shows them).
 STATES = ("waiting", "connecting", "facts", "planning", "building", "probing", "teardown",

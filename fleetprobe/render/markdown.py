@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import time
 
-from fleetprobe import aggreport, caveats
+from fleetprobe import caveats
+from fleetprobe.render import aggregates
 from fleetprobe.audit import AuditResult
-from fleetprobe.hist import AggResults, bucket_label
+from fleetprobe.aggtables import AggResults, bucket_label
 from fleetprobe.results import FleetReport
 from fleetprobe.render.safe import visible
 from fleetprobe.render.terminal import format_ns, value_text
@@ -114,23 +115,23 @@ def render_markdown(report: FleetReport, audit: AuditResult | None = None) -> st
 
 
 def _aggregates(results: AggResults) -> list[str]:
-    """Every ``aggregate:`` table as the terminal shows it (aggreport), each key escaped (a user chose it)."""
+    """Every ``aggregate:`` table as the terminal shows it (render.aggregates), each key escaped (a user chose it)."""
     out = ["", "### Aggregates", ""]
-    for s in aggreport.summaries(results):
+    for s in aggregates.summaries(results):
         t = s.table
         out += [f"#### {escape(s.heading)}", ""]
         out += [f"- {escape(m)}" for m in s.modes + s.notes]
         out.append("")
         if t.kind == "count":
-            rows, more = aggreport.count_rows(t)
+            rows, more = aggregates.count_rows(t)
             if rows:
                 out += [f"| {escape(t.field)} | count | hosts |", "|---|--:|--:|"]
                 out += [f"| {escape(v)} | {c} | {h} |" for v, c, h in rows]
             else:
                 out.append("nothing counted")
         else:
-            groups, more = aggreport.histogram_groups(t)
-            unit = aggreport.bucket_unit(t)
+            groups, more = aggregates.histogram_groups(t)
+            unit = aggregates.bucket_unit(t)
             peak = max((c for _, _, b in groups for c in b.values()), default=1)
             if groups:
                 head = escape(", ".join(t.by)) if t.by else ""
@@ -139,7 +140,7 @@ def _aggregates(results: AggResults) -> list[str]:
             else:
                 out.append("nothing counted")
             for label, total, buckets in groups:
-                for i, (b, c) in enumerate(aggreport.bucket_rows(buckets)):
+                for i, (b, c) in enumerate(aggregates.bucket_rows(buckets)):
                     # The group's label (a user's comm) on its first row only, escaped like every cell.
                     first = (f"{escape(label)} ({total}) | " if i == 0 else " | ") if t.by else ""
                     bar = "█" * max(1 if c else 0, round(20 * c / peak))

@@ -17,13 +17,10 @@ node_exporter runs as its own user, and the file holds only names and counts, no
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
+from fleetprobe.audit import AuditResult
 from fleetprobe.outfiles import write_text_atomic
-
-if TYPE_CHECKING:
-    from fleetprobe.audit import AuditResult
-    from fleetprobe.results import FleetReport
+from fleetprobe.results import FleetReport
 
 #: Mode of the textfile: readable by node_exporter's user.
 TEXTFILE_MODE = 0o644

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetprobe import caveats
+from fleetprobe.render.aggregates import render_aggregates
 from fleetprobe.render.safe import add_row, plain, visible
 
 from fleetprobe.results import FleetReport
@@ -64,8 +65,6 @@ def render_summary(report: FleetReport, console: Console) -> None:
     _render_values(report, console)
     _render_latency(report, console)
     if agg.aggregates:
-        from fleetprobe.aggreport import render_aggregates
-
         render_aggregates(agg.aggregates, console)
     _render_quiet(report, console)
     _render_loss(report, console)

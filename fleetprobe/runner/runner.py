@@ -52,7 +52,7 @@ def plan_directives(plan: HostPlan, *, tracefs: str, duration: float, deadline: 
 
     Order matters: a dynamic event appears under the instance once defined, so
     its filter and enable must come after its definition. ``secret`` (hex) frames every
-    control line the runner prints from then on (:func:`fleetprobe.parse.control_prefix`).
+    control line the runner prints from then on (:func:`fleetprobe.traceline.control_prefix`).
     """
     lines = [f"secret {secret}"] if secret else []
     lines += [f"tracefs {tracefs}", f"group {plan.group}", f"instance {plan.instance}",

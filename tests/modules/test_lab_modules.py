@@ -29,7 +29,7 @@ from fleetprobe.kmod.source import load_module_source
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.kmsg import KmsgCollector
-from fleetprobe.parse import TraceEvent
+from fleetprobe.traceline import TraceEvent
 from fleetprobe.connectors.asyncssh import AsyncsshSession, connect
 from fleetprobe.session import SSHOptions
 

@@ -1,4 +1,4 @@
-"""Render ``aggregate:`` tables (fleetprobe.hist.AggResults) for people: counts, histograms, latencies.
+"""Render ``aggregate:`` tables (fleetprobe.aggtables.AggResults) for people: counts, histograms, latencies.
 
 The same shape whichever way each host computed a table (in its kernel, or on the
 controller from its stream): the header says which hosts did which, and why.
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from fleetprobe.aggtables import UNKNOWN_COMM, AggResults, AggTable, bucket_label, unknown_comm_hits
 from fleetprobe.render.safe import add_row, plain
-
-from fleetprobe.hist import UNKNOWN_COMM, AggResults, AggTable, bucket_label, unknown_comm_hits
 
 BAR_WIDTH = 40
 ROWS = 20
