@@ -39,34 +39,37 @@ def parse_list_json(inv: InventoryData, data: Any, source: str,
     if hostvars is not None and not isinstance(hostvars, dict):
         raise InventoryError("_meta.hostvars must be an object of hosts", where=source)
     for gname, body in data.items():
-        if gname == "_meta":
-            continue
-        gname = str(gname)
-        inv.add_group(gname)
-        if isinstance(body, list):
-            body = {"hosts": body}
-        if not isinstance(body, dict):
-            raise InventoryError(f"group {gname!r} must be a list of hosts or an object", where=source)
-        unknown = set(body) - {"hosts", "children", "vars"}
-        if unknown:
-            raise InventoryError(f"group {gname!r} has unknown key(s) {sorted(map(str, unknown))}", where=source)
-        hosts = body.get("hosts") or []
-        children = body.get("children") or []
-        gvars = body.get("vars") or {}
-        if not isinstance(hosts, list) or not isinstance(children, list) or not isinstance(gvars, dict):
-            raise InventoryError(f"group {gname!r}: hosts and children must be lists, vars an object", where=source)
-        for h in hosts:
-            inv.add_host(str(h), gname, source)
-        for c in children:
-            inv.add_child(gname, str(c), source)
-        for k, v in gvars.items():
-            inv.set_group_var(gname, str(k), v, source)
+        if gname != "_meta":
+            _add_group(inv, str(gname), body, source)
     for hname, hv in (hostvars or {}).items():
         if not isinstance(hv, dict):
             raise InventoryError(f"_meta.hostvars of {hname!r} must be an object", where=source)
         inv.add_host(str(hname), None, source)
         for k, v in hv.items():
             inv.set_host_var(str(hname), str(k), v, source)
+
+
+def _add_group(inv: InventoryData, gname: str, body: Any, source: str) -> None:
+    """One group of ``--list`` output: a list of hosts, or an object of hosts/children/vars."""
+    inv.add_group(gname)
+    if isinstance(body, list):
+        body = {"hosts": body}
+    if not isinstance(body, dict):
+        raise InventoryError(f"group {gname!r} must be a list of hosts or an object", where=source)
+    unknown = set(body) - {"hosts", "children", "vars"}
+    if unknown:
+        raise InventoryError(f"group {gname!r} has unknown key(s) {sorted(map(str, unknown))}", where=source)
+    hosts = body.get("hosts") or []
+    children = body.get("children") or []
+    gvars = body.get("vars") or {}
+    if not isinstance(hosts, list) or not isinstance(children, list) or not isinstance(gvars, dict):
+        raise InventoryError(f"group {gname!r}: hosts and children must be lists, vars an object", where=source)
+    for h in hosts:
+        inv.add_host(str(h), gname, source)
+    for c in children:
+        inv.add_child(gname, str(c), source)
+    for k, v in gvars.items():
+        inv.set_group_var(gname, str(k), v, source)
 
 
 def is_script(path: Path) -> bool:
