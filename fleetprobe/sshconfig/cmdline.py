@@ -24,7 +24,7 @@ class CommandLine:
 
 
 def parse_ssh_args(host: Host, words: tuple[str, ...],
-                    setting: str = "ansible_ssh_common_args/ansible_ssh_extra_args") -> CommandLine:
+                   setting: str = "ansible_ssh_common_args/ansible_ssh_extra_args") -> CommandLine:
     """``ansible_ssh_common_args`` + ``ansible_ssh_extra_args`` words as ssh's getopt reads them."""
     cl = CommandLine()
     i = 0
@@ -46,32 +46,31 @@ def parse_ssh_args(host: Host, words: tuple[str, ...],
                     if i >= len(words):
                         raise SSHConfigError(host.name, f"{setting}: -{flag} needs an argument")
                     arg = words[i]
-                if flag == "o":
-                    kw = option_words(arg, setting, host.name)
-                    cl.options.append((kw[0].lower(), kw[1:]))
-                elif flag == "F":
-                    cl.config_file = arg
-                elif flag == "J":
-                    if any(k in ("proxyjump", "proxycommand", "-J") for k, _ in cl.options):
-                        raise SSHConfigError(host.name, f"{setting}: -J given with another ProxyJump/ProxyCommand",
-                                             hint="ssh refuses that too: give one proxy")
-                    cl.options.append(("-J", [arg]))
-                elif flag == "p":
-                    cl.options.append(("-p", [arg]))
-                elif flag == "l":
-                    cl.options.append(("-l", [arg]))
-                elif flag == "i":
-                    cl.options.append(("-i", [arg]))
-                elif flag == "c":
-                    cl.options.append(("ciphers", [arg]))
-                elif flag == "m":
-                    cl.options.append(("macs", [arg]))
-                elif flag in _ARGS_IGNORED:
-                    pass
-                else:
-                    raise SSHConfigError(host.name, f"{setting}: ssh -{flag} is not supported by fleetprobe",
-                                         hint="fleetprobe opens one plain SSH session per host")
+                _option(cl, host, setting, flag, arg)
                 break
             raise SSHConfigError(host.name, f"{setting}: ssh -{flag} is not supported by fleetprobe")
         i += 1
     return cl
+
+
+#: Flags whose argument is kept as a command-line option, and the option key it becomes.
+_KEPT = {"p": "-p", "l": "-l", "i": "-i", "c": "ciphers", "m": "macs"}
+
+
+def _option(cl: CommandLine, host: Host, setting: str, flag: str, arg: str) -> None:
+    """Apply one ssh flag that takes an argument (``-o``, ``-F``, ``-J`` ...) to ``cl``."""
+    if flag == "o":
+        kw = option_words(arg, setting, host.name)
+        cl.options.append((kw[0].lower(), kw[1:]))
+    elif flag == "F":
+        cl.config_file = arg
+    elif flag == "J":
+        if any(k in ("proxyjump", "proxycommand", "-J") for k, _ in cl.options):
+            raise SSHConfigError(host.name, f"{setting}: -J given with another ProxyJump/ProxyCommand",
+                                 hint="ssh refuses that too: give one proxy")
+        cl.options.append(("-J", [arg]))
+    elif flag in _KEPT:
+        cl.options.append((_KEPT[flag], [arg]))
+    elif flag not in _ARGS_IGNORED:
+        raise SSHConfigError(host.name, f"{setting}: ssh -{flag} is not supported by fleetprobe",
+                             hint="fleetprobe opens one plain SSH session per host")
