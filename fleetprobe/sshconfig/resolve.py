@@ -95,15 +95,59 @@ def resolve(host: Host, sources: ConfigSources | None = None) -> Resolved:
 
 def _resolve(host: Host, name: str, cmdline: list[tuple[str, list[str]]], files: tuple[str, ...] | None,
              sources: ConfigSources, *, inherited_key: str | None, depth: int) -> Resolved:
+    """``name`` resolved: the command line, then the config files (first value wins), then its jump hosts."""
     if depth > 8:
         raise SSHConfigError(host.name, "ProxyJump chain longer than 8 hops (a loop?)")
+    local_user = _local_user()
+    opts = _read_settings(host, name, local_user, cmdline, files)
+    hn = opts.get("hostname")
+    hostname = expand_hostname(hn, name) if hn else name
+    port = _port(host, opts)
+    user = opts.get("user") or local_user
+    alias = opts.get("hostkeyalias")
+    tokens = token_map(hostname, name, str(port), user, local_user, alias)
+    user_kh = _listing(host, opts, tokens, "userknownhostsfile", (os.path.expanduser("~/.ssh/known_hosts"),
+                                                                  os.path.expanduser("~/.ssh/known_hosts2")))
+    global_kh = _listing(host, opts, tokens, "globalknownhostsfile", (os.path.join(system_dir(), "ssh_known_hosts"),
+                                                                      os.path.join(system_dir(), "ssh_known_hosts2")))
+    strict = _strict(host, opts)
+    hashed = _yes(opts.get("hashknownhosts"), host.name, "HashKnownHosts")
+    explicit = bool(opts.identities)
+    idents = [i for i in opts.identities if i.lower() != "none"] if explicit else list(DEFAULT_IDENTITIES)
+    identity_files = tuple(expand_path(i, tokens, host.name, "IdentityFile") for i in idents)
+    agent = _identity_agent(host, opts, tokens)
+    jump: Resolved | None = None
+    proxy_command: str | None = None
+    proxy = opts.values.get("proxy")
+    if proxy and proxy[1].lower() != "none":
+        if proxy[0] == "proxycommand":
+            proxy_command = expand_tokens(proxy[1], {"%": "%", "h": hostname, "n": name, "p": str(port), "r": user},
+                                          host.name, "ProxyCommand")
+        else:
+            jump = _jump(host, proxy[1], files, sources, inherited_key=inherited_key, depth=depth)
+    alive_i, count_i = _server_alive(host, opts)
+    return Resolved(alias=name, hostname=hostname, port=port, user=user, identity_files=identity_files,
+                    identities_only=_yes(opts.get("identitiesonly"), host.name, "IdentitiesOnly"),
+                    identity_agent=agent, user_known_hosts=user_kh, global_known_hosts=global_kh, strict=strict,
+                    hash_known_hosts=hashed, host_key_alias=alias, jump=jump, proxy_command=proxy_command,
+                    ciphers=opts.get("ciphers"), macs=opts.get("macs"), kex=opts.get("kexalgorithms"),
+                    host_key_algorithms=opts.get("hostkeyalgorithms"), server_alive_interval=alive_i,
+                    server_alive_count_max=count_i, explicit_identities=explicit)
+
+
+def _local_user() -> str:
+    """%u: the local user's name (its uid when the passwd database has none)."""
     try:
-        local_user = getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):
-        local_user = str(os.getuid())
-    ctx = Ctx(host, name, local_user)
+        return str(os.getuid())
+
+
+def _read_settings(host: Host, name: str, local_user: str, cmdline: list[tuple[str, list[str]]],
+                   files: tuple[str, ...] | None) -> Options:
+    """The settings for ``name``: the command line's first, then each config file's (first value wins)."""
     opts = Options()
-    reader = Reader(ctx, opts)
+    reader = Reader(Ctx(host, name, local_user), opts)
     for key, args in cmdline:
         if key == "-J":
             if "proxy" not in opts.values:
@@ -125,8 +169,10 @@ def _resolve(host: Host, name: str, cmdline: list[tuple[str, list[str]]], files:
     else:
         for f in files:
             reader.read_file(os.path.expanduser(f), user_config=True, required=True)
-    hn = opts.get("hostname")
-    hostname = expand_hostname(hn, name) if hn else name
+    return opts
+
+
+def _port(host: Host, opts: Options) -> int:
     port_s = opts.get("port") or "22"
     try:
         port = int(port_s)
@@ -134,80 +180,76 @@ def _resolve(host: Host, name: str, cmdline: list[tuple[str, list[str]]], files:
             raise ValueError
     except ValueError:
         raise SSHConfigError(host.name, f"{opts.origin.get('port', 'Port')}: bad port {port_s!r}") from None
-    user = opts.get("user") or local_user
-    alias = opts.get("hostkeyalias")
-    tokens = token_map(hostname, name, str(port), user, local_user, alias)
+    return port
 
-    def listing(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        v = opts.values.get(key)
-        if v is None:
-            return default
-        if [x.lower() for x in v] == ["none"]:
-            return ()
-        return tuple(expand_path(x, tokens, host.name, key_name(key)) for x in v)
 
-    user_kh = listing("userknownhostsfile", (os.path.expanduser("~/.ssh/known_hosts"),
-                                             os.path.expanduser("~/.ssh/known_hosts2")))
-    global_kh = listing("globalknownhostsfile", (os.path.join(system_dir(), "ssh_known_hosts"),
-                                                 os.path.join(system_dir(), "ssh_known_hosts2")))
+def _listing(host: Host, opts: Options, tokens: dict[str, str], key: str,
+             default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list-of-files setting (known_hosts files): ``default`` when unset, none when ``none``."""
+    v = opts.values.get(key)
+    if v is None:
+        return default
+    if [x.lower() for x in v] == ["none"]:
+        return ()
+    return tuple(expand_path(x, tokens, host.name, key_name(key)) for x in v)
+
+
+def _strict(host: Host, opts: Options) -> str:
+    """StrictHostKeyChecking as one of yes, accept-new, no (ask counts as yes: nobody is asked)."""
     strict = (opts.get("stricthostkeychecking") or "ask").lower()
     strict = {"ask": "yes", "true": "yes", "false": "no", "off": "no", "on": "yes"}.get(strict, strict)
     if strict not in ("yes", "accept-new", "no"):
         raise SSHConfigError(host.name, f"{opts.origin.get('stricthostkeychecking')}: bad StrictHostKeyChecking "
                              f"{opts.get('stricthostkeychecking')!r}", hint="yes, accept-new, no or ask")
-    hashed = _yes(opts.get("hashknownhosts"), host.name, "HashKnownHosts")
-    explicit = bool(opts.identities)
-    idents = [i for i in opts.identities if i.lower() != "none"] if explicit else list(DEFAULT_IDENTITIES)
-    identity_files = tuple(expand_path(i, tokens, host.name, "IdentityFile") for i in idents)
+    return strict
+
+
+def _identity_agent(host: Host, opts: Options, tokens: dict[str, str]) -> str | None:
+    """IdentityAgent: None for $SSH_AUTH_SOCK (or unset), "none", or the socket's path."""
     agent = opts.get("identityagent")
     if agent is not None and agent.lower() != "none":
         agent = None if agent == "SSH_AUTH_SOCK" else expand_path(agent, tokens, host.name, "IdentityAgent")
     elif agent is not None:
         agent = "none"
-    jump: Resolved | None = None
-    proxy_command: str | None = None
-    proxy = opts.values.get("proxy")
-    if proxy and proxy[1].lower() != "none":
-        if proxy[0] == "proxycommand":
-            proxy_command = expand_tokens(proxy[1], {"%": "%", "h": hostname, "n": name, "p": str(port), "r": user},
-                                           host.name, "ProxyCommand")
-        else:
-            hops = [h.strip() for h in proxy[1].split(",") if h.strip()]
-            last, rest = hops[-1], hops[:-1]
-            juser, jhost, jport = parse_jump(last, host.name)
-            jcmd: list[tuple[str, list[str]]] = []
-            if sources.extra_known_hosts or host.known_hosts:
-                jcmd.append(("userknownhostsfile",
-                             list(sources.extra_known_hosts) + ([host.known_hosts] if host.known_hosts else [])))
-            if sources.accept_new:
-                jcmd.append(("stricthostkeychecking", ["accept-new"]))
-            if rest:
-                jcmd.append(("-J", [",".join(rest)]))
-            if jport is not None:
-                jcmd.append(("-p", [str(jport)]))
-            if juser is not None:
-                jcmd.append(("-l", [juser]))
-            for ident in sources.identities:
-                jcmd.append(("-i", [ident]))
-            jump = _resolve(host, jhost, jcmd, files, sources, inherited_key=inherited_key, depth=depth + 1)
-            if inherited_key and inherited_key not in jump.identity_files:
-                # fleetprobe offers the host's own key to its jump hosts too (ssh would not; see README)
-                jump = replace(jump, identity_files=jump.identity_files + (inherited_key,)
-                               if jump.explicit_identities else (inherited_key,), explicit_identities=True)
+    return agent
+
+
+def _jump(host: Host, spec: str, files: tuple[str, ...] | None, sources: ConfigSources, *,
+          inherited_key: str | None, depth: int) -> Resolved:
+    """The last hop of a ProxyJump list, resolved as ssh does (``ssh -J rest -p port -l user last``)."""
+    hops = [h.strip() for h in spec.split(",") if h.strip()]
+    last, rest = hops[-1], hops[:-1]
+    juser, jhost, jport = parse_jump(last, host.name)
+    jcmd: list[tuple[str, list[str]]] = []
+    if sources.extra_known_hosts or host.known_hosts:
+        jcmd.append(("userknownhostsfile",
+                     list(sources.extra_known_hosts) + ([host.known_hosts] if host.known_hosts else [])))
+    if sources.accept_new:
+        jcmd.append(("stricthostkeychecking", ["accept-new"]))
+    if rest:
+        jcmd.append(("-J", [",".join(rest)]))
+    if jport is not None:
+        jcmd.append(("-p", [str(jport)]))
+    if juser is not None:
+        jcmd.append(("-l", [juser]))
+    for ident in sources.identities:
+        jcmd.append(("-i", [ident]))
+    jump = _resolve(host, jhost, jcmd, files, sources, inherited_key=inherited_key, depth=depth + 1)
+    if inherited_key and inherited_key not in jump.identity_files:
+        # fleetprobe offers the host's own key to its jump hosts too (ssh would not; see README)
+        jump = replace(jump, identity_files=jump.identity_files + (inherited_key,)
+                       if jump.explicit_identities else (inherited_key,), explicit_identities=True)
+    return jump
+
+
+def _server_alive(host: Host, opts: Options) -> tuple[int, int]:
+    """ServerAliveInterval (0: off) and ServerAliveCountMax (ssh's default 3)."""
     alive = opts.get("serveraliveinterval")
     count = opts.get("serveralivecountmax")
     try:
-        alive_i = int(alive) if alive else 0
-        count_i = int(count) if count else 3
+        return (int(alive) if alive else 0), (int(count) if count else 3)
     except ValueError:
         raise SSHConfigError(host.name, f"bad ServerAliveInterval/ServerAliveCountMax ({alive!r}, {count!r})") from None
-    return Resolved(alias=name, hostname=hostname, port=port, user=user, identity_files=identity_files,
-                    identities_only=_yes(opts.get("identitiesonly"), host.name, "IdentitiesOnly"),
-                    identity_agent=agent, user_known_hosts=user_kh, global_known_hosts=global_kh, strict=strict,
-                    hash_known_hosts=hashed, host_key_alias=alias, jump=jump, proxy_command=proxy_command,
-                    ciphers=opts.get("ciphers"), macs=opts.get("macs"), kex=opts.get("kexalgorithms"),
-                    host_key_algorithms=opts.get("hostkeyalgorithms"), server_alive_interval=alive_i,
-                    server_alive_count_max=count_i, explicit_identities=explicit)
 
 
 def _yes(value: str | None, host: str, setting: str) -> bool:
