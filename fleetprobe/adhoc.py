@@ -75,6 +75,26 @@ def parse_expression(expr: str) -> dict[str, Any]:
         raise _error(expr, "'if' is not followed by a filter", hint="e.g. if comm != \"sshd\"")
     words = head.split(" ")
     probe, words = words[0], words[1:]
+    kind, target = _target(expr, probe)
+    name = None
+    if len(words) >= 2 and words[0] == "as":
+        name, words = words[1], words[2:]
+        if not _NAME.fullmatch(name):
+            raise _error(expr, f"probe name {name!r} must match [a-z_][a-z0-9_]* and be at most {_NAME_MAX} "
+                         "characters (it becomes the tracefs event name)", hint=None)
+    args = _args(expr, words)
+    entry: dict[str, Any] = {"name": name or _default_name(kind, target), kind: target}
+    if args:
+        entry["args"] = args
+    if filt:
+        entry["filter"] = filt
+    if aggregate is not None:
+        entry["aggregate"] = aggregate
+    return entry
+
+
+def _target(expr: str, probe: str) -> tuple[str, str]:
+    """``kprobe:vfs_read``, ``tracepoint:sched:sched_process_exec`` ... -> (the playbook's kind, its target)."""
     prefix, sep, target = probe.partition(":")
     kind = KINDS.get(prefix)
     if not sep or kind is None:
@@ -88,12 +108,11 @@ def parse_expression(expr: str) -> dict[str, Any]:
         if not colon:
             raise _error(expr, f"tracepoint {target!r} must be GROUP:EVENT (e.g. sched:sched_process_exec)")
         target = f"{group}/{event}"
-    name = None
-    if len(words) >= 2 and words[0] == "as":
-        name, words = words[1], words[2:]
-        if not _NAME.fullmatch(name):
-            raise _error(expr, f"probe name {name!r} must match [a-z_][a-z0-9_]* and be at most {_NAME_MAX} "
-                         "characters (it becomes the tracefs event name)", hint=None)
+    return kind, target
+
+
+def _args(expr: str, words: list[str]) -> dict[str, str]:
+    """``NAME=FETCHARG`` words (``argN`` and ``retval`` name themselves) -> the ``args:`` mapping."""
     args: dict[str, str] = {}
     for w in words:
         key, eq, value = w.partition("=")
@@ -107,14 +126,7 @@ def parse_expression(expr: str) -> dict[str, Any]:
         if key in args:
             raise _error(expr, f"argument name {key!r} is used twice", hint=None)
         args[key] = value
-    entry: dict[str, Any] = {"name": name or _default_name(kind, target), kind: target}
-    if args:
-        entry["args"] = args
-    if filt:
-        entry["filter"] = filt
-    if aggregate is not None:
-        entry["aggregate"] = aggregate
-    return entry
+    return args
 
 
 _AGG = re.compile(r"(?P<kind>count|hist|latency)(?:\((?P<fields>[^()]*)\))?(?:\s+by\s+(?P<by>[\w, ]+?))?"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fleetprobe.facts import Facts
+    from fleetprobe.facts import Facts  # for types only: facts imports arches (kernel_arch)
 
 
 @dataclass(frozen=True)

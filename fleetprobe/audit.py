@@ -20,6 +20,7 @@ from typing import Any
 
 from fleetprobe.caveats import unattributed_reason
 from fleetprobe.merge import COMM_FIELD
+from fleetprobe.outcome import HostOutcome
 from fleetprobe.results import FleetReport
 from fleetprobe.sketches import Value
 from fleetprobe.playbook import Playbook
@@ -193,9 +194,20 @@ def _value_hosts(report: FleetReport, probe: str, field_name: str, value: Value)
 def diff_reports(base: FleetReport, new: FleetReport, thresholds: Thresholds | None = None) -> list[Finding]:
     """What changed from ``base`` to ``new``: hosts, hits, values and counts (see :data:`KINDS`)."""
     thr = thresholds or Thresholds()
-    out: list[Finding] = []
     old_status = {o.host: o for o in base.hosts}
     new_status = {o.host: o for o in new.hosts}
+    out = _host_changes(base, old_status, new_status)
+    for probe in new.aggregate.probes():
+        out += _hit_changes(base, new, probe, thr, old_status, new_status)
+        for name in new.aggregate.fields(probe):
+            out += _new_values(base, new, probe, name, thr)
+    return out
+
+
+def _host_changes(base: FleetReport, old_status: dict[str, HostOutcome],
+                  new_status: dict[str, HostOutcome]) -> list[Finding]:
+    """Hosts new, gone, newly failing or recovered since ``base``."""
+    out: list[Finding] = []
     for host, o in new_status.items():
         was = old_status.get(host)
         if was is None:
@@ -207,47 +219,56 @@ def diff_reports(base: FleetReport, new: FleetReport, thresholds: Thresholds | N
             out.append(_finding("recovered", f"{host}: ok again (was {was.status} in run {base.run.run_id})", host))
     for host in sorted(set(old_status) - set(new_status)):
         out.append(_finding("gone-host", f"{host}: in baseline run {base.run.run_id} but not in this run", host))
+    return out
 
-    a, b = base.aggregate, new.aggregate
-    for probe in b.probes():
-        before, after = a.hits(probe), b.hits(probe)
-        for host, n in after.items():
-            old = before.get(host, 0)
-            if old == 0 and host in old_status and old_status[host].status == "ok":
-                seen = _examples(new, host, probe)
-                out.append(_finding("new-host-hitting", f"{host}: probe {probe!r} fired {_times(n)}, "
-                                    f"never in baseline run {base.run.run_id}" + (f": {seen}" if seen else ""),
-                                    host, probe))
-        for host in sorted(set(before) | set(after)):
-            old, n = before.get(host, 0), after.get(host, 0)
-            if old == 0 or host not in new_status or new_status[host].status != "ok":
-                continue
-            if max(old, n) < thr.min_count:
-                continue
-            ratio = (n + 1) / (old + 1)
-            if ratio >= thr.factor or ratio <= 1 / thr.factor:
-                out.append(_finding("count-moved", f"{host}: probe {probe!r} hits moved {old} -> {n} "
-                                    f"(x{ratio:.1f}; threshold x{thr.factor:g})", host, probe))
-        for name in b.fields(probe):
-            table = b.values[(probe, name)]
-            old_table = a.values.get((probe, name))
-            fresh = []
-            for value, count, nhosts in table.top(len(table.counts)):
-                if not _is_reported_value(name, value, thr.value_fields):
-                    continue
-                if old_table is not None and (value in old_table.counts or count <= old_table.error):
-                    # Present before, or it may have been among the values the baseline's bounded table dropped.
-                    continue
-                fresh.append((value, count, nhosts))
-            for value, count, nhosts in fresh[:NEW_VALUES_SHOWN]:
-                hosts = _value_hosts(new, probe, name, value)
-                where = f" on {', '.join(hosts)}" if hosts else f" on {nhosts} host(s)"
-                out.append(_finding("new-value", f"probe {probe!r}: new {name} {value!r} ({_times(count)}{where}; "
-                                    f"not in baseline run {base.run.run_id})",
-                                    hosts[0] if len(hosts) == 1 else None, probe))
-            if len(fresh) > NEW_VALUES_SHOWN:
-                out.append(_finding("new-value", f"probe {probe!r}: and {len(fresh) - NEW_VALUES_SHOWN} more new "
-                                    f"{name} values", None, probe))
+
+def _hit_changes(base: FleetReport, new: FleetReport, probe: str, thr: Thresholds,
+                 old_status: dict[str, HostOutcome], new_status: dict[str, HostOutcome]) -> list[Finding]:
+    """One probe's hits per host: a host hitting that never did, a count that moved past the threshold."""
+    out: list[Finding] = []
+    before, after = base.aggregate.hits(probe), new.aggregate.hits(probe)
+    for host, n in after.items():
+        old = before.get(host, 0)
+        if old == 0 and host in old_status and old_status[host].status == "ok":
+            seen = _examples(new, host, probe)
+            out.append(_finding("new-host-hitting", f"{host}: probe {probe!r} fired {_times(n)}, "
+                                f"never in baseline run {base.run.run_id}" + (f": {seen}" if seen else ""),
+                                host, probe))
+    for host in sorted(set(before) | set(after)):
+        old, n = before.get(host, 0), after.get(host, 0)
+        if old == 0 or host not in new_status or new_status[host].status != "ok":
+            continue
+        if max(old, n) < thr.min_count:
+            continue
+        ratio = (n + 1) / (old + 1)
+        if ratio >= thr.factor or ratio <= 1 / thr.factor:
+            out.append(_finding("count-moved", f"{host}: probe {probe!r} hits moved {old} -> {n} "
+                                f"(x{ratio:.1f}; threshold x{thr.factor:g})", host, probe))
+    return out
+
+
+def _new_values(base: FleetReport, new: FleetReport, probe: str, name: str, thr: Thresholds) -> list[Finding]:
+    """Values of one probe's field that the baseline did not see (the first NEW_VALUES_SHOWN, then a count)."""
+    out: list[Finding] = []
+    table = new.aggregate.values[(probe, name)]
+    old_table = base.aggregate.values.get((probe, name))
+    fresh = []
+    for value, count, nhosts in table.top(len(table.counts)):
+        if not _is_reported_value(name, value, thr.value_fields):
+            continue
+        if old_table is not None and (value in old_table.counts or count <= old_table.error):
+            # Present before, or it may have been among the values the baseline's bounded table dropped.
+            continue
+        fresh.append((value, count, nhosts))
+    for value, count, nhosts in fresh[:NEW_VALUES_SHOWN]:
+        hosts = _value_hosts(new, probe, name, value)
+        where = f" on {', '.join(hosts)}" if hosts else f" on {nhosts} host(s)"
+        out.append(_finding("new-value", f"probe {probe!r}: new {name} {value!r} ({_times(count)}{where}; "
+                            f"not in baseline run {base.run.run_id})",
+                            hosts[0] if len(hosts) == 1 else None, probe))
+    if len(fresh) > NEW_VALUES_SHOWN:
+        out.append(_finding("new-value", f"probe {probe!r}: and {len(fresh) - NEW_VALUES_SHOWN} more new "
+                            f"{name} values", None, probe))
     return out
 
 

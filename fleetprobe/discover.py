@@ -28,18 +28,19 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+from fleetprobe import elf
 from fleetprobe.errors import HostError, InputError
+from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.session import Session, Stream, script_command, script_input, shell_command
+from fleetprobe.orchestrate import fan_out
+from fleetprobe.plan import HostPlan
+from fleetprobe.playbook import Playbook
+from fleetprobe.runner.channel import HostFacts
 from fleetprobe.settings import RunSettings
 
-if TYPE_CHECKING:
-    from fleetprobe.facts import Facts
-    from fleetprobe.plan import HostPlan
-    from fleetprobe.playbook import Playbook
-    from fleetprobe.runner.channel import HostFacts
 
 T = TypeVar("T")
 
@@ -268,8 +269,6 @@ class _Symbols:
 
 def _function_symbols(data: bytes, path: str) -> set[str] | str:
     """The defined function symbols of an ELF file (what a uprobe can name), or why not."""
-    from fleetprobe import elf
-
     try:
         syms = elf.symbols(data)
     except (ValueError, IndexError, OverflowError, MemoryError, RecursionError) as exc:
@@ -320,8 +319,6 @@ async def list_host(session: Session, query: Query, timeout: float, symbols: _Sy
 async def list_fleet(hosts: Iterable[Host], settings: RunSettings, query: Query, *,
                      suggest: bool = False) -> list[HostListing]:
     """Every host's listing (bounded fan-out); a host that fails is a listing with its error."""
-    from fleetprobe.orchestrate import fan_out
-
     symbols = _Symbols(settings.setup_timeout)
 
     async def work(host: Host, session: Session) -> HostListing:
@@ -453,7 +450,5 @@ async def suggest_for_plans(results: list[tuple[HostFacts, HostPlan | None]], pl
 async def fan_out_hosts(hosts: list[Host], settings: RunSettings,
                         work: Callable[[Host, Session], Awaitable[T]],
                         failed: Callable[[Host, HostError], T]) -> list[T]:
-    """orchestrate.fan_out for the listing stage (imported late: orchestrate imports the whole run)."""
-    from fleetprobe.orchestrate import fan_out
-
+    """orchestrate.fan_out for the listing stage."""
     return await fan_out(hosts, settings, "list", work, failed)

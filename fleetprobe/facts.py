@@ -378,50 +378,20 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
     date_cost = again - realtime if again is not None and 0.0 <= again - realtime < 1.0 else 0.0
     if s.get("realtime") and not realtime:
         problems.append(f"the host's realtime {s['realtime'][0][:40]!r} is not a time: clock offset not measured")
-    ncpus = 1
-    for line in s.get("ncpus", []):
-        if (n := bounded_int(line, 1, 1 << 20)) is not None:
-            ncpus = n
-            break
-    endian, elf_class = "little", 64
-    elf = "".join(s.get("elf", [])).split()
-    if len(elf) >= 6 and elf[:4] == ["7f", "45", "4c", "46"]:
-        elf_class = 32 if elf[4] == "01" else 64
-        endian = "big" if elf[5] == "02" else "little"
-    else:
-        problems.append("cannot read /bin/sh's ELF header (endianness guessed little)")
+    ncpus = next((n for line in s.get("ncpus", []) if (n := bounded_int(line, 1, 1 << 20)) is not None), 1)
+    endian, elf_class = _elf_header(s.get("elf", []), problems)
     tracefs_lines = s.get("tracefs", []) + ["", "0"]
     tracefs = tracefs_lines[0].strip() or None
     tf_files = dict(line.split(" ", 1) for line in s.get("files_tracefs", []) if " " in line)
-    lockdown = "none"
-    for line in s.get("lockdown", []):
-        # "[none] integrity confidentiality": the bracketed word is the mode.
-        for word in line.split():
-            if word.startswith("[") and word.endswith("]"):
-                lockdown = word[1:-1]
-    wanted = list(symbols or [])
-    aff = {line.split()[0] for line in s.get("aff", []) if line.strip()}
-    ksyms = {line.strip() for line in s.get("kallsyms", []) if line.strip()}
-    black = {line.split()[-1] for line in s.get("blacklist", []) if line.strip()}
-    sym_facts: dict[str, SymbolFacts] = {}
-    for name in wanted:
-        clones = tuple(sorted({n for n in aff | ksyms if n != name and _base_symbol(n) == name}))
-        sym_facts[name] = SymbolFacts(name=name, in_filter_functions=name in aff,
-                                      in_kallsyms=name in ksyms, blacklisted=name in black,
-                                      clones=clones)
+    lockdown = _lockdown(s.get("lockdown", []))
+    sym_facts = _symbol_facts(s, list(symbols or []))
     tracepoints = {}
     for line in s.get("tracepoints", []):
         parts = line.split()
         if len(parts) == 2:
             tracepoints[parts[0]] = parts[1] == "1"
     formats = _tracepoint_formats(s.get("tpformat", []))
-    files: dict[str, FileFacts] = {}
-    for line in s.get("files", []):
-        parts = line.split(" ", 3)
-        if len(parts) == 4:
-            files[parts[3]] = FileFacts(path=parts[3], exists=parts[0] == "1",
-                                        size=bounded_int(parts[1], 0, 1 << 62) or 0,
-                                        md5="" if parts[2] == "-" else parts[2])
+    files = _file_facts(s.get("files", []))
     build = dict(line.split(" ", 1) for line in s.get("build", []) if " " in line)
     counts = [n for line in s.get("kernel_counts", []) if (n := bounded_int(line, 0, 1 << 62)) is not None]
     oops, warn = (counts[0], counts[1]) if len(counts) == 2 else (None, None)
@@ -431,10 +401,8 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
                           if len(w) == 2 and w[0] == "nocb" and w[1].isdigit() and len(w[1]) < 6)
 
     def first_int(key: str, default: int) -> int:
-        for line in s.get(key, []):
-            if (n := bounded_int(line, -(1 << 31), 1 << 32)) is not None:
-                return n
-        return default
+        return next((n for line in s.get(key, []) if (n := bounded_int(line, -(1 << 31), 1 << 32)) is not None),
+                    default)
 
     return Facts(
         host=host, arch=uname[0].strip(), kernel_release=uname[1].strip(), kernel_version=uname[2].strip(),
@@ -454,3 +422,48 @@ def parse_facts(host: str, text: str, symbols: list[str] | None = None) -> Facts
         kprobe_flush_task=["kprobe_flush_task"] in mips_kprobe,
         rcu_offloaded_cpus=offloaded,
     )
+
+
+def _elf_header(lines: list[str], problems: list[str]) -> tuple[str, int]:
+    """(endianness, ELF class) from the hex bytes of /bin/sh's ELF header; guessed little/64 if unreadable."""
+    elf = "".join(lines).split()
+    if len(elf) >= 6 and elf[:4] == ["7f", "45", "4c", "46"]:
+        return ("big" if elf[5] == "02" else "little"), (32 if elf[4] == "01" else 64)
+    problems.append("cannot read /bin/sh's ELF header (endianness guessed little)")
+    return "little", 64
+
+
+def _lockdown(lines: list[str]) -> str:
+    """The lockdown mode: "[none] integrity confidentiality": the bracketed word (the last one if several)."""
+    lockdown = "none"
+    for line in lines:
+        for word in line.split():
+            if word.startswith("[") and word.endswith("]"):
+                lockdown = word[1:-1]
+    return lockdown
+
+
+def _symbol_facts(s: dict[str, list[str]], wanted: list[str]) -> dict[str, SymbolFacts]:
+    """What the host's available_filter_functions, kallsyms and kprobe blacklist say of each wanted symbol."""
+    aff = {line.split()[0] for line in s.get("aff", []) if line.strip()}
+    ksyms = {line.strip() for line in s.get("kallsyms", []) if line.strip()}
+    black = {line.split()[-1] for line in s.get("blacklist", []) if line.strip()}
+    sym_facts: dict[str, SymbolFacts] = {}
+    for name in wanted:
+        clones = tuple(sorted({n for n in aff | ksyms if n != name and _base_symbol(n) == name}))
+        sym_facts[name] = SymbolFacts(name=name, in_filter_functions=name in aff,
+                                      in_kallsyms=name in ksyms, blacklisted=name in black,
+                                      clones=clones)
+    return sym_facts
+
+
+def _file_facts(lines: list[str]) -> dict[str, FileFacts]:
+    """``EXISTS SIZE MD5 PATH`` lines (MD5 ``-``: not computed) by path."""
+    files: dict[str, FileFacts] = {}
+    for line in lines:
+        parts = line.split(" ", 3)
+        if len(parts) == 4:
+            files[parts[3]] = FileFacts(path=parts[3], exists=parts[0] == "1",
+                                        size=bounded_int(parts[1], 0, 1 << 62) or 0,
+                                        md5="" if parts[2] == "-" else parts[2])
+    return files

@@ -6,19 +6,18 @@ bcc-style header every shipped playbook has); a playbook without one shows its d
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from fleetprobe.errors import PlaybookError
 from fleetprobe.playbook import load_playbook
 from fleetprobe.shipped import shipped_dir, shipped_playbooks
-
-if TYPE_CHECKING:
-    import argparse
-
-    from rich.console import Console
 
 _QUESTION = re.compile(r'"([^"]+\?)"')
 
@@ -67,9 +66,6 @@ def shipped_entries() -> list[ShippedEntry]:
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     """Print the shipped playbooks (the only listing so far: ``--playbooks`` is the default)."""
-    from rich.table import Table
-    from rich.text import Text
-
     folder = shipped_dir("playbooks")
     if folder is None:
         raise PlaybookError("no shipped playbooks found next to this fleetprobe", file=str(Path(__file__).resolve().parent / "_shipped"),

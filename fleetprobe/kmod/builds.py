@@ -18,11 +18,11 @@ from fleetprobe.kmod.cache import ModuleCache
 from fleetprobe.kmod.plan import BuildGroup, BuildKey, plan_builds
 from fleetprobe.kmod.source import ModuleSource, load_module_source
 from fleetprobe.playbook import MODULE_PARAM_VALUE
+from fleetprobe.runner.channel import HostFacts
 
 if TYPE_CHECKING:
     # kmod.compile (and with it kmod.debian) is imported only when a module is built.
     from fleetprobe.kmod.compile import BuiltModule, GroupResult
-    from fleetprobe.runner.channel import HostFacts
 
 
 class ModuleBuilds:

@@ -97,6 +97,7 @@ def parse_kernels(kernel_arg: str | None) -> dict[str, tuple[str, ...]] | None:
 
 def run_lab(args: argparse.Namespace, console: Console) -> int:
     """Run `lab up|down|status`; returns the exit status (0 ok, 1 bad input, 2 failure)."""
+    # rich loads here, not at the top: `fleetprobe --help` imports this module for its parser (issue 5)
     from rich.markup import escape
     from rich.table import Table
 

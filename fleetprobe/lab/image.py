@@ -509,6 +509,34 @@ def _base_files(root: Path, arch: LabArch) -> None:
     (root / "etc/profile").write_text("export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n")
 
 
+def _install_modules(kstage: Path, root: Path, plan: ImagePlan) -> None:
+    """The NIC modules (and what they need) from the unpacked kernel package into the image's /lib/modules."""
+    arch = plan.arch
+    # trixie's packages are merged-/usr: modules under usr/lib/modules.
+    modsrc = next((d for d in (kstage / "lib/modules" / plan.kernel_release,
+                               kstage / "usr/lib/modules" / plan.kernel_release) if d.is_dir()),
+                  kstage / "lib/modules" / plan.kernel_release)
+    moddst = root / "lib/modules" / plan.kernel_release
+    # Debian's 6.x kernels after bookworm's 6.1 ship modules xz-compressed
+    # (*.ko.xz); busybox insmod loads only plain .ko, so unpack them here.
+    for packed in modsrc.rglob("*.ko.xz"):
+        packed.with_suffix("").write_bytes(lzma.decompress(packed.read_bytes()))
+    order = module_load_order(list(arch.nic_modules), modsrc)
+    stored: list[str] = []
+    for rel in order:
+        plain = rel.removesuffix(".xz")
+        (moddst / plain).parent.mkdir(parents=True, exist_ok=True)
+        (moddst / plain).write_bytes(read_module(modsrc / rel))
+        stored.append(plain)
+    # /lib/modules/$(uname -r) exists (module tests insmod from /tmp, but
+    # tools look here); modules.builtin lets modprobe know what is built in.
+    moddst.mkdir(parents=True, exist_ok=True)
+    for name in ("modules.builtin", "modules.order"):
+        if (modsrc / name).exists():
+            shutil.copyfile(modsrc / name, moddst / name)
+    (root / "etc/lab-modules").write_text("".join(f"{rel}\n" for rel in stored))
+
+
 def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
     """Download, unpack and assemble the image for ``plan`` under ``lab_dir``, or return the cached one."""
     cached = load_cached(lab_dir, plan)
@@ -550,29 +578,7 @@ def build_image(lab_dir: Path, plan: ImagePlan) -> LabImage:
 
         _copy_userland(ustage, root)
         _base_files(root, arch)
-        # trixie's packages are merged-/usr: modules under usr/lib/modules.
-        modsrc = next((d for d in (kstage / "lib/modules" / plan.kernel_release,
-                                   kstage / "usr/lib/modules" / plan.kernel_release) if d.is_dir()),
-                      kstage / "lib/modules" / plan.kernel_release)
-        moddst = root / "lib/modules" / plan.kernel_release
-        # Debian's 6.x kernels after bookworm's 6.1 ship modules xz-compressed
-        # (*.ko.xz); busybox insmod loads only plain .ko, so unpack them here.
-        for packed in modsrc.rglob("*.ko.xz"):
-            packed.with_suffix("").write_bytes(lzma.decompress(packed.read_bytes()))
-        order = module_load_order(list(arch.nic_modules), modsrc)
-        stored: list[str] = []
-        for rel in order:
-            plain = rel.removesuffix(".xz")
-            (moddst / plain).parent.mkdir(parents=True, exist_ok=True)
-            (moddst / plain).write_bytes(read_module(modsrc / rel))
-            stored.append(plain)
-        # /lib/modules/$(uname -r) exists (module tests insmod from /tmp, but
-        # tools look here); modules.builtin lets modprobe know what is built in.
-        moddst.mkdir(parents=True, exist_ok=True)
-        for name in ("modules.builtin", "modules.order"):
-            if (modsrc / name).exists():
-                shutil.copyfile(modsrc / name, moddst / name)
-        (root / "etc/lab-modules").write_text("".join(f"{rel}\n" for rel in stored))
+        _install_modules(kstage, root, plan)
 
         cpio = CpioWriter()
         cpio.tree(root)
