@@ -123,7 +123,7 @@ kill_readers() {
   done
 }
 
-# ---- hist triggers: in-kernel aggregation (fleetprobe/hist.py plans them) ----------------------
+# ---- hist triggers: in-kernel aggregation (fleetprobe/histplan.py plans them) ----------------------
 # Directives: "notrace_self"; "synth LINE" (append to synthetic_events); "trigger EVENT LINE"
 # (append LINE to instances/I/events/EVENT/trigger); "histread EVENT" (print its hist at the end).
 # A trigger soft-enables its event: an event whose tables are all in the kernel is never enabled.
