@@ -84,12 +84,13 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
     src = _resolve(module, node)
-    out = [src]
-    for a in node.names:
-        sub = f"{src}.{a.name}"
-        if sub in MODULES:
-            out.append(sub)
-    return out
+    subs = [f"{src}.{a.name}" for a in node.names if f"{src}.{a.name}" in MODULES]
+    # ``from pkg import submodule`` inside pkg loads the submodule; pkg itself is the importer's own
+    # parent, imported before the importer anyway (not an edge of the graph).
+    own_parent = module.startswith(src + ".")
+    if own_parent and len(subs) == len(node.names):
+        return subs
+    return [src, *subs]
 
 
 def _graph() -> dict[str, set[str]]:
