@@ -197,6 +197,21 @@ def test_printer_escapes_comm_and_args_and_keeps_columns() -> None:
     assert visible_word("") == "-"
 
 
+def test_printer_shows_a_sealed_probes_fields_without_its_seal() -> None:
+    """Sealed kprobes and uprobes (issue 11 #2) reach the printer with the seal cut to a sentinel: the
+    line shows the kernel's fields only (the lab showed ``path="/etc/hostname"\\x00``)."""
+    import io
+
+    from fleetprobe.traceline import SEALED
+
+    buf = io.StringIO()
+    printer = EventPrinter(buf, hosts=["db-07"], probes=["open"])
+    rows = [("cat", "3830", "0", "1.000000", f'open: (do_sys_openat2+0x0/0x1c8) path="/etc/hostname"{SEALED}')]
+    printer.write_batch("db-07", EventBatch(rows, ["open"], {"open": 1}), {"open": "open"})
+    (line,) = buf.getvalue().splitlines()
+    assert line.split(None, 4)[4] == '(do_sys_openat2+0x0/0x1c8) path="/etc/hostname"', line
+
+
 # --- 1. ad-hoc probes ----------------------------------------------------------------------------
 
 def test_expressions_build_the_playbook_the_yaml_builds(tmp_path: Path) -> None:

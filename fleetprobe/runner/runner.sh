@@ -111,7 +111,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; KCAT=; KDIR=; KSKIP=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -123,7 +123,7 @@ kill_readers() {
   done
 }
 
-# ---- hist triggers: in-kernel aggregation (fleetprobe/hist.py plans them) ----------------------
+# ---- hist triggers: in-kernel aggregation (fleetprobe/histplan.py plans them) ----------------------
 # Directives: "notrace_self"; "synth LINE" (append to synthetic_events); "trigger EVENT LINE"
 # (append LINE to instances/I/events/EVENT/trigger); "histread EVENT" (print its hist at the end).
 # A trigger soft-enables its event: an event whose tables are all in the kernel is never enabled.
@@ -304,6 +304,7 @@ sweep_modules() {
   done
 }
 
+# --- kernel log forwarding (tests/test_runner_kmsg.py runs this block by itself) ---
 # The kernel log, for modules: every record after this run's start record, written into the
 # instance's trace_marker as "fpk <record>" (one write(2) per record, so it travels through the
 # ring buffer and trace_pipe whole; a second writer on our stdout could tear trace lines).
@@ -312,15 +313,44 @@ sweep_modules() {
 # records the kernel overwrote before we read them (Documentation/ABI/testing/dev-kmsg).
 # The shell's read builtin reads a pipe byte by byte, so records never wait in a buffer
 # (mawk would hold them until 4 KiB arrived).
-kmsg_cat() {
+#
+# The records before our start record (the whole kernel log since boot, or since the ring last
+# wrapped) are skipped before they reach the shell: byte by byte, a long log took longer than a
+# 5 s run on a slow host (a TCG MIPS guest), and the module's lines came after the run had ended.
+# Each read(2) of /dev/kmsg returns exactly one record, so a filter reading the device itself
+# stops right after the record it looks for: GNU sed and busybox grep -m1 were checked not to read
+# ahead (busybox sed does: it loses the next record). The filter prints the record it stopped at.
+# It stops at our start record, or at the end, bye or watchdog record of our instance, so it
+# can never wait forever for a start record the kernel dropped. Then this process becomes cat
+# (exec: the pid the filters and the "own" line already name). kmsg_read still checks every record.
+kmsg_skipper() {
+  [ "$(cat /proc/sys/kernel/printk_devkmsg 2>/dev/null)" = off ] && return 0   # no start record
+  case $(sed --version 2>/dev/null) in *"(GNU sed)"*) echo gnused; return 0;; esac
+  case $(grep --help 2>&1) in *BusyBox*) echo bbgrep;; esac
+  return 0
+}
+kmsg_src() {
   trap - PIPE    # die when the reader is gone (the runner ignores SIGPIPE for itself)
+  exec 7</dev/kmsg 2>/dev/null || exec cat /dev/null
+  _k="${KRUN}probe=- ev="
+  case $KSKIP in
+    gnused) sed -n -e "/;${_k}clock inst=$I /{p;q}" -e "/;${_k}end inst=$I\$/{p;q}" \
+              -e "/;${_k}bye inst=$I\$/{p;q}" -e "/;fleetprobe watchdog removed $G $I /{p;q}" <&7;;
+    bbgrep) grep -m1 -F -e ";${_k}clock inst=$I " -e ";${_k}end inst=$I" -e ";${_k}bye inst=$I" \
+              -e ";fleetprobe watchdog removed $G $I " <&7;;
+  esac
+  exec cat <&7 7<&-
+}
+# read(2) fails with EPIPE when the ring overwrote unread records (cat exits): reopen, which
+# replays from the oldest record (kmsg_fwd skips sequence numbers it has seen). Rare, and these
+# cats are forks our filters do not name.
+kmsg_reopen() {
+  trap - PIPE
   _n=0
-  # read(2) fails with EPIPE when the ring overwrote unread records: reopen, which replays
-  # from the oldest record (kmsg_read skips sequence numbers it has seen).
   while [ $_n -lt 30 ]; do
+    sleep 1; _n=$((_n + 1))
     cat /dev/kmsg 2>/dev/null
     [ $? -gt 128 ] && exit 0
-    _n=$((_n + 1)); sleep 1
   done
 }
 kmsg_read() {
@@ -328,6 +358,13 @@ kmsg_read() {
   # printk_devkmsg=off drops writes to /dev/kmsg (our start record): forward from the oldest.
   [ "$(cat /proc/sys/kernel/printk_devkmsg 2>/dev/null)" = off ] && _on=1
   exec 4>"$T/instances/$I/trace_marker" || exit 1
+  kmsg_fwd < "$1"
+  # The source ended before our end record: the ring overwrote what we had not read yet. The
+  # forwarding stays in this process (killing it stops it); the reopened cat dies on the FIFO.
+  kmsg_reopen > "$1" &
+  kmsg_fwd < "$1"
+}
+kmsg_fwd() {
   while IFS= read -r _l; do
     case $_l in ''|' '*) continue;; esac     # dictionary lines (" KEY=value")
     _h=${_l%%;*}; _t=${_l#*;}
@@ -350,7 +387,13 @@ kmsg_clock() {
 }
 kmsg_start() {
   kmsg_clock
-  kmsg_cat | kmsg_read &
+  KSKIP=$(kmsg_skipper)
+  # A FIFO in a private directory (removed with the module directories) joins source and reader,
+  # so that both pids are known: both are in the "own" line and out of every event.
+  KDIR=$(mktemp -d "/tmp/${G}_kmsg.mod.XXXXXX") && mkfifo "$KDIR/records" || { say "error cannot make a private FIFO for the kernel log in /tmp"; KDIR=; return 0; }
+  kmsg_src > "$KDIR/records" &
+  KCAT=$!
+  kmsg_read "$KDIR/records" &
   KREAD=$!
 }
 # After the modules are unloaded (their totals are in the log): let the reader forward up to
@@ -363,11 +406,15 @@ kmsg_stop() {
   _try=0
   while kill -0 "$KREAD" 2>/dev/null && [ $_try -lt 5 ]; do sleep 1; _try=$((_try + 1)); done
   kill "$KREAD" 2>/dev/null
+  # The record wakes the source (cat, or the filter) blocked in read(2): it meets the closed FIFO.
   echo "${KRUN}probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
-  # busybox waits for the whole pipeline, cat included: only after the record above woke it.
   wait "$KREAD" 2>/dev/null
-  KREAD=
+  wait "$KCAT" 2>/dev/null
+  [ -n "$KDIR" ] && rm -rf -- "$KDIR"
+  KREAD=; KCAT=; KDIR=
 }
+
+# --- end of kernel log forwarding ---
 
 # Remove leftovers of dead runs: instances whose deadline (last _field of the name) + grace has
 # passed, and fp_ groups that have no instance at all (a live run makes its instance first).
@@ -625,7 +672,7 @@ while [ $_n -lt 100000 ]; do
   case $_st in T|t|'') break;; esac
   _n=$((_n + 1))
 done
-OWN="$$ $WD $WATCH $TIMER $READER${KREAD:+ $KREAD}"
+OWN="$$ $WD $WATCH $TIMER $READER${KREAD:+ $KREAD}${KCAT:+ $KCAT}"
 _own=; _ownk=
 for _p in $OWN; do
   _own="${_own:+$_own && }common_pid != $_p"
