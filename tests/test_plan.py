@@ -86,7 +86,7 @@ def test_every_shipped_playbook_plans_on_every_host(playbook: Path, facts_file: 
     assert not {p.name for p in hp.probes} & {s.name for s in hp.skipped}
     for s in hp.skipped:
         assert s.reason.strip(), f"{s.name} skipped without a reason"
-        if facts_file.stem in LAB_FACTS and facts_file.stem not in FACTS_BEFORE_LIBRARY:
+        if facts_file.stem in LAB_FACTS:
             # A lab kernel's facts were captured for every shipped playbook: a skip there is the
             # kernel's answer (no such symbol, tracepoint or binary), never "not checked".
             assert "facts lack it" not in s.reason, (facts_file.stem, s.name, s.reason)
@@ -115,14 +115,6 @@ LAB_FACTS = sorted(f"lab-{arch}-{line}" for arch, lines in LAB_PAIRS.items() for
 SECOND_ARG_REGISTER = {"ppc64le": "%r4", "mips64": "%r5", "mips": "%r5", "x86_64": "%si", "aarch64": "%x1"}
 
 
-#: Lab facts captured before the playbook library (issue 17) grew the shipped set: they lack the
-#: symbols, tracepoints and binaries the new playbooks name, so those probes plan as "was not
-#: checked on this host (facts lack it)" there. Recapture a file (tests/lab/capture_facts.py on a
-#: guest of that arch and line) and take its name out of this set: the strict xfail below fails
-#: for a recaptured file still listed, and the plan test above then holds its skips to real reasons.
-FACTS_BEFORE_LIBRARY = frozenset(LAB_FACTS) - {"lab-x86_64-6.1"}
-
-
 def _shipped_targets() -> list[tuple[str, str, str]]:
     """(playbook, kind, target) for every symbol, tracepoint and uprobe binary a shipped playbook names."""
     out = []
@@ -134,9 +126,7 @@ def _shipped_targets() -> list[tuple[str, str, str]]:
     return out
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="captured before the playbook library: recapture it"))
-    if n in FACTS_BEFORE_LIBRARY else n for n in LAB_FACTS])
+@pytest.mark.parametrize("name", LAB_FACTS)
 def test_lab_facts_checked_every_target_of_every_shipped_playbook(name: str) -> None:
     """Each lab kernel's facts say, for every symbol, tracepoint and binary any shipped playbook names, if it has it."""
     f = facts(name)
