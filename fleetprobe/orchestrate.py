@@ -217,13 +217,7 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         probe_runner, runner = runner, None
         await probe_host(fr, session, probe_runner, facts, plan, out, loads)
     except HostError as exc:
-        out.status = Status.UNREACHABLE if isinstance(exc, TransportError) and exc.stage == "connect" else Status.FAILED
-        if isinstance(exc, TransportError) and out.stage == "probe":
-            out.status = Status.FAILED
-        out.stage = exc.stage if out.stage in ("connect",) else out.stage
-        out.reason = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
-        out.evidence = exc.evidence or ""
-        obs.set_state(host.name, out.status, exc.message)
+        _record_host_error(out, exc, obs)
     except asyncio.CancelledError:
         out.status, out.reason = Status.INTERRUPTED, "cancelled"
         raise
@@ -235,17 +229,33 @@ async def _run_host(fr: FleetRun, host: Host) -> HostOutcome:
         if not set_up:
             fr.setup_over()
         out.ended = time.time()
-        if runner is not None:
-            # Planned nothing to probe here: EOF before "go" ends the waiting runner quietly.
-            runner.stream.write_eof()
-            runner.stream.close()
-        if session is not None:
-            try:
-                async with asyncio.timeout(5):
-                    await session.close()
-            except (TimeoutError, OSError):
-                pass
+        await _close_host(runner, session)
     return out
+
+
+def _record_host_error(out: HostOutcome, exc: HostError, obs: Observer) -> None:
+    """A host's failure into its outcome: unreachable when it failed to connect, else failed."""
+    out.status = Status.UNREACHABLE if isinstance(exc, TransportError) and exc.stage == "connect" else Status.FAILED
+    if isinstance(exc, TransportError) and out.stage == "probe":
+        out.status = Status.FAILED
+    out.stage = exc.stage if out.stage in ("connect",) else out.stage
+    out.reason = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+    out.evidence = exc.evidence or ""
+    obs.set_state(out.host, out.status, exc.message)
+
+
+async def _close_host(runner: RunnerChannel | None, session: Session | None) -> None:
+    """The host's end, whatever happened: a runner still waiting for its plan, then the connection."""
+    if runner is not None:
+        # Planned nothing to probe here: EOF before "go" ends the waiting runner quietly.
+        runner.stream.write_eof()
+        runner.stream.close()
+    if session is not None:
+        try:
+            async with asyncio.timeout(5):
+                await session.close()
+        except (TimeoutError, OSError):
+            pass
 
 
 async def _prepare_modules(fr: FleetRun, session: Session, facts: Facts, plan: HostPlan,
