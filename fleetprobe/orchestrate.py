@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from .errors import FleetprobeError, HostError, TransportError
-from .events import EventWriter
+from .events import EventWriter, _row_event
 from .facts import Facts
 from .inventory import Host
 from .merge import FleetAggregate
@@ -508,8 +508,6 @@ class EventStream:
 
     def write_batch(self, host: str, batch: EventBatch, probes: Mapping[str, str]) -> None:
         """EventSink: a batch of rows, each made a TraceEvent (fields parsed as everywhere else)."""
-        from fleetprobe.events import _row_event
-
         room = self._queue.maxsize - self._queue.qsize()
         for i, ev in enumerate(batch.events(probes)):
             if i >= room:
