@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = Tee(writer, printer) if writer is not None else printer  # type: ignore[assignment]
     hooks: dict[str, object] = {}
     if writer is not None:
-        # As orchestrate._probe wires the writer (this script also measures older checkouts, where
+        # As hostrun.probe_host wires the writer (this script also measures older checkouts, where
         # the writer only takes TraceEvents).
         if hasattr(writer, "write_batch"):
             hooks["on_batch"] = lambda batch: writer.write_batch("bench-host", batch, NAMES)

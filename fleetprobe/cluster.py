@@ -26,7 +26,10 @@ Dask is the optional extra ``fleetprobe[cluster]``; nothing here is imported by 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +37,7 @@ from typing import Any
 
 from fleetprobe.errors import InputError
 from fleetprobe.inventory import Host
+from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport
 from fleetprobe.settings import Observer, RunSettings
@@ -49,7 +53,7 @@ POLL_SECONDS = 0.2
 def _dask() -> Any:
     """``distributed``, or an InputError saying how to install it."""
     try:
-        import distributed
+        import distributed  # lazy: Dask is the optional extra fleetprobe[cluster]
     except ImportError:
         raise InputError("--cluster needs Dask distributed, which is not installed",
                          hint="pip install 'fleetprobe[cluster]'") from None
@@ -136,8 +140,6 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
                                inventory: str = "", argv: list[str] | None = None) -> FleetReport:
     """Run the playbook over the cluster at ``scheduler`` (``tcp://host:8786``): one merged report."""
     distributed = _dask()
-    from fleetprobe.plan import new_run_id
-
     hosts = list(hosts)
     if playbook.needs_module_consent():
         raise InputError("module playbooks cannot run over a cluster yet (builds are shared in one process)",
@@ -148,20 +150,7 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
     merger = Merger(playbook, settings, observer, None)
     async with distributed.Client(scheduler, asynchronous=True) as client:
         zones = worker_zones(await client.scheduler.identity())
-        by_zone: dict[str, list[Host]] = {}
-        for h in hosts:
-            zone, why = zone_of(h, set(zones))
-            if zone is not None and zone not in zones:
-                why = f"no cluster worker serves its zone {zone} (start one: fleetprobe-worker --zone {zone})"
-            if why:
-                merger.fail_lost(_Slice(-1, [h]), why, "", "not-needed")
-            else:
-                assert zone is not None
-                by_zone.setdefault(zone, []).append(h)
-        slices: list[_Remote] = []
-        for zone, zone_hosts in sorted(by_zone.items()):
-            for part in split_hosts(zone_hosts, min(len(zones[zone]), len(zone_hosts))):
-                slices.append(_Remote(len(slices), part, zone=zone))
+        slices = _zone_slices(hosts, zones, merger)
         queue = await distributed.Queue(f"fleetprobe-{run_id}", client=client)
         stop = distributed.Event(f"fleetprobe-{run_id}-stop", client=client)
         futures = []
@@ -170,48 +159,9 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
             futures.append(client.submit(_task, job, queue.name, stop.name, f"fleetprobe-{run_id}-{sl.index}",
                                          resources={RESOURCE + sl.zone: 1}, pure=False, retries=0,
                                          key=f"fleetprobe-{run_id}-slice-{sl.index}"))
-
-        def take(batch: list[Any]) -> None:
-            for index, items in batch:
-                sl = slices[index]
-                rest = []
-                for item in items:
-                    if item[0] == "worker":
-                        sl.worker = item[1]
-                    else:
-                        rest.append(item)
-                merger.apply(sl, rest)
-
-        lost: dict[int, str] = {}
-        told_stop = False
         try:
-            while True:
-                take(await queue.get(batch=True))
-                if interrupted.is_set() and not told_stop:
-                    told_stop = True
-                    await stop.set()
-                alive = set((await client.scheduler.identity()).get("workers", {}))
-                for sl, fut in zip(slices, futures):
-                    if sl.index in lost or fut.done():
-                        continue
-                    if sl.worker and sl.worker not in alive:
-                        lost[sl.index] = f"its cluster worker {sl.worker} (zone {sl.zone}) left the cluster mid-run"
-                if all(f.done() or sl.index in lost for sl, f in zip(slices, futures)):
-                    break
-                await asyncio.sleep(POLL_SECONDS)
-            take(await queue.get(batch=True))
-            for sl, fut in zip(slices, futures):
-                reason = lost.get(sl.index)
-                if reason is None and fut.status == "error":
-                    reason = f"its task on zone {sl.zone} failed: {fut.exception()!r}"
-                elif reason is None and not sl.done:
-                    reason = f"its task on zone {sl.zone} ended without sending the host's results"
-                if reason:
-                    if not fut.done():
-                        await fut.cancel()
-                    merger.fail_lost(sl, reason + ": the host's results are lost; its runner removes the probes "
-                                     "when the SSH link drops (its on-host timer does by the deadline otherwise)",
-                                     "", "timer (its cluster worker died)")
+            lost = await _follow(client, queue, stop, slices, futures, merger, interrupted)
+            await _fail_unfinished(slices, futures, lost, merger)
         finally:
             await stop.set()
             for fut in futures:
@@ -224,6 +174,77 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
     return report
 
 
+def _zone_slices(hosts: list[Host], zones: dict[str, list[str]], merger: Merger) -> list[_Remote]:
+    """Each zone's hosts in slices, one per worker of the zone; a host with no served zone fails in ``merger``."""
+    by_zone: dict[str, list[Host]] = {}
+    for h in hosts:
+        zone, why = zone_of(h, set(zones))
+        if zone is not None and zone not in zones:
+            why = f"no cluster worker serves its zone {zone} (start one: fleetprobe-worker --zone {zone})"
+        if why:
+            merger.fail_lost(_Slice(-1, [h]), why, "", "not-needed")
+        else:
+            assert zone is not None
+            by_zone.setdefault(zone, []).append(h)
+    slices: list[_Remote] = []
+    for zone, zone_hosts in sorted(by_zone.items()):
+        for part in split_hosts(zone_hosts, min(len(zones[zone]), len(zone_hosts))):
+            slices.append(_Remote(len(slices), part, zone=zone))
+    return slices
+
+
+def _take(slices: list[_Remote], merger: Merger, batch: list[Any]) -> None:
+    """What the tasks put in the queue: a slice's worker address, else its items for the merger."""
+    for index, items in batch:
+        sl = slices[index]
+        rest = []
+        for item in items:
+            if item[0] == "worker":
+                sl.worker = item[1]
+            else:
+                rest.append(item)
+        merger.apply(sl, rest)
+
+
+async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], futures: list[Any], merger: Merger,
+                  interrupted: asyncio.Event) -> dict[int, str]:
+    """Take the queue until every task is done or its worker left: {slice index: why it is lost}."""
+    lost: dict[int, str] = {}
+    told_stop = False
+    while True:
+        _take(slices, merger, await queue.get(batch=True))
+        if interrupted.is_set() and not told_stop:
+            told_stop = True
+            await stop.set()
+        alive = set((await client.scheduler.identity()).get("workers", {}))
+        for sl, fut in zip(slices, futures):
+            if sl.index in lost or fut.done():
+                continue
+            if sl.worker and sl.worker not in alive:
+                lost[sl.index] = f"its cluster worker {sl.worker} (zone {sl.zone}) left the cluster mid-run"
+        if all(f.done() or sl.index in lost for sl, f in zip(slices, futures)):
+            break
+        await asyncio.sleep(POLL_SECONDS)
+    _take(slices, merger, await queue.get(batch=True))
+    return lost
+
+
+async def _fail_unfinished(slices: list[_Remote], futures: list[Any], lost: dict[int, str], merger: Merger) -> None:
+    """The hosts of a slice lost, failed or ended without its results fail, saying which."""
+    for sl, fut in zip(slices, futures):
+        reason = lost.get(sl.index)
+        if reason is None and fut.status == "error":
+            reason = f"its task on zone {sl.zone} failed: {fut.exception()!r}"
+        elif reason is None and not sl.done:
+            reason = f"its task on zone {sl.zone} ended without sending the host's results"
+        if reason:
+            if not fut.done():
+                await fut.cancel()
+            merger.fail_lost(sl, reason + ": the host's results are lost; its runner removes the probes "
+                             "when the SSH link drops (its on-host timer does by the deadline otherwise)",
+                             "", "timer (its cluster worker died)")
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """``fleetprobe-worker --scheduler tcp://sched:8786 --zone eu1``: Dask workers serving one zone.
 
@@ -231,10 +252,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     thread each (a slice is one event loop), each with the resource ``fleetprobe-zone-<zone>`` = 1,
     so a run gives the zone one slice per worker process.
     """
-    import argparse
-    import subprocess
-    import sys
-
     ap = argparse.ArgumentParser(prog="fleetprobe-worker",
                                  description="Dask workers that run fleetprobe slices for the hosts of one zone")
     ap.add_argument("--scheduler", required=True, help="the scheduler's address, e.g. tcp://sched:8786")

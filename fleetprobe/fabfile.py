@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetprobe.connectors.fabric import connection_name, harden, open_sessions, sessions_of
+from fleetprobe.connectors.fabric import connection_name, harden, open_sessions, sessions_of, sibling_connection
 from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.settings import RunSettings
@@ -26,7 +26,7 @@ from fleetprobe.playbook import Playbook, load_playbook
 from fleetprobe.results import FleetReport
 from fleetprobe.session import Session, SSHOptions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the connector (connectors/fabric.py) is what uses fabric
     import fabric
 
 __all__ = ["harden", "run_playbook_on", "run_playbook_once", "sessions_of"]
@@ -67,6 +67,7 @@ _ONCE: dict[tuple[str, tuple[str, ...]], FleetReport] = {}
 def invocation_hosts() -> list[str]:
     """The hosts of this ``fab -H a,b,c`` invocation, as typed (empty when not run by ``fab -H``)."""
     try:
+        # Lazy: fabric.main is fab's command-line program, read only when fab runs this task.
         from fabric.main import program
     except ImportError:
         return []
@@ -109,9 +110,7 @@ def run_playbook_once(c: fabric.Connection, playbook: str | Path | Playbook, *,
     key = (pb.sha256 or pb.name, tuple(names))
     if key in _ONCE:
         return None
-    import fabric
-
-    others = [ready(fabric.Connection(h, config=c.config)) for h in names if h != me]
+    others = [ready(sibling_connection(h, c)) for h in names if h != me]
     conns = [ready(c) if i == names.index(me) else others.pop(0) for i in range(len(names))]
     try:
         report = run_playbook_on(conns, pb, settings=settings, events_path=events_path)

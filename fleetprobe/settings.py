@@ -13,12 +13,37 @@ from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host
 from fleetprobe.session import Session, SSHOptions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type only: aggtables is not needed to build settings (nor by `fleetprobe --help`)
     from fleetprobe.aggtables import AggProgress
 
 
 #: Seconds after the planned end that the on-host deadline (and the watchdog) allow for teardown.
 TEARDOWN_SLACK = 30
+
+
+def _positive(v: object) -> bool:
+    """A number (not a bool) > 0."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _whole(low: int) -> Callable[[object], bool]:
+    """A whole number (not a bool) >= ``low``."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+#: RunSettings' numeric and flag fields: (name, is the value right, what it must be), checked in this order.
+_FIELD_RULES: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("duration", lambda v: v is None or _positive(v), "seconds as a number > 0, or None for the playbook's"),
+    ("setup_timeout", _positive, "seconds as a number > 0"),
+    ("teardown_timeout", _positive, "seconds as a number > 0"),
+    ("forks", _whole(1), "a whole number >= 1"),
+    ("grace", _whole(0), "a whole number >= 0"),
+    ("teardown_slack", _whole(0), "a whole number >= 0"),
+    ("event_cap", lambda v: v is None or _whole(1)(v), "a whole number >= 1, or None"),
+    ("buffer_kb", lambda v: v is None or _whole(1)(v), "a whole number >= 1, or None"),
+    ("mount_tracefs", lambda v: isinstance(v, bool), "True or False"),
+    ("allow_modules", lambda v: isinstance(v, bool), "True or False"),
+)
 
 
 @dataclass(frozen=True)
@@ -69,28 +94,9 @@ class RunSettings:
                              + (" (parse a text like '2s' with fleetprobe.playbook.parse_duration)"
                                 if isinstance(value, str) and want.startswith("seconds") else ""))
 
-        def number(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("duration",):
-            v = getattr(self, name)
-            if v is not None and (not number(v) or not v > 0):
-                raise bad(name, "seconds as a number > 0, or None for the playbook's")
-        for name in ("setup_timeout", "teardown_timeout"):
-            v = getattr(self, name)
-            if not number(v) or not v > 0:
-                raise bad(name, "seconds as a number > 0")
-        for name, low in (("forks", 1), ("grace", 0), ("teardown_slack", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise bad(name, f"a whole number >= {low}")
-        for name in ("event_cap", "buffer_kb"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise bad(name, "a whole number >= 1, or None")
-        for name in ("mount_tracefs", "allow_modules"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "True or False")
+        for name, ok, want in _FIELD_RULES:
+            if not ok(getattr(self, name)):
+                raise bad(name, want)
         if not isinstance(self.ssh, SSHOptions):
             raise bad("ssh", "an SSHOptions")
         if self.run_id is not None and not isinstance(self.run_id, str):

@@ -34,6 +34,7 @@ and bounded inside the worker, as in one loop).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import resource
@@ -53,8 +54,10 @@ from fleetprobe.facts import Facts
 from fleetprobe.aggtables import AggProgress, AggResults, AggTable, HostTable
 from fleetprobe.inventory import Host
 from fleetprobe.merge import FleetAggregate
+from fleetprobe.orchestrate import playbook_pairs, run_fleet, run_playbook
 from fleetprobe.outcome import HostOutcome, Stage, Status
 from fleetprobe.parse import EventBatch
+from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport, RunInfo
 from fleetprobe.settings import NullObserver, Observer, RunSettings
@@ -278,8 +281,6 @@ async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None]
 
     A local worker's ``put`` writes a frame on its stdout; a cluster task's puts a Dask queue item.
     """
-    from fleetprobe.orchestrate import playbook_pairs, run_fleet
-
     loop = asyncio.get_running_loop()
     pairs = playbook_pairs(job.playbook)
     box = _Outbox(put, pairs)
@@ -324,7 +325,6 @@ def worker_main() -> int:
         finally:
             transport.close()
 
-    import gc
     gc.freeze()  # as the CLI does: collections stop walking the import-time objects
     try:
         return asyncio.run(go())
@@ -376,8 +376,6 @@ class Merger:
 
     def __init__(self, playbook: Playbook, settings: RunSettings, observer: Observer | None,
                  stats: list[WorkerStats] | None) -> None:
-        from fleetprobe.orchestrate import playbook_pairs
-
         self.total = FleetAggregate(pairs=playbook_pairs(playbook))
         self.obs = observer or NullObserver()
         self.on_facts = settings.on_facts
@@ -448,9 +446,6 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
     process (a ``connect`` hook that is not a module-level function).  ``stats`` gets each
     worker's CPU and peak memory as it ends.
     """
-    from fleetprobe.orchestrate import run_playbook
-    from fleetprobe.plan import new_run_id
-
     hosts = list(hosts)
     n = worker_count(workers, len(hosts), settings.forks, playbook)
     if n > 1 and not _can_send(replace(settings, on_facts=None)):

@@ -141,7 +141,7 @@ def test_lines_a_module_printed_that_never_came_through_are_counted_and_said() -
     Seen on a slow mips64el guest: the kernel-log reader was still replaying old records when the
     run ended, and the report said 0-23 hits with no loss for a module that printed 46-60 lines.
     """
-    from fleetprobe.orchestrate import _module_results
+    from fleetprobe.hostrun import _module_results
     from fleetprobe.outcome import HostOutcome, LossCounters
     _trace, records = split_in_chunks(CAPTURE.read_bytes(), 500)
     module = ModuleLoad("fp_kprobe", "/tmp/fp_x/fp_kprobe.ko", (("probe", "fork"),), "fp_kprobe")

@@ -365,6 +365,11 @@ def connection_name(conn: fabric.Connection) -> str:
     return str(getattr(conn, "original_host", None) or conn.host)
 
 
+def sibling_connection(name: str, like: fabric.Connection) -> fabric.Connection:
+    """A Connection to ``name`` with ``like``'s config, as ``fab -H`` opens one (not opened yet)."""
+    return fabric.Connection(name, config=like.config)
+
+
 def sessions_of(target: fabric.Connection | Iterable[fabric.Connection]) -> dict[str, FabricSession]:
     """A borrowed FabricSession per Connection, named as the user named the host (``name:port`` where two
     share a name)."""

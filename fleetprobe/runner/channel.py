@@ -167,6 +167,13 @@ async def _read_facts(stream: Stream, host: str, symbols: list[str], timeout: fl
     except TimeoutError:
         stream.close()
         raise HostError(host, "facts", f"facts script did not finish in {timeout:.0f}s") from None
+    return _facts_and_clock(stream, host, buf, end, status, symbols, t0, t_line)
+
+
+def _facts_and_clock(stream: Stream, host: str, buf: bytearray, end: int, status: int, symbols: list[str],
+                     t0: float, t_line: float | None) -> tuple[Facts, float, float, bytes]:
+    """The facts read (``end``: where their end marker is in ``buf``, -1 when the script exited), the clock
+    offset and its error from when the script (or ping) went (``t0``) and its second line came (``t_line``)."""
     rest = b""
     if end >= 0:
         rest = bytes(buf[end + len(_FACTS_END):])

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 from importlib.resources import files
 
 from ..facts import bounded_int, facts_script
@@ -193,10 +195,14 @@ class RunnerReport:
     kept: int = 0
     dropped: int = 0
 
+    #: Words that set one flag or value: always taken, past MAX_LINES too.
+    _ALWAYS_TAKEN: ClassVar[frozenset[str]] = frozenset(
+        ("hello", "started", "stopping", "clean", "bye", "kernel", "hist"))
+
     def handle(self, text: str) -> None:
-        """Take one control line (without its ``@@fp `` prefix)."""
+        """Take one control line (without its ``@@fp `` prefix); a word no handler knows is ignored."""
         word, _, rest = text.partition(" ")
-        if word not in ("hello", "started", "stopping", "clean", "bye", "kernel", "hist"):
+        if word not in self._ALWAYS_TAKEN:
             # Collected lines are bounded; the words that set one flag or value are always taken.
             if self.kept >= self.MAX_LINES:
                 self.dropped += 1
@@ -204,95 +210,126 @@ class RunnerReport:
             self.kept += 1
         if len(rest) > self.MAX_LINE_CHARS:
             rest = rest[:self.MAX_LINE_CHARS] + "...(cut)"
-        if word == "hello":
-            self.hello = True
-        elif word == "started":
-            self.started = True
-            m = re.search(r"enabled=(\d+)", rest)
-            self.enabled = int(m.group(1)) if m else 0
-            m = re.search(r"triggers=(\d+)", rest)
-            self.triggers = int(m.group(1)) if m else 0
-        elif word == "stopping":
-            self.stop_reason = rest.strip()
-        elif word == "shortened":
-            # "ASKED ROOM": whole seconds the playbook asked for, and what was left before the deadline.
-            nums = [int(w) for w in rest.split()[:2] if w.isdigit()]
-            if len(nums) == 2:
-                self.shortened = (nums[0], nums[1])
-        elif word == "watchdog-fired":
-            self.watchdog_fired = True
-        elif word == "clean":
-            self.clean = True
-        elif word == "unclean":
-            self.clean = False
-            self.unclean.append(rest.strip())
-        elif word == "bye":
-            self.bye = True
-        elif word == "placed":
-            self.placed.append(rest.strip())
-        elif word in ("deffail", "modfail", "filterfail", "enablefail"):
-            what, _, why = rest.partition(" :: ")
-            # The first refusal is the cause (a refused definition then also fails its filter and enable).
-            self.refused.setdefault(_event_key(what.strip()),
-                                    f"{word[:-4]} refused: {' '.join(why.split())}".strip())
-        elif word == "own":
-            # "PID:START" words (START: the process's start time, so a teardown never kills a reused pid).
-            words = [w for w in rest.split() if w.partition(":")[0].isdigit()]
-            self.own_pids = [int(w.partition(":")[0]) for w in words]
-            self.own_processes = words
-        elif word == "guardcount":
-            # "guardcount N": events the newline guards kept out; "guardcount none :: why": not counted.
-            if rest.startswith("none"):
-                self.guard_uncounted.append(" ".join(rest.partition(" :: ")[2].split()) or "refused")
-            else:
-                count = bounded_int(rest.strip(), 0, 1 << 62)
-                if count is not None:
-                    self.guarded_out = count
-        elif word == "unguarded":
-            what, _, why = rest.partition(" :: ")
-            self.unguarded[what.strip()] = " ".join(why.split()) or "refused"
-        elif word == "ownfilter":
-            what, _, why = rest.partition(" :: ")
-            self.own_unfiltered[what.strip()] = " ".join(why.split()) or "refused"
-        elif word == "loaded":
-            self.loaded.append(rest.strip())
-        elif word == "error":
-            self.errors.append(rest.strip())
-        elif word == "kernel":
-            phase, _, values = rest.partition(" ")
-            self.kernel[phase] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
-        elif word == "pong":
-            self.pongs.append((time.time(), rest.strip()))
-        elif word == "swept":
-            self.swept.append(rest.strip())
-        elif word == "stats":
-            phase, _, tail = rest.partition(" ")
-            cpu, _, values = tail.partition(" ")
-            if phase in self.stats:
-                self.stats[phase][cpu] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
-        elif word == "hl":
-            if self._hist_event is not None:
-                # The runner escaped '%' and '[' so that no key can look like a trace line.
-                self.hist[self._hist_event].append(_HIST_UNESCAPE.sub(_unescape, rest))
-        elif word == "hist":
-            ev = rest.strip()
-            self._hist_event = None if ev == "end" else ev
-            if self._hist_event is not None:
-                self.hist.setdefault(self._hist_event, [])
-        elif word == "trigfail":
-            what, _, why = rest.partition(" :: ")
-            ev, _, line = what.partition(" ")
-            self.trigger_refused[(ev, line.strip())] = "trigger refused: " + " ".join(why.split())
-        elif word == "synthfail":
-            what, _, why = rest.partition(" :: ")
-            self.synth_refused[what.strip()] = "synthetic event refused: " + " ".join(why.split())
-        elif word in ("notrace", "histfail"):
-            self.notes.append(f"{word} {rest}")
-        elif word in ("kev", "kprof"):
-            phase, _, line = rest.partition(" ")
-            target = self.kev if word == "kev" else self.kprof
-            if phase in target:
-                target[phase].append(line)
+        handler = _HANDLERS.get(word)
+        if handler is not None:
+            handler(self, word, rest)
+
+    # --- one handler per control word (the table _HANDLERS, below the class, declares them) -----
+
+    def _hello(self, word: str, rest: str) -> None:
+        self.hello = True
+
+    def _started(self, word: str, rest: str) -> None:
+        self.started = True
+        m = re.search(r"enabled=(\d+)", rest)
+        self.enabled = int(m.group(1)) if m else 0
+        m = re.search(r"triggers=(\d+)", rest)
+        self.triggers = int(m.group(1)) if m else 0
+
+    def _stopping(self, word: str, rest: str) -> None:
+        self.stop_reason = rest.strip()
+
+    def _shortened(self, word: str, rest: str) -> None:
+        # "ASKED ROOM": whole seconds the playbook asked for, and what was left before the deadline.
+        nums = [int(w) for w in rest.split()[:2] if w.isdigit()]
+        if len(nums) == 2:
+            self.shortened = (nums[0], nums[1])
+
+    def _watchdog_fired(self, word: str, rest: str) -> None:
+        self.watchdog_fired = True
+
+    def _clean(self, word: str, rest: str) -> None:
+        self.clean = True
+
+    def _unclean(self, word: str, rest: str) -> None:
+        self.clean = False
+        self.unclean.append(rest.strip())
+
+    def _bye(self, word: str, rest: str) -> None:
+        self.bye = True
+
+    def _placed(self, word: str, rest: str) -> None:
+        self.placed.append(rest.strip())
+
+    def _refusal(self, word: str, rest: str) -> None:
+        what, _, why = rest.partition(" :: ")
+        # The first refusal is the cause (a refused definition then also fails its filter and enable).
+        self.refused.setdefault(_event_key(what.strip()),
+                                f"{word[:-4]} refused: {' '.join(why.split())}".strip())
+
+    def _own(self, word: str, rest: str) -> None:
+        # "PID:START" words (START: the process's start time, so a teardown never kills a reused pid).
+        words = [w for w in rest.split() if w.partition(":")[0].isdigit()]
+        self.own_pids = [int(w.partition(":")[0]) for w in words]
+        self.own_processes = words
+
+    def _guardcount(self, word: str, rest: str) -> None:
+        # "guardcount N": events the newline guards kept out; "guardcount none :: why": not counted.
+        if rest.startswith("none"):
+            self.guard_uncounted.append(" ".join(rest.partition(" :: ")[2].split()) or "refused")
+        else:
+            count = bounded_int(rest.strip(), 0, 1 << 62)
+            if count is not None:
+                self.guarded_out = count
+
+    def _unguarded(self, word: str, rest: str) -> None:
+        what, _, why = rest.partition(" :: ")
+        self.unguarded[what.strip()] = " ".join(why.split()) or "refused"
+
+    def _ownfilter(self, word: str, rest: str) -> None:
+        what, _, why = rest.partition(" :: ")
+        self.own_unfiltered[what.strip()] = " ".join(why.split()) or "refused"
+
+    def _loaded(self, word: str, rest: str) -> None:
+        self.loaded.append(rest.strip())
+
+    def _error(self, word: str, rest: str) -> None:
+        self.errors.append(rest.strip())
+
+    def _kernel(self, word: str, rest: str) -> None:
+        phase, _, values = rest.partition(" ")
+        self.kernel[phase] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
+
+    def _pong(self, word: str, rest: str) -> None:
+        self.pongs.append((time.time(), rest.strip()))
+
+    def _swept(self, word: str, rest: str) -> None:
+        self.swept.append(rest.strip())
+
+    def _stats(self, word: str, rest: str) -> None:
+        phase, _, tail = rest.partition(" ")
+        cpu, _, values = tail.partition(" ")
+        if phase in self.stats:
+            self.stats[phase][cpu] = {k: int(v) for k, v in _STATS_FIELD.findall(values)}
+
+    def _hl(self, word: str, rest: str) -> None:
+        if self._hist_event is not None:
+            # The runner escaped '%' and '[' so that no key can look like a trace line.
+            self.hist[self._hist_event].append(_HIST_UNESCAPE.sub(_unescape, rest))
+
+    def _hist(self, word: str, rest: str) -> None:
+        ev = rest.strip()
+        self._hist_event = None if ev == "end" else ev
+        if self._hist_event is not None:
+            self.hist.setdefault(self._hist_event, [])
+
+    def _trigfail(self, word: str, rest: str) -> None:
+        what, _, why = rest.partition(" :: ")
+        ev, _, line = what.partition(" ")
+        self.trigger_refused[(ev, line.strip())] = "trigger refused: " + " ".join(why.split())
+
+    def _synthfail(self, word: str, rest: str) -> None:
+        what, _, why = rest.partition(" :: ")
+        self.synth_refused[what.strip()] = "synthetic event refused: " + " ".join(why.split())
+
+    def _note(self, word: str, rest: str) -> None:
+        self.notes.append(f"{word} {rest}")
+
+    def _kernel_lines(self, word: str, rest: str) -> None:
+        phase, _, line = rest.partition(" ")
+        target = self.kev if word == "kev" else self.kprof
+        if phase in target:
+            target[phase].append(line)
 
     def loss(self, group: str) -> LossCounters:
         """Loss deltas over the run: ring-buffer overrun/dropped of our instance, kprobe misses of our events."""
@@ -320,6 +357,42 @@ class RunnerReport:
         """kprobe_profile hit counts of our events at the end (the kernel's own count, loss or not)."""
         return {k: v[0] for k, v in _profile(self.kev["end"], self.kprof["end"], group).items()}
 
+
+
+#: The control words runner.sh says, each with its handler: the one place they are declared.
+_HANDLERS: dict[str, Callable[[RunnerReport, str, str], None]] = {
+    "hello": RunnerReport._hello,
+    "started": RunnerReport._started,
+    "stopping": RunnerReport._stopping,
+    "shortened": RunnerReport._shortened,
+    "watchdog-fired": RunnerReport._watchdog_fired,
+    "clean": RunnerReport._clean,
+    "unclean": RunnerReport._unclean,
+    "bye": RunnerReport._bye,
+    "placed": RunnerReport._placed,
+    "deffail": RunnerReport._refusal,
+    "modfail": RunnerReport._refusal,
+    "filterfail": RunnerReport._refusal,
+    "enablefail": RunnerReport._refusal,
+    "own": RunnerReport._own,
+    "guardcount": RunnerReport._guardcount,
+    "unguarded": RunnerReport._unguarded,
+    "ownfilter": RunnerReport._ownfilter,
+    "loaded": RunnerReport._loaded,
+    "error": RunnerReport._error,
+    "kernel": RunnerReport._kernel,
+    "pong": RunnerReport._pong,
+    "swept": RunnerReport._swept,
+    "stats": RunnerReport._stats,
+    "hl": RunnerReport._hl,
+    "hist": RunnerReport._hist,
+    "trigfail": RunnerReport._trigfail,
+    "synthfail": RunnerReport._synthfail,
+    "notrace": RunnerReport._note,
+    "histfail": RunnerReport._note,
+    "kev": RunnerReport._kernel_lines,
+    "kprof": RunnerReport._kernel_lines,
+}
 
 def clock_sample(sent: float, received: float, host_realtime: str) -> tuple[float, float] | None:
     """(offset, error) from one ping sent at ``sent`` and answered at ``received`` (controller realtime).
