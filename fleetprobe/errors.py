@@ -87,3 +87,11 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     """A ' (did you mean X?)' suffix when ``word`` is close to one of ``choices``."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class LoginRefused(FleetprobeError):
+    """A host key or login key was refused: retrying the same login cannot help."""
+
+
+class LoginFailed(FleetprobeError):
+    """A login attempt that failed on the way (reset, timeout, key exchange): a retry may succeed."""

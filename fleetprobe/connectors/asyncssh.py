@@ -21,7 +21,7 @@ from typing import Any
 import asyncssh
 
 from .. import sshconfig
-from ..errors import TransportError
+from ..errors import LoginFailed, LoginRefused, TransportError
 from ..inventory import Host
 from ..session import CommandResult, SSHOptions, Stream, get_file, put_file
 
@@ -417,3 +417,22 @@ def _host_key_error(host: Host, r: sshconfig.Resolved, verdict: str, exc: BaseEx
                           hint="check the key with the host's owner and add it to known_hosts, or pass "
                                "--accept-new-host-keys (or StrictHostKeyChecking accept-new) to trust a host "
                                "seen for the first time")
+
+
+async def login_once(port: int, key: Path, known_hosts: Path, command: str, timeout_s: float) -> str:
+    """One root login to 127.0.0.1:``port`` (the lab's guests) with one key and strict host keys; ``command``'s stdout.
+
+    ``config=[]`` keeps the user's ~/.ssh/config out and no agent is asked. Raises LoginRefused for a
+    refused host or login key, LoginFailed for anything a retry may cure.
+    """
+    try:
+        async with asyncssh.connect(
+                "127.0.0.1", port, username="root", client_keys=[str(key)],
+                known_hosts=str(known_hosts), config=[], agent_path=None,
+                login_timeout=timeout_s, connect_timeout=timeout_s) as conn:
+            result = await asyncio.wait_for(conn.run(command, check=True), timeout=timeout_s)
+    except (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied) as exc:
+        raise LoginRefused(f"SSH login refused: {exc}") from exc
+    except (TimeoutError, asyncssh.Error, OSError) as exc:
+        raise LoginFailed(f"{type(exc).__name__}: {exc}") from exc
+    return str(result.stdout)

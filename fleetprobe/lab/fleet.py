@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fleetprobe.kmod import debian
-from fleetprobe.errors import InputError
+from fleetprobe.errors import InputError, LoginFailed, LoginRefused
 from fleetprobe.lab import image as lab_image
 from fleetprobe.lab import keys, vm
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, LabArch, lab_arch
@@ -161,8 +161,6 @@ def _write_lab_files(lab_dir: Path, vms: list[LabVM]) -> None:
 async def _wait_one(rec: LabVM, paths: vm.VMPaths, key: Path, known_hosts: Path,
                     started_at: float, deadline: float) -> LabVM:
     """Wait for one VM's SSH banner and a real login; returns its record with release and boot time."""
-    import asyncssh  # here, not at the top: `fleetprobe --help` imports this module (issue 5)
-
     def alive() -> bool:
         return vm.running_pid(paths) is not None
 
@@ -176,12 +174,12 @@ async def _wait_one(rec: LabVM, paths: vm.VMPaths, key: Path, known_hosts: Path,
         try:
             release, machine = await vm.login(rec.port, key, known_hosts,
                                               max(5.0, min(60.0, deadline - time.monotonic())))
-        except (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied) as exc:
+        except LoginRefused as exc:
             # Wrong host key or refused login key: retrying cannot help.
-            raise vm.VMError(f"SSH login refused: {exc}", where=rec.name,
+            raise vm.VMError(str(exc), where=rec.name,
                              hint=f"the lab files may be stale; run `fleetprobe lab down` "
                                   f"and `lab up` again. console {paths.serial_log}") from exc
-        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+        except LoginFailed as exc:
             # dropbear just after start has dropped a first key exchange
             # (seen on mips64el/mipsel: "Failed assertion (rsa.c:164)" in the
             # console); a fresh connection then succeeds.  Retry until the deadline.

@@ -212,16 +212,13 @@ async def login(port: int, key: Path, known_hosts: Path, timeout_s: float) -> tu
     """One real root login with the lab key and strict host key checking; returns (uname -r, uname -m).
 
     Key exchange in a loaded emulated guest can take seconds (LAB.md), hence
-    a generous timeout.  ``config=[]`` keeps the user's ~/.ssh/config out.
+    a generous timeout. Raises LoginRefused or LoginFailed (fleetprobe.errors).
     """
-    import asyncssh  # here, not at the top: `fleetprobe --help` imports this module (issue 5)
+    # here, not at the top: `fleetprobe --help` imports this module, the connector loads asyncssh (issue 5)
+    from fleetprobe.connectors.asyncssh import login_once
 
-    async with asyncssh.connect(
-            "127.0.0.1", port, username="root", client_keys=[str(key)],
-            known_hosts=str(known_hosts), config=[], agent_path=None,
-            login_timeout=timeout_s, connect_timeout=timeout_s) as conn:
-        result = await asyncio.wait_for(conn.run("uname -r; uname -m", check=True), timeout=timeout_s)
-    out = str(result.stdout).split()
+    stdout = await login_once(port, key, known_hosts, "uname -r; uname -m", timeout_s)
+    out = stdout.split()
     if len(out) != 2:
-        raise VMError(f"unexpected `uname -r; uname -m` output {result.stdout!r}")
+        raise VMError(f"unexpected `uname -r; uname -m` output {stdout!r}")
     return out[0], out[1]
