@@ -7,6 +7,7 @@ against sim hosts: real SSH servers running the real runner on this machine's tr
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import secrets
@@ -432,3 +433,49 @@ def test_event_stream_yields_events_as_they_come_and_stops_cleanly(sim: SimFleet
     assert [(o.host, o.status, o.cleanup) for o in stream.report.hosts] == [
         ("h1", "interrupted", "clean"), ("h2", "interrupted", "clean")]
     assert stream.report.aggregate.hits("sched_process_exec")["h1"] >= 1
+
+
+def test_tables_as_tsv_and_json_for_scripts(sim: SimFleet, tmp_path: Path) -> None:
+    """``facts --format tsv|json`` piped: a header line then one row a line, tab-separated, or a JSON
+    array of objects; the cells are the table's, uncut; ``history --format tsv`` with no runs is the
+    header alone (no people's note on stdout)."""
+    name = "a-host-name-long-enough-that-eighty-columns-would-cut-it-" + "x" * 20
+    inv = inventory(sim, tmp_path, name)
+    tsv = fp(tmp_path, "facts", *ssh(inv), "--format", "tsv")
+    assert tsv.returncode == 0, tsv.stderr
+    head, *rows = tsv.stdout.splitlines()
+    assert head.split("\t") == ["host", "arch", "kernel", "tracefs", "kprobes", "uprobes", "lockdown",
+                                "modules", "clock", "leftovers"]
+    assert len(rows) == 1 and rows[0].split("\t")[0] == name
+    assert rows[0].split("\t")[2] == os.uname().release
+    js = fp(tmp_path, "facts", *ssh(inv), "--format", "json")
+    assert js.returncode == 0, js.stderr
+    (row,) = json.loads(js.stdout)
+    assert row["host"] == name and row["kernel"] == os.uname().release and row["uprobes"] == "yes"
+    hist = fp(tmp_path, "history", "--store", str(tmp_path / "empty.db"), "--format", "tsv")
+    assert hist.returncode == 0, hist.stderr
+    assert hist.stdout.split("\n") == ["\t".join(["run", "playbook", "started", "took", "state", "hosts ok",
+                                                  "events", "audit", "raw events"]), ""]
+
+
+def test_tsv_and_json_escape_a_hostile_comm() -> None:
+    """A cell holding a host's text (a comm with a tab, a newline and an escape sequence) stays one
+    cell on one line in tsv, and json carries no raw control character either."""
+    from rich.table import Table
+
+    from fleetprobe.cli.output import print_table
+
+    evil = "ev\til\nname\x1b[31m\x07"
+    for fmt in ("tsv", "json"):
+        t = Table()
+        t.add_column("comm")
+        t.add_column("pid")
+        t.add_row(evil, "42")
+        stream = io.StringIO()
+        print_table(t, SafeConsole(file=stream, width=20), fmt)
+        out = stream.getvalue()
+        assert not any(c in out for c in "\x1b\x07"), repr(out)
+        if fmt == "tsv":
+            assert out.split("\n") == ["comm\tpid", "ev\\x09il\\x0aname\\x1b[31m\\x07\t42", ""], repr(out)
+        else:
+            assert json.loads(out) == [{"comm": "ev\\x09il\\x0aname\\x1b[31m\\x07", "pid": "42"}]

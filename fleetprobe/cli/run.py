@@ -32,7 +32,7 @@ from fleetprobe.adhoc import adhoc_playbook
 from fleetprobe.audit import AuditResult, audit, audit_json, result_line
 from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
-from fleetprobe.cli.output import STDOUT, where, write_report_json, write_text
+from fleetprobe.cli.output import STDOUT, print_table, where, write_report_json, write_text
 from fleetprobe.events import EventWriter
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
@@ -110,7 +110,7 @@ def _yes(v: bool) -> Text:
     return Text("yes", style="green") if v else Text("no", style="red")
 
 
-def render_facts(results: list[HostFacts], console: Console) -> None:
+def render_facts(results: list[HostFacts], console: Console, fmt: str = "table") -> None:
     """The facts table.  Every value a host reported is shown through visible(): it is the host's
     word (a kernel release of ``[/]`` or ``\x1b]0;...``), never markup or a terminal command."""
     t = Table(title="fleetprobe facts", title_justify="left")
@@ -132,7 +132,7 @@ def render_facts(results: list[HostFacts], console: Console) -> None:
                   Text(visible(f.tracefs)) if f.tracefs else Text("none", style="red"),
                   _yes(f.kprobe_events), _yes(f.uprobe_events), Text(visible(f.lockdown)), modules,
                   Text(clock), Text(visible(", ".join(f.leftovers) or "-")))
-    console.print(t)
+    print_table(t, console, fmt)
     failed = [hf for hf in results if hf.error]
     for hf in failed:
         # An error is fleetprobe's own text over several lines (message, evidence, hint): its line
@@ -300,7 +300,7 @@ def cmd_facts(args: argparse.Namespace, console: Console) -> int:
                                  "clock_offset": hf.clock_offset, "clock_error": hf.clock_error,
                                  "facts": hf.facts.to_json() if hf.facts else None} for hf in results], console)
     if args.json != "-":
-        render_facts(results, console)
+        render_facts(results, console, args.format)
     ok = sum(1 for hf in results if hf.facts)
     return int(Exit.NONE_OK if ok == 0 else Exit.SOME_FAILED if ok < len(results) else Exit.OK)
 
@@ -363,7 +363,7 @@ def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
         t.add_row(*(Text(visible(x)) for x in (r.host, ", ".join(r.removed) or "-", ", ".join(stale) or "-",
                                                 ", ".join(live) or "-", r.error or "")))
         bad += bool(r.error or stale)
-    console.print(t)
+    print_table(t, console, args.format)
     return int(Exit.OK if bad == 0 else Exit.NONE_OK if bad == len(results) else Exit.SOME_FAILED)
 
 
