@@ -22,6 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleetprobe.errors import PlaybookError, did_you_mean
 from fleetprobe.fetchargs import _STRING_TYPES, ArgSpec, parse_arg
+from fleetprobe.printformat import PrintFormat, parse_print_format
 from fleetprobe.shipped import shipped_dir, shipped_playbook, shipped_playbooks
 
 #: Probe kinds: the key that names the probe's target decides its kind.
@@ -33,7 +34,7 @@ KERNEL_DYNAMIC_KINDS = ("kprobe", "kretprobe", "raw")
 
 _TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "baseline", "probes")
 _PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
-               "max_per_host", "pair_with", "params", "aggregate")
+               "max_per_host", "pair_with", "params", "aggregate", "print")
 
 #: What a module parameter's value may be (the runner hands it to insmod as one word).
 MODULE_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -157,6 +158,8 @@ class ProbeSpec:
     max_per_host: int | None = None
     #: In-kernel (or, where the kernel cannot, controller-side) aggregation instead of events.
     aggregate: AggregateSpec | None = None
+    #: How ``run`` prints each event (printformat.py); a playbook with one streams its events.
+    print_format: PrintFormat | None = None
 
     @property
     def is_return(self) -> bool:
@@ -550,9 +553,19 @@ class _Reader:
             known = tuple(a.name for a in args) if kind != "raw" else spec_kw.get("raw_fields", ())
             aggregate = self.aggregate(n, f"{where}.aggregate", kind=kind, known=known, args=args,
                                        pair_with=pair_with)
+        print_format = None
+        if (n := value_of("print")) is not None:
+            fields = tuple(a.name for a in args) if kind != "raw" else spec_kw.get("raw_fields", ())
+            try:
+                # A tracepoint's (or module's) fields are the kernel's: known only on the host.
+                print_format = parse_print_format(self.string(n, f"{where}.print"),
+                                                  fields if args or kind == "raw" else None)
+            except ValueError as exc:
+                raise self.error(n, f"{where}.print", str(exc)) from None
         return ProbeSpec(name=name, kind=kind, line=line, file=self.source, args=args, filter=filter_text,
                          on_missing=on_missing, expect=expect, pair_with=pair_with,
-                         description=description, max_per_host=max_per_host, aggregate=aggregate, **spec_kw)
+                         description=description, max_per_host=max_per_host, aggregate=aggregate,
+                         print_format=print_format, **spec_kw)
 
     def aggregate(self, node: Node, key: str, *, kind: str, known: tuple[str, ...], args: tuple[ArgSpec, ...],
                   pair_with: str | None) -> AggregateSpec:

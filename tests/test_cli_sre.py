@@ -181,6 +181,65 @@ def test_print_streams_host_prefixed_lines_as_they_arrive(sim: SimFleet, tmp_pat
     assert "fleetprobe run" in err                      # the summary went to stderr
 
 
+def test_playbook_print_format_streams_its_lines(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """A playbook's ``print:`` format streams events without ``--print``: ``host probe`` then the
+    format filled with the event's fields; a hostile program name stays escaped on one line; the
+    summary goes to stderr.  With ``--json -`` stdout is the report's and nothing is printed."""
+    inv = inventory(sim, tmp_path, "h1")
+    # (A tab or newline in a path is kept out by the run's newline guard: see the unit test below.)
+    evil = tmp_path / "bad\x1b[31mname two"
+    os.symlink("/bin/true", evil)
+    playbook = tmp_path / "exec.yml"
+    playbook.write_text("name: execprint\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+                        "    print: \"{comm} ran {filename} {{pid {pid}}} {nosuch}\"\n")
+    proc = subprocess.Popen([sys.executable, "-m", "fleetprobe", "run", str(playbook), *ssh(inv), "-d", "4s",
+                             "--run-id", run_id, "--no-store"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path))
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        live = proc.stderr.readline()
+        assert live.startswith("1 probe live on 1 host"), live
+        subprocess.run([str(evil)], check=True)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines, err
+    for line in lines:
+        host, probe, comm, ran, rest = line.split(None, 4)
+        assert (host, probe, ran) == ("h1", "exec", "ran"), line
+        assert " {pid " in rest and rest.endswith("} {nosuch?}"), line
+    shown = [x for x in lines if "bad" in x and "two" in x]
+    assert shown and "bad\\x1b[31mname two" in shown[0], shown
+    assert "\x1b" not in out and "\t" not in out
+    assert "fleetprobe run" in err
+    quiet = fp(tmp_path, "run", str(playbook), *ssh(inv), "-d", "1s", "--run-id", run_id, "--no-store",
+               "--json", "-")
+    assert quiet.returncode == 0, quiet.stderr
+    assert json.loads(quiet.stdout)["hosts"][0]["status"] == "ok"
+
+
+def test_format_printer_escapes_hostile_fields() -> None:
+    """Unit check of a print: format on hostile strings: a comm with a blank, a bell and a tab is one
+    word; a value's tab and escape are shown as escapes; a probe without a format prints --print's line."""
+    from fleetprobe.cli.eventformat import FormatPrinter
+    from fleetprobe.printformat import parse_print_format
+
+    buf = io.StringIO()
+    fmt = parse_print_format("{comm} opened {filename}", None)
+    printer = FormatPrinter(buf, {"open": fmt}, hosts=["w"], probes=["open", "exec"])
+    rows = [("a b\x07\tc", "7", "1", "1.0", 'open: filename="/tmp/x\ty\x1b[2J"'),
+            ("sh", "8", "1", "1.1", 'exec: filename="/bin/sh"')]
+    printer.write_batch("w", EventBatch(rows, ["open", "exec"], {"open": 1, "exec": 1}),
+                        {"open": "open", "exec": "exec"})
+    first, second = buf.getvalue().splitlines()
+    assert first.split(None, 2) == ["w", "open", 'a\\x20b\\x07\\x09c opened "/tmp/x\\x09y\\x1b[2J"']
+    assert second.split(None, 4) == ["w", "exec", "sh", "8", 'filename="/bin/sh"']
+
+
 def test_printer_escapes_comm_and_args_and_keeps_columns() -> None:
     """Unit check of the line format on hostile strings (the comm is one word whatever it holds)."""
     import io

@@ -32,7 +32,8 @@ from fleetprobe.adhoc import adhoc_playbook
 from fleetprobe.audit import AuditResult, audit, audit_json, result_line
 from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
-from fleetprobe.cli.output import STDOUT, print_table, where, write_report_json, write_text
+from fleetprobe.cli.eventformat import FormatPrinter
+from fleetprobe.cli.output import STDOUT, console_for, print_table, stdout_options, where, write_report_json, write_text
 from fleetprobe.events import EventWriter
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
@@ -370,6 +371,12 @@ def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe run``: probe, stream, merge, report."""
     pb = _load_playbook_checked(args)
+    if not args.print and any(p.print_format for p in pb.probes) and not stdout_options(args):
+        # A playbook that says how to print its events wants them printed (issue 14 item 3), unless
+        # stdout already carries the command's data (--json -): then they stay in the report.
+        args.print = True
+        if console.file is sys.stdout:
+            console = console_for(sys.stderr)  # people's text off stdout, as main() does for --print
     inv = _inventory(args)
     # Store, shard, transport, HTML/Markdown: see RunExtras.
     extras = RunExtras(args, pb)
@@ -468,8 +475,11 @@ class RunExtras:
             self.sinks.append(self._stdout_writer)
             user_events = None
         if getattr(args, "print", False):
-            self.sinks.append(EventPrinter(sys.stdout, hosts=[], probes=[p.name for p in playbook.probes],
-                                           on_closed=self._stdout_closed))
+            formats = {p.name: p.print_format for p in playbook.probes if p.print_format is not None}
+            names = [p.name for p in playbook.probes]
+            # The playbook's print: formats where it has them (the plain printer's fast path otherwise).
+            self.sinks.append(FormatPrinter(sys.stdout, formats, probes=names, on_closed=self._stdout_closed)
+                              if formats else EventPrinter(sys.stdout, probes=names, on_closed=self._stdout_closed))
         self._file_writer: EventWriter | None = None
         if user_events:
             self.events_path: str | None = str(user_events)
