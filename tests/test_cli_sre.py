@@ -368,6 +368,38 @@ def test_audit_json_verdict_grouped_findings_and_on_fail(sim: SimFleet, tmp_path
     assert rc == Exit.BAD_INPUT
 
 
+def test_audit_result_line_has_journald_priority_under_the_unit(sim: SimFleet, tmp_path: Path,
+                                                                  busy: None) -> None:
+    """Under systemd (JOURNAL_STREAM names the very stream stdout is), a failed audit's logfmt line
+    starts with ``<3>`` (err: ``journalctl -p err`` finds it), a passed one's with ``<6>``; when
+    stdout is not that stream (the unit's command redirected it) the line has no prefix."""
+    inv = inventory(sim, tmp_path, "h1")
+    store = tmp_path / "runs.db"
+    rules = {"fail": "    expect: none\n", "pass": ""}
+    for verdict, rule in rules.items():
+        pb = tmp_path / f"{verdict}.yml"
+        pb.write_text(f"name: j{verdict}\nduration: 2s\nprobes:\n  - name: exec\n"
+                      f"    tracepoint: sched/sched_process_exec\n{rule}")
+        out = tmp_path / f"{verdict}.out"
+        with out.open("w") as f:
+            st = os.fstat(f.fileno())
+            e = env(tmp_path) | {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+            done = subprocess.run([sys.executable, "-m", "fleetprobe", "audit", str(pb), *ssh(inv), "--store",
+                                   str(store)], stdout=f, stderr=subprocess.PIPE, text=True, env=e, timeout=90,
+                                  check=False)
+        assert done.returncode == (Exit.AUDIT_FAILED if verdict == "fail" else Exit.OK), done.stderr
+        last = out.read_text().splitlines()[-1]
+        prefix = "<3>" if verdict == "fail" else "<6>"
+        assert last.startswith(f"{prefix}fleetprobe-audit verdict={verdict} "), last
+        assert sum(x.startswith("<") for x in out.read_text().splitlines()) == 1, "only the result line"
+    other = os.stat(store)
+    e = env(tmp_path) | {"JOURNAL_STREAM": f"{other.st_dev}:{other.st_ino}"}
+    done = subprocess.run([sys.executable, "-m", "fleetprobe", "audit", str(tmp_path / "fail.yml"), *ssh(inv),
+                           "--store", str(store)], capture_output=True, text=True, env=e, timeout=90, check=False)
+    assert done.returncode == Exit.AUDIT_FAILED, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("fleetprobe-audit verdict=fail "), done.stdout
+
+
 # --- 6, 7. polish and the Python API ----------------------------------------------------------------
 
 def test_traceback_anywhere_on_the_line(tmp_path: Path) -> None:

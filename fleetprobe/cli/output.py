@@ -62,6 +62,26 @@ def console_for(stream: IO[str], *, is_terminal: bool | None = None) -> Console:
     return SafeConsole(file=stream, width=width, soft_wrap=False)
 
 
+def to_journal(stream: IO[str]) -> bool:
+    """True when ``stream`` is connected to systemd's journal (the service's stdout/stderr).
+
+    systemd sets ``JOURNAL_STREAM=DEV:INODE`` of that stream (systemd.exec(5)); comparing it with the
+    stream's own fstat tells a journal apart from a pipe or file the unit's command redirected to."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO), or closed
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+#: sd-daemon(3) priority prefixes journald reads at a line's start (SyslogLevelPrefix=, on by default).
+JOURNAL_ERR = "<3>"
+JOURNAL_INFO = "<6>"
+
+
 def human_console(args: argparse.Namespace) -> Console:
     """The console for people's text: stdout, or stderr when the command's data goes to stdout."""
     if stdout_options(args) or getattr(args, "print", False):

@@ -33,7 +33,8 @@ from fleetprobe.audit import AuditResult, audit, audit_json, result_line
 from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
 from fleetprobe.cli.options import Exit, _thresholds
 from fleetprobe.cli.eventformat import FormatPrinter
-from fleetprobe.cli.output import STDOUT, console_for, print_table, stdout_options, where, write_report_json, write_text
+from fleetprobe.cli.output import (JOURNAL_ERR, JOURNAL_INFO, STDOUT, console_for, print_table, stdout_options,
+                                   to_journal, where, write_report_json, write_text)
 from fleetprobe.events import EventWriter
 from fleetprobe.errors import InputError
 from fleetprobe.facts import Facts
@@ -661,7 +662,12 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     finally:
         extras.close()
     print_audit(result, console)
-    console.print(Text(visible(result_line(report, result))))
+    line = visible(result_line(report, result))
+    if to_journal(console.file):
+        # Under the systemd unit: the verdict at priority err when failed, so that
+        # `journalctl -p err -u fleetprobe-audit` lists exactly the failed audits.
+        line = (JOURNAL_INFO if result.passed else JOURNAL_ERR) + line
+    console.print(Text(line))
     if not result.passed and args.on_fail:
         _on_fail(args.on_fail, audit_json(result, pb), console)
     if interrupted:
