@@ -12,6 +12,7 @@ from typing import Any
 
 from fleetprobe.audit import Thresholds
 from fleetprobe.errors import InputError
+from fleetprobe.lab.cli import add_lab_parser
 from fleetprobe.playbook import parse_duration as playbook_duration
 from fleetprobe.shard import Shard, parse_shard
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, default_path
@@ -263,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="also remove runs that are still live")
     add_format_option(p)
 
-    try:
-        from fleetprobe.lab.cli import add_lab_parser
-    except ImportError:  # pragma: no cover - the lab is part of the package
-        pass
-    else:
-        add_lab_parser(sub)
+    add_lab_parser(sub)
     _add_history_parsers(sub)
     return parser
 

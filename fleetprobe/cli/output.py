@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -22,9 +22,8 @@ from rich.text import Text
 from fleetprobe.errors import InputError
 from fleetprobe.outfiles import write_atomic
 from fleetprobe.render.safe import SafeConsole, visible
+from fleetprobe.results import FleetReport
 
-if TYPE_CHECKING:
-    from fleetprobe.results import FleetReport
 
 #: The file name that means stdout.
 STDOUT = "-"
