@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from fleetprobe.errors import PlaybookError, did_you_mean
-from fleetprobe.fetchargs import _STRING_TYPES, ArgSpec, parse_arg
+from fleetprobe.fetchargs import ArgSpec, parse_arg
+from fleetprobe.printformat import PrintFormat, parse_print_format
+from fleetprobe.playbook_agg import AGG_SPECIAL_FIELDS as AGG_SPECIAL_FIELDS, AggregateSpec as AggregateSpec, parse_aggregate
+from fleetprobe.yamlnodes import NodeReader, describe as _describe, line_of as _line
 from fleetprobe.shipped import shipped_dir, shipped_playbook, shipped_playbooks
 
 #: Probe kinds: the key that names the probe's target decides its kind.
@@ -33,7 +36,7 @@ KERNEL_DYNAMIC_KINDS = ("kprobe", "kretprobe", "raw")
 
 _TOP_KEYS = ("name", "description", "duration", "event_cap", "allow_modules", "baseline", "probes")
 _PROBE_KEYS = ("name", "description", *PROBE_KINDS, "args", "filter", "on_missing", "expect",
-               "max_per_host", "pair_with", "params", "aggregate")
+               "max_per_host", "pair_with", "params", "aggregate", "print")
 
 #: What a module parameter's value may be (the runner hands it to insmod as one word).
 MODULE_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -47,10 +50,6 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 #: The longest duration or timeout fleetprobe takes (a week): more is a typo or an attack
 #: (``.inf``, ``1e400s``, ``99999999h``), and it would put a run's deadline past any clock.
 MAX_DURATION = 7 * 86400.0
-#: A control character (C0, DEL, C1) in a playbook string; newline and tab only where text may
-#: span lines (a description).  A ``\r`` in a filter rewrites what the operator reads.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_CONTROL_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f]")
 # [MOD:]SYM[+OFF]; SYM may name a GCC clone (foo.isra.0) explicitly.
 _KSYM = re.compile(r"(?:(?P<mod>[A-Za-z_][A-Za-z0-9_]*):)?(?P<sym>[A-Za-z_.][A-Za-z0-9_.]*)"
                    r"(?:\+(?P<off>0x[0-9a-fA-F]+|\d+))?")
@@ -96,35 +95,6 @@ class ModuleParam:
         return bool(self.alternatives)
 
 
-#: Names every event can be aggregated by: the task name and the pid (the kernel's common_pid).
-AGG_SPECIAL_FIELDS = ("comm", "pid")
-_AGG_KEYS = ("count", "histogram", "latency", "by", "top", "size")
-_AGG_KINDS = ("count", "histogram", "latency")
-# TRACING_MAP_BITS_MIN / _MAX in kernel/trace/tracing_map.h: a hist table holds 2^7..2^17 entries.
-_AGG_SIZE_MIN, _AGG_SIZE_MAX = 1 << 7, 1 << 17
-_AGG_MAX_KEYS = 8
-_AGG_MAX_TOP = 10_000
-
-
-@dataclass(frozen=True)
-class AggregateSpec:
-    """What a probe asks to be aggregated (``aggregate:`` in the playbook), per host then fleet-wide.
-
-    ``kind`` is ``count`` (hits per value of each field in ``fields``, one table per
-    field), ``histogram`` (log2 buckets of the numeric field ``value``, per value of
-    the ``fields`` it is split ``by``) or ``latency`` (log2 buckets of entry->return
-    nanoseconds of a return probe and the entry it pairs with, split ``by``).
-    ``top`` is how many keys the report shows, ``size`` the kernel table's entries.
-    """
-
-    kind: str
-    fields: tuple[str, ...] = ()
-    value: str | None = None
-    top: int = 20
-    size: int = 2048
-    line: int = 0
-
-
 @dataclass(frozen=True)
 class ProbeSpec:
     """One probe as the playbook wrote it (validated, not yet lowered for any host).
@@ -157,6 +127,8 @@ class ProbeSpec:
     max_per_host: int | None = None
     #: In-kernel (or, where the kernel cannot, controller-side) aggregation instead of events.
     aggregate: AggregateSpec | None = None
+    #: How ``run`` prints each event (printformat.py); a playbook with one streams its events.
+    print_format: PrintFormat | None = None
 
     @property
     def is_return(self) -> bool:
@@ -362,88 +334,10 @@ def _check_cross_references(reader: _Reader, probes: tuple[ProbeSpec, ...]) -> N
                                 key=f"probes.{p.name}.pair_with")
 
 
-def _line(node: Node) -> int:
-    """1-based line of a YAML node."""
-    return int(node.start_mark.line) + 1
 
 
-class _Reader:
+class _Reader(NodeReader):
     """Walks the YAML node tree, turning each bad item into a PlaybookError at its line."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self._constructor = yaml.SafeLoader("")
-
-    def error(self, node: Node, key: str, message: str, hint: str | None = None) -> PlaybookError:
-        """A PlaybookError located at ``node``."""
-        return PlaybookError(message, file=self.source, line=_line(node), key=key, hint=hint)
-
-    def mapping(self, node: Node, key: str, allowed: tuple[str, ...]) -> dict[str, tuple[Node, Node]]:
-        """A mapping node as {key: (key node, value node)}; unknown or repeated keys are errors."""
-        if not isinstance(node, MappingNode):
-            raise self.error(node, key, f"{key} must be a mapping of keys to values, got {_describe(node)}")
-        out: dict[str, tuple[Node, Node]] = {}
-        for knode, vnode in node.value:
-            if not isinstance(knode, ScalarNode):
-                raise self.error(knode, key, "keys must be plain words")
-            k = str(knode.value)
-            if k not in allowed:
-                raise self.error(knode, f"{key}.{k}" if key != "playbook" else k,
-                                 f"unknown key {k!r}{did_you_mean(k, list(allowed))}; allowed: "
-                                 + ", ".join(allowed))
-            if k in out:
-                raise self.error(knode, k, f"key {k!r} appears twice (first at line {_line(out[k][0])})")
-            out[k] = (knode, vnode)
-        return out
-
-    def require(self, items: dict[str, tuple[Node, Node]], key: str, parent: Node, where: str) -> Node:
-        """The value node of a required key."""
-        if key not in items:
-            raise self.error(parent, key, f"{where} has no {key!r}")
-        return items[key][1]
-
-    def scalar(self, node: Node) -> Any:
-        """The Python value of a scalar node (YAML 1.1 typing, as yaml.safe_load would give)."""
-        return self._constructor.construct_object(node, deep=True)
-
-    def string(self, node: Node, key: str) -> str:
-        """A non-empty string scalar."""
-        if not isinstance(node, ScalarNode):
-            raise self.error(node, key, f"{key} must be a string, got {_describe(node)}")
-        value = self.scalar(node)
-        if value is None or value == "":
-            raise self.error(node, key, f"{key} must not be empty")
-        if isinstance(value, bool):
-            raise self.error(node, key, f"{key} must be a string, got {value!r} (quote it)")
-        text = str(value)
-        # A description may span lines; a filter's line breaks get their own message (below).
-        pattern = _CONTROL if key.endswith(("description", "filter")) else _CONTROL_ONE_LINE
-        if (bad := pattern.search(text)) is not None:
-            raise self.error(node, key, f"{key} holds the control character {bad.group(0)!r}",
-                             hint="write it as text; fleetprobe writes playbook strings to tracefs and "
-                                  "the terminal, where control characters change what is done or read")
-        return text
-
-    def boolean(self, node: Node, key: str) -> bool:
-        """A true/false scalar."""
-        value = self.scalar(node) if isinstance(node, ScalarNode) else None
-        if not isinstance(value, bool):
-            raise self.error(node, key, f"{key} must be true or false")
-        return value
-
-    def positive_int(self, node: Node, key: str) -> int:
-        """An integer >= 1."""
-        value = self.scalar(node) if isinstance(node, ScalarNode) else None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.error(node, key, f"{key} must be a whole number >= 1, got {_describe(node)}")
-        return value
-
-    def count(self, node: Node, key: str) -> int:
-        """An integer >= 0."""
-        value = self.scalar(node) if isinstance(node, ScalarNode) else None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.error(node, key, f"{key} must be a whole number >= 0, got {_describe(node)}")
-        return value
 
     def duration(self, node: Node) -> float:
         """500ms, 10s, 5m, 1h or a number of seconds, as seconds."""
@@ -458,14 +352,6 @@ class _Reader:
                              f"at most {MAX_DURATION / 86400:.0f} days; "
                              "write e.g. 500ms, 10s, 5m, 1h or a number of seconds")
         return seconds
-
-    def string_list(self, node: Node, key: str) -> tuple[tuple[str, int], ...]:
-        """A string or a non-empty list of strings, each with its line."""
-        if isinstance(node, SequenceNode):
-            if not node.value:
-                raise self.error(node, key, f"{key} must list at least one alternative")
-            return tuple((self.string(n, key), _line(n)) for n in node.value)
-        return ((self.string(node, key), _line(node)),)
 
     def probe(self, node: Node, index: int) -> ProbeSpec:
         """Validate one entry of ``probes``."""
@@ -484,9 +370,42 @@ class _Reader:
             raise self.error(node, where, f"probe {name!r} needs exactly one of "
                              f"{', '.join(PROBE_KINDS)} (found: {found})")
         kind = kinds[0]
-        kind_node = items[kind][1]
         line = _line(node)
 
+        def value_of(key: str) -> Node | None:
+            return items[key][1] if key in items else None
+
+        on_missing, expect, max_per_host, description, filter_text = self.probe_options(items, where)
+        for key, allowed_kinds in (("params", ("module",)), ("args", ("kprobe", "kretprobe", "uprobe", "uretprobe")),
+                                   ("pair_with", RETURN_KINDS + ("raw", "tracepoint"))):
+            if key in items and kind not in allowed_kinds:
+                raise self.error(items[key][0], f"{where}.{key}",
+                                 f"{key!r} is not allowed on a {kind} probe (only on {', '.join(allowed_kinds)})",
+                                 hint=("a raw line carries its own fetch args" if kind == "raw" and key == "args"
+                                       else None))
+        pair_with = None
+        if (n := value_of("pair_with")) is not None:
+            pair_with = self.string(n, f"{where}.pair_with")
+
+        is_return = kind in RETURN_KINDS
+        args: tuple[ArgSpec, ...] = ()
+        if (n := value_of("args")) is not None:
+            args = self.args(n, where, is_return)
+        spec_kw = self.kind_fields(kind, items, where, pair_with)
+        aggregate = None
+        if (n := value_of("aggregate")) is not None:
+            known = tuple(a.name for a in args) if kind != "raw" else spec_kw.get("raw_fields", ())
+            aggregate = parse_aggregate(self, n, f"{where}.aggregate", kind=kind, known=known, args=args,
+                                        pair_with=pair_with)
+        print_format = self.print_format(value_of("print"), where, kind, args, spec_kw)
+        return ProbeSpec(name=name, kind=kind, line=line, file=self.source, args=args, filter=filter_text,
+                         on_missing=on_missing, expect=expect, pair_with=pair_with,
+                         description=description, max_per_host=max_per_host, aggregate=aggregate,
+                         print_format=print_format, **spec_kw)
+
+    def probe_options(self, items: dict[str, tuple[Node, Node]], where: str
+                      ) -> tuple[str, str, int | None, str, str | None]:
+        """A probe's on_missing, expect, max_per_host, description and filter."""
         def value_of(key: str) -> Node | None:
             return items[key][1] if key in items else None
 
@@ -512,21 +431,16 @@ class _Reader:
             if "\t" in filter_text:
                 raise self.error(n, f"{where}.filter", "filter holds the control character '\\t'",
                                  hint="write spaces")
-        for key, allowed_kinds in (("params", ("module",)), ("args", ("kprobe", "kretprobe", "uprobe", "uretprobe")),
-                                   ("pair_with", RETURN_KINDS + ("raw", "tracepoint"))):
-            if key in items and kind not in allowed_kinds:
-                raise self.error(items[key][0], f"{where}.{key}",
-                                 f"{key!r} is not allowed on a {kind} probe (only on {', '.join(allowed_kinds)})",
-                                 hint=("a raw line carries its own fetch args" if kind == "raw" and key == "args"
-                                       else None))
-        pair_with = None
-        if (n := value_of("pair_with")) is not None:
-            pair_with = self.string(n, f"{where}.pair_with")
+        return on_missing, expect, max_per_host, description, filter_text
 
+    def kind_fields(self, kind: str, items: dict[str, tuple[Node, Node]], where: str,
+                    pair_with: str | None) -> dict[str, Any]:
+        """What the probe's kind key holds (targets, a raw line, a module and its params)."""
+        def value_of(key: str) -> Node | None:
+            return items[key][1] if key in items else None
+
+        kind_node = items[kind][1]
         is_return = kind in RETURN_KINDS
-        args: tuple[ArgSpec, ...] = ()
-        if (n := value_of("args")) is not None:
-            args = self.args(n, where, is_return)
         spec_kw: dict[str, Any] = {}
         if kind in ("kprobe", "kretprobe"):
             spec_kw["targets"] = self.kernel_targets(kind_node, f"{where}.{kind}", is_return)
@@ -545,107 +459,19 @@ class _Reader:
             spec_kw.update(module=module, module_path=self.module_dir(kind_node, module, f"{where}.module"))
             if (n := value_of("params")) is not None:
                 spec_kw["params"] = self.params(n, f"{where}.params")
-        aggregate = None
-        if (n := value_of("aggregate")) is not None:
-            known = tuple(a.name for a in args) if kind != "raw" else spec_kw.get("raw_fields", ())
-            aggregate = self.aggregate(n, f"{where}.aggregate", kind=kind, known=known, args=args,
-                                       pair_with=pair_with)
-        return ProbeSpec(name=name, kind=kind, line=line, file=self.source, args=args, filter=filter_text,
-                         on_missing=on_missing, expect=expect, pair_with=pair_with,
-                         description=description, max_per_host=max_per_host, aggregate=aggregate, **spec_kw)
+        return spec_kw
 
-    def aggregate(self, node: Node, key: str, *, kind: str, known: tuple[str, ...], args: tuple[ArgSpec, ...],
-                  pair_with: str | None) -> AggregateSpec:
-        """``aggregate: {count: [F...] | histogram: F | latency: true, by: [F...], top: N, size: N}``."""
-        items = self.mapping(node, key, _AGG_KEYS)
-        kinds = [k for k in _AGG_KINDS if k in items]
-        if len(kinds) != 1:
-            raise self.error(node, key, "aggregate needs exactly one of count, histogram, latency "
-                             f"(found: {', '.join(kinds) or 'none'})",
-                             hint="e.g. {count: [comm, path]}, {histogram: nr_sector, by: [comm]}, "
-                                  "{latency: true, by: [comm]}")
-        agg_kind = kinds[0]
-        if kind == "module":
-            raise self.error(node, key, "a module probe's lines come from the kernel log; it cannot be "
-                             "aggregated in the kernel", hint="aggregate a tracefs probe instead")
-        # Tracepoint fields are known only from the host's format file: checked when planning.
-        checkable = kind != "tracepoint"
-
-        def field_name(n: Node, k: str) -> str:
-            name = self.string(n, k)
-            if not _IDENT.fullmatch(name):
-                raise self.error(n, k, f"field {name!r} must be an identifier")
-            if checkable and name not in AGG_SPECIAL_FIELDS and name not in known:
-                allowed = ", ".join((*AGG_SPECIAL_FIELDS, *known))
-                raise self.error(n, k, f"{name!r} is not a field of this probe{did_you_mean(name, [*AGG_SPECIAL_FIELDS, *known])}; "
-                                 f"allowed: {allowed}", hint="aggregate by one of the probe's args, comm or pid")
-            return name
-
-        def field_list(n: Node, k: str) -> tuple[str, ...]:
-            nodes = n.value if isinstance(n, SequenceNode) else [n]
-            if not nodes:
-                raise self.error(n, k, f"{k} must name at least one field")
-            if len(nodes) > _AGG_MAX_KEYS:
-                raise self.error(n, k, f"at most {_AGG_MAX_KEYS} fields")
-            out = tuple(field_name(x, k) for x in nodes)
-            if len(set(out)) != len(out):
-                raise self.error(n, k, f"a field is named twice in {list(out)}")
-            return out
-
-        knode, vnode = items[agg_kind]
-        fields: tuple[str, ...] = ()
-        value: str | None = None
-        if agg_kind == "count":
-            fields = field_list(vnode, f"{key}.count")
-            if "by" in items:
-                raise self.error(items["by"][0], f"{key}.by", "'by' splits a histogram or a latency; a count "
-                                 "already counts per value of each field it names")
-        else:
-            if agg_kind == "histogram":
-                value = field_name(vnode, f"{key}.histogram")
-                arg = next((a for a in args if a.name == value), None)
-                if value == "comm" or (arg is not None and (arg.type or "").split("[", 1)[0] in _STRING_TYPES):
-                    raise self.error(vnode, f"{key}.histogram", f"{value!r} is a string; a histogram needs a "
-                                     "number", hint="count strings with {count: [FIELD]}")
-            else:
-                if not self.boolean(vnode, f"{key}.latency"):
-                    raise self.error(vnode, f"{key}.latency", "latency: false asks for nothing; leave it out")
-                if kind not in RETURN_KINDS and not (kind in ("raw", "tracepoint") and pair_with is not None):
-                    raise self.error(knode, f"{key}.latency", f"latency is measured on a return probe; this is a {kind}",
-                                     hint="put it on the kretprobe/uretprobe that pairs with the entry")
-                if pair_with is None:
-                    raise self.error(knode, f"{key}.latency", "latency needs pair_with (the entry probe it is "
-                                     "measured from)")
-            if "by" in items:
-                fields = field_list(items["by"][1], f"{key}.by")
-                if agg_kind == "latency" and (bad := [f for f in fields if f not in AGG_SPECIAL_FIELDS]):
-                    raise self.error(items["by"][1], f"{key}.by", f"a latency can be split by comm or pid only "
-                                     f"(not {', '.join(bad)}): the kernel carries only those from the return "
-                                     "to the latency's synthetic event")
-                if value is not None and value in fields:
-                    raise self.error(items["by"][1], f"{key}.by", f"{value!r} is both the histogram and a key")
-        top = 20
-        if "top" in items:
-            top = self.positive_int(items["top"][1], f"{key}.top")
-            if top > _AGG_MAX_TOP:
-                raise self.error(items["top"][1], f"{key}.top", f"top must be at most {_AGG_MAX_TOP}")
-        size = 2048
-        if "size" in items:
-            size = self.positive_int(items["size"][1], f"{key}.size")
-            if size & (size - 1) or not _AGG_SIZE_MIN <= size <= _AGG_SIZE_MAX:
-                raise self.error(items["size"][1], f"{key}.size", f"size {size} must be a power of two from "
-                                 f"{_AGG_SIZE_MIN} to {_AGG_SIZE_MAX} (the kernel's hist table sizes)")
-            if size < top:
-                raise self.error(items["size"][1], f"{key}.size", f"size {size} is smaller than top {top}")
-        return AggregateSpec(kind=agg_kind, fields=fields, value=value, top=top, size=size, line=_line(node))
-
-    def choice(self, node: Node, key: str, allowed: tuple[str, ...]) -> str:
-        """One of a fixed set of words."""
-        value = self.string(node, key)
-        if value not in allowed:
-            raise self.error(node, key, f"{value!r} is not allowed{did_you_mean(value, list(allowed))}; "
-                             f"use one of: {', '.join(allowed)}")
-        return value
+    def print_format(self, n: Node | None, where: str, kind: str, args: tuple[ArgSpec, ...],
+                     spec_kw: dict[str, Any]) -> PrintFormat | None:
+        """The probe's ``print:`` format (printformat.py), its fields checked where they are known."""
+        if n is None:
+            return None
+        fields = tuple(a.name for a in args) if kind != "raw" else spec_kw.get("raw_fields", ())
+        try:
+            # A tracepoint's (or module's) fields are the kernel's: known only on the host.
+            return parse_print_format(self.string(n, f"{where}.print"), fields if args or kind == "raw" else None)
+        except ValueError as exc:
+            raise self.error(n, f"{where}.print", str(exc)) from None
 
     def kernel_targets(self, node: Node, key: str, is_return: bool) -> tuple[KernelTarget, ...]:
         """kprobe/kretprobe alternatives: ``[MOD:]SYM[+OFF]``."""
@@ -775,18 +601,6 @@ class _Reader:
                                  "of alternative kernel symbols")
         return tuple(out)
 
-    def mapping_any(self, node: Node, key: str) -> dict[str, tuple[Node, Node]]:
-        """A mapping whose keys are the user's own (no fixed set)."""
-        if not isinstance(node, MappingNode):
-            raise self.error(node, key, f"{key} must be a mapping, got {_describe(node)}")
-        out: dict[str, tuple[Node, Node]] = {}
-        for knode, vnode in node.value:
-            k = str(knode.value) if isinstance(knode, ScalarNode) else ""
-            if k in out:
-                raise self.error(knode, f"{key}.{k}", f"{k!r} appears twice (first at line {_line(out[k][0])})")
-            out[k] = (knode, vnode)
-        return out
-
     def args(self, node: Node, where: str, is_return: bool) -> tuple[ArgSpec, ...]:
         """The ``args`` mapping: name -> portable fetch arg with optional :type."""
         items = self.mapping_any(node, f"{where}.args")
@@ -817,13 +631,6 @@ class _Reader:
         return tuple(out)
 
 
-def _describe(node: Node) -> str:
-    """A short description of a YAML node for error messages."""
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    return repr(node.value) if isinstance(node, ScalarNode) else "nothing"
 
 
 # --- fetch-arg grammar -----------------------------------------------------

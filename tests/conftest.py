@@ -63,7 +63,7 @@ def clean_tracefs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(plan, "names_for", recording)
     # A run over worker processes (fleetprobe.workers) names its hosts' probes in the workers, where
     # names_for is not recorded: its run id is made here, in this process, by new_run_id.
-    import fleetprobe.cli.run as cli_run
+    import fleetprobe.cli.extras as cli_extras  # RunExtras makes the CLI's run id
     import fleetprobe.orchestrate as orchestrate
 
     def new_id() -> str:
@@ -72,7 +72,7 @@ def clean_tracefs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return rid
 
     real_new_run_id = plan.new_run_id
-    for module in (plan, cli_run, orchestrate):
+    for module in (plan, cli_extras, orchestrate):
         monkeypatch.setattr(module, "new_run_id", new_id)
     before = set(fleetprobe_leftovers())
     yield

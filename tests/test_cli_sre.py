@@ -7,6 +7,7 @@ against sim hosts: real SSH servers running the real runner on this machine's tr
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import secrets
@@ -180,6 +181,65 @@ def test_print_streams_host_prefixed_lines_as_they_arrive(sim: SimFleet, tmp_pat
     assert "fleetprobe run" in err                      # the summary went to stderr
 
 
+def test_playbook_print_format_streams_its_lines(sim: SimFleet, tmp_path: Path, run_id: str) -> None:
+    """A playbook's ``print:`` format streams events without ``--print``: ``host probe`` then the
+    format filled with the event's fields; a hostile program name stays escaped on one line; the
+    summary goes to stderr.  With ``--json -`` stdout is the report's and nothing is printed."""
+    inv = inventory(sim, tmp_path, "h1")
+    # (A tab or newline in a path is kept out by the run's newline guard: see the unit test below.)
+    evil = tmp_path / "bad\x1b[31mname two"
+    os.symlink("/bin/true", evil)
+    playbook = tmp_path / "exec.yml"
+    playbook.write_text("name: execprint\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+                        "    print: \"{comm} ran {filename} {{pid {pid}}} {nosuch}\"\n")
+    proc = subprocess.Popen([sys.executable, "-m", "fleetprobe", "run", str(playbook), *ssh(inv), "-d", "4s",
+                             "--run-id", run_id, "--no-store"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path))
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        live = proc.stderr.readline()
+        assert live.startswith("1 probe live on 1 host"), live
+        subprocess.run([str(evil)], check=True)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines, err
+    for line in lines:
+        host, probe, comm, ran, rest = line.split(None, 4)
+        assert (host, probe, ran) == ("h1", "exec", "ran"), line
+        assert " {pid " in rest and rest.endswith("} {nosuch?}"), line
+    shown = [x for x in lines if "bad" in x and "two" in x]
+    assert shown and "bad\\x1b[31mname two" in shown[0], shown
+    assert "\x1b" not in out and "\t" not in out
+    assert "fleetprobe run" in err
+    quiet = fp(tmp_path, "run", str(playbook), *ssh(inv), "-d", "1s", "--run-id", run_id, "--no-store",
+               "--json", "-")
+    assert quiet.returncode == 0, quiet.stderr
+    assert json.loads(quiet.stdout)["hosts"][0]["status"] == "ok"
+
+
+def test_format_printer_escapes_hostile_fields() -> None:
+    """Unit check of a print: format on hostile strings: a comm with a blank, a bell and a tab is one
+    word; a value's tab and escape are shown as escapes; a probe without a format prints --print's line."""
+    from fleetprobe.cli.eventformat import FormatPrinter
+    from fleetprobe.printformat import parse_print_format
+
+    buf = io.StringIO()
+    fmt = parse_print_format("{comm} opened {filename}", None)
+    printer = FormatPrinter(buf, {"open": fmt}, hosts=["w"], probes=["open", "exec"])
+    rows = [("a b\x07\tc", "7", "1", "1.0", 'open: filename="/tmp/x\ty\x1b[2J"'),
+            ("sh", "8", "1", "1.1", 'exec: filename="/bin/sh"')]
+    printer.write_batch("w", EventBatch(rows, ["open", "exec"], {"open": 1, "exec": 1}),
+                        {"open": "open", "exec": "exec"})
+    first, second = buf.getvalue().splitlines()
+    assert first.split(None, 2) == ["w", "open", 'a\\x20b\\x07\\x09c opened "/tmp/x\\x09y\\x1b[2J"']
+    assert second.split(None, 4) == ["w", "exec", "sh", "8", 'filename="/bin/sh"']
+
+
 def test_printer_escapes_comm_and_args_and_keeps_columns() -> None:
     """Unit check of the line format on hostile strings (the comm is one word whatever it holds)."""
     import io
@@ -323,6 +383,38 @@ def test_audit_json_verdict_grouped_findings_and_on_fail(sim: SimFleet, tmp_path
     assert rc == Exit.BAD_INPUT
 
 
+def test_audit_result_line_has_journald_priority_under_the_unit(sim: SimFleet, tmp_path: Path,
+                                                                  busy: None) -> None:
+    """Under systemd (JOURNAL_STREAM names the very stream stdout is), a failed audit's logfmt line
+    starts with ``<3>`` (err: ``journalctl -p err`` finds it), a passed one's with ``<6>``; when
+    stdout is not that stream (the unit's command redirected it) the line has no prefix."""
+    inv = inventory(sim, tmp_path, "h1")
+    store = tmp_path / "runs.db"
+    rules = {"fail": "    expect: none\n", "pass": ""}
+    for verdict, rule in rules.items():
+        pb = tmp_path / f"{verdict}.yml"
+        pb.write_text(f"name: j{verdict}\nduration: 2s\nprobes:\n  - name: exec\n"
+                      f"    tracepoint: sched/sched_process_exec\n{rule}")
+        out = tmp_path / f"{verdict}.out"
+        with out.open("w") as f:
+            st = os.fstat(f.fileno())
+            e = env(tmp_path) | {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+            done = subprocess.run([sys.executable, "-m", "fleetprobe", "audit", str(pb), *ssh(inv), "--store",
+                                   str(store)], stdout=f, stderr=subprocess.PIPE, text=True, env=e, timeout=90,
+                                  check=False)
+        assert done.returncode == (Exit.AUDIT_FAILED if verdict == "fail" else Exit.OK), done.stderr
+        last = out.read_text().splitlines()[-1]
+        prefix = "<3>" if verdict == "fail" else "<6>"
+        assert last.startswith(f"{prefix}fleetprobe-audit verdict={verdict} "), last
+        assert sum(x.startswith("<") for x in out.read_text().splitlines()) == 1, "only the result line"
+    other = os.stat(store)
+    e = env(tmp_path) | {"JOURNAL_STREAM": f"{other.st_dev}:{other.st_ino}"}
+    done = subprocess.run([sys.executable, "-m", "fleetprobe", "audit", str(tmp_path / "fail.yml"), *ssh(inv),
+                           "--store", str(store)], capture_output=True, text=True, env=e, timeout=90, check=False)
+    assert done.returncode == Exit.AUDIT_FAILED, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("fleetprobe-audit verdict=fail "), done.stdout
+
+
 # --- 6, 7. polish and the Python API ----------------------------------------------------------------
 
 def test_traceback_anywhere_on_the_line(tmp_path: Path) -> None:
@@ -447,3 +539,49 @@ def test_event_stream_yields_events_as_they_come_and_stops_cleanly(sim: SimFleet
     assert [(o.host, o.status, o.cleanup) for o in stream.report.hosts] == [
         ("h1", "interrupted", "clean"), ("h2", "interrupted", "clean")]
     assert stream.report.aggregate.hits("sched_process_exec")["h1"] >= 1
+
+
+def test_tables_as_tsv_and_json_for_scripts(sim: SimFleet, tmp_path: Path) -> None:
+    """``facts --format tsv|json`` piped: a header line then one row a line, tab-separated, or a JSON
+    array of objects; the cells are the table's, uncut; ``history --format tsv`` with no runs is the
+    header alone (no people's note on stdout)."""
+    name = "a-host-name-long-enough-that-eighty-columns-would-cut-it-" + "x" * 20
+    inv = inventory(sim, tmp_path, name)
+    tsv = fp(tmp_path, "facts", *ssh(inv), "--format", "tsv")
+    assert tsv.returncode == 0, tsv.stderr
+    head, *rows = tsv.stdout.splitlines()
+    assert head.split("\t") == ["host", "arch", "kernel", "tracefs", "kprobes", "uprobes", "lockdown",
+                                "modules", "clock", "leftovers"]
+    assert len(rows) == 1 and rows[0].split("\t")[0] == name
+    assert rows[0].split("\t")[2] == os.uname().release
+    js = fp(tmp_path, "facts", *ssh(inv), "--format", "json")
+    assert js.returncode == 0, js.stderr
+    (row,) = json.loads(js.stdout)
+    assert row["host"] == name and row["kernel"] == os.uname().release and row["uprobes"] == "yes"
+    hist = fp(tmp_path, "history", "--store", str(tmp_path / "empty.db"), "--format", "tsv")
+    assert hist.returncode == 0, hist.stderr
+    assert hist.stdout.split("\n") == ["\t".join(["run", "playbook", "started", "took", "state", "hosts ok",
+                                                  "events", "audit", "raw events"]), ""]
+
+
+def test_tsv_and_json_escape_a_hostile_comm() -> None:
+    """A cell holding a host's text (a comm with a tab, a newline and an escape sequence) stays one
+    cell on one line in tsv, and json carries no raw control character either."""
+    from rich.table import Table
+
+    from fleetprobe.cli.output import print_table
+
+    evil = "ev\til\nname\x1b[31m\x07"
+    for fmt in ("tsv", "json"):
+        t = Table()
+        t.add_column("comm")
+        t.add_column("pid")
+        t.add_row(evil, "42")
+        stream = io.StringIO()
+        print_table(t, SafeConsole(file=stream, width=20), fmt)
+        out = stream.getvalue()
+        assert not any(c in out for c in "\x1b\x07"), repr(out)
+        if fmt == "tsv":
+            assert out.split("\n") == ["comm\tpid", "ev\\x09il\\x0aname\\x1b[31m\\x07\t42", ""], repr(out)
+        else:
+            assert json.loads(out) == [{"comm": "ev\\x09il\\x0aname\\x1b[31m\\x07", "pid": "42"}]

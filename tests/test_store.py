@@ -203,7 +203,7 @@ def test_writer_killed_mid_save_leaves_the_store_consistent(tmp_path: Path) -> N
 
 def test_stale_event_files_of_killed_runs_are_removed(tmp_path: Path) -> None:
     """A killed run leaves its temporary events file next to the store; the next run removes it once stale."""
-    from fleetprobe.cli.run import STALE_EVENTS_SECONDS, _remove_stale_event_files
+    from fleetprobe.cli.extras import STALE_EVENTS_SECONDS, _remove_stale_event_files
 
     old = tmp_path / ".events-abc123-x1.jsonl"
     fresh = tmp_path / ".events-def456-x2.jsonl"

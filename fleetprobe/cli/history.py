@@ -17,7 +17,7 @@ from fleetprobe.audit import AuditResult, Finding, audit_json, diff_reports, gro
 from fleetprobe.cli.options import Exit, _thresholds
 from fleetprobe.results import FleetReport
 from fleetprobe.store import Store
-from fleetprobe.cli.output import where, write_report_json
+from fleetprobe.cli.output import print_table, where, write_report_json
 from fleetprobe.render.html import write_html
 from fleetprobe.render.markdown import write_markdown
 from fleetprobe.render.safe import visible
@@ -92,8 +92,8 @@ def cmd_history(args: argparse.Namespace, console: Console) -> int:
                                                                                                  Text("-"))
         t.add_row(visible(r.run_id), Text(visible(r.playbook)), _when(r.started), took, state, f"{r.hosts_ok}/{r.hosts}",
                   str(r.events), audit_text, "kept" if r.has_events else "-")
-    console.print(t)
-    if not rows:
+    print_table(t, console, args.format)
+    if not rows and args.format == "table":
         console.print("no runs stored yet: 'fleetprobe run' and 'fleetprobe audit' record every run")
     return 0
 

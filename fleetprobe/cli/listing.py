@@ -20,6 +20,7 @@ from fleetprobe.cli.run import _inventory, _raise_fd_limit, _settings
 from fleetprobe.discover import (FUNCTION, SYMBOL, TRACEPOINT, HostListing, Query, Row, list_fleet,
                                  merge_listings, parse_query, suggestions)
 from fleetprobe.render.safe import visible, visible_lines
+from fleetprobe.listing import cmd_list as list_playbooks
 
 #: Hosts named in a row's "missing on" before "and N more" (the JSON has them all).
 MISSING_SHOWN = 8
@@ -29,8 +30,6 @@ _TITLE = {FUNCTION: "kernel functions", TRACEPOINT: "tracepoints", SYMBOL: "symb
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     """List the names matching PATTERN on every host, with who has each (``--playbooks``: the shipped ones)."""
     if getattr(args, "playbooks", False):
-        from fleetprobe.listing import cmd_list as list_playbooks
-
         return list_playbooks(args, console)
     query = parse_query(args.pattern, args.binary, fields=args.fields)
     inv = _inventory(args)

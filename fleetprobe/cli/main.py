@@ -3,47 +3,22 @@
 Errors print one clear line and a hint, on stderr; ``--traceback`` (anywhere on the line) shows the
 Python traceback.  Output goes where :mod:`fleetprobe.cli.output` says: a command's data to stdout
 for ``-``, people's text to stderr then.
-A command's module (and with it SSH, rich and the stages it needs) is imported only when that
-command runs: ``fleetprobe --help`` builds the parsers and nothing else (issue 5).
+This module builds the parser and nothing else: rich, the consoles and the command's module load
+in :mod:`fleetprobe.cli.execute` once a command runs, so ``fleetprobe --help`` renders without
+them (issue 5).
 """
 
 from __future__ import annotations
 
-import gc
 import importlib
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fleetprobe.cli.options import Exit, build_parser
-from fleetprobe.errors import FleetprobeError, InputError
 
-if TYPE_CHECKING:
-    import argparse
-
+if TYPE_CHECKING:  # rich is not loaded for --help (see the module docstring)
     from rich.console import Console
-
-#: Subcommand -> (module, function) that runs it.
-COMMANDS = {
-    "facts": ("fleetprobe.cli.run", "cmd_facts"), "plan": ("fleetprobe.cli.run", "cmd_plan"),
-    "run": ("fleetprobe.cli.run", "cmd_run"), "cleanup": ("fleetprobe.cli.run", "cmd_cleanup"),
-    "audit": ("fleetprobe.cli.run", "cmd_audit"), "list": ("fleetprobe.cli.listing", "cmd_list"),
-    "history": ("fleetprobe.cli.history", "cmd_history"), "show": ("fleetprobe.cli.history", "cmd_show"),
-    "diff": ("fleetprobe.cli.history", "cmd_diff"), "merge": ("fleetprobe.cli.history", "cmd_merge"),
-    "lab": ("fleetprobe.lab.cli", "run_lab"),
-}
-
-
-def _command(name: str) -> Callable[[argparse.Namespace, Console], int]:
-    """The function that runs subcommand ``name``, its module imported now."""
-    module, function = COMMANDS[name]
-    handler: Callable[[argparse.Namespace, Console], int] = getattr(importlib.import_module(module), function)
-    return handler
-
-
-#: Optional extras: the module a missing import names -> the extra that installs it.
-EXTRAS = {"fabric": "fabric", "paramiko": "fabric", "invoke": "fabric"}
 
 
 def _pull_traceback(argv: list[str]) -> tuple[list[str], bool]:
@@ -72,61 +47,9 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None,
     if not args.command:
         parser.print_help(sys.stderr)
         return int(Exit.BAD_INPUT)
-    # rich (and below, the command's module) load only once a command runs: --help renders nothing.
-    from rich.text import Text
-
-    from fleetprobe.cli.output import check_stdout_options, console_for, human_console
-    from fleetprobe.render.safe import visible_lines
-
-    # Every console is a SafeConsole (no markup, no emoji codes, no terminal controls): everything
-    # printed may hold a host's text.
-    if console is None:
-        console = human_console(args)
-        err_console = err_console or console_for(sys.stderr)
-    err = err_console or console
-    if argv is None:
-        # The command line, not the API (tests call main() in-process): everything imported so
-        # far lives as long as the process, so the collector's full passes need not walk it
-        # again while a run keeps thousands of connections alive (gen-2 GC time of fp-run at
-        # 500 hosts: 54 -> 31 ms).
-        gc.freeze()
-    try:
-        check_stdout_options(args)
-        return int(_command(args.command)(args, console))
-    except KeyboardInterrupt:
-        err.print(Text("interrupted", style="yellow"))
-        return int(Exit.INTERRUPTED)
-    except FleetprobeError as exc:
-        if args.traceback:
-            err.print(Text(visible_lines(traceback.format_exc())))
-        err.print(Text.assemble(("error", "red"), ": ", visible_lines(str(exc))))
-        return int(Exit.BAD_INPUT if isinstance(exc, InputError) else Exit.NONE_OK)
-    except ModuleNotFoundError as exc:
-        extra = EXTRAS.get((exc.name or "").split(".", 1)[0])
-        if extra is None or args.traceback:
-            if args.traceback:
-                raise
-            return _unexpected(exc, err)
-        # Not a bug: an optional part was not installed. Bad input (1), with the line that fixes it.
-        err.print(Text.assemble(("error", "red"), ": ", visible_lines(
-            f"this needs the Python package {exc.name!r}, which is not installed\n"
-            f"hint: pip install 'fleetprobe[{extra}]' (in the environment fleetprobe runs from)")))
-        return int(Exit.BAD_INPUT)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
-        if args.traceback:
-            raise
-        return _unexpected(exc, err)
-
-
-def _unexpected(exc: BaseException, err: Console) -> int:
-    """A bug: one line, and how to get the traceback."""
-    from rich.text import Text
-
-    from fleetprobe.render.safe import visible_lines
-
-    err.print(Text.assemble(("error", "red"), f": {type(exc).__name__}: ", visible_lines(str(exc)),
-                            "\nhint: rerun with --traceback and report it"))
-    return int(Exit.NONE_OK)
+    run: int = importlib.import_module("fleetprobe.cli.execute").execute(
+        args, console, err_console, command_line=argv is None)
+    return run
 
 
 def entry() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fleetprobe.audit import Thresholds
 from fleetprobe.errors import InputError
+from fleetprobe.lab.cli import add_lab_parser
 from fleetprobe.playbook import parse_duration as playbook_duration
 from fleetprobe.shard import Shard, parse_shard
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, default_path
@@ -147,6 +148,18 @@ def add_run_options(p: argparse.ArgumentParser, *, reports: bool = True) -> None
                         "reports are kept)")
 
 
+#: ``--format``: how a command prints its table (cli.output.print_table).
+TABLE_FORMATS = ("table", "tsv", "json")
+
+
+def add_format_option(p: argparse.ArgumentParser) -> None:
+    """``--format``: the table for people, or tab-separated / JSON rows for scripts (uncut either way)."""
+    p.add_argument("--format", choices=TABLE_FORMATS, default="table",
+                   help="how to print the table: table (default; full width when piped), tsv (a header "
+                        "line, then one row a line, tab-separated; a host's tabs, newlines and control "
+                        "characters shown as \\xNN escapes) or json (an array of objects)")
+
+
 def add_shard_option(p: argparse.ArgumentParser) -> None:
     """``--shard i/N``: this bastion's share of the inventory."""
     p.add_argument("--shard", type=_shard_arg, metavar="i/N",
@@ -189,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("facts", help="what each host can probe (arch, kernel, tracefs, kprobes, lockdown ...)")
     _add_connection_options(p)
     p.add_argument("--json", metavar="FILE", help="write the facts as JSON ('-' for stdout)")
+    add_format_option(p)
     add_shard_option(p)
 
     p = sub.add_parser("list", help="what the fleet can probe, by name: kernel functions, tracepoints, "
@@ -248,13 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(p)
     p.add_argument("--grace", type=_grace_seconds, default=60, help="keep runs whose deadline passed less than this ago")
     p.add_argument("--force", action="store_true", help="also remove runs that are still live")
+    add_format_option(p)
 
-    try:
-        from fleetprobe.lab.cli import add_lab_parser
-    except ImportError:  # pragma: no cover - the lab is part of the package
-        pass
-    else:
-        add_lab_parser(sub)
+    add_lab_parser(sub)
     _add_history_parsers(sub)
     return parser
 
@@ -266,6 +276,7 @@ def _add_history_parsers(sub: Any) -> None:
     p.add_argument("--playbook", help="only runs of this playbook (its name)")
     p.add_argument("-n", "--last", type=_positive_int, default=30, help="how many runs, newest first (default 30)")
     p.add_argument("--json", metavar="FILE", help="write the list as JSON ('-' for stdout)")
+    add_format_option(p)
     p.add_argument("--prune", action="store_true", help="apply retention now (see --keep-*-days)")
     p.add_argument("--keep-events-days", type=float, default=DEFAULT_EVENTS_DAYS, metavar="DAYS",
                    help=f"with --prune: drop raw events older than this (default {DEFAULT_EVENTS_DAYS:g})")

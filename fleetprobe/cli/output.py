@@ -9,19 +9,21 @@ is not a terminal, tables are drawn at their full width instead of being cut to 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from fleetprobe.errors import InputError
 from fleetprobe.outfiles import write_atomic
-from fleetprobe.render.safe import SafeConsole
+from fleetprobe.render.safe import SafeConsole, visible
+from fleetprobe.results import FleetReport
 
-if TYPE_CHECKING:
-    from fleetprobe.results import FleetReport
 
 #: The file name that means stdout.
 STDOUT = "-"
@@ -59,6 +61,26 @@ def console_for(stream: IO[str], *, is_terminal: bool | None = None) -> Console:
     return SafeConsole(file=stream, width=width, soft_wrap=False)
 
 
+def to_journal(stream: IO[str]) -> bool:
+    """True when ``stream`` is connected to systemd's journal (the service's stdout/stderr).
+
+    systemd sets ``JOURNAL_STREAM=DEV:INODE`` of that stream (systemd.exec(5)); comparing it with the
+    stream's own fstat tells a journal apart from a pipe or file the unit's command redirected to."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO), or closed
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+#: sd-daemon(3) priority prefixes journald reads at a line's start (SyslogLevelPrefix=, on by default).
+JOURNAL_ERR = "<3>"
+JOURNAL_INFO = "<6>"
+
+
 def human_console(args: argparse.Namespace) -> Console:
     """The console for people's text: stdout, or stderr when the command's data goes to stdout."""
     if stdout_options(args) or getattr(args, "print", False):
@@ -90,8 +112,6 @@ def write_report_json(report: FleetReport, path: str, audit: dict[str, Any] | No
 
     With ``audit`` (audit.audit_json), the report carries the verdict under ``"audit"``.
     """
-    import json
-
     def dump(f: IO[str]) -> None:
         data = report.to_json()
         if audit is not None:
@@ -100,3 +120,33 @@ def write_report_json(report: FleetReport, path: str, audit: dict[str, Any] | No
         f.write("\n")
 
     write_out(path, dump)
+
+
+def _cell_text(cell: object) -> str:
+    """A table cell's plain text.  Every cell was made with render.safe.visible(): no tab, newline
+    or control character of a host's text is left in it (they are ``\\x09``-style escapes).  The
+    check below keeps that true for a cell someone adds later without visible()."""
+    text = cell.plain if isinstance(cell, Text) else str(cell)
+    return visible(text)
+
+
+def print_table(table: Table, console: Console, fmt: str = "table") -> None:
+    """Print ``table`` in ``fmt`` (options.TABLE_FORMATS) on ``console``'s stream: ``table`` is rich's
+    (full width when piped), ``tsv`` a header line then one line per row, tab-separated, ``json`` one
+    JSON array of objects keyed by the column names.
+
+    tsv and json carry exactly the table's cells (a script gets what a person sees, uncut); styles
+    are dropped.  A cell can hold no tab or line break (see _cell_text), so a tsv line is one row."""
+    if fmt == "table":
+        console.print(table)
+        return
+    names = [_cell_text(c.header) for c in table.columns]
+    rows = [[_cell_text(cell) for cell in column.cells] for column in table.columns]
+    records = [list(r) for r in zip(*rows)] if rows else []
+    if fmt == "tsv":
+        text = "\n".join("\t".join(r) for r in [names, *records]) + "\n"
+    else:
+        text = json.dumps([dict(zip(names, r)) for r in records], indent=1) + "\n"
+    # To the console's stream itself: rich would expand the tabs and wrap at its width.
+    console.file.write(text)
+    console.file.flush()

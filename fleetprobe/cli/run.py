@@ -12,39 +12,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import replace
-from pathlib import Path
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from fleetprobe.adhoc import adhoc_playbook
-from fleetprobe.audit import AuditResult, audit, audit_json, result_line
-from fleetprobe.cli.history import open_store, print_audit, print_written, write_reports
+from fleetprobe.audit import audit, audit_json, result_line
+from fleetprobe.cli.history import print_audit, print_written
 from fleetprobe.cli.options import Exit, _thresholds
-from fleetprobe.cli.output import STDOUT, where, write_report_json, write_text
-from fleetprobe.events import EventWriter
+from fleetprobe.cli.extras import RunExtras
+from fleetprobe.cli.liveline import LiveLine
+from fleetprobe.cluster import run_playbook_cluster  # imports Dask (the optional extra) only when called
+from fleetprobe.discover import suggest_for_plans
+from fleetprobe.kmod.plan import BuildGroup
+from fleetprobe.outcome import HostOutcome
+from fleetprobe.plan import HostPlan
+from fleetprobe.render.prometheus import write_textfile
+from fleetprobe.runner.channel import HostFacts
+from fleetprobe.workers import run_playbook_workers
+from fleetprobe.cli.output import (JOURNAL_ERR, JOURNAL_INFO, STDOUT, console_for, print_table, stdout_options,
+                                   to_journal, where, write_report_json, write_text)
 from fleetprobe.errors import InputError
-from fleetprobe.facts import Facts
-from fleetprobe.aggtables import AggProgress
 from fleetprobe.render.aggplan import plan_json, plan_lines
-from fleetprobe.inventory import Host, Inventory
-from fleetprobe.plan import new_run_id
+from fleetprobe.inventory import Inventory
 from fleetprobe.render.safe import visible, visible_lines
 from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport
-from fleetprobe.shard import Shard, select_hosts
-from fleetprobe.store import DEFAULT_EVENTS_DAYS, Store
 from fleetprobe.session import SSHOptions
 from fleetprobe.inventory import load_inventory
 from fleetprobe.settings import RunSettings
@@ -55,18 +55,10 @@ from fleetprobe.orchestrate import plan_fleet
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.plan import group_of_instance, is_stale_instance
 from fleetprobe.playbook import load_playbook, parse_playbook
-from fleetprobe.render.eventlines import EventPrinter, Tee
 from fleetprobe.render.live import LiveView
 from fleetprobe.render.terminal import render_summary
 from fleetprobe.shard import shard_inventory
 
-if TYPE_CHECKING:
-    from fleetprobe.kmod.plan import BuildGroup
-    from fleetprobe.parse import EventSink
-    from fleetprobe.runner.channel import HostFacts
-    from fleetprobe.settings import RunSettings
-    from fleetprobe.outcome import HostOutcome
-    from fleetprobe.plan import HostPlan
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:
@@ -111,7 +103,7 @@ def _yes(v: bool) -> Text:
     return Text("yes", style="green") if v else Text("no", style="red")
 
 
-def render_facts(results: list[HostFacts], console: Console) -> None:
+def render_facts(results: list[HostFacts], console: Console, fmt: str = "table") -> None:
     """The facts table.  Every value a host reported is shown through visible(): it is the host's
     word (a kernel release of ``[/]`` or ``\x1b]0;...``), never markup or a terminal command."""
     t = Table(title="fleetprobe facts", title_justify="left")
@@ -133,7 +125,7 @@ def render_facts(results: list[HostFacts], console: Console) -> None:
                   Text(visible(f.tracefs)) if f.tracefs else Text("none", style="red"),
                   _yes(f.kprobe_events), _yes(f.uprobe_events), Text(visible(f.lockdown)), modules,
                   Text(clock), Text(visible(", ".join(f.leftovers) or "-")))
-    console.print(t)
+    print_table(t, console, fmt)
     failed = [hf for hf in results if hf.error]
     for hf in failed:
         # An error is fleetprobe's own text over several lines (message, evidence, hint): its line
@@ -301,7 +293,7 @@ def cmd_facts(args: argparse.Namespace, console: Console) -> int:
                                  "clock_offset": hf.clock_offset, "clock_error": hf.clock_error,
                                  "facts": hf.facts.to_json() if hf.facts else None} for hf in results], console)
     if args.json != "-":
-        render_facts(results, console)
+        render_facts(results, console, args.format)
     ok = sum(1 for hf in results if hf.facts)
     return int(Exit.NONE_OK if ok == 0 else Exit.SOME_FAILED if ok < len(results) else Exit.OK)
 
@@ -313,8 +305,6 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     settings = _settings(args)
 
     async def plans() -> list[tuple[HostFacts, HostPlan | None]]:
-        from fleetprobe.discover import suggest_for_plans
-
         # A probe skipped for a name the host lacks gets near names from that host's own lists.
         return await suggest_for_plans(await plan_fleet(inv.hosts, pb, settings), pb, settings)
 
@@ -364,13 +354,19 @@ def cmd_cleanup(args: argparse.Namespace, console: Console) -> int:
         t.add_row(*(Text(visible(x)) for x in (r.host, ", ".join(r.removed) or "-", ", ".join(stale) or "-",
                                                 ", ".join(live) or "-", r.error or "")))
         bad += bool(r.error or stale)
-    console.print(t)
+    print_table(t, console, args.format)
     return int(Exit.OK if bad == 0 else Exit.NONE_OK if bad == len(results) else Exit.SOME_FAILED)
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """``fleetprobe run``: probe, stream, merge, report."""
     pb = _load_playbook_checked(args)
+    if not args.print and any(p.print_format for p in pb.probes) and not stdout_options(args):
+        # A playbook that says how to print its events wants them printed (issue 14 item 3), unless
+        # stdout already carries the command's data (--json -): then they stay in the report.
+        args.print = True
+        if console.file is sys.stdout:
+            console = console_for(sys.stderr)  # people's text off stdout, as main() does for --print
     inv = _inventory(args)
     # Store, shard, transport, HTML/Markdown: see RunExtras.
     extras = RunExtras(args, pb)
@@ -383,12 +379,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
             extras.stop = interrupted.set
-            from fleetprobe.workers import run_playbook_workers  # --workers: slices over processes, one report
 
             async def over(observer: Any) -> FleetReport:
                 if args.cluster:
-                    from fleetprobe.cluster import run_playbook_cluster  # Dask: the optional extra
-
                     return await run_playbook_cluster(hosts, pb, settings, scheduler=args.cluster,
                                                       observer=observer, events_path=extras.events_path,
                                                       interrupted=interrupted, inventory=args.inventory,
@@ -435,175 +428,6 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return int(exit_status(report.hosts, interrupted))
 
 
-# --- what run and audit do around a run ----------------------------------------------------------
-
-class RunExtras:
-    """Around one run: the shard's hosts, the transport, facts per host, the store and the report files.
-
-    Use: ``x = RunExtras(args, playbook)``; ``x.hosts(inv)``; ``x.settings(s)``;
-    ``x.begin()`` before the run; ``x.finish(report)`` after it, before anything is rendered
-    (and ``x.close()`` in ``finally``).
-    """
-
-    def __init__(self, args: argparse.Namespace, playbook: Playbook, *, store: bool | None = None) -> None:
-        """Open the store now (before any host is touched) unless ``--no-store``."""
-        self.args = args
-        self.playbook = playbook
-        keep = not getattr(args, "no_store", False) if store is None else store
-        self.store: Store | None = open_store(args) if keep else None
-        self.facts: dict[str, dict[str, Any]] = {}
-        self.run_id = getattr(args, "run_id", None) or new_run_id()
-        self._tmp_events: Path | None = None
-        user_events = getattr(args, "events", None)
-        #: Sinks besides the events file: the JSON lines of ``--events -`` and ``--print``'s lines.
-        self.sinks: list[EventSink] = []
-        #: The writer of ``--events -`` (its counts go into the report, as a file's do).
-        self._stdout_writer: EventWriter | None = None
-        #: Set once the reader of stdout went away (``--print | head``): the run was ended for it.
-        self.reader_gone = False
-        #: Ends the run (the run's interrupted event's set(), once the run started).
-        self.stop: Callable[[], None] | None = None
-        if user_events == STDOUT:
-            # Its own sink, not events_path: the store still gets the events through its temporary file.
-            self._stdout_writer = EventWriter(STDOUT, on_closed=self._stdout_closed)
-            self.sinks.append(self._stdout_writer)
-            user_events = None
-        if getattr(args, "print", False):
-            self.sinks.append(EventPrinter(sys.stdout, hosts=[], probes=[p.name for p in playbook.probes],
-                                           on_closed=self._stdout_closed))
-        self._file_writer: EventWriter | None = None
-        if user_events:
-            self.events_path: str | None = str(user_events)
-        elif self.store is not None:
-            _remove_stale_event_files(self.store.path.parent)
-            # Raw events are streamed to a file next to the store, then compressed into it.
-            fd, name = tempfile.mkstemp(prefix=f".events-{self.run_id}-", suffix=".jsonl",
-                                        dir=self.store.path.parent)
-            os.close(fd)
-            self._tmp_events = Path(name)
-            self.events_path = name
-        else:
-            self.events_path = None
-
-    def _stdout_closed(self) -> None:
-        """The reader of stdout is gone (``| head``): end the run on every host as a Ctrl-C would.
-        Events no one reads are not worth probing for, and no host failed for it."""
-        if not self.reader_gone:
-            self.reader_gone = True
-            print("stdout was closed by its reader: probing stopped on every host", file=sys.stderr, flush=True)
-            if self.stop is not None:
-                self.stop()
-
-    def event_args(self) -> dict[str, Any]:
-        """run_playbook's keyword for the raw events: the events file alone, or every sink at once."""
-        if not self.sinks:
-            return {"events_path": self.events_path}
-        sinks = list(self.sinks)
-        if self.events_path:
-            self._file_writer = EventWriter(self.events_path)
-            sinks.insert(0, self._file_writer)
-        return {"events": sinks[0] if len(sinks) == 1 else Tee(*sinks)}
-
-    def events_done(self, report: FleetReport) -> None:
-        """After the run: close the writers this object made, and put the user's events destination's
-        counts in the report (run_playbook does that itself for the events file alone)."""
-        if not self.sinks:
-            return
-        for w in (self._file_writer, self._stdout_writer):
-            if w is not None:
-                w.close()
-        user = self._stdout_writer or self._file_writer
-        if user is not None:
-            report.run.events_written = user.written
-            report.run.events_truncated = user.error
-
-    def hosts(self, inventory: Inventory) -> tuple[Host, ...]:
-        """This shard's hosts (all of them without ``--shard``); an empty shard is an input error."""
-        shard: Shard | None = getattr(self.args, "shard", None)
-        hosts = select_hosts(inventory.hosts, shard)
-        for sink in self.sinks:
-            if isinstance(sink, EventPrinter):
-                sink.align_hosts([h.name for h in hosts])
-        if not hosts:
-            raise InputError(f"shard {shard} of this inventory has no hosts" if shard else "the inventory has no hosts",
-                             where=str(getattr(self.args, "inventory", "")),
-                             hint="use fewer shards than hosts" if shard else "check the inventory and --limit")
-        return hosts
-
-    def settings(self, settings: RunSettings) -> RunSettings:
-        """The run's settings with this run id, the chosen transport, and facts collection."""
-        connect = settings.connect
-        if getattr(self.args, "transport", "asyncssh") == "fabric":
-            from fleetprobe.connectors import fabric
-
-            connect = fabric.connect
-        return replace(settings, run_id=self.run_id, connect=connect, on_facts=self._on_facts)
-
-    def _on_facts(self, host: str, facts: Facts) -> None:
-        """Keep a host's facts for the store."""
-        self.facts[host] = facts.to_json()
-
-    def begin(self) -> None:
-        """Record the run as started (a killed run then shows as ``killed`` in the history)."""
-        if self.store is not None:
-            self.store.begin_run(self.run_id, self.playbook.name, inventory_path=str(self.args.inventory))
-
-    def finish(self, report: FleetReport, audit_result: AuditResult | None = None) -> list[str]:
-        """Store the run, apply event retention, write the HTML/Markdown reports; print nothing.
-
-        Returns the lines saying what was written, to print after the summary."""
-        written: list[str] = []
-        if self.store is not None:
-            text = getattr(self.args, "playbook_text", None) or _read_text(self.playbook.source)
-            self.store.save_run(report, playbook_text=text,
-                                inventory_text=_inventory_text(str(self.args.inventory)), facts=self.facts,
-                                events_path=self.events_path if self.events_path and
-                                Path(self.events_path).exists() else None)
-            keep = getattr(self.args, "keep_events_days", DEFAULT_EVENTS_DAYS)
-            self.store.prune(events_days=keep)
-            written.append(f"run {report.run.run_id} stored in {self.store.path}")
-        return written + write_reports(self.args, report, audit_result, self.playbook)
-
-    def close(self) -> None:
-        """Close the event writers, remove the temporary events file and close the store."""
-        for w in (self._file_writer, self._stdout_writer):
-            if w is not None:
-                w.close()
-        if self._tmp_events is not None:
-            self._tmp_events.unlink(missing_ok=True)
-        if self.store is not None:
-            self.store.close()
-
-
-#: A temporary events file older than this belongs to a run that was killed (no run lasts this long).
-STALE_EVENTS_SECONDS = 2 * 86400
-
-
-def _remove_stale_event_files(folder: Path) -> None:
-    """Delete temporary raw-event files that killed runs left next to the store."""
-    cutoff = time.time() - STALE_EVENTS_SECONDS
-    for path in folder.glob(".events-*.jsonl"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-        except OSError:
-            pass  # another audit removed it first
-
-
-def _read_text(path: str) -> str | None:
-    """A file's text, or None when it cannot be read."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _inventory_text(spec: str) -> str:
-    """The inventory as it was: the file's text, or the ad-hoc host list itself."""
-    text = _read_text(spec) if os.path.isfile(spec) else None
-    return text if text is not None else spec
-
-
 def _baseline_ref(args: argparse.Namespace, playbook: Playbook) -> str | None:
     """The pinned baseline: --baseline, else the playbook's ``baseline:`` (None: the previous run)."""
     return str(args.baseline) if args.baseline else playbook.baseline
@@ -643,8 +467,6 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
         written = extras.finish(report, result)
         extras.store.set_audit(report.run.run_id, result.passed, result.to_json())
         if args.prometheus:
-            from fleetprobe.render.prometheus import write_textfile
-
             write_textfile(report, result, args.prometheus)
             written.append(f"Prometheus textfile written to {where(args.prometheus)}")
         render_summary(report, console)
@@ -652,7 +474,12 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     finally:
         extras.close()
     print_audit(result, console)
-    console.print(Text(visible(result_line(report, result))))
+    line = visible(result_line(report, result))
+    if to_journal(console.file):
+        # Under the systemd unit: the verdict at priority err when failed, so that
+        # `journalctl -p err -u fleetprobe-audit` lists exactly the failed audits.
+        line = (JOURNAL_INFO if result.passed else JOURNAL_ERR) + line
+    console.print(Text(line))
     if not result.passed and args.on_fail:
         _on_fail(args.on_fail, audit_json(result, pb), console)
     if interrupted:
@@ -683,56 +510,3 @@ def _on_fail(command: str, verdict: dict[str, Any], console: Console) -> None:
         print(f"warning: --on-fail command exited {done.returncode}: {command}", file=sys.stderr)
     else:
         console.print(Text(visible(f"--on-fail command ran: {command}")))
-
-
-class LiveLine:
-    """An Observer: "N probes live on M hosts" on stderr once every host has its probes in place or ended.
-
-    bpftrace says ``Attaching N probes...``: a user needs to know when to start the workload, and
-    a script piping stdout must still see it (stderr).  Wraps the live view when there is one.
-    """
-
-    #: States after which a host will place no probe.
-    ENDED = frozenset({"done", "skipped", "failed", "unreachable", "interrupted"})
-
-    def __init__(self, hosts: list[str], inner: LiveView | None = None) -> None:
-        """Watch ``hosts``; pass states and counts on to ``inner``."""
-        self.hosts = set(hosts)
-        self.inner = inner
-        self.live: dict[str, int] = {}
-        self.ended: set[str] = set()
-        self.said = False
-
-    def set_state(self, host: str, state: str, detail: str = "") -> None:
-        """A host's state changed."""
-        if self.inner is not None:
-            self.inner.set_state(host, state, detail)
-        if state in self.ENDED and host not in self.live:
-            self.ended.add(host)
-            self._maybe_say()
-
-    def add_events(self, host: str, n: int) -> None:
-        """Events arrived (the live view counts them)."""
-        if self.inner is not None:
-            self.inner.add_events(host, n)
-
-    def set_aggregates(self, host: str, progress: tuple[AggProgress, ...]) -> None:
-        """A host's aggregate tables so far (the live view shows them)."""
-        if self.inner is not None:
-            self.inner.set_aggregates(host, progress)
-
-    def probes_live(self, host: str, n: int) -> None:
-        """The runner on ``host`` placed its ``n`` probes."""
-        self.live[host] = n
-        self._maybe_say()
-
-    def _maybe_say(self) -> None:
-        """Say it once, when no host is still setting up."""
-        if self.said or not self.live or len(self.live) + len(self.ended - set(self.live)) < len(self.hosts):
-            return
-        self.said = True
-        n = sum(self.live.values())
-        rest = len(self.hosts) - len(self.live)
-        print(f"{n} probe{'s' if n != 1 else ''} live on {len(self.live)} host{'s' if len(self.live) != 1 else ''}"
-              + (f" ({rest} host{'s' if rest != 1 else ''} not probing)" if rest else "")
-              + "; Ctrl-C to stop", file=sys.stderr, flush=True)
