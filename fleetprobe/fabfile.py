@@ -18,7 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleetprobe.connectors.fabric import connection_name, harden, open_sessions, sessions_of, sibling_connection
+from fleetprobe.connectors.fabric import (connection_name, fab_invocation_hosts, harden, open_sessions, sessions_of,
+                                         sibling_connection)
 from fleetprobe.inventory import Host
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.settings import RunSettings
@@ -66,17 +67,7 @@ _ONCE: dict[tuple[str, tuple[str, ...]], FleetReport] = {}
 
 def invocation_hosts() -> list[str]:
     """The hosts of this ``fab -H a,b,c`` invocation, as typed (empty when not run by ``fab -H``)."""
-    try:
-        # Lazy: fabric.main is fab's command-line program, read only when fab runs this task.
-        from fabric.main import program
-    except ImportError:
-        return []
-    core = getattr(program, "core", None)
-    try:
-        value = core[0].args.hosts.value if core else None
-    except (AttributeError, IndexError, KeyError):
-        return []
-    return [h for h in str(value).split(",") if h] if value else []
+    return fab_invocation_hosts()
 
 
 def run_playbook_once(c: fabric.Connection, playbook: str | Path | Playbook, *,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -391,3 +392,15 @@ def open_sessions(sessions: dict[str, FabricSession]) -> None:
             s.conn.open()
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise _translate(s.host, exc, "connect") from None
+
+
+def fab_invocation_hosts() -> list[str]:
+    """The hosts of this ``fab -H a,b,c`` invocation, as typed (empty when not run by ``fab -H``)."""
+    # fab's command-line program (fabric.main) holds the parsed -H; ``fab`` itself imported it.
+    program = getattr(sys.modules.get("fabric.main"), "program", None)
+    core = getattr(program, "core", None)
+    try:
+        value = core[0].args.hosts.value if core else None
+    except (AttributeError, IndexError, KeyError):
+        return []
+    return [h for h in str(value).split(",") if h] if value else []
