@@ -19,7 +19,7 @@ from fleetprobe.errors import InputError
 from fleetprobe.lab import fleet, image, keys
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, lab_arch
 from fleetprobe.inventory import load_inventory
-from fleetprobe.lab.cli import parse_counts, parse_kernels
+from fleetprobe.cli.lab import parse_counts, parse_kernels
 from fleetprobe.lab.inventory import (LabVM, inventory_data, known_hosts_text, read_lab_json, vm_name,
                                       write_inventory, write_lab_json)
 from fleetprobe.lab.lines import LINES, kernel_line, line_of_version

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fleetprobe.cli.main import main
-from fleetprobe.listing import question_of, shipped_entries
+from fleetprobe.cli.playbooks import question_of, shipped_entries
 from fleetprobe.render.safe import SafeConsole
 
 ROOT = Path(__file__).resolve().parent.parent

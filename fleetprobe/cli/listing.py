@@ -20,7 +20,7 @@ from fleetprobe.cli.run import _inventory, _raise_fd_limit, _settings
 from fleetprobe.discover import (FUNCTION, SYMBOL, TRACEPOINT, HostListing, Query, Row, list_fleet,
                                  merge_listings, parse_query, suggestions)
 from fleetprobe.render.safe import visible, visible_lines
-from fleetprobe.listing import cmd_list as list_playbooks
+from fleetprobe.cli.playbooks import cmd_list as list_playbooks
 
 #: Hosts named in a row's "missing on" before "and N more" (the JSON has them all).
 MISSING_SHOWN = 8

@@ -12,7 +12,7 @@ from typing import Any
 
 from fleetprobe.audit import Thresholds
 from fleetprobe.errors import InputError
-from fleetprobe.lab.cli import add_lab_parser
+from fleetprobe.cli.lab import add_lab_parser
 from fleetprobe.playbook import parse_duration as playbook_duration
 from fleetprobe.shard import Shard, parse_shard
 from fleetprobe.store import DEFAULT_EVENTS_DAYS, default_path

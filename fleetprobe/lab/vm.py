@@ -203,7 +203,7 @@ async def wait_banner(port: int, deadline: float, alive: Callable[[], bool] | No
                 writer.close()
             if data.startswith(b"SSH-2.0-"):
                 return
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         await asyncio.sleep(0.5)
 

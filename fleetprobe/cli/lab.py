@@ -1,19 +1,14 @@
-"""`fleetprobe lab up|down|status`: argument parsing and terminal output for the lab."""
+"""`fleetprobe lab up|down|status`: the parser and its argument checks (loaded by `fleetprobe --help`; the command itself is cli/labrun.py)."""
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fleetprobe.errors import FleetprobeError, InputError
+from fleetprobe.errors import InputError
 from fleetprobe.lab.arches import ARCHES, DEFAULT_FLEET, lab_arch
-from fleetprobe.lab.fleet import DEFAULT_TIMEOUT_S, default_lab_dir, down, status, up
+from fleetprobe.lab.fleet import DEFAULT_TIMEOUT_S
 from fleetprobe.lab.lines import DEFAULT_LINE, LINES, kernel_line
-
-if TYPE_CHECKING:
-    from rich.console import Console  # imported by run_lab: `fleetprobe --help` renders nothing (issue 5)
 
 
 def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,49 +88,3 @@ def parse_kernels(kernel_arg: str | None) -> dict[str, tuple[str, ...]] | None:
         raise InputError(f"--kernel {kernel_arg!r}: no kernel line given",
                          hint="e.g. --kernel 5.10,6.1,6.12 or --kernel x86_64:5.10,arm64:6.12")
     return {k: tuple(v) for k, v in out.items()}
-
-
-def run_lab(args: argparse.Namespace, console: Console) -> int:
-    """Run `lab up|down|status`; returns the exit status (0 ok, 1 bad input, 2 failure)."""
-    # rich loads here, not at the top: `fleetprobe --help` imports this module for its parser (issue 5)
-    from rich.markup import escape
-    from rich.table import Table
-
-    lab_dir = args.dir.resolve() if args.dir else default_lab_dir()
-    try:
-        if args.lab_command == "up":
-            arches, counts = parse_counts(args.arch, args.count)
-            kernels = parse_kernels(args.kernel)
-            t0 = time.monotonic()
-            with console.status("building images and booting lab VMs ..."):
-                fleet = up(arches, counts, lab_dir, args.timeout, kernels=kernels)
-            table = Table("host", "arch", "line", "kernel", "package version", "port", "boot s")
-            for v in fleet.vms:
-                boot = "running" if v.name in fleet.reused else f"{v.boot_seconds:.1f}"
-                table.add_row(v.name, v.uname_m, v.line, v.kernel_release, v.kernel_version, str(v.port), boot)
-            console.print(table)
-            console.print(f"lab up in {time.monotonic() - t0:.1f} s: {len(fleet.started)} booted, "
-                          f"{len(fleet.reused)} already running")
-            console.print(f"inventory: {fleet.inventory}")
-            return 0
-        if args.lab_command == "down":
-            stopped = down(lab_dir)
-            console.print(f"stopped {len(stopped)} VM(s)" + (": " + ", ".join(stopped) if stopped else ""))
-            return 0
-        rows = status(lab_dir)
-        if not rows:
-            console.print(f"no lab VMs recorded in {lab_dir}")
-            return 0
-        table = Table("host", "arch", "line", "kernel", "port", "pid", "state")
-        for s in rows:
-            table.add_row(s.vm.name, s.vm.uname_m, s.vm.line, s.vm.kernel_release, str(s.vm.port),
-                          str(s.vm.pid), "running" if s.running else "stopped")
-        console.print(table)
-        console.print(f"inventory: {lab_dir / 'inventory.yml'}")
-        return 0
-    except InputError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        return 1
-    except FleetprobeError as exc:
-        console.print(f"[red]lab {args.lab_command} failed:[/red] {escape(str(exc))}", highlight=False)
-        return 2
