@@ -49,12 +49,14 @@ import socket
 import threading
 import time
 from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
+import pytest
 
 T = TypeVar("T")
 
@@ -536,3 +538,34 @@ def refused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def run_leftovers(run_id: str) -> list[str]:
+    """Instances and dynamic events of one run still in this machine's tracefs."""
+    prefix = f"fp_{run_id}_"
+    found = [f"instance {p.name}" for p in (TRACEFS / "instances").iterdir() if p.name.startswith(prefix)]
+    for f in ("kprobe_events", "uprobe_events"):
+        p = TRACEFS / f
+        if p.exists():
+            found += [f"{f}: {line}" for line in p.read_text().splitlines() if f":{prefix}" in line]
+    return found
+
+
+@contextmanager
+def strict_sim(root: Path, run_id: str | None = None, grace: float = 15) -> Iterator[SimFleet]:
+    """A sim fleet for tests that kill links and runners: afterwards every command its hosts ran must
+    have ended by itself within ``grace`` seconds (a runner whose link dropped finishes its own teardown),
+    and, given ``run_id``, tracefs must hold nothing of that run. Skips without root and tracefs."""
+    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
+        pytest.skip("needs root and tracefs")
+    fleet = SimFleet(root)
+    try:
+        yield fleet
+    finally:
+        killed = fleet.stop(grace=grace)
+    assert killed == [], f"processes started by sim hosts did not end by themselves: {killed}"
+    if run_id is not None:
+        assert run_leftovers(run_id) == [], f"run {run_id} left these in tracefs"

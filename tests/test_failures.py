@@ -27,7 +27,7 @@ import pytest
 
 from fleetprobe.render.safe import SafeConsole
 
-from simhosts import SimFleet, refused_port
+from simhosts import SimFleet, refused_port, run_leftovers, strict_sim
 
 from fleetprobe.cli.main import main
 from fleetprobe.connectors.asyncssh import connect
@@ -55,15 +55,7 @@ probes:
 """
 
 
-def leftovers(run_id: str) -> list[str]:
-    """Instances and dynamic events of one run still in this machine's tracefs."""
-    prefix = f"fp_{run_id}_"
-    found = [f"instance {p.name}" for p in (TRACEFS / "instances").iterdir() if p.name.startswith(prefix)]
-    for f in ("kprobe_events", "uprobe_events"):
-        p = TRACEFS / f
-        if p.exists():
-            found += [f"{f}: {line}" for line in p.read_text().splitlines() if f":{prefix}" in line]
-    return found
+leftovers = run_leftovers
 
 
 def group_prefix(run_id: str, host: str) -> str:
@@ -80,16 +72,8 @@ def run_id() -> str:
 @pytest.fixture
 def sim(tmp_path: Path, run_id: str) -> Iterator[SimFleet]:
     """A sim fleet; afterwards every command it ran must have ended by itself and tracefs be clean of the run."""
-    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
-        pytest.skip("needs root and tracefs")
-    fleet = SimFleet(tmp_path / "sim")
-    try:
+    with strict_sim(tmp_path / "sim", run_id) as fleet:
         yield fleet
-    finally:
-        # A runner whose link dropped finishes its own teardown within a few seconds.
-        killed = fleet.stop(grace=15)
-    assert killed == [], f"processes started by sim hosts did not end by themselves: {killed}"
-    assert leftovers(run_id) == [], f"run {run_id} left these in tracefs"
 
 
 def write_playbook(tmp_path: Path, text: str = PLAYBOOK) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.simhosts import SimFleet
+from tests.simhosts import SimFleet, strict_sim
 
 pytestmark = [pytest.mark.tracefs]
 
@@ -50,16 +50,8 @@ def run_id() -> str:
 @pytest.fixture
 def sim(tmp_path: Path, run_id: str) -> Iterator[SimFleet]:
     """A sim fleet; afterwards every command it ran ended by itself and tracefs holds nothing of the run."""
-    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
-        pytest.skip("needs root and tracefs")
-    fleet = SimFleet(tmp_path / "sim")
-    try:
+    with strict_sim(tmp_path / "sim", run_id) as fleet:
         yield fleet
-    finally:
-        killed = fleet.stop(grace=15)
-    assert killed == [], f"processes started by sim hosts did not end by themselves: {killed}"
-    prefix = f"fp_{run_id}_"
-    assert not [p for p in (TRACEFS / "instances").iterdir() if p.name.startswith(prefix)]
 
 
 def fleetprobe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:

@@ -261,7 +261,7 @@ def test_one_loop_and_workers_give_the_same_report(vary_fleet: tuple[Any, list[i
 
 # --- worker processes over sim hosts that run the real runner --------------------------------------
 
-from simhosts import SimFleet  # noqa: E402
+from simhosts import SimFleet, strict_sim  # noqa: E402
 from test_failures import PLAYBOOK, leftovers, run_cli, common_args  # noqa: E402
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -269,14 +269,9 @@ TRACEFS = Path("/sys/kernel/tracing")
 
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[SimFleet]:
-    if os.geteuid() != 0 or not (TRACEFS / "instances").is_dir():
-        pytest.skip("needs root and tracefs")
-    fleet = SimFleet(tmp_path / "sim")
-    try:
+    """A sim fleet whose hosts' commands all end by themselves (the workers' runs check their own run ids)."""
+    with strict_sim(tmp_path / "sim") as fleet:
         yield fleet
-    finally:
-        killed = fleet.stop(grace=15)
-        assert killed == [], f"processes started by sim hosts did not end by themselves: {killed}"
 
 
 def _run_id() -> str:
