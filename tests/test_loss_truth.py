@@ -4,7 +4,8 @@ as lost is what the kernel lost, to the event.
 A process of the test's own makes exactly N statfs(2) calls as fast as it can once the run's probe is
 enabled; the probe (the syscall tracepoint, filtered on that process's unique comm) sees exactly
 those N. With a per-CPU buffer of a few KiB the ring overwrites unread events: the report's hits plus
-its overrun (the kernel's per-CPU counter, read at the start and end of the run) must be N exactly,
+its overrun (the kernel's per-CPU counter, read at the start and end of the run) must be N (plus at
+most fleetprobe's own clock marker and heartbeat entries, which a storm can overwrite too),
 and some events must really have been lost (else the test shows nothing). Real sshd on loopback,
 this machine's kernel.
 """
@@ -21,6 +22,7 @@ import pytest
 from rich.console import Console
 
 from fleetprobe.cli.main import main
+from fleetprobe.runner.channel import TICK_SECONDS
 from hostcheck import own_run_id
 from sshhosts import Fleet
 from test_truth import _conn, sshd_host  # noqa: F401  (the fixture)
@@ -90,8 +92,11 @@ def test_a_storm_into_a_small_buffer_loses_exactly_what_the_report_says(sshd_hos
     hits = h["hits"].get("statfs", 0)
     # The storm really overflowed the buffer, and not every event was lost.
     assert loss["overrun"] > 0 and hits > 0, (hits, loss)
-    # Every call is either an event in the report or an event the kernel says it overwrote.
-    assert hits + loss["overrun"] + loss["dropped"] == calls, (hits, loss)
+    # Every call is either an event in the report or an event the kernel says it overwrote; what it
+    # overwrote beyond the calls can only be fleetprobe's own entries (the start clock marker, one
+    # heartbeat per tick), as the lab's kprobe storm showed (tests/lab/test_lab_loss.py).
+    extra = hits + loss["overrun"] + loss["dropped"] - calls
+    assert 0 <= extra <= 2 + 8 // TICK_SECONDS, (hits, loss, extra)
     # The kernel's two accounts of it agree: the per-CPU overrun counter and trace_pipe's LOST lines.
     assert loss["lost_lines"] == loss["overrun"], loss
     assert loss["capped"] == 0 and h["unparsed_lines"] == 0 and h["unattributed_lines"] == 0, h

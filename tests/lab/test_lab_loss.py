@@ -3,9 +3,10 @@
 On every guest one busybox ``dd bs=1021`` makes exactly N reads of 1021 bytes once the run's probe
 is enabled; the kprobe on vfs_read, filtered on that odd count, sees those N and nothing else (busybox
 ash execs its applets as /proc/self/exe, so a comm filter would say "exe" for every one of them). With a 4 KiB per-CPU buffer the ring overwrites what the reader has not read: the report's
-hits, plus the kernel's overrun (per-CPU stats) and kprobe misses (kprobe_profile), must be N
-exactly; trace_pipe's ``[LOST n EVENTS]`` lines must say the same as the overrun counter; and
-events must really have been lost (else the test shows nothing). tests/test_loss_truth.py is the
+hits, plus the kernel's overrun (per-CPU stats) and kprobe misses (kprobe_profile), must be N (plus
+at most fleetprobe's own marker and heartbeat entries, which the storm can overwrite too);
+trace_pipe's ``[LOST n EVENTS]`` lines must say the same as the overrun counter; and events must
+really have been lost on some guest (else the test shows nothing). tests/test_loss_truth.py is the
 same check on a syscall tracepoint on this machine's kernel.
 """
 
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from fleetprobe.runner.channel import TICK_SECONDS
 from test_lab_probes import COMMON, _background, _run, leftovers
 
 if TYPE_CHECKING:
@@ -25,16 +27,22 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.lab
 
 READS = 60_000
+DURATION_S = 40
+#: The ring's only entries besides the probe's events are fleetprobe's own: the clock marker written
+#: just before the probes are enabled, and a heartbeat each tick. When the storm overwrites them
+#: before the reader gets there, the kernel's overrun counts them too (the start marker: seen on
+#: mips64el and on all three x86_64 guests of one CI run, never more than that one).
+OWN_ENTRIES = 1 + DURATION_S // TICK_SECONDS + 1
 
 PLAYBOOK = """\
 name: readstorm
 description: every 1021-byte read (the test's dd)
-duration: 40s
+duration: {duration}s
 event_cap: 10000000
 probes:
   - name: read1
     kprobe: vfs_read
-    args: {count: arg3}
+    args: {{count: arg3}}
     filter: count == 1021
 """
 
@@ -43,7 +51,7 @@ def test_a_storm_into_a_small_buffer_loses_exactly_what_the_report_says(lab_flee
                                                                         tmp_path: Path) -> None:
     lab = lab_fleet
     pb = tmp_path / "readstorm.yml"
-    pb.write_text(PLAYBOOK)
+    pb.write_text(PLAYBOOK.format(duration=DURATION_S))
     armed = ("n=0; until grep -qs 1 /sys/kernel/tracing/instances/fp_*/events/fp_*/read1/enable "
              "|| [ $n -ge 1200 ]; do sleep 0.2; n=$((n+1)); done; sleep 1; ")
     work = f"{armed} dd if=/dev/zero of=/dev/null bs=1021 count={READS} 2>/dev/null"
@@ -56,19 +64,20 @@ def test_a_storm_into_a_small_buffer_loses_exactly_what_the_report_says(lab_flee
     assert rc == 0, out
     report = json.loads(report_path.read_text())
     failures = {}
+    overflowed = []
     for h in report["hosts"]:
         try:
             assert h["status"] == "ok", (h["status"], h["reason"])
             loss = h["loss"]
             hits = h["hits"].get("read1", 0)
             misses = loss["probe_misses"].get("read1", 0)
-            assert loss["overrun"] > 0 and hits > 0, ("no storm", hits, loss)
-            # The ring holds one entry of fleetprobe's own besides the events: the clock marker written
-            # just before the probes are enabled (the end marker comes after the storm). When the
-            # storm overwrites it before the reader starts, the kernel's overrun counts it too: seen on
-            # mips64el (TCG), twice in two runs, 60001 = hits + overrun; never on x86_64.
+            assert hits > 0, ("no event came through", loss)
+            if loss["overrun"]:
+                overflowed.append(h["host"])
+            # Every read is an event in the report or one the kernel says it overwrote (or missed);
+            # what the kernel overwrote beyond the reads can only be fleetprobe's own entries.
             extra = hits + loss["overrun"] + loss["dropped"] + misses - READS
-            assert extra in (0, 1), (hits, loss, extra)
+            assert 0 <= extra <= OWN_ENTRIES, (hits, loss, extra)
             assert loss["lost_lines"] == loss["overrun"], loss
             assert loss["capped"] == 0 and h["unparsed_lines"] == 0, h
             vm = next(v for v in lab.vms if v.name == h["host"])
@@ -76,3 +85,6 @@ def test_a_storm_into_a_small_buffer_loses_exactly_what_the_report_says(lab_flee
         except AssertionError as exc:
             failures[h["host"]] = str(exc)
     assert not failures, failures
+    # The storm really overflowed the ring somewhere (a reader on a fast guest may keep up: seen on
+    # arm64, 60000 of 60000 with no overrun, which the sum above then checks as exact).
+    assert overflowed, "no guest's ring overflowed: the test showed nothing"
