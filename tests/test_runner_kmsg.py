@@ -68,7 +68,7 @@ def test_records_from_start_to_end_are_forwarded_once_and_nothing_before(
         "set -u",
         'say() { echo "$*"; }',
         "rt() { date +%s.%N; }",
-        f"T={tracefs}; G={group}; I={inst}; KS=:ab12; KRUN='{krun}'; KREAD=; KCAT=; KDIR=; KSKIP=",
+        f"T={tracefs}; G={group}; I={inst}; KS=:ab12; KRUN='{krun}'; KREAD=; KCAT=; KDIR=; KSKIP=; KNOSTART=",
         _block(),
         # A record before the start: never forwarded.
         f"echo '{krun}probe=p ev=hit n=0' > /dev/kmsg",

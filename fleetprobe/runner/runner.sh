@@ -111,7 +111,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; KCAT=; KDIR=; KSKIP=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; KCAT=; KDIR=; KSKIP=; KNOSTART=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -324,7 +324,7 @@ sweep_modules() {
 # can never wait forever for a start record the kernel dropped. Then this process becomes cat
 # (exec: the pid the filters and the "own" line already name). kmsg_read still checks every record.
 kmsg_skipper() {
-  [ "$(cat /proc/sys/kernel/printk_devkmsg 2>/dev/null)" = off ] && return 0   # no start record
+  [ -n "$KNOSTART" ] && return 0   # no start record to stop at
   case $(sed --version 2>/dev/null) in *"(GNU sed)"*) echo gnused; return 0;; esac
   case $(grep --help 2>&1) in *BusyBox*) echo bbgrep;; esac
   return 0
@@ -354,9 +354,7 @@ kmsg_reopen() {
   done
 }
 kmsg_read() {
-  _on=; _last=-1
-  # printk_devkmsg=off drops writes to /dev/kmsg (our start record): forward from the oldest.
-  [ "$(cat /proc/sys/kernel/printk_devkmsg 2>/dev/null)" = off ] && _on=1
+  _on=$KNOSTART; _last=-1
   exec 4>"$T/instances/$I/trace_marker" || exit 1
   kmsg_fwd < "$1"
   # The source ended before our end record: the ring overwrote what we had not read yet. The
@@ -387,6 +385,8 @@ kmsg_clock() {
 }
 kmsg_start() {
   kmsg_clock
+  # printk_devkmsg=off drops writes to /dev/kmsg (our start record): forward from the oldest.
+  KNOSTART=; [ "$(cat /proc/sys/kernel/printk_devkmsg 2>/dev/null)" = off ] && KNOSTART=1
   KSKIP=$(kmsg_skipper)
   # A FIFO in a private directory (removed with the module directories) joins source and reader,
   # so that both pids are known: both are in the "own" line and out of every event.
