@@ -128,6 +128,14 @@ NOT_PROVOKED: dict[tuple[str, str], str] = {
        for p in load_playbook(REPO / "playbooks" / f"{book}.yml").probes},
 }
 
+#: Probes of which each host needs one to fire, not each: the same question asked of two syscalls,
+#: where the C library calls one of them (statfs64(2) on ppc64le and mipsel, statfs(2) elsewhere;
+#: a kernel without statfs64 skips that probe with the reason).
+EITHER: dict[tuple[str, str], str] = {
+    ("vfscount", "statfs"): "statfs64",
+    ("vfscount", "statfs64"): "statfs",
+}
+
 
 def _fired(report: dict[str, Any], host: dict[str, Any], probe: str) -> int:
     """Hits of ``probe`` on ``host``: streamed, or counted in its kernel's (or the stream's) tables."""
@@ -148,6 +156,7 @@ def test_every_shipped_playbook_has_a_workload() -> None:
     assert set(WORKLOAD) == {p.stem for p in PLAYBOOKS}
     probes = {(p.stem, pr.name) for p in PLAYBOOKS for pr in load_playbook(p).probes}
     assert set(NOT_PROVOKED) <= probes, set(NOT_PROVOKED) - probes
+    assert set(EITHER) <= probes and set(EITHER.values()) <= {p for _, p in probes}, EITHER
 
 
 @pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.stem)
@@ -192,6 +201,9 @@ def test_shipped_playbook_fires_on_every_arch(lab_fleet: LabForTests, playbook: 
         assert h["status"] == "ok" and h["cleanup"] == "clean" and h["kernel_oopses"] == 0, \
             (vm.name, h["reason"], h["evidence"])
         for probe in sorted(placed):
+            other = EITHER.get((playbook.stem, probe))
+            if other in placed and _fired(report, h, other) > 0:
+                continue
             if (playbook.stem, probe) not in NOT_PROVOKED and _fired(report, h, probe) == 0:
                 silent.append(f"{vm.name} ({vm.arch}): {probe} placed, did not fire")
         if playbook.stem == "capable":
