@@ -37,18 +37,14 @@ sec lockdown; cat /sys/kernel/security/lockdown 2>/dev/null
 sec modules_disabled; cat /proc/sys/kernel/modules_disabled 2>/dev/null
 sec kprobes_enabled; cat /sys/kernel/debug/kprobes/enabled 2>/dev/null
 # Symbols: one grep per source for all of them (a clone like foo.isra.0 or foo.cold counts as a clone).
-# A fixed-string pass (one name per line) first: busybox's grep -E runs the whole alternation on
-# every line (8.2 s over arm64 6.12's 152k kallsyms lines under TCG), grep -F keeps the few lines
-# that hold a name somewhere, and the exact pattern then runs on those only.
-alt= lst=
+alt=
 for w in "$@"; do
-  case $w in s:*) s=${w#s:}; case $s in *[!A-Za-z0-9_.]*|'') ;; *) alt="$alt${alt:+|}$s"; lst="$lst${lst:+
-}$s";; esac;; esac
+  case $w in s:*) s=${w#s:}; case $s in *[!A-Za-z0-9_.]*|'') ;; *) alt="$alt${alt:+|}$s";; esac;; esac
 done
 sec aff
-[ -n "$alt" ] && [ -n "$T" ] && grep -F "$lst" "$T/available_filter_functions" 2>/dev/null | grep -E "^($alt)(\.[A-Za-z0-9_.]+)?([ 	].*)?\$"
+[ -n "$alt" ] && [ -n "$T" ] && grep -E "^($alt)(\.[A-Za-z0-9_.]+)?([ 	].*)?\$" "$T/available_filter_functions" 2>/dev/null
 sec kallsyms
-[ -n "$alt" ] && grep -F "$lst" /proc/kallsyms 2>/dev/null | grep -E " [tTwW] ($alt)(\.[A-Za-z0-9_.]+)?([ 	].*)?\$" | cut -d' ' -f3
+[ -n "$alt" ] && grep -E " [tTwW] ($alt)(\.[A-Za-z0-9_.]+)?([ 	].*)?\$" /proc/kallsyms 2>/dev/null | cut -d' ' -f3
 sec blacklist
 [ -n "$alt" ] && grep -E "[ 	]($alt)(\.[A-Za-z0-9_.]+)?\$" /sys/kernel/debug/kprobes/blacklist 2>/dev/null
 sec tracepoints
