@@ -16,6 +16,7 @@ Not in the default run (every shipped playbook on every arch, ~1 min each under 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -183,6 +184,12 @@ def test_shipped_playbook_fires_on_every_arch(lab_fleet: LabForTests, playbook: 
     for t in threads:
         t.join(150)
     report = json.loads(report_path.read_text())
+    if os.environ.get("FLEETPROBE_LAB_EXAMPLES"):
+        # The playbooks' "Example:" headers are taken from these (scripts/playbook_examples.py).
+        saved = Path(os.environ["FLEETPROBE_LAB_EXAMPLES"])
+        saved.mkdir(parents=True, exist_ok=True)
+        (saved / f"{playbook.stem}.txt").write_text(out)
+        (saved / f"{playbook.stem}.json").write_text(report_path.read_text())
     hosts = {h["host"]: h for h in report["hosts"]}
     assert set(hosts) == {vm.name for vm in vms}, out
     silent: list[str] = []
