@@ -295,7 +295,9 @@ def test_sweep_removes_stale_leftovers_and_spares_live_ones(fleet: Fleet, tmp_pa
     """A dead run's group and instance (deadline long past) are swept; a live one is not touched."""
     t = Path("/sys/kernel/tracing")
     stale_group, live_group = "fp_dead01_beef", "fp_live01_cafe"
-    stale_inst = f"{stale_group}_{int(time.time()) - 3600}"
+    # Stale by 40 s only, swept with --grace 5: another fleetprobe run on this machine (other suites,
+    # default grace 60 s) sweeps this tracefs too, and must not take the planted group first.
+    stale_inst = f"{stale_group}_{int(time.time()) - 40}"
     live_inst = f"{live_group}_{int(time.time()) + 3600}"
     offset = "0x" + subprocess.run(["sh", "-c", "readelf -sW /bin/bash | awk '$8==\"readline\"{print $2; exit}'"],
                                    capture_output=True, text=True).stdout.strip().lstrip("0")
@@ -309,7 +311,7 @@ def test_sweep_removes_stale_leftovers_and_spares_live_ones(fleet: Fleet, tmp_pa
             finally:
                 os.close(fd)
         console = SafeConsole(record=True, width=200)
-        rc = main(["cleanup", "-i", str(fleet.inventory()), "--limit", "web4"], console)
+        rc = main(["cleanup", "-i", str(fleet.inventory()), "--limit", "web4", "--grace", "5"], console)
         assert rc in (0, 2), console.export_text()
         left = fleetprobe_leftovers()
         assert not any(stale_group in x for x in left), left
