@@ -16,6 +16,7 @@ from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL
                               user_arg_registers)
 from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
+from fleetprobe.syscall_abi import n64_blind
 from fleetprobe.histplan import AggPlan, BadField, plan_aggregate, probe_arg_types, tracepoint_decls
 from fleetprobe.playbook import SEAL_ARG_NAMES, KernelTarget, Playbook, ProbeSpec, UserTarget
 
@@ -536,6 +537,8 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
             raise _Unplaceable(f"tracepoint {tp} was not checked on this host (facts lack it)")
         if not exists:
             raise _Unplaceable(f"tracepoint {tp} does not exist on this kernel ({facts.kernel_release})")
+        if (blind := n64_blind(facts, tp)) is not None:
+            raise _Unplaceable(blind)
         fmt = facts.tracepoint_formats.get(tp)
         if fmt is None and facts.tracepoint_formats:
             notes.append(f"{spec.name}: the host did not say what {tp} prints (no format file read); "

@@ -22,6 +22,7 @@ from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from fleetprobe.errors import PlaybookError, did_you_mean
 from fleetprobe.fetchargs import ArgSpec, parse_arg
+from fleetprobe.syscall_abi import N32_MARKER
 from fleetprobe.printformat import PrintFormat, parse_print_format
 from fleetprobe.playbook_agg import AGG_SPECIAL_FIELDS as AGG_SPECIAL_FIELDS, AggregateSpec as AggregateSpec, parse_aggregate
 from fleetprobe.yamlnodes import NodeReader, describe as _describe, line_of as _line
@@ -176,6 +177,8 @@ class Playbook:
                 out.append(t.symbol)
             for param in p.params:
                 out.extend(param.alternatives)
+        if any(t.startswith("syscalls/") for t in self.tracepoints()):
+            out.append(N32_MARKER)  # whether a MIPS64 host binds shared syscall events to n32 (syscall_abi)
         return list(dict.fromkeys(out))
 
     def tracepoints(self) -> list[str]:

@@ -7,7 +7,7 @@ The facts are gathered the way `fleetprobe run` gathers them, for every kernel
 symbol, tracepoint and binary any shipped playbook names (so tests/test_plan.py
 can plan every shipped playbook against them).  Written as
 ``lab-<arch>-<line>.json`` (the host name without its index): the per-boot
-values (boot_id, realtime) are blanked, everything else is what the guest said.
+values (boot_id, realtime) and other runs' live leftovers are blanked, everything else is what the guest said.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> int:
             continue
         data = hf.facts.to_json()
         data["boot_id"], data["realtime"] = "", 0.0
+        data["leftovers"] = []  # another run's live instances at capture time are not the kernel's
         path = mine.out / f"{stored_name(hf.host.name)}.json"
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {data['arch']} "
