@@ -131,10 +131,15 @@ NOT_PROVOKED: dict[tuple[str, str], str] = {
 
 #: Probes of which each host needs one to fire, not each: the same question asked of two syscalls,
 #: where the C library calls one of them (statfs64(2) on ppc64le and mipsel, statfs(2) elsewhere;
-#: a kernel without statfs64 skips that probe with the reason).
+#: a kernel without statfs64 skips that probe with the reason; statx(2) or fstatat for stat(3)).
 EITHER: dict[tuple[str, str], str] = {
     ("vfscount", "statfs"): "statfs64",
     ("vfscount", "statfs64"): "statfs",
+    # glibc's stat(3) calls fstatat on most 64-bit arches and statx(2) on mips64 and 32-bit ones.
+    ("statsnoop", "stat"): "statx",
+    ("statsnoop", "statx"): "stat",
+    ("statsnoop", "stat_ret"): "statx_ret",
+    ("statsnoop", "statx_ret"): "stat_ret",
 }
 
 
