@@ -74,7 +74,7 @@ class _HostProbe:
             host, self.names, aggregate=self.counter,
             on_event=self.on_event if self.write and sink is None else None,
             on_batch=self.on_batch if sink is not None else None, on_control=self.on_control, clock=self.clock,
-            control_prefix=control_prefix(secret), trailer=plan.trailer or None,
+            control_prefix=control_prefix(secret), trailer=plan.trailer or None, string_ends=plan.string_ends,
             sealed=[p.trace_name for p in plan.probes if p.framing == "sealed"],
             unframed=[p.trace_name for p in plan.probes if p.name in plan.unframed()])
         self.directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing",

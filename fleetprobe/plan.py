@@ -17,6 +17,7 @@ from fleetprobe.arches import (ARM64_SYSCALL_PT_REGS, I386_MACHINES, X64_SYSCALL
 from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.histplan import AggPlan, BadField, plan_aggregate, probe_arg_types, tracepoint_decls
+from fleetprobe.traceline import MIN_TRACE_NAME
 from fleetprobe.playbook import SEAL_ARG_NAMES, KernelTarget, Playbook, ProbeSpec, UserTarget
 
 
@@ -62,6 +63,8 @@ class PlannedProbe:
     framing: str = ""
     #: ``guarded``: the string fields the guard filter covers (the task's comm always).
     guard: tuple[str, ...] = ()
+    #: ``sealed``: how many strings its definition ends with a string end (see string_end_args).
+    string_ends: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,12 @@ class HostPlan:
     def trailer(self) -> str:
         """What the kernel prints at the end of every line of a sealed probe ('' without a seal)."""
         return seal_trailer(self.seal) if self.seal is not None else ""
+
+    @property
+    def string_ends(self) -> tuple[str, ...]:
+        """How the kernel prints the string ends of this host's sealed probes (see :func:`string_ends`)."""
+        count = max((p.string_ends for p in self.probes), default=0)
+        return string_ends(self.seal, count) if self.seal is not None and count else ()
 
     def unframed(self) -> dict[str, str]:
         """{probe: why} for the placed tracefs probes whose lines a user's text could forge."""
@@ -155,6 +164,32 @@ def seal_trailer(seal: tuple[int, int]) -> str:
     return "".join(f" {n}={v:#x}" for n, v in zip(SEAL_NAMES, seal))
 
 
+#: Fetch-arg names of the string ends: ``fps0``, ``fps1``, ... after each string of a sealed definition
+#: (the playbook reader refuses these names too).
+STRING_END_PREFIX = "fps"
+#: The kernel's limit on a probe's fetch args (MAX_TRACE_ARGS, kernel/trace/trace_probe.h).
+MAX_TRACE_ARGS = 128
+
+
+def string_end_args(seal: tuple[int, int], i: int) -> str:
+    """The fetch arg after the ``i``-th string of a sealed definition: ``fpsI=\\0x...:x32`` (the seal's first word).
+
+    The kernel prints fetch args in order, strings raw between quotes: where two strings (or a
+    string and the fields after it) meet, a user's string could hold ``" pid=1 other="...`` and
+    pass for the fields after it. What follows a string's ``name=`` up to this immediate, which only the
+    kernel prints, is that string's value (issue 11 #2).
+    """
+    return f"{STRING_END_PREFIX}{i}=\\{seal[0]:#x}:x32"
+
+
+def string_ends(seal: tuple[int, int], count: int) -> tuple[str, ...]:
+    """How the kernel prints each string's end in a sealed line: ``' fpsI=0x...'`` for I < ``count``.
+
+    No quote in it: a string the kernel could not read prints as ``(fault)``, unquoted.
+    """
+    return tuple(f" {STRING_END_PREFIX}{i}={seal[0]:#x}" for i in range(count))
+
+
 #: The seal args at the end of a definition (what seal_args wrote).
 _SEAL_TAIL = re.compile(r"( fpt=\\0x[0-9a-f]+:x32 fpu=\\0x[0-9a-f]+:x32)$")
 
@@ -166,6 +201,20 @@ def _split_seal(definition: str) -> tuple[str, str]:
 
 
 # --- names -----------------------------------------------------------------
+
+#: What a shorter probe name gets appended as its event name: upper case, which no probe name holds
+#: (playbook: ``[a-z_][a-z0-9_]*``), so it can never be another probe's.
+_SHORT_NAME_TAIL = "_FP"
+
+
+def trace_name_of(probe: str) -> str:
+    """The tracefs event name (printed in every line's head) of a kprobe or uprobe named ``probe``.
+
+    The probe's own name, unless it is shorter than :data:`MIN_TRACE_NAME` (``ab`` prints as
+    ``ab_FP``); reports always name the probe.
+    """
+    return probe if len(probe) >= MIN_TRACE_NAME else probe + _SHORT_NAME_TAIL
+
 
 _RUN_ID = re.compile(r"[a-z0-9]{1,16}")
 _GROUP = re.compile(r"fp_[a-z0-9]{1,16}_[0-9a-f]{4}")
@@ -461,16 +510,43 @@ def _frame(p: PlannedProbe, facts: Facts, seal: tuple[int, int] | None) -> Plann
         return p
     if p.definition is not None:
         if seal is not None and "imm" in facts.features:
-            return replace(p, definition=f"{p.definition} {seal_args(seal)}", framing="sealed")
+            definition, ends = _end_strings(p.definition, seal)
+            return replace(p, definition=f"{definition} {seal_args(seal)}", framing="sealed", string_ends=ends)
         strings = tuple(dict.fromkeys(_RAW_STRING_ARG.findall(p.definition)))
         why = "no immediate fetch args in its tracefs README" if seal is not None else "no seal"
         return replace(p, framing=f"guarded ({why})", guard=strings)
+    if len(p.trace_name.rstrip("( ->")) < MIN_TRACE_NAME:
+        # The kernel chose a name short enough for a comm to hold a fake head naming it.
+        return replace(p, framing=f"unframed: its printed name {p.trace_name!r} is short enough for a "
+                                  "process name to hold a whole trace head of it")
     fmt = facts.tracepoint_formats.get(p.event)
     if fmt is None or (fmt.fields and not fmt.decl_of()):
         return replace(p, framing="unframed: the host did not say which of its fields are strings "
                                   "(no format file read), so no filter can keep newlines out of them")
     return replace(p, framing="guarded", guard=tuple(
         f for f, d in fmt.decl_of().items() if _is_string_decl(d)))
+
+
+_STRING_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*:u?string")
+
+
+def _end_strings(definition: str, seal: tuple[int, int]) -> tuple[str, int]:
+    """``definition`` with a string end (:func:`string_end_args`) after each string fetch arg, and how many.
+
+    Unchanged (0) when they would take the probe past the kernel's MAX_TRACE_ARGS with the seal:
+    then its fields are split as in an unsealed line (the report's framing says so).
+    """
+    words = definition.split(" ")
+    count = sum(1 for w in words[2:] if _STRING_TOKEN.fullmatch(w))
+    if not count or len(words) - 2 + count + len(SEAL_NAMES) > MAX_TRACE_ARGS:
+        return definition, 0
+    out, i = words[:2], 0
+    for w in words[2:]:
+        out.append(w)
+        if _STRING_TOKEN.fullmatch(w):
+            out.append(string_end_args(seal, i))
+            i += 1
+    return " ".join(out), count
 
 
 def _is_string_decl(decl: str) -> bool:
@@ -492,7 +568,8 @@ def _host_blocks_tracefs(facts: Facts) -> str:
 def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
                 uprobe_offsets: Mapping[tuple[str, str], int | str], notes: list[str]) -> PlannedProbe:
     """Plan one probe or raise _Unplaceable with the reason."""
-    event = f"{group}/{spec.name}"
+    event_name = trace_name_of(spec.name)
+    event = f"{group}/{event_name}"
     if spec.kind in ("kprobe", "kretprobe"):
         _require_kprobes(facts)
         target, symbol = _choose_symbol(spec.kernel_targets(), facts, spec.name, notes)
@@ -501,7 +578,7 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
         if target.offset:
             place += f"+{target.offset:#x}"
         head = "r" if spec.kind == "kretprobe" else "p"
-        return _planned(spec, kind=spec.kind, event=event, trace_name=spec.name,
+        return _planned(spec, kind=spec.kind, event=event, trace_name=event_name,
                         definition=_join(f"{head}:{event} {place}", low.args(spec.args, notes)),
                         events_file="kprobe_events", symbol=symbol,
                         fields=tuple(a.name for a in spec.args))
@@ -515,7 +592,7 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
                 raise _Unplaceable(f"{target.symbol} exists only as clone {raw_symbol}; a raw line is used "
                                    "verbatim, so name the clone yourself")
         head, _, rest = spec.raw_line.partition(" ")
-        return _planned(spec, kind="raw", event=event, trace_name=spec.name,
+        return _planned(spec, kind="raw", event=event, trace_name=event_name,
                         definition=f"{head}:{event} {rest}", events_file="kprobe_events",
                         symbol=raw_symbol, fields=spec.raw_fields)
     if spec.kind in ("uprobe", "uretprobe"):
@@ -524,7 +601,7 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
         utarget, offset = _choose_user_target(spec.user_targets(), facts, uprobe_offsets)
         low = _Lowering(spec.name, facts, user=True, entry=True, symbol=utarget.symbol)
         head = "r" if spec.kind == "uretprobe" else "p"
-        return _planned(spec, kind=spec.kind, event=event, trace_name=spec.name,
+        return _planned(spec, kind=spec.kind, event=event, trace_name=event_name,
                         definition=_join(f"{head}:{event} {utarget.path}:{offset:#x}",
                                          low.args(spec.args, notes)),
                         events_file="uprobe_events", symbol=utarget.symbol,
