@@ -193,3 +193,10 @@ def test_the_kernels_head_comes_after_a_comms_fake_one() -> None:
     line = " -1 [0] 1.1: ab:-1234    [001] ..... 5.000000: ab_FP: (0x1) path=\"x\"\x00"
     assert kernel_head(line) == ("-1 [0] 1.1: ab:", "1234", "001", "5.000000", 'ab_FP: (0x1) path="x"\x00')
     assert kernel_head("bash-1 [0] 1.0: x") is None
+
+
+def test_a_string_the_kernel_could_not_read_ends_too() -> None:
+    """``name=(fault)`` (unquoted) before its string end: the fields around it keep their values."""
+    from fleetprobe.traceline import STRING_END, split_args
+    assert split_args(f'(0x1) cmd=0x5 path=(fault){STRING_END} argv0="x"{STRING_END} env=0x6') == (
+        "0x1", {"cmd": "0x5", "path": "(fault)", "argv0": '"x"', "env": "0x6"})
