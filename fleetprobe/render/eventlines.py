@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import IO
 
 from fleetprobe.parse import EventBatch, EventSink
-from fleetprobe.traceline import SEALED, STRING_END, TraceEvent, split_event
+from fleetprobe.traceline import STRING_END, TraceEvent, split_event
 
 #: TASK_COMM_LEN - 1: the longest comm, so the pid column lines up.
 COMM_WIDTH = 15
