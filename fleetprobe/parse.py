@@ -220,7 +220,7 @@ class TraceStream:
         run's secret (see :func:`control_prefix`), so that no text the kernel prints
         (a file name a user chose) can pass for one.
 
-        ``trailer`` (the run's seal as the kernel prints it, :func:`fleetprobe.plan.seal_trailer`)
+        ``trailer`` (the run's seal as the kernel prints it, :func:`fleetprobe.seal.seal_trailer`)
         frames the stream (issue 11 #2): a line of a ``sealed`` trace name is whole only where
         it ends with the trailer, whatever newlines and trace lines a user's string held before
         it; every other line (guarded events, markers, control and loss lines) is whole at its
@@ -228,7 +228,7 @@ class TraceStream:
         names (neither sealed nor guarded) may go on over several lines: their continuation
         is folded in, and any line after them could be a user's (the report says so).
         Without ``trailer``, lines are framed as before (:meth:`_text`). ``string_ends``
-        (:func:`fleetprobe.plan.string_ends`, with a ``trailer`` only) are what the kernel prints
+        (:func:`fleetprobe.seal.string_ends`, with a ``trailer`` only) are what the kernel prints
         after each string of a sealed line: each becomes :data:`~fleetprobe.traceline.STRING_END`,
         where a field splitter ends that string's value.
         """

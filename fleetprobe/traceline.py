@@ -144,7 +144,7 @@ HEAD = (r" *+(.*?)-(\d{1,10}+) ++(?:\( *+(?:\d{1,10}+|-++)\) ++|)\[(\d{1,6}+)\] 
          r"(\d{1,12}+\.\d{1,9}+): ")
 # One line (parse_line): the head, then the event text (split by split_event).
 LINE_RE = re.compile(HEAD + r"([^: \n].*)")
-#: The shortest name fleetprobe gives a dynamic event (plan.trace_name_of) (issue 11). The kernel prints a task's comm
+#: The shortest name fleetprobe gives a dynamic event (seal.trace_name_of, issue 11). The kernel prints a task's comm
 #: (at most 15 bytes: TASK_COMM_LEN - 1) at the head of every line, and a user chooses it
 #: (prctl(PR_SET_NAME), or the name of a file or symlink they exec). A comm can hold a fake head
 #: before the kernel's: the shortest text HEAD takes is 12 characters, ``-1 [0] 1.1: ``
@@ -273,7 +273,7 @@ def split_args(args: str) -> tuple[str, dict[str, str]]:
     return site, _split_quoted(args)
 
 
-#: What the stream makes of a sealed line's string ends (plan.string_ends, printed by the kernel
+#: What the stream makes of a sealed line's string ends (seal.string_ends, printed by the kernel
 #: after each string with the run's seal): NUL, as :data:`SEALED`. In a sealed stream a NUL the host
 #: sent is U+FFFD before the string ends are marked, so every NUL inside a line is the kernel's.
 STRING_END = "\x00"

@@ -147,7 +147,7 @@ def test_a_users_string_cannot_shadow_another_field(sim: SimFleet, tmp_path: Pat
 
 def test_short_probe_names_get_event_names_no_comm_can_hold() -> None:
     """'a' and 'ab' print as 'a_FP' and 'ab_FP' (upper case: never another probe's name); longer names as they are."""
-    from fleetprobe.plan import trace_name_of
+    from fleetprobe.seal import trace_name_of
     from fleetprobe.traceline import HEAD, MIN_TRACE_NAME
     import re
     assert [trace_name_of(n) for n in ("a", "ab", "abc", "exec")] == ["a_FP", "ab_FP", "abc", "exec"]
@@ -159,7 +159,7 @@ def test_short_probe_names_get_event_names_no_comm_can_hold() -> None:
 def test_a_sealed_lines_strings_end_where_the_kernel_says() -> None:
     """A stream with string ends: each string's value runs to its end, whatever it holds."""
     from fleetprobe.parse import TraceStream
-    from fleetprobe.plan import string_ends
+    from fleetprobe.seal import string_ends
     from fleetprobe.traceline import parse_fields, split_event
     seal = (0x89ABCDEF, 0x1234567)
     trailer = " fpt=0x89abcdef fpu=0x1234567"
@@ -178,7 +178,7 @@ def test_a_sealed_lines_strings_end_where_the_kernel_says() -> None:
 
 def test_end_strings_stay_within_the_kernels_arg_limit() -> None:
     """A string end per string, unless the seal and the ends would pass MAX_TRACE_ARGS (128)."""
-    from fleetprobe.plan import _end_strings
+    from fleetprobe.seal import end_strings as _end_strings
     seal = (1, 2)
     d, n = _end_strings("p:g/e sym a=+0($arg1):string b=$arg2 c=+0($arg3):ustring", seal)
     assert n == 2 and d == ("p:g/e sym a=+0($arg1):string fps0=\\0x1:x32 b=$arg2 c=+0($arg3):ustring "
