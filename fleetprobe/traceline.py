@@ -287,10 +287,12 @@ def _split_ended(args: str) -> dict[str, str]:
     ``name="<a user's bytes>"`` (or ``name=(fault)``). The first ``="`` of such a piece opens
     its string; whatever follows, up to the string end, is that string's value, so no text in a
     string can stand for a field printed before or after it.
+
+    The last piece (after the last string end) is read the same way: a string fetch arg added after
+    the ends were placed (the aggregation fallback's ``comm=$comm:string``) runs to the line's end.
     """
     values: dict[str, str] = {}
-    pieces = args.split(STRING_END)
-    for piece in pieces[:-1]:
+    for piece in args.split(STRING_END):
         opening = piece.find('="')
         if opening < 0:
             _split_plain(piece, values)
@@ -298,7 +300,6 @@ def _split_ended(args: str) -> dict[str, str]:
         before, _, name = piece[:opening].rpartition(" ")
         _split_plain(before, values)
         values[name] = piece[opening + 1:]
-    _split_plain(pieces[-1], values)
     return values
 
 

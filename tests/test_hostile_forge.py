@@ -200,3 +200,10 @@ def test_a_string_the_kernel_could_not_read_ends_too() -> None:
     from fleetprobe.traceline import STRING_END, split_args
     assert split_args(f'(0x1) cmd=0x5 path=(fault){STRING_END} argv0="x"{STRING_END} env=0x6') == (
         "0x1", {"cmd": "0x5", "path": "(fault)", "argv0": '"x"', "env": "0x6"})
+
+
+def test_a_string_after_the_last_end_runs_to_the_lines_end() -> None:
+    """A string arg placed after the ends (the aggregation fallback's comm) cannot shadow a field before it."""
+    from fleetprobe.traceline import STRING_END, split_args
+    assert split_args(f'ret=0x5 path="p"{STRING_END} comm="x ret=0 y"') == (
+        "", {"ret": "0x5", "path": '"p"', "comm": '"x ret=0 y"'})
