@@ -341,7 +341,7 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
     notes.extend(_pairing_notes(probes))
     aggregates: tuple[AggPlan, ...] = ()
     if any(spec.aggregate for spec in playbook.probes):
-        placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes)
+        placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes, seal=seal)
         probes = list(placed_list)
         for name, reason in agg_skipped:
             skipped.append(SkippedProbe(name, reason))
@@ -374,9 +374,10 @@ def _pairing_notes(probes: list[PlannedProbe]) -> list[str]:
     return notes
 
 def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: list[PlannedProbe],
-                         ) -> tuple[list[PlannedProbe], tuple[AggPlan, ...], list[tuple[str, str]]]:
+                         seal: tuple[int, int] | None = None) -> tuple[list[PlannedProbe], tuple[AggPlan, ...], list[tuple[str, str]]]:
     """(probes, aggregate plans, [(probe, reason) skipped]) for one host.
 
+    ``seal``: the run's, so that an added string arg gets its string end (seal.end_strings).
     A probe whose every table is counted in the kernel is planned with ``stream=False``
     (not enabled: its triggers run it); an entry probe a streamed latency pairs with
     keeps streaming.  A probe whose aggregate names a field the event lacks on this
@@ -407,8 +408,12 @@ def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: l
         plans.append(ap)
         if ap.extra_args and pp.definition:
             # Before the run's seal when the definition has one: the seal must stay the last thing printed.
-            head, seal = split_seal(pp.definition)
-            pp = replace(pp, definition=f"{head} {' '.join(ap.extra_args)}{seal}",
+            head, sealed = split_seal(pp.definition)
+            head, ends = f"{head} {' '.join(ap.extra_args)}", pp.string_ends
+            if sealed and seal is not None:
+                # An added string (the fallback's comm) gets its string end like the playbook's own.
+                head, ends = end_strings(head, seal)
+            pp = replace(pp, definition=f"{head}{sealed}", string_ends=ends,
                          fields=pp.fields + tuple(a.split("=", 1)[0] for a in ap.extra_args))
         placed[spec.name] = replace(pp, stream=ap.stream)
     for name, _ in skipped:

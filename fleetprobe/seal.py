@@ -94,13 +94,18 @@ def trace_name_of(probe: str) -> str:
 _STRING_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*:u?string")
 
 
+_END_TOKEN = re.compile(STRING_END_PREFIX + r"[0-9]+=\S*")
+
+
 def end_strings(definition: str, seal: tuple[int, int]) -> tuple[str, int]:
     """``definition`` with a string end (:func:`string_end_args`) after each string fetch arg, and how many.
 
-    Unchanged (0) when they would take the probe past the kernel's MAX_TRACE_ARGS with the seal:
-    then its fields are split as in an unsealed line (the report's framing says so).
+    Without any (0) when they would take the probe past the kernel's MAX_TRACE_ARGS with the seal:
+    then its fields are split as in an unsealed line. Ends already in ``definition`` are placed
+    afresh (args added after the first placing, by the aggregation fallback, get theirs).
     """
-    words = definition.split(" ")
+    words = [w for w in definition.split(" ") if not _END_TOKEN.fullmatch(w)]
+    definition = " ".join(words)
     count = sum(1 for w in words[2:] if _STRING_TOKEN.fullmatch(w))
     if not count or len(words) - 2 + count + len(SEAL_NAMES) > MAX_TRACE_ARGS:
         return definition, 0

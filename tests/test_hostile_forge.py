@@ -185,6 +185,8 @@ def test_end_strings_stay_within_the_kernels_arg_limit() -> None:
                             "fps1=\\0x1:x32")
     many = "p:g/e sym " + " ".join(f"s{i}=+0($arg1):string" for i in range(64))
     assert _end_strings(many, seal) == (many, 0)
+    # Placed afresh after an added string (the aggregation fallback's comm), never twice.
+    assert _end_strings(d + " comm=$comm:string", seal) == (d + " comm=$comm:string fps2=\\0x1:x32", 3)
 
 
 def test_the_kernels_head_comes_after_a_comms_fake_one() -> None:
