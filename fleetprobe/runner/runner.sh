@@ -200,6 +200,14 @@ hist_sweep() {
   done
 }
 
+# The run's guard instances (one per guarded event: its instance's name, deadline + 1, + 2, ...), for
+# those who do not know QIS (the watchdog, the controller's teardown): the group's other instances.
+teardown_guards() {
+  for _qi in "$T/instances/${I%_*}"_*; do
+    [ -d "$_qi" ] && [ "${_qi##*/}" != "$I" ] && teardown_group "" "${_qi##*/}"
+  done
+}
+
 # Disable, delete and remove everything of group $1 / instance $2 (either may be empty).
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
@@ -478,10 +486,8 @@ watchdog() {
   _s=$!
   wait "$_s"
   unload_modules "$MODS"
-  # Its guard instances, if the run made any (QIS is set after this subshell started): the group's others.
-  for _qi in "$T/instances/${I%_*}"_*; do
-    [ -d "$_qi" ] && [ "${_qi##*/}" != "$I" ] && teardown_group "" "${_qi##*/}"
-  done
+  # Its guard instances, if the run made any (QIS is set after this subshell started).
+  teardown_guards
   [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null || exit 0
   teardown_group "$G" "$I"; remove_module_dirs "$G"
   echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
@@ -523,15 +529,15 @@ while IFS= read -r line <&3; do
       # fds (a fork per fd: seconds on a busy host), which stays the fallback.
       kill_own "$OWNK"
       if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
-      _qi="${I%_*}_$((${I##*_} + 1))"
-      [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
+      teardown_guards
       teardown_group "$G" "$I"
       remove_module_dirs "$G"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
       for _m in $*; do grep -q "^$_m " /proc/modules 2>/dev/null && _left="$_left module:$_m"; done
-      if [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
+      _inst=; for _x in "$T/instances/${I%_*}"_*; do [ -d "$_x" ] && _inst=1; done
+      if [ -n "$_inst" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
         _left="$_left tracefs"; fi
       if [ -z "$_left" ]; then say "clean"; else say "unclean after teardown$_left"; fi
       exit 0;;
