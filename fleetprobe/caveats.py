@@ -38,8 +38,10 @@ def host_caveats(o: HostOutcome) -> list[str]:
     if o.forgeable:
         out.append(f"{o.unverified_events} event(s) unverified: {o.forgeable}")
     if o.guarded_out or o.guard_uncounted:
-        out.append(f"{o.guarded_out} event(s) kept out by the newline guard: a string or the process name "
-                   "held a newline (a user forging trace lines, or an odd name)"
+        by_probe = ", ".join(f"{probe} {n}" for probe, n in sorted(o.guarded_out_by_probe.items()) if n)
+        out.append(f"{o.guarded_out} event(s) kept out by the newline guard"
+                   + (f" ({by_probe})" if by_probe else "")
+                   + ": a string or the process name held a newline (a user forging trace lines, or an odd name)"
                    + (f"; not all counted ({'; '.join(o.guard_uncounted)})" if o.guard_uncounted else ""))
     if o.own_events:
         out.append(f"{o.own_events} event(s) from fleetprobe's own processes left out")

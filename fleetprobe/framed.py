@@ -24,7 +24,9 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
-from fleetprobe.traceline import HEAD, LINE_RE, LINE_TOO_BIG, LOSS_RE, MAX_LINE_BYTES, SEALED, Row, split_event
+from fleetprobe.traceline import (HEAD, LINE_RE, LINE_TOO_BIG, LOSS_RE, MAX_LINE_BYTES, MIN_TRACE_NAME, SEALED, Row,
+                                  kernel_head,
+                                  split_event)
 
 # A sealed record's head: as HEAD, but the comm may hold newlines (a user's prctl(PR_SET_NAME)).
 _RECORD_RE = re.compile("(?s)" + HEAD + r"([^: \n].*)")
@@ -222,13 +224,17 @@ class SealedFraming:
     def _head(self, m: re.Match[str], head_lines: list[str], line: str) -> None:
         """A trace head at a record boundary: a whole event, the start of a sealed record, or misframed."""
         comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
+        name = split_event(ev_text)[0]
+        if (len(name) < MIN_TRACE_NAME and name not in self.sealed
+                and (row := self._kernels_sealed("\n".join(head_lines))) is not None):
+            # A fake head inside a comm came first (issue 11): the kernel's names a sealed probe.
+            (comm, pid_s, cpu_s, ts_s, ev_text), name = row
         stats = self._stream.stats
         if len(head_lines) > 1:
             # The printed comm is the pid's last saved one: a user's prctl(PR_SET_NAME) may have
             # put a newline in it, whatever the event's own filter said of the comm then.
             comm = comm.replace("\n", "\\n")
             stats.multiline += 1
-        name = split_event(ev_text)[0]
         ends = ev_text.endswith(SEALED)
         if name in self.sealed:
             if ends:
@@ -271,17 +277,33 @@ class SealedFraming:
         self._stream._unparsed(line.replace(SEALED, ""))
         self._fold = False
 
+    def _kernels_sealed(self, text: str) -> tuple[Row, str] | None:
+        """The kernel's head of ``text`` (see traceline.kernel_head) and its name, if it names a sealed probe.
+
+        A comm can hold a fake head (a user's prctl, or the name of a file they exec); with every
+        sealed trace name too long to fit in one (traceline.MIN_TRACE_NAME), the fake names no probe,
+        and the event is read at the kernel's head instead of being lost as unparsed.
+        """
+        row = kernel_head(text)
+        if row is None:
+            return None
+        name = split_event(row[4].replace("\n", "\\n"))[0]
+        return (row, name) if name in self.sealed else None
+
     def _sealed_record(self, record: list[str]) -> tuple[Row, str] | None:
         """A sealed record's lines (the last one sealed) as one row and its name, or None if it is no event.
 
         Its head is where the record starts (the kernel's); whatever the lines after it hold
         is the event's text, newlines escaped.
         """
-        m = _RECORD_RE.match("\n".join(record))
+        text = "\n".join(record)
+        m = _RECORD_RE.match(text)
         if m is None:
             return None
         comm, pid_s, cpu_s, ts_s, ev_text = m.groups()
         name = split_event(ev_text.replace("\n", "\\n"))[0]
+        if len(name) < MIN_TRACE_NAME and name not in self.sealed and (row := self._kernels_sealed(text)) is not None:
+            (comm, pid_s, cpu_s, ts_s, ev_text), name = row
         if name not in self.sealed or not ev_text.endswith(SEALED):
             return None
         if len(record) > 1:

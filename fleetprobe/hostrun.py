@@ -74,7 +74,7 @@ class _HostProbe:
             host, self.names, aggregate=self.counter,
             on_event=self.on_event if self.write and sink is None else None,
             on_batch=self.on_batch if sink is not None else None, on_control=self.on_control, clock=self.clock,
-            control_prefix=control_prefix(secret), trailer=plan.trailer or None,
+            control_prefix=control_prefix(secret), trailer=plan.trailer or None, string_ends=plan.string_ends,
             sealed=[p.trace_name for p in plan.probes if p.framing == "sealed"],
             unframed=[p.trace_name for p in plan.probes if p.name in plan.unframed()])
         self.directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing",
@@ -309,6 +309,8 @@ class _HostProbe:
             out.unverified_events = self.counter.accepted
         out.guarded_out = report.guarded_out if report.guarded_out is not None else 0
         out.guard_uncounted = list(report.guard_uncounted)
+        out.guarded_out_by_probe = {p.name: report.guarded_by_event[p.event] for p in plan.probes
+                                    if p.event in report.guarded_by_event}
         if report.guarded_out is None and any(p.framing.startswith("guarded") for p in plan.probes) and report.started:
             out.guard_uncounted.append("the runner did not say")
         out.placed_probes.update({p.name: (p.definition or p.event) for p in plan.probes

@@ -139,6 +139,8 @@ class HostOutcome:
     guarded_out: int = 0
     #: Why some guarded-out events could not be counted (then ``guarded_out`` is a lower bound).
     guard_uncounted: list[str] = field(default_factory=list)
+    #: ``guarded_out`` by probe: {probe: events its guard kept out}, for every guarded probe counted.
+    guarded_out_by_probe: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from fleetprobe.framed import SealedFraming
 from fleetprobe.traceline import (ASCII_LINES_RE, BEAT_WORD, CONTROL_PREFIX, EVENT_TEXT_CACHE, LINES_RE, LOSS_RE,
-                                  MARKER_EVENT, MARKER_WORD, MAX_LINE_BYTES, SEALED, Loss, Marker, Row, TraceEvent,
+                                  MARKER_EVENT, MARKER_WORD, MAX_LINE_BYTES, SEALED, STRING_END, Loss, Marker, Row, TraceEvent,
                                   parse_fields, parse_marker, split_event)
 
 
@@ -212,21 +212,25 @@ class TraceStream:
                  control_prefix: str = CONTROL_PREFIX,
                  trailer: str | None = None,
                  sealed: Iterable[str] = (),
-                 unframed: Iterable[str] = ()) -> None:
+                 unframed: Iterable[str] = (),
+                 string_ends: Iterable[str] = ()) -> None:
         """Set up a stream for ``host``; ``names`` maps trace event names to probe names.
 
         ``control_prefix`` starts the runner's own lines: ``@@fp:<secret> `` with the
         run's secret (see :func:`control_prefix`), so that no text the kernel prints
         (a file name a user chose) can pass for one.
 
-        ``trailer`` (the run's seal as the kernel prints it, :func:`fleetprobe.plan.seal_trailer`)
+        ``trailer`` (the run's seal as the kernel prints it, :func:`fleetprobe.seal.seal_trailer`)
         frames the stream (issue 11 #2): a line of a ``sealed`` trace name is whole only where
         it ends with the trailer, whatever newlines and trace lines a user's string held before
         it; every other line (guarded events, markers, control and loss lines) is whole at its
         newline, and stands at a record boundary, so its head is the kernel's. ``unframed``
         names (neither sealed nor guarded) may go on over several lines: their continuation
         is folded in, and any line after them could be a user's (the report says so).
-        Without ``trailer``, lines are framed as before (:meth:`_text`).
+        Without ``trailer``, lines are framed as before (:meth:`_text`). ``string_ends``
+        (:func:`fleetprobe.seal.string_ends`, with a ``trailer`` only) are what the kernel prints
+        after each string of a sealed line: each becomes :data:`~fleetprobe.traceline.STRING_END`,
+        where a field splitter ends that string's value.
         """
         self.host = host
         self.control_prefix = control_prefix
@@ -269,6 +273,7 @@ class TraceStream:
         self._synced = False
         self._sync()
         self._trailer = trailer or None
+        self._string_ends = tuple(string_ends) if self._trailer is not None else ()
         # The record state of a sealed stream across chunks, and its line-by-line reading.
         self._framing = SealedFraming(self, control_prefix, sealed, unframed)
         if self._trailer is not None:
@@ -405,6 +410,9 @@ class TraceStream:
         text = text.replace(trailer + "\n", SEALED + "\n")
         if text.endswith(trailer):
             text = text[:-len(trailer)] + SEALED
+        for end in self._string_ends:
+            if end in text:
+                text = text.replace(end, STRING_END)
         if self._framing.at_boundary:
             rows: list[Row] = (ASCII_LINES_RE if text.isascii() else LINES_RE).findall(text)
             if all(map(_PID, rows)):

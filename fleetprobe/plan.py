@@ -18,7 +18,10 @@ from fleetprobe.facts import Facts, SymbolFacts, printed_key
 from fleetprobe.fetchargs import ArgSpec, Deref, Fetch, RawFetch, RetvalRef
 from fleetprobe.syscall_abi import n64_blind
 from fleetprobe.histplan import AggPlan, BadField, plan_aggregate, probe_arg_types, tracepoint_decls
-from fleetprobe.playbook import SEAL_ARG_NAMES, KernelTarget, Playbook, ProbeSpec, UserTarget
+from fleetprobe.playbook import KernelTarget, Playbook, ProbeSpec, UserTarget
+from fleetprobe.seal import MIN_TRACE_NAME, end_strings, seal_args, seal_trailer, split_seal, string_ends, trace_name_of
+# The run's seal is made here for the orchestrator (fleetprobe.seal makes it).
+from fleetprobe.seal import new_seal as new_seal
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class PlannedProbe:
     framing: str = ""
     #: ``guarded``: the string fields the guard filter covers (the task's comm always).
     guard: tuple[str, ...] = ()
+    #: ``sealed``: how many strings its definition ends with a string end (see string_end_args).
+    string_ends: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,12 @@ class HostPlan:
         """What the kernel prints at the end of every line of a sealed probe ('' without a seal)."""
         return seal_trailer(self.seal) if self.seal is not None else ""
 
+    @property
+    def string_ends(self) -> tuple[str, ...]:
+        """How the kernel prints the string ends of this host's sealed probes (see :func:`string_ends`)."""
+        count = max((p.string_ends for p in self.probes), default=0)
+        return string_ends(self.seal, count) if self.seal is not None and count else ()
+
     def unframed(self) -> dict[str, str]:
         """{probe: why} for the placed tracefs probes whose lines a user's text could forge."""
         return {p.name: p.framing.partition(": ")[2] or "no framing"
@@ -130,40 +141,6 @@ def host_framing(plan: HostPlan, unguarded: Mapping[str, str]) -> tuple[dict[str
     return framing, ("a user's text in " + ", ".join(f"{k} ({v.partition(': ')[2] or v})"
                                                       for k, v in sorted(unframed.items()))
                      + " can forge whole events of any probe on this host")
-
-
-#: Fetch-arg names of the seal: never a playbook's (the playbook reader refuses them).
-SEAL_NAMES = SEAL_ARG_NAMES
-
-
-def new_seal() -> tuple[int, int]:
-    """A fresh seal: 64 random bits as two 32-bit immediates (a 32-bit kernel's ``\\imm`` is 32 bits)."""
-    return secrets.randbits(32), secrets.randbits(32)
-
-
-def seal_args(seal: tuple[int, int]) -> str:
-    """The fetch args that end a sealed definition: ``fpt=\\0x...:x32 fpu=\\0x...:x32``.
-
-    Immediates, not an immediate string: on 6.18 a uprobe reads ``\\"..."`` as user memory and
-    prints ``(fault)``. A user on the host cannot read the definitions (tracefs is root's), so
-    cannot print the seal; the kernel prints it after every other argument, strings included.
-    """
-    return " ".join(f"{n}=\\{v:#x}:x32" for n, v in zip(SEAL_NAMES, seal))
-
-
-def seal_trailer(seal: tuple[int, int]) -> str:
-    """How the kernel prints :func:`seal_args` (``" fpt=0x%x fpu=0x%x"``): the end of every sealed line."""
-    return "".join(f" {n}={v:#x}" for n, v in zip(SEAL_NAMES, seal))
-
-
-#: The seal args at the end of a definition (what seal_args wrote).
-_SEAL_TAIL = re.compile(r"( fpt=\\0x[0-9a-f]+:x32 fpu=\\0x[0-9a-f]+:x32)$")
-
-
-def _split_seal(definition: str) -> tuple[str, str]:
-    """(definition without its trailing seal args, the seal args with their leading space or '')."""
-    m = _SEAL_TAIL.search(definition)
-    return (definition[:m.start()], m.group(1)) if m else (definition, "")
 
 
 # --- names -----------------------------------------------------------------
@@ -365,7 +342,7 @@ def plan_host(playbook: Playbook, facts: Facts, *, run_id: str, deadline: int,
     notes.extend(_pairing_notes(probes))
     aggregates: tuple[AggPlan, ...] = ()
     if any(spec.aggregate for spec in playbook.probes):
-        placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes)
+        placed_list, aggregates, agg_skipped = plan_host_aggregates(playbook, facts, group, probes, seal=seal)
         probes = list(placed_list)
         for name, reason in agg_skipped:
             skipped.append(SkippedProbe(name, reason))
@@ -398,9 +375,10 @@ def _pairing_notes(probes: list[PlannedProbe]) -> list[str]:
     return notes
 
 def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: list[PlannedProbe],
-                         ) -> tuple[list[PlannedProbe], tuple[AggPlan, ...], list[tuple[str, str]]]:
+                         seal: tuple[int, int] | None = None) -> tuple[list[PlannedProbe], tuple[AggPlan, ...], list[tuple[str, str]]]:
     """(probes, aggregate plans, [(probe, reason) skipped]) for one host.
 
+    ``seal``: the run's, so that an added string arg gets its string end (seal.end_strings).
     A probe whose every table is counted in the kernel is planned with ``stream=False``
     (not enabled: its triggers run it); an entry probe a streamed latency pairs with
     keeps streaming.  A probe whose aggregate names a field the event lacks on this
@@ -431,8 +409,12 @@ def plan_host_aggregates(playbook: Playbook, facts: Facts, group: str, probes: l
         plans.append(ap)
         if ap.extra_args and pp.definition:
             # Before the run's seal when the definition has one: the seal must stay the last thing printed.
-            head, seal = _split_seal(pp.definition)
-            pp = replace(pp, definition=f"{head} {' '.join(ap.extra_args)}{seal}",
+            head, sealed = split_seal(pp.definition)
+            head, ends = f"{head} {' '.join(ap.extra_args)}", pp.string_ends
+            if sealed and seal is not None:
+                # An added string (the fallback's comm) gets its string end like the playbook's own.
+                head, ends = end_strings(head, seal)
+            pp = replace(pp, definition=f"{head}{sealed}", string_ends=ends,
                          fields=pp.fields + tuple(a.split("=", 1)[0] for a in ap.extra_args))
         placed[spec.name] = replace(pp, stream=ap.stream)
     for name, _ in skipped:
@@ -462,10 +444,15 @@ def _frame(p: PlannedProbe, facts: Facts, seal: tuple[int, int] | None) -> Plann
         return p
     if p.definition is not None:
         if seal is not None and "imm" in facts.features:
-            return replace(p, definition=f"{p.definition} {seal_args(seal)}", framing="sealed")
+            definition, ends = end_strings(p.definition, seal)
+            return replace(p, definition=f"{definition} {seal_args(seal)}", framing="sealed", string_ends=ends)
         strings = tuple(dict.fromkeys(_RAW_STRING_ARG.findall(p.definition)))
         why = "no immediate fetch args in its tracefs README" if seal is not None else "no seal"
         return replace(p, framing=f"guarded ({why})", guard=strings)
+    if len(p.trace_name.rstrip("( ->")) < MIN_TRACE_NAME:
+        # The kernel chose a name short enough for a comm to hold a fake head naming it.
+        return replace(p, framing=f"unframed: its printed name {p.trace_name!r} is short enough for a "
+                                  "process name to hold a whole trace head of it")
     fmt = facts.tracepoint_formats.get(p.event)
     if fmt is None or (fmt.fields and not fmt.decl_of()):
         return replace(p, framing="unframed: the host did not say which of its fields are strings "
@@ -493,7 +480,8 @@ def _host_blocks_tracefs(facts: Facts) -> str:
 def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
                 uprobe_offsets: Mapping[tuple[str, str], int | str], notes: list[str]) -> PlannedProbe:
     """Plan one probe or raise _Unplaceable with the reason."""
-    event = f"{group}/{spec.name}"
+    event_name = trace_name_of(spec.name)
+    event = f"{group}/{event_name}"
     if spec.kind in ("kprobe", "kretprobe"):
         _require_kprobes(facts)
         target, symbol = _choose_symbol(spec.kernel_targets(), facts, spec.name, notes)
@@ -502,7 +490,7 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
         if target.offset:
             place += f"+{target.offset:#x}"
         head = "r" if spec.kind == "kretprobe" else "p"
-        return _planned(spec, kind=spec.kind, event=event, trace_name=spec.name,
+        return _planned(spec, kind=spec.kind, event=event, trace_name=event_name,
                         definition=_join(f"{head}:{event} {place}", low.args(spec.args, notes)),
                         events_file="kprobe_events", symbol=symbol,
                         fields=tuple(a.name for a in spec.args))
@@ -516,7 +504,7 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
                 raise _Unplaceable(f"{target.symbol} exists only as clone {raw_symbol}; a raw line is used "
                                    "verbatim, so name the clone yourself")
         head, _, rest = spec.raw_line.partition(" ")
-        return _planned(spec, kind="raw", event=event, trace_name=spec.name,
+        return _planned(spec, kind="raw", event=event, trace_name=event_name,
                         definition=f"{head}:{event} {rest}", events_file="kprobe_events",
                         symbol=raw_symbol, fields=spec.raw_fields)
     if spec.kind in ("uprobe", "uretprobe"):
@@ -525,7 +513,7 @@ def _plan_probe(spec: ProbeSpec, facts: Facts, group: str,
         utarget, offset = _choose_user_target(spec.user_targets(), facts, uprobe_offsets)
         low = _Lowering(spec.name, facts, user=True, entry=True, symbol=utarget.symbol)
         head = "r" if spec.kind == "uretprobe" else "p"
-        return _planned(spec, kind=spec.kind, event=event, trace_name=spec.name,
+        return _planned(spec, kind=spec.kind, event=event, trace_name=event_name,
                         definition=_join(f"{head}:{event} {utarget.path}:{offset:#x}",
                                          low.args(spec.args, notes)),
                         events_file="uprobe_events", symbol=utarget.symbol,

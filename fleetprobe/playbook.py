@@ -616,7 +616,7 @@ class _Reader(NodeReader):
                 raise self.error(knode, key, f"arg name {name!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
             if name in _RESERVED_ARG_NAMES:
                 raise self.error(knode, key, f"arg name {name!r} is a field every event already has; pick another")
-            if name in SEAL_ARG_NAMES:
+            if name in SEAL_ARG_NAMES or re.fullmatch(r"fps[0-9]+", name):
                 raise self.error(knode, key, f"arg name {name!r} is fleetprobe's own (the run's seal ends every "
                                              "line under it); pick another")
             text = self.string(vnode, key).strip()

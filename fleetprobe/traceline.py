@@ -144,6 +144,38 @@ HEAD = (r" *+(.*?)-(\d{1,10}+) ++(?:\( *+(?:\d{1,10}+|-++)\) ++|)\[(\d{1,6}+)\] 
          r"(\d{1,12}+\.\d{1,9}+): ")
 # One line (parse_line): the head, then the event text (split by split_event).
 LINE_RE = re.compile(HEAD + r"([^: \n].*)")
+#: The shortest name fleetprobe gives a dynamic event (seal.trace_name_of, issue 11). The kernel prints a task's comm
+#: (at most 15 bytes: TASK_COMM_LEN - 1) at the head of every line, and a user chooses it
+#: (prctl(PR_SET_NAME), or the name of a file or symlink they exec). A comm can hold a fake head
+#: before the kernel's: the shortest text HEAD takes is 12 characters, ``-1 [0] 1.1: ``
+#: (an empty comm, one-digit pid and cpu, no tgid, no flags, a timestamp ``1.1``), and the fake
+#: event name must end inside the comm as well (at ``:``, `` `` or ``(``: otherwise it runs on into
+#: the kernel's ``-<pid>``, and no event name holds ``-``). So a comm names at most a
+#: 15 - 12 - 1 = 2 character event; a name of 3 or more characters can never be forged in one.
+MIN_TRACE_NAME = 3
+#: The kernel prints a comm right-aligned in 16 (``"%16s-%-7d "``, trace_output.c
+#: trace_print_context; a comm is at most 15 bytes): the ``-`` before the kernel's pid is at a
+#: line's 16th byte or later. A head HEAD finds before it is a fake one inside a comm.
+COMM_FIELD_BYTES = 16
+# What follows the comm in a head (HEAD after its comm group), and the event text; newlines allowed.
+_AFTER_COMM_RE = re.compile("(?s)" + HEAD.partition("(.*?)")[2] + r"([^: \n].*)")
+
+
+def kernel_head(text: str) -> Row | None:
+    """``text`` (a line, or a record's lines joined) read at the kernel's own head, or None.
+
+    HEAD takes the shortest comm, so a comm a user chose (``-1 [0] 1.1: ab:``) can put a fake
+    head first. The kernel's is the first whose ``-<pid>`` is at byte :data:`COMM_FIELD_BYTES`
+    or later. Only for lines the shortest comm could not attribute (not the hot path).
+    """
+    pos = text.find("-")
+    while 0 <= pos <= 4 * COMM_FIELD_BYTES:
+        if len(text[:pos].encode("utf-8", "replace")) >= COMM_FIELD_BYTES:
+            m = _AFTER_COMM_RE.match(text, pos)
+            if m is not None:
+                return (text[:pos].lstrip(" "), *m.groups())  # type: ignore[return-value]
+        pos = text.find("-", pos + 1)
+    return None
 # Every line of a decoded chunk in one findall, one row per line (lines end at
 # "\n" only, as with str.split("\n")): an event line gives comm, pid, cpu,
 # timestamp and its event text ("name: args", which must start like a name,
@@ -236,7 +268,51 @@ def split_args(args: str) -> tuple[str, dict[str, str]]:
             elif last and tok:
                 values[last] += " " + tok
         return site, values
+    if STRING_END in args:
+        return site, _split_ended(args)
     return site, _split_quoted(args)
+
+
+#: What the stream makes of a sealed line's string ends (seal.string_ends, printed by the kernel
+#: after each string with the run's seal): NUL, as :data:`SEALED`. In a sealed stream a NUL the host
+#: sent is U+FFFD before the string ends are marked, so every NUL inside a line is the kernel's.
+STRING_END = "\x00"
+
+
+def _split_ended(args: str) -> dict[str, str]:
+    """:func:`split_args` for a sealed line whose strings end at :data:`STRING_END` (issue 11 #2).
+
+    The kernel prints fetch args in order: between two string ends (and before the first) come
+    its own ``name=value`` tokens (numbers, symbols: no quotes, no spaces), then one string,
+    ``name="<a user's bytes>"`` (or ``name=(fault)``). The first ``="`` of such a piece opens
+    its string; whatever follows, up to the string end, is that string's value, so no text in a
+    string can stand for a field printed before or after it.
+
+    The last piece (after the last string end) is read the same way: a string fetch arg added after
+    the ends were placed (the aggregation fallback's ``comm=$comm:string``) runs to the line's end.
+    """
+    values: dict[str, str] = {}
+    for piece in args.split(STRING_END):
+        opening = piece.find('="')
+        if opening < 0:
+            _split_plain(piece, values)
+            continue
+        before, _, name = piece[:opening].rpartition(" ")
+        _split_plain(before, values)
+        values[name] = piece[opening + 1:]
+    return values
+
+
+def _split_plain(text: str, values: dict[str, str]) -> None:
+    """Unquoted ``name=value`` tokens into ``values`` (a token without ``=`` continues the last value)."""
+    last = ""
+    for tok in text.split(" "):
+        name, eq, value = tok.partition("=")
+        if eq and name:
+            values[name] = value
+            last = name
+        elif last and tok:
+            values[last] += " " + tok
 
 
 _NEXT_NAME_RE = re.compile(r'" [A-Za-z_][A-Za-z0-9_.\[\]]*=')

@@ -110,6 +110,7 @@ def test_a_users_file_name_cannot_speak_for_the_runner(sim: SimFleet, tmp_path: 
     assert host["framing"] == {"exec": "guarded"} and not host["forgeable"], host
     # The user exec'd it ~every 50 ms for 3 s: each exec is counted by the guard instance.
     assert host["guarded_out"] >= 10 and not host["guard_uncounted"], host
+    assert host["guarded_out_by_probe"] == {"exec": host["guarded_out"]}, host
     assert host["unparsed_lines"] == 0 and host["unattributed_lines"] == 0, host
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert not [e for e in events if "forged-by-a-user" in json.dumps(e)]
@@ -166,6 +167,9 @@ def test_a_users_path_in_a_sealed_uprobe_stays_in_its_event(sim: SimFleet, tmp_p
     assert all(str(e["fields"]["path"]).startswith(str(hostile_dir)) and "y\\n" in e["fields"]["path"]
                for e in mine), mine[:2]
     assert host["multiline_events"] >= len(mine) and host["guarded_out"] >= 1, host
+    # The guard kept the user's execs out of the exec probe; the sealed uprobe has no guard.
+    assert set(host["guarded_out_by_probe"]) == {"exec"} and host["guarded_out_by_probe"]["exec"] >= 1, host
+    assert f"kept out by the newline guard (exec {host['guarded_out_by_probe']['exec']})" in host["_text"], host
     assert host["unparsed_lines"] == 0 and host["unattributed_lines"] == 0, host
 
 

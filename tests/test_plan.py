@@ -540,8 +540,10 @@ def test_kprobe_definitions_end_with_the_seal_where_the_readme_has_immediates(na
         assert p.framing == "sealed" and p.guard == (), p
         assert p.definition is not None and p.definition.endswith(r" fpt=\0x89abcdef:x32 fpu=\0x1234567:x32"), p
     arg2 = "$arg2" if "arg_n" in f.features else SECOND_ARG_REGISTER[f.arch]
+    # Each string ends with the seal's first word (issue 11: no string text can pass for the fields after it).
     assert definition(hp, "open") == (f"p:{hp.group}/open do_sys_openat2 path=+0({arg2}):ustring"
-                                      r" fpt=\0x89abcdef:x32 fpu=\0x1234567:x32")
+                                      r" fps0=\0x89abcdef:x32 fpt=\0x89abcdef:x32 fpu=\0x1234567:x32")
+    assert hp.string_ends == (" fps0=0x89abcdef",)
     assert definition(hp, "open_ret") == (f"r:{hp.group}/open_ret do_sys_openat2 ret=$retval:s32"
                                           r" fpt=\0x89abcdef:x32 fpu=\0x1234567:x32")
     assert not hp.unframed()

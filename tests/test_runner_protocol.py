@@ -378,8 +378,9 @@ def test_a_window_past_the_deadline_is_cut_to_it_and_said(shell: list[str]) -> N
 @pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
 def test_a_guard_keeps_newline_names_out_and_counts_them(shell: list[str], tmp_path: Path) -> None:
     """guard EVENT FIELD: execs of a file whose name holds a newline never reach the stream, and the
-    guard instance counts them; a guard the kernel refuses (a number field) is said ("unguarded"),
-    the event enabled all the same; both instances are gone at the end (dash and busybox)."""
+    guard instance counts them, each guarded event in its own (the exit of a process named 'a\\nb' is
+    kept out by the exit's comm guard); a guard the kernel refuses (a number field) is said
+    ("unguarded"), the event enabled all the same; every instance is gone at the end (dash and busybox)."""
     if not (TRACEFS / "README").exists():
         pytest.skip("needs tracefs")
     odd = tmp_path / "a\nb"
@@ -392,8 +393,8 @@ def test_a_guard_keeps_newline_names_out_and_counts_them(shell: list[str], tmp_p
     instance = f"{group}_{deadline}"
     plan = (f"tracefs {TRACEFS}\ngroup {group}\ninstance {instance}\nduration 4\n"
             f"deadline {deadline}\ngrace 60\nguard sched/sched_process_exec filename\n"
-            "guard sched/sched_process_fork parent_pid\n"
-            "enable sched/sched_process_exec\nenable sched/sched_process_fork\ngo\n")
+            "guard sched/sched_process_fork parent_pid\nguard sched/sched_process_exit\n"
+            "enable sched/sched_process_exec\nenable sched/sched_process_fork\nenable sched/sched_process_exit\ngo\n")
     proc = subprocess.Popen(bootstrapped(shell), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -414,10 +415,15 @@ def test_a_guard_keeps_newline_names_out_and_counts_them(shell: list[str], tmp_p
             proc.wait()
     text = out.decode("utf-8", "replace")
     rep = report_of(text)
-    assert rep.started and rep.enabled == 2 and rep.clean, text[-800:]
+    assert rep.started and rep.enabled == 3 and rep.clean, text[-800:]
     assert "a\nb" not in text and text.count(f"filename={plain} ") == 5, text[-1500:]
-    assert rep.guarded_out is not None and rep.guarded_out >= 5 and not rep.guard_uncounted, text[-800:]
+    assert rep.guarded_out is not None and rep.guarded_out >= 10 and not rep.guard_uncounted, text[-800:]
+    # Per event: the exec's guard kept the 5 execs of 'a\nb' out, the exit's guard their 5 exits.
+    by_event = rep.guarded_by_event
+    assert set(by_event) == {"sched/sched_process_exec", "sched/sched_process_exit"}, text[-800:]
+    assert by_event["sched/sched_process_exec"] >= 5 and by_event["sched/sched_process_exit"] >= 5, by_event
+    assert sum(by_event.values()) == rep.guarded_out, by_event
     assert "Expecting numeric field" in rep.unguarded.get("sched/sched_process_fork", ""), rep.unguarded
     assert "sched/sched_process_exec" not in rep.unguarded
     assert not (TRACEFS / "instances" / instance).exists()
-    assert not (TRACEFS / "instances" / f"{group}_{deadline + 1}").exists()
+    assert not [d for d in (TRACEFS / "instances").iterdir() if d.name.startswith(group)]

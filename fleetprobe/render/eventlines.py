@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import IO
 
 from fleetprobe.parse import EventBatch, EventSink
-from fleetprobe.traceline import SEALED, TraceEvent, split_event
+from fleetprobe.traceline import STRING_END, TraceEvent, split_event
 
 #: TASK_COMM_LEN - 1: the longest comm, so the pid column lines up.
 COMM_WIDTH = 15
@@ -66,8 +66,9 @@ def _args(text: str, name: str) -> str:
     """The argument part of an event text ``name: args`` (as parse.split_event splits it)."""
     rest = text[len(name):]
     if rest[:2] == ": ":
-        # A sealed probe's text ends in the seal's sentinel (parse.SEALED): not the kernel's text.
-        return rest[2:].removesuffix(SEALED)
+        # A sealed probe's text ends in the seal's sentinel (parse.SEALED), its strings in
+        # STRING_END (the same NUL): not the kernel's text.
+        return rest[2:].replace(STRING_END, "")
     return split_event(text)[1]
 
 

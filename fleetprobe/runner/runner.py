@@ -186,6 +186,8 @@ class RunnerReport:
     #: the guard instance; None until the runner says. ``guard_uncounted``: why some were not counted.
     guarded_out: int | None = None
     guard_uncounted: list[str] = field(default_factory=list)
+    #: The same by guarded event (``guardcount EVENT N``: each event has a guard instance of its own).
+    guarded_by_event: dict[str, int] = field(default_factory=dict)
 
     #: Control lines kept (in every list and table together): a runner says a few hundred; past
     #: this, lines are counted in ``dropped`` and the report says so (issue 11 #5).
@@ -264,13 +266,19 @@ class RunnerReport:
         self.own_processes = words
 
     def _guardcount(self, word: str, rest: str) -> None:
-        # "guardcount N": events the newline guards kept out; "guardcount none :: why": not counted.
+        # "guardcount EVENT N": that event's kept out; "guardcount N": the host's total;
+        # "guardcount none :: why": not counted.
         if rest.startswith("none"):
             self.guard_uncounted.append(" ".join(rest.partition(" :: ")[2].split()) or "refused")
+            return
+        event, _, number = rest.strip().rpartition(" ")
+        count = bounded_int(number, 0, 1 << 62)
+        if count is None:
+            return
+        if event:
+            self.guarded_by_event[event] = count
         else:
-            count = bounded_int(rest.strip(), 0, 1 << 62)
-            if count is not None:
-                self.guarded_out = count
+            self.guarded_out = count
 
     def _unguarded(self, word: str, rest: str) -> None:
         what, _, why = rest.partition(" :: ")

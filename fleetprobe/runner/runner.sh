@@ -111,7 +111,7 @@ rt() {
 # rt without its uncertainty word: a stamp without a fraction says "whole seconds" by itself.
 rt1() { set -- $(rt); echo "$1"; }
 
-T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; KCAT=; KDIR=; KSKIP=; KNOSTART=; FILTERS=; GUARDS=; QEV=; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
+T=; G=; I=; DUR=10; DEADLINE=0; GRACE=60; BUF=; MODS=; PLAN=; RUN=; KREAD=; KCAT=; KDIR=; KSKIP=; KNOSTART=; FILTERS=; GUARDS=; QEV=; QIS=; QK=0; BADFILTER=; TICKED=; OWNK=; HIST_Q=; WD_GONE=; HIST_LIVE=
 
 # Stop every process that still holds files of instance dir $1 open (a dead runner's reader):
 # an open trace_pipe keeps the instance busy and rmdir fails with EBUSY.
@@ -200,11 +200,19 @@ hist_sweep() {
   done
 }
 
+# The run's guard instances (one per guarded event: its instance's name, deadline + 1, + 2, ...), for
+# those who do not know QIS (the watchdog, the controller's teardown): the group's other instances.
+teardown_guards() {
+  for _qi in "$T/instances/${I%_*}"_*; do
+    [ -d "$_qi" ] && [ "${_qi##*/}" != "$I" ] && teardown_group "" "${_qi##*/}"
+  done
+}
+
 # Disable, delete and remove everything of group $1 / instance $2 (either may be empty).
 # Order matters: an enabled event cannot be deleted (EBUSY); a deleted event leaves the instance.
 teardown_group() {
   _g=$1; _i=$2
-  # The group's events may be enabled in its guard instance too (see QI): disabled everywhere first.
+  # The group's events may be enabled in its guard instance too (see QIS): disabled everywhere first.
   if [ -n "$_g" ]; then
     for _x in "$T/instances/$_g"_*; do [ -d "$_x" ] && echo 0 > "$_x/events/enable" 2>/dev/null; done
   fi
@@ -478,9 +486,8 @@ watchdog() {
   _s=$!
   wait "$_s"
   unload_modules "$MODS"
-  # Its guard instance, if the run made one (QI is set after this subshell started).
-  _qi="${I%_*}_$((${I##*_} + 1))"
-  [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
+  # Its guard instances, if the run made any (QIS is set after this subshell started).
+  teardown_guards
   [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null || exit 0
   teardown_group "$G" "$I"; remove_module_dirs "$G"
   echo "fleetprobe watchdog removed $G $I $MODS" > /dev/kmsg 2>/dev/null
@@ -522,15 +529,15 @@ while IFS= read -r line <&3; do
       # fds (a fork per fd: seconds on a busy host), which stays the fallback.
       kill_own "$OWNK"
       if [ -n "$KILLED" ]; then sleep 1; else kill_readers "$T/instances/$I"; fi
-      _qi="${I%_*}_$((${I##*_} + 1))"
-      [ -d "$T/instances/$_qi" ] && teardown_group "" "$_qi"
+      teardown_guards
       teardown_group "$G" "$I"
       remove_module_dirs "$G"
       # A kernel-log record wakes a forwarder's cat blocked in read(2): it meets its dead reader and exits.
       [ -n "$*" ] && echo "fleetprobe run=$RUN probe=- ev=bye inst=$I" > /dev/kmsg 2>/dev/null
       _left=
       for _m in $*; do grep -q "^$_m " /proc/modules 2>/dev/null && _left="$_left module:$_m"; done
-      if [ -d "$T/instances/$I" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
+      _inst=; for _x in "$T/instances/${I%_*}"_*; do [ -d "$_x" ] && _inst=1; done
+      if [ -n "$_inst" ] || grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null; then
         _left="$_left tracefs"; fi
       if [ -z "$_left" ]; then say "clean"; else say "unclean after teardown$_left"; fi
       exit 0;;
@@ -564,15 +571,6 @@ WD=$!
 
 mkdir "$T/instances/$I" || { say "error cannot create instance $I"; release; kill "$WD"; exit 3; }
 [ -n "$BUF" ] && echo "$BUF" > "$T/instances/$I/buffer_size_kb" 2>/dev/null
-# The guard instance: the events a newline guard keeps out of ours go here, never read, only
-# counted at the end (entries + overrun per CPU), so that a user cannot hide an exec behind a
-# newline unseen. Named as ours with the deadline one second later: sweeps know it as the run's.
-QI=
-if [ -n "$(printf '%s\n' "$PLAN" | sed -n 's/^guard //p')" ]; then
-  QI="${I%_*}_$((${I##*_} + 1))"
-  if mkdir "$T/instances/$QI" 2>/dev/null; then echo 8 > "$T/instances/$QI/buffer_size_kb" 2>/dev/null
-  else say "guardcount none :: cannot create instance $QI"; QI=; fi
-fi
 # A clock that is monotonic across CPUs; the fpsync markers map it to realtime.
 grep -q mono "$T/instances/$I/trace_clock" 2>/dev/null && echo mono > "$T/instances/$I/trace_clock"
 # Before any module loads: its "planted" or "failed" line must not be missed.
@@ -726,13 +724,22 @@ EOF_GUARDS
       say "ownfilter $ev :: $_why"
     fi
   fi
-  if [ -n "$_gok" ] && [ -n "$QI" ]; then
-    # What the guard keeps out, counted: the same event, the playbook's filter, the guard turned round
-    # (enabled after all of ours: whoever waits for our events to be enabled counts enable files).
-    if { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$QI/events/$ev/filter"; } 2>/dev/null; then
-      QEV="$QEV $ev"
+  if [ -n "$_gok" ]; then
+    # What the guard keeps out goes to a guard instance of this event's own, never read, only counted
+    # at the end (entries + overrun per CPU: this event's alone), so that a user cannot hide an exec
+    # behind a newline unseen. Named as ours with the deadline QK seconds later: sweeps know it as the
+    # run's. The same event, the playbook's filter, the guard turned round (enabled after all of ours:
+    # whoever waits for our events to be enabled counts enable files).
+    QK=$((QK + 1)); _q="${I%_*}_$((${I##*_} + QK))"
+    if ! mkdir "$T/instances/$_q" 2>/dev/null; then
+      say "guardcount none :: cannot create instance $_q"
     else
-      say "guardcount none :: $ev"
+      QIS="$QIS $_q"; echo 8 > "$T/instances/$_q/buffer_size_kb" 2>/dev/null
+      if { echo "${_u:+($_u) && }!($_gx)" > "$T/instances/$_q/events/$ev/filter"; } 2>/dev/null; then
+        QEV="$QEV $_q:$ev"
+      else
+        say "guardcount none :: $ev"
+      fi
     fi
   fi
 done
@@ -746,8 +753,8 @@ for ev in $(printf '%s\n' "$PLAN" | sed -n 's/^enable //p'); do
     say "enablefail $ev"
   fi
 done
-for ev in $QEV; do
-  { echo 1 > "$T/instances/$QI/events/$ev/enable"; } 2>/dev/null || say "guardcount none :: $ev"
+for _qe in $QEV; do
+  { echo 1 > "$T/instances/${_qe%%:*}/events/${_qe#*:}/enable"; } 2>/dev/null || say "guardcount none :: ${_qe#*:}"
 done
 say "started enabled=$enabled modules=$_mods duration=$DUR triggers=$HIST_PLACED"
 # Heartbeats go through the trace buffer (so they never tear a trace line, as a direct write
@@ -784,7 +791,7 @@ while IFS= read -r _hl; do
 done <<EOF_LIVE
 $HIST_LIVE
 EOF_LIVE
-[ -n "$QI" ] && echo 0 > "$T/instances/$QI/events/enable" 2>/dev/null
+for _q in $QIS; do echo 0 > "$T/instances/$_q/events/enable" 2>/dev/null; done
 # A watchdog that is gone has removed (or is removing) our probes: what follows is partial.
 kill -0 "$WD" 2>/dev/null || WD_GONE=1
 kill "$TIMER" 2>/dev/null
@@ -806,26 +813,31 @@ say "stopping $STOP"
 [ -n "$WD_GONE" ] || kill -0 "$WD" 2>/dev/null || WD_GONE=1
 [ -n "$WD_GONE" ] && say "watchdog-fired"
 snapshot end
-if [ -n "$QI" ]; then
+if [ "$QK" -gt 0 ]; then
+  # "guardcount EVENT N" for each guarded event, then the host's total.
   _gn=0
-  for _s in "$T/instances/$QI"/per_cpu/cpu*/stats; do
-    [ -f "$_s" ] || continue
-    while IFS=: read -r _k _v; do
-      case $_k in entries|overrun) _gn=$((_gn + ${_v:-0}));; esac
-    done < "$_s"
+  for _qe in $QEV; do
+    _ge=0
+    for _s in "$T/instances/${_qe%%:*}"/per_cpu/cpu*/stats; do
+      [ -f "$_s" ] || continue
+      while IFS=: read -r _k _v; do
+        case $_k in entries|overrun) _ge=$((_ge + ${_v:-0}));; esac
+      done < "$_s"
+    done
+    say "guardcount ${_qe#*:} $_ge"; _gn=$((_gn + _ge))
   done
   say "guardcount $_gn"
 fi
 release
 [ -z "$HIST_NONE" ] && hist_read
 hold
-[ -n "$QI" ] && teardown_group "" "$QI"
+for _q in $QIS; do teardown_group "" "$_q"; done
 teardown_group "$G" "$I"
 unload_modules "$LOADED"
 remove_module_dirs "$G"    # copied modules that never reached insmod
 left=
 [ -d "$T/instances/$I" ] && left="$left instance"
-[ -n "$QI" ] && [ -d "$T/instances/$QI" ] && left="$left guard-instance"
+for _q in $QIS; do [ -d "$T/instances/$_q" ] && left="$left guard-instance"; done
 grep -q ":$G/" "$T/kprobe_events" "$T/uprobe_events" 2>/dev/null && left="$left events"
 for m in $LOADED; do grep -q "^$m " /proc/modules && left="$left module:$m"; done
 kill "$WD" 2>/dev/null
