@@ -263,6 +263,13 @@ def split_args(args: str) -> tuple[str, dict[str, str]]:
         for tok in args.split(" "):
             name, eq, value = tok.partition("=")
             if eq and name:
+                if name in values:
+                    # The kernel prints each field once: a second ``name=`` came from a string a
+                    # user chose (a comm ``x pid=1``). Which one is the kernel's is not knowable
+                    # here, so neither value is kept (issue 11 #2; sealed lines are split by layout).
+                    values[name] = AMBIGUOUS
+                    last = ""
+                    continue
                 values[name] = value
                 last = name
             elif last and tok:
@@ -318,6 +325,10 @@ def _split_plain(text: str, values: dict[str, str]) -> None:
 _NEXT_NAME_RE = re.compile(r'" [A-Za-z_][A-Za-z0-9_.\[\]]*=')
 
 
+#: The value of a field printed twice in one unsealed event (one of them by a user's string).
+AMBIGUOUS = "(ambiguous: printed twice)"
+
+
 def _split_quoted(args: str) -> dict[str, str]:
     """The slow path of :func:`split_args` for argument text with quoted strings."""
     values: dict[str, str] = {}
@@ -346,14 +357,16 @@ def _split_quoted(args: str) -> dict[str, str]:
                 end = m.start() + 1
             else:
                 end = n
-            values[name] = args[vstart:end]
-            pos = end
         else:
             end = args.find(" ", vstart)
             if end < 0:
                 end = n
-            values[name] = args[vstart:end]
-            pos = end
+        pos = end
+        if name in values:  # printed twice: see split_args
+            values[name] = AMBIGUOUS
+            last = ""
+            continue
+        values[name] = args[vstart:end]
         last = name
     return values
 

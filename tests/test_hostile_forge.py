@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import test_hostile_stream
+from fleetprobe.traceline import AMBIGUOUS, split_args
 from simhosts import SimFleet
 from test_failures import common_args, hosts_by_name, run_cli, write_playbook
 from test_hostile_stream import NOBODY, plant
@@ -209,3 +210,21 @@ def test_a_string_after_the_last_end_runs_to_the_lines_end() -> None:
     from fleetprobe.traceline import STRING_END, split_args
     assert split_args(f'ret=0x5 path="p"{STRING_END} comm="x ret=0 y"') == (
         "", {"ret": "0x5", "path": '"p"', "comm": '"x ret=0 y"'})
+
+
+def test_a_field_printed_twice_in_an_unsealed_event_is_never_a_users_value() -> None:
+    """A guarded tracepoint's strings are not framed: a comm ``x pid=1`` prints a second ``pid=``.
+
+    sched_process_fork prints ``comm=%s pid=%d child_comm=%s child_pid=%d``: with the user's name as
+    the child's comm, the last ``pid=`` would be the user's, with it as the parent's, the first.
+    Neither is kept; every other field keeps the kernel's value.
+    """
+    child = "comm=bash pid=4242 child_comm=x pid=1 child_pid=4243"
+    parent = "comm=x pid=1 pid=4242 child_comm=bash child_pid=4243"
+    for args in (child, parent):
+        _, values = split_args(args)
+        assert values["pid"] == AMBIGUOUS, values
+        assert values["child_pid"] == "4243" and "1" not in values.values()
+    quoted = 'filename="/tmp/a" pid=7 old_pid=7 note="x pid=1"'.replace('note="x pid=1"', 'note="x" pid=1')
+    assert split_args(quoted)[1]["pid"] == AMBIGUOUS
+    assert split_args("comm=bash pid=4242 child_comm=sh child_pid=4243")[1]["pid"] == "4242"
