@@ -243,9 +243,11 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
             # fp-run-cN: over a Dask LocalCluster of N worker processes serving one zone (fleetprobe.cluster).
             import dask
             from distributed import LocalCluster
-            from fleetprobe.cluster import RESOURCE, run_playbook_cluster
+            from fleetprobe.cluster import RESOURCE, WORKER_CONFIG, run_playbook_cluster
             hosts = [replace(h, vars={"fleetprobe_zone": "bench"}) for h in _hosts(spec)]
-            with dask.config.set({"distributed.worker.daemon": False}):
+            # The settings fleetprobe-worker gives its Dask workers (no statistical profiler), and
+            # non-daemon workers (a LocalCluster's are daemons, which may not start processes).
+            with dask.config.set({"distributed.worker.daemon": False, **WORKER_CONFIG}):
                 cluster = await LocalCluster(n_workers=int(kind[len("fp-run-c"):]), threads_per_worker=1,
                                              processes=True, host="127.0.0.1", dashboard_address=None,
                                              resources={RESOURCE + "bench": 1}, asynchronous=True)

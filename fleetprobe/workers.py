@@ -284,8 +284,9 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
 
 
 async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None],
-                    interrupted: asyncio.Event) -> None:
-    """The job's slice through run_fleet; what a parent needs goes to ``put`` as it happens, ``done`` last.
+                    interrupted: asyncio.Event, every: float = SEND_SECONDS) -> None:
+    """The job's slice through run_fleet; what a parent needs goes to ``put`` every ``every`` seconds
+    (one list of everything pending), ``done`` last.
 
     A local worker's ``put`` writes a frame on its stdout; a cluster task's puts a Dask queue item.
     """
@@ -307,9 +308,9 @@ async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None]
     def tick() -> None:
         nonlocal ticker
         box.send()
-        ticker = loop.call_later(SEND_SECONDS, tick)
+        ticker = loop.call_later(every, tick)
 
-    ticker = loop.call_later(SEND_SECONDS, tick)
+    ticker = loop.call_later(every, tick)
     try:
         await run_fleet(job.hosts, job.playbook, settings, sink, events=opened.sink if opened else None,
                         observer=box, interrupted=interrupted, on_outcome=lambda o: box.host_done(sink.finished(o)))
