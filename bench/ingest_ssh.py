@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.events:
             print(f"     raw events: {r.events_bytes / 1e6:.1f} MB written to {args.events}", flush=True)
         if w:
-            print(f"     controller CPU {r.cpu:.1f} s (workers {', '.join(f'{c:.1f}' for c in r.worker_cpu)} s); "
+            own = f"workers {', '.join(f'{c:.1f}' for c in r.worker_cpu)} s" if r.worker_cpu else "one loop"
+            print(f"     controller CPU {r.cpu:.1f} s ({own}); "
                   f"simulated hosts' CPU {r.sim_cpu:.1f} s; (controller + hosts) / wall = "
                   f"{(r.cpu + r.sim_cpu) / r.wall:.2f} cores busy", flush=True)
             print(f"     lines/s for the fleet while streaming: {streaming:,.0f}", flush=True)
