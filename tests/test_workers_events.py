@@ -167,7 +167,7 @@ def _per_host_in_order(rows: list[tuple[str, float]]) -> None:
 @pytest.mark.tracefs
 def test_events_to_stdout_and_print_over_workers(sim: SimFleet, tmp_path: Path, busy: None) -> None:
     """``--events -`` over two workers: whole JSON lines, each host's in order, counted in the report;
-    ``--print`` over two workers: whole lines, host first, every host there."""
+    ``--print`` and a playbook's ``print:`` format over two workers: whole lines, host first, every host."""
     for i in range(4):
         sim.add(f"p{i}")
     inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
@@ -197,6 +197,19 @@ def test_events_to_stdout_and_print_over_workers(sim: SimFleet, tmp_path: Path, 
         printed[:5]
     assert {line.split()[0] for line in printed} == {"p0", "p1", "p2", "p3"}
     assert "stdout" not in done.stderr.decode(), "no reader went away"
+    assert leftovers(rid) == []
+
+    # A playbook's print: format (FormatPrinter, rebuilt in each worker): its lines from every worker.
+    rid = _run_id()
+    fmt = tmp_path / "fmt.yml"
+    fmt.write_text("name: execprint\nduration: 2s\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
+                   "    print: \"{comm} ran {filename}\"\n")
+    done = subprocess.run([sys.executable, "-m", "fleetprobe", "run", str(fmt), *common_args(inv, rid),
+                           "--workers", "2", "--no-store"], cwd=ROOT, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    printed = done.stdout.decode().splitlines()
+    assert printed and all(line.split()[1] == "exec" and " ran /" in line for line in printed), printed[:5]
+    assert {line.split()[0] for line in printed} == {"p0", "p1", "p2", "p3"}
     assert leftovers(rid) == []
 
 
