@@ -119,6 +119,19 @@ class SimFleet:
         return {"conn_min": min(per), "conn_max": max(per), "conn_total": sum(per), "sessions": sessions,
                 "lines_sent": lines}
 
+    def cpu_seconds(self) -> float:
+        """CPU the simulated-host processes used so far (user + system, from /proc): on one machine they
+        share the cores with the client, so a client's wall time is read against it."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for p in self.procs:
+            try:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def stop(self) -> None:
         """Stop every server process (EOF on its control pipe, then SIGTERM, then SIGKILL)."""
         for p in self.procs:
@@ -243,9 +256,11 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
             # fp-run-cN: over a Dask LocalCluster of N worker processes serving one zone (fleetprobe.cluster).
             import dask
             from distributed import LocalCluster
-            from fleetprobe.cluster import RESOURCE, run_playbook_cluster
+            from fleetprobe.cluster import RESOURCE, WORKER_CONFIG, run_playbook_cluster
             hosts = [replace(h, vars={"fleetprobe_zone": "bench"}) for h in _hosts(spec)]
-            with dask.config.set({"distributed.worker.daemon": False}):
+            # The settings fleetprobe-worker gives its Dask workers (no statistical profiler), and
+            # non-daemon workers (a LocalCluster's are daemons, which may not start processes).
+            with dask.config.set({"distributed.worker.daemon": False, **WORKER_CONFIG}):
                 cluster = await LocalCluster(n_workers=int(kind[len("fp-run-c"):]), threads_per_worker=1,
                                              processes=True, host="127.0.0.1", dashboard_address=None,
                                              resources={RESOURCE + "bench": 1}, asynchronous=True)
@@ -314,6 +329,8 @@ class Measure:
     ok: int
     detail: dict[str, Any]
     server: dict[str, Any]
+    #: CPU seconds the simulated hosts used during the run (they share this machine's cores).
+    server_cpu: float = 0.0
 
 
 def _wait4_run(cmd: list[str], env: dict[str, str], cwd: Path, stdout_path: Path,
@@ -376,7 +393,9 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     else:
         raise ValueError(kind)
     fleet.control("reset")
+    sim0 = fleet.cpu_seconds()
     wall, cpu, rss, status = _wait4_run(cmd, env, out_dir, stdout_path, timeout)
+    sim_cpu = fleet.cpu_seconds() - sim0
     server = fleet.stats(ports)
     text = stdout_path.read_text(errors="replace")
     detail: dict[str, Any] = {"exit": status}
@@ -397,7 +416,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
         ok = sum(1 for line in text.splitlines() if line.startswith("sim") and "| CHANGED | rc=0" in line)
     if ok < len(ports):
         detail.setdefault("stderr", Path(str(stdout_path) + ".err").read_text(errors="replace")[-800:])
-    return Measure(kind, len(ports), wall, cpu, rss, section, ok, detail, server)
+    return Measure(kind, len(ports), wall, cpu, rss, section, ok, detail, server, sim_cpu)
 
 
 def shlex_quote(s: str) -> str:
@@ -417,8 +436,9 @@ def report(results: list[Measure], kinds: list[str]) -> str:
     CPU over this client's section CPU.
     """
     lines = ["| hosts | client | rounds | wall s | hosts/s | CPU ms/host (process) | CPU ms/host (section) "
-             "| peak RSS MiB | ok | conns/host (min-max) | fp-run CPU / this (process) | (section) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MiB | ok | conns/host (min-max) | fp-run CPU / this (process) | (section) "
+             "| sim hosts CPU ms/host | client + sim hosts CPU / wall (cores busy) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted({m.hosts for m in results}):
         fp = [m.cpu / n for m in results if m.hosts == n and m.kind == "fp-run"]
         fp_sec = [m.section_cpu / n for m in results
@@ -437,8 +457,19 @@ def report(results: list[Measure], kinds: list[str]) -> str:
                 f"{f'{_median(sec):.2f}' if sec else '-'} | {max(m.rss_mib for m in ms):.0f} | "
                 f"{min(m.ok for m in ms)}/{n} | {min(m.server['conn_min'] for m in ms)}-"
                 f"{max(m.server['conn_max'] for m in ms)} | {ratio:.2f} | "
-                f"{'-' if sec_ratio != sec_ratio else f'{sec_ratio:.2f}'} |")
+                f"{'-' if sec_ratio != sec_ratio else f'{sec_ratio:.2f}'} | "
+                f"{_median([m.server_cpu / n * 1000 for m in ms]):.2f} | "
+                f"{_median([(m.cpu + m.server_cpu) / m.wall for m in ms]):.2f} |")
     return "\n".join(lines)
+
+
+def _peer_installed(peer: str) -> bool:
+    """Whether the peers venv has ``peer`` (ansible's command, parallel-ssh's module)."""
+    if peer == "ansible":
+        return (PEERS_VENV / "bin" / "ansible").exists()
+    python = PEERS_VENV / "bin" / "python"
+    return python.exists() and subprocess.run([str(python), "-c", "import pssh.clients"],
+                                              capture_output=True).returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,10 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.rounds = "100", 1
     sizes = [int(s) for s in args.sizes.split(",")]
     kinds = [k for k in args.kinds.split(",") if k]
-    if not (PEERS_VENV / "bin" / "ansible").exists():
-        print(f"peers venv {PEERS_VENV} missing: python3 -m venv {PEERS_VENV} && "
-              f"{PEERS_VENV}/bin/pip install ansible-core parallel-ssh  (skipping ansible, pssh)")
-        kinds = [k for k in kinds if k not in ("ansible", "pssh")]
+    for peer in [k for k in kinds if k in ("ansible", "pssh")]:
+        if not _peer_installed(peer):
+            print(f"peer {peer} missing in {PEERS_VENV}: python3 -m venv {PEERS_VENV} && "
+                  f"{PEERS_VENV}/bin/pip install ansible-core parallel-ssh  (skipping {peer})")
+            kinds.remove(peer)
     work = Path(tempfile.mkdtemp(prefix="fp-fanout-"))
     fleet = SimFleet(work, max(sizes))
     results: list[Measure] = []
@@ -496,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                     if m.detail.get("workers"):
                         extra += (f" parent rss {m.detail.get('parent_peak_rss_mib')} MiB, workers "
                                   f"{json.dumps(m.detail['workers'])}")
+                    extra += f" sim hosts cpu {m.server_cpu * 1000 / n:.2f} ms/host"
                     print(f"n={n} round={r} {kind:9s} wall {m.wall:6.2f}s  cpu {m.cpu * 1000 / n:6.2f} ms/host"
                           f"  section {'' if m.section_cpu is None else f'{m.section_cpu * 1000 / n:6.2f}'}"
                           f"  rss {m.rss_mib:5.0f} MiB  ok {m.ok}/{n}  conns/port "

@@ -1,6 +1,6 @@
 """Benchmark: event ingest through the real SSH path, from 1 host and from 50 hosts at once.
 
-    .venv/bin/python bench/ingest_ssh.py [--hosts 1,50] [--lines N] [--quick] [--events FILE]
+    .venv/bin/python bench/ingest_ssh.py [--hosts 1,50] [--lines N] [--quick] [--events FILE] [--workers 1,2]
 
 bench/ingest.py measures the parser and aggregate alone (no network).  This
 one puts the transport in front of them: simulated hosts (bench/simhost.py
@@ -14,12 +14,19 @@ The simulated hosts run in their own processes and are not counted.
 With ``--events FILE`` every event is also written to FILE as JSON lines,
 exactly as ``fleetprobe run --events FILE`` does (``run_playbook`` with
 ``events_path``); without it, no raw events are written.
+
+``--workers 1,2`` runs each host count once per worker count, through
+``fleetprobe.workers.run_playbook_workers`` (1 = the single loop in this process, 2 = two worker
+processes, as ``fleetprobe run --workers 2``): lines/s for the fleet (wall) is the figure to compare;
+controller CPU then is this process plus its waited workers, and the simulated hosts' own CPU is
+printed beside it (they share the machine's cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import shutil
 import sys
@@ -28,11 +35,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import fanout
 from fanout import BENCH, SimFleet, _hosts, _settings
 from simhost import trace_lines
 
 from fleetprobe.orchestrate import run_playbook
 from fleetprobe.playbook import load_playbook
+from fleetprobe.workers import WorkerStats, run_playbook_workers
 
 
 def rss_mib() -> float:
@@ -72,10 +81,16 @@ class IngestResult:
     conn_min: int
     conn_max: int
     events_bytes: int
+    workers: int = 0
+    sim_cpu: float = 0.0
+    worker_cpu: tuple[float, ...] = ()
 
 
-async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str | None = None) -> IngestResult:
-    """Stream ``total_lines`` split over ``hosts_n`` simulated hosts through fleetprobe; controller figures."""
+async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str | None = None,
+                 workers: int = 0) -> IngestResult:
+    """Stream ``total_lines`` split over ``hosts_n`` simulated hosts through fleetprobe; controller figures.
+
+    ``workers`` 0: run_playbook in this process (as before); N: run_playbook_workers(workers=N)."""
     work = Path(tempfile.mkdtemp(prefix="fp-ingest-"))
     fleet = SimFleet(work, hosts_n)
     per_host = -(-total_lines // hosts_n)
@@ -100,11 +115,20 @@ async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str 
                     pass
 
         sampler = asyncio.ensure_future(sample())
-        cpu0 = time.process_time()
+        times0 = os.times()
+        sim0 = fleet.cpu_seconds()
+        stats: list[WorkerStats] = []
         # The whole run as the CLI does it: aggregate, and the raw-event writer when asked for.
-        report = await run_playbook(_hosts(spec), playbook, settings, observer=counter, events_path=events_path)
+        if workers:
+            report = await run_playbook_workers(_hosts(spec), playbook, settings, observer=counter,
+                                                events_path=events_path, workers=workers, stats=stats)
+        else:
+            report = await run_playbook(_hosts(spec), playbook, settings, observer=counter, events_path=events_path)
         outcomes = report.hosts
-        cpu = time.process_time() - cpu0
+        times1 = os.times()
+        sim_cpu = fleet.cpu_seconds() - sim0
+        # This process and its waited children (the worker processes, start-up included).
+        cpu = sum(times1[:4]) - sum(times0[:4])
         wall = time.monotonic() - t0
         done.set()
         await sampler
@@ -123,7 +147,8 @@ async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str 
                         curve=[(round(t, 1), round(r, 1), e) for t, r, e in samples[:: max(1, len(samples) // 10)]],
                         failed=[f"{o.host}: {o.status} {o.reason}" for o in outcomes if o.status != "ok"][:3],
                         conn_min=int(server["conn_min"]), conn_max=int(server["conn_max"]),
-                        events_bytes=Path(events_path).stat().st_size if events_path else 0)
+                        events_bytes=Path(events_path).stat().st_size if events_path else 0,
+                        workers=workers, sim_cpu=sim_cpu, worker_cpu=tuple(w.cpu_seconds for w in stats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,13 +159,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", type=int, default=2, help="simulated-host processes")
     ap.add_argument("--quick", action="store_true", help="smoke run: 300,000 lines (< 60 s)")
     ap.add_argument("--events", metavar="FILE", help="also write raw events to FILE, as `fleetprobe run --events`")
+    ap.add_argument("--workers", help="comma-separated worker counts, each through run_playbook_workers "
+                                      "(1 = one loop); default: run_playbook in this process")
+    ap.add_argument("--first-port", type=int, help="first port of the simulated hosts (see bench/fanout.py)")
     args = ap.parse_args(argv)
     if args.quick:
         args.lines = 300_000
-    for n in (int(x) for x in args.hosts.split(",")):
-        r = asyncio.run(ingest(n, args.lines, args.servers, args.events))
+    if args.first_port:
+        fanout.FIRST_PORT = args.first_port
+    counts = [int(x) for x in args.workers.split(",")] if args.workers else [0]
+    walls: dict[tuple[int, int], float] = {}
+    rates: dict[tuple[int, int], float] = {}
+    for n, w in ((int(x), w) for x in args.hosts.split(",") for w in counts):
+        r = asyncio.run(ingest(n, args.lines, args.servers, args.events, w))
+        (t1, _, e1), (t2, _, e2) = r.first, r.last
+        # While the events flow (first sampled event to the end; samples every 0.5 s): the setup of
+        # 50 hosts (connect, facts, plan) is seconds on a loaded machine, and no ingest.
+        streaming = (e2 - e1) / (t2 - t1) if t2 > t1 else float("nan")
+        walls[(n, w)] = r.events / r.wall
+        rates[(n, w)] = streaming
         (_, rss1, e1), (_, rss2, e2) = r.first, r.last
-        print(f"{n:3d} host(s): {r.events:,} events of {r.sent:,} sent, {r.line_bytes:.0f} B/line; "
+        label = f" over {w} worker(s)" if w else ""
+        print(f"{n:3d} host(s){label}: {r.events:,} events of {r.sent:,} sent, {r.line_bytes:.0f} B/line; "
               f"{r.wall:.1f} s wall, {r.cpu:.1f} s controller CPU -> {r.events / r.cpu:,.0f} events/s per core, "
               f"{r.events * r.line_bytes / r.cpu / 1e6:.1f} MB/s per core, {r.events / r.wall:,.0f} events/s wall",
               flush=True)
@@ -149,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"     (t s, RSS MiB, events): {r.curve}", flush=True)
         if args.events:
             print(f"     raw events: {r.events_bytes / 1e6:.1f} MB written to {args.events}", flush=True)
+        if w:
+            own = f"workers {', '.join(f'{c:.1f}' for c in r.worker_cpu)} s" if r.worker_cpu else "one loop"
+            print(f"     controller CPU {r.cpu:.1f} s ({own}); "
+                  f"simulated hosts' CPU {r.sim_cpu:.1f} s; (controller + hosts) / wall = "
+                  f"{(r.cpu + r.sim_cpu) / r.wall:.2f} cores busy", flush=True)
+            print(f"     lines/s for the fleet while streaming: {streaming:,.0f}", flush=True)
+            if (n, 1) in walls and w != 1:
+                print(f"     lines/s for the fleet: {walls[(n, w)] / walls[(n, 1)]:.2f}x 1 worker over the whole run, "
+                      f"{rates[(n, w)] / rates[(n, 1)]:.2f}x while streaming", flush=True)
         if r.failed:
             print(f"     FAILED hosts: {r.failed}", flush=True)
     return 0

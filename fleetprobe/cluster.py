@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import queue
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,8 +48,16 @@ from fleetprobe.workers import Merger, WorkerJob, _Slice, fork_shares, run_slice
 #: A worker serving zone Z has the resource ``fleetprobe-zone-Z``.
 RESOURCE = "fleetprobe-zone-"
 ZONE_VAR = "fleetprobe_zone"
-#: How often the parent looks at the queue and at the workers still alive.
-POLL_SECONDS = 0.2
+#: How often a slice puts what it has in the run's queue (one item: states, facts, finished hosts).
+#: Each put is a round trip through the scheduler, pickled twice: a local worker's 0.2 s frames cost
+#: 5 of them a second per slice; once a second keeps partial results streaming at a fifth of that.
+SEND_SECONDS = 1.0
+#: How often the parent takes the queue (one batch) and asks which of its slices' workers are alive
+#: (``ncores`` for those addresses: a few bytes, where ``identity`` sends every worker's metrics).
+POLL_SECONDS = 1.0
+#: Dask settings of fleetprobe's workers: no statistical profiler (by default it samples every
+#: thread's stack 100 times a second; a slice's thread is an event loop with deep stacks).
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 def _dask() -> Any:
@@ -118,12 +128,53 @@ def _task(job: WorkerJob, queue: str, stop: str, guard: str) -> str:
         watcher = threading.Thread(target=watch, name=f"fleetprobe-stop-{job.index}", daemon=True)
         watcher.start()
         try:
-            await run_slice(job, lambda items: q.put((job.index, items)), interrupted)
+            await run_slice(job, outbox.put, interrupted, SEND_SECONDS)
         finally:
             over.set()
 
-    asyncio.run(go())
+    outbox = _Sender(lambda items: q.put((job.index, items)), f"fleetprobe-send-{job.index}")
+    try:
+        asyncio.run(go())
+    finally:
+        outbox.close()
     return "done"
+
+
+class _Sender:
+    """A slice's queue puts, made by a thread of their own: a put is a round trip through the scheduler
+    (pickled, sent, acknowledged), and made on the slice's loop it would stall every host of the slice
+    for that long.  What piles up while a put is under way goes out as one item after it (in order)."""
+
+    def __init__(self, put: Callable[[list[tuple[Any, ...]]], None], name: str) -> None:
+        """Start the thread; ``put`` sends one list of items."""
+        self._put = put
+        self._pending: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, items: list[tuple[Any, ...]]) -> None:
+        """Queue ``items`` (never blocks)."""
+        self._pending.put(items)
+
+    def _run(self) -> None:
+        last = False
+        while not last:
+            first = self._pending.get()
+            if first is None:
+                return
+            batch = list(first)
+            while not self._pending.empty():
+                more = self._pending.get()
+                if more is None:
+                    last = True
+                    break
+                batch += more
+            self._put(batch)
+
+    def close(self) -> None:
+        """Send what is queued and stop (the slice's last item, ``done``, is among it)."""
+        self._pending.put(None)
+        self._thread.join()
 
 
 @dataclass
@@ -216,7 +267,7 @@ async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], fut
         if interrupted.is_set() and not told_stop:
             told_stop = True
             await stop.set()
-        alive = set((await client.scheduler.identity()).get("workers", {}))
+        alive = set(await client.scheduler.ncores(workers=sorted({sl.worker for sl in slices if sl.worker})))
         for sl, fut in zip(slices, futures):
             if sl.index in lost or fut.done():
                 continue
@@ -259,9 +310,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nworkers", type=int, default=1, help="worker processes (one per core is sensible)")
     args = ap.parse_args(argv)
     _dask()
+    env = dict(os.environ)
+    for key, value in WORKER_CONFIG.items():
+        # Dask reads DASK_A__B__C as a.b.c (its documented environment form).
+        env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
     return subprocess.call([sys.executable, "-m", "distributed.cli.dask_worker", args.scheduler,
                             "--nthreads", "1", "--nworkers", str(args.nworkers),
-                            "--resources", f"{RESOURCE}{args.zone}=1"])
+                            "--resources", f"{RESOURCE}{args.zone}=1"], env=env)
 
 
 if __name__ == "__main__":

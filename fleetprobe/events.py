@@ -7,6 +7,7 @@ writes the same bytes as the exact one-event-at-a-time path.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
@@ -150,12 +152,17 @@ class EventWriter:
     encoded only once.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, on_closed: Callable[[], None] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, on_closed: Callable[[], None] | None = None,
+                 shared: SharedFd | None = None) -> None:
         """Open ``path`` for writing (truncates); ``-`` is standard output (``--events -``).
 
         Standard output is written at every batch, not once a second: a reader of the pipe
         (``--events - | jq``) sees events as they come.  When that reader goes away (EPIPE),
         ``on_closed`` is called once (the CLI ends the run there).
+
+        ``shared``: write to that descriptor instead of opening ``path`` (named in errors), which
+        other processes write too (the worker processes of one run, see fleetprobe.workers): each
+        flush is one locked append of whole lines, so lines never interleave.
         """
         self.on_closed = on_closed
         self.path = Path(path)
@@ -167,7 +174,8 @@ class EventWriter:
         self.error = ""
         #: Events dropped after ``error``.
         self.dropped = 0
-        self._fd: int | None = _open_private_fd(self.path)
+        self._shared = shared
+        self._fd: int | None = os.dup(shared.fd) if shared is not None else _open_private_fd(self.path)
         # Our own buffer of whole lines (an io buffer would write a half line when it fills: a killed
         # controller would leave one, and a full disk another): flushed at FLUSH_BYTES, every
         # FLUSH_SECONDS (see flush_due) and at every host's end.
@@ -207,20 +215,21 @@ class EventWriter:
         data = "".join(self._pending).encode("utf-8", "replace")
         events = self._pending_events
         self._pending, self._pending_events, self._pending_len = [], 0, 0
-        view = memoryview(data)
         try:
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            if self._shared is not None:
+                self._shared.append(self._fd, data)
+            else:
+                _write_all(self._fd, data)
         except OSError as exc:
             self.error = f"{self.path}: {exc.strerror or exc} after {self.written} events"
             if isinstance(exc, BrokenPipeError) and self.on_closed is not None:
                 self.on_closed()
             self.dropped += events
-            try:
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                pass
+            if self._shared is None:
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    pass
             return
         self._size += len(data)
         self.written += events
@@ -292,6 +301,74 @@ class EventWriter:
         self.close()
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (os.write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@dataclass(frozen=True)
+class SharedFd:
+    """A descriptor several processes append whole lines to, and the lock file they take turns by.
+
+    Both descriptors are inherited from the parent (a worker never reopens the events file by its
+    path, which could be swapped under it).  The lock is a POSIX record lock on a file of its own
+    (``lockf``: owned per process, so processes sharing one inherited descriptor still exclude each
+    other; a pipe or terminal takes no lock itself).
+    """
+
+    fd: int
+    lock_fd: int
+
+    def append(self, fd: int, data: bytes) -> None:
+        """``data`` (whole lines) on ``fd`` (a dup of ``self.fd``) in one turn: at the end of a regular
+        file, cut back to where it was on a write error (ENOSPC): no half line, whoever wrote before."""
+        fcntl.lockf(self.lock_fd, fcntl.LOCK_EX)
+        try:
+            try:
+                start: int | None = os.lseek(fd, 0, os.SEEK_END)
+            except OSError:
+                start = None  # a pipe or a terminal: no offset
+            if start:
+                start = cut_to_whole_lines(fd, start)
+            try:
+                _write_all(fd, data)
+            except OSError:
+                if start is not None:
+                    try:
+                        os.ftruncate(fd, start)
+                        os.lseek(fd, start, os.SEEK_SET)
+                    except OSError:
+                        pass
+                raise
+        finally:
+            fcntl.lockf(self.lock_fd, fcntl.LOCK_UN)
+
+
+def cut_to_whole_lines(fd: int, size: int) -> int:
+    """The file's size once cut back to its last whole line (a writer killed in the middle of a write,
+    whose lock died with it, leaves part of its last line): what follows starts on a line of its own.
+    A descriptor that cannot be read (O_WRONLY) is left as it is."""
+    try:
+        if os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        end = size
+        while end > 0:
+            begin = max(0, end - 65536)
+            block = os.pread(fd, end - begin, begin)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                end = begin + nl + 1
+                break
+            end = begin
+        os.ftruncate(fd, end)
+        os.lseek(fd, end, os.SEEK_SET)
+        return end
+    except OSError:
+        return size
+
+
 def _finite(data: dict[str, object]) -> dict[str, object]:
     """``data`` (an event's JSON dict) with every non-finite float, top level or in fields, as None."""
     def fix(v: object) -> object:
@@ -303,12 +380,13 @@ def _finite(data: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def _open_private_fd(path: Path) -> int:
+def _open_private_fd(path: Path, *, readable: bool = False) -> int:
     """A raw descriptor for :func:`fleetprobe.outfiles.open_private`'s file (0600, never through a
-    symlink; ``-`` is standard output): the writer buffers whole lines itself."""
+    symlink; ``-`` is standard output): the writer buffers whole lines itself.  ``readable``: open it
+    read-write (a shared file is checked for a cut last line, see cut_to_whole_lines)."""
     if str(path) == "-":
         return os.dup(sys.stdout.fileno())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE)
+    fd = os.open(path, (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE)
     try:
         os.fchmod(fd, PRIVATE)
     except BaseException:

@@ -11,8 +11,10 @@ into N slices (round robin, in inventory order) and starts one worker process pe
   report is the same value one loop would have built (tests/test_workers.py checks it);
 * keeps the live view: each worker forwards its observer calls (per-host states, event counts);
 * keeps each host's facts for the history store (``settings.on_facts``) and stores one run;
-* writes ``--events`` as one file: each worker writes its own part (whole lines, the same
-  EventWriter as one loop) and the parent joins the parts when the run ends;
+* writes ``--events`` as one file during the run, and ``--events -`` / ``--print`` on its stdout:
+  each worker appends its hosts' whole lines itself to the descriptors the parent opened, under
+  one lock (fleetprobe.eventout says why the workers write and not the parent); a host's lines
+  keep their order (a host is in one worker), and a killed parent leaves the file whole;
 * forwards Ctrl-C: the workers run in their own sessions (the terminal's SIGINT reaches only
   the parent), the first interrupt is passed on as SIGINT (each worker stops its runners, which
   tear down and say "clean"), a second as a second SIGINT (the worker cancels its hosts);
@@ -38,18 +40,15 @@ import gc
 import os
 import pickle
 import resource
-import shutil
 import signal
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from fleetprobe.events import EventWriter, _open_private_fd
+from fleetprobe.eventout import EventOutputs, Shared
 from fleetprobe.facts import Facts
 from fleetprobe.aggtables import AggProgress, AggResults, AggTable, HostTable
 from fleetprobe.inventory import Host
@@ -120,13 +119,13 @@ class WorkerStats:
 
 @dataclass
 class WorkerJob:
-    """What a worker runs: its slice, the playbook, the settings (its share of forks), its events part."""
+    """What a worker runs: its slice, the playbook, the settings (its share of forks), where events go."""
 
     index: int
     hosts: list[Host]
     playbook: Playbook
     settings: RunSettings
-    events_part: str | None = None
+    outputs: Shared | None = None
 
 
 class _RoutedResults(AggResults):
@@ -241,9 +240,15 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
     main = asyncio.current_task()
     assert main is not None
 
+    signals = 0
+
     def on_signal() -> None:
         # As the CLI's single loop: the first stops the runners (they tear down), the second cancels.
-        if interrupted.is_set():
+        # Counted, not read off ``interrupted``: a worker that stopped by itself (stdout's reader gone)
+        # then gets the parent's first SIGINT, which must not cancel its teardown.
+        nonlocal signals
+        signals += 1
+        if signals > 1:
             main.cancel()
         interrupted.set()
 
@@ -271,13 +276,17 @@ async def _worker(job: WorkerJob, out: asyncio.StreamWriter) -> int:
     # to read (a busy machine) the end of the last frame, the hosts that ended last, would be lost
     # when the loop closes. With no high-water mark, drain() waits for every byte to be written.
     out.transport.set_write_buffer_limits(high=0)
-    await out.drain()
+    try:
+        await out.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the parent is gone (killed): our hosts tore down and our events are on disk
     return 0
 
 
 async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None],
-                    interrupted: asyncio.Event) -> None:
-    """The job's slice through run_fleet; what a parent needs goes to ``put`` as it happens, ``done`` last.
+                    interrupted: asyncio.Event, every: float = SEND_SECONDS) -> None:
+    """The job's slice through run_fleet; what a parent needs goes to ``put`` every ``every`` seconds
+    (one list of everything pending), ``done`` last.
 
     A local worker's ``put`` writes a frame on its stdout; a cluster task's puts a Dask queue item.
     """
@@ -286,23 +295,31 @@ async def run_slice(job: WorkerJob, put: Callable[[list[tuple[Any, ...]]], None]
     box = _Outbox(put, pairs)
     sink = _PerHost(pairs)
     settings = replace(job.settings, on_facts=box.facts)
-    writer = EventWriter(job.events_part) if job.events_part else None
+
+    def stdout_closed() -> None:
+        # Our hosts stop now; the parent hears it at once and stops the other workers (as one loop does).
+        interrupted.set()
+        box.messages.append(("stdout_closed",))
+        box.send()
+
+    opened = job.outputs.open_in_worker(stdout_closed) if job.outputs is not None else None
     ticker: asyncio.TimerHandle | None = None
 
     def tick() -> None:
         nonlocal ticker
         box.send()
-        ticker = loop.call_later(SEND_SECONDS, tick)
+        ticker = loop.call_later(every, tick)
 
-    ticker = loop.call_later(SEND_SECONDS, tick)
+    ticker = loop.call_later(every, tick)
     try:
-        await run_fleet(job.hosts, job.playbook, settings, sink, events=writer, observer=box,
-                        interrupted=interrupted, on_outcome=lambda o: box.host_done(sink.finished(o)))
+        await run_fleet(job.hosts, job.playbook, settings, sink, events=opened.sink if opened else None,
+                        observer=box, interrupted=interrupted, on_outcome=lambda o: box.host_done(sink.finished(o)))
     finally:
         ticker.cancel()
-        if writer is not None:
-            writer.close()
+        if opened is not None:
+            opened.close()
     use = resource.getrusage(resource.RUSAGE_SELF)
+    writer = opened.counted if opened is not None else None
     box.send(("done", writer.written if writer else None, writer.error if writer else "",
               WorkerStats(job.index, os.getpid(), len(job.hosts), use.ru_utime + use.ru_stime, use.ru_maxrss)))
 
@@ -366,7 +383,6 @@ class _Child(_Slice):
     """A slice run by a local worker process."""
 
     proc: asyncio.subprocess.Process = field(kw_only=True)
-    events_part: str | None = None
     stderr: bytearray = field(default_factory=bytearray)
     problem: str = ""
 
@@ -380,6 +396,8 @@ class Merger:
         self.obs = observer or NullObserver()
         self.on_facts = settings.on_facts
         self.stats = stats
+        #: Called once when a worker says stdout's reader is gone (``--print | head``).
+        self.on_stdout_closed: Callable[[], None] | None = None
         self.started = time.time()
 
     def apply(self, sl: _Slice, items: list[tuple[Any, ...]]) -> None:
@@ -390,19 +408,6 @@ class Merger:
                 _, host, state, detail = item
                 sl.state[host] = state
                 self.obs.set_state(host, state, detail)
-            elif kind == "events":
-                for host, count in item[1].items():
-                    self.obs.add_events(host, count)
-            elif kind == "live":
-                live = getattr(self.obs, "probes_live", None)
-                if live is not None:
-                    live(item[1], item[2])
-            elif kind == "aggs":
-                for host, progress in item[1].items():
-                    self.obs.set_aggregates(host, progress)
-            elif kind == "facts":
-                if self.on_facts is not None:
-                    self.on_facts(item[1], item[2])
             elif kind == "hosts":
                 chunk: FleetAggregate = item[1]
                 sl.reported.update(chunk.outcomes)
@@ -411,6 +416,29 @@ class Merger:
                 sl.done, sl.events_written, sl.events_error = True, item[1], item[2]
                 if self.stats is not None:
                     self.stats.append(item[3])
+            else:
+                self._tell(item)
+
+    def _tell(self, item: tuple[Any, ...]) -> None:
+        """The items that only inform (the live view, the store's facts, stdout's reader gone)."""
+        kind = item[0]
+        if kind == "events":
+            for host, count in item[1].items():
+                self.obs.add_events(host, count)
+        elif kind == "live":
+            live = getattr(self.obs, "probes_live", None)
+            if live is not None:
+                live(item[1], item[2])
+        elif kind == "aggs":
+            for host, progress in item[1].items():
+                self.obs.set_aggregates(host, progress)
+        elif kind == "facts":
+            if self.on_facts is not None:
+                self.on_facts(item[1], item[2])
+        elif kind == "stdout_closed":
+            told, self.on_stdout_closed = self.on_stdout_closed, None
+            if told is not None:
+                told()
 
     def fail_lost(self, sl: _Slice, why: str, evidence: str, cleanup: str) -> None:
         """Each host of ``sl`` whose results never arrived: FAILED where it stood, saying why."""
@@ -436,33 +464,38 @@ class Merger:
 
 async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settings: RunSettings, *,
                                workers: int | None = None, observer: Observer | None = None,
-                               events_path: str | None = None, interrupted: asyncio.Event | None = None,
-                               inventory: str = "", argv: list[str] | None = None,
-                               stats: list[WorkerStats] | None = None) -> FleetReport:
+                               events_path: str | None = None, outputs: EventOutputs | None = None,
+                               interrupted: asyncio.Event | None = None, inventory: str = "",
+                               argv: list[str] | None = None, stats: list[WorkerStats] | None = None) -> FleetReport:
     """:func:`fleetprobe.orchestrate.run_playbook` over worker processes: the same report.
 
     ``workers`` None: every core this process may use (see :func:`worker_count`); one worker
     is the single loop in this process, as is a run whose settings cannot go to another
-    process (a ``connect`` hook that is not a module-level function).  ``stats`` gets each
-    worker's CPU and peak memory as it ends.
+    process (a ``connect`` hook that is not a module-level function).  Raw events go to
+    ``outputs`` (``events_path`` alone is ``EventOutputs(path=events_path)``); the report's
+    event counts are those of the user's destination (``--events -`` when given, else the file).
+    ``stats`` gets each worker's CPU and peak memory as it ends.
     """
+    if events_path and outputs is not None:
+        raise ValueError("run_playbook_workers: pass events_path or outputs, not both")
+    outputs = outputs or EventOutputs(path=events_path)
     hosts = list(hosts)
     n = worker_count(workers, len(hosts), settings.forks, playbook)
     if n > 1 and not _can_send(replace(settings, on_facts=None)):
         n = 1
     if n <= 1:
-        return await run_playbook(hosts, playbook, settings, observer=observer, events_path=events_path,
-                                  interrupted=interrupted, inventory=inventory, argv=argv)
+        return await _one_loop(hosts, playbook, settings, outputs, observer=observer, interrupted=interrupted,
+                               inventory=inventory, argv=argv)
     interrupted = interrupted or asyncio.Event()
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
     merger = Merger(playbook, settings, observer, stats)
-    parts_dir = _parts_dir(events_path, run_id) if events_path else None
+    merger.on_stdout_closed = outputs.on_stdout_closed
+    shared = outputs.share() if outputs.any else None
     children: list[_Child] = []
     try:
         for i, (slice_, forks) in enumerate(zip(split_hosts(hosts, n), fork_shares(settings.forks, n))):
-            part = str(parts_dir / f"worker-{i}.jsonl") if parts_dir is not None else None
-            job = WorkerJob(i, slice_, playbook, replace(settings, forks=forks, on_facts=None), part)
+            job = WorkerJob(i, slice_, playbook, replace(settings, forks=forks, on_facts=None), shared)
             children.append(await _start(job))
         forward = asyncio.ensure_future(_forward_interrupt(interrupted, children))
         try:
@@ -474,20 +507,38 @@ async def run_playbook_workers(hosts: Sequence[Host], playbook: Playbook, settin
             raise
         finally:
             forward.cancel()
-        written, truncated = _join_events(children, events_path) if events_path else (None, "")
     finally:
         for c in children:
             if c.proc.returncode is None:
                 c.proc.kill()
                 await c.proc.wait()
-        if parts_dir is not None:
-            shutil.rmtree(parts_dir, ignore_errors=True)
+        # A worker that died said nothing of the lines it flushed since its last frame: count the file.
+        in_file = shared.settle() if shared is not None and not all(c.done for c in children) else None
+        if shared is not None:
+            shared.close()
     for c in children:
         merger.fail_lost(c, _died(c), c.stderr.decode("utf-8", "replace")[-STDERR_TAIL:],
                          "timer (its worker process died)")
     report = merger.report(hosts, playbook, run_id, inventory, argv)
-    if events_path:
-        report.run.events_written, report.run.events_truncated = written, truncated
+    if outputs.path or outputs.stdout_json:
+        counted = sum(c.events_written or 0 for c in children)
+        report.run.events_written = in_file if in_file is not None and not outputs.stdout_json else counted
+        report.run.events_truncated = "; ".join(c.events_error for c in children if c.events_error)
+    return report
+
+
+async def _one_loop(hosts: list[Host], playbook: Playbook, settings: RunSettings, outputs: EventOutputs, *,
+                    observer: Observer | None, interrupted: asyncio.Event | None, inventory: str,
+                    argv: list[str] | None) -> FleetReport:
+    """The run on this process's loop, its raw events to ``outputs``' sinks written from here."""
+    opened = outputs.open_here()
+    try:
+        report = await run_playbook(hosts, playbook, settings, observer=observer, events=opened.sink,
+                                    interrupted=interrupted, inventory=inventory, argv=argv)
+    finally:
+        opened.close()
+    if opened.counted is not None:
+        report.run.events_written, report.run.events_truncated = opened.counted.written, opened.counted.error
     return report
 
 
@@ -500,24 +551,20 @@ def _can_send(settings: RunSettings) -> bool:
     return True
 
 
-def _parts_dir(events_path: str, run_id: str) -> Path:
-    """A private folder for the workers' event parts: beside the file (same file system), or in /tmp for ``-``."""
-    where = None if events_path == "-" else (Path(events_path).parent or Path("."))
-    return Path(tempfile.mkdtemp(prefix=f".fp-events-{run_id}-", dir=where))
-
-
 async def _start(job: WorkerJob) -> _Child:
     """Start one worker process (in its own session: Ctrl-C reaches it only through the parent)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fleetprobe.workers", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        # The events file, stdout and their lock, shared by every worker (fleetprobe.eventout).
+        pass_fds=job.outputs.fds if job.outputs is not None else (),
         # Frames can be large (a chunk of finished hosts): the reader's limit is not a line limit here.
         limit=1 << 20)
     data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
     assert proc.stdin is not None
     proc.stdin.write(_FRAME.pack(len(data)) + data)
     await proc.stdin.drain()
-    return _Child(job.index, job.hosts, proc=proc, events_part=job.events_part)
+    return _Child(job.index, job.hosts, proc=proc)
 
 
 async def _serve(child: _Child, apply: Callable[[_Slice, list[tuple[Any, ...]]], None]) -> None:
@@ -596,33 +643,6 @@ def _died(child: _Child) -> str:
         how = f"exited with status {rc} before the end of the run"
     return (f"its worker process {child.index} (pid {child.proc.pid}) {how}: the host's results are lost; its "
             "runner removes the probes when the SSH link drops (its on-host timer does by the deadline otherwise)")
-
-
-def _join_events(children: list[_Child], path: str) -> tuple[int, str]:
-    """The workers' event parts, in worker order, as one file; (events written, why it stopped short)."""
-    written = 0
-    errors = [c.events_error for c in children if c.events_error]
-    fd = _open_private_fd(Path(path))
-    try:
-        for c in children:
-            if c.events_part is None or not os.path.exists(c.events_part):
-                continue
-            with open(c.events_part, "rb") as f:
-                tail = b""
-                while chunk := f.read(1 << 20):
-                    data = tail + chunk
-                    # Whole lines only: a worker killed in the middle of a write leaves half a line.
-                    end = data.rfind(b"\n") + 1
-                    tail = data[end:]
-                    written += data.count(b"\n", 0, end)
-                    view = memoryview(data)[:end]
-                    while view:
-                        view = view[os.write(fd, view):]
-    except OSError as exc:
-        errors.append(f"{path}: {exc.strerror or exc} after {written} events")
-    finally:
-        os.close(fd)
-    return written, "; ".join(errors)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,12 @@ from fleetprobe.cli.eventformat import FormatPrinter
 from fleetprobe.cli.history import open_store, write_reports
 from fleetprobe.cli.output import STDOUT
 from fleetprobe.errors import InputError
-from fleetprobe.events import EventWriter
+from fleetprobe.eventout import EventOutputs, PrinterFactory
 from fleetprobe.facts import Facts
 from fleetprobe.inventory import Host, Inventory
 from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
-from fleetprobe.render.eventlines import EventPrinter, Tee
-from fleetprobe.parse import EventSink
+from fleetprobe.render.eventlines import EventPrinter
 from fleetprobe.results import FleetReport
 from fleetprobe.settings import RunSettings
 from fleetprobe.shard import Shard, select_hosts
@@ -49,29 +49,27 @@ class RunExtras:
         keep = not getattr(args, "no_store", False) if store is None else store
         self.store: Store | None = open_store(args) if keep else None
         self.facts: dict[str, dict[str, Any]] = {}
+        #: The run's host names (known once hosts() picked the shard's).
+        self._hosts: list[str] = []
         self.run_id = getattr(args, "run_id", None) or new_run_id()
         self._tmp_events: Path | None = None
         user_events = getattr(args, "events", None)
-        #: Sinks besides the events file: the JSON lines of ``--events -`` and ``--print``'s lines.
-        self.sinks: list[EventSink] = []
-        #: The writer of ``--events -`` (its counts go into the report, as a file's do).
-        self._stdout_writer: EventWriter | None = None
+        #: ``--events -``: JSON lines on stdout (the store still gets the events through its temporary file).
+        self.stdout_json = user_events == STDOUT
         #: Set once the reader of stdout went away (``--print | head``): the run was ended for it.
         self.reader_gone = False
         #: Ends the run (the run's interrupted event's set(), once the run started).
         self.stop: Callable[[], None] | None = None
-        if user_events == STDOUT:
-            # Its own sink, not events_path: the store still gets the events through its temporary file.
-            self._stdout_writer = EventWriter(STDOUT, on_closed=self._stdout_closed)
-            self.sinks.append(self._stdout_writer)
+        if self.stdout_json:
             user_events = None
+        #: ``--print``'s printer class and its arguments (made where the events are written: this
+        #: process or each worker); the host column's width is set once the shard is known.
+        self._printer: dict[str, Any] | None = None
         if getattr(args, "print", False):
             formats = {p.name: p.print_format for p in playbook.probes if p.print_format is not None}
             names = [p.name for p in playbook.probes]
             # The playbook's print: formats where it has them (the plain printer's fast path otherwise).
-            self.sinks.append(FormatPrinter(sys.stdout, formats, probes=names, on_closed=self._stdout_closed)
-                              if formats else EventPrinter(sys.stdout, probes=names, on_closed=self._stdout_closed))
-        self._file_writer: EventWriter | None = None
+            self._printer = {"probes": names, "formats": formats} if formats else {"probes": names}
         if user_events:
             self.events_path: str | None = str(user_events)
         elif self.store is not None:
@@ -94,36 +92,21 @@ class RunExtras:
             if self.stop is not None:
                 self.stop()
 
-    def event_args(self) -> dict[str, Any]:
-        """run_playbook's keyword for the raw events: the events file alone, or every sink at once."""
-        if not self.sinks:
-            return {"events_path": self.events_path}
-        sinks = list(self.sinks)
-        if self.events_path:
-            self._file_writer = EventWriter(self.events_path)
-            sinks.insert(0, self._file_writer)
-        return {"events": sinks[0] if len(sinks) == 1 else Tee(*sinks)}
-
-    def events_done(self, report: FleetReport) -> None:
-        """After the run: close the writers this object made, and put the user's events destination's
-        counts in the report (run_playbook does that itself for the events file alone)."""
-        if not self.sinks:
-            return
-        for w in (self._file_writer, self._stdout_writer):
-            if w is not None:
-                w.close()
-        user = self._stdout_writer or self._file_writer
-        if user is not None:
-            report.run.events_written = user.written
-            report.run.events_truncated = user.error
+    def outputs(self) -> EventOutputs:
+        """Where the run's raw events go (run_playbook_workers writes them, on one loop or in each worker,
+        and puts the user's destination's counts in the report)."""
+        printer: PrinterFactory | None = None
+        if self._printer is not None:
+            kwargs = {**self._printer, "hosts": self._hosts}
+            printer = partial(FormatPrinter, **kwargs) if "formats" in kwargs else partial(EventPrinter, **kwargs)
+        return EventOutputs(path=self.events_path, stdout_json=self.stdout_json, printer=printer,
+                            on_stdout_closed=self._stdout_closed)
 
     def hosts(self, inventory: Inventory) -> tuple[Host, ...]:
         """This shard's hosts (all of them without ``--shard``); an empty shard is an input error."""
         shard: Shard | None = getattr(self.args, "shard", None)
         hosts = select_hosts(inventory.hosts, shard)
-        for sink in self.sinks:
-            if isinstance(sink, EventPrinter):
-                sink.align_hosts([h.name for h in hosts])
+        self._hosts = [h.name for h in hosts]
         if not hosts:
             raise InputError(f"shard {shard} of this inventory has no hosts" if shard else "the inventory has no hosts",
                              where=str(getattr(self.args, "inventory", "")),
@@ -166,10 +149,7 @@ class RunExtras:
         return written + write_reports(self.args, report, audit_result, self.playbook)
 
     def close(self) -> None:
-        """Close the event writers, remove the temporary events file and close the store."""
-        for w in (self._file_writer, self._stdout_writer):
-            if w is not None:
-                w.close()
+        """Remove the temporary events file and close the store."""
         if self._tmp_events is not None:
             self._tmp_events.unlink(missing_ok=True)
         if self.store is not None:

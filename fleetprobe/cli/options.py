@@ -312,6 +312,9 @@ def _add_history_parsers(sub: Any) -> None:
     _add_report_outputs(p)
     add_run_options(p, reports=False)
     p.add_argument("--events", metavar="FILE", help="also write every event as a JSON line ('-' for stdout)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="worker processes probing slices of the hosts; one merged report, judged once "
+                        "(default: the cores this process may use; 1: one event loop, in this process)")
     p.add_argument("--on-fail", metavar="CMD",
                    help="when the audit fails, run CMD (with sh -c) with the audit JSON on its stdin")
     p.add_argument("--prometheus", metavar="FILE",

@@ -52,7 +52,6 @@ from fleetprobe.orchestrate import cleanup_fleet
 from fleetprobe.orchestrate import facts_fleet
 from fleetprobe.kmod.builds import plan_module_builds
 from fleetprobe.orchestrate import plan_fleet
-from fleetprobe.orchestrate import run_playbook
 from fleetprobe.plan import group_of_instance, is_stale_instance
 from fleetprobe.playbook import load_playbook, parse_playbook
 from fleetprobe.render.live import LiveView
@@ -386,14 +385,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                                                       observer=observer, events_path=extras.events_path,
                                                       interrupted=interrupted, inventory=args.inventory,
                                                       argv=sys.argv)
-                ev = extras.event_args()
-                if "events" in ev:
-                    # --print / --events -: the events stream through this process as they come, so
-                    # the run is on this process's loop (workers write theirs to files).
-                    return await run_playbook(hosts, pb, settings, observer=observer, interrupted=interrupted,
-                                              inventory=args.inventory, argv=sys.argv, **ev)
+                # --events FILE, --events - and --print too: each worker writes its hosts' lines
+                # (whole, in each host's order) on the file or stdout the parent opened.
                 return await run_playbook_workers(hosts, pb, settings, workers=args.workers, observer=observer,
-                                                  events_path=ev["events_path"], interrupted=interrupted,
+                                                  outputs=extras.outputs(), interrupted=interrupted,
                                                   inventory=args.inventory, argv=sys.argv)
 
             # The live view only on a terminal, and not under --print (the events own the screen).
@@ -403,7 +398,6 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 return await over(LiveLine(names, live))
 
         report, interrupted = asyncio.run(_with_interrupt(go))
-        extras.events_done(report)
         # Every machine output first (JSON, store, HTML, Markdown; the events file is already
         # written): the summary is rendered from host text, and a bug there must cost no data.
         written = []
@@ -452,13 +446,14 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
             extras.stop = interrupted.set
-            return await run_playbook(hosts, pb, settings, interrupted=interrupted, observer=LiveLine(hosts_names),
-                                      inventory=args.inventory, argv=sys.argv, **extras.event_args())
+            # Over workers as `run` is: the verdict is judged here, on the one merged report, once.
+            return await run_playbook_workers(hosts, pb, settings, workers=args.workers, interrupted=interrupted,
+                                              observer=LiveLine(hosts_names), outputs=extras.outputs(),
+                                              inventory=args.inventory, argv=sys.argv)
 
         hosts_names = [h.name for h in hosts]
 
         report, interrupted = asyncio.run(_with_interrupt(go))
-        extras.events_done(report)
         if baseline_id is None:
             baseline_id = extras.store.previous_run(pb.name, before=report.run.run_id)
         baseline = extras.store.load_report(baseline_id) if baseline_id else None
