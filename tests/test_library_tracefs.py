@@ -35,6 +35,7 @@ pytestmark = [
 #: has one of a pair of names, and the planner skips the other with "does not exist on this kernel".
 ABSENT_ON_X86_64 = {
     "syscalls/sys_enter_sync_file_range2": "powerpc's (and 32-bit arm's) name for sync_file_range",
+    "syscalls/sys_enter_statfs64": "statfs64(2) exists on powerpc and 32-bit ABIs only (lab: ppc64le, mipsel)",
 }
 
 
