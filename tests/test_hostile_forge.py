@@ -103,7 +103,10 @@ def test_a_process_name_cannot_hold_a_fake_head(sim: SimFleet, tmp_path: Path, r
     assert not [e for e in events if e["pid"] == 1], [e for e in events if e["pid"] == 1][:3]
     mine = [e for e in events if e["fields"].get("path") == str(target)]
     comms = {e["comm"] for e in mine}
-    assert {"-1 [0] 1.1: ab:", "\\n-1 [0] 1.1: a:"} <= comms, (comms, mine[:3])
+    # Each shows under its own name, or as the kernel's "<...>" when its saved_cmdlines cache (128
+    # entries, every process on the machine) no longer holds the pid: seen in CI under load.
+    for comm in ("-1 [0] 1.1: ab:", "\\n-1 [0] 1.1: a:"):
+        assert comm in comms or "<...>" in comms, (comm, comms, mine[:3])
     assert {e["probe"] for e in mine} == {"a", "ab"}, mine[:3]
     assert host["unparsed_lines"] == 0 and host["unattributed_lines"] == 0, host
 
