@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import test_hostile_stream
 from fleetprobe.traceline import AMBIGUOUS, split_args
 from simhosts import SimFleet
-from test_failures import common_args, hosts_by_name, run_cli, write_playbook
-from test_hostile_stream import NOBODY, plant
+from test_hostile_stream import plant, run_while_nobody_runs
 
 pytestmark = [pytest.mark.tracefs]
 
@@ -34,35 +31,12 @@ needs_nobody = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") i
                                   reason="needs root and setpriv")
 
 
-def bash_as_nobody(shells: list[Path], target: Path, stop: threading.Event) -> None:
-    """As uid 65534, run each of ``shells`` (symlinks to bash) to exec ``target``, until stopped."""
-    while not stop.is_set():
-        for shell in shells:
-            subprocess.run([*NOBODY, str(shell), "-c", 'exec "$0"', str(target)], check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.05)
-
-
 def run_as_nobody(sim: SimFleet, tmp_path: Path, run_id: str, playbook: str, shells: list[Path],
-                  target: Path) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
-    """One run of ``playbook`` on one sim host while uid 65534 runs ``shells``: host outcome, events, report."""
-    sim.add("honest")
-    kh = sim.known_hosts_for(tmp_path / "known_hosts")
-    inv = sim.inventory(tmp_path / "inventory.yml", kh)
-    report = tmp_path / "report.json"
-    stop = threading.Event()
-    user = threading.Thread(target=bash_as_nobody, args=(shells, target, stop))
-    user.start()
-    try:
-        rc, text, _ = run_cli(["run", str(write_playbook(tmp_path, playbook)), *common_args(inv, run_id),
-                               "--json", str(report), "--events", str(tmp_path / "events.jsonl")])
-    finally:
-        stop.set()
-        user.join()
-    host = hosts_by_name(report)["honest"]
-    host["_rc"], host["_text"] = rc, text
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    return host, events, json.loads(report.read_text())
+                  target: Path) -> tuple[dict[str, object], list[dict[str, Any]]]:
+    """One run of ``playbook`` while uid 65534 runs each of ``shells`` (bash) to exec ``target``: host, events."""
+    commands = [[str(shell), "-c", 'exec "$0"', str(target)] for shell in shells]
+    host = run_while_nobody_runs(sim, tmp_path, run_id, playbook, commands)
+    return host, [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
 
 
 SHORT_NAMES_PLAYBOOK = """\
@@ -97,7 +71,7 @@ def test_a_process_name_cannot_hold_a_fake_head(sim: SimFleet, tmp_path: Path, r
         shell.symlink_to("/bin/bash")
         shells.append(shell)
     target = plant(hostile_dir, "target")
-    host, events, _ = run_as_nobody(sim, tmp_path, run_id, SHORT_NAMES_PLAYBOOK, shells, target)
+    host, events = run_as_nobody(sim, tmp_path, run_id, SHORT_NAMES_PLAYBOOK, shells, target)
     assert host["_rc"] == 0 and host["status"] == "ok", host
     assert host["framing"] == {"a": "sealed", "ab": "sealed"} and not host["forgeable"], host
     assert not [e for e in events if e["pid"] == 1], [e for e in events if e["pid"] == 1][:3]
@@ -135,7 +109,7 @@ def test_a_users_string_cannot_shadow_another_field(sim: SimFleet, tmp_path: Pat
     (path, argv0) between two numbers. Every field keeps the kernel's value: cmd and env stay the
     pointers, path and argv0 are the whole path, and no field 'z' appears."""
     target = plant(hostile_dir, SHADOW_NAME)
-    host, events, _ = run_as_nobody(sim, tmp_path, run_id, FIELDS_PLAYBOOK, [Path("/bin/bash")], target)
+    host, events = run_as_nobody(sim, tmp_path, run_id, FIELDS_PLAYBOOK, [Path("/bin/bash")], target)
     assert host["_rc"] == 0 and host["status"] == "ok", host
     assert host["framing"] == {"bash_exec": "sealed"}, host
     mine = [e for e in events if e["probe"] == "bash_exec" and "forged" in json.dumps(e["fields"])]

@@ -66,24 +66,26 @@ def plant(top: Path, name: str) -> Path:
     return path
 
 
-def exec_as_nobody(paths: list[Path], stop: threading.Event, via_bash: bool = False) -> None:
-    """Exec each path as uid 65534 (through bash's shell_execve if ``via_bash``), over and over, until stopped."""
+def as_nobody(commands: list[list[str]], stop: threading.Event) -> None:
+    """Run each command as uid 65534, over and over, until stopped."""
     while not stop.is_set():
-        for p in paths:
-            how = ["/bin/bash", "-c", 'exec "$0"', str(p)] if via_bash else [str(p)]
-            subprocess.run([*NOBODY, *how], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for argv in commands:
+            subprocess.run([*NOBODY, *argv], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.05)
 
 
-def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path], playbook: str = EXEC_PLAYBOOK,
-                  via_bash: bool = False) -> dict[str, object]:
-    """One run of ``playbook`` on one sim host while uid 65534 execs ``paths``; its host outcome."""
+def run_while_nobody_runs(sim: SimFleet, tmp_path: Path, run_id: str, playbook: str,
+                          commands: list[list[str]]) -> dict[str, object]:
+    """One run of ``playbook`` on one sim host while uid 65534 runs ``commands``; its host outcome.
+
+    The run's events are in ``tmp_path / "events.jsonl"``.
+    """
     sim.add("honest")
     kh = sim.known_hosts_for(tmp_path / "known_hosts")
     inv = sim.inventory(tmp_path / "inventory.yml", kh)
     report = tmp_path / "report.json"
     stop = threading.Event()
-    user = threading.Thread(target=exec_as_nobody, args=(paths, stop, via_bash))
+    user = threading.Thread(target=as_nobody, args=(commands, stop))
     user.start()
     try:
         rc, text, _ = run_cli(["run", str(write_playbook(tmp_path, playbook)), *common_args(inv, run_id),
@@ -94,6 +96,13 @@ def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path],
     host = hosts_by_name(report)["honest"]
     host["_rc"], host["_text"] = rc, text
     return host
+
+
+def run_with_user(sim: SimFleet, tmp_path: Path, run_id: str, paths: list[Path], playbook: str = EXEC_PLAYBOOK,
+                  via_bash: bool = False) -> dict[str, object]:
+    """One run of ``playbook`` while uid 65534 execs ``paths`` (through bash's shell_execve if ``via_bash``)."""
+    commands = [["/bin/bash", "-c", 'exec "$0"', str(p)] if via_bash else [str(p)] for p in paths]
+    return run_while_nobody_runs(sim, tmp_path, run_id, playbook, commands)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
