@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -53,3 +55,13 @@ def wait_enabled_sh(run_id: str, hosts: int, events: list[str], limit_s: int = 2
     want = hosts * len(events)
     return (f"n=0; until [ $(cat {files} 2>/dev/null | grep -c 1) -ge {want} ] || [ $n -ge {limit_s * 5} ]; "
             "do sleep 0.2; n=$((n+1)); done; ")
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``pred`` every 0.1 s until it is true; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

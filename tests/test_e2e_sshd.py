@@ -24,7 +24,7 @@ import pytest
 
 from fleetprobe.render.safe import SafeConsole
 
-from hostcheck import ensure_tracefs, fleetprobe_leftovers
+from hostcheck import ensure_tracefs, fleetprobe_leftovers, wait_for
 from fleetprobe.cli.main import main
 from hostcheck import own_run_id
 from sshhosts import SUBNET, Fleet, free_port, new_fleet
@@ -73,15 +73,6 @@ def marker(tmp_path: Path) -> Path:
     path = tmp_path / f"fp-marker-{uuid.uuid4().hex[:8]}"
     shutil.copy("/bin/true", path)
     return path
-
-
-def _wait_for(pred: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _run_id() -> str:
@@ -230,7 +221,7 @@ def test_ctrl_c_stops_cleans_and_reports(fleet: Fleet, marker: Path, tmp_path: P
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--duration", "60s", "--no-live",
                        "--run-id", rid, "--json", str(tmp_path / "r.json")], tmp_path)
     try:
-        _wait_for(lambda: _probing_hosts(rid) == 5, 30, "five instances probing")
+        wait_for(lambda: _probing_hosts(rid) == 5, 30, "five instances probing")
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(30)
@@ -255,12 +246,12 @@ def test_controller_killed_runner_cleans_when_link_drops(fleet: Fleet, tmp_path:
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--limit", "web1:web2",
                        "--duration", "120s", "--no-live", "--run-id", rid], tmp_path)
     try:
-        _wait_for(lambda: _probing_hosts(rid) == 2, 30, "two instances probing")
+        wait_for(lambda: _probing_hosts(rid) == 2, 30, "two instances probing")
         proc.kill()  # SIGKILL: no teardown from the controller at all
         proc.wait(10)
         # The kernel closes the dead controller's sockets; sshd closes the channel; each runner
         # sees EOF on stdin and removes its probes by itself, long before its deadline.
-        _wait_for(lambda: not _our_instances(rid), 20, "runners to clean up after the link dropped")
+        wait_for(lambda: not _our_instances(rid), 20, "runners to clean up after the link dropped")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -275,16 +266,16 @@ def test_runner_killed_watchdog_removes_probes(fleet: Fleet, tmp_path: Path, cle
     proc = _spawn_cli(["run", str(pb), "-i", str(fleet.inventory()), "--limit", "web3", "--duration", "3s",
                        "--teardown-slack", "2", "--grace", "1", "--no-live", "--run-id", rid], tmp_path)
     try:
-        _wait_for(lambda: _probing_hosts(rid) == 1, 30, "the instance")
+        wait_for(lambda: _probing_hosts(rid) == 1, 30, "the instance")
         ns = fleet.hosts[2].netns
         assert ns
         # SIGKILL the runner shell itself on the host (not its reader, not the watchdog).
         runner: list[int] = []
-        _wait_for(lambda: bool(runner.extend(_runner_pids(ns)) or runner), 10, "the runner process")
+        wait_for(lambda: bool(runner.extend(_runner_pids(ns)) or runner), 10, "the runner process")
         assert len(runner) == 1, runner
         os.kill(runner[0], signal.SIGKILL)
         assert _our_instances(rid), "killing the runner alone leaves the probes in place..."
-        _wait_for(lambda: not _our_instances(rid), 30, "...until the on-host watchdog removes them")
+        wait_for(lambda: not _our_instances(rid), 30, "...until the on-host watchdog removes them")
         proc.wait(60)
     finally:
         if proc.poll() is None:

@@ -279,13 +279,19 @@ def _run_id() -> str:
     return own_run_id("w")
 
 
-@pytest.mark.tracefs
-def test_cli_workers_one_report_one_events_file_one_stored_run(sim: SimFleet, tmp_path: Path, busy: None) -> None:
+def four_hosts(sim: SimFleet, tmp_path: Path, prefix: str, duration: str = "2s") -> tuple[Path, Path]:
+    """Four sim hosts ``<prefix>0..3`` and test_failures' PLAYBOOK for ``duration``: (inventory, playbook) paths."""
     for i in range(4):
-        sim.add(f"w{i}")
+        sim.add(f"{prefix}{i}")
     inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
     pb = tmp_path / "pb.yml"
-    pb.write_text(PLAYBOOK)
+    pb.write_text(PLAYBOOK.replace("duration: 2s", f"duration: {duration}"))
+    return inv, pb
+
+
+@pytest.mark.tracefs
+def test_cli_workers_one_report_one_events_file_one_stored_run(sim: SimFleet, tmp_path: Path, busy: None) -> None:
+    inv, pb = four_hosts(sim, tmp_path, "w")
     rid = _run_id()
     store = tmp_path / "history.db"
     report, events = tmp_path / "r.json", tmp_path / "events.jsonl"

@@ -28,9 +28,10 @@ from fleetprobe.events import SharedFd, cut_to_whole_lines
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from hostcheck import wait_for  # noqa: E402
 from simhosts import SimFleet, strict_sim  # noqa: E402
-from test_failures import PLAYBOOK, leftovers, common_args  # noqa: E402
-from test_workers import _children_of, _cmdline, _run_id  # noqa: E402
+from test_failures import leftovers, common_args  # noqa: E402
+from test_workers import _children_of, _cmdline, _run_id, four_hosts  # noqa: E402
 
 
 # --- the shared append ------------------------------------------------------------------------------
@@ -105,15 +106,6 @@ def _spawn(args: list[str], out: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
 
 
-def _wait(cond: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _whole_json_lines(data: bytes) -> list[dict[str, object]]:
     assert data.endswith(b"\n"), f"the file ends in half a line: {data[-200:]!r}"
     return [json.loads(line) for line in data.splitlines()]
@@ -122,22 +114,18 @@ def _whole_json_lines(data: bytes) -> list[dict[str, object]]:
 @pytest.mark.tracefs
 def test_parent_killed_mid_run_leaves_whole_lines_streamed_during_the_run(sim: SimFleet, tmp_path: Path,
                                                                           busy: None) -> None:
-    for i in range(4):
-        sim.add(f"e{i}")
-    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
-    pb = tmp_path / "pb.yml"
-    pb.write_text(PLAYBOOK.replace("duration: 2s", "duration: 60s"))
+    inv, pb = four_hosts(sim, tmp_path, "e", "60s")
     rid = _run_id()
     events = tmp_path / "events.jsonl"
     proc = _spawn(["run", str(pb), *common_args(inv, rid), "--workers", "2", "--events", str(events),
                    "--no-store"], tmp_path / "out.txt")
     try:
-        _wait(lambda: _probing(rid) == 4 or proc.poll() is not None, 40, "four hosts probing")
+        wait_for(lambda: _probing(rid) == 4 or proc.poll() is not None, 40, "four hosts probing")
         assert _probing(rid) == 4, (tmp_path / "out.txt").read_text()
         workers = _workers_of(proc.pid)
         assert len(workers) == 2, workers
         # Events reach the file while the run goes on (each worker flushes at least once a second).
-        _wait(lambda: events.exists() and events.stat().st_size > 0, 10, "events in the file during the run")
+        wait_for(lambda: events.exists() and events.stat().st_size > 0, 10, "events in the file during the run")
         time.sleep(1.5)
         during = events.read_bytes()
         hosts_during = {json.loads(x)["host"] for x in during.splitlines() if x.endswith(b"}")}
@@ -145,7 +133,7 @@ def test_parent_killed_mid_run_leaves_whole_lines_streamed_during_the_run(sim: S
         proc.kill()  # SIGKILL: the parent writes nothing more, ever
         proc.wait(10)
         # The workers see their stdin end, stop their hosts (teardown) and flush their last whole lines.
-        _wait(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 30, "the workers to end")
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 30, "the workers to end")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -154,7 +142,7 @@ def test_parent_killed_mid_run_leaves_whole_lines_streamed_during_the_run(sim: S
     assert len(lines) >= len(during.splitlines()), "nothing written during the run was lost"
     assert {x["host"] for x in lines} == {"e0", "e1", "e2", "e3"}
     assert all(x["probe"] in ("exec", "fork") for x in lines)
-    _wait(lambda: leftovers(rid) == [], 20, "the runners to remove their probes")
+    wait_for(lambda: leftovers(rid) == [], 20, "the runners to remove their probes")
 
 
 def _per_host_in_order(rows: list[tuple[str, float]]) -> None:
@@ -164,21 +152,22 @@ def _per_host_in_order(rows: list[tuple[str, float]]) -> None:
         last[host] = ts
 
 
+def _run_over_two_workers(pb: Path, inv: Path, rid: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    """``fleetprobe run PB`` over 2 workers, no store, in a process of its own; it must exit 0."""
+    done = subprocess.run([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, rid),
+                           "--workers", "2", "--no-store", *extra], cwd=ROOT, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    return done
+
+
 @pytest.mark.tracefs
 def test_events_to_stdout_and_print_over_workers(sim: SimFleet, tmp_path: Path, busy: None) -> None:
     """``--events -`` over two workers: whole JSON lines, each host's in order, counted in the report;
     ``--print`` and a playbook's ``print:`` format over two workers: whole lines, host first, every host."""
-    for i in range(4):
-        sim.add(f"p{i}")
-    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
-    pb = tmp_path / "pb.yml"
-    pb.write_text(PLAYBOOK)
+    inv, pb = four_hosts(sim, tmp_path, "p")
     rid = _run_id()
     report = tmp_path / "r.json"
-    done = subprocess.run([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, rid),
-                           "--workers", "2", "--events", "-", "--json", str(report), "--no-store"],
-                          cwd=ROOT, capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr.decode()
+    done = _run_over_two_workers(pb, inv, rid, "--events", "-", "--json", str(report))
     lines = _whole_json_lines(done.stdout)
     data = json.loads(report.read_text())
     assert data["run"]["events_written"] == len(lines) == sum(h["events"] for h in data["hosts"]) > 0
@@ -187,9 +176,7 @@ def test_events_to_stdout_and_print_over_workers(sim: SimFleet, tmp_path: Path, 
     assert leftovers(rid) == []
 
     rid = _run_id()
-    done = subprocess.run([sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, rid),
-                           "--workers", "2", "--print", "--no-store"], cwd=ROOT, capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr.decode()
+    done = _run_over_two_workers(pb, inv, rid, "--print")
     out = done.stdout.decode()
     assert out.endswith("\n")
     printed = out.splitlines()
@@ -204,9 +191,7 @@ def test_events_to_stdout_and_print_over_workers(sim: SimFleet, tmp_path: Path, 
     fmt = tmp_path / "fmt.yml"
     fmt.write_text("name: execprint\nduration: 2s\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n"
                    "    print: \"{comm} ran {filename}\"\n")
-    done = subprocess.run([sys.executable, "-m", "fleetprobe", "run", str(fmt), *common_args(inv, rid),
-                           "--workers", "2", "--no-store"], cwd=ROOT, capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr.decode()
+    done = _run_over_two_workers(fmt, inv, rid)
     printed = done.stdout.decode().splitlines()
     assert printed and all(line.split()[1] == "exec" and " ran /" in line for line in printed), printed[:5]
     assert {line.split()[0] for line in printed} == {"p0", "p1", "p2", "p3"}
@@ -216,11 +201,7 @@ def test_events_to_stdout_and_print_over_workers(sim: SimFleet, tmp_path: Path, 
 @pytest.mark.tracefs
 def test_print_into_head_ends_the_run_over_workers(sim: SimFleet, tmp_path: Path, busy: None) -> None:
     """The reader of stdout goes away: every worker stops its hosts (clean teardown), exit 0, no worker left."""
-    for i in range(4):
-        sim.add(f"h{i}")
-    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
-    pb = tmp_path / "pb.yml"
-    pb.write_text(PLAYBOOK.replace("duration: 2s", "duration: 60s"))
+    inv, pb = four_hosts(sim, tmp_path, "h", "60s")
     rid = _run_id()
     report = tmp_path / "r.json"
     cli = " ".join(["exec", sys.executable, "-m", "fleetprobe", "run", str(pb), *common_args(inv, rid),
@@ -241,11 +222,7 @@ def test_print_into_head_ends_the_run_over_workers(sim: SimFleet, tmp_path: Path
 
 @pytest.mark.tracefs
 def test_audit_over_two_workers_one_result_line_and_its_exit(sim: SimFleet, tmp_path: Path, busy: None) -> None:
-    for i in range(4):
-        sim.add(f"a{i}")
-    inv = sim.inventory(tmp_path / "inv.yml", sim.known_hosts_for(tmp_path / "kh"))
-    pb = tmp_path / "pb.yml"
-    pb.write_text(PLAYBOOK.replace("duration: 2s", "duration: 4s"))
+    inv, pb = four_hosts(sim, tmp_path, "a", "4s")
     store = tmp_path / "history.db"
     args = ["audit", str(pb), "-i", str(inv), "--ssh-config", "none", "--no-agent", "--connect-timeout", "2",
             "--setup-timeout", "3", "--store", str(store), "--workers", "2", "--json", str(tmp_path / "r.json")]
