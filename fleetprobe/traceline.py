@@ -259,21 +259,7 @@ def split_args(args: str) -> tuple[str, dict[str, str]]:
         args = args[close + 2:]
     values: dict[str, str] = {}
     if '"' not in args:
-        last = ""
-        for tok in args.split(" "):
-            name, eq, value = tok.partition("=")
-            if eq and name:
-                if name in values:
-                    # The kernel prints each field once: a second ``name=`` came from a string a
-                    # user chose (a comm ``x pid=1``). Which one is the kernel's is not knowable
-                    # here, so neither value is kept (issue 11 #2; sealed lines are split by layout).
-                    values[name] = AMBIGUOUS
-                    last = ""
-                    continue
-                values[name] = value
-                last = name
-            elif last and tok:
-                values[last] += " " + tok
+        _split_plain(args, values)
         return site, values
     if STRING_END in args:
         return site, _split_ended(args)
@@ -311,11 +297,20 @@ def _split_ended(args: str) -> dict[str, str]:
 
 
 def _split_plain(text: str, values: dict[str, str]) -> None:
-    """Unquoted ``name=value`` tokens into ``values`` (a token without ``=`` continues the last value)."""
+    """Unquoted ``name=value`` tokens into ``values`` (a token without ``=`` continues the last value).
+
+    The kernel prints each field once: a second ``name=`` came from a string a user chose (a comm
+    ``x pid=1``). Which one is the kernel's is not knowable here, so the field is :data:`AMBIGUOUS`
+    (issue 11 #2; a sealed line's strings are split off by their ends first, see _split_ended).
+    """
     last = ""
     for tok in text.split(" "):
         name, eq, value = tok.partition("=")
         if eq and name:
+            if name in values:
+                values[name] = AMBIGUOUS
+                last = ""
+                continue
             values[name] = value
             last = name
         elif last and tok:
@@ -362,7 +357,7 @@ def _split_quoted(args: str) -> dict[str, str]:
             if end < 0:
                 end = n
         pos = end
-        if name in values:  # printed twice: see split_args
+        if name in values:  # printed twice: see _split_plain
             values[name] = AMBIGUOUS
             last = ""
             continue
