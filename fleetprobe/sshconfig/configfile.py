@@ -285,17 +285,20 @@ class Reader:
                               self.ctx.host.name, "Match exec")
 
 
+#: OpenSSH's spelling of the lower-cased keywords messages name (one dict, not one per call).
+_KEY_NAMES = {"stricthostkeychecking": "StrictHostKeyChecking", "userknownhostsfile": "UserKnownHostsFile",
+              "proxyjump": "ProxyJump", "proxycommand": "ProxyCommand", "localforward": "LocalForward",
+              "remoteforward": "RemoteForward", "dynamicforward": "DynamicForward", "remotecommand": "RemoteCommand",
+              "knownhostscommand": "KnownHostsCommand", "bindaddress": "BindAddress", "bindinterface": "BindInterface",
+              "certificatefile": "CertificateFile", "pkcs11provider": "PKCS11Provider", "checkhostip": "CheckHostIP",
+              "verifyhostkeydns": "VerifyHostKeyDNS", "canonicalizehostname": "CanonicalizeHostname",
+              "tunnel": "Tunnel", "addressfamily": "AddressFamily", "proxyusefdpass": "ProxyUseFdpass",
+              "securitykeyprovider": "SecurityKeyProvider"}
+
+
 def key_name(key: str) -> str:
     """OpenSSH's spelling of a lower-cased keyword, for messages."""
-    names = {"stricthostkeychecking": "StrictHostKeyChecking", "userknownhostsfile": "UserKnownHostsFile",
-             "proxyjump": "ProxyJump", "proxycommand": "ProxyCommand", "localforward": "LocalForward",
-             "remoteforward": "RemoteForward", "dynamicforward": "DynamicForward", "remotecommand": "RemoteCommand",
-             "knownhostscommand": "KnownHostsCommand", "bindaddress": "BindAddress", "bindinterface": "BindInterface",
-             "certificatefile": "CertificateFile", "pkcs11provider": "PKCS11Provider", "checkhostip": "CheckHostIP",
-             "verifyhostkeydns": "VerifyHostKeyDNS", "canonicalizehostname": "CanonicalizeHostname",
-             "tunnel": "Tunnel", "addressfamily": "AddressFamily", "proxyusefdpass": "ProxyUseFdpass",
-             "securitykeyprovider": "SecurityKeyProvider"}
-    return names.get(key, key)
+    return _KEY_NAMES.get(key, key)
 
 
 def expand_hostname(value: str, original: str) -> str:

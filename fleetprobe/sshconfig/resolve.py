@@ -3,8 +3,9 @@ ProxyJump chain hop by hop."""
 
 from __future__ import annotations
 
-import getpass
+import functools
 import os
+import pwd
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -136,11 +137,18 @@ def _resolve(host: Host, name: str, cmdline: list[tuple[str, list[str]]], files:
 
 
 def _local_user() -> str:
-    """%u: the local user's name (its uid when the passwd database has none)."""
+    """%u and the default user: the passwd name of this process's uid, as ssh takes it (getpwuid, not
+    $USER or $LOGNAME); its uid when the passwd database has none."""
+    return _user_of(os.getuid())
+
+
+@functools.lru_cache(maxsize=4)
+def _user_of(uid: int) -> str:
+    """One passwd lookup per uid and process: it was one per host (a getpwuid is ~0.1 ms, issue 15)."""
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _read_settings(host: Host, name: str, local_user: str, cmdline: list[tuple[str, list[str]]],
