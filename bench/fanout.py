@@ -15,6 +15,10 @@ interleaved round by round, runs each client as its own child process:
   asyncssh    bare asyncssh: connect, one command, close (asyncssh's default ciphers)
   asyncssh-gcm  the same with fleetprobe's cipher preference (transport.PREFERRED_CIPHERS):
               fleetprobe's overhead over the library on equal terms
+  asyncssh-runner  bare asyncssh (gcm) doing fp-run's exchange byte for byte: the runner command, its
+              script, read to the facts' end, the plan (computed once, before the section), read to
+              ``bye``: the protocol's own cost in asyncssh, without fleetprobe's parsing, planning,
+              clock, watchdog or report (what separates fp-run from it is fleetprobe's Python)
   pssh        parallel-ssh (libssh2) run_command + join
   openssh     OpenSSH ssh processes under xargs -P FORKS
   ansible     ansible all -m raw (ControlMaster off: no persistent masters left behind)
@@ -54,7 +58,8 @@ ROOT = BENCH.parent
 PEERS_VENV = Path(os.environ.get("FP_BENCH_PEERS", "/tmp/fp-bench/peers"))
 COMMAND = "uname -m; cat /proc/version"
 FIRST_PORT = 21000
-ALL_KINDS = ("fp-run", "fp-run-w2", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh", "openssh", "ansible")
+ALL_KINDS = ("fp-run", "fp-run-w2", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner", "pssh", "openssh",
+             "ansible")
 
 
 # --- simulated hosts ------------------------------------------------------------------------
@@ -211,9 +216,74 @@ class StartRecorder:
                 "setup_s_max": max(setup) if setup else None}
 
 
+async def _runner_client(spec: dict[str, Any], command: str, script: bytes, plan: bytes) -> dict[str, Any]:
+    """asyncssh-runner: fp-run's exchange with each host in bare asyncssh (setup bounded by forks, as fp-run's)."""
+    from fleetprobe.session import PREFERRED_CIPHERS
+    sem = asyncio.Semaphore(spec["forks"])
+    known = asyncssh.read_known_hosts(spec["known_hosts"])
+    keys = asyncssh.load_keypairs([spec["key"]])
+    ok = 0
+
+    async def one(port: int) -> None:
+        nonlocal ok
+        async with sem:
+            conn = await asyncssh.connect("127.0.0.1", port, username="root", client_keys=keys, known_hosts=known,
+                                          config=[], agent_path=None, encryption_algs=PREFERRED_CIPHERS)
+            proc = await conn.create_process(command, encoding=None)
+            proc.stdin.write(script)
+            buf = bytearray()
+            facts = await _read_until(proc, b"\n@@end\n", buf)
+        async with conn:
+            proc.stdin.write(plan)
+            if facts and await _read_until(proc, b" bye\n", buf):
+                await proc.wait()
+                ok += proc.exit_status == 0
+
+    res = await asyncio.gather(*(one(p) for p in spec["ports"]), return_exceptions=True)
+    errors = [repr(r) for r in res if isinstance(r, BaseException)]
+    return {"ok": ok, "errors": errors[:3], "n_errors": len(errors)}
+
+
+def _runner_exchange(spec: dict[str, Any]) -> tuple[str, bytes, bytes]:
+    """The command, script and plan fp-run sends a simulated host (its execsnoop plan for the captured
+    facts, one fixed secret and seal), computed before the section: asyncssh-runner only moves bytes."""
+    from fleetprobe.facts import parse_facts
+    from fleetprobe.playbook import load_playbook
+    from fleetprobe.plan import new_run_id, plan_host
+    from fleetprobe.runner.channel import _facts_words
+    from fleetprobe.runner.runner import plan_directives, runner_script
+    from fleetprobe.seal import new_seal
+    from fleetprobe.session import script_command, script_input
+    settings = _settings(spec)
+    pb = load_playbook(ROOT / "playbooks" / "execsnoop.yml")
+    host = _hosts(spec)[0]
+    symbols, words = _facts_words(pb, settings.mount_tracefs)
+    facts = parse_facts(host.name, (BENCH / "data" / "facts-x86_64-6.18.txt").read_text(), symbols)
+    deadline = int(time.time()) + 600
+    plan = plan_host(pb, facts, run_id=new_run_id(), deadline=deadline, uprobe_offsets={}, duration=1.0,
+                     seal=new_seal())
+    directives = plan_directives(plan, tracefs=facts.tracefs or "/sys/kernel/tracing", duration=1.0,
+                                 deadline=deadline, grace=settings.grace, buffer_kb=settings.buffer_kb,
+                                 secret="0" * 32)
+    return (script_command(host, "fleetprobe-runner", "facts", *words), script_input(runner_script()),
+            b"ping\n" + directives.encode())
+
+
+async def _read_until(proc: Any, mark: bytes, buf: bytearray) -> bool:
+    """Read the process's stdout into ``buf`` until ``mark`` is in it (False: it ended first)."""
+    while mark not in buf:
+        chunk = await proc.stdout.read(65536)
+        if not chunk:
+            return False
+        buf += chunk
+    return True
+
+
 async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one Python client against the spec's hosts; its own figures."""
     forks = spec["forks"]
+    if kind == "asyncssh-runner":
+        return await _runner_client(spec, *spec["exchange"])
     if kind in ("asyncssh", "asyncssh-gcm"):
         sem = asyncio.Semaphore(forks)
         ok = 0
@@ -288,7 +358,8 @@ PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"),
            "fp-run-w2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.workers"),
            "fp-run-c2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.cluster", "distributed"),
            "fp-facts": ("fleetprobe.orchestrate",),
-           "asyncssh-gcm": ("fleetprobe.connectors.asyncssh",)}
+           "asyncssh-gcm": ("fleetprobe.connectors.asyncssh",),
+           "asyncssh-runner": ("fleetprobe.connectors.asyncssh",)}
 
 
 def client_main(kind: str, spec_path: str) -> int:
@@ -297,6 +368,8 @@ def client_main(kind: str, spec_path: str) -> int:
     # Imports are start-up, not the section (asyncssh itself is imported at the top of this file).
     for module in PRELOAD.get(kind, ()):
         importlib.import_module(module)
+    if kind == "asyncssh-runner":
+        spec["exchange"] = _runner_exchange(spec)   # fleetprobe's bytes, made before the section
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -367,7 +440,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     ssh_opts = ["-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={kh}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ControlMaster=no",
                 "-o", "LogLevel=ERROR"]
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm") or kind.startswith(("fp-run-w", "fp-run-c")):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner") or kind.startswith(("fp-run-w", "fp-run-c")):
         env["PYTHONPATH"] = str(ROOT)
         cmd = [sys.executable, str(BENCH / "fanout.py"), "--client", kind, str(spec_path)]
     elif kind == "pssh":
@@ -400,7 +473,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     text = stdout_path.read_text(errors="replace")
     detail: dict[str, Any] = {"exit": status}
     section = None
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "pssh") or kind.startswith(("fp-run-w", "fp-run-c")):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner", "pssh") or kind.startswith(("fp-run-w", "fp-run-c")):
         try:
             detail.update(json.loads(text.strip().splitlines()[-1]))
             ok = int(detail.get("ok", 0))
