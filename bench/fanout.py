@@ -10,6 +10,8 @@ interleaved round by round, runs each client as its own child process:
               one clock ping with the plan, --lines trace lines, stop/teardown protocol), close
   fp-run-w2   the same over 2 local worker processes (fleetprobe.workers; fp-run-wN for N), forks fleet-wide;
               the workers' CPU is in both CPU columns (waited children)
+  fp-run-x2   2 independent fp-run clients side by side on halves of the hosts (no fleetprobe.workers): the
+              control for fp-run-w2, what 2 loops cost on these cores without any worker machinery
   fp-run-c2   the same over a Dask LocalCluster of 2 worker processes (fleetprobe.cluster; needs distributed)
   fp-facts    fleetprobe facts_fleet: connect, facts script, parse, close
   asyncssh    bare asyncssh: connect, one command, close (asyncssh's default ciphers)
@@ -279,6 +281,25 @@ async def _read_until(proc: Any, mark: bytes, buf: bytearray) -> bool:
     return True
 
 
+async def _side_by_side(spec: dict[str, Any], n: int) -> dict[str, Any]:
+    """fp-run-xN: N independent fp-run clients (one loop each, no fleetprobe.workers) on N slices of the hosts
+    (round robin, forks shared as the workers share them), side by side: what N loops cost on this machine's
+    cores with no worker machinery at all, the control for fp-run-wN."""
+    from fleetprobe.workers import fork_shares
+    procs = []
+    for i, forks in enumerate(fork_shares(spec["forks"], n)):
+        part = dict(spec, ports=spec["ports"][i::n], forks=forks)
+        path = Path(spec["spec_path"]).with_suffix(f".x{i}.json")
+        path.write_text(json.dumps(part))
+        procs.append(await asyncio.create_subprocess_exec(sys.executable, str(BENCH / "fanout.py"), "--client",
+                                                          "fp-run", str(path), stdout=asyncio.subprocess.PIPE))
+    outs = [json.loads((await p.communicate())[0].decode().strip().splitlines()[-1]) for p in procs]
+    return {"ok": sum(o["ok"] for o in outs), "errors": [e for o in outs for e in o["errors"]][:3],
+            "n_errors": sum(o["n_errors"] for o in outs),
+            "workers": [{"hosts": len(spec["ports"][i::n]), "cpu_s": round(o["section_cpu"], 3),
+                         "peak_rss_mib": o["parent_peak_rss_mib"]} for i, o in enumerate(outs)]}
+
+
 async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one Python client against the spec's hosts; its own figures."""
     forks = spec["forks"]
@@ -313,6 +334,8 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         errors = [str(h.error) for h in out if h.error]
         return {"ok": sum(1 for h in out if h.facts and h.facts.arch == "x86_64"), "errors": errors[:3],
                 "n_errors": len(errors)}
+    if kind.startswith("fp-run-x"):
+        return await _side_by_side(spec, int(kind[len("fp-run-x"):]))
     if kind == "fp-run" or kind.startswith(("fp-run-w", "fp-run-c")):
         from fleetprobe.orchestrate import run_playbook
         from fleetprobe.playbook import load_playbook
@@ -356,6 +379,7 @@ async def _client_async(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 #: What each Python client imports before its measured section starts.
 PRELOAD = {"fp-run": ("fleetprobe.orchestrate", "fleetprobe.playbook"),
            "fp-run-w2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.workers"),
+           "fp-run-x2": ("fleetprobe.workers",),
            "fp-run-c2": ("fleetprobe.orchestrate", "fleetprobe.playbook", "fleetprobe.cluster", "distributed"),
            "fp-facts": ("fleetprobe.orchestrate",),
            "asyncssh-gcm": ("fleetprobe.connectors.asyncssh",),
@@ -435,12 +459,13 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     key, kh = str(fleet.work / "client_key"), str(fleet.work / "known_hosts")
     spec = {"ports": ports, "forks": forks, "key": key, "known_hosts": kh, "setup_timeout": setup_timeout}
     spec_path = out_dir / f"spec-{kind}-{len(ports)}.json"
+    spec["spec_path"] = str(spec_path)
     spec_path.write_text(json.dumps(spec))
     stdout_path = out_dir / f"out-{kind}-{len(ports)}.txt"
     ssh_opts = ["-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={kh}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ControlMaster=no",
                 "-o", "LogLevel=ERROR"]
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner") or kind.startswith(("fp-run-w", "fp-run-c")):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner") or kind.startswith(("fp-run-w", "fp-run-c", "fp-run-x")):
         env["PYTHONPATH"] = str(ROOT)
         cmd = [sys.executable, str(BENCH / "fanout.py"), "--client", kind, str(spec_path)]
     elif kind == "pssh":
@@ -473,7 +498,7 @@ def run_client(kind: str, fleet: SimFleet, ports: list[int], forks: int, out_dir
     text = stdout_path.read_text(errors="replace")
     detail: dict[str, Any] = {"exit": status}
     section = None
-    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner", "pssh") or kind.startswith(("fp-run-w", "fp-run-c")):
+    if kind in ("fp-run", "fp-facts", "asyncssh", "asyncssh-gcm", "asyncssh-runner", "pssh") or kind.startswith(("fp-run-w", "fp-run-c", "fp-run-x")):
         try:
             detail.update(json.loads(text.strip().splitlines()[-1]))
             ok = int(detail.get("ok", 0))
