@@ -33,7 +33,7 @@ def test_man_page_formats_cleanly_and_documents_every_command() -> None:
     done = subprocess.run(["groff", "-man", "-Tutf8", "-ww", str(page)], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     text = re.sub(".\x08", "", done.stdout)          # grotty's overstrike bold and underline
-    for command in ("facts", "list", "plan", "run", "audit", "history", "show", "diff", "merge", "cleanup"):
+    for command in ("facts", "list", "plan", "run", "audit", "history", "show", "diff", "merge", "cleanup", "worker"):
         assert f"fleetprobe {command}" in text, command
     assert "--prometheus" in text.replace("\u2010", "-")
 

@@ -29,7 +29,7 @@ COMMANDS = {
     "audit": ("fleetprobe.cli.run", "cmd_audit"), "list": ("fleetprobe.cli.listing", "cmd_list"),
     "history": ("fleetprobe.cli.history", "cmd_history"), "show": ("fleetprobe.cli.history", "cmd_show"),
     "diff": ("fleetprobe.cli.history", "cmd_diff"), "merge": ("fleetprobe.cli.history", "cmd_merge"),
-    "lab": ("fleetprobe.cli.labrun", "run_lab"),
+    "lab": ("fleetprobe.cli.labrun", "run_lab"), "worker": ("fleetprobe.cli.worker", "cmd_worker"),
 }
 
 #: Optional extras: the module a missing import names -> the extra that installs it.

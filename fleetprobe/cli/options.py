@@ -266,7 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab_parser(sub)
     _add_history_parsers(sub)
+    _add_worker_parser(sub)
     return parser
+
+
+#: A zone's name becomes the Dask resource fleetprobe-zone-ZONE: what a resource name may hold.
+_ZONE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _zone(text: str) -> str:
+    if not text or not _ZONE_CHARS.issuperset(text) or text[0] in ".-":
+        raise argparse.ArgumentTypeError(f"{text!r}: a zone is letters, digits, '.', '_' and '-' (not first), "
+                                         "as in the hosts' fleetprobe_zone or a group name")
+    return text
+
+
+def _add_worker_parser(sub: Any) -> None:
+    """``fleetprobe worker``: the zone's Dask workers on a bastion (the cluster extra)."""
+    p = sub.add_parser("worker", help="on a zone's bastion: Dask workers that run the --cluster slices of "
+                                      "that zone's hosts (needs fleetprobe[cluster])",
+                       description="Start Dask workers serving one zone for `fleetprobe run --cluster`: each "
+                                   "worker process takes one slice of the zone's hosts per run (one event "
+                                   "loop, one thread). Runs until stopped (Ctrl-C, SIGTERM). Same as "
+                                   "fleetprobe-worker.")
+    p.add_argument("--scheduler", required=True, metavar="ADDRESS",
+                   help="the Dask scheduler's address, e.g. tcp://sched:8786")
+    p.add_argument("--zone", required=True, type=_zone,
+                   help="the zone whose hosts this bastion reaches (a host's fleetprobe_zone or group)")
+    p.add_argument("--nworkers", type=_positive_int, default=None, metavar="N",
+                   help="worker processes (default: the cores this process may use, as run's --workers)")
 
 
 def _add_history_parsers(sub: Any) -> None:
