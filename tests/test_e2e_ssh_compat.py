@@ -207,6 +207,16 @@ def test_errors_name_the_host_once(tmp_path: Path) -> None:
         assert str(port) in str(e) and "connection refused" in str(e)
 
 
+def test_a_refused_port_retried_past_the_budget_says_refused_not_timed_out() -> None:
+    """Retries of a refused connection that outlast --connect-timeout: the host's answer, not "timed out"
+    (whose hint, a longer --connect-timeout, would not help)."""
+    port = free_port()
+    e = fail(transport.connect, Host(name="db3", address="127.0.0.1", port=port, user="root"),
+             SSHOptions(ssh_config=(), use_agent=False, retries=1000, connect_timeout=0.6))
+    assert "connection refused" in str(e) and "within --connect-timeout 0.6s" in str(e), str(e)
+    assert "timed out" not in str(e) and "sshd running" in (e.hint or ""), (str(e), e.hint)
+
+
 @pytest.mark.netns
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_proxyjump_from_ssh_args_reaches_a_host_only_the_bastion_can(jump_fleet: tuple[Fleet, str],  # noqa: F811

@@ -310,6 +310,7 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
     """
     r = sshconfig.resolve(host, sshconfig.sources_of(options))
     attempt = 0
+    last: BaseException | None = None
     try:
         async with asyncio.timeout(options.connect_timeout):
             while True:
@@ -321,16 +322,23 @@ async def connect(host: Host, options: SSHOptions) -> AsyncsshSession:
                     session = AsyncsshSession(host, conn, tunnels[0] if tunnels else None)
                     session.proxies = proxies
                     return session
-                except _RETRYABLE:
+                except _RETRYABLE as exc:
                     for t in tunnels:
                         t.close()
                     if attempt >= options.retries:
                         raise
                     attempt += 1
+                    last = exc
                     await asyncio.sleep(min(options.retry_backoff * attempt * (1 + random.random()), 1.0))
     except TransportError:
         raise
     except TimeoutError as exc:
+        if last is not None:
+            # The budget ran out between retries: what the host answered, not "timed out" (a refused
+            # port is no slow link: more --connect-timeout would not help).
+            err = _translate(host, last, "connect", r)
+            raise TransportError(err.host, err.stage, f"{err.message}, tried {attempt}x within --connect-timeout "
+                                 f"{options.connect_timeout:g}s", evidence=err.evidence, hint=err.hint) from None
         raise _translate(host, exc, "connect", r) from None
     except (asyncssh.Error, OSError) as exc:
         raise _translate(host, exc, "connect", r) from None
