@@ -29,15 +29,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import queue
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from fleetprobe.errors import InputError
+from fleetprobe.eventout import FILE, STDOUT, EventOutputs, Forwarded, Received
 from fleetprobe.inventory import Host
 from fleetprobe.plan import new_run_id
 from fleetprobe.playbook import Playbook
@@ -55,6 +57,19 @@ SEND_SECONDS = 1.0
 #: How often the parent takes the queue (one batch) and asks which of its slices' workers are alive
 #: (``ncores`` for those addresses: a few bytes, where ``identity`` sends every worker's metrics).
 POLL_SECONDS = 1.0
+#: A queue item carries at most this many bytes of event lines (whole lines; a flush larger than it
+#: goes in pieces, a single line larger than it is dropped, counted).
+ITEM_BYTES = 1 << 20
+#: Bytes of lines a slice holds that the scheduler has not taken yet; lines past it are dropped and
+#: counted (the report's events_truncated), never waited for: the slice's hosts keep streaming.
+IN_FLIGHT_BYTES = 8 << 20
+#: Items the run's queue holds on the scheduler (a put waits while it is full, the client takes as
+#: they come): at most QUEUE_ITEMS * ITEM_BYTES of lines wait there.
+QUEUE_ITEMS = 32
+#: A put waits this long for room, then asks again whether the run is still taken from.
+PUT_WAIT = 5.0
+#: A slice that ended waits at most this long for room for its last items (its client may be gone).
+CLOSE_WAIT = 60.0
 #: Dask settings of fleetprobe's workers: no statistical profiler (by default it samples every
 #: thread's stack 100 times a second; a slice's thread is an event loop with deep stacks).
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
@@ -108,7 +123,11 @@ def _task(job: WorkerJob, queue: str, stop: str, guard: str) -> str:
         once.set(address)
     q = distributed.Queue(queue, client=client)
     stopped = distributed.Event(stop, client=client)
-    q.put((job.index, [("worker", address)]))
+    outbox = _Sender(lambda items, wait: q.put((job.index, items), timeout=wait), stopped.is_set,
+                     f"fleetprobe-send-{job.index}")
+    outbox.put([("worker", address)])
+    if isinstance(job.outputs, Forwarded):
+        job = replace(job, outputs=replace(job.outputs, send=outbox.lines))
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
@@ -132,7 +151,6 @@ def _task(job: WorkerJob, queue: str, stop: str, guard: str) -> str:
         finally:
             over.set()
 
-    outbox = _Sender(lambda items: q.put((job.index, items)), f"fleetprobe-send-{job.index}")
     try:
         asyncio.run(go())
     finally:
@@ -140,40 +158,117 @@ def _task(job: WorkerJob, queue: str, stop: str, guard: str) -> str:
     return "done"
 
 
+def _pieces(data: bytes, events: int, cap: int) -> list[tuple[bytes, int]]:
+    """``data`` (whole lines, ``events`` of them) as pieces of whole lines, each at most ``cap`` bytes
+    where a line allows (a longer line is a piece of its own); each piece with its line count."""
+    if len(data) <= cap:
+        return [(data, events)]
+    pieces: list[tuple[bytes, int]] = []
+    at = 0
+    while at < len(data):
+        end = data.rfind(b"\n", at, at + cap) + 1
+        if end <= at:  # one line longer than cap
+            end = data.find(b"\n", at) + 1 or len(data)
+        piece = data[at:end]
+        pieces.append((piece, piece.count(b"\n") if events else 0))
+        at = end
+    return pieces
+
+
 class _Sender:
     """A slice's queue puts, made by a thread of their own: a put is a round trip through the scheduler
     (pickled, sent, acknowledged), and made on the slice's loop it would stall every host of the slice
-    for that long.  What piles up while a put is under way goes out as one item after it (in order)."""
+    for that long.  What piles up while a put is under way goes out after it, in order, in items of at
+    most ITEM_BYTES of event lines; lines past IN_FLIGHT_BYTES not yet put are dropped and counted
+    (sent as ``("dropped", {stream: [events, bytes]})``, the totals so far)."""
 
-    def __init__(self, put: Callable[[list[tuple[Any, ...]]], None], name: str) -> None:
-        """Start the thread; ``put`` sends one list of items."""
-        self._put = put
-        self._pending: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+    def __init__(self, put: Callable[[list[tuple[Any, ...]], float], None], stopped: Callable[[], bool], name: str,
+                 *, item_bytes: int | None = None, in_flight: int | None = None) -> None:
+        """Start the thread; ``put(items, timeout)`` sends one list of items (TimeoutError: no room yet),
+        ``stopped()`` says whether the client has stopped the run; the caps default to ITEM_BYTES and
+        IN_FLIGHT_BYTES."""
+        self._put, self._stopped = put, stopped
+        self._item_bytes = ITEM_BYTES if item_bytes is None else item_bytes
+        self._in_flight = IN_FLIGHT_BYTES if in_flight is None else in_flight
+        self._cond = threading.Condition()
+        self._items: deque[tuple[tuple[Any, ...], int]] = deque()  # (item, its bytes of lines)
+        self._held = 0
+        self._closing = False
+        self.dropped: dict[str, list[int]] = {}
+        self._drops_told = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, items: list[tuple[Any, ...]]) -> None:
-        """Queue ``items`` (never blocks)."""
-        self._pending.put(items)
+        """Queue ``items`` (never blocks, never drops: they are small)."""
+        with self._cond:
+            self._items.extend((item, 0) for item in items)
+            self._cond.notify()
+
+    def lines(self, stream: str, data: bytes, events: int) -> None:
+        """Queue whole lines for the client's ``stream`` (never blocks: past the caps they are dropped, counted)."""
+        with self._cond:
+            for piece, n in _pieces(data, events, self._item_bytes):
+                if len(piece) > self._item_bytes or self._held + len(piece) > self._in_flight:
+                    self._drop(stream, n, len(piece))
+                    continue
+                self._held += len(piece)
+                self._items.append((("lines", stream, piece, n), len(piece)))
+            self._cond.notify()
+
+    def _drop(self, stream: str, events: int, size: int) -> None:
+        """Count lines that will not reach the client (the lock held)."""
+        d = self.dropped.setdefault(stream, [0, 0])
+        d[0] += events
+        d[1] += size
+
+    def _gather(self) -> tuple[list[tuple[Any, ...]], int, bool]:
+        """The next item's worth: (items, their bytes of lines, whether the sender is closing and empty)."""
+        with self._cond:
+            while not self._items and not self._closing:
+                self._cond.wait()
+            batch: list[tuple[Any, ...]] = []
+            size = 0
+            while self._items and (not batch or size + self._items[0][1] <= self._item_bytes):
+                item, n = self._items.popleft()
+                batch.append(item)
+                size += n
+            drops = sum(d[1] for d in self.dropped.values())
+            if drops != self._drops_told:
+                self._drops_told = drops
+                batch.append(("dropped", {k: list(v) for k, v in self.dropped.items()}))
+            return batch, size, self._closing and not self._items
 
     def _run(self) -> None:
         last = False
         while not last:
-            first = self._pending.get()
-            if first is None:
+            batch, size, last = self._gather()
+            if batch:
+                self._send(batch)
+            with self._cond:
+                self._held -= size
+
+    def _send(self, batch: list[tuple[Any, ...]]) -> None:
+        """Put ``batch``, waiting for room while the run is taken from (lines given up on are counted)."""
+        waited = 0.0
+        while True:
+            try:
+                self._put(batch, PUT_WAIT)
                 return
-            batch = list(first)
-            while not self._pending.empty():
-                more = self._pending.get()
-                if more is None:
-                    last = True
-                    break
-                batch += more
-            self._put(batch)
+            except TimeoutError:
+                waited += PUT_WAIT
+            if self._stopped() or (self._closing and waited >= CLOSE_WAIT):
+                with self._cond:
+                    for item in batch:
+                        if item[0] == "lines":
+                            self._drop(item[1], item[3], len(item[2]))
+                return
 
     def close(self) -> None:
         """Send what is queued and stop (the slice's last item, ``done``, is among it)."""
-        self._pending.put(None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
         self._thread.join()
 
 
@@ -183,14 +278,23 @@ class _Remote(_Slice):
 
     zone: str = ""
     worker: str = ""
+    #: What its sender dropped past its caps, per stream: (events, bytes).
+    dropped: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settings: RunSettings, *,
                                scheduler: str, observer: Observer | None = None,
-                               events_path: str | None = None, interrupted: asyncio.Event | None = None,
+                               events_path: str | None = None, outputs: EventOutputs | None = None,
+                               interrupted: asyncio.Event | None = None,
                                inventory: str = "", argv: list[str] | None = None) -> FleetReport:
-    """Run the playbook over the cluster at ``scheduler`` (``tcp://host:8786``): one merged report."""
+    """Run the playbook over the cluster at ``scheduler`` (``tcp://host:8786``): one merged report.
+
+    Raw events go to ``outputs`` (``events_path`` alone is ``EventOutputs(path=events_path)``), written
+    here as the tasks send them; the report counts those of the user's destination, as workers do."""
     distributed = _dask()
+    if events_path and outputs is not None:
+        raise ValueError("run_playbook_cluster: pass events_path or outputs, not both")
+    outputs = outputs or EventOutputs(path=events_path)
     hosts = list(hosts)
     if playbook.needs_module_consent():
         raise InputError("module playbooks cannot run over a cluster yet (builds are shared in one process)",
@@ -199,30 +303,52 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
     run_id = settings.run_id or new_run_id()
     settings = replace(settings, run_id=run_id)
     merger = Merger(playbook, settings, observer, None)
-    async with distributed.Client(scheduler, asynchronous=True) as client:
-        zones = worker_zones(await client.scheduler.identity())
-        slices = _zone_slices(hosts, zones, merger)
-        queue = await distributed.Queue(f"fleetprobe-{run_id}", client=client)
-        stop = distributed.Event(f"fleetprobe-{run_id}-stop", client=client)
-        futures = []
-        for sl, forks in zip(slices, fork_shares(settings.forks, max(1, len(slices)))):
-            job = WorkerJob(sl.index, sl.hosts, playbook, replace(settings, forks=forks, on_facts=None), None)
-            futures.append(client.submit(_task, job, queue.name, stop.name, f"fleetprobe-{run_id}-{sl.index}",
-                                         resources={RESOURCE + sl.zone: 1}, pure=False, retries=0,
-                                         key=f"fleetprobe-{run_id}-slice-{sl.index}"))
-        try:
-            lost = await _follow(client, queue, stop, slices, futures, merger, interrupted)
-            await _fail_unfinished(slices, futures, lost, merger)
-        finally:
-            await stop.set()
-            for fut in futures:
-                if not fut.done():
-                    await fut.cancel()
+    received = outputs.receive() if outputs.any else None
+    try:
+        async with distributed.Client(scheduler, asynchronous=True) as client:
+            zones = worker_zones(await client.scheduler.identity())
+            slices = _zone_slices(hosts, zones, merger)
+            queue = await distributed.Queue(f"fleetprobe-{run_id}", client=client, maxsize=QUEUE_ITEMS)
+            stop = distributed.Event(f"fleetprobe-{run_id}-stop", client=client)
+            forwarded = outputs.forward() if outputs.any else None
+            futures = []
+            for sl, forks in zip(slices, fork_shares(settings.forks, max(1, len(slices)))):
+                job = WorkerJob(sl.index, sl.hosts, playbook, replace(settings, forks=forks, on_facts=None), forwarded)
+                futures.append(client.submit(_task, job, queue.name, stop.name, f"fleetprobe-{run_id}-{sl.index}",
+                                             resources={RESOURCE + sl.zone: 1}, pure=False, retries=0,
+                                             key=f"fleetprobe-{run_id}-slice-{sl.index}"))
+            take = partial(_take, slices, merger, received)
+            try:
+                lost = await _follow(client, queue, stop, slices, futures, take, interrupted)
+                await _fail_unfinished(slices, futures, lost, merger)
+            finally:
+                await stop.set()
+                for fut in futures:
+                    if not fut.done():
+                        await fut.cancel()
+    finally:
+        if received is not None:
+            received.close()
     report = merger.report(hosts, playbook, run_id, inventory, argv)
-    if events_path:
-        report.run.events_written = 0
-        report.run.events_truncated = "--cluster: raw events stay with the workers and are not collected yet"
+    counted = received.counted if received is not None else None
+    if counted is not None:
+        report.run.events_written = counted.written
+        report.run.events_truncated = "; ".join(filter(None, [counted.error, *_dropped(slices, outputs)]))
     return report
+
+
+def _dropped(slices: list[_Remote], outputs: EventOutputs) -> list[str]:
+    """What the slices dropped past their caps, in words (nothing if they dropped nothing)."""
+    out = []
+    for stream, what in ((FILE, f"events for {outputs.path}"), (STDOUT, "events for stdout" if outputs.stdout_json
+                                                                 else "bytes of --print lines for stdout")):
+        events = sum(sl.dropped.get(stream, (0, 0))[0] for sl in slices)
+        size = sum(sl.dropped.get(stream, (0, 0))[1] for sl in slices)
+        if size:
+            count = f"{events} {what} ({size} bytes)" if events else f"{size} {what}"
+            out.append(f"{count} dropped on the cluster: their slices' lines outran what the scheduler took "
+                       f"(at most {IN_FLIGHT_BYTES >> 20} MiB in flight a slice)")
+    return out
 
 
 def _zone_slices(hosts: list[Host], zones: dict[str, list[str]], merger: Merger) -> list[_Remote]:
@@ -244,29 +370,50 @@ def _zone_slices(hosts: list[Host], zones: dict[str, list[str]], merger: Merger)
     return slices
 
 
-def _take(slices: list[_Remote], merger: Merger, batch: list[Any]) -> None:
-    """What the tasks put in the queue: a slice's worker address, else its items for the merger."""
+def _take(slices: list[_Remote], merger: Merger, received: Received | None, batch: list[Any]) -> None:
+    """What the tasks put in the queue: a slice's worker address, its lines (written at once) and what it
+    dropped, else its items for the merger."""
     for index, items in batch:
         sl = slices[index]
         rest = []
         for item in items:
-            if item[0] == "worker":
+            kind = item[0]
+            if kind == "worker":
                 sl.worker = item[1]
+            elif kind == "lines":
+                if received is not None:
+                    received.take(item[1], item[2], item[3])
+            elif kind == "dropped":
+                sl.dropped = {k: (v[0], v[1]) for k, v in item[1].items()}
             else:
                 rest.append(item)
         merger.apply(sl, rest)
 
 
-async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], futures: list[Any], merger: Merger,
-                  interrupted: asyncio.Event) -> dict[int, str]:
-    """Take the queue until every task is done or its worker left: {slice index: why it is lost}."""
+async def _take_some(queue: Any, wait: float) -> list[Any]:
+    """The queue's items: the first as soon as it comes (within ``wait``), with what is there by then."""
+    try:
+        first = await queue.get(timeout=wait)
+    except TimeoutError:
+        return []
+    return [first, *await queue.get(batch=True)]
+
+
+async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], futures: list[Any],
+                  take: Callable[[list[Any]], None], interrupted: asyncio.Event) -> dict[int, str]:
+    """Take the queue as it fills until every task is done or its worker left: {slice index: why it is lost}."""
+    loop = asyncio.get_running_loop()
     lost: dict[int, str] = {}
     told_stop = False
+    checked = loop.time()
     while True:
-        _take(slices, merger, await queue.get(batch=True))
+        take(await _take_some(queue, POLL_SECONDS))
         if interrupted.is_set() and not told_stop:
             told_stop = True
             await stop.set()
+        if loop.time() - checked < POLL_SECONDS:
+            continue
+        checked = loop.time()
         alive = set(await client.scheduler.ncores(workers=sorted({sl.worker for sl in slices if sl.worker})))
         for sl, fut in zip(slices, futures):
             if sl.index in lost or fut.done():
@@ -275,8 +422,7 @@ async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], fut
                 lost[sl.index] = f"its cluster worker {sl.worker} (zone {sl.zone}) left the cluster mid-run"
         if all(f.done() or sl.index in lost for sl, f in zip(slices, futures)):
             break
-        await asyncio.sleep(POLL_SECONDS)
-    _take(slices, merger, await queue.get(batch=True))
+    take(await queue.get(batch=True))
     return lost
 
 

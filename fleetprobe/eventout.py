@@ -29,6 +29,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, cast
 
@@ -61,7 +62,7 @@ class EventOutputs:
 
     def open_here(self) -> Opened:
         """The sinks, writing from this process (the single loop)."""
-        return _open(self, None, self.on_stdout_closed)
+        return _open(self, _Here(), self.on_stdout_closed)
 
     def share(self) -> Shared:
         """Open what the workers will share: the events file (0600, truncated), a lock, stdout."""
@@ -83,11 +84,77 @@ class EventOutputs:
             raise
         for fd in fds:
             os.set_inheritable(fd, True)
-        stream = sys.stdout
-        return Shared(lock_fd=lock_fd, path=self.path, events_fd=events_fd, stdout_fd=stdout_fd,
-                      stdout_json=self.stdout_json, printer=self.printer,
-                      encoding=getattr(stream, "encoding", None) or "utf-8",
-                      errors=getattr(stream, "errors", None) or "strict")
+        return Shared(lock_fd, self.path, events_fd, stdout_fd, self.stdout_json, self.printer, *_stdout_encoding())
+
+    def forward(self) -> Forwarded:
+        """What a cluster task gets: the same sinks, their lines sent to the client (see :meth:`receive`)."""
+        return Forwarded(self.path, self.stdout_json, self.printer, *_stdout_encoding())
+
+    def receive(self) -> Received:
+        """The client's writers of what cluster tasks send: the events file (0600, truncated), stdout."""
+        return Received(self)
+
+
+def _stdout_encoding() -> tuple[str, str]:
+    """How this process's stdout encodes text (``--print`` away from it encodes the same way)."""
+    return getattr(sys.stdout, "encoding", None) or "utf-8", getattr(sys.stdout, "errors", None) or "strict"
+
+
+#: The two destinations of a cluster task's lines: the events file, stdout (``--events -`` or ``--print``).
+FILE, STDOUT = "file", "stdout"
+
+
+@dataclass
+class Forwarded:
+    """What a cluster task gets (pickled with its job): the run's outputs; ``send`` is set in the task
+    (its sender: fleetprobe.cluster), each flush of whole lines is ``send(FILE or STDOUT, lines, events)``."""
+
+    path: str | None
+    stdout_json: bool
+    printer: PrinterFactory | None
+    encoding: str
+    errors: str
+    send: Callable[[str, bytes, int], None] | None = field(default=None, repr=False)
+
+    def open_in_worker(self, on_stdout_closed: Callable[[], None]) -> Opened:
+        """The task's sinks (the reader of stdout going away is seen by the client, not here)."""
+        assert self.send is not None, "Forwarded.send is set in the task"
+        return _open(EventOutputs(self.path, self.stdout_json, self.printer),
+                     _ToClient(self.send, self.encoding, self.errors), None)
+
+
+class Received:
+    """The client's side of a cluster run's lines: each piece written at once, whole lines, in the one
+    events file or on stdout; counted (and stopped at a write error) as one loop's writers are."""
+
+    def __init__(self, out: EventOutputs) -> None:
+        """Open the file (as one loop does) and stdout if the run writes there."""
+        self.file = EventWriter(out.path) if out.path else None
+        try:
+            self.stdout = EventWriter("-", on_closed=out.on_stdout_closed) \
+                if out.stdout_json or out.printer is not None else None
+        except BaseException:
+            if self.file is not None:
+                self.file.close()
+            raise
+        self._counted = self.stdout if out.stdout_json else self.file
+
+    def take(self, stream: str, data: bytes, events: int) -> None:
+        """One piece of whole lines from a task."""
+        writer = self.file if stream == FILE else self.stdout if stream == STDOUT else None
+        if writer is not None:
+            writer.write_encoded(data, events)
+
+    @property
+    def counted(self) -> EventWriter | None:
+        """The user's destination: ``--events -`` when given, else the file."""
+        return self._counted
+
+    def close(self) -> None:
+        """Close both (idempotent)."""
+        for writer in (self.file, self.stdout):
+            if writer is not None:
+                writer.close()
 
 
 @dataclass
@@ -110,7 +177,7 @@ class Shared:
 
     def open_in_worker(self, on_stdout_closed: Callable[[], None]) -> Opened:
         """The worker's sinks on the inherited descriptors."""
-        return _open(EventOutputs(self.path, self.stdout_json, self.printer), self, on_stdout_closed)
+        return _open(EventOutputs(self.path, self.stdout_json, self.printer), _OnShared(self), on_stdout_closed)
 
     def settle(self) -> int | None:
         """After a worker died: the events file cut back to whole lines (it may have died in the middle of
@@ -142,13 +209,14 @@ class Shared:
                 pass
 
 
-class LockedText:
-    """A text stream for ``--print`` in a worker: each flush one locked append of whole lines."""
+class WholeLines:
+    """A text stream for ``--print`` away from this process's stdout: each flush hands the whole lines
+    written since to ``append`` (a worker's locked append, a cluster task's send to the client)."""
 
-    def __init__(self, shared: SharedFd, encoding: str, errors: str) -> None:
-        """Write on ``shared.fd`` (a dup of the parent's stdout)."""
-        self.shared = shared
-        self.fd = os.dup(shared.fd)
+    def __init__(self, append: Callable[[bytes], None], encoding: str, errors: str,
+                 close: Callable[[], None] | None = None) -> None:
+        """Encode as the parent's stdout does; ``close`` is called once by :meth:`close`."""
+        self._append, self._close = append, close
         self.encoding, self.errors = encoding, errors
         self._pending: list[str] = []
 
@@ -158,17 +226,17 @@ class LockedText:
         return len(text)
 
     def flush(self) -> None:
-        """Write what is queued; BrokenPipeError when the reader is gone (the printer handles it)."""
+        """Hand on what is queued; BrokenPipeError when stdout's reader is gone (the printer handles it)."""
         if self._pending:
             data = "".join(self._pending).encode(self.encoding, self.errors)
             self._pending = []
-            self.shared.append(self.fd, data)
+            self._append(data)
 
     def close(self) -> None:
-        """Close our dup."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Call ``close`` (once)."""
+        close, self._close = self._close, None
+        if close is not None:
+            close()
 
 
 @dataclass
@@ -192,30 +260,86 @@ class Opened:
         self.closers = []
 
 
-def _open(out: EventOutputs, shared: Shared | None, on_closed: Callable[[], None] | None) -> Opened:
-    """The sinks of ``out``: here (``shared`` None) or on a worker's inherited descriptors."""
+class _Here:
+    """Sinks writing from this process (one loop)."""
+
+    def file(self, path: str) -> EventWriter:
+        """The events file."""
+        return EventWriter(path)
+
+    def stdout(self, on_closed: Callable[[], None] | None) -> EventWriter:
+        """``--events -``."""
+        return EventWriter("-", on_closed=on_closed)
+
+    def text(self) -> tuple[IO[str], Callable[[], None] | None]:
+        """``--print``'s stream, and what closes it."""
+        return sys.stdout, None
+
+
+@dataclass
+class _OnShared:
+    """Sinks of a worker process, on the descriptors it inherited (each flush one locked append)."""
+
+    shared: Shared
+
+    def file(self, path: str) -> EventWriter:
+        """The one events file."""
+        assert self.shared.events_fd is not None
+        return EventWriter(path, shared=SharedFd(self.shared.events_fd, self.shared.lock_fd))
+
+    def stdout(self, on_closed: Callable[[], None] | None) -> EventWriter:
+        """``--events -`` on the parent's stdout."""
+        assert self.shared.stdout_fd is not None
+        return EventWriter("-", on_closed=on_closed, shared=SharedFd(self.shared.stdout_fd, self.shared.lock_fd))
+
+    def text(self) -> tuple[IO[str], Callable[[], None] | None]:
+        """``--print`` on the parent's stdout."""
+        assert self.shared.stdout_fd is not None
+        out = SharedFd(self.shared.stdout_fd, self.shared.lock_fd)
+        fd = os.dup(out.fd)
+        text = WholeLines(partial(out.append, fd), self.shared.encoding, self.shared.errors, partial(os.close, fd))
+        return cast(IO[str], text), text.close
+
+
+@dataclass
+class _ToClient:
+    """Sinks of a cluster task: every flush is ``send(stream, whole lines, events)`` (see Forwarded)."""
+
+    send: Callable[[str, bytes, int], None]
+    encoding: str
+    errors: str
+
+    def file(self, path: str) -> EventWriter:
+        """Lines for the client's events file."""
+        return EventWriter(path, forward=partial(self.send, FILE))
+
+    def stdout(self, on_closed: Callable[[], None] | None) -> EventWriter:
+        """Lines for the client's stdout (its reader going away is the client's to see)."""
+        return EventWriter("-", forward=partial(self.send, STDOUT))
+
+    def text(self) -> tuple[IO[str], Callable[[], None] | None]:
+        """``--print``'s text for the client's stdout (not events: the report counts JSON lines)."""
+        text = WholeLines(lambda data: self.send(STDOUT, data, 0), self.encoding, self.errors)
+        return cast(IO[str], text), None
+
+
+def _open(out: EventOutputs, to: _Here | _OnShared | _ToClient, on_closed: Callable[[], None] | None) -> Opened:
+    """The sinks of ``out``, made by ``to`` (here, on a worker's inherited descriptors, or toward the client)."""
     opened = Opened(None)
     sinks: list[EventSink] = []
     try:
         if out.path:
-            fd = shared.events_fd if shared is not None else None
-            opened.file = EventWriter(out.path, shared=SharedFd(fd, shared.lock_fd)
-                                      if shared is not None and fd is not None else None)
+            opened.file = to.file(out.path)
             opened.closers.append(opened.file.close)
             sinks.append(opened.file)
-        stdout = SharedFd(shared.stdout_fd, shared.lock_fd) if shared is not None and shared.stdout_fd is not None \
-            else None
         if out.stdout_json:
-            opened.stdout = EventWriter("-", on_closed=on_closed, shared=stdout)
+            opened.stdout = to.stdout(on_closed)
             opened.closers.append(opened.stdout.close)
             sinks.append(opened.stdout)
         if out.printer is not None:
-            if stdout is not None and shared is not None:
-                text = LockedText(stdout, shared.encoding, shared.errors)
-                opened.closers.append(text.close)
-                stream = cast(IO[str], text)
-            else:
-                stream = sys.stdout
+            stream, close_stream = to.text()
+            if close_stream is not None:
+                opened.closers.append(close_stream)
             printer = out.printer(stream, on_closed=on_closed)
             close: Callable[[], None] | None = getattr(printer, "close", None)
             if close is not None:

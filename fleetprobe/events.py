@@ -153,7 +153,7 @@ class EventWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, on_closed: Callable[[], None] | None = None,
-                 shared: SharedFd | None = None) -> None:
+                 shared: SharedFd | None = None, forward: Callable[[bytes, int], None] | None = None) -> None:
         """Open ``path`` for writing (truncates); ``-`` is standard output (``--events -``).
 
         Standard output is written at every batch, not once a second: a reader of the pipe
@@ -163,6 +163,9 @@ class EventWriter:
         ``shared``: write to that descriptor instead of opening ``path`` (named in errors), which
         other processes write too (the worker processes of one run, see fleetprobe.workers): each
         flush is one locked append of whole lines, so lines never interleave.
+
+        ``forward``: open nothing; each flush is ``forward(whole lines, events)`` (a cluster task's
+        lines go to the client, which writes them: see fleetprobe.eventout).
         """
         self.on_closed = on_closed
         self.path = Path(path)
@@ -175,7 +178,10 @@ class EventWriter:
         #: Events dropped after ``error``.
         self.dropped = 0
         self._shared = shared
-        self._fd: int | None = os.dup(shared.fd) if shared is not None else _open_private_fd(self.path)
+        self._forward = forward
+        # -1: open, with nowhere of its own to write (``forward``); None: closed.
+        self._fd: int | None = -1 if forward is not None else os.dup(shared.fd) if shared is not None \
+            else _open_private_fd(self.path)
         # Our own buffer of whole lines (an io buffer would write a half line when it fills: a killed
         # controller would leave one, and a full disk another): flushed at FLUSH_BYTES, every
         # FLUSH_SECONDS (see flush_due) and at every host's end.
@@ -215,6 +221,27 @@ class EventWriter:
         data = "".join(self._pending).encode("utf-8", "replace")
         events = self._pending_events
         self._pending, self._pending_events, self._pending_len = [], 0, 0
+        self._emit(data, events)
+
+    def write_encoded(self, data: bytes, events: int) -> None:
+        """Append ``data``, whole lines already encoded (``events`` of them: a cluster task's, on the
+        client), after what is queued; written at once, and counted as the writer's own lines are."""
+        if self._fd is None:
+            raise ValueError(f"{self.path}: event writer is closed")
+        self.flush()
+        self.count += events
+        if self.error:
+            self.dropped += events
+            return
+        self._emit(data, events)
+
+    def _emit(self, data: bytes, events: int) -> None:
+        """Write ``data`` (whole lines); on a write error cut back to the last whole line and stop."""
+        assert self._fd is not None
+        if self._forward is not None:
+            self._forward(data, events)
+            self.written += events
+            return
         try:
             if self._shared is not None:
                 self._shared.append(self._fd, data)
@@ -288,7 +315,8 @@ class EventWriter:
         """Flush and close (idempotent)."""
         if self._fd is not None:
             self.flush()
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = None
 
     def __enter__(self) -> EventWriter:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fleetprobe.eventout import EventOutputs, Shared
+from fleetprobe.eventout import EventOutputs, Forwarded, Shared
 from fleetprobe.facts import Facts
 from fleetprobe.aggtables import AggProgress, AggResults, AggTable, HostTable
 from fleetprobe.inventory import Host
@@ -125,7 +125,8 @@ class WorkerJob:
     hosts: list[Host]
     playbook: Playbook
     settings: RunSettings
-    outputs: Shared | None = None
+    #: Where raw events go: a local worker's inherited descriptors, a cluster task's sends to the client.
+    outputs: Shared | Forwarded | None = None
 
 
 class _RoutedResults(AggResults):
@@ -557,7 +558,7 @@ async def _start(job: WorkerJob) -> _Child:
         sys.executable, "-m", "fleetprobe.workers", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         # The events file, stdout and their lock, shared by every worker (fleetprobe.eventout).
-        pass_fds=job.outputs.fds if job.outputs is not None else (),
+        pass_fds=job.outputs.fds if isinstance(job.outputs, Shared) else (),
         # Frames can be large (a chunk of finished hosts): the reader's limit is not a line limit here.
         limit=1 << 20)
     data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)

@@ -108,6 +108,14 @@ def _add_playbook_argument(p: argparse.ArgumentParser) -> None:
                         "-e 'kprobe:do_sys_openat2 path=+0(arg2):string if comm != \"sshd\"'; see README")
 
 
+def _add_cluster_option(p: argparse.ArgumentParser) -> None:
+    """``--cluster`` (``run`` and ``audit``)."""
+    p.add_argument("--cluster", metavar="SCHEDULER",
+                   help="run the hosts on the Dask workers of their zone (fleetprobe_zone, or a group named as "
+                        "a zone; fleetprobe-worker --zone Z on each bastion), e.g. tcp://sched:8786; raw events "
+                        "come back to this process as the run goes on; needs fleetprobe[cluster]")
+
+
 def _add_build_option(p: argparse.ArgumentParser) -> None:
     """``--build-at`` for the commands that plan or run module probes."""
     p.add_argument("--build-at", choices=WHERE_CHOICES, default="auto",
@@ -250,10 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="worker processes, each probing a slice of the hosts on its own core; one merged "
                         "report (default: the cores this process may use; 1: one event loop, in this process)")
-    p.add_argument("--cluster", metavar="SCHEDULER",
-                   help="run the hosts on the Dask workers of their zone (fleetprobe_zone, or a group named as "
-                        "a zone; fleetprobe-worker --zone Z on each bastion), e.g. tcp://sched:8786; needs "
-                        "fleetprobe[cluster]")
+    _add_cluster_option(p)
     add_run_options(p)
     add_store_option(p, allow_none=True)
     add_shard_option(p)
@@ -343,6 +348,7 @@ def _add_history_parsers(sub: Any) -> None:
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="worker processes probing slices of the hosts; one merged report, judged once "
                         "(default: the cores this process may use; 1: one event loop, in this process)")
+    _add_cluster_option(p)
     p.add_argument("--on-fail", metavar="CMD",
                    help="when the audit fails, run CMD (with sh -c) with the audit JSON on its stdin")
     p.add_argument("--prometheus", metavar="FILE",

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -41,7 +42,7 @@ from fleetprobe.cli.output import (JOURNAL_ERR, JOURNAL_INFO, STDOUT, console_fo
                                    to_journal, where, write_report_json, write_text)
 from fleetprobe.errors import InputError
 from fleetprobe.render.aggplan import plan_json, plan_lines
-from fleetprobe.inventory import Inventory
+from fleetprobe.inventory import Host, Inventory
 from fleetprobe.render.safe import visible, visible_lines
 from fleetprobe.playbook import Playbook
 from fleetprobe.results import FleetReport
@@ -380,16 +381,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             extras.stop = interrupted.set
 
             async def over(observer: Any) -> FleetReport:
-                if args.cluster:
-                    return await run_playbook_cluster(hosts, pb, settings, scheduler=args.cluster,
-                                                      observer=observer, events_path=extras.events_path,
-                                                      interrupted=interrupted, inventory=args.inventory,
-                                                      argv=sys.argv)
-                # --events FILE, --events - and --print too: each worker writes its hosts' lines
-                # (whole, in each host's order) on the file or stdout the parent opened.
-                return await run_playbook_workers(hosts, pb, settings, workers=args.workers, observer=observer,
-                                                  outputs=extras.outputs(), interrupted=interrupted,
-                                                  inventory=args.inventory, argv=sys.argv)
+                return await _run_over(args, hosts, pb, settings, extras, observer, interrupted)
 
             # The live view only on a terminal, and not under --print (the events own the screen).
             if args.no_live or args.print or not console.is_terminal:
@@ -422,6 +414,22 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return int(exit_status(report.hosts, interrupted))
 
 
+async def _run_over(args: argparse.Namespace, hosts: Sequence[Host], pb: Playbook, settings: RunSettings,
+                    extras: RunExtras, observer: Any, interrupted: asyncio.Event) -> FleetReport:
+    """The run of ``run`` and ``audit``: over the Dask cluster (``--cluster``) or worker processes.
+
+    --events FILE, --events - and --print either way: over workers each writes its hosts' lines
+    (whole, in each host's order) on the file or stdout the parent opened; over a cluster the tasks
+    send them to this process, which writes them as they come."""
+    if getattr(args, "cluster", None):
+        return await run_playbook_cluster(hosts, pb, settings, scheduler=args.cluster, observer=observer,
+                                          outputs=extras.outputs(), interrupted=interrupted,
+                                          inventory=args.inventory, argv=sys.argv)
+    return await run_playbook_workers(hosts, pb, settings, workers=args.workers, observer=observer,
+                                      outputs=extras.outputs(), interrupted=interrupted,
+                                      inventory=args.inventory, argv=sys.argv)
+
+
 def _baseline_ref(args: argparse.Namespace, playbook: Playbook) -> str | None:
     """The pinned baseline: --baseline, else the playbook's ``baseline:`` (None: the previous run)."""
     return str(args.baseline) if args.baseline else playbook.baseline
@@ -446,10 +454,8 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
 
         async def go(interrupted: asyncio.Event) -> FleetReport:
             extras.stop = interrupted.set
-            # Over workers as `run` is: the verdict is judged here, on the one merged report, once.
-            return await run_playbook_workers(hosts, pb, settings, workers=args.workers, interrupted=interrupted,
-                                              observer=LiveLine(hosts_names), outputs=extras.outputs(),
-                                              inventory=args.inventory, argv=sys.argv)
+            # Over workers or a cluster as `run` is: the verdict is judged here, on the one merged report, once.
+            return await _run_over(args, hosts, pb, settings, extras, LiveLine(hosts_names), interrupted)
 
         hosts_names = [h.name for h in hosts]
 
