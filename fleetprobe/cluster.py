@@ -6,8 +6,8 @@ Each bastion runs a Dask worker that says which zone it serves with a resource
 zone's hosts, in slices (one per worker of the zone), as tasks that only those workers can run.
 A task is today's pipeline on its slice (:func:`fleetprobe.workers.run_slice`, its own event
 loop in a thread of the worker); what it would send a local parent it puts in a Dask queue
-instead, so partial results (finished hosts, live states, facts) stream back while the run
-goes on, and the report is the one local workers or one loop would give.
+instead, so partial results (finished hosts, live states, facts, raw event lines) stream back
+while the run goes on, and the report is the one local workers or one loop would give.
 
 * A host's zone is its ``fleetprobe_zone`` inventory variable, else the one group of the host
   named as a zone some worker serves.  A host with no zone, or whose zone no worker serves,
@@ -18,8 +18,17 @@ goes on, and the report is the one local workers or one loop would give.
   links drop (their on-host timers by the deadline otherwise).  A slice never runs twice: a
   task that the scheduler retries elsewhere after its worker died finds its guard set and
   returns at once (its hosts would otherwise be probed twice in one run).
-* Raw events (``--events``) stay with the workers: not collected over a cluster yet (the report
-  says so).
+* Raw events (``--events FILE``, ``--events -``, ``--print``, a playbook's ``print:``) come back to
+  the client: a task's writers (fleetprobe.eventout.Forwarded) hand each flush of whole lines to
+  its sender, which puts them in the queue with the partial results; the client writes them into
+  the one file or on stdout as they come (eventout.Received: one loop's writers).  Why here, when
+  local workers append to the file themselves: a cluster worker is on another machine, and the
+  scheduler is the one address both ends reach.  Bounded: an item carries at most ITEM_BYTES of
+  lines, the scheduler holds at most QUEUE_ITEMS items (a put waits for room, the client takes as
+  the queue fills), and a slice holds at most IN_FLIGHT_BYTES of lines the scheduler has not
+  taken; lines past it are dropped (a slice's hosts never wait for the client), counted, and the
+  report says so.  A worker that dies: the lines the client had are in the file, the rest of
+  its slice's are lost with its hosts' results.
 
 Dask is the optional extra ``fleetprobe[cluster]``; nothing here is imported by a local run.
 """

@@ -1,4 +1,4 @@
-"""Where a run's raw events go (``--events FILE``, ``--events -``, ``--print``), on one loop or over workers.
+"""Where a run's raw events go (``--events FILE``, ``--events -``, ``--print``): one loop, workers, a cluster.
 
 :class:`EventOutputs` says it once for both ways of running.  On one loop
 (:meth:`EventOutputs.open_here`) the sinks write from this process, as before.  Over worker
@@ -17,7 +17,11 @@ second, at 1 MiB, at a host's end: what one loop already did) and the parent not
 parent leaves the file whole, every line up to the workers' last flush (they stop when their
 stdin, the parent's pipe, ends, and flush then).
 
-What holds either way: a host's lines in its kernel's order (a host is in one worker), whole
+Over a Dask cluster (:meth:`EventOutputs.forward`) a task's writers cannot reach the client's file:
+each flush of whole lines goes to the task's sender (fleetprobe.cluster), through the scheduler, and
+the client writes it with one loop's writers (:meth:`EventOutputs.receive`).
+
+What holds every way: a host's lines in its kernel's order (a host is in one worker), whole
 lines only, flushed at least once a second (files) or at every batch (stdout).
 """
 
