@@ -15,6 +15,10 @@ With ``--events FILE`` every event is also written to FILE as JSON lines,
 exactly as ``fleetprobe run --events FILE`` does (``run_playbook`` with
 ``events_path``); without it, no raw events are written.
 
+``--cluster N`` runs it over a Dask LocalCluster of N worker processes in one zone instead
+(``fleetprobe run --cluster``: the raw events come back to this process through the scheduler);
+compare its lines/s for the fleet (wall) with ``--workers N``'s.
+
 ``--workers 1,2`` runs each host count once per worker count, through
 ``fleetprobe.workers.run_playbook_workers`` (1 = the single loop in this process, 2 = two worker
 processes, as ``fleetprobe run --workers 2``): lines/s for the fleet (wall) is the figure to compare;
@@ -87,7 +91,7 @@ class IngestResult:
 
 
 async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str | None = None,
-                 workers: int = 0) -> IngestResult:
+                 workers: int = 0, cluster: str = "") -> IngestResult:
     """Stream ``total_lines`` split over ``hosts_n`` simulated hosts through fleetprobe; controller figures.
 
     ``workers`` 0: run_playbook in this process (as before); N: run_playbook_workers(workers=N)."""
@@ -119,7 +123,14 @@ async def ingest(hosts_n: int, total_lines: int, servers: int, events_path: str 
         sim0 = fleet.cpu_seconds()
         stats: list[WorkerStats] = []
         # The whole run as the CLI does it: aggregate, and the raw-event writer when asked for.
-        if workers:
+        if cluster:
+            # Local: Dask is the optional extra fleetprobe[cluster], needed only for --cluster.
+            from fleetprobe.cluster import ZONE_VAR, run_playbook_cluster
+
+            zoned = [replace(h, vars={**h.vars, ZONE_VAR: "bench"}) for h in _hosts(spec)]
+            report = await run_playbook_cluster(zoned, playbook, settings, scheduler=cluster, observer=counter,
+                                                events_path=events_path)
+        elif workers:
             report = await run_playbook_workers(_hosts(spec), playbook, settings, observer=counter,
                                                 events_path=events_path, workers=workers, stats=stats)
         else:
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", metavar="FILE", help="also write raw events to FILE, as `fleetprobe run --events`")
     ap.add_argument("--workers", help="comma-separated worker counts, each through run_playbook_workers "
                                       "(1 = one loop); default: run_playbook in this process")
+    ap.add_argument("--cluster", type=int, metavar="N", help="run over a Dask LocalCluster of N worker processes "
+                                                                "(fleetprobe run --cluster) instead")
     ap.add_argument("--first-port", type=int, help="first port of the simulated hosts (see bench/fanout.py)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -170,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(x) for x in args.workers.split(",")] if args.workers else [0]
     walls: dict[tuple[int, int], float] = {}
     rates: dict[tuple[int, int], float] = {}
+    if args.cluster:
+        return _over_cluster(args)
     for n, w in ((int(x), w) for x in args.hosts.split(",") for w in counts):
         r = asyncio.run(ingest(n, args.lines, args.servers, args.events, w))
         (t1, _, e1), (t2, _, e2) = r.first, r.last
@@ -200,6 +215,31 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rates[(n, w)] / rates[(n, 1)]:.2f}x while streaming", flush=True)
         if r.failed:
             print(f"     FAILED hosts: {r.failed}", flush=True)
+    return 0
+
+
+def _over_cluster(args: argparse.Namespace) -> int:
+    """``--cluster N``: each host count over a LocalCluster of N worker processes (zone ``bench``)."""
+    # Local: Dask is the optional extra fleetprobe[cluster], needed only for --cluster.
+    import dask
+    import distributed
+
+    from fleetprobe.cluster import RESOURCE, WORKER_CONFIG
+
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=args.cluster, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                     dashboard_address=None, resources={RESOURCE + "bench": 1}) as local:
+        for n in (int(x) for x in args.hosts.split(",")):
+            r = asyncio.run(ingest(n, args.lines, args.servers, args.events, cluster=local.scheduler_address))
+            (t1, _, e1), (t2, _, e2) = r.first, r.last
+            streaming = (e2 - e1) / (t2 - t1) if t2 > t1 else float("nan")
+            print(f"{n:3d} host(s) over a cluster of {args.cluster} worker(s): {r.events:,} events of {r.sent:,} "
+                  f"sent; {r.wall:.1f} s wall -> {r.events / r.wall:,.0f} events/s wall, {streaming:,.0f} while "
+                  f"streaming; this process {r.cpu:.1f} s CPU, RSS max {r.rss_max:.1f} MiB", flush=True)
+            if args.events:
+                print(f"     raw events: {r.events_bytes / 1e6:.1f} MB written to {args.events}", flush=True)
+            if r.failed:
+                print(f"     FAILED hosts: {r.failed}", flush=True)
     return 0
 
 

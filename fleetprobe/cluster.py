@@ -400,12 +400,17 @@ def _take(slices: list[_Remote], merger: Merger, received: Received | None, batc
 
 
 async def _take_some(queue: Any, wait: float) -> list[Any]:
-    """The queue's items: the first as soon as it comes (within ``wait``), with what is there by then."""
-    try:
-        first = await queue.get(timeout=wait)
-    except TimeoutError:
-        return []
-    return [first, *await queue.get(batch=True)]
+    """The queue's items once there are some, or [] after about ``wait`` seconds: asked again at once
+    while items come, then less and less often (a get with a timeout would cost the scheduler an
+    error in its log at every quiet second)."""
+    pause, waited = 0.01, 0.0
+    while True:
+        got: list[Any] = await queue.get(batch=True)
+        if got or waited >= wait:
+            return got
+        await asyncio.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, wait / 4)
 
 
 async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], futures: list[Any],

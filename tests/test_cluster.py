@@ -254,6 +254,7 @@ def test_a_cluster_worker_killed_mid_run_fails_its_hosts_only(tmp_path: Path, bu
 
                     def kill() -> None:
                         assert eu1.pid is not None
+                        at_kill.append(events.stat().st_size)
                         killed.append(eu1.pid)
                         os.kill(eu1.pid, signal.SIGKILL)
 
@@ -261,6 +262,7 @@ def test_a_cluster_worker_killed_mid_run_fails_its_hosts_only(tmp_path: Path, bu
                                                       events_path=str(events))
 
         events = tmp_path / "events.jsonl"
+        at_kill: list[int] = []
         report = asyncio.run(scenario())
         assert len(killed) == 2, "the worker was killed mid-run"
         by = {o.host: o for o in report.hosts}
@@ -274,6 +276,7 @@ def test_a_cluster_worker_killed_mid_run_fails_its_hosts_only(tmp_path: Path, bu
         # The lines that reached this process before the kill are in the file, whole; the live zone's all.
         lines = [json.loads(x) for x in events.read_text().splitlines()]
         assert report.run.events_written == len(lines)
+        assert at_kill[0] > 0, "lines reach the client's file while the run goes on, not at its end"
         assert {h: sum(x["host"] == h for x in lines) for h in ("k2", "k3")} == {h: by[h].events for h in ("k2", "k3")}
         assert all(len(h.ran("runner")) == 1 for h in sim.hosts), "no slice ran twice"
         deadline = time.monotonic() + 20
