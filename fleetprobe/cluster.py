@@ -271,6 +271,7 @@ class _Sender:
                     for item in batch:
                         if item[0] == "lines":
                             self._drop(item[1], item[3], len(item[2]))
+                    self._drops_told = -1  # the totals go with the next item (this one carried them)
                 return
 
     def close(self) -> None:
