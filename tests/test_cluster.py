@@ -345,3 +345,27 @@ def test_cli_run_over_a_cluster(tmp_path: Path, busy: None) -> None:
     finally:
         local.close()
         assert sim.stop(grace=15) == []
+
+
+def test_the_clients_stdout_reader_gone_is_told_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a cluster the client writes --print's and --events -'s lines: when stdout's reader goes away
+    (``| head``) the run is told once (the CLI stops it, as on one loop) and the rest is not written."""
+    import os
+    import sys
+
+    from fleetprobe.eventout import STDOUT
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone
+    try:
+        monkeypatch.setattr(sys, "stdout", os.fdopen(w, "w", closefd=False))
+        told: list[int] = []
+        received = EventOutputs(stdout_json=True, on_stdout_closed=lambda: told.append(1)).receive()
+        received.take(STDOUT, b'{"a":1}\n', 1)
+        received.take(STDOUT, b'{"b":2}\n{"c":3}\n', 2)
+        received.close()
+    finally:
+        os.close(w)
+    assert told == [1]
+    counted = received.counted
+    assert counted is not None and counted.written == 0 and counted.dropped == 3 and "Broken pipe" in counted.error
