@@ -2,7 +2,7 @@
 
 Real fleets are partitioned: the hosts of a zone are reachable only from that zone's bastion.
 Each bastion runs a Dask worker that says which zone it serves with a resource
-(``fleetprobe-zone-<zone>``, see :func:`worker_main`); :func:`run_playbook_cluster` sends each
+(``fleetprobe-zone-<zone>``, see :func:`serve_zone`); :func:`run_playbook_cluster` sends each
 zone's hosts, in slices (one per worker of the zone), as tasks that only those workers can run.
 A task is today's pipeline on its slice (:func:`fleetprobe.workers.run_slice`, its own event
 loop in a thread of the worker); what it would send a local parent it puts in a Dask queue
@@ -35,9 +35,9 @@ Dask is the optional extra ``fleetprobe[cluster]``; nothing here is imported by 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -315,7 +315,7 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
     merger = Merger(playbook, settings, observer, None)
     received = outputs.receive() if outputs.any else None
     try:
-        async with distributed.Client(scheduler, asynchronous=True) as client:
+        async with await _client(distributed, scheduler, settings.ssh.connect_timeout) as client:
             zones = worker_zones(await client.scheduler.identity())
             slices = _zone_slices(hosts, zones, merger)
             queue = await distributed.Queue(f"fleetprobe-{run_id}", client=client, maxsize=QUEUE_ITEMS)
@@ -347,6 +347,18 @@ async def run_playbook_cluster(hosts: Sequence[Host], playbook: Playbook, settin
     return report
 
 
+async def _client(distributed: Any, scheduler: str, timeout: float) -> Any:
+    """A Dask client of ``scheduler``, or an InputError saying it cannot be reached (before any host)."""
+    client = distributed.Client(scheduler, asynchronous=True, timeout=timeout)
+    try:
+        return await client
+    except (OSError, TimeoutError, ValueError) as exc:
+        await client.close()   # else its finaliser leaves a close never awaited
+        raise InputError(f"--cluster {scheduler}: cannot reach the Dask scheduler: {exc}",
+                         hint="is the scheduler running there (dask scheduler), and the address tcp://HOST:PORT? "
+                              "--connect-timeout bounds the wait") from None
+
+
 def _dropped(slices: list[_Remote], outputs: EventOutputs) -> list[str]:
     """What the slices dropped past their caps, in words (nothing if they dropped nothing)."""
     out = []
@@ -367,7 +379,7 @@ def _zone_slices(hosts: list[Host], zones: dict[str, list[str]], merger: Merger)
     for h in hosts:
         zone, why = zone_of(h, set(zones))
         if zone is not None and zone not in zones:
-            why = f"no cluster worker serves its zone {zone} (start one: fleetprobe-worker --zone {zone})"
+            why = f"no cluster worker serves its zone {zone} (start one: fleetprobe worker --zone {zone})"
         if why:
             merger.fail_lost(_Slice(-1, [h]), why, "", "not-needed")
         else:
@@ -457,28 +469,40 @@ async def _fail_unfinished(slices: list[_Remote], futures: list[Any], lost: dict
                              "", "timer (its cluster worker died)")
 
 
-def worker_main(argv: list[str] | None = None) -> int:
-    """``fleetprobe-worker --scheduler tcp://sched:8786 --zone eu1``: Dask workers serving one zone.
+def serve_zone(scheduler: str, zone: str, nworkers: int) -> int:
+    """Dask workers serving one zone until stopped (``fleetprobe worker``); their exit status.
 
-    A thin wrapper over ``dask worker``: ``--nworkers`` processes (one per core is sensible), one
-    thread each (a slice is one event loop), each with the resource ``fleetprobe-zone-<zone>`` = 1,
-    so a run gives the zone one slice per worker process.
+    A thin wrapper over ``dask worker``: ``nworkers`` processes, one thread each (a slice is one
+    event loop), each with the resource ``fleetprobe-zone-<zone>`` = 1, so a run gives the zone one
+    slice per worker process.  ``dask worker`` runs in a session of its own and gets each SIGINT or
+    SIGTERM this process gets exactly once, forwarded: a terminal's Ctrl-C and a service manager's
+    stop (to this process alone) both close it the graceful way (its slices stop their runners, which
+    tear down), where a second copy of the signal from the terminal's group would cut that short.
     """
-    ap = argparse.ArgumentParser(prog="fleetprobe-worker",
-                                 description="Dask workers that run fleetprobe slices for the hosts of one zone")
-    ap.add_argument("--scheduler", required=True, help="the scheduler's address, e.g. tcp://sched:8786")
-    ap.add_argument("--zone", required=True, help="the zone whose hosts this bastion reaches")
-    ap.add_argument("--nworkers", type=int, default=1, help="worker processes (one per core is sensible)")
-    args = ap.parse_args(argv)
     _dask()
     env = dict(os.environ)
     for key, value in WORKER_CONFIG.items():
         # Dask reads DASK_A__B__C as a.b.c (its documented environment form).
         env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
-    return subprocess.call([sys.executable, "-m", "distributed.cli.dask_worker", args.scheduler,
-                            "--nthreads", "1", "--nworkers", str(args.nworkers),
-                            "--resources", f"{RESOURCE}{args.zone}=1"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", scheduler, "--nthreads", "1",
+                             "--nworkers", str(nworkers), "--resources", f"{RESOURCE}{zone}=1",
+                             # No HTTP dashboard on a bastion (Dask serves one on :8787 by default).
+                             "--no-dashboard"],
+                            env=env, start_new_session=True)
 
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
-if __name__ == "__main__":
-    raise SystemExit(worker_main())
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # this process is ending for another reason: leave no worker behind
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

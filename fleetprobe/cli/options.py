@@ -112,7 +112,7 @@ def _add_cluster_option(p: argparse.ArgumentParser) -> None:
     """``--cluster`` (``run`` and ``audit``)."""
     p.add_argument("--cluster", metavar="SCHEDULER",
                    help="run the hosts on the Dask workers of their zone (fleetprobe_zone, or a group named as "
-                        "a zone; fleetprobe-worker --zone Z on each bastion), e.g. tcp://sched:8786; raw events "
+                        "a zone; fleetprobe worker --zone Z on each bastion), e.g. tcp://sched:8786; raw events "
                         "come back to this process as the run goes on; needs fleetprobe[cluster]")
 
 
