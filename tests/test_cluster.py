@@ -369,3 +369,24 @@ def test_the_clients_stdout_reader_gone_is_told_once(monkeypatch: pytest.MonkeyP
     assert told == [1]
     counted = received.counted
     assert counted is not None and counted.written == 0 and counted.dropped == 3 and "Broken pipe" in counted.error
+
+
+def test_an_unreachable_scheduler_is_one_clear_error_before_any_host(tmp_path: Path) -> None:
+    """--cluster at an address nothing listens on: bad input naming it, within --connect-timeout, no host tried."""
+    import time
+
+    from sshhosts import free_port
+    from test_failures import run_cli
+
+    from fleetprobe.cli.options import Exit
+
+    pb = tmp_path / "pb.yml"
+    pb.write_text("name: x\nduration: 1s\nprobes:\n  - name: exec\n    tracepoint: sched/sched_process_exec\n")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    rc, text, _ = run_cli(["run", str(pb), "-i", "root@127.0.0.1:1,", "--cluster", address, "--connect-timeout", "1",
+                           "--no-store", "--no-live"])
+    assert rc == Exit.BAD_INPUT, text
+    assert f"--cluster {address}: cannot reach the Dask scheduler" in text and "dask scheduler" in text, text
+    assert "127.0.0.1:1:" not in text, "no host is tried"
+    assert time.monotonic() - t0 < 15
