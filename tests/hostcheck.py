@@ -57,11 +57,11 @@ def wait_enabled_sh(run_id: str, hosts: int, events: list[str], limit_s: int = 2
             "do sleep 0.2; n=$((n+1)); done; ")
 
 
-def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``pred`` every 0.1 s until it is true; AssertionError naming ``what`` after ``timeout`` s."""
+def wait_for(pred: Callable[[], object], timeout: float, what: str, every: float = 0.1) -> None:
+    """Poll ``pred`` every ``every`` s until it is true; AssertionError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
-        time.sleep(0.1)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")

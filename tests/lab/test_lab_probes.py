@@ -29,6 +29,7 @@ from fleetprobe.render.safe import SafeConsole
 
 from fleetprobe.cli.main import main
 from labssh import is_mips, ssh
+from hostcheck import wait_for
 
 if TYPE_CHECKING:
     from conftest import LabForTests  # type: ignore[import-not-found]
@@ -166,12 +167,8 @@ def _spawn(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    """hostcheck.wait_for, polling every 0.5 s: each poll is an SSH session to the guest."""
+    wait_for(pred, timeout, what, every=0.5)
 
 
 def test_controller_sigkill_leaves_nothing(lab_fleet: LabForTests, tmp_path: Path) -> None:
