@@ -442,8 +442,10 @@ async def _follow(client: Any, queue: Any, stop: Any, slices: list[_Remote], fut
             continue
         checked = loop.time()
         alive = set(await client.scheduler.ncores(workers=sorted({sl.worker for sl in slices if sl.worker})))
-        for sl, fut in zip(slices, futures):
-            if sl.index in lost or fut.done():
+        for sl in slices:
+            # A future may be done though its slice is not: the scheduler re-ran the task of a dead worker
+            # elsewhere and it refused to run twice. Its worker's leaving is still why the hosts are lost.
+            if sl.index in lost or sl.done:
                 continue
             if sl.worker and sl.worker not in alive:
                 lost[sl.index] = f"its cluster worker {sl.worker} (zone {sl.zone}) left the cluster mid-run"
